@@ -1,0 +1,115 @@
+"""Command-line interface: a thin layer over the Python API (``attnscope --help``)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import AttnscopeError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="attnscope: positional kernels, contextual heads and context-sensitive neurons of transformer models.\n\n"
+    "MODEL is `demo` (bundled), a local folder, a .gguf file, an installed model package "
+    "(smollm2, all-MiniLM-L6-v2) or a Hugging Face hub id (gpt2, gpt2-medium, distilgpt2).",
+)
+STATE: dict[str, str] = {"device": "cpu", "dtype": "float32"}
+
+ModelArg = Annotated[str, typer.Argument(help="demo, a folder, a .gguf file, smollm2, all-MiniLM-L6-v2, or a hub id")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+
+
+@app.callback()
+def _global(
+    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps")] = "cpu",
+    dtype: Annotated[str, typer.Option(help="float32 (default), float64, float16 or bfloat16")] = "float32",
+) -> None:
+    from .models import parse_dtype
+
+    try:
+        parse_dtype(dtype)
+    except ValueError as err:
+        raise AttnscopeError(str(err)) from None
+    STATE.update(device=device, dtype=dtype)
+
+
+def _load(model: str):
+    from .models import load_model
+
+    return load_model(model, device=STATE["device"], dtype=STATE["dtype"])
+
+
+def _emit(obj, as_json: bool, human) -> None:
+    if as_json:
+        typer.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        human(obj)
+
+
+def _print_table(d: dict, title: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    for k, v in d.items():
+        t.add_row(str(k), str(v))
+    Console().print(t)
+
+
+@app.command()
+def info(model: ModelArg, as_json: JsonOpt = False) -> None:
+    """Architecture, layers, heads, positional scheme, context length and parameter count."""
+    w = _load(model)
+    _emit(w.info(), as_json, lambda d: _print_table(d, f"attnscope info {model}"))
+
+
+@app.command()
+def check(
+    model: ModelArg,
+    text: Annotated[Optional[str], typer.Option(help="text file/folder/JSONL (default: bundled text)")] = None,
+    n_tokens: Annotated[int, typer.Option(help="tokens of text to run")] = 128,
+    as_json: JsonOpt = False,
+) -> None:
+    """Recompute every head's attention and every MLP pre-activation from the weights and compare with the
+    model's own forward pass (max abs difference per layer)."""
+    from .forward import compare_with_model
+    from .models import load_model
+    from .texts import bundled_texts, text_tokens
+
+    w, hf = load_model(model, device=STATE["device"], dtype=STATE["dtype"], keep_hf=True)
+    src = text or f"bundled:{bundled_texts()[0]}"
+    n = min(n_tokens, w.n_ctx)
+    ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.bos_token_id if w.prepend_bos else None)
+    d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
+    out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
+           "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
+    _emit(out, as_json, lambda o: _print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
+
+
+def main() -> None:
+    """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except AttnscopeError as err:
+        typer.echo(f"error: {err}", err=True)
+        sys.exit(2)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors
+        import click
+
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(err.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,36 @@
+"""Errors that reach the user as one line: what is wrong and how to fix it."""
+
+from __future__ import annotations
+
+
+class AttnscopeError(Exception):
+    """Base class: the CLI prints ``str(err)`` on one line, never a traceback."""
+
+
+class ModelNotFoundError(AttnscopeError):
+    """A model name or path could not be resolved to weights."""
+
+
+class UnsupportedModelError(AttnscopeError):
+    """The weights load but their architecture has no adapter."""
+
+
+class TextTooShortError(AttnscopeError):
+    """A text has fewer tokens than the context the analysis needs."""
+
+
+class IndexOutOfRangeError(AttnscopeError):
+    """A layer, head or neuron index outside the model."""
+
+
+class ConditionFailedError(AttnscopeError):
+    """An approximation's stated input condition does not hold (the message says which and by how much)."""
+
+
+def check_index(kind: str, value: int, n: int) -> int:
+    """Return ``value`` if ``0 <= value < n``; otherwise raise a one-line :class:`IndexOutOfRangeError`."""
+    if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < n:
+        raise IndexOutOfRangeError(
+            f"{kind} index {value!r} is out of range: this model has {n} {kind}s, numbered 0..{n - 1}"
+        )
+    return value

@@ -1,0 +1,222 @@
+"""Exact recomputation of a model's forward pass from :class:`~attnscope.models.ModelWeights` alone.
+
+This is the reference every approximation of the method is measured against, so it reproduces the
+model's own numbers (LayerNorm/RMSNorm, rotary, biases, scale, mask, GQA) to float precision; the tests
+compare it head by head with Hugging Face ``output_attentions`` and hooked MLP activations.
+
+:func:`iter_layers` is a generator: it yields one :class:`LayerActivations` per layer and can stop at
+any depth, so analyses stream samples and never hold more than one layer's activations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .errors import AttnscopeError
+from .models import ModelWeights
+
+
+def layer_norm(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+    """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * w + b``."""
+    return F.layer_norm(x, x.shape[-1:], w, b, eps)
+
+
+def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+    """RMSNorm as Llama computes it (in float32, then cast back)."""
+    dt = x.dtype
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return w * x32.to(dt)
+
+
+def norm(weights: ModelWeights, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+    if weights.norm == "rmsnorm":
+        return rms_norm(x, w, weights.eps)
+    return layer_norm(x, w, b, weights.eps)
+
+
+def activation(name: str, x: Tensor) -> Tensor:
+    if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        return F.gelu(x, approximate="tanh")
+    if name == "gelu":
+        return F.gelu(x)
+    if name in ("silu", "swish"):
+        return F.silu(x)
+    if name == "relu":
+        return F.relu(x)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+def rotary_cos_sin(weights: ModelWeights, positions: Tensor) -> tuple[Tensor, Tensor]:
+    """``cos, sin``: ``[n_pos, rotary_dim]`` in the rotate-half layout Hugging Face Llama uses."""
+    rd = weights.rotary_dim or weights.d_head
+    inv_freq = 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float() / rd))
+    freqs = positions.float()[:, None] * inv_freq[None, :]
+    emb = torch.cat([freqs, freqs], dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate ``x [..., n_pos, d_head]`` (rotate-half convention; partial rotary leaves the tail alone)."""
+    rd = cos.shape[-1]
+    xr, xp = x[..., :rd], x[..., rd:]
+    x1, x2 = xr[..., : rd // 2], xr[..., rd // 2 :]
+    rot = torch.cat([-x2, x1], dim=-1)
+    out = xr * cos.to(x.dtype) + rot * sin.to(x.dtype)
+    return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
+
+
+def embed(weights: ModelWeights, tokens: Tensor) -> Tensor:
+    """Residual stream entering layer 0: ``[batch, pos, d_model]``."""
+    x = weights.W_E[tokens]
+    if weights.W_pos is not None:
+        T = tokens.shape[-1]
+        if T > weights.W_pos.shape[0]:
+            raise AttnscopeError(
+                f"{T} tokens exceed the model's context of {weights.W_pos.shape[0]}; pass at most that many (--n-ctx)"
+            )
+        x = x + weights.W_pos[:T]
+    if weights.W_type is not None:
+        x = x + weights.W_type
+    if weights.ln_emb_w is not None:
+        x = layer_norm(x, weights.ln_emb_w, weights.ln_emb_b, weights.eps)
+    return x
+
+
+@dataclass
+class LayerActivations:
+    """What one layer computes on a batch (shapes in comments)."""
+
+    layer: int
+    resid_pre: Tensor  # [batch, pos, d_model] residual entering the layer
+    attn_in: Tensor  # [batch, pos, d_model] normalised input the heads read (== resid_pre for post-LN)
+    q: Tensor  # [batch, head, pos, d_head] after rotary
+    k: Tensor  # [batch, head, pos, d_head] after rotary
+    v: Tensor  # [batch, head, pos, d_head]
+    scores: Tensor  # [batch, head, query_pos, key_pos] scaled, masked (-inf)
+    pattern: Tensor  # [batch, head, query_pos, key_pos]
+    z: Tensor  # [batch, head, pos, d_head] pattern-weighted values
+    attn_out: Tensor  # [batch, pos, d_model] sum of head outputs + b_O
+    mlp_in: Tensor  # [batch, pos, d_model] normalised input of the MLP
+    mlp_pre: Tensor  # [batch, pos, d_mlp] pre-activation (the gate's, for gated MLPs)
+    mlp_post: Tensor  # [batch, pos, d_mlp] activation (act(gate) * up for gated MLPs)
+    resid_post: Tensor  # [batch, pos, d_model]
+
+
+def attention_scores(weights: ModelWeights, layer: int, q: Tensor, k: Tensor) -> Tensor:
+    """Scaled, masked scores ``[batch, head, q_pos, k_pos]`` from rotated ``q, k``."""
+    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / weights.attn_scale[layer]
+    if weights.causal:
+        Tq, Tk = scores.shape[-2:]
+        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores
+
+
+def qkv(weights: ModelWeights, layer: int, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values ``[batch, head, pos, d_head]`` of the normalised input ``x``."""
+    l = layer
+    q = torch.einsum("bpd,hde->bhpe", x, weights.W_Q[l]) + weights.b_Q[l][None, :, None]
+    k = torch.einsum("bpd,hde->bhpe", x, weights.W_K[l]) + weights.b_K[l][None, :, None]
+    v = torch.einsum("bpd,hde->bhpe", x, weights.W_V[l]) + weights.b_V[l][None, :, None]
+    if weights.positional == "rotary":
+        if positions is None:
+            positions = torch.arange(x.shape[1], device=x.device)
+        cos, sin = rotary_cos_sin(weights, positions)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+    return q, k, v
+
+
+def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None = None,
+                resid: Tensor | None = None) -> Iterator[LayerActivations]:
+    """Run the model layer by layer from its weights; yields after each layer, up to ``stop_layer``.
+
+    ``tokens``: ``[batch, pos]`` (a 1-D tensor is treated as one sequence).
+    """
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    x = embed(weights, tokens) if resid is None else resid
+    last = weights.n_layers - 1 if stop_layer is None else stop_layer
+    pre = weights.norm_placement == "pre"
+    for l in range(last + 1):
+        a_in = norm(weights, x, weights.ln1_w[l], None if weights.ln1_b is None else weights.ln1_b[l]) if pre else x
+        q, k, v = qkv(weights, l, a_in)
+        scores = attention_scores(weights, l, q, k)
+        pattern = scores.softmax(-1)
+        z = pattern @ v
+        attn_out = torch.einsum("bhpe,hed->bpd", z, weights.W_O[l]) + weights.b_O[l]
+        if pre:
+            mid = x + attn_out
+            m_in = norm(weights, mid, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
+        else:
+            mid = layer_norm(x + attn_out, weights.ln1_w[l], weights.ln1_b[l], weights.eps)
+            m_in = mid
+        if weights.W_gate is not None:
+            pre_act = m_in @ weights.W_gate[l]
+            post = activation(weights.act, pre_act) * (m_in @ weights.W_in[l] + weights.b_in[l])
+        else:
+            pre_act = m_in @ weights.W_in[l] + weights.b_in[l]
+            post = activation(weights.act, pre_act)
+        mlp_out = post @ weights.W_out[l] + weights.b_out[l]
+        if pre:
+            out = mid + mlp_out
+        else:
+            out = layer_norm(mid + mlp_out, weights.ln2_w[l], weights.ln2_b[l], weights.eps)
+        yield LayerActivations(l, x, a_in, q, k, v, scores, pattern, z, attn_out, m_in, pre_act, post, out)
+        x = out
+
+
+@torch.no_grad()
+def run(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None = None) -> list[LayerActivations]:
+    """All layers' activations (small inputs only; use :func:`iter_layers` to stream)."""
+    return list(iter_layers(weights, tokens, stop_layer=stop_layer))
+
+
+def _mlp_pre_module(hf_model, layer: int):
+    t = hf_model.config.model_type
+    if t == "gpt2":
+        return hf_model.transformer.h[layer].mlp.c_fc
+    if t == "llama":
+        return hf_model.model.layers[layer].mlp.gate_proj
+    if t == "bert":
+        return hf_model.encoder.layer[layer].intermediate.dense
+    raise ValueError(t)
+
+
+@torch.no_grad()
+def hf_activations(hf_model, tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+    """The model's own numbers: ``(patterns, mlp_pre)`` per layer from ``output_attentions`` and hooks.
+
+    patterns: ``[batch, head, q_pos, k_pos]``; mlp_pre: ``[batch, pos, d_mlp]``.
+    """
+    if tokens.dim() == 1:
+        tokens = tokens[None]
+    n_layers = hf_model.config.num_hidden_layers
+    mlp_pre: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    handles = []
+    for l in range(n_layers):
+        def hook(_m, _i, out, l=l):
+            mlp_pre[l] = out.detach()
+        handles.append(_mlp_pre_module(hf_model, l).register_forward_hook(hook))
+    try:
+        out = hf_model(tokens.to(hf_model.device), output_attentions=True)
+    finally:
+        for h in handles:
+            h.remove()
+    return [a.detach() for a in out.attentions], mlp_pre
+
+
+@torch.no_grad()
+def compare_with_model(weights: ModelWeights, hf_model, tokens: Tensor) -> dict[str, list[float]]:
+    """Max abs difference per layer between :func:`run` and the model's own forward pass."""
+    ours = run(weights, tokens.to(weights.device))
+    pats, pres = hf_activations(hf_model, tokens)
+    return {
+        "pattern": [(a.pattern - p.to(a.pattern)).abs().max().item() for a, p in zip(ours, pats)],
+        "mlp_pre": [(a.mlp_pre - m.to(a.mlp_pre)).abs().max().item() for a, m in zip(ours, pres)],
+    }
