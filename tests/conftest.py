@@ -84,3 +84,60 @@ def demo():
 @pytest.fixture(scope="session")
 def moby_text() -> str:
     return (DATA / "moby.txt").read_text()
+
+
+# --- a GPT-2 whose layer-0 heads have positional preferences set by hand -------------------------
+HAND_TAU = 8.0  # decay length of head 1's exponential kernel
+HAND_NCTX = 64
+
+
+def make_positional_gpt2(path: Path) -> Path:
+    """Tiny GPT-2 (d_model 64, 4 heads of 16) whose layer-0 positions lie on fixed-norm circles so that
+    head 0 attends to the previous token, head 1 decays exponentially with offset (tau = HAND_TAU) and
+    head 2 is uniform; token embeddings are tiny, so content barely matters."""
+    import math
+
+    from transformers import GPT2LMHeadModel
+
+    make_tiny_gpt2(path, n_ctx=HAND_NCTX, seed=1)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    d, T = 64, HAND_NCTX
+    A, R, C, c = 4.0, 4.0, 4.0, 0.05
+    theta = 2 * math.pi / 80
+    i = torch.arange(T, dtype=torch.float32)
+    P = torch.zeros(T, d)
+    P[:, 0], P[:, 1] = A * torch.cos(theta * i), A * torch.sin(theta * i)
+    P[:, 2], P[:, 3] = -P[:, 0], -P[:, 1]
+    P[:, 4], P[:, 5] = c * i, torch.sqrt(R**2 - (c * i) ** 2)
+    P[:, 6], P[:, 7] = -P[:, 4], -P[:, 5]
+    P[:, 8], P[:, 9] = C, -C
+    sigma = float(P[0].norm()) / math.sqrt(d)  # LayerNorm scale, the same at every position
+    with torch.no_grad():
+        tr = model.transformer
+        tr.wpe.weight.copy_(P)
+        tr.wte.weight.mul_(0.001)
+        blk = tr.h[0]
+        blk.ln_1.weight.fill_(1.0)
+        blk.ln_1.bias.zero_()
+        W = blk.attn.c_attn.weight  # [d, 3d]: Q | K | V, 16 columns per head
+        b = blk.attn.c_attn.bias
+        W[:, : 2 * d].zero_()
+        b[: 2 * d].zero_()
+        beta = 1000.0  # head 0: q = beta * R(-theta) (x0, x1), k = (x0, x1)
+        W[0, 0], W[1, 0] = beta * math.cos(theta), beta * math.sin(theta)
+        W[0, 1], W[1, 1] = -beta * math.sin(theta), beta * math.cos(theta)
+        W[0, d + 0], W[1, d + 1] = 1.0, 1.0
+        # head 1: q0 = g * x8 (constant), k0 = x4 (linear in i): score = i / tau
+        g = 4 * sigma**2 / (HAND_TAU * C * c)
+        W[8, 16] = g
+        W[4, d + 16] = 1.0
+        # head 2: zero query -> uniform; head 3: left as it is
+    model.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def positional_gpt2(tmp_path_factory):
+    from attnscope.models import load_model
+
+    return load_model(str(make_positional_gpt2(tmp_path_factory.mktemp("positional_gpt2"))), keep_hf=True)

@@ -92,6 +92,80 @@ def check(
     _emit(out, as_json, lambda o: _print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
 
 
+def _parse_layers(spec: str | None) -> list[int] | None:
+    if spec is None or spec == "all":
+        return None
+    out: list[int] = []
+    try:
+        for part in spec.split(","):
+            if "-" in part:
+                a, b = part.split("-")
+                out.extend(range(int(a), int(b) + 1))
+            else:
+                out.append(int(part))
+    except ValueError:
+        raise AttnscopeError(f"--layers {spec!r} is not a list of layer numbers; write e.g. 0,1,2 or 0-5") from None
+    return out
+
+
+@app.command()
+def kernels(
+    model: ModelArg,
+    layers: Annotated[Optional[str], typer.Option(help="layers to analyse: 0,1,5 or 0-3 (default all)")] = None,
+    samples: Annotated[str, typer.Option(help="text source for the estimates (default: bundled texts)")] = "bundled:",
+    n_samples: Annotated[int, typer.Option(help="sample windows for the estimates (the method: 500)")] = 32,
+    n_heldout: Annotated[int, typer.Option(help="further disjoint windows for the validations")] = 8,
+    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
+    ref_norm: Annotated[Optional[float], typer.Option(help="the method's reference norm c (GPT-2: 3.5); default measured")] = None,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/kernels"),
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute even if cached")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks.
+
+    Writes OUT/kernels.json, OUT/kernels.safetensors and four figures."""
+    from .kernels import KernelSettings, analyse_kernels
+    from .plots import kernel_figures
+
+    w = _load(model)
+    s = KernelSettings(samples=samples, n_ctx=n_ctx, n_samples=n_samples, n_heldout=n_heldout, seed=seed,
+                       layers=_parse_layers(layers), ref_norm=ref_norm)
+    res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
+    res.save(out)
+    figs = kernel_figures(res, out)
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), indent=1, default=str))
+        return
+    _print_kernel_summary(res)
+    typer.echo(f"wrote {out / 'kernels.json'}, {out / 'kernels.safetensors'} and {len(figs)} figures in {out}")
+
+
+def _print_kernel_summary(res) -> None:
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .kernels import CATEGORIES
+
+    t = Table(title="kernel categories per layer; median TV of the decomposition and of kernel vs attention")
+    t.add_column("layer")
+    short = {"sharp local decay": "local", "slow decay": "slow", "uniform": "uniform", "previous token": "prev",
+             "current token": "self", "first-token sink": "sink", "other": "other"}
+    for c in CATEGORIES:
+        t.add_column(short[c], justify="right")
+    t.add_column("TV dec", justify="right")
+    t.add_column("TV kern", justify="right")
+    for l in sorted({r.layer for r in res.records}):
+        recs = [r for r in res.records if r.layer == l]
+        cnt = Counter(r.category for r in recs)
+        tvd = sorted(r.tv_decomposition["median"] for r in recs)[len(recs) // 2]
+        tvk = sorted(r.tv_kernel_vs_attention for r in recs)[len(recs) // 2]
+        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{tvd:.3f}", f"{tvk:.3f}")
+    Console().print(t)
+
+
 def main() -> None:
     """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
     try:

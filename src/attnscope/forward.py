@@ -72,7 +72,15 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 def embed(weights: ModelWeights, tokens: Tensor) -> Tensor:
-    """Residual stream entering layer 0: ``[batch, pos, d_model]``."""
+    """Residual stream entering layer 0: ``[batch, pos, d_model]`` (after the embedding LayerNorm, if any)."""
+    x = embed_raw(weights, tokens)
+    if weights.ln_emb_w is not None:
+        x = layer_norm(x, weights.ln_emb_w, weights.ln_emb_b, weights.eps)
+    return x
+
+
+def embed_raw(weights: ModelWeights, tokens: Tensor) -> Tensor:
+    """Token + position (+ token-type) embedding before any embedding LayerNorm: ``[batch, pos, d_model]``."""
     x = weights.W_E[tokens]
     if weights.W_pos is not None:
         T = tokens.shape[-1]
@@ -83,8 +91,6 @@ def embed(weights: ModelWeights, tokens: Tensor) -> Tensor:
         x = x + weights.W_pos[:T]
     if weights.W_type is not None:
         x = x + weights.W_type
-    if weights.ln_emb_w is not None:
-        x = layer_norm(x, weights.ln_emb_w, weights.ln_emb_b, weights.eps)
     return x
 
 
@@ -94,6 +100,7 @@ class LayerActivations:
 
     layer: int
     resid_pre: Tensor  # [batch, pos, d_model] residual entering the layer
+    norm_in: Tensor  # [batch, pos, d_model] input of the norm that produces attn_in (see attn_norm_params)
     attn_in: Tensor  # [batch, pos, d_model] normalised input the heads read (== resid_pre for post-LN)
     q: Tensor  # [batch, head, pos, d_head] after rotary
     k: Tensor  # [batch, head, pos, d_head] after rotary
@@ -132,15 +139,28 @@ def qkv(weights: ModelWeights, layer: int, x: Tensor, positions: Tensor | None =
     return q, k, v
 
 
-def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None = None,
-                resid: Tensor | None = None) -> Iterator[LayerActivations]:
+def attn_norm_params(weights: ModelWeights, layer: int) -> tuple[Tensor, Tensor | None]:
+    """``(gamma, beta)`` of the norm whose output the heads of ``layer`` read.
+
+    Pre-LN: the layer's ``ln1``.  Post-LN (BERT): the embedding LayerNorm for layer 0, else the previous
+    layer's output LayerNorm (``ln2[layer-1]``).  ``LayerActivations.norm_in`` is that norm's input.
+    """
+    if weights.norm_placement == "pre":
+        return weights.ln1_w[layer], None if weights.ln1_b is None else weights.ln1_b[layer]
+    if layer == 0:
+        return weights.ln_emb_w, weights.ln_emb_b
+    return weights.ln2_w[layer - 1], weights.ln2_b[layer - 1]
+
+
+def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None = None) -> Iterator[LayerActivations]:
     """Run the model layer by layer from its weights; yields after each layer, up to ``stop_layer``.
 
     ``tokens``: ``[batch, pos]`` (a 1-D tensor is treated as one sequence).
     """
     if tokens.dim() == 1:
         tokens = tokens[None]
-    x = embed(weights, tokens) if resid is None else resid
+    x = embed(weights, tokens)
+    raw = embed_raw(weights, tokens) if weights.norm_placement == "post" else x
     last = weights.n_layers - 1 if stop_layer is None else stop_layer
     pre = weights.norm_placement == "pre"
     for l in range(last + 1):
@@ -167,7 +187,8 @@ def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None
             out = mid + mlp_out
         else:
             out = layer_norm(mid + mlp_out, weights.ln2_w[l], weights.ln2_b[l], weights.eps)
-        yield LayerActivations(l, x, a_in, q, k, v, scores, pattern, z, attn_out, m_in, pre_act, post, out)
+        yield LayerActivations(l, x, raw, a_in, q, k, v, scores, pattern, z, attn_out, m_in, pre_act, post, out)
+        raw = out if pre else mid + mlp_out
         x = out
 
 

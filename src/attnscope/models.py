@@ -177,7 +177,7 @@ class ModelWeights:
         h.update(json.dumps({k: v for k, v in self.info().items() if k != "dtype"}, sort_keys=True).encode())
         for k, t in sorted(self.tensors().items()):
             flat = t.detach().reshape(-1)
-            idx = torch.linspace(0, flat.numel() - 1, steps=min(4096, flat.numel())).long()
+            idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
             h.update(k.encode())
             h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
         return h.hexdigest()[:16]

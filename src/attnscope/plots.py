@@ -1,0 +1,140 @@
+"""Figures (matplotlib, Agg backend).  Each function takes a result object and returns the saved path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from . import kernels as K  # noqa: E402
+
+CAT_COLORS = {
+    "sharp local decay": "#d62728",
+    "slow decay": "#ff7f0e",
+    "uniform": "#2ca02c",
+    "previous token": "#9467bd",
+    "current token": "#8c564b",
+    "first-token sink": "#7f7f7f",
+    "other": "#17becf",
+}
+
+
+def _save(fig, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def _grid(res: K.KernelResult):
+    layers = sorted({r.layer for r in res.records})
+    heads = sorted({r.head for r in res.records})
+    return layers, heads
+
+
+def kernel_curves(res: K.KernelResult, out: Path, max_layers: int = 12) -> Path:
+    """Offset kernel kappa(d) = K_nref(nref - d) of every head, one panel per layer, log offset axis."""
+    layers, heads = _grid(res)
+    layers = layers[:max_layers]
+    cols = min(4, len(layers))
+    rows = int(np.ceil(len(layers) / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharey=True)
+    ok = res.arrays["offset_kernel"].float().numpy()
+    all_layers = res.arrays["layers"].tolist()
+    for ax, l in zip(axes.flat, layers):
+        j = all_layers.index(l)
+        for h in heads:
+            rec = res.record(l, h)
+            prof = ok[j, h]
+            d = np.arange(len(prof))
+            ax.plot(d + 1, np.maximum(prof, 1e-8), color=CAT_COLORS[rec.category], lw=1, alpha=0.85)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_ylim(1e-5, 1.1)
+        ax.set_title(f"layer {l}")
+        ax.set_xlabel("|n - i| + 1")
+    for ax in axes.flat[len(layers):]:
+        ax.axis("off")
+    axes[0, 0].set_ylabel("kernel mass")
+    fig.tight_layout()
+    handles = [plt.Line2D([], [], color=c, label=k) for k, c in CAT_COLORS.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.06))
+    fig.suptitle(f"positional kernels at query n = {res.query_positions[-1]} (data estimate)")
+    return _save(fig, out)
+
+
+def neff_heatmap(res: K.KernelResult, out: Path) -> Path:
+    """Heat map of log10 N_eff over layers x heads."""
+    layers, heads = _grid(res)
+    M = np.array([[res.record(l, h).n_eff for h in heads] for l in layers])
+    fig, ax = plt.subplots(figsize=(0.45 * len(heads) + 2, 0.3 * len(layers) + 1.5))
+    im = ax.imshow(np.log10(M), aspect="auto", cmap="viridis")
+    ax.set_xticks(range(len(heads)), heads)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    cb = fig.colorbar(im, ax=ax)
+    cb.set_label("log10 N_eff = log10(1 / sum K^2)")
+    cb.ax.axhline(np.log10(K.LOCAL_NEFF), color="w", lw=1)
+    ax.set_title(f"effective kernel width (local if N_eff <= {K.LOCAL_NEFF:g})")
+    return _save(fig, out)
+
+
+def category_map(res: K.KernelResult, out: Path) -> Path:
+    """Category of every head, with the thresholds printed under the map."""
+    layers, heads = _grid(res)
+    cats = list(CAT_COLORS)
+    M = np.array([[cats.index(res.record(l, h).category) for h in heads] for l in layers])
+    from matplotlib.colors import ListedColormap
+
+    fig, ax = plt.subplots(figsize=(0.45 * len(heads) + 3, 0.3 * len(layers) + 2))
+    ax.imshow(M, aspect="auto", cmap=ListedColormap(list(CAT_COLORS.values())), vmin=-0.5, vmax=len(cats) - 0.5)
+    ax.set_xticks(range(len(heads)), heads)
+    ax.set_yticks(range(len(layers)), layers)
+    ax.set_xlabel("head")
+    ax.set_ylabel("layer")
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=k) for k, c in CAT_COLORS.items()]
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    t = K.thresholds()
+    ax.set_title("kernel categories")
+    fig.text(0.01, -0.02, f"sink: K(0)>={t['sink_mass']}; current/previous: K(n)/K(n-1)>={t['self_mass']}; "
+             f"local: N_eff<={t['local_n_eff']:g} and median offset<={t['local_median_offset']}; "
+             f"uniform: N_eff>={t['uniform_n_eff_fraction']}*(n+1); slow: median offset<="
+             f"{t['slow_median_offset_fraction']}*(n+1)", fontsize=7)
+    return _save(fig, out)
+
+
+def tv_per_head(res: K.KernelResult, out: Path) -> Path:
+    """Per head: TV of the content/position decomposition (median, p90 bar) and TV kernel vs attention."""
+    recs = sorted(res.records, key=lambda r: (r.layer, r.head))
+    x = np.arange(len(recs))
+    med = np.array([r.tv_decomposition["median"] for r in recs])
+    p90 = np.array([r.tv_decomposition["p90"] for r in recs])
+    kv = np.array([r.tv_kernel_vs_attention for r in recs])
+    fig, ax = plt.subplots(figsize=(max(6, 0.12 * len(recs) + 2), 3.5))
+    ax.vlines(x, med, p90, color="#1f77b4", alpha=0.4, lw=2)
+    ax.plot(x, med, "o", ms=3, color="#1f77b4", label="decomposition TV (median, bar to p90)")
+    ax.plot(x, kv, "s", ms=3, color="#d62728", label="TV(kernel, mean held-out attention)")
+    ax.axhline(0.05, color="k", ls=":", lw=1, label="0.05 (the method's GPT-2 value)")
+    layers = sorted({r.layer for r in recs})
+    starts = [next(i for i, r in enumerate(recs) if r.layer == l) for l in layers]
+    ax.set_xticks(starts, [f"L{l}" for l in layers])
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("total variation distance")
+    ax.legend(fontsize=7, loc="upper left")
+    ax.set_title("how well content + position explains each head")
+    return _save(fig, out)
+
+
+def kernel_figures(res: K.KernelResult, out_dir: str | Path) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    return {
+        "kernel_curves": kernel_curves(res, out_dir / "kernel_curves.png"),
+        "n_eff_heatmap": neff_heatmap(res, out_dir / "n_eff_heatmap.png"),
+        "categories": category_map(res, out_dir / "categories.png"),
+        "tv_per_head": tv_per_head(res, out_dir / "tv_per_head.png"),
+    }
