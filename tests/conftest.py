@@ -141,3 +141,57 @@ def positional_gpt2(tmp_path_factory):
     from attnscope.models import load_model
 
     return load_model(str(make_positional_gpt2(tmp_path_factory.mktemp("positional_gpt2"))), keep_hf=True)
+
+
+# --- a GPT-2 whose layer-0 head 0 and MLP neuron 7 read the bag of one token set ------------------
+NEURON = 7
+CODE_CHARS = list("_()=:[]{}'\".#")
+
+
+def make_context_neuron_gpt2(path: Path) -> tuple[Path, list[int]]:
+    """Head 0 of layer 0 attends uniformly (zero query) and copies a 'token-set' feature (embedding dims
+    10/11) into residual dim 20; neuron NEURON reads only dim 20.  The token set is the single-character
+    tokens of code punctuation, so the neuron is a 'code context' neuron.  Heads 1-3 have sharp,
+    content-selective queries (so they are not contextual) and do not write dim 20."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    make_tiny_gpt2(path, n_ctx=128, seed=2, init_range=0.1)
+    tok = AutoTokenizer.from_pretrained(path)
+    ids = sorted({i for c in CODE_CHARS for i in tok(c, add_special_tokens=False)["input_ids"]})
+    model = GPT2LMHeadModel.from_pretrained(path)
+    d, dh = 64, 16
+    with torch.no_grad():
+        tr = model.transformer
+        tr.wte.weight[:, 10:12] = 0.0
+        tr.wte.weight[ids, 10] = 2.0
+        tr.wte.weight[ids, 11] = -2.0
+        tr.wte.weight[:, 20] = 0.0
+        tr.wpe.weight[:, 10:12] = 0.0
+        tr.wpe.weight[:, 20] = 0.0
+        blk = tr.h[0]
+        W, b = blk.attn.c_attn.weight, blk.attn.c_attn.bias
+        W[:, dh:d] *= 10.0  # heads 1-3: sharp, content-selective queries (not contextual)
+        W[:, 0:dh] = 0.0  # head 0: zero query -> uniform attention
+        b[0:dh] = 0.0
+        W[:, 2 * d : 2 * d + dh] = 0.0  # head 0 value: v0 = x10
+        b[2 * d : 2 * d + dh] = 0.0
+        W[10, 2 * d] = 1.0
+        Wo = blk.attn.c_proj.weight  # [d, d]: rows = head dims
+        Wo[:, 20] = 0.0
+        Wo[0:dh, :] = 0.0
+        Wo[0, 20] = 1.0
+        blk.attn.c_proj.bias[20] = 0.0
+        fc = blk.mlp.c_fc.weight  # [d, 4d]
+        fc[:, NEURON] = 0.0
+        fc[20, NEURON] = 5.0
+        blk.mlp.c_fc.bias[NEURON] = 0.0
+    model.save_pretrained(path)
+    return path, ids
+
+
+@pytest.fixture(scope="session")
+def context_neuron_gpt2(tmp_path_factory):
+    from attnscope.models import load_model
+
+    path, ids = make_context_neuron_gpt2(tmp_path_factory.mktemp("context_neuron_gpt2"))
+    return load_model(str(path), keep_hf=True), ids

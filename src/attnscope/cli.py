@@ -166,6 +166,63 @@ def _print_kernel_summary(res) -> None:
     Console().print(t)
 
 
+@app.command()
+def neurons(
+    model: ModelArg,
+    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
+    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="held-out texts (repeat); default: bundled texts")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(help="tokens of calibration/eval text (default min(context, 256))")] = None,
+    heads: Annotated[Optional[str], typer.Option(help="force the contextual heads, e.g. 0,2,6")] = None,
+    window: Annotated[int, typer.Option(help="windowed-denominator width (the method's 100)")] = 100,
+    max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/neurons"),
+    as_json: JsonOpt = False,
+) -> None:
+    """Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP,
+    found from the weights and one calibration text, explained and verified on held-out texts.
+
+    Writes OUT/neurons.json, OUT/traces.json and figures."""
+    from .circuit import CircuitSettings, build_circuit
+    from .neurons import NeuronSettings, find_neurons
+    from .plots import neuron_figures
+
+    w = _load(model)
+    cs = CircuitSettings(calibration=calibration, n_ctx=n_ctx, window=window, heads=_parse_layers(heads))
+    circ = build_circuit(w, cs)
+    res = find_neurons(w, circ, NeuronSettings(eval=eval or None, max_neurons=max_neurons), progress=not as_json)
+    res.save(out)
+    figs = neuron_figures(res, out)
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), indent=1, default=str))
+        return
+    _print_neuron_summary(res)
+    typer.echo(f"wrote {out / 'neurons.json'} and {len(figs)} figures in {out}")
+
+
+def _print_neuron_summary(res) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s = res.summary()
+    con = Console()
+    con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons found; "
+              f"{s['n_verified']} verified: median r = {s['median_r'] or float('nan'):.3f}, "
+              f"median FVU = {s['median_fvu'] or float('nan'):.3f}; circuit FVU = {res.fidelity['fvu']:.3f}")
+    t = Table(title="conditions")
+    for c in ("condition", "measured", "threshold", "ok"):
+        t.add_column(c)
+    for c in res.circuit["conditions"]:
+        t.add_row(c["name"], f"{c['measured']:.3f}", f"{c['threshold']:g}", "yes" if c["ok"] else "NO")
+    con.print(t)
+    t = Table(title="top neurons")
+    for c in ("neuron", "effect", "r", "FVU", "label", "top tokens", "fired on cal."):
+        t.add_column(c)
+    for r in res.records[:15]:
+        t.add_row(str(r.index), f"{r.effect:.1f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
+                  " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
+    con.print(t)
+
+
 def main() -> None:
     """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
     try:

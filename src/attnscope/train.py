@@ -234,7 +234,7 @@ def train_demo(
     n_head: int = 8,
     n_ctx: int = 256,
     batch_size: int = 16,
-    lr: float = 2e-3,
+    lr: float = 3e-3,
     progress: bool = True,
     warmup_steps: int = 100,
     min_lr_ratio: float = 0.1,
@@ -548,7 +548,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--n-head", type=int, default=8)
     ap.add_argument("--n-ctx", type=int, default=256)
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--warmup-steps", type=int, default=100)
     ap.add_argument("--amp", choices=["auto", "bf16", "none"], default="auto")
     ap.add_argument("--no-progress", action="store_true")
