@@ -49,6 +49,8 @@ def test_exponential_head(hand):
     rr = math.exp(-1 / HAND_TAU)
     assert abs(h1.n_eff - (1 + rr) / (1 - rr)) < 0.5
     assert h1.equivariance < 0.02 and h1.query_consistency < 0.02
+    # generic-token queries give the same kernel: token embeddings are tiny in this model
+    assert h1.weights_query_consistency < 0.02 and h1.tv_rotary_offset_vs_data is None
 
 
 def test_uniform_head(hand):
@@ -80,6 +82,14 @@ def test_real_models_every_layer(minilm, smollm2):
             assert k[..., 0, r.query_positions[0] + 1 :].abs().max() == 0
         for rec in r.records:
             assert 1.0 <= rec.n_eff <= 48.0 + 1e-6 and 0 <= rec.tv_decomposition["median"] <= 1
+        if w.positional == "rotary":  # offset-only kernel through the rotation
+            rot = r.arrays["rotary_offset_kernel"]
+            torch.testing.assert_close(rot.sum(-1), torch.ones_like(rot.sum(-1)), atol=1e-4, rtol=0)
+            assert all(0 <= rec.tv_rotary_offset_vs_data <= 1 for rec in r.records)
+            # layer 0 reads token embeddings only: its kernels are close to offset-only ones
+            assert sorted(rec.tv_rotary_offset_vs_data for rec in r.records if rec.layer == 0)[w.n_heads // 2] < 0.25
+        else:
+            assert all(rec.weights_query_consistency is not None for rec in r.records if rec.layer == 0)
 
 
 def test_cache_roundtrip(tiny_gpt2, tmp_path, monkeypatch):

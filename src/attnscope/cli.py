@@ -223,6 +223,61 @@ def _print_neuron_summary(res) -> None:
     con.print(t)
 
 
+@app.command()
+def report(
+    model: ModelArg,
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out"),
+    samples: Annotated[str, typer.Option(help="text source for the kernels (default: bundled texts)")] = "bundled:",
+    n_samples: Annotated[int, typer.Option(help="sample windows for the kernels (the method: 500)")] = 32,
+    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
+    layers: Annotated[Optional[str], typer.Option(help="layers for the kernels (default all)")] = None,
+    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
+    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="held-out texts (repeat)")] = None,
+    heads: Annotated[Optional[str], typer.Option(help="force the contextual heads, e.g. 0,2,6")] = None,
+    max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
+) -> None:
+    """Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html."""
+    from .circuit import CircuitSettings
+    from .kernels import KernelSettings
+    from .neurons import NeuronSettings
+    from .pipeline import run_report
+
+    w = _load(model)
+    res = run_report(
+        w, out,
+        kernel_settings=KernelSettings(samples=samples, n_samples=n_samples, n_ctx=n_ctx, layers=_parse_layers(layers)),
+        circuit_settings=CircuitSettings(calibration=calibration, n_ctx=n_ctx, heads=_parse_layers(heads)),
+        neuron_settings=NeuronSettings(eval=eval or None, max_neurons=max_neurons),
+        command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo,
+    )
+    typer.echo(f"report: {res.report.resolve()}")
+
+
+@app.command()
+def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out")) -> None:
+    """The whole method on the bundled demo model (offline, a few minutes on 2 cores); prints the report path."""
+    report(model="demo", out=out, samples="bundled:", n_samples=32, n_ctx=None, layers=None,
+           calibration="bundled:en_moby_dick", eval=None, heads=None, max_neurons=64)
+
+
+@app.command("train-demo")
+def train_demo_cmd(
+    out: Annotated[Path, typer.Option(help="folder for the trained model")] = Path("demo-model"),
+    corpora: Annotated[Path, typer.Option(help="folder of labelled .txt corpora")] = Path("../shared/corpora"),
+    max_minutes: Annotated[float, typer.Option(help="wall-clock training budget")] = 20.0,
+    seed: Annotated[int, typer.Option(help="seed")] = 0,
+) -> None:
+    """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
+    from .train import train_demo
+
+    if not corpora.is_dir():
+        raise AttnscopeError(f"no corpora folder at {corpora}; pass --corpora PATH (a folder of .txt files)")
+    info = train_demo(corpora, out, seed=seed, max_minutes=max_minutes)
+    typer.echo(json.dumps({k: info[k] for k in info if k in ("steps", "wall_time_s", "heldout_loss", "unigram_loss")},
+                          default=str))
+    typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
+
+
 def main() -> None:
     """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
     try:

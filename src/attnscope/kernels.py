@@ -10,6 +10,9 @@ the content there.  attnscope estimates it three ways:
 * **weights kernel** (layer 0, learned positions; method §5.2 a): from the weights alone, with the
   method's positional keys ``P[n, i]`` and the query of a content vector (the mean token embedding of the
   samples, or one generic token) placed at ``n``.
+* **rotary offset kernel** (rotary models; attnscope's extension, method §10): the position-averaged
+  pre-rotation query and key through the rotation, ``K_n(i) ∝ exp((R_n q̄) . (R_i k̄) / scale)``, a function
+  of the offset ``i - n`` only; ``tv_rotary_offset_vs_data`` says how much of the data kernel it explains.
 * **mean attention** (every layer; method §5.2 b2): the average attention row, used as a cross-check on
   held-out samples (``tv_kernel_vs_attention``).
 
@@ -64,6 +67,8 @@ class KernelSettings:
     seed: int = 0
     layers: list[int] | None = None  # default: all
     ref_norm: float | None = None  # method's constant c (3.5 for GPT-2); default: measured per layer
+    weights_query: str = "mean"  # layer-0 weights kernel: "mean" embedding of the samples, or a token, e.g. ","
+    n_query_tokens: int = 16  # weights-kernel query consistency: the most frequent sample tokens as queries
     batch_size: int = 4
 
     def resolved(self, w: ModelWeights) -> KernelSettings:
@@ -106,6 +111,8 @@ class HeadRecord:
     tv_decomposition: dict[str, float]  # TV(true, content+position pattern): mean, median, p90
     tv_kernel_vs_attention: float  # TV between kernel and mean held-out attention (mean over query positions)
     tv_weights_vs_data: float | None = None  # layer 0, learned positions: weights kernel vs data kernel
+    weights_query_consistency: float | None = None  # layer 0: TV of generic-token-query kernels to the mean one
+    tv_rotary_offset_vs_data: float | None = None  # rotary: offset-only kernel vs the data kernel
 
     def label(self) -> str:
         return f"L{self.layer}H{self.head}"
@@ -366,10 +373,31 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     arrays: dict[str, Tensor] = {"data_kernel": data_kernel, "mean_attention": mean_attn,
                                  "query_positions": qp, "layers": torch.tensor(layers)}
     weights_kernel = None
+    weights_consistency = None
     if 0 in li and w.positional == "learned":
-        query = w.W_E[est.reshape(-1)].mean(0)
+        flat = est.reshape(-1)
+        if s.weights_query == "mean":
+            query = w.W_E[flat].mean(0)
+        else:
+            ids = w.tokenizer(s.weights_query, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise AttnscopeError(f"--weights-query {s.weights_query!r} is {len(ids)} tokens; give one token or 'mean'")
+            query = w.W_E[ids[0]]
         weights_kernel = layer0_weight_kernels(w, query, T, ref_norms[0])[:, qp]  # [H, nq, T]
         arrays["weights_kernel_layer0"] = weights_kernel
+        # consistency across generic query tokens (the sample's most frequent tokens), method §5.2c
+        common = torch.bincount(flat).topk(min(s.n_query_tokens, int((torch.bincount(flat) > 0).sum()))).indices
+        per_tok = torch.stack([layer0_weight_kernels(w, w.W_E[t], T, ref_norms[0])[:, qp] for t in common])
+        weights_consistency = tv_distance(per_tok, weights_kernel[None]).mean(-1).mean(0)  # [H]
+    if w.positional == "rotary":
+        # the attnscope extension for rotary models: position-averaged pre-rotation query and key through the
+        # rotation, so K_n(i) depends on the offset i - n only (translation-equivariant by construction)
+        cos, sin = rotary_cos_sin(w, torch.arange(T, device=w.device))
+        start = 1 if bos is not None else 0
+        q_pre = apply_rotary(mean_q, cos, -sin)[:, :, start:].mean(2, keepdim=True).expand(-1, -1, T, -1)
+        k_pre = k_static[:, :, start:].mean(2, keepdim=True).expand(-1, -1, T, -1)
+        rot = positional_kernel_rows_batch(w, layers, apply_rotary(q_pre, cos, sin)[:, :, qp], apply_rotary(k_pre, cos, sin))
+        arrays["rotary_offset_kernel"] = rot
     # offset kernel at the reference query: kappa(d) = K_nref(nref - d)
     nref = qpos[-1]
     arrays["offset_kernel"] = torch.stack([torch.stack([offset_profile(data_kernel[j, h, -1], nref, w.causal)
@@ -393,6 +421,9 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
                 tv_kernel_vs_attention=float(tv_distance(data_kernel[j, h], mean_attn[j, h]).mean()),
                 tv_weights_vs_data=None if weights_kernel is None or l != 0
                 else float(tv_distance(weights_kernel[h], data_kernel[j, h]).mean()),
+                weights_query_consistency=None if weights_consistency is None or l != 0 else float(weights_consistency[h]),
+                tv_rotary_offset_vs_data=float(tv_distance(arrays["rotary_offset_kernel"][j, h], data_kernel[j, h]).mean())
+                if "rotary_offset_kernel" in arrays else None,
             )
             records.append(rec)
     res = KernelResult(model=w.info(), settings=asdict(s), provenance={**prov, "n_estimation": s.n_samples,
