@@ -260,6 +260,26 @@ def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("attnsc
            calibration="bundled:en_moby_dick", eval=None, heads=None, max_neurons=64)
 
 
+@app.command()
+def probe(
+    model: ModelArg,
+    layer: Annotated[int, typer.Option(help="layer whose MLP activations are probed")] = 0,
+    text: Annotated[Optional[list[str]], typer.Option("--text", help="labelled texts (repeat); default: bundled")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall)."""
+    from .errors import check_index
+    from .probe import context_probe
+
+    w = _load(model)
+    check_index("layer", layer, w.n_layers)
+    r = context_probe(w, layer=layer, texts=text or None)
+    _emit(r.to_json(), as_json, lambda d: _print_table(
+        {**{f"recall {k}": f"{v:.3f}" for k, v in d["recall"].items()}, "test accuracy": f"{d['test_accuracy']:.3f}",
+         "chance": f"{d['chance']:.3f}", f"separated (recall >= {d['recall_min']})": ", ".join(d["separated"])},
+        f"linear probe on layer-{layer} MLP activations"))
+
+
 @app.command("train-demo")
 def train_demo_cmd(
     out: Annotated[Path, typer.Option(help="folder for the trained model")] = Path("demo-model"),
