@@ -77,8 +77,10 @@ def test_stop_layer_streams(tiny_gpt2, moby_text):
 def test_against_transformer_lens(tiny_gpt2_dir, tiny_gpt2, moby_text):
     """Independent reference: TransformerLens (HookedTransformer numerics) on the same GPT-2 weights."""
     from transformer_lens.model_bridge import TransformerBridge
+    from transformers import GPT2LMHeadModel
 
-    w, hf = tiny_gpt2
+    w, _ = tiny_gpt2
+    hf = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir, attn_implementation="eager").eval()  # the bridge wraps it
     bridge = TransformerBridge.boot_transformers(str(tiny_gpt2_dir), hf_model=hf)
     bridge.enable_compatibility_mode()  # folds LayerNorm and centres weights, as HookedTransformer did
     ids = w.tokenizer(moby_text[:1500], return_tensors="pt")["input_ids"][:, :100]

@@ -18,7 +18,8 @@ def test_gpt2_adapter_shapes(tiny_gpt2):
     torch.testing.assert_close(w.W_Q[0, 1], hf.transformer.h[0].attn.c_attn.weight[:, 16:32])
     torch.testing.assert_close(w.W_V[1, 3], hf.transformer.h[1].attn.c_attn.weight[:, 128 + 48 : 128 + 64])
     assert w.attn_scale.tolist() == [4.0, 4.0]
-    assert w.n_params == sum(p.numel() for p in hf.parameters())
+    V, d, T, L = w.d_vocab, 64, 128, 2  # GPT-2 parameter count, tied unembedding counted once
+    assert w.n_params == V * d + T * d + L * (12 * d * d + 13 * d) + 2 * d
 
 
 def test_llama_gqa_expanded(smollm2):

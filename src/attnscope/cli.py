@@ -293,7 +293,7 @@ def train_demo_cmd(
     if not corpora.is_dir():
         raise AttnscopeError(f"no corpora folder at {corpora}; pass --corpora PATH (a folder of .txt files)")
     info = train_demo(corpora, out, seed=seed, max_minutes=max_minutes)
-    typer.echo(json.dumps({k: info[k] for k in info if k in ("steps", "wall_time_s", "heldout_loss", "unigram_loss")},
+    typer.echo(json.dumps({k: info[k] for k in info if k in ("steps", "tokens_seen", "wall_time_s", "heldout_loss", "unigram")},
                           default=str))
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 

@@ -63,7 +63,7 @@ def kernel_curves(res: K.KernelResult, out: Path, max_layers: int = 12) -> Path:
     fig.tight_layout()
     handles = [plt.Line2D([], [], color=c, label=k) for k, c in CAT_COLORS.items()]
     fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.06))
-    fig.suptitle(f"positional kernels at query n = {res.query_positions[-1]} (data estimate)")
+    fig.suptitle(f"positional kernels at query n = {res.query_positions[-1]} (data estimate)", y=1.03)
     return _save(fig, out)
 
 
@@ -182,8 +182,8 @@ def r_fvu_distribution(res, out: Path) -> Path:
     b.axvline(0.14, color="#d62728", ls=":", label="paper (GPT-2): 0.14")
     b.set_xlabel("FVU (clipped at 2)")
     b.legend(fontsize=7)
-    fig.suptitle(f"{len(r)} verified neurons")
     fig.tight_layout()
+    fig.suptitle(f"{len(r)} verified neurons", y=1.04)
     return _save(fig, out)
 
 
@@ -195,7 +195,7 @@ def denominator_stability_plot(res, out: Path) -> Path:
     k = len(heads)
     cols = min(4, max(1, k))
     rows = int(np.ceil(max(1, k) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.4 * rows), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(rows, cols, figsize=(max(6.0, 3.2 * cols), 2.6 * rows), squeeze=False, sharey=True)
     colors = plt.cm.tab10(np.linspace(0, 1, max(1, len(den))))
     for j, h in enumerate(heads):
         ax = axes.flat[j]
@@ -208,8 +208,8 @@ def denominator_stability_plot(res, out: Path) -> Path:
         ax.axis("off")
     axes.flat[0].set_ylabel("Z_n / Z_calibration")
     axes.flat[0].legend(fontsize=5)
-    fig.suptitle("softmax denominators on held-out texts (1 = calibration value)")
     fig.tight_layout()
+    fig.suptitle("softmax denominators on held-out texts (1 = calibration value)", y=1.04)
     return _save(fig, out)
 
 

@@ -21,6 +21,7 @@ import html
 import json
 import math
 import os
+import re
 import shutil
 import statistics
 import tempfile
@@ -249,7 +250,19 @@ def _header_section(model_info: dict, command: str, provenance: dict, date: str,
         boxes = "".join(f'<div class="prov-box"><h4>{_esc(k)}</h4>'
                         f'{_kv_table(v) if isinstance(v, dict) else _value_html(v)}</div>'
                         for k, v in provenance.items())
-        prov_html = f'<div id="provenance" class="prov-grid">{boxes}</div>'
+        keys = []
+        for group, v in provenance.items():
+            if isinstance(v, dict):
+                items = []
+                for k2, x in v.items():
+                    if x is not None and (k2 == "sha256" or k2.endswith("_sha256") or k2 == "seed"):
+                        shown = f"{x[:12]}…" if isinstance(x, str) and len(x) > 16 else _fmt(x)
+                        items.append(f'{_esc(k2)} <code title="{_esc(x)}">{_esc(shown)}</code>')
+                if items:
+                    keys.append(f"<li><b>{_esc(group)}</b>: {', '.join(items)}</li>")
+        key_line = f'<ul class="prov-keys">{"".join(keys)}</ul>' if keys else ""
+        prov_html = (f'{key_line}<details id="provenance-details"><summary>All provenance: sample texts, hashes, '
+                     f'seeds and settings</summary><div id="provenance" class="prov-grid">{boxes}</div></details>')
     else:
         prov_html = '<p class="note" id="provenance">none recorded</p>'
     return f"""
@@ -260,9 +273,9 @@ def _header_section(model_info: dict, command: str, provenance: dict, date: str,
 <div><h3>Run</h3>
 {_kv_table({"date (UTC)": date, "attnscope version": version})}
 <h4>Command</h4>{cmd}
-</div></div>
-<h3>Provenance</h3>
+<h4>Provenance</h4>
 {prov_html}
+</div></div>
 </section>"""
 
 
@@ -284,7 +297,7 @@ HEAD_COLUMNS = [  # (key, header, tooltip, getter)
 ]
 
 
-def _kernel_section(kernels: Any, figures: dict[str, Path], used: set[str]) -> tuple[str, str]:
+def _kernel_section(kernels: Any, figures: dict[str, Path], used: set[str]) -> str:
     recs = [_asdict(r) for r in _get(kernels, "records", [])]
     recs.sort(key=lambda r: (r["layer"], r["head"]))
     qpos = list(_get(kernels, "query_positions", []) or [])
@@ -359,7 +372,7 @@ TV = total-variation distance (0 = identical, 1 = disjoint); “split” = the c
 <thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>
 {explorer}
 </section>"""
-    return body, "kernels"
+    return body
 
 
 def _circuit_section(neurons: Any, figures: dict[str, Path], used: set[str]) -> str:
@@ -371,7 +384,8 @@ def _circuit_section(neurons: Any, figures: dict[str, Path], used: set[str]) -> 
     chips = "".join(f"<li><b>head {h}</b></li>" for h in heads) or "<li>none</li>"
     drows = []
     for d in decisions:
-        reasons = "".join(f"<li>{_esc(x)}</li>" for x in d.get("reasons", []))
+        reasons = "".join(f'<li class="{"unmet" if not d.get("chosen") and re.search(r"[^<>=!][<>][^=]", x) else ""}">'
+                          f"{_esc(x)}</li>" for x in d.get("reasons", []))
         drows.append(
             f'<tr class="{"taken" if d.get("chosen") else "left"}"><td>{_esc(d.get("head"))}</td>'
             f'<td>{_badge(bool(d.get("chosen")), "taken", "left out")}</td>'
@@ -690,9 +704,12 @@ word-break:break-all;margin:.3rem 0}
 .small{font-size:.82rem}
 .prov-grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(290px,1fr));gap:.8rem;align-items:start}
 .prov-box td{overflow-wrap:anywhere}
+.prov-keys{font-size:.85rem;color:var(--muted);list-style:none;padding:0;margin:.2rem 0 .4rem}
+.prov-keys b{font-weight:500;color:var(--fg)}
+details>summary{cursor:pointer;color:var(--accent);font-weight:500;margin:.3rem 0 .6rem}
 .prov-box{border:1px solid var(--line);border-radius:6px;padding:.2rem .7rem .5rem;background:#fff;break-inside:avoid}
 .prov-box h4{margin:.4rem 0 .3rem;font-size:.85rem;color:var(--accent)}
-.prov-box table.kv{font-size:.8rem;width:100%}
+.prov-box table.kv{font-size:.8rem}
 .prov-box table.kv th{padding-right:.6rem}
 .two-col{display:grid;grid-template-columns:minmax(280px,1fr) minmax(320px,1.3fr);gap:2rem}
 table{border-collapse:collapse;font-size:.88rem}
@@ -734,7 +751,9 @@ letter-spacing:.02em;white-space:nowrap}
 .badge.info{background:var(--infobg);color:var(--info)}
 tr.failed td{background:#fff6f5}
 tr.left td{color:#4d5862}
-ul.reasons{margin:0;padding-left:1.1rem;font-size:.82rem}
+ul.reasons{margin:0;padding:0;list-style:none;display:flex;flex-wrap:wrap;gap:.2rem .35rem;font-size:.78rem}
+ul.reasons li{background:#f0f2f4;border-radius:3px;padding:0 .35rem;white-space:nowrap}
+ul.reasons li.unmet{background:var(--failbg);color:var(--fail)}
 .alert{background:var(--failbg);color:#7a1a12;border-left:4px solid var(--fail);padding:.45rem .8rem;border-radius:4px}
 .good{background:var(--okbg);color:#10501f;border-left:4px solid var(--ok);padding:.45rem .8rem;border-radius:4px}
 #head-selector{border:1px solid var(--line);border-radius:8px;padding:.3rem 1rem 1rem;background:#fbfcfd}
@@ -841,6 +860,11 @@ JS = r"""
     Array.prototype.forEach.call(table.querySelectorAll("thead th"), function (th) {
       th.addEventListener("click", function () { sortTable(table, th); });
     });
+  });
+
+  // printing shows everything folded away
+  window.addEventListener("beforeprint", function () {
+    Array.prototype.forEach.call(document.querySelectorAll("details"), function (d) { d.open = true; });
   });
 
   // ---- head explorer ----
@@ -988,8 +1012,7 @@ def write_report(out_dir, *, model_info: dict, kernels=None, neurons=None, figur
     nav = [("summary", "Model")]
     parts = [_header_section(model_info, command, prov, date, __version__)]
     if kernels is not None:
-        body, _ = _kernel_section(kernels, figures, used)
-        parts.append(body)
+        parts.append(_kernel_section(kernels, figures, used))
         nav.append(("kernels", "Kernels"))
     else:
         parts.append('<p class="omitted">Positional kernels: not part of this report (no kernel results given).</p>')
@@ -998,8 +1021,13 @@ def write_report(out_dir, *, model_info: dict, kernels=None, neurons=None, figur
         parts.append(_neuron_section(neurons, figures, used))
         nav += [("circuit", "Circuit"), ("neurons", "Neurons")]
     else:
-        parts.append('<p class="omitted">Contextual circuit and neurons: not part of this report (no neuron results '
-                     'given).</p>')
+        err = (provenance or {}).get("circuit_error")
+        if err:  # the pipeline stops before the circuit when one of the method's conditions fails
+            parts.append(f'<p class="omitted" id="circuit-error">Contextual circuit and neurons: not computed, a '
+                         f'condition of the method fails: {_esc(err)}</p>')
+        else:
+            parts.append('<p class="omitted">Contextual circuit and neurons: not part of this report (no neuron '
+                         'results given).</p>')
     scope = _scope_section(kernels, neurons)
     parts.append(scope)
     if 'id="scope"' in scope:
