@@ -147,6 +147,17 @@ def reset_peak_rss() -> bool:
         return False
 
 
+def malloc_trim() -> None:
+    """Hand freed heap memory back to the OS, so that a stage's allocations show up as RSS growth instead of
+    silently reusing memory its setup freed (glibc keeps freed chunks in the heap)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         import torch
@@ -172,6 +183,7 @@ def measure(fn, *, repeats: int, device: str, setup=None, check=None) -> dict:
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
         else:
+            malloc_trim()
             base = _status_kb("VmRSS") * 1024
             if not reset_peak_rss():
                 raise RuntimeError("cannot reset the peak RSS (/proc/self/clear_refs); Linux >= 4.0 needed")
@@ -867,6 +879,10 @@ def main(argv=None) -> int:
     cache = wd / "cache"
     os.environ["ATTNSCOPE_CACHE"] = str(cache)
     t_start = time.perf_counter()
+    load1 = os.getloadavg()[0]
+    if load1 > 0.5 * (os.cpu_count() or 1):
+        print(f"warning: load average {load1:.1f} on {os.cpu_count()} cores: other processes are running, "
+              "timings will be noisy", file=sys.stderr)
     print(f"preparing GPT-2 {name} (random weights, seed {SEED}) in {wd} ...", flush=True)
     folder = make_model(name)
     D = {"L": spec["n_layer"], "H": spec["n_head"], "d": spec["n_embd"], "dh": spec["n_embd"] // spec["n_head"],

@@ -195,3 +195,20 @@ def context_neuron_gpt2(tmp_path_factory):
 
     path, ids = make_context_neuron_gpt2(tmp_path_factory.mktemp("context_neuron_gpt2"))
     return load_model(str(path), keep_hf=True), ids
+
+
+@pytest.fixture(scope="session")
+def hand_results(context_neuron_gpt2, tmp_path_factory):
+    """Kernels, neurons and figures of the hand-built context-neuron model (for the report tests)."""
+    from attnscope.circuit import CircuitSettings, build_circuit
+    from attnscope.kernels import KernelSettings, analyse_kernels
+    from attnscope.neurons import NeuronSettings, find_neurons
+    from attnscope.plots import kernel_figures, neuron_figures
+
+    (w, _), _ = context_neuron_gpt2
+    k = analyse_kernels(w, KernelSettings(samples=str(DATA), n_ctx=64, n_samples=4, n_heldout=2), cache=False,
+                        progress=False)
+    c = build_circuit(w, CircuitSettings(calibration=str(DATA / "moby.txt"), n_ctx=128))
+    n = find_neurons(w, c, NeuronSettings(), progress=False)
+    figdir = tmp_path_factory.mktemp("hand_figs")
+    return w, k, n, {**kernel_figures(k, figdir), **neuron_figures(n, figdir)}

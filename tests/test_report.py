@@ -9,25 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from attnscope.circuit import CircuitSettings, build_circuit
-from attnscope.kernels import KernelSettings, analyse_kernels
-from attnscope.neurons import NeuronSettings, find_neurons
-from attnscope.plots import kernel_figures, neuron_figures
 from attnscope.report import write_report
 
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
-def results(context_neuron_gpt2, tmp_path_factory):
-    (w, _), _ = context_neuron_gpt2
-    k = analyse_kernels(w, KernelSettings(samples=str(DATA), n_ctx=64, n_samples=4, n_heldout=2), cache=False,
-                        progress=False)
-    c = build_circuit(w, CircuitSettings(calibration=str(DATA / "moby.txt"), n_ctx=128))
-    n = find_neurons(w, c, NeuronSettings(), progress=False)
-    figdir = tmp_path_factory.mktemp("report_figs")
-    figs = {**kernel_figures(k, figdir), **neuron_figures(n, figdir)}
-    return w, k, n, figs
+def results(hand_results):
+    return hand_results
 
 
 @pytest.fixture(scope="module")

@@ -36,20 +36,11 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reaso
 
 
 @pytest.fixture(scope="module")
-def report_path(context_neuron_gpt2, tmp_path_factory) -> Path:
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.kernels import KernelSettings, analyse_kernels
-    from attnscope.neurons import NeuronSettings, find_neurons
-    from attnscope.plots import kernel_figures, neuron_figures
+def report_path(hand_results, tmp_path_factory) -> Path:
     from attnscope.report import write_report
 
-    (w, _), _ = context_neuron_gpt2
-    k = analyse_kernels(w, KernelSettings(samples=str(DATA), n_ctx=64, n_samples=4, n_heldout=2), cache=False,
-                        progress=False)
-    c = build_circuit(w, CircuitSettings(calibration=str(DATA / "moby.txt"), n_ctx=128))
-    n = find_neurons(w, c, NeuronSettings(), progress=False)
+    w, k, n, figs = hand_results
     out = tmp_path_factory.mktemp("browser_report")
-    figs = {**kernel_figures(k, out), **neuron_figures(n, out)}
     return write_report(out, model_info=w.info(), kernels=k, neurons=n, figures=figs,
                         command="attnscope report tiny", provenance={"seed": 0})
 

@@ -240,4 +240,5 @@ def compare_with_model(weights: ModelWeights, hf_model, tokens: Tensor) -> dict[
     return {
         "pattern": [(a.pattern - p.to(a.pattern)).abs().max().item() for a, p in zip(ours, pats)],
         "mlp_pre": [(a.mlp_pre - m.to(a.mlp_pre)).abs().max().item() for a, m in zip(ours, pres)],
+        "mlp_pre_max_abs": [m.abs().max().item() for m in pres],  # the scale float32 rounding works at
     }

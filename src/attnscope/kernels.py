@@ -54,6 +54,16 @@ UNIFORM_FRAC = 0.5  # N_eff >= this * (number of visible keys): uniform
 SLOW_MEDIAN_FRAC = 0.25  # otherwise, median offset <= this * visible keys: slow decay
 CATEGORIES = ("sharp local decay", "slow decay", "uniform", "previous token", "current token",
               "first-token sink", "other")
+#: colour of each category on the figures and in the HTML report
+CAT_COLORS = {
+    "sharp local decay": "#d62728",
+    "slow decay": "#ff7f0e",
+    "uniform": "#2ca02c",
+    "previous token": "#9467bd",
+    "current token": "#8c564b",
+    "first-token sink": "#7f7f7f",
+    "other": "#17becf",
+}
 
 
 @dataclass

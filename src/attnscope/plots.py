@@ -12,15 +12,7 @@ import numpy as np  # noqa: E402
 
 from . import kernels as K  # noqa: E402
 
-CAT_COLORS = {
-    "sharp local decay": "#d62728",
-    "slow decay": "#ff7f0e",
-    "uniform": "#2ca02c",
-    "previous token": "#9467bd",
-    "current token": "#8c564b",
-    "first-token sink": "#7f7f7f",
-    "other": "#17becf",
-}
+CAT_COLORS = K.CAT_COLORS
 
 
 def _save(fig, path: Path) -> Path:

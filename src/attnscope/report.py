@@ -30,17 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import AttnscopeError
+from .kernels import CAT_COLORS
 
-# category colours (the same as the figures in plots.py; copied so that the report needs no matplotlib)
-CAT_COLORS = {
-    "sharp local decay": "#d62728",
-    "slow decay": "#ff7f0e",
-    "uniform": "#2ca02c",
-    "previous token": "#9467bd",
-    "current token": "#8c564b",
-    "first-token sink": "#7f7f7f",
-    "other": "#17becf",
-}
 
 FIGURE_CAPTIONS = {
     "kernel_curves": "Offset kernel κ(d) = K<sub>n</sub>(n − d) of every head at the reference query position, "
