@@ -843,6 +843,22 @@ def markdown(results: list[tuple[dict, dict]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+DOCS = BENCH.parent / "docs" / "benchmark.md"
+START, END = "<!-- results:start (written by bench/run.py) -->", "<!-- results:end -->"
+
+
+def update_docs(md: str) -> None:
+    """Copy the results (RESULTS.md without its title) between the markers of docs/benchmark.md."""
+    if not DOCS.exists():
+        return
+    text = DOCS.read_text()
+    if START not in text or END not in text:
+        return
+    body = md.split("\n", 1)[1].strip().replace("## GPT-2", "### GPT-2")
+    head, rest = text.split(START, 1)
+    DOCS.write_text(head + START + "\n\n" + body + "\n\n" + END + rest.split(END, 1)[1])
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["small", "medium"], default="small")
@@ -922,7 +938,9 @@ def main(argv=None) -> int:
                     if p.exists():
                         d = json.loads(p.read_text())
                         runs.append((d["results"], d["config"]))
-            (BENCH / "RESULTS.md").write_text(markdown(runs))
+            md = markdown(runs)
+            (BENCH / "RESULTS.md").write_text(md)
+            update_docs(md)
     return 0
 
 

@@ -48,3 +48,31 @@ def test_errors_are_one_line():
     r = subprocess.run([sys.executable, "-m", "attnscope.cli", "--dtype", "float8", "info", "demo"],
                        capture_output=True, text=True)
     assert r.returncode == 2 and "unknown dtype" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_kernels_command(tiny_gpt2_dir, tmp_path):
+    out = tmp_path / "k"
+    r = runner.invoke(app, ["kernels", str(tiny_gpt2_dir), "--samples", "tests/data", "--n-ctx", "32", "--n-samples", "4",
+                            "--n-heldout", "2", "--out", str(out), "--no-cache"])
+    assert r.exit_code == 0, r.output
+    d = json.loads((out / "kernels.json").read_text())
+    assert len(d["heads"]) == 8 and {"layer", "head", "category", "n_eff", "decay_length", "query_consistency",
+                                     "equivariance", "tv_decomposition", "tv_kernel_vs_attention"} <= set(d["heads"][0])
+    assert {p.name for p in out.glob("*.png")} == {"kernel_curves.png", "n_eff_heatmap.png", "categories.png",
+                                                   "tv_per_head.png"}
+
+
+def test_demo_command(demo, tmp_path):
+    r = runner.invoke(app, ["demo", "--out", str(tmp_path)])
+    assert r.exit_code == 0, r.output
+    assert f"report: {(tmp_path / 'report.html').resolve()}" in r.stdout
+    d = json.loads((tmp_path / "neurons" / "neurons.json").read_text())
+    assert d["summary"]["n_neurons_found"] > 0
+
+
+def test_condition_failure_is_one_line():
+    r = subprocess.run([sys.executable, "-m", "attnscope.cli", "neurons", "smollm2", "--n-ctx", "128", "--heads", "99"],
+                       capture_output=True, text=True)
+    if "not installed" in r.stderr:
+        return
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].startswith("error: head index 99 is out of range")

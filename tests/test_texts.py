@@ -58,3 +58,11 @@ def test_missing_and_bad_sources(tmp_path):
         open_source(bad)
     with pytest.raises(AttnscopeError, match="no bundled text"):
         open_source("bundled:klingon")
+
+
+def test_hf_dataset_offline_is_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(AttnscopeError) as e:
+        open_source("hf:no-such-user/no-such-dataset")
+    assert "\n" not in str(e.value) and ("datasets" in str(e.value) or "offline" in str(e.value))

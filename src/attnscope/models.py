@@ -323,6 +323,10 @@ def _dequantised_gguf(r: ResolvedModel) -> str:
     out = cache_dir() / "gguf" / f"{src.stem}-{key}"
     if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
         return str(out)
+    import sys
+
+    print(f"attnscope: de-quantising {src.name} once into {out} (about 20 s; later loads take about 1 s)",
+          file=sys.stderr)
     try:
         tok = AutoTokenizer.from_pretrained(r.path, gguf_file=r.gguf_file)
         model = AutoModelForCausalLM.from_pretrained(r.path, gguf_file=r.gguf_file, dtype=torch.float32)
