@@ -282,7 +282,7 @@ def equivariance(rows: Tensor, qpos: list[int], causal: bool) -> float:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "v": 1}, sort_keys=True)
+                       "v": 2}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
