@@ -354,14 +354,17 @@ def true_head_output(w: ModelWeights, heads: list[int], tokens: Tensor) -> tuple
     return out, a.mlp_pre[0], _mlp_norm_scale(w, a.resid_pre + a.attn_out)[0]
 
 
-def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> dict[str, float]:
+def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor],
+                     true_outputs: dict[str, Tensor] | None = None) -> dict[str, float]:
     """How close the linear summary is to the heads' true summed output on held-out texts: FVU of the
-    (centred) vector, and the median over dimensions of the per-dimension correlation."""
+    (centred) vector, and the median over dimensions of the per-dimension correlation.
+
+    ``true_outputs``: the heads' true summed outputs per text, if already computed (:func:`true_head_output`)."""
     ys, yh = [], []
     n_min = circ.settings["min_position"]
-    for toks in texts.values():
+    for name, toks in texts.items():
         toks = toks[: circ.T].to(w.device)
-        y, _, _ = true_head_output(w, circ.heads, toks)
+        y = true_outputs[name] if true_outputs is not None else true_head_output(w, circ.heads, toks)[0]
         ys.append(centre(y, w)[n_min:])
         yh.append(centre(circ.summary(toks), w)[n_min:])
     y, yhat = torch.cat(ys).double(), torch.cat(yh).double()

@@ -311,9 +311,11 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     ys: dict[str, Tensor] = {}
     yh: dict[str, Tensor] = {}
     pres: dict[str, Tensor] = {}
+    outs: dict[str, Tensor] = {}
     for name, toks in texts.items():
         toks = toks.to(w.device)
         y, pre, _ = true_head_output(w, circ.heads, toks)
+        outs[name] = y
         ys[name] = (centre(y, w) @ Wk / circ.mlp_scale)[n_min:]
         yh[name] = (centre(circ.summary(toks), w) @ Wk / circ.mlp_scale)[n_min:]
         pres[name] = pre[n_min:, kept]
@@ -351,7 +353,7 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
         traces[str(k)] = {n: {"true": ys[n][:, j].tolist(), "pred": yh[n][:, j].tolist(),
                               "pre": pres[n][:, j].tolist(), "pred_pre": (yh[n][:, j] + other[j]).tolist()}
                           for n in (pos_t, neg_t)}
-    fid = circuit_fidelity(w, circ, texts)
+    fid = circuit_fidelity(w, circ, texts, outs)
     den = denominator_stability(w, circ, texts)
     traces["_denominators"] = {name: v.pop("Z_trace") for name, v in den.items()}
     return NeuronResult(model=w.info(), circuit=circ.to_json(), settings=asdict(s), n_scored=int(effect.numel()),
