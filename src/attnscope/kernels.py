@@ -312,7 +312,6 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     windows = windows.to(w.device)
     est, held = windows[: s.n_samples], windows[s.n_samples :]
     layers = s.layers
-    last = max(layers)
     L, H, dh, d = len(layers), w.n_heads, w.d_head, w.d_model
     qpos = query_positions(T, w.causal)
     qp = torch.tensor(qpos, device=w.device)
@@ -322,21 +321,14 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     sum_k = torch.zeros_like(sum_q)
     sum_resid = torch.zeros(L, T, d, dtype=f64, device=w.device)
     sum_sq = torch.zeros(L, dtype=f64, device=w.device)
-    n_seen = 0
     bar = tqdm(total=s.n_samples + s.n_heldout, desc="kernels: estimate", unit="text", disable=not progress)
     # pass 1: streaming means of queries, keys and the (pre-norm) residual per position
-    for b0 in range(0, s.n_samples, s.batch_size):
-        batch = est[b0 : b0 + s.batch_size]
-        for a in iter_layers(w, batch, stop_layer=last):
-            if a.layer not in li:
-                continue
-            j = li[a.layer]
-            sum_q[j] += a.q.sum(0).to(f64)
-            sum_k[j] += a.k.sum(0).to(f64)
-            sum_resid[j] += a.norm_in.sum(0).to(f64)
-            sum_sq[j] += (centre(a.norm_in.to(f64), w) ** 2).sum()
-        n_seen += batch.shape[0]
-        bar.update(batch.shape[0])
+    for j, a in _stream_layers(w, est, s.batch_size, li, bar):
+        sum_q[j] += a.q.sum(0).to(f64)
+        sum_k[j] += a.k.sum(0).to(f64)
+        sum_resid[j] += a.norm_in.sum(0).to(f64)
+        sum_sq[j] += (centre(a.norm_in.to(f64), w) ** 2).sum()
+    n_seen = est.shape[0]
     mean_q = (sum_q / n_seen).to(w.dtype)  # [L, H, T, dh]
     mean_k = (sum_k / n_seen).to(w.dtype)
     mean_resid = sum_resid / n_seen  # [L, T, d]
@@ -361,21 +353,15 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
     cons = torch.zeros(L, H, dtype=f64, device=w.device)
     bar.set_description("kernels: validate")
-    for b0 in range(0, s.n_heldout, s.batch_size):
-        batch = held[b0 : b0 + s.batch_size]
-        for a in iter_layers(w, batch, stop_layer=last):
-            if a.layer not in li:
-                continue
-            j = li[a.layer]
-            static = k_static[j] if w.positional == "rotary" else pi[j]
-            approx = approximate_pattern(w, a.layer, a, static, ref_norms[a.layer])
-            tv = tv_distance(approx, a.pattern)  # [b, H, T]
-            tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
-            sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
-            # query consistency: each text's own query at n with the static keys
-            per_text = kernel_softmax(w, a.layer, torch.einsum("bhne,hie->bhni", a.q[:, :, qp], mean_k[j]), qpos)
-            cons[j] += tv_distance(per_text, data_kernel[j][None]).mean(-1).sum(0).to(f64)
-        bar.update(batch.shape[0])
+    for j, a in _stream_layers(w, held, s.batch_size, li, bar):
+        static = k_static[j] if w.positional == "rotary" else pi[j]
+        approx = approximate_pattern(w, a.layer, a, static, ref_norms[a.layer])
+        tv = tv_distance(approx, a.pattern)  # [b, H, T]
+        tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
+        sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
+        # query consistency: each text's own query at n with the static keys
+        per_text = kernel_softmax(w, a.layer, torch.einsum("bhne,hie->bhni", a.q[:, :, qp], mean_k[j]), qpos)
+        cons[j] += tv_distance(per_text, data_kernel[j][None]).mean(-1).sum(0).to(f64)
     bar.close()
     n_held = max(1, s.n_heldout)
     mean_attn = (sum_attn / n_held).to(w.dtype)
@@ -443,6 +429,18 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     if cache:
         res.save(cdir)
     return res
+
+
+def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[int, int], bar):
+    """Yield ``(index of the layer in the analysis, LayerActivations)`` for every batch of ``windows`` and every
+    analysed layer, running each batch only up to the deepest analysed layer (memory: one batch, one layer)."""
+    last = max(li)
+    for b0 in range(0, windows.shape[0], batch_size):
+        batch = windows[b0 : b0 + batch_size]
+        for a in iter_layers(w, batch, stop_layer=last):
+            if a.layer in li:
+                yield li[a.layer], a
+        bar.update(batch.shape[0])
 
 
 def kernel_softmax(w: ModelWeights, layer: int, scores: Tensor, qpos: list[int]) -> Tensor:
