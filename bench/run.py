@@ -879,8 +879,8 @@ def markdown(results: list[tuple[dict, dict]]) -> str:
                   f"{BATCH} + average of `hook_pattern` per layer/head ({kt.get('impl', '?')}"
                   + (f"; of which run_with_cache {kt['forward_s']:.1f} s" if "forward_s" in kt else "")
                   + "); forward alone = the faster of the bridge's plain forward on the same batches (no cache) "
-                  "and the run_with_cache calls above (the same forward; run-to-run noise is ~10%); neuron scoring = the "
-                  "whole `[V, d_mlp]` product in one go + the same top-m reductions; verification = "
+                  "and the run_with_cache calls above (the same forward; run-to-run noise is ~10%); "
+                  "neuron scoring = the whole `[V, d_mlp]` product in one go + the same top-m reductions; verification = "
                   "`run_with_cache(stop_at_layer=1)` on the same held-out texts + the heads' output projected on "
                   "the neurons. Ratio = ours / baseline (< 1: ours faster). Peak memory = rise of peak RSS above "
                   "the RSS before the stage (model and inputs already loaded). `(*x%)` after a stage: other "
