@@ -325,7 +325,8 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     keep[[i for i in tok.all_special_ids if i < len(keep)]] = False  # special tokens are not evidence
     mask_ids = torch.nonzero(keep).squeeze(1)
     unigrams = bundled_unigrams(tok, w.d_vocab)
-    ext = centre(circ.ext, w) / circ.mlp_scale
+    # scores of the kept neurons over the unmasked vocabulary, one product for all: [V_kept, n_kept]
+    S_kept = (centre(circ.ext, w)[mask_ids] / circ.mlp_scale) @ Wk
     for j, k in enumerate(kept):
         y = torch.cat([ys[n][:, j] for n in texts]).double()
         yhat = torch.cat([yh[n][:, j] for n in texts]).double()
@@ -335,7 +336,7 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
         per_text = [x for x in per_text if x == x]
         means = {n: float(pres[n][:, j].mean()) for n in texts}
         pos_t, neg_t = max(means, key=means.get), min(means, key=means.get)
-        S = ext[mask_ids] @ W[:, k]
+        S = S_kept[:, j]
         tp = S.topk(s.n_top_tokens)
         tn = (-S).topk(s.n_top_tokens)
         top_pos = list(zip(_decode(tok, mask_ids[tp.indices].tolist()), [round(float(v), 4) for v in tp.values]))
