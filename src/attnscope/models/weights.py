@@ -1,0 +1,156 @@
+"""The one typed view of a transformer's weights (:class:`ModelWeights`), whatever the architecture."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+Positional = Literal["learned", "rotary", "none"]
+
+
+@dataclass
+class ModelWeights:
+    """Weights of a transformer in one architecture-independent layout (nothing folded, nothing centred).
+
+    Conventions: ``x @ W`` (row vectors); per-head matrices are split and grouped-query K/V heads are
+    expanded so every query head ``h`` has its own ``W_K[l, h]``.  For post-LN models (BERT) ``ln1`` is
+    the LayerNorm applied *after* the attention residual sum and ``ln2`` the one after the MLP sum; the
+    input of layer 0 is then ``ln_emb(W_E[x] + W_pos[i] + W_type)``.
+    """
+
+    name: str
+    model_type: str  # "gpt2" | "llama" | "bert"
+    positional: Positional
+    causal: bool
+    norm: Literal["layernorm", "rmsnorm"]
+    norm_placement: Literal["pre", "post"]
+    eps: float
+    act: str  # "gelu_new" | "gelu" | "silu"
+    n_ctx: int
+    W_E: Tensor  # [d_vocab, d_model]
+    W_pos: Tensor | None  # [n_ctx, d_model] (learned positions only)
+    W_type: Tensor | None  # [d_model] token-type-0 embedding (BERT), added at every position
+    ln_emb_w: Tensor | None  # [d_model] embedding LayerNorm (BERT)
+    ln_emb_b: Tensor | None
+    ln1_w: Tensor  # [n_layers, d_model]
+    ln1_b: Tensor | None  # [n_layers, d_model] (None for RMSNorm)
+    W_Q: Tensor  # [n_layers, n_heads, d_model, d_head]
+    W_K: Tensor  # [n_layers, n_heads, d_model, d_head]
+    W_V: Tensor  # [n_layers, n_heads, d_model, d_head]
+    b_Q: Tensor  # [n_layers, n_heads, d_head]
+    b_K: Tensor  # [n_layers, n_heads, d_head]
+    b_V: Tensor  # [n_layers, n_heads, d_head]
+    W_O: Tensor  # [n_layers, n_heads, d_head, d_model]
+    b_O: Tensor  # [n_layers, d_model]
+    ln2_w: Tensor  # [n_layers, d_model]
+    ln2_b: Tensor | None  # [n_layers, d_model]
+    W_in: Tensor  # [n_layers, d_model, d_mlp]  (the "up" projection for gated MLPs)
+    b_in: Tensor  # [n_layers, d_mlp]
+    W_gate: Tensor | None  # [n_layers, d_model, d_mlp]  gated MLPs: act(x W_gate) * (x W_in)
+    W_out: Tensor  # [n_layers, d_mlp, d_model]
+    b_out: Tensor  # [n_layers, d_model]
+    ln_f_w: Tensor | None  # [d_model] final norm (decoders)
+    ln_f_b: Tensor | None
+    attn_scale: Tensor  # [n_layers] scores are divided by this
+    rope_theta: float | None = None
+    rotary_dim: int | None = None
+    n_kv_heads: int | None = None
+    n_params: int = 0
+    source: str = ""
+    revision: str | None = None
+    tokenizer: Any = field(default=None, repr=False)
+    bos_token_id: int | None = None
+    prepend_bos: bool = False  # whether texts are analysed with a BOS/CLS token in front
+
+    # --- shapes -------------------------------------------------------------------------------
+    @property
+    def n_layers(self) -> int:
+        return self.W_Q.shape[0]
+
+    @property
+    def n_heads(self) -> int:
+        return self.W_Q.shape[1]
+
+    @property
+    def d_model(self) -> int:
+        return self.W_Q.shape[2]
+
+    @property
+    def d_head(self) -> int:
+        return self.W_Q.shape[3]
+
+    @property
+    def d_mlp(self) -> int:
+        return self.W_in.shape[2]
+
+    @property
+    def d_vocab(self) -> int:
+        return self.W_E.shape[0]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.W_Q.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.W_Q.device
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+
+    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ModelWeights:
+        """Move/cast every tensor (in place) and return self."""
+        for k, v in self.tensors().items():
+            setattr(self, k, v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+        return self
+
+    def info(self) -> dict[str, Any]:
+        """Architecture summary (what ``attnscope info`` prints)."""
+        return {
+            "name": self.name,
+            "source": self.source,
+            "revision": self.revision,
+            "architecture": self.model_type,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "n_kv_heads": self.n_kv_heads or self.n_heads,
+            "d_model": self.d_model,
+            "d_head": self.d_head,
+            "d_mlp": self.d_mlp,
+            "d_vocab": self.d_vocab,
+            "positional": self.positional,
+            "rope_theta": self.rope_theta,
+            "causal": self.causal,
+            "norm": f"{self.norm} ({self.norm_placement})",
+            "activation": self.act + (" (gated)" if self.W_gate is not None else ""),
+            "context_length": self.n_ctx,
+            "n_params": self.n_params,
+            "dtype": str(self.dtype).replace("torch.", ""),
+            "prepend_bos": self.prepend_bos,
+        }
+
+    def fingerprint(self) -> str:
+        """Short hash of the weights, used as the cache key of every derived artefact."""
+        h = hashlib.sha256()
+        h.update(json.dumps({k: v for k, v in self.info().items() if k != "dtype"}, sort_keys=True).encode())
+        for k, t in sorted(self.tensors().items()):
+            flat = t.detach().reshape(-1)
+            idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
+            h.update(k.encode())
+            h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
+        return h.hexdigest()[:16]
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64,
+             "float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in table:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(table)}")
+    return table[dtype]
