@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import run as B  # noqa: E402
+import common as B  # noqa: E402
 
 
 FOREIGN = []  # share of the CPUs other processes used during each timing (noted in the report line)
