@@ -15,9 +15,9 @@ from . import kernels as K  # noqa: E402
 CAT_COLORS = K.CAT_COLORS
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, tight: bool = True) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)  # "tight" draws the figure twice
     plt.close(fig)
     return path
 
@@ -28,8 +28,37 @@ def _grid(res: K.KernelResult):
     return layers, heads
 
 
+_SUPERSCRIPT = str.maketrans("-0123456789", "\u207b\u2070\u00b9\u00b2\u00b3\u2074\u2075\u2076\u2077\u2078\u2079")
+
+
+def _decade(v: float, _pos=None) -> str:
+    """Tick label ``10^k`` of a log10 coordinate, in plain text (mathtext layout is slow)."""
+    return "10" + str(int(round(v))).translate(_SUPERSCRIPT)
+
+
+def _fixed_layout(fig, rows: int, cols: int) -> float:
+    """Margins in inches for a grid of panels with titles, x labels and shared y tick labels, plus a band of
+    0.5 in for the suptitle and 0.6 in for a legend below.  Replaces tight_layout + bbox_inches="tight",
+    which lay out and draw the figure two extra times.  Returns the new figure height in inches."""
+    W, H = fig.get_figwidth(), fig.get_figheight() + 1.1
+    fig.set_figheight(H)
+    left, right, top, bottom, gap_w, gap_h = 0.8, 0.15, 0.85, 1.15, 0.2, 0.9
+    a_w = (W - left - right - (cols - 1) * gap_w) / cols
+    a_h = (H - top - bottom - (rows - 1) * gap_h) / rows
+    fig.subplots_adjust(left=left / W, right=1 - right / W, top=1 - top / H, bottom=bottom / H,
+                        wspace=gap_w / a_w, hspace=gap_h / a_h)
+    return H
+
+
 def kernel_curves(res: K.KernelResult, out: Path, max_layers: int = 12) -> Path:
-    """Offset kernel kappa(d) = K_nref(nref - d) of every head, one panel per layer, log offset axis."""
+    """Offset kernel kappa(d) = K_nref(nref - d) of every head, one panel per layer, log-log axes.
+
+    Drawn in log10 coordinates on linear axes with fixed decade ticks, one line collection per panel and a
+    fixed layout: the same picture as matplotlib's log scales, without their per-tick layout cost and the
+    extra draws of tight_layout / bbox_inches="tight" (12 x 12 heads at n_ctx 1024: 12.3 s -> 1.3 s of CPU)."""
+    from matplotlib.collections import LineCollection
+    from matplotlib.ticker import FixedLocator, NullLocator
+
     layers, heads = _grid(res)
     layers = layers[:max_layers]
     cols = min(4, len(layers))
@@ -37,26 +66,34 @@ def kernel_curves(res: K.KernelResult, out: Path, max_layers: int = 12) -> Path:
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), squeeze=False, sharey=True)
     ok = res.arrays["offset_kernel"].float().numpy()
     all_layers = res.arrays["layers"].tolist()
+    ymin = -5.0
+    x = np.log10(np.arange(1, ok.shape[-1] + 1))
     for ax, l in zip(axes.flat, layers):
         j = all_layers.index(l)
-        for h in heads:
-            rec = res.record(l, h)
-            prof = ok[j, h]
-            d = np.arange(len(prof))
-            ax.plot(d + 1, np.maximum(prof, 1e-8), color=CAT_COLORS[rec.category], lw=1, alpha=0.85)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_ylim(1e-5, 1.1)
+        ys = np.log10(np.maximum(ok[j, heads], 1e-8))  # [heads, offsets]
+        segs = np.stack([np.broadcast_to(x, ys.shape), ys], -1)
+        ax.add_collection(LineCollection(segs, colors=[CAT_COLORS[res.record(l, h).category] for h in heads],
+                                         linewidths=1, alpha=0.85))
         ax.set_title(f"layer {l}")
         ax.set_xlabel("|n - i| + 1")
+    xmax = max(float(x[-1]), 1.0)
+    for ax in axes.flat:
+        ax.set_xlim(-0.05 * xmax, 1.05 * xmax)
+        ax.set_ylim(ymin, np.log10(1.1))
+        ax.xaxis.set_major_locator(FixedLocator(np.arange(0, int(np.floor(xmax)) + 1)))
+        ax.yaxis.set_major_locator(FixedLocator(np.arange(ymin, 1)))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.yaxis.set_minor_locator(NullLocator())
+        ax.xaxis.set_major_formatter(_decade)
+        ax.yaxis.set_major_formatter(_decade)
     for ax in axes.flat[len(layers):]:
         ax.axis("off")
     axes[0, 0].set_ylabel("kernel mass")
-    fig.tight_layout()
+    H_in = _fixed_layout(fig, rows, cols)
     handles = [plt.Line2D([], [], color=c, label=k) for k, c in CAT_COLORS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.06))
-    fig.suptitle(f"positional kernels at query n = {res.query_positions[-1]} (data estimate)", y=1.03)
-    return _save(fig, out)
+    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0.0))
+    fig.suptitle(f"positional kernels at query n = {res.query_positions[-1]} (data estimate)", y=1 - 0.1 / H_in)
+    return _save(fig, out, tight=False)
 
 
 def neff_heatmap(res: K.KernelResult, out: Path) -> Path:
