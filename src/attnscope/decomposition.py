@@ -126,21 +126,68 @@ def positional_kernel_rows(weights: ModelWeights, layer: int, scores_pos: Tensor
     return mask_scores(weights, scores_pos / weights.attn_scale[layer]).softmax(-1)
 
 
-def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_norm: float) -> Tensor:
-    r"""Layer-0 positional kernels from the weights alone (learned positions), ``[head, n, i]``.
+def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_norm: float,
+                          rows: Tensor | None = None) -> Tensor:
+    r"""Layer-0 positional kernels from the weights alone (learned positions), ``[head, n, i]`` for the query
+    positions ``rows`` (default: all ``n_ctx``).
 
     The query at position ``n`` is the exact LayerNorm'd ``query + W_pos[n]`` for a content vector
     ``query [d_model]`` (a generic token's embedding, or the mean embedding of a text: method §5.2a),
-    and the keys are ``P[n, i]`` (method §4.2).
+    and the keys are ``P[n, i]`` (method §4.2): ``K_n(i) = softmax_i(q_n . (P~_i - P~_n) / sigma_ref(i) / scale)``
+    with ``P~ = centre(pi) diag(gamma) W_K``.  Only this positional part is computed (the content part and
+    the bias of :func:`learned_score_parts` do not enter the kernel), and only for ``rows``: ``[H, rows, T]``.
     """
     from .forward import norm
 
     if weights.positional != "learned":
         raise ValueError("weights-only kernels need learned absolute positions; use data kernels for rotary models")
+    rows = torch.arange(n_ctx, device=weights.device) if rows is None else rows.to(weights.device)
     pi = static_positions(weights, n_ctx)
-    raw = (query[None, :] + pi)[None]  # [1, n, d]
     gamma, beta = attn_norm_params(weights, 0)
-    x = norm(weights, raw, gamma, beta)
-    q = project(x, weights.W_Q[0], weights.b_Q[0])
-    _, positional, _ = learned_score_parts(weights, 0, raw, pi, q, ref_norm)
-    return positional_kernel_rows(weights, 0, positional)[0]
+    x = norm(weights, (query[None, :] + pi[rows])[None], gamma, beta)
+    q = project(x, weights.W_Q[0], weights.b_Q[0])[0]  # [H, rows, dh]
+    pic = centre(pi, weights)  # [T, d]
+    PK = torch.einsum("td,hde->hte", pic, gamma[None, :, None] * weights.W_K[0])  # [H, T, dh]
+    QP = qk_scores(q, PK)  # [H, rows, T]
+    QPnn = QP.gather(2, rows[None, :, None].expand(QP.shape[0], -1, 1))  # q_n . P~_n
+    sigma_ref = (((pic * pic).sum(-1) + ref_norm**2) / weights.d_model + weights.eps).sqrt()  # [T]
+    positional = (QP - QPnn) / sigma_ref / weights.attn_scale[0]
+    return mask_scores(weights, positional, rows).softmax(-1)
+
+
+def approximate_tv(weights: ModelWeights, layer: int, acts, static: Tensor, ref_norm: float,
+                   chunk: int = 256) -> Tensor:
+    """``TV(approximate pattern, true pattern)`` at every query position, ``[batch, head, n]``: the same
+    numbers as ``tv_distance(approximate_pattern(...), acts.pattern)``, computed ``chunk`` query rows at a
+    time (learned positions; causal models only over the visible keys), so that no ``[b, H, T, T]`` array
+    is built beyond the true pattern.  Rotary models use :func:`approximate_pattern` directly."""
+    if weights.positional == "rotary":
+        return tv_distance(approximate_pattern(weights, layer, acts, static, ref_norm), acts.pattern)
+    gamma, beta = attn_norm_params(weights, layer)
+    d, eps = weights.d_model, weights.eps
+    Wk = gamma[None, :, None] * weights.W_K[layer]  # [h, d, dh]
+    cK = weights.b_K[layer] + (0 if beta is None else torch.einsum("d,hde->he", beta, weights.W_K[layer]))
+    pic = centre(static, weights)  # [T, d]
+    u = centre(acts.norm_in, weights) - pic  # [b, T, d]
+    EK = torch.einsum("btd,hde->bhte", u, Wk)  # [b, h, T, dh]
+    PK = torch.einsum("td,hde->hte", pic, Wk)  # [h, T, dh]
+    q = acts.q / weights.attn_scale[layer]  # the scale folded into the queries
+    uu, pp = (u * u).sum(-1), (pic * pic).sum(-1)  # [b, i], [n]
+    inv_sigma_ref = ((pp + ref_norm**2) / d + eps).rsqrt()  # [i]
+    bias = torch.einsum("bhne,he->bhn", q, cK)[..., None]  # [b, h, n, 1]
+    b, H, T, _ = q.shape
+    out = torch.empty(b, H, T, dtype=q.dtype, device=q.device)
+    for r0 in range(0, T, chunk):
+        r1 = min(T, r0 + chunk)
+        k = r1 if weights.causal else T  # keys past the chunk's last query are masked for every row
+        qc = q[:, :, r0:r1]
+        s = qk_scores(qc, EK[:, :, :k])  # content q_n . E[n, u_i] before normalisation, [b, h, c, k]
+        qp = qk_scores(qc, PK[:, :k])  # positional q_n . P[n, i] before normalisation
+        qp_nn = qp.diagonal(offset=r0, dim1=-2, dim2=-1)[..., None]  # q_n . P~_n
+        up = torch.einsum("bid,nd->bni", u[:, :k], pic[r0:r1])
+        inv_sigma = ((uu[:, None, :k] + 2 * up + pp[r0:r1, None]) / d + eps).rsqrt()  # [b, c, k]
+        s.add_(qp_nn).mul_(inv_sigma[:, None])
+        s.add_(qp.sub_(qp_nn).mul_(inv_sigma_ref[:k])).add_(bias[:, :, r0:r1])
+        s = mask_scores(weights, s, torch.arange(r0, r1, device=q.device)).softmax(-1)
+        out[:, :, r0:r1] = 0.5 * s.sub_(acts.pattern[:, :, r0:r1, :k]).abs_().sum(-1)
+    return out

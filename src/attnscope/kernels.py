@@ -49,7 +49,7 @@ from .categories import (  # noqa: F401  (re-exported: the categories and their 
     offset_profile,
     thresholds,
 )
-from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
+from .decomposition import approximate_tv, centre, layer0_weight_kernels, reference_norm, tv_distance
 from .errors import AttnscopeError, check_index
 from .forward import apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
 from .models import ModelWeights, cache_dir
@@ -226,7 +226,7 @@ def _accumulate_means(w: ModelWeights, windows: Tensor, s: KernelSettings, li: d
     sum_k = torch.zeros_like(sum_q)
     sum_resid = torch.zeros(L, T, d, dtype=f64, device=w.device)
     sum_sq = torch.zeros(L, dtype=f64, device=w.device)
-    for j, a in _stream_layers(w, windows, s.batch_size, li, bar):
+    for j, a in _stream_layers(w, windows, s.batch_size, li, bar, patterns=False):  # fused attention
         sum_q[j] += a.q.sum(0).to(f64)
         sum_k[j] += a.k.sum(0).to(f64)
         sum_resid[j] += a.norm_in.sum(0).to(f64)
@@ -279,15 +279,14 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
     sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
     cons = torch.zeros(L, H, dtype=f64, device=w.device)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
-        approx = approximate_pattern(w, a.layer, a, est.static[j], est.ref_norms[a.layer])
-        tv = tv_distance(approx, a.pattern)  # [b, H, T]
-        tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
+        tv = approximate_tv(w, a.layer, a, est.static[j], est.ref_norms[a.layer])  # [b, H, T], in row chunks
+        tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float())
         sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
         # query consistency: each text's own query at n with the static keys
         per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
         cons[j] += tv_distance(per_text, est.data_kernel[j][None]).mean(-1).sum(0).to(f64)
     n_held = max(1, windows.shape[0])
-    return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1) for t in tvs],
+    return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1, device=w.device) for t in tvs],
                             (sum_attn / n_held).to(w.dtype), cons / n_held)
 
 
@@ -304,9 +303,9 @@ def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_nor
         if len(ids) != 1:
             raise AttnscopeError(f"--weights-query {s.weights_query!r} is {len(ids)} tokens; give one token or 'mean'")
         query = w.W_E[ids[0]]
-    kernel = layer0_weight_kernels(w, query, T, ref_norm)[:, qp]  # [H, nq, T]
+    kernel = layer0_weight_kernels(w, query, T, ref_norm, rows=qp)  # [H, nq, T]: only the kept query rows
     common = torch.bincount(flat).topk(min(s.n_query_tokens, int((torch.bincount(flat) > 0).sum()))).indices
-    per_tok = torch.stack([layer0_weight_kernels(w, w.W_E[t], T, ref_norm)[:, qp] for t in common])
+    per_tok = torch.stack([layer0_weight_kernels(w, w.W_E[t], T, ref_norm, rows=qp) for t in common])
     return kernel, tv_distance(per_tok, kernel[None]).mean(-1).mean(0)
 
 
@@ -359,7 +358,7 @@ def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: 
     weights kernel's query consistency ``[H]`` (layer 0, learned positions; else ``None``)."""
     qp = torch.tensor(est.query_positions, device=w.device)
     arrays: dict[str, Tensor] = {"data_kernel": est.data_kernel, "mean_attention": val.mean_attention,
-                                 "query_positions": qp, "layers": torch.tensor(est.layers)}
+                                 "query_positions": qp, "layers": torch.tensor(est.layers, device=w.device)}
     consistency = None
     if 0 in est.layers and w.positional == "learned":
         arrays["weights_kernel_layer0"], consistency = weights_kernels(w, s, windows, est.ref_norms[0],
@@ -411,13 +410,15 @@ class _NoBar:
         pass
 
 
-def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[int, int], bar):
+def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[int, int], bar,
+                   patterns: bool = True):
     """Yield ``(index of the layer in the analysis, LayerActivations)`` for every batch of ``windows`` and every
-    analysed layer, running each batch only up to the deepest analysed layer (memory: one batch, one layer)."""
+    analysed layer, running each batch only up to the deepest analysed layer (memory: one batch, one layer).
+    ``patterns=False``: fused attention, no scores or patterns (the estimation needs only q, k and the input)."""
     last = max(li)
     for b0 in range(0, windows.shape[0], batch_size):
         batch = windows[b0 : b0 + batch_size]
-        for a in iter_layers(w, batch, stop_layer=last):
+        for a in iter_layers(w, batch, stop_layer=last, patterns=patterns):
             if a.layer in li:
                 yield li[a.layer], a
         bar.update(batch.shape[0])
