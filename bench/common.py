@@ -187,6 +187,23 @@ def measure(fn, *, repeats: int, device: str, setup=None, check=None) -> dict:
             "foreign_cpu": round(foreign, 3)}
 
 
+def rate_probe(device: str, n: int = 1536, repeats: int = 3) -> float:
+    """Best fp32 matmul rate (FLOP/s) of a few ``n^3`` products right now: taken before and after a stage, it
+    gives that stage's floor at the rate the machine offered meanwhile (on a shared machine the rate measured
+    once at the start says little about a stage that runs minutes later)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device), torch.randn(n, n, device=device)
+    best = 0.0
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        a @ b
+        sync(device)
+        best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+    return best
+
+
 def assert_device(t, device: str, what: str):
     """Fail loudly when a result tensor is not on the device asked for (no silent CPU fallback)."""
     import torch

@@ -109,6 +109,8 @@ def parse_args(argv):
                     help="how often the Hugging Face baseline and the whole command run, interleaved (default 1)")
     ap.add_argument("--retries", type=int, default=2,
                     help="reruns of a stage during which other processes used > 10%% of the CPUs (default 2)")
+    ap.add_argument("--replace", action="store_true",
+                    help="with --stages: store the subset as this configuration's run (dropping the stored one)")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results or RESULTS.md")
     for hidden in ("--_stage", "--_config", "--_result", "--_arg"):
         ap.add_argument(hidden, help=argparse.SUPPRESS)
@@ -180,10 +182,10 @@ def run_plan(plan, cfg, R: dict, *, in_process: bool, retries: int) -> None:
 def merge_previous(a, cfg, R: dict) -> tuple[dict, bool]:
     """A ``--stages`` subset updates the stored run of the same configuration; else it is written on its own."""
     prev = RESULTS_DIR / f"{cfg['model']}-{a.device}.json"
-    if not a.stages or not prev.exists():
-        return R, bool(a.stages)
+    if not a.stages or a.replace or not prev.exists():
+        return R, bool(a.stages) and not a.replace
     old = json.loads(prev.read_text())
-    if not all(old["config"].get(k) == cfg[k] for k in ("n_ctx", "n_samples", "device")):
+    if not all(old["config"].get(k) == cfg[k] for k in ("n_ctx", "n_samples", "n_heldout", "device")):
         return R, True
     if "kernels_n" not in a.stages.split(","):
         cfg["n_mem"] = old["config"]["n_mem"]

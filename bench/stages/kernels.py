@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 
-from common import BATCH, _bridge, _load, _windows, assert_device, measure, sync
+from common import BATCH, _bridge, _load, _windows, assert_device, measure, rate_probe, sync
 
 
 def stage_kernels(cfg, n: int):
@@ -21,7 +21,10 @@ def stage_kernels(cfg, n: int):
         assert res.arrays["data_kernel"].shape[:2] == (w.n_layers, w.n_heads)
         return {"n_records": len(res.records)}
 
-    return measure(lambda: analyse_kernels(w, s, cache=False, progress=False), repeats=1, device=dev, check=check)
+    p0 = rate_probe(dev)
+    res = measure(lambda: analyse_kernels(w, s, cache=False, progress=False), repeats=1, device=dev, check=check)
+    res["extra"]["rate_flops"] = [p0, rate_probe(dev)]  # matmul rate just before and just after the stage
+    return res
 
 
 
