@@ -5,6 +5,7 @@ No timing here: timings live in bench/ (``bench/run.py``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, fields
 
@@ -106,9 +107,11 @@ def test_layer0_weight_kernels_rows_match_full_kernel(tiny_gpt2):
     assert float(full[:, rows].std()) > 1e-3  # not a degenerate (uniform) kernel that any code would match
 
 
+@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("chunk", [7, 16, 64, 256])
-def test_approximate_tv_in_row_chunks_matches_full_pattern(tiny_gpt2, tokens, chunk):
+def test_approximate_tv_in_row_chunks_matches_full_pattern(tiny_gpt2, tokens, chunk, causal):
     w, _ = tiny_gpt2
+    w = dataclasses.replace(w, causal=causal)  # non-causal: every key visible (BERT-style), same weights
     for a in iter_layers(w, tokens):
         static = static_positions(w, tokens.shape[1]) if a.layer == 0 else a.norm_in.mean(0) - a.norm_in.mean((0, 1))
         ref = exact_tv(w, a.layer, a, static, 1.3)
