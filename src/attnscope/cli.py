@@ -286,15 +286,23 @@ def train_demo_cmd(
     corpora: Annotated[Path, typer.Option(help="folder of labelled .txt corpora")] = Path("../shared/corpora"),
     max_minutes: Annotated[float, typer.Option(help="wall-clock training budget")] = 20.0,
     seed: Annotated[int, typer.Option(help="seed")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="fixed number of steps (reproducible; overrides --max-minutes)")] = None,
+    save_every: Annotated[Optional[int], typer.Option(help="keep a checkpoint OUT/step-NNNNNN every N steps (needs --steps)")] = None,
+    batch_size: Annotated[int, typer.Option(help="windows per step")] = 16,
+    lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-3,
+    threads: Annotated[Optional[int], typer.Option(help="torch threads for this run (default: leave as is)")] = None,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
-    from .train import train_demo
+    from .training import TrainConfig, train_demo
 
     if not corpora.is_dir():
         raise AttnscopeError(f"no corpora folder at {corpora}; pass --corpora PATH (a folder of .txt files)")
-    info = train_demo(corpora, out, seed=seed, max_minutes=max_minutes)
-    typer.echo(json.dumps({k: info[k] for k in info if k in ("steps", "tokens_seen", "wall_time_s", "heldout_loss", "unigram")},
-                          default=str))
+    info = train_demo(TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps,
+                                  save_every=save_every, batch_size=batch_size, lr=lr, threads=threads))
+    ov = info["eval"]["overall"]
+    typer.echo(json.dumps({"steps": info["steps"], "tokens_seen": info["tokens_seen"],
+                           "wall_time_s": round(info["wall_time_s"], 1), "heldout_loss": round(ov["loss"], 4),
+                           "unigram": round(ov["unigram"], 4), "checkpoints": len(info["checkpoints"])}))
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
