@@ -172,7 +172,8 @@ def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None
         attn_out = torch.einsum("bhpe,hed->bpd", z, weights.W_O[l]) + weights.b_O[l]
         if pre:
             mid = x + attn_out
-            m_in = norm(weights, mid, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
+            m_src = x if weights.parallel_attn_mlp else mid  # GPT-NeoX: attention and MLP read the same input
+            m_in = norm(weights, m_src, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
         else:
             mid = layer_norm(x + attn_out, weights.ln1_w[l], weights.ln1_b[l], weights.eps)
             m_in = mid
@@ -206,6 +207,8 @@ def _mlp_pre_module(hf_model, layer: int):
         return hf_model.model.layers[layer].mlp.gate_proj
     if t == "bert":
         return hf_model.encoder.layer[layer].intermediate.dense
+    if t == "gpt_neox":
+        return hf_model.gpt_neox.layers[layer].mlp.dense_h_to_4h
     raise ValueError(t)
 
 

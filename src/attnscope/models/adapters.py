@@ -10,8 +10,7 @@ from torch import Tensor
 from ..errors import UnsupportedModelError
 from .weights import ModelWeights
 
-SUPPORTED_TYPES = ("gpt2", "llama", "bert")
-
+SUPPORTED_TYPES = ("gpt2", "llama", "bert", "gpt_neox")
 
 
 
@@ -193,7 +192,54 @@ def _from_bert(model, cfg) -> dict[str, Any]:
     )
 
 
-_EXTRACTORS = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert}
+def _from_gpt_neox(model, cfg) -> dict[str, Any]:
+    """GPT-NeoX / Pythia: partial rotary (``rotary_pct``), LayerNorm, and (``use_parallel_residual``) the
+    attention and the MLP both reading the layer's input: ``x + attn(ln1(x)) + mlp(ln2(x))``."""
+    base = model.gpt_neox
+    H, L, d = cfg.num_attention_heads, cfg.num_hidden_layers, cfg.hidden_size
+    dh = d // H
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"rotary scaling {rope.get('rope_type')!r} is not supported yet (only default RoPE)")
+    theta = rope.get("rope_theta", getattr(cfg, "rotary_emb_base", 10000.0))
+    partial = float(rope.get("partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0)))
+    layers = base.layers
+    W_E = base.embed_in.weight.detach()
+
+    def qkv(b, j: int) -> tuple[Tensor, Tensor]:  # fused rows are [head, (q|k|v), d_head]
+        lin = b.attention.query_key_value
+        w = lin.weight.detach().reshape(H, 3, dh, d)[:, j]  # [H, dh, d]
+        bias = _linear_bias(lin, 3 * d, W_E).reshape(H, 3, dh)[:, j]
+        return w.transpose(1, 2), bias
+
+    return dict(
+        model_type="gpt_neox", positional="rotary", causal=True, norm="layernorm", norm_placement="pre",
+        eps=cfg.layer_norm_eps, act=cfg.hidden_act, n_ctx=cfg.max_position_embeddings,
+        W_E=W_E, W_pos=None, W_type=None, ln_emb_w=None, ln_emb_b=None,
+        ln1_w=_stack([b.input_layernorm.weight for b in layers]),
+        ln1_b=_stack([b.input_layernorm.bias for b in layers]),
+        W_Q=_stack([qkv(b, 0)[0] for b in layers]), W_K=_stack([qkv(b, 1)[0] for b in layers]),
+        W_V=_stack([qkv(b, 2)[0] for b in layers]),
+        b_Q=_stack([qkv(b, 0)[1] for b in layers]), b_K=_stack([qkv(b, 1)[1] for b in layers]),
+        b_V=_stack([qkv(b, 2)[1] for b in layers]),
+        W_O=_stack([_heads_out(b.attention.dense.weight.detach().T, H) for b in layers]),
+        b_O=_stack([_linear_bias(b.attention.dense, d, W_E) for b in layers]),
+        ln2_w=_stack([b.post_attention_layernorm.weight for b in layers]),
+        ln2_b=_stack([b.post_attention_layernorm.bias for b in layers]),
+        W_in=_stack([b.mlp.dense_h_to_4h.weight.detach().T for b in layers]),
+        b_in=_stack([b.mlp.dense_h_to_4h.bias for b in layers]),
+        W_gate=None,
+        W_out=_stack([b.mlp.dense_4h_to_h.weight.detach().T for b in layers]),
+        b_out=_stack([b.mlp.dense_4h_to_h.bias for b in layers]),
+        ln_f_w=base.final_layer_norm.weight.detach(), ln_f_b=base.final_layer_norm.bias.detach(),
+        attn_scale=torch.full((L,), float(dh) ** 0.5),
+        rope_theta=float(theta), rotary_dim=int(dh * partial),
+        parallel_attn_mlp=bool(getattr(cfg, "use_parallel_residual", True)),
+        bos_token_id=cfg.bos_token_id, prepend_bos=False,
+    )
+
+
+_EXTRACTORS = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert, "gpt_neox": _from_gpt_neox}
 
 
 def extract_weights(model, *, name: str = "", source: str = "", revision: str | None = None, tokenizer=None) -> ModelWeights:

@@ -43,6 +43,21 @@ class ResolvedModel:
     kind: Literal["demo", "folder", "gguf", "package", "hub"]
     path: str  # folder, gguf folder or hub id
     gguf_file: str | None = None
+    revision: str | None = None  # hub revision from ``hub-id@revision`` (branch, tag or commit)
+
+
+def split_revision(spec: str) -> tuple[str, str | None]:
+    """``"EleutherAI/pythia-70m@step1000"`` -> ``("EleutherAI/pythia-70m", "step1000")``; no ``@``: ``(spec, None)``.
+
+    Only for hub ids: a spec that names an existing local path is returned unchanged."""
+    if "@" not in spec or spec.startswith((".", "/", "~")) or Path(spec).expanduser().exists():
+        return spec, None  # a local path (existing or not: resolve says which)
+    repo, _, rev = spec.rpartition("@")
+    if not repo or not rev or "@" in repo:
+        raise ModelNotFoundError(
+            f"{spec!r} is not of the form hub-id@revision; write e.g. EleutherAI/pythia-70m@step1000"
+        )
+    return repo, rev
 
 
 def demo_model_path() -> Path:
@@ -67,8 +82,11 @@ def resolve(spec: str) -> ResolvedModel:
 
     Order: ``demo`` -> a local path (folder with ``config.json``, a ``.gguf`` file, or a folder holding
     one ``.gguf``) -> an installed model package (``smollm2``, ``all-MiniLM-L6-v2``) -> a Hugging Face
-    hub id (tried at load time).
+    hub id (tried at load time), optionally ``hub-id@revision`` (e.g. ``EleutherAI/pythia-70m@step1000``).
     """
+    repo, rev = split_revision(spec)
+    if rev is not None:
+        return ResolvedModel(spec, "hub", repo, revision=rev)
     if spec == "demo":
         p = demo_model_path()
         if not (p / "config.json").exists():
@@ -132,6 +150,7 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     r = resolve(spec)
+    revision = revision or r.revision
     kwargs: dict[str, Any] = {"attn_implementation": "eager", "dtype": dtype}
     path, tok_kwargs = r.path, {}
     try:
@@ -149,7 +168,7 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
     if config.model_type not in SUPPORTED_TYPES:
         raise UnsupportedModelError(
             f"{spec!r} is a {config.model_type!r} model; attnscope supports {', '.join(SUPPORTED_TYPES)} "
-            "(GPT-2 family, Llama-style rotary decoders, BERT encoders)"
+            "(GPT-2 family, Llama-style rotary decoders, BERT encoders, GPT-NeoX/Pythia)"
         )
     cls = transformers.AutoModel if config.model_type == "bert" else transformers.AutoModelForCausalLM
     try:
@@ -206,7 +225,7 @@ def load_model(spec: str, *, device: str = "cpu", dtype: torch.dtype | str = tor
     dtype = parse_dtype(dtype)
     hf, tok, r = load_hf(spec, revision=revision, dtype=torch.float32)
     src = r.path if r.gguf_file is None else str(Path(r.path) / r.gguf_file)
-    w = extract_weights(hf, name=spec, source=f"{r.kind}:{src}", revision=revision, tokenizer=tok)
+    w = extract_weights(hf, name=spec, source=f"{r.kind}:{src}", revision=revision or r.revision, tokenizer=tok)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ModelNotFoundError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     w.to(device=device, dtype=dtype)

@@ -24,7 +24,7 @@ class ModelWeights:
     """
 
     name: str
-    model_type: str  # "gpt2" | "llama" | "bert"
+    model_type: str  # "gpt2" | "llama" | "bert" | "gpt_neox"
     positional: Positional
     causal: bool
     norm: Literal["layernorm", "rmsnorm"]
@@ -66,6 +66,7 @@ class ModelWeights:
     tokenizer: Any = field(default=None, repr=False)
     bos_token_id: int | None = None
     prepend_bos: bool = False  # whether texts are analysed with a BOS/CLS token in front
+    parallel_attn_mlp: bool = False  # GPT-NeoX: the MLP reads ln2(layer input), not ln2(input + attention)
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -132,6 +133,8 @@ class ModelWeights:
             "n_params": self.n_params,
             "dtype": str(self.dtype).replace("torch.", ""),
             "prepend_bos": self.prepend_bos,
+            # only when set, so fingerprints (cache keys) of the other architectures stay as they were
+            **({"parallel_attn_mlp": True} if self.parallel_attn_mlp else {}),
         }
 
     def fingerprint(self) -> str:
