@@ -291,6 +291,8 @@ def train_demo_cmd(
     batch_size: Annotated[int, typer.Option(help="windows per step")] = 16,
     lr: Annotated[float, typer.Option(help="peak learning rate")] = 3e-3,
     threads: Annotated[Optional[int], typer.Option(help="torch threads for this run (default: leave as is)")] = None,
+    n_ctx: Annotated[int, typer.Option(help="context length (positions)")] = 256,
+    n_embd: Annotated[int, typer.Option(help="model width")] = 192,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
     from .training import TrainConfig, train_demo
@@ -298,7 +300,8 @@ def train_demo_cmd(
     if not corpora.is_dir():
         raise AttnscopeError(f"no corpora folder at {corpora}; pass --corpora PATH (a folder of .txt files)")
     info = train_demo(TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps,
-                                  save_every=save_every, batch_size=batch_size, lr=lr, threads=threads))
+                                  save_every=save_every, batch_size=batch_size, lr=lr, threads=threads,
+                                  n_ctx=n_ctx, n_embd=n_embd))
     ov = info["eval"]["overall"]
     typer.echo(json.dumps({"steps": info["steps"], "tokens_seen": info["tokens_seen"],
                            "wall_time_s": round(info["wall_time_s"], 1), "heldout_loss": round(ov["loss"], 4),
