@@ -309,6 +309,45 @@ def train_demo_cmd(
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
+@app.command()
+def evolution(
+    checkpoints: Annotated[list[str], typer.Argument(help="model folders, a folder of checkpoint folders, or hub-id@revision")],
+    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/evolution"),
+    n_samples: Annotated[int, typer.Option(help="kernel sample windows per checkpoint")] = 16,
+    top_k: Annotated[int, typer.Option(help="top neurons followed across steps")] = 10,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute every checkpoint")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """How kernels, contextual heads and context neurons form over training checkpoints.
+
+    Writes OUT/evolution.json, OUT/evolution.html and three figures; see docs/evolution.md."""
+    from .evolution import EvolutionSettings, run_evolution
+    from .evolution_report import evolution_figures, write_evolution_page
+    from .kernels import KernelSettings
+
+    if n_samples < 1 or top_k < 1:
+        raise AttnscopeError("--n-samples and --top-k must be at least 1")
+    s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k)
+    log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
+    res = run_evolution(checkpoints, s, cache=not no_cache, device=STATE["device"], dtype=STATE["dtype"], log=log)
+    res.save(out)
+    figs = evolution_figures(res, out)
+    page = write_evolution_page(res, out, figs, command="attnscope " + " ".join(sys.argv[1:]))
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), indent=1, default=str))
+        return
+    tl = res.timeline
+    for h, v in tl["layer0_heads"].items():
+        typer.echo(f"layer-0 head {h}: uniform at {v['first_uniform_step']}, leaves uniform at "
+                   f"{v['leaves_uniform_step']}, final {v['final_category']}")
+    typer.echo(f"all circuit conditions first pass at step {tl['all_conditions_first_pass']}; never passing: "
+               f"{', '.join(tl['never_passing_conditions']) or 'none'}")
+    for name, v in tl["context_neurons"].items():
+        typer.echo(f"{name}: true neuron from step {v['first_true_step']}, reported by the method from step "
+                   f"{v['first_found_step']}")
+    typer.echo(f"wrote {out / 'evolution.json'}, {page} and {len(figs)} figures")
+
+
 def main() -> None:
     """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
     try:
