@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .circuit import Circuit, CircuitSettings, build_circuit
+from .circuit_result import HEAD_CRITERIA
 from .errors import AttnscopeError, ConditionFailedError
 from .forward import iter_layers
 from .kernels import KernelSettings, analyse_kernels
@@ -36,12 +37,11 @@ from .texts import bundled_texts, text_tokens
 __all__ = ["EvolutionSettings", "CheckpointRef", "CheckpointSummary", "EvolutionResult", "discover_checkpoints",
            "summarise_checkpoint", "run_evolution", "one_vs_rest_effects", "timeline"]
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: contexts whose neurons the timeline follows (bundled text names)
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
-CRITERIA = ("broad kernel", "weak content dependence", "content/position split", "stable denominator",
-            "shared kernel")
+CRITERIA = tuple(c.value for c in HEAD_CRITERIA)  # the per-head detection criteria
 
 
 @dataclass
@@ -209,14 +209,7 @@ def _head_points(w: ModelWeights, s: EvolutionSettings) -> list[HeadPoint]:
 
 
 def _criteria(circ: Circuit) -> list[HeadCriteria]:
-    s = circ.settings
-    return [HeadCriteria(d.head, d.chosen, {
-        "broad kernel": d.n_eff >= s["neff_min"],
-        "weak content dependence": d.logit_std <= s["logit_std_max"],
-        "content/position split": d.decomposition_tv <= s["decomposition_tv_max"],
-        "stable denominator": d.denominator_cv <= s["denominator_cv_max"],
-        "shared kernel": d.share_tv <= s["share_tv_max"],
-    }) for d in circ.decisions]
+    return [HeadCriteria(d.head, d.chosen, {c.value: c not in d.failed for c in HEAD_CRITERIA}) for d in circ.decisions]
 
 
 @torch.no_grad()

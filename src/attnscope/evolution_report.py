@@ -129,14 +129,9 @@ def evolution_figures(res: EvolutionResult, out_dir: str | Path) -> dict[str, Pa
 
 
 def _report_css() -> str:
-    try:
-        from .report.write import asset
+    from .report.write import asset
 
-        return asset("report.css")
-    except ImportError:  # the report is a single module before the report/ package
-        from . import report
-
-        return report.CSS
+    return asset("report.css")
 
 
 def _esc(x) -> str:
