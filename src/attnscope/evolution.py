@@ -202,8 +202,8 @@ class CheckpointSummary:
         return cls(**d)
 
 
-def _head_points(w: ModelWeights, s: EvolutionSettings) -> list[HeadPoint]:
-    res = analyse_kernels(w, s.kernel, cache=True, progress=False)
+def _head_points(w: ModelWeights, s: EvolutionSettings, cache: bool) -> list[HeadPoint]:
+    res = analyse_kernels(w, s.kernel, cache=cache, progress=False)
     return [HeadPoint(r.layer, r.head, r.category, r.n_eff, r.decay_length,
                       float(getattr(r, "sink_mass", r.mass_first))) for r in res.records]
 
@@ -284,7 +284,7 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
         out.spec, out.step, out.tokens_seen, out.heldout_loss = ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss
         return out
     t0 = time.time()
-    heads = _head_points(w, s)
+    heads = _head_points(w, s, cache)
     circ, err = None, None
     try:
         circ = build_circuit(w, s.circuit)

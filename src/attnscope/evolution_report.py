@@ -37,12 +37,14 @@ def neff_over_steps(res: EvolutionResult, out: Path) -> Path:
     layers = sorted({h.layer for h in res.checkpoints[0].heads})
     cols = min(4, len(layers)) + 1
     fig, axes = plt.subplots(1, cols, figsize=(3.4 * cols, 3.0), squeeze=False)
+    top = max(h.n_eff for c in res.checkpoints for h in c.heads)
     for ax, l in zip(axes[0], layers):
         heads = sorted({h.head for h in res.checkpoints[0].heads if h.layer == l})
         for h in heads:
             pts = [next(p for p in c.heads if p.layer == l and p.head == h) for c in res.checkpoints]
             ax.plot(x, [p.n_eff for p in pts], "-o", ms=2.5, lw=1, color=CAT_COLORS[pts[-1].category])
         ax.set_yscale("log")
+        ax.set_ylim(0.8, 1.3 * top)
         ax.set_title(f"layer {l}")
         ax.set_xlabel(xl)
     axes[0, 0].set_ylabel("N_eff at the reference query")
@@ -53,7 +55,7 @@ def neff_over_steps(res: EvolutionResult, out: Path) -> Path:
     ax.set_title("held-out loss (nats/token)")
     ax.set_xlabel(xl)
     handles = [plt.Line2D([], [], color=CAT_COLORS[k], label=k) for k in CATEGORIES]
-    fig.legend(handles=handles, loc="lower center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, -0.12),
+    fig.legend(handles=handles, loc="upper center", ncol=4, fontsize=8, bbox_to_anchor=(0.5, 0.0),
                title="colour: category at the last checkpoint", title_fontsize=8)
     fig.tight_layout()
     return _save(fig, out)
