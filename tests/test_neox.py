@@ -96,3 +96,19 @@ def test_revision_offline_is_one_line(monkeypatch):
         load_model("EleutherAI/pythia-70m@step1000")
     msg = str(e.value)
     assert "\n" not in msg and "pythia-70m@step1000" in msg and "pass its folder" in msg
+
+
+def test_evolution_on_parallel_neox_reports_kernels_but_not_layer0_neurons(neox, tmp_path, monkeypatch):
+    """With parallel attention + MLP the layer-0 neuron method does not apply: evolution says so and
+    reports kernels, head criteria and the ground truth only."""
+    import attnscope.evolution as E
+    from attnscope.kernels import KernelSettings
+
+    (w, _), parallel = neox
+    monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
+    s = E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), truth_windows=1, top_k=3)
+    c = E.summarise_checkpoint(E.CheckpointRef(w.name, 0), s)
+    assert len(c.heads) == w.n_layers * w.n_heads and len(c.head_criteria) == w.n_heads
+    assert (E.PARALLEL_NOTE in c.notes) is parallel
+    if parallel:
+        assert c.top_neurons == [] and all(x.rank is None for x in c.context_neurons)

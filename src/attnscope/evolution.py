@@ -41,6 +41,9 @@ SCHEMA_VERSION = 2
 #: contexts whose neurons the timeline follows (bundled text names)
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
+PARALLEL_NOTE = ("parallel attention + MLP (GPT-NeoX): the layer-0 MLP does not read layer-0 attention, so the "
+                 "layer-0 neuron method does not apply (it needs the later-layer method); kernels, heads and the "
+                 "ground truth are reported, the method's neurons are not")
 CRITERIA = tuple(c.value for c in HEAD_CRITERIA)  # the per-head detection criteria
 
 
@@ -187,6 +190,7 @@ class CheckpointSummary:
     top_neurons: list[NeuronPoint]
     context_neurons: list[ContextNeuron]
     seconds: float
+    notes: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -299,14 +303,17 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
     contexts = bundled_texts()
     ref_circ = circ or forced
     d = one_vs_rest_effects(w, contexts, ref_circ.T, ref_circ.settings["min_position"], s.truth_windows)
-    if circ is not None:
+    notes = []
+    if w.parallel_attn_mlp:
+        notes.append(PARALLEL_NOTE)
+    if circ is not None and not w.parallel_attn_mlp:
         n_sel, top, ctx = _neurons(w, circ, s, d, contexts)
     else:
         n_sel, top, ctx = 0, [], [_context_neuron(c, d[contexts.index(c)], None, 0)
                                   for c in TRACKED_CONTEXTS if c in contexts]
     out = CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
-                            time.time() - t0)
+                            time.time() - t0, notes)
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(out.to_json()))
