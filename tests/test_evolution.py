@@ -150,7 +150,7 @@ def test_timeline_on_known_summaries():
     assert tl["layer0_heads"]["1"]["leaves_uniform_step"] is None
     assert tl["conditions_first_pass"] == {"a": 100, "never": None}
     assert tl["never_passing_conditions"] == ["never"]
-    assert tl["all_conditions_first_pass"] is None
+    assert tl["all_conditions_first_pass"] is None and tl["conditions_hold_from"] == {"a": 300, "never": None}
     assert tl["all_but_never_passing_first_pass"] == 100
     es = tl["context_neurons"]["es_fortunes"]
     assert (es["first_true_step"], es["first_found_step"], es["found_from_step"]) == (100, 200, 200)

@@ -398,7 +398,8 @@ def timeline(cks: list[CheckpointSummary]) -> dict:
                           "leaves_uniform_step": steps[after[0]] if after else None,
                           "final_category": cats[-1]}
     names = [c.name for c in cks[-1].conditions] if cks and cks[-1].conditions else []
-    conds = {n: _first(steps, [any(x.name == n and x.ok for x in c.conditions) for c in cks]) for n in names}
+    passes = {n: [any(x.name == n and x.ok for x in c.conditions) for c in cks] for n in names}
+    conds = {n: _first(steps, f) for n, f in passes.items()}
     all_ok = [bool(c.conditions) and all(x.ok for x in c.conditions) for c in cks]
     never = [n for n, s in conds.items() if s is None]
     all_but_never = [bool(c.conditions) and all(x.ok for x in c.conditions if x.name not in never) for c in cks]
@@ -414,6 +415,7 @@ def timeline(cks: list[CheckpointSummary]) -> dict:
             "contextual_heads": [c.contextual_heads for c in cks], "layer0_heads": leaves,
             "conditions_first_pass": conds, "all_conditions_first_pass": _first(steps, all_ok),
             "all_conditions_hold_from": _holds_from(steps, all_ok),
+            "conditions_hold_from": {n: _holds_from(steps, f) for n, f in passes.items()},
             "never_passing_conditions": never, "all_but_never_passing_first_pass": _first(steps, all_but_never),
             "criteria_first_pass": _criteria_first_pass(cks, steps),
             "context_neurons": ctx, "neuron_persistence": _persistence(cks),

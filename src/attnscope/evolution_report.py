@@ -173,10 +173,10 @@ def _timeline_section(res: EvolutionResult) -> str:
     heads = [[_esc(h), _esc(v["first_uniform_step"]), _esc(v["leaves_uniform_step"] if v["leaves_uniform_step"]
                                                             is not None else "stays uniform"), _esc(v["final_category"])]
              for h, v in tl["layer0_heads"].items()]
-    conds = [[_esc(n), _esc(s if s is not None else "never")] for n, s in tl["conditions_first_pass"].items()]
-    conds.append(["<b>all conditions</b>", _esc(tl["all_conditions_first_pass"] if tl["all_conditions_first_pass"]
-                                                is not None else "never")
-                  + f" (hold from step {_esc(tl['all_conditions_hold_from'])} to the end)"])
+    conds = [[_esc(n), _esc(_never(s)), _esc(_never(tl["conditions_hold_from"][n]))]
+             for n, s in tl["conditions_first_pass"].items()]
+    conds.append(["<b>all conditions</b>", _esc(_never(tl["all_conditions_first_pass"])),
+                  _esc(_never(tl["all_conditions_hold_from"]))])
     ctx = []
     for name, v in tl["context_neurons"].items():
         ctx.append([_esc(name), _esc(_never(v["first_true_step"])), _esc(_never(v["first_found_step"])),
@@ -185,8 +185,8 @@ def _timeline_section(res: EvolutionResult) -> str:
     return ("<section id='timeline'><h2>Formation timeline</h2>"
             "<h3>Layer-0 heads: when each leaves the uniform category</h3>"
             + _table(["head", "uniform at step", "leaves uniform at step", "final category"], heads)
-            + "<h3>Conditions of the contextual circuit: first step at which each holds</h3>"
-            + _table(["condition", "first passes at step"], conds)
+            + "<h3>Conditions of the contextual circuit over training</h3>"
+            + _table(["condition", "first passes at step", "holds from step to the last checkpoint"], conds)
             + f"<h3>Context neurons (ground truth: one-vs-rest effect size d ≥ {D_MIN:g})</h3>"
             + _table(["context", "a true neuron exists from step", "the method reports it from step",
                       "step: neuron / its rank by the method's effect"], ctx) + "</section>")
@@ -203,7 +203,10 @@ def _checkpoint_section(res: EvolutionResult) -> str:
     for c in res.checkpoints:
         for h in c.head_criteria:
             crit.append([_esc(c.step), _esc(h.head), _mark(h.chosen)] + [_mark(h.criteria.get(k)) for k in CRITERIA])
-    return ("<section id='checkpoints'><h2>Checkpoints</h2>"
+    notes = sorted({n for c in res.checkpoints for n in c.notes} | {c.circuit_error for c in res.checkpoints
+                                                                     if c.circuit_error})
+    note_html = "".join(f'<p class="note">{_esc(n)}</p>' for n in notes)
+    return ("<section id='checkpoints'><h2>Checkpoints</h2>" + note_html
             + _table(["step", "tokens seen", "held-out loss", "contextual heads", "conditions passing",
                       "neurons reported", "analysis s", "checkpoint"], rows)
             + "<details><summary>Every layer-0 head's detection criteria at every step</summary>"
