@@ -203,3 +203,24 @@ def test_train_demo_bad_inputs_are_one_line(args, msg, tmp_path, monkeypatch, ca
         cli.main()
     err = capsys.readouterr().err.strip()
     assert e.value.code == 2 and len(err.splitlines()) == 1 and msg in err, err
+
+
+def test_train_demo_command_prints_heldout_loss_and_keeps_checkpoints(tmp_path, monkeypatch, capsys):
+    from attnscope import cli
+
+    src = tmp_path / "corpora"
+    src.mkdir()
+    for i, name in enumerate(["en", "code"]):
+        (src / f"{name}.txt").write_text("".join(f"{name} line {j} of text {j * 7 % 13}\n" for j in range(400 + i)))
+    out = tmp_path / "run"
+    monkeypatch.setattr(sys, "argv", ["attnscope", "train-demo", "--corpora", str(src), "--out", str(out),
+                                      "--steps", "4", "--save-every", "2", "--batch-size", "2", "--n-ctx", "32",
+                                      "--n-embd", "32", "--threads", "1"])
+    cli.main()
+    first = capsys.readouterr().out.splitlines()[0]
+    d = json.loads(first)
+    rec = json.loads((out / "training.json").read_text())
+    assert d["heldout_loss"] == round(rec["eval"]["overall"]["loss"], 4) and d["steps"] == 4
+    assert d["checkpoints"] == 3 and sorted(p.name for p in out.glob("step-*")) == \
+        ["step-000000", "step-000002", "step-000004"]
+    assert [r.step for r in E.discover_checkpoints([str(out)])] == [0, 2, 4]
