@@ -157,6 +157,8 @@ def test_timeline_on_known_summaries():
     p = tl["neuron_persistence"]
     assert (p[0]["kept"], p[0]["appeared"], p[0]["disappeared"]) == ([2], [3], [1])
     assert p[2]["kept"] == [3, 4] and p[2]["token_overlap_kept"] == 1.0
+    # top tokens ["x", "2"] vs ["x", "4"]: Jaccard 1/3 >= 0.3, so 4 (new) is matched to 2 (gone) by evidence
+    assert p[1]["matched_by_tokens"] == [{"appeared": 4, "disappeared": 2, "overlap": pytest.approx(1 / 3)}]
 
 
 def test_outputs_and_reload(result, tmp_path):

@@ -376,11 +376,27 @@ def _persistence(cks: list[CheckpointSummary]) -> list[dict]:
     for a, b in zip(cks, cks[1:]):
         ia, ib = {n.index: n for n in a.top_neurons}, {n.index: n for n in b.top_neurons}
         kept = sorted(set(ia) & set(ib))
-        jac = [len(set(ia[k].top_tokens) & set(ib[k].top_tokens)) / max(1, len(set(ia[k].top_tokens) | set(ib[k].top_tokens)))
-               for k in kept if ia[k].top_tokens and ib[k].top_tokens]
-        out.append({"from_step": a.step, "to_step": b.step, "kept": kept, "appeared": sorted(set(ib) - set(ia)),
-                    "disappeared": sorted(set(ia) - set(ib)),
-                    "token_overlap_kept": sum(jac) / len(jac) if jac else None})
+        jac = [_jaccard(ia[k].top_tokens, ib[k].top_tokens) for k in kept if ia[k].top_tokens and ib[k].top_tokens]
+        new, gone = sorted(set(ib) - set(ia)), sorted(set(ia) - set(ib))
+        out.append({"from_step": a.step, "to_step": b.step, "kept": kept, "appeared": new, "disappeared": gone,
+                    "token_overlap_kept": sum(jac) / len(jac) if jac else None,
+                    "matched_by_tokens": _token_matches([ib[k] for k in new], [ia[k] for k in gone])})
+    return out
+
+
+def _jaccard(a: list[str], b: list[str]) -> float:
+    return len(set(a) & set(b)) / max(1, len(set(a) | set(b)))
+
+
+def _token_matches(new: list[NeuronPoint], gone: list[NeuronPoint], min_overlap: float = 0.3) -> list[dict]:
+    """An appeared neuron whose top tokens overlap a disappeared one's (Jaccard >= ``min_overlap``): the same
+    feature under another index."""
+    out = []
+    for n in new:
+        best = max(gone, key=lambda g: _jaccard(n.top_tokens, g.top_tokens), default=None)
+        if best is not None and n.top_tokens and _jaccard(n.top_tokens, best.top_tokens) >= min_overlap:
+            out.append({"appeared": n.index, "disappeared": best.index,
+                        "overlap": _jaccard(n.top_tokens, best.top_tokens)})
     return out
 
 

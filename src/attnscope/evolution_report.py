@@ -215,9 +215,12 @@ def _checkpoint_section(res: EvolutionResult) -> str:
 
 def _persistence_section(res: EvolutionResult) -> str:
     rows = [[f"{_esc(p['from_step'])} → {_esc(p['to_step'])}", _esc(len(p["kept"])), _esc(p["appeared"]),
-             _esc(p["disappeared"]), _num(p["token_overlap_kept"], 2)] for p in res.timeline["neuron_persistence"]]
+             _esc(p["disappeared"]), _num(p["token_overlap_kept"], 2),
+             _esc(", ".join(f"{m['appeared']}≈{m['disappeared']}" for m in p.get("matched_by_tokens", [])) or "–")]
+            for p in res.timeline["neuron_persistence"]]
     return ("<section id='persistence'><h2>Top neurons between checkpoints</h2>"
-            + _table(["steps", "kept (same index)", "appeared", "disappeared", "top-token overlap of kept"], rows)
+            + _table(["steps", "kept (same index)", "appeared", "disappeared", "top-token overlap of kept",
+                      "appeared ≈ disappeared (same top tokens)"], rows)
             + "</section>")
 
 
