@@ -41,7 +41,8 @@ from .decomposition import (
 )
 from .errors import AttnscopeError, check_index
 from .forward import apply_rotary, iter_layers, rotary_cos_sin
-from .models import ModelWeights, cache_dir
+from .cache import atomic_dir, cache_dir, read_or_drop
+from .models import ModelWeights
 from .texts import load_windows
 
 # Category thresholds (documented in docs/kernels.md and drawn on the figures).
@@ -307,8 +308,8 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
                                  seed=s.seed, bos_token_id=bos)
     key = _cache_key(w, s, prov["sha256"])
     cdir = cache_dir() / "kernels" / key
-    if cache and (cdir / "kernels.json").exists():
-        return KernelResult.load(cdir)
+    if cache and (hit := read_or_drop(cdir, KernelResult.load)) is not None:
+        return hit
     windows = windows.to(w.device)
     est, held = windows[: s.n_samples], windows[s.n_samples :]
     layers = s.layers
@@ -427,7 +428,8 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
                        "position; reference norm for positional displacements", "cache_key": key},
                        query_positions=qpos, records=records, arrays=arrays, ref_norms=ref_norms)
     if cache:
-        res.save(cdir)
+        with atomic_dir(cdir) as tmp:  # the entry appears complete (data and index) or not at all
+            res.save(tmp)
     return res
 
 
