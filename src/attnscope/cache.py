@@ -231,3 +231,44 @@ def cache_clear(kinds: list[str] | None = None) -> int:
             freed += _size(d)
             shutil.rmtree(d, ignore_errors=True)
     return freed
+
+
+# --- command outputs --------------------------------------------------------------------------------
+def _manifest(out: Path, command: str) -> Path:
+    return out / f".attnscope-{command}-manifest.json"
+
+
+def publish(staging: Path, out: Path, command: str) -> list[Path]:
+    """Move every file of ``staging`` into ``out`` (one atomic rename each; JSON indexes last) and remove
+    the files that an older run of ``command`` wrote there and this run did not.  Other files are never
+    touched: only paths listed in the older run's manifest are removed."""
+    new = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    for rel in sorted(new, key=lambda r: (r.endswith(".json"), r)):  # data before index
+        dst = out / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(staging / rel, dst)
+    old = read_or_drop(_manifest(out, command), lambda p: json.loads(p.read_text())["files"]) or []
+    for rel in sorted(set(old) - set(new)):
+        p = (out / rel).resolve()
+        if out.resolve() in p.parents and p.is_file():
+            p.unlink()
+            with contextlib.suppress(OSError):  # only folders this left empty
+                p.parent.rmdir()
+    write_json(_manifest(out, command), {"command": command, "files": new})
+    return [out / r for r in new]
+
+
+@contextlib.contextmanager
+def staged_output(out: str | Path, command: str) -> Iterator[Path]:
+    """Yield a hidden staging folder inside ``out``; on success :func:`publish` it into ``out``.
+
+    A failed or interrupted command leaves ``out`` as it was (the staging folder is removed)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / f".attnscope-staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
+    try:
+        yield staging
+        publish(staging, out, command)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
