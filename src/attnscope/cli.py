@@ -77,14 +77,15 @@ def _load(rt: A.Runtime, model: str, keep_hf: bool = False):
 
 
 @contextlib.contextmanager
-def _session(no_cache: bool, decode_errors: str):
-    """Cache and decoding choices for the duration of one command."""
+def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None):
+    """Cache and decoding choices for the duration of one command; every text source is opened first."""
     from .cache import caching
     from .texts import decoding
 
     if not no_cache:
         A.check_cache()
     with caching(not no_cache), decoding(decode_errors):
+        A.check_sources(*sources)
         yield
 
 
@@ -127,7 +128,7 @@ def check(
 
     A.check_positive(n_tokens=n_tokens)
     rt = _runtime(ctx, device, dtype, revision)
-    with _session(no_cache, decode_errors):
+    with _session(no_cache, decode_errors, text):
         w, hf = _load(rt, model, keep_hf=True)
         src = text or f"bundled:{bundled_texts()[0]}"
         n = min(n_tokens, w.n_ctx)
@@ -158,7 +159,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
-    with _session(no_cache, decode_errors):
+    with _session(no_cache, decode_errors, s.samples):
         w = _load(rt, model)
         A.check_kernel_settings(s, w)
         res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
@@ -215,7 +216,7 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
-    with _session(no_cache, decode_errors):
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval):
         w = _load(rt, model)
         A.check_circuit_settings(cs, w)
         res = find_neurons(w, build_circuit(w, cs), ns, progress=not as_json)
@@ -262,7 +263,7 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
     A.check_positive(n_samples=ks.n_samples, n_heldout=ks.n_heldout, n_ctx=ks.n_ctx, window=cs.window,
                      max_neurons=ns.max_neurons)
     A.check_out(out)
-    with _session(no_cache, decode_errors):
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
         w = _load(rt, model)
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
@@ -306,7 +307,7 @@ def probe(
     A.check_positive(n_ctx=n_ctx)
     check_probe_texts(text)
     rt = _runtime(ctx, device, dtype, revision)
-    with _session(no_cache, decode_errors):
+    with _session(no_cache, decode_errors, text):
         w = _load(rt, model)
         check_index("layer", layer, w.n_layers)
         r = context_probe(w, layer=layer, texts=text or None, n_ctx=n_ctx)
@@ -379,7 +380,7 @@ def main() -> None:
     """Console entry point: see the module docstring for the error path."""
     from typer._click import exceptions as click_exc
 
-    logging.basicConfig(level=logging.WARNING, format="attnscope: warning: %(message)s", stream=sys.stderr)
+    _log_to_stderr()
     try:
         rc = app(standalone_mode=False)
     except AttnscopeError as err:
@@ -398,6 +399,19 @@ def main() -> None:
     if rc == 130:
         typer.echo("interrupted: nothing was written (partial outputs are discarded)", err=True)
     sys.exit(rc if isinstance(rc, int) else 0)
+
+
+class _StderrHandler(logging.Handler):
+    """Warnings as one line each on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"attnscope: warning: {' '.join(record.getMessage().split())}\n")
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger("attnscope")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
 
 
 def _prog(err) -> str:

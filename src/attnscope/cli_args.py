@@ -194,6 +194,15 @@ def check_cache() -> None:
         raise AttnscopeError(f"{err}: set ATTNSCOPE_CACHE to a writable folder or pass --no-cache") from None
 
 
+def check_sources(*specs: str | list[str] | None) -> None:
+    """Open every text source once (cheap), so that a bad one is reported before any computation."""
+    from .texts import open_source
+
+    for spec in specs:
+        for one in [spec] if isinstance(spec, str) else spec or []:
+            open_source(one)
+
+
 def check_positive(**values: int | None) -> None:
     for name, v in values.items():
         if v is not None and v < 1:

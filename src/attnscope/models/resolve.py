@@ -166,6 +166,9 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
         if r.kind == "hub":
             raise _hub_error(spec, err) from None
         raise ModelNotFoundError(f"could not read model at {r.path}: {str(err).splitlines()[0][:200]}") from None
+    if len(tokenizer) < 2 or not tokenizer("a b", add_special_tokens=False)["input_ids"]:
+        raise ModelNotFoundError(f"{spec} has no usable tokenizer (tokenizer.json, or vocab + merges files): the "
+                                 "tokenizer encodes text to nothing; save the tokenizer next to the weights")
     if config.model_type not in SUPPORTED_TYPES:
         raise UnsupportedModelError(
             f"{spec!r} is a {config.model_type!r} model; attnscope supports {', '.join(SUPPORTED_TYPES)} "
