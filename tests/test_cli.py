@@ -64,6 +64,7 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("probe-layer-99", ["probe", "{tiny}", "--layer", "99"], ["layer index 99"], {}),
     # models: unknown, broken files, no tokenizer
     ("unknown-model", ["info", "no-such-model-xyz"], ["could not load 'no-such-model-xyz'"], {"HF_HUB_OFFLINE": "1"}),
+    ("unknown-model-quick-probe", ["info", "no-such-model-xyz"], ["could not load 'no-such-model-xyz'"], {}),
     ("missing-folder", ["info", "./missing-model-folder"], ["no such file or folder"], {}),
     ("truncated-safetensors", ["info", "{trunc}"], ["could not read the weights"], {}),
     ("garbage-safetensors", ["info", "{garbage}"], ["could not read the weights"], {}),
