@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import os
+import types
 import typing
 import uuid
 from dataclasses import dataclass
@@ -69,7 +70,7 @@ def _default(f: dataclasses.Field) -> Any:
 def _cli_type(name: str, hint: Any) -> Any:
     if name in _LISTS:
         return Optional[str]
-    if typing.get_origin(hint) in (typing.Union, getattr(__import__("types"), "UnionType")):
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         inner = args[0]
         return Optional[inner] if typing.get_origin(inner) is not list else Optional[list[str]]
