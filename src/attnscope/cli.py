@@ -219,10 +219,11 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     with _session(no_cache, decode_errors, cs.calibration, ns.eval):
         w = _load(rt, model)
         A.check_circuit_settings(cs, w)
-        res = find_neurons(w, build_circuit(w, cs), ns, progress=not as_json)
+        circ = build_circuit(w, cs)
+        res = find_neurons(w, circ, ns, progress=not as_json)
         with staged_output(out, "neurons") as tmp:
             res.save(tmp)
-            figs = neuron_figures(res, tmp)
+            figs = neuron_figures(res, circ, tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
