@@ -177,7 +177,7 @@ def test_outputs_and_reload(result, tmp_path):
     (["./no/such/checkpoints"], "no model folder at ./no/such/checkpoints"),
     (["{empty}"], "neither a model folder"),
     (["EleutherAI/pythia-70m@"], "hub-id@revision"),
-    (["{series}", "--top-k", "0"], "--top-k must be at least 1"),
+    (["{series}", "--top-k", "0"], "--top-k 0 must be at least 1"),
 ])
 def test_cli_bad_inputs_are_one_line(args, msg, series, tmp_path, monkeypatch, capsys):
     from attnscope import cli
@@ -194,11 +194,12 @@ def test_cli_bad_inputs_are_one_line(args, msg, series, tmp_path, monkeypatch, c
 @pytest.mark.parametrize("args, msg", [
     (["--steps", "0"], "--steps must be at least 1"),
     (["--save-every", "10"], "--save-every needs --steps"),
-    (["--corpora", "/no/such/corpora"], "no corpora folder"),
+    (["--corpora", "/no/such/corpora"], "is not a folder"),
 ])
 def test_train_demo_bad_inputs_are_one_line(args, msg, tmp_path, monkeypatch, capsys):
     from attnscope import cli
 
+    (tmp_path / "en.txt").write_text("some text\n" * 50)
     corpora = ["--corpora", str(tmp_path)] if "--corpora" not in args else []
     monkeypatch.setattr(sys, "argv", ["attnscope", "train-demo", "--out", str(tmp_path / "o"), *corpora, *args])
     with pytest.raises(SystemExit) as e:
@@ -218,7 +219,9 @@ def test_train_demo_command_prints_heldout_loss_and_keeps_checkpoints(tmp_path, 
     monkeypatch.setattr(sys, "argv", ["attnscope", "train-demo", "--corpora", str(src), "--out", str(out),
                                       "--steps", "4", "--save-every", "2", "--batch-size", "2", "--n-ctx", "32",
                                       "--n-embd", "32", "--threads", "1"])
-    cli.main()
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 0
     first = capsys.readouterr().out.splitlines()[0]
     d = json.loads(first)
     rec = json.loads((out / "training.json").read_text())
