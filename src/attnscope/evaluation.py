@@ -109,7 +109,7 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
     """The evaluation of the module docstring (every bundled text a context)."""
     from .neurons import _cards
 
-    s = NeuronSettings(max_windows=max_windows, precision_target=precision_target, n_random=n_random, n_cards=10**6)
+    s = NeuronSettings(max_windows=max_windows, precision_target=precision_target, n_random=n_random, max_neurons=10**6)
     windows = held_out_windows(w, circ, None, max_windows)
     names = [x.name for x in windows]
     n_min = circ.settings["min_position"]

@@ -51,7 +51,7 @@ class NeuronSettings:
     eval: list[str] | None = None  # held-out sources (default: the bundled texts; the calibration window skipped)
     max_windows: int = 8  # windows per source: first half tunes the threshold, second half reports
     precision_target: float = 0.9  # the reported set: longest prefix of the ranking with tuning precision >= this
-    n_cards: int = 64  # reported neurons given a card (explanation, traces), most sensitive first
+    max_neurons: int = 64  # reported neurons given a card (explanation, traces), most sensitive first
     n_random: int = 64  # random neurons for the baselines
     n_top_tokens: int = 20
     top_m: int = 100  # size of the token set that defines a neuron's swing
@@ -160,6 +160,10 @@ class NeuronCard:
     positive_text: str
     negative_text: str
 
+    @property
+    def effect(self) -> float:
+        return self.sensitivity
+
 
 @dataclass
 class NeuronTrace:
@@ -196,12 +200,17 @@ class NeuronResult:
     def records(self) -> list[NeuronCard]:
         return self.cards
 
+    @property
+    def fidelity(self) -> dict[str, float]:
+        return self.verification.circuit_fidelity
+
     def trace(self, neuron: int, text: str) -> NeuronTrace | None:
         return next((t for t in self.traces if t.neuron == neuron and t.text == text), None)
 
     def summary(self) -> dict:
         v, rep = self.verification, self.verification.reported
-        return {"heads": self.circuit["heads"], "n_neurons_scored": self.n_scored, "n_neurons_passed": self.n_selected,
+        return {"heads": self.circuit["heads"], "n_neurons_scored": self.n_scored, "n_neurons_found": self.n_selected,
+                "n_verified": len(self.cards), "median_r": rep.r if rep else None,
                 "threshold": self.threshold.value, "tuning_precision": self.threshold.tuning_precision,
                 "precision": v.precision, "precision_random": v.precision_random,
                 "median_recall20": _median(list(v.recall20.values())), "recall20_random": v.recall20_random,
@@ -388,7 +397,7 @@ def verify(w: ModelWeights, circ: Circuit, scores: NeuronScores, threshold: Thre
     texts = [t for s in windows for t in s.report]
     g = torch.Generator().manual_seed(settings.seed)
     rand = torch.randperm(len(passed), generator=g)[: settings.n_random].tolist()
-    cards = [int(k) for k in scores.sensitivity.argsort(descending=True)[: threshold.n_passed][: settings.n_cards]]
+    cards = [int(k) for k in scores.sensitivity.argsort(descending=True)[: threshold.n_passed][: settings.max_neurons]]
     rep = fit_summary(w, circ, ex, texts, cards) if cards else None
     rnd = fit_summary(w, circ, ex, texts, rand)[0]
     fid = circuit_fidelity(w, circ, {s.name: s.report[0] for s in windows})
