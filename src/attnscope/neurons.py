@@ -209,7 +209,8 @@ class NeuronResult:
 
     def summary(self) -> dict:
         v, rep = self.verification, self.verification.reported
-        return {"heads": self.circuit["heads"], "n_neurons_scored": self.n_scored, "n_neurons_found": self.n_selected,
+        return {"heads": self.circuit["heads"], "n_heads": len(self.circuit["heads"]), "n_neurons_scored": self.n_scored,
+                "n_neurons_found": self.n_selected,
                 "n_verified": len(self.cards), "median_r": rep.r if rep else None,
                 "threshold": self.threshold.value, "tuning_precision": self.threshold.tuning_precision,
                 "precision": v.precision, "precision_random": v.precision_random,
