@@ -255,7 +255,8 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
         if len(t) < 1:
             raise TextTooShortError(f"{s} holds no tokens; pass a non-empty text")
     p_a, p_b = (token_frequencies(ids[s][None], w.d_vocab) for s in (a, b))
-    parts = {t: (v_a - v_b).cpu() for (t, v_a), v_b in zip(tm.expected_parts(p_a).items(), tm.expected_parts(p_b).values())}
+    e_a, e_b = tm.expected_parts(p_a), tm.expected_parts(p_b)
+    parts = {t: (e_a[t] - e_b[t]).cpu() for t in e_a}
     diff = sum(parts.values())
     sigma = calibration_std(w, circ).cpu()
     pd = diff / sigma

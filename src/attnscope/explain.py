@@ -25,17 +25,19 @@ separately and called by that name: it measures the circuit, not a neuron.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
-from .circuit import LAYER, Circuit, _content_inputs, _value_bias, layer0_kernels_and_queries, mlp_input_weights
+from .circuit import (LAYER, Circuit, _content_inputs, _value_bias, denominator_stability, layer0_kernels_and_queries,
+                      mlp_input_weights, true_head_output)
 from .decomposition import centre
 from .forward import embed, iter_layers
 from .models import ModelWeights
 
 TERMS = ("direct", "contextual bag", "other heads", "biases")
+Z_RATIO_RANGE = (0.8, 1.25)  # a text's Z / calibration Z outside this: the text is outside the explanation's scope
 
 
 @dataclass
@@ -166,3 +168,36 @@ def score_explanation(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list
                              r_within=torch.stack(rw).nanmedian(0).values.tolist(),
                              fvu_within=torch.stack(fw).nanmedian(0).values.tolist(),
                              parts={t: v.tolist() for t, v in share.items()}, n_positions=int(y.shape[0]))
+
+
+@torch.no_grad()
+def contextual_fidelity(w: ModelWeights, circ: Circuit, texts: list[Tensor],
+                        neurons: list[int]) -> tuple[Tensor, Tensor]:
+    """Per neuron, r and FVU of the contextual bag against the contextual heads' TRUE contribution."""
+    W = mlp_input_weights(w)[0][:, neurons]
+    n_min = circ.settings["min_position"]
+    ys, yh = [], []
+    for t in texts:
+        t = t[: circ.T].to(w.device)
+        ys.append((centre(true_head_output(w, circ.heads, t)[0], w) @ W / circ.mlp_scale)[n_min:])
+        yh.append((centre(circ.summary(t), w) @ W / circ.mlp_scale)[n_min:])
+    return fit_scores(torch.cat(ys), torch.cat(yh))
+
+
+@dataclass
+class TextDenominators:
+    """Denominator transfer on one held-out text: Z / calibration Z per contextual head."""
+
+    text: str
+    Z_median: list[float]
+    ratio: list[float]
+    in_scope: bool  # every ratio within Z_RATIO_RANGE
+    Z_trace: list[list[float]] = field(repr=False)  # [head][position]
+
+
+def denominator_transfer(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> list[TextDenominators]:
+    """Z of each contextual head on each text over its calibration value; outside Z_RATIO_RANGE = out of scope."""
+    lo, hi = Z_RATIO_RANGE
+    return [TextDenominators(name, v["Z_median"], v["ratio_to_calibration"],
+                             all(lo <= r <= hi for r in v["ratio_to_calibration"]), v["Z_trace"])
+            for name, v in denominator_stability(w, circ, texts).items()]

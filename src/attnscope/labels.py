@@ -69,6 +69,7 @@ _NOT_DIALECT = {"emphasiz": set(), "emphasis": {"emphasis"}, "analys": {"analysi
                 "program": {"program", "programs"}, "while": {"while"}, "among": {"among"}, "mom": {"moment"}}
 # derived words spelled the same in both dialects (humorous, honorary, laboratory, vigorous, Colorado)
 _SAME_IN_BOTH = re.compile(r"or(ous|ously|ary|arium|atory|ado|ation|ations)$")
+_WHOLE_WORD = {"mum", "mom", "grey", "gray", "tyre", "tire", "check", "cheque"}
 BRITISH, AMERICAN = "British/Commonwealth spelling", "American spelling"
 
 
@@ -97,7 +98,7 @@ def dialect(word: str) -> str | None:
     for side, stems in ((BRITISH, SPELLING_PAIRS.keys()), (AMERICAN, SPELLING_PAIRS.values())):
         for stem in stems:
             if w.startswith(stem) and w not in _NOT_DIALECT.get(stem, ()) and len(w) <= len(stem) + 5:
-                if stem in ("mum", "mom", "grey", "gray", "tyre", "tire", "check", "cheque") and w != stem + "s" * (len(w) > len(stem)):
+                if stem in _WHOLE_WORD and w not in (stem, stem + "s"):
                     continue  # short stems: the word itself (or its plural) only
                 return side
     return None

@@ -34,16 +34,16 @@ from torch import Tensor
 
 from .circuit import Circuit, circuit_fidelity, true_head_output
 from .contrast import (PreStats, SourceWindows, TokenModel, build_token_model, calibration_std, effect_sizes, pre_stats,
-                       source_name, source_windows, token_frequencies)
+                       source_windows, token_frequencies)
 from .decomposition import centre
 from .errors import AttnscopeError
-from .explain import Explainer, build_explainer, explain_terms, score_explanation
+from .explain import (Explainer, TextDenominators, build_explainer, contextual_fidelity, denominator_transfer,
+                      explain_terms, score_explanation, true_pre)
 from .labels import auto_label
 from .models import ModelWeights
 from .texts import bundled_texts
 
 D_MIN = 1.0
-Z_RATIO_RANGE = (0.8, 1.25)  # a held-out text's Z / calibration Z outside this: outside the explanation's scope
 
 
 @dataclass
@@ -127,17 +127,6 @@ class Verification:
 
 
 @dataclass
-class TextDenominators:
-    """Denominator transfer on one held-out text: Z / calibration Z per contextual head."""
-
-    text: str
-    Z_median: list[float]
-    ratio: list[float]
-    in_scope: bool  # every ratio within Z_RATIO_RANGE
-    Z_trace: list[list[float]] = field(repr=False)  # [head][position]
-
-
-@dataclass
 class NeuronCard:
     index: int
     rank: int
@@ -209,7 +198,8 @@ class NeuronResult:
 
     def summary(self) -> dict:
         v, rep = self.verification, self.verification.reported
-        return {"heads": self.circuit["heads"], "n_heads": len(self.circuit["heads"]), "n_neurons_scored": self.n_scored,
+        return {"heads": self.circuit["heads"], "n_heads": len(self.circuit["heads"]),
+                "n_neurons_scored": self.n_scored,
                 "n_neurons_found": self.n_selected,
                 "n_verified": len(self.cards), "median_r": rep.r if rep else None,
                 "threshold": self.threshold.value, "tuning_precision": self.threshold.tuning_precision,
@@ -222,8 +212,9 @@ class NeuronResult:
     def to_json(self) -> dict:
         dens = [{k: v for k, v in asdict(d).items() if k != "Z_trace"} for d in self.denominators]
         return {"model": self.model, "circuit": self.circuit, "settings": self.settings, "sources": self.sources,
-                "summary": self.summary(), "threshold": asdict(self.threshold), "verification": asdict(self.verification),
-                "denominators": dens, "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
+                "summary": self.summary(), "threshold": asdict(self.threshold),
+                "verification": asdict(self.verification), "denominators": dens,
+                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
 
     def save(self, out: str | Path) -> Path:
         """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron) and ``traces.json``."""
@@ -255,13 +246,15 @@ def _decode(tok, ids: list[int]) -> list[str]:
 # --------------------------------------------------------------------------------------------------
 
 
-def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None, max_windows: int | None) -> list[SourceWindows]:
+def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None,
+                     max_windows: int | None) -> list[SourceWindows]:
     """Windows of each held-out source (default: every bundled text); a source that holds the calibration
     text starts after the calibration window, so no held-out position was seen by the calibration."""
     cal = circ.settings["calibration"]
     specs = specs or [f"bundled:{n}" for n in bundled_texts()]
     if len(set(specs)) < 2:
-        raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; pass --eval twice or more")
+        raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; "
+                             "pass --eval twice or more")
     skip = len(circ.calibration_tokens) - (1 if w.prepend_bos else 0)
     return [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
             for s in dict.fromkeys(specs)]
@@ -352,22 +345,6 @@ def select(scores: NeuronScores, d_tune: Tensor, precision_target: float) -> Thr
 # --------------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
-def contextual_fidelity(w: ModelWeights, circ: Circuit, texts: list[Tensor], neurons: list[int]) -> tuple[Tensor, Tensor]:
-    """Per neuron, r and FVU of the contextual bag against the contextual heads' TRUE contribution."""
-    from .circuit import mlp_input_weights
-    from .explain import fit_scores
-
-    W = mlp_input_weights(w)[0][:, neurons]
-    n_min = circ.settings["min_position"]
-    ys, yh = [], []
-    for t in texts:
-        t = t[: circ.T].to(w.device)
-        ys.append((centre(true_head_output(w, circ.heads, t)[0], w) @ W / circ.mlp_scale)[n_min:])
-        yh.append((centre(circ.summary(t), w) @ W / circ.mlp_scale)[n_min:])
-    return fit_scores(torch.cat(ys), torch.cat(yh))
-
-
 def fit_summary(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list[Tensor], neurons: list[int]):
     """The full explanation's and the contextual heads' fits for ``neurons``: (FitSummary, per-neuron scores)."""
     sc = score_explanation(w, circ, ex, texts, neurons)
@@ -375,16 +352,6 @@ def fit_summary(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list[Tenso
     fs = FitSummary(len(neurons), _median(sc.r), _median(sc.fvu), _median(sc.r_within), _median(sc.fvu_within),
                     {t: _median(v) for t, v in sc.parts.items()}, _median(cr.tolist()), _median(cf.tolist()))
     return fs, sc, cr.tolist(), cf.tolist()
-
-
-def denominator_transfer(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> list[TextDenominators]:
-    """Z of each contextual head on each text over its calibration value; outside Z_RATIO_RANGE = out of scope."""
-    from .circuit import denominator_stability
-
-    lo, hi = Z_RATIO_RANGE
-    return [TextDenominators(name, v["Z_median"], v["ratio_to_calibration"],
-                             all(lo <= r <= hi for r in v["ratio_to_calibration"]), v["Z_trace"])
-            for name, v in denominator_stability(w, circ, texts).items()]
 
 
 def verify(w: ModelWeights, circ: Circuit, scores: NeuronScores, threshold: Threshold, d_report: Tensor,
@@ -419,12 +386,13 @@ def label(tokens_pos: list[str], tokens_neg: list[str]) -> tuple:
     return (a.text if a else None, a.evidence if a else None, b.text if b else None, b.evidence if b else None)
 
 
-def _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, settings) -> tuple[list[NeuronCard], list[NeuronTrace]]:
+def _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows,
+           settings) -> tuple[list[NeuronCard], list[NeuronTrace]]:
     if not cards:
         return [], []
     _, sc, cr, cf = rep
     n_min = circ.settings["min_position"]
-    pre_cal = explain_true_pre(w, circ.calibration_tokens)[n_min:]
+    pre_cal = true_pre(w, circ.calibration_tokens).cpu()[n_min:]
     ts = tm.token_scores(torch.tensor(cards, device=w.device)).cpu()
     keep = circ.token_mask.cpu().clone()
     keep[[i for i in w.tokenizer.all_special_ids if i < len(keep)]] = False
@@ -461,13 +429,8 @@ def _trace(w, circ, ex, k: int, name: str, toks: Tensor) -> NeuronTrace:
                        (centre(circ.summary(toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
 
 
-def explain_true_pre(w: ModelWeights, tokens: Tensor) -> Tensor:
-    from .explain import true_pre
-
-    return true_pre(w, tokens).cpu()
-
-
-def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: TokenModel, n_tok: int = 5) -> list[NeuronRow]:
+def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: TokenModel,
+          n_tok: int = 5) -> list[NeuronRow]:
     order = scores.sensitivity.argsort(descending=True).tolist()
     ok = validated(d_tune, scores.predicted_d)
     best = scores.predicted_d.abs().argmax(0)

@@ -552,8 +552,6 @@ def _neuron_section(neurons: Any, figures: dict[str, Path], used: set[str]) -> s
     n_scored = _get(neurons, "n_scored", summ.get("n_neurons_scored"))
     n_found = _get(neurons, "n_selected", summ.get("n_neurons_found"))
     not_fired = sum(not r.get("fired_on_calibration", True) for r in recs)
-    med_r = _median([r.get("r") for r in recs])
-    med_f = _median([r.get("fvu") for r in recs])
     traces = _trace_map(_get(neurons, "traces", []))
     settings = _get(neurons, "settings", {}) or {}
     labels = sorted({r["label"] for r in recs if r.get("label")} | {r["label_negative"] for r in recs
