@@ -43,6 +43,7 @@ def demo(out: Path, max_windows: int | None) -> None:
               f" | {_fmt(rep['recall20'][n])} |")
     print("| **median** | " + " | ".join(_fmt(res.median_spearman(p)) for p in sc) + " | | | | | "
           f"{_fmt(st.median(rep['recall20'].values()))} |\n")
+    print(f"neurons with |d| >= 1 per context (reporting half): {rep['n_true']}\n")
     for k in ("10", "50"):
         print(f"median P@{k}: " + ", ".join(f"{p} {_fmt(st.median(v[n]['precision'][k] for n in names))}"
                                            for p, v in sc.items())
@@ -59,6 +60,10 @@ def demo(out: Path, max_windows: int | None) -> None:
             print(f"full explanation, {lab} ({f['n_neurons']}): pooled r {f['r']:.3f} FVU {f['fvu']:.3f}; within-text r "
                   f"{f['r_within']:.3f} FVU {f['fvu_within']:.3f}; parts {', '.join(f'{k} {v:.2f}' for k, v in f['parts'].items())}; "
                   f"contextual-heads fidelity r {f['contextual_r']:.3f} FVU {f['contextual_fvu']:.3f}")
+    print("\n| threshold | passing | precision | recall@20 min | recall@20 median |\n|---|---|---|---|---|")
+    for t in res.tradeoff:
+        print(f"| {t['threshold']} | {t['n_passed']} | {t['precision']:.3f} | {t['recall20_min']:.2f} | "
+              f"{t['recall20_median']:.2f} |")
     lp = res.labels
     print(f"labels: {lp['n_correct']} of {lp['n_checked']} checkable labels correct; not checkable: {lp['unchecked_labels']}")
 

@@ -44,6 +44,7 @@ class GroundTruthResult:
     threshold: dict
     reported: dict  # precision, recall20 per context, random baselines, FVU (reported and random)
     labels: dict  # label precision
+    tradeoff: list[dict]  # fixed thresholds: n passed, reporting-half precision and recall@20 per context
 
     def median_spearman(self, predictor: str) -> float:
         return float(torch.tensor([v["spearman"] for v in self.scores[predictor].values()]).median())
@@ -85,6 +86,17 @@ def _predictors(w, circ, windows, scores, n_min) -> dict[str, Tensor]:
         out["token_mean"].append(q @ M / scores.sigma)
         out["shuffled"].append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / scores.sigma)
     return {k: v if isinstance(v, Tensor) else torch.stack(v) for k, v in out.items()}
+
+
+def _tradeoff(sc, d_rep: Tensor, names: list[str]) -> list[dict]:
+    ok = validated(d_rep, sc.predicted_d)
+    out = []
+    for t in (0.5, 0.75, 1.0, 1.25, 1.5, 2.0):
+        p = sc.sensitivity >= t
+        rec = [float(p[d_rep[c].abs().argsort(descending=True)[:20]].double().mean()) for c in range(len(names))]
+        out.append({"threshold": t, "n_passed": int(p.sum()), "precision": float(ok[p].double().mean()),
+                    "recall20_min": min(rec), "recall20_median": float(torch.tensor(rec).median())})
+    return out
 
 
 def _label_precision(cards, names: list[str], d: Tensor) -> dict:
@@ -132,6 +144,8 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
                                                  .double().mean()),
                 "recall20": ver.recall20, "recall20_random": ver.recall20_random,
                 "fvu_reported": asdict(ver.reported) if ver.reported else None, "fvu_random": asdict(ver.random),
-                "n_positions": ver.n_positions}
+                "n_positions": ver.n_positions,
+                "n_true": {n: int((d_rep[c].abs() >= 1).sum()) for c, n in enumerate(names)}}
     return GroundTruthResult(w.info(), names, {x.name: [len(x.tune), len(x.report)] for x in windows}, scores, rnd,
-                             asdict(thr), reported, _label_precision(card_list, names, d_rep))
+                             asdict(thr), reported, _label_precision(card_list, names, d_rep),
+                             _tradeoff(sc, d_rep, names))
