@@ -30,14 +30,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from .circuit import (LAYER, Circuit, _content_inputs, _value_bias, denominator_stability, layer0_kernels_and_queries,
-                      mlp_input_weights, true_head_output)
+from .circuit import (LAYER, Circuit, Condition, _content_inputs, _value_bias, denominator_stability,
+                      denominator_transfer_condition, layer0_kernels_and_queries, mlp_input_weights, true_head_output)
 from .decomposition import centre
 from .forward import embed, iter_layers
 from .models import ModelWeights
 
 TERMS = ("direct", "contextual bag", "other heads", "biases")
-Z_RATIO_RANGE = (0.8, 1.25)  # a text's Z / calibration Z outside this: the text is outside the explanation's scope
 
 
 @dataclass
@@ -191,13 +190,17 @@ class TextDenominators:
     text: str
     Z_median: list[float]
     ratio: list[float]
-    in_scope: bool  # every ratio within Z_RATIO_RANGE
+    condition: Condition  # the denominator-transfer condition on this text
     Z_trace: list[list[float]] = field(repr=False)  # [head][position]
+
+    @property
+    def in_scope(self) -> bool:
+        return self.condition.ok
 
 
 def denominator_transfer(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> list[TextDenominators]:
-    """Z of each contextual head on each text over its calibration value; outside Z_RATIO_RANGE = out of scope."""
-    lo, hi = Z_RATIO_RANGE
+    """Z of each contextual head on each text over its calibration value, as a checked condition per text
+    (:func:`attnscope.circuit.denominator_transfer_condition`: outside 0.8-1.25, the text is out of scope)."""
     return [TextDenominators(name, v["Z_median"], v["ratio_to_calibration"],
-                             all(lo <= r <= hi for r in v["ratio_to_calibration"]), v["Z_trace"])
+                             denominator_transfer_condition(name, v["ratio_to_calibration"]), v["Z_trace"])
             for name, v in denominator_stability(w, circ, texts).items()]

@@ -210,7 +210,8 @@ class NeuronResult:
                 "texts_out_of_scope": [d.text for d in self.denominators if not d.in_scope]}
 
     def to_json(self) -> dict:
-        dens = [{k: v for k, v in asdict(d).items() if k != "Z_trace"} for d in self.denominators]
+        dens = [{**{k: v for k, v in asdict(d).items() if k != "Z_trace"}, "in_scope": d.in_scope}
+                for d in self.denominators]
         return {"model": self.model, "circuit": self.circuit, "settings": self.settings, "sources": self.sources,
                 "summary": self.summary(), "threshold": asdict(self.threshold),
                 "verification": asdict(self.verification), "denominators": dens,
