@@ -43,7 +43,8 @@ def demo(out: Path, max_windows: int | None) -> None:
               f" | {_fmt(rep['recall20'][n])} |")
     print("| **median** | " + " | ".join(_fmt(res.median_spearman(p)) for p in sc) + " | | | | | "
           f"{_fmt(st.median(rep['recall20'].values()))} |\n")
-    print(f"neurons with |d| >= 1 per context (reporting half): {rep['n_true']}\n")
+    print(f"neurons with |d| >= 1 per context (reporting half): {rep['n_true']}")
+    print(f"passing neurons by the term carrying most of their predicted effect: {rep['dominant_term']}\n")
     for k in ("10", "50"):
         print(f"median P@{k}: " + ", ".join(f"{p} {_fmt(st.median(v[n]['precision'][k] for n in names))}"
                                            for p, v in sc.items())

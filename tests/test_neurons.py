@@ -29,7 +29,10 @@ def hand_result(context_neuron_gpt2):
 def test_finds_the_hand_built_neuron(hand_result):
     w, ids, res = hand_result
     assert res.rows[0].index == NEURON and res.rows[0].passed  # ranked first, and passes the measured threshold
-    assert res.rows[0].best_contrast == "code_python" and res.rows[0].predicted_d > 1
+    row = res.rows[0]
+    assert row.best_contrast == "code_python" and row.predicted_d > 1
+    assert abs(row.d_bag + row.d_direct + row.d_other_heads - row.predicted_d) < 1e-6
+    assert row.d_bag > 0.9 * row.predicted_d  # built by hand to read the bag of code tokens only
     card = res.cards[0]
     assert card.index == NEURON and card.true_d["code_python"] > 1  # true effect on held-out code windows
     top = {t for t, _ in card.top_positive_tokens[: len(ids)]}

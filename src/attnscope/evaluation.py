@@ -88,6 +88,14 @@ def _predictors(w, circ, windows, scores, n_min) -> dict[str, Tensor]:
     return {k: v if isinstance(v, Tensor) else torch.stack(v) for k, v in out.items()}
 
 
+def _dominant_terms(sc, passed: Tensor) -> dict[str, int]:
+    """Passed neurons by the term that carries most of the predicted effect in their strongest contrast."""
+    best = sc.predicted_d.abs().argmax(0)
+    parts = torch.stack([p.gather(0, best[None])[0] for p in sc.parts.values()])  # [terms, d_mlp]
+    top = parts.abs().argmax(0)
+    return {t: int(((top == i) & passed).sum()) for i, t in enumerate(sc.parts)}
+
+
 def _tradeoff(sc, d_rep: Tensor, names: list[str]) -> list[dict]:
     ok = validated(d_rep, sc.predicted_d)
     out = []
@@ -145,7 +153,8 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
                 "recall20": ver.recall20, "recall20_random": ver.recall20_random,
                 "fvu_reported": asdict(ver.reported) if ver.reported else None, "fvu_random": asdict(ver.random),
                 "n_positions": ver.n_positions,
-                "n_true": {n: int((d_rep[c].abs() >= 1).sum()) for c, n in enumerate(names)}}
+                "n_true": {n: int((d_rep[c].abs() >= 1).sum()) for c, n in enumerate(names)},
+                "dominant_term": _dominant_terms(sc, passed)}
     return GroundTruthResult(w.info(), names, {x.name: [len(x.tune), len(x.report)] for x in windows}, scores, rnd,
                              asdict(thr), reported, _label_precision(card_list, names, d_rep),
                              _tradeoff(sc, d_rep, names))

@@ -44,6 +44,7 @@ from .models import ModelWeights
 from .texts import bundled_texts
 
 D_MIN = 1.0
+ROW_TERMS = ("contextual bag", "direct", "other heads")  # the order of NeuronRow.d_bag, d_direct, d_other_heads
 
 
 @dataclass
@@ -68,6 +69,9 @@ class NeuronRow:
     sensitivity: float  # max over contrasts of |predicted d|
     best_contrast: str  # the held-out source whose one-vs-rest contrast gives it
     predicted_d: float  # signed, in that contrast
+    d_bag: float  # the part of predicted_d carried by the contextual bag (context evidence) ...
+    d_direct: float  # ... by the token at n itself (token evidence) ...
+    d_other_heads: float  # ... and by the other heads (mostly nearby tokens)
     swing_positive: float  # contextual bag alone: mean(top-m S) - E_cal[S], pre-activation units
     swing_negative: float
     sigma_calibration: float  # std of the true pre-activation on the calibration text
@@ -83,6 +87,7 @@ class NeuronScores:
 
     sources: list[str]
     predicted_d: Tensor  # [n_sources, d_mlp] one-vs-rest predicted effect sizes
+    parts: dict[str, Tensor]  # term -> [n_sources, d_mlp], its part of predicted_d
     sensitivity: Tensor  # [d_mlp]
     swing_pos: Tensor  # [d_mlp]
     swing_neg: Tensor  # [d_mlp]
@@ -280,17 +285,22 @@ def validated(d: Tensor, pred: Tensor) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def predicted_effects(tm: TokenModel, windows: list[SourceWindows], sigma: Tensor, d_vocab: int) -> Tensor:
-    """One-vs-rest predicted effect sizes ``[n_sources, d_mlp]`` from the tuning windows' token counts."""
+def predicted_effects(tm: TokenModel, windows: list[SourceWindows], sigma: Tensor,
+                      d_vocab: int) -> dict[str, Tensor]:
+    """Each term's one-vs-rest predicted effect size ``[n_sources, d_mlp]`` from the tuning windows' token
+    counts (their sum is the predicted effect)."""
     counts = torch.stack([token_frequencies(s.tune, d_vocab) * s.tune.numel() for s in windows])  # [C, V]
-    mus = torch.stack([tm.expected(c / c.sum()).cpu().double() for c in counts])  # [C, d_mlp]
+    per = [tm.expected_parts(c / c.sum()) for c in counts]
     w_c = counts.sum(1)
-    out = []
-    for c in range(len(windows)):
-        rest = torch.arange(len(windows)) != c
-        mu_rest = (w_c[rest, None] * mus[rest]).sum(0) / w_c[rest].sum()
-        out.append((mus[c] - mu_rest) / sigma)
-    return torch.stack(out)
+    out = {}
+    for t in per[0]:
+        mus = torch.stack([p[t].cpu().double() for p in per])  # [C, d_mlp]
+        rows = []
+        for c in range(len(windows)):
+            rest = torch.arange(len(windows)) != c
+            rows.append((mus[c] - (w_c[rest, None] * mus[rest]).sum(0) / w_c[rest].sum()) / sigma)
+        out[t] = torch.stack(rows)
+    return out
 
 
 @torch.no_grad()
@@ -318,9 +328,10 @@ def score(w: ModelWeights, circ: Circuit, windows: list[SourceWindows], settings
     """Rank every neuron by its predicted context sensitivity (weights, calibration text, token counts)."""
     tm = tm or build_token_model(w, circ)
     sigma = calibration_std(w, circ).cpu()
-    pred = predicted_effects(tm, windows, sigma, w.d_vocab)
+    parts = predicted_effects(tm, windows, sigma, w.d_vocab)
+    pred = sum(parts.values())
     sp, sn = swings(w, circ, settings.top_m, settings.chunk)
-    return NeuronScores([s.name for s in windows], pred, pred.abs().max(0).values, sp, sn, sigma)
+    return NeuronScores([s.name for s in windows], pred, parts, pred.abs().max(0).values, sp, sn, sigma)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -442,7 +453,8 @@ def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: Tok
         top, bot = ts.topk(n_tok, dim=0).indices, (-ts).topk(n_tok, dim=0).indices
         for j, k in enumerate(idx):
             rows.append(NeuronRow(k, c0 + j + 1, float(scores.sensitivity[k]), scores.sources[int(best[k])],
-                                  float(scores.predicted_d[best[k], k]), float(scores.swing_pos[k]),
+                                  float(scores.predicted_d[best[k], k]),
+                                  *(float(scores.parts[t][best[k], k]) for t in ROW_TERMS), float(scores.swing_pos[k]),
                                   float(scores.swing_neg[k]), float(scores.sigma[k]),
                                   bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
                                   _decode(w.tokenizer, top[:, j].tolist()), _decode(w.tokenizer, bot[:, j].tolist())))
