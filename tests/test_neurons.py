@@ -112,6 +112,8 @@ def test_labels_need_evidence():
     ["demo", "--a", "/no/such/file.txt", "--b", "bundled:de_fortunes"],
     ["demo", "--a", "bundled:es_fortunes", "--b", "bundled:es_fortunes"],
     ["demo", "--a", "bundled:es_fortunes", "--b", "bundled:de_fortunes", "--top", "0"],
+    ["demo", "--a", "bundled:es_fortunes", "--b", "bundled:de_fortunes", "--max-windows", "1"],
+    ["demo", "--a", "bundled:es_fortunes"],
 ])
 def test_contrast_bad_input(args):
     p = subprocess.run([sys.executable, "-m", "attnscope.cli", "contrast", *args], capture_output=True, text=True)
