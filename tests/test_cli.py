@@ -185,13 +185,18 @@ def test_sigint_exits_130(tiny_gpt2_dir, tmp_path):
     env = {**os.environ, "ATTNSCOPE_CACHE": str(tmp_path / "cache")}
     p = subprocess.Popen([*PY, "kernels", str(tiny_gpt2_dir), "--samples", "tests/data", "--n-ctx", "32", "--n-samples",
                           "100000", "--n-heldout", "2", "--out", str(tmp_path / "k"), "--no-cache"],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    buf = ""
-    while "kernels: estimate" not in buf and time.time() < deadline:  # wait for the computation to start
-        buf += p.stderr.read(1)
-    p.send_signal(signal.SIGINT)
-    _, rest = p.communicate(timeout=60)
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                         # a pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        buf = ""
+        while "kernels: estimate" not in buf and time.time() < deadline:  # wait for the computation to start
+            buf += p.stderr.read(1)
+        p.send_signal(signal.SIGINT)
+        _, rest = p.communicate(timeout=60)
+    finally:
+        p.kill()
     assert p.returncode == 130
     assert "Traceback" not in buf + rest and (buf + rest).strip().endswith("interrupted: nothing was written "
                                                                              "(partial outputs are discarded)")
