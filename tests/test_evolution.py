@@ -13,12 +13,14 @@ import torch
 import attnscope.evolution as E
 from attnscope.errors import AttnscopeError
 from attnscope.kernels import KernelSettings
+from attnscope.neurons import NeuronSettings
 
 from conftest import make_tiny_gpt2
 
 
 def _fast() -> E.EvolutionSettings:
-    return E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), truth_windows=1, top_k=5)
+    return E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), neuron=NeuronSettings(max_windows=2),
+                               top_k=5)
 
 
 def _ckpt(folder, step: int, seed: int, loss: float, init_range: float = 0.02):
@@ -49,24 +51,24 @@ def test_discover_orders_by_recorded_step(series, tmp_path):
         E.discover_checkpoints([])
 
 
-def test_one_vs_rest_effects_match_the_models_own_activations(tiny_gpt2):
-    """d from attnscope's recompute equals d from the Hugging Face model's own c_fc outputs (hooks)."""
+def test_ground_truth_matches_the_models_own_activations(tiny_gpt2):
+    """d from the recompute equals d from the Hugging Face model's own c_fc outputs (hooks) on the same
+    reporting windows."""
+    from attnscope.circuit import CircuitSettings, build_circuit
     from attnscope.forward import hf_activations
-    from attnscope.texts import text_tokens
 
     w, hf = tiny_gpt2
-    ctx = ["es_fortunes", "de_fortunes", "code_python"]
-    T, n_min = 64, 8
-    d = E.one_vs_rest_effects(w, ctx, T, n_min, n_windows=2)
-    acts = []
-    for c in ctx:
-        ids = text_tokens(f"bundled:{c}", w.tokenizer)[T : 3 * T].reshape(2, T)
-        acts.append(hf_activations(hf, ids)[1][0][:, n_min:].reshape(-1, w.d_mlp).double())
-    a, rest = acts[1], torch.cat([acts[0], acts[2]])
-    ref = (a.mean(0) - rest.mean(0)) / ((a.var(0) + rest.var(0)) / 2).sqrt()
-    assert d.shape == (3, w.d_mlp)
-    torch.testing.assert_close(d[1].double(), ref, atol=1e-3, rtol=1e-3)
+    circ = build_circuit(w, CircuitSettings(heads=[0, 1]))
+    windows, d_tune, d_report = E.ground_truth(w, circ, _fast())
+    n_min = circ.settings["min_position"]
+    acts = [hf_activations(hf, x.report)[1][0][:, n_min:].reshape(-1, w.d_mlp).double() for x in windows]
+    c = [x.name for x in windows].index("de_fortunes")
+    a, rest = acts[c], torch.cat([b for j, b in enumerate(acts) if j != c])
+    ref = (a.mean(0) - rest.mean(0)) / ((a.var(0, unbiased=False) + rest.var(0, unbiased=False)) / 2).sqrt()
+    assert d_report.shape == (len(windows), w.d_mlp) and len(windows) == len(E.TRACKED_CONTEXTS) + 5
+    torch.testing.assert_close(d_report[c].double(), ref, atol=1e-3, rtol=1e-3)
     assert ref.abs().max() > 0.3  # not a comparison of zeros
+    assert not torch.allclose(d_tune, d_report)  # two disjoint halves
 
 
 @pytest.fixture(scope="module")
@@ -99,9 +101,10 @@ def test_summary_numbers_are_the_analyses(result, series):
     assert [h.chosen for h in c.head_criteria] == [d.chosen for d in circ.decisions]
     # a chosen head passes every criterion
     assert all(all(h.criteria.values()) for h in c.head_criteria if h.chosen)
-    d = E.one_vs_rest_effects(w, E.bundled_texts(), circ.T, circ.settings["min_position"], 1)
+    windows, _, d = E.ground_truth(w, circ, _fast())
+    names = [x.name for x in windows]
     for cn in c.context_neurons:
-        row = d[E.bundled_texts().index(cn.context)]
+        row = d[names.index(cn.context)]
         assert cn.index == int(row.argmax()) and cn.d == pytest.approx(float(row.max()), abs=1e-5)
         assert 1 <= cn.rank <= w.d_mlp
     assert [n.rank for n in c.top_neurons] == list(range(1, 6))

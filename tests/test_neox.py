@@ -106,7 +106,10 @@ def test_evolution_on_parallel_neox_reports_kernels_but_not_layer0_neurons(neox,
 
     (w, _), parallel = neox
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
-    s = E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), truth_windows=1, top_k=3)
+    from attnscope.neurons import NeuronSettings
+
+    s = E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), neuron=NeuronSettings(max_windows=2),
+                            top_k=3)
     c = E.summarise_checkpoint(E.CheckpointRef(w.name, 0), s)
     assert len(c.heads) == w.n_layers * w.n_heads and len(c.head_criteria) == w.n_heads
     assert (E.PARALLEL_NOTE in c.notes) is parallel

@@ -27,17 +27,16 @@ from torch import Tensor
 from .circuit import Circuit, CircuitSettings, build_circuit
 from .circuit_result import HEAD_CRITERIA
 from .errors import AttnscopeError, ConditionFailedError
-from .forward import iter_layers
 from .kernels import KernelSettings, analyse_kernels
 from .models import ModelWeights, cache_dir, load_model
 from .models.resolve import split_revision
-from .neurons import NeuronSettings, find_neurons, score_neurons
-from .texts import bundled_texts, text_tokens
+from .contrast import build_token_model, pre_stats
+from .neurons import NeuronSettings, held_out_windows, label, one_vs_rest_effects, score, select
 
 __all__ = ["EvolutionSettings", "CheckpointRef", "CheckpointSummary", "EvolutionResult", "discover_checkpoints",
-           "summarise_checkpoint", "run_evolution", "one_vs_rest_effects", "timeline"]
+           "summarise_checkpoint", "run_evolution", "ground_truth", "timeline"]
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: contexts whose neurons the timeline follows (bundled text names)
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
@@ -53,13 +52,12 @@ class EvolutionSettings:
 
     kernel: KernelSettings = field(default_factory=lambda: KernelSettings(n_samples=16, n_heldout=4))
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
-    neuron: NeuronSettings = field(default_factory=lambda: NeuronSettings(max_neurons=16))
-    truth_windows: int = 4  # held-out windows per bundled text for the one-vs-rest effect sizes
-    top_k: int = 10  # top neurons (by the method's effect) followed across steps
+    neuron: NeuronSettings = field(default_factory=NeuronSettings)  # max_windows: held-out windows per text
+    top_k: int = 10  # top neurons (by the method's predicted sensitivity) followed across steps
 
     def to_json(self) -> dict:
         return {"kernel": asdict(self.kernel), "circuit": asdict(self.circuit), "neuron": asdict(self.neuron),
-                "truth_windows": self.truth_windows, "top_k": self.top_k}
+                "top_k": self.top_k}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -156,8 +154,8 @@ class ConditionPoint:
 @dataclass
 class NeuronPoint:
     index: int
-    rank: int  # 1 = the largest effect of the layer-0 MLP
-    effect: float
+    rank: int  # 1 = the method's most context-sensitive neuron of the layer-0 MLP
+    effect: float  # the method's sensitivity: max over contrasts of |predicted d|
     label: str | None
     top_tokens: list[str]
 
@@ -168,10 +166,10 @@ class ContextNeuron:
 
     context: str
     index: int
-    d: float  # one-vs-rest effect size (true pre-activations on held-out text)
+    d: float  # one-vs-rest effect size (true pre-activations, reporting half of the held-out windows)
     n_true: int  # neurons with d >= D_MIN for this context
-    rank: int | None  # its rank by the method's effect (weights + calibration text only); None: no circuit
-    selected: bool  # the method reports it (effect above the selection threshold)
+    rank: int | None  # its rank by the method's predicted sensitivity; None: no circuit
+    selected: bool  # the method reports it (sensitivity above the threshold measured on the tuning half)
 
 
 @dataclass
@@ -217,52 +215,36 @@ def _criteria(circ: Circuit) -> list[HeadCriteria]:
 
 
 @torch.no_grad()
-def one_vs_rest_effects(w: ModelWeights, contexts: list[str], T: int, n_min: int, n_windows: int) -> Tensor:
-    """Ground truth ``d [n_contexts, d_mlp]``: each layer-0 neuron's effect size for one context against the
-    others, ``(mean_c - mean_rest) / sqrt((var_c + var_rest) / 2)`` of its true pre-activation at positions
-    ``>= n_min`` of ``n_windows`` consecutive ``T``-token windows per bundled text (after its first window,
-    which holds the calibration text of ``en_moby_dick``)."""
-    bos = w.bos_token_id if w.prepend_bos else None
-    stats = []  # per context: (count, sum [d_mlp], sum of squares [d_mlp]) in float64
-    for c in contexts:
-        ids = text_tokens(f"bundled:{c}", w.tokenizer)
-        n = max(1, min(n_windows, len(ids) // T - 1))
-        body = ids[T : T * (n + 1)] if len(ids) >= 2 * T else ids[: (len(ids) // T) * T]
-        win = body.reshape(-1, T).to(w.device)
-        if bos is not None:
-            win = torch.cat([torch.full((len(win), 1), bos, device=w.device), win[:, :-1]], 1)
-        pre = next(iter_layers(w, win, stop_layer=0)).mlp_pre[:, n_min:]  # [n, T - n_min, d_mlp]
-        a = pre.reshape(-1, pre.shape[-1]).double()
-        stats.append((a.shape[0], a.sum(0), (a * a).sum(0)))
-    N = sum(s[0] for s in stats)
-    S1 = sum(s[1] for s in stats)
-    S2 = sum(s[2] for s in stats)
-
-    def mean_var(n, s1, s2):
-        return s1 / n, (s2 - s1 * s1 / n) / max(n - 1, 1)
-
-    out = []
-    for n, s1, s2 in stats:
-        m_c, v_c = mean_var(n, s1, s2)
-        m_r, v_r = mean_var(N - n, S1 - s1, S2 - s2)
-        out.append((m_c - m_r) / (((v_c + v_r) / 2).clamp_min(0).sqrt() + 1e-12))
-    return torch.stack(out).float()
+def ground_truth(w: ModelWeights, circ: Circuit, s: EvolutionSettings) -> tuple[list, Tensor, Tensor]:
+    """``(windows, d_tune, d_report)``: true one-vs-rest effect sizes ``[n_sources, d_mlp]`` of every layer-0
+    neuron on the held-out windows of each bundled text (the tuning and the reporting half), exactly as
+    :func:`~attnscope.neurons.find_neurons` measures them."""
+    windows = held_out_windows(w, circ, s.neuron.eval, s.neuron.max_windows)
+    n_min = circ.settings["min_position"]
+    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
+    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    return windows, d_tune, d_report
 
 
-def _neurons(w: ModelWeights, circ: Circuit, s: EvolutionSettings, d: Tensor, contexts: list[str]):
-    effect = score_neurons(w, circ, s.neuron, progress=False)[0]
-    order = effect.argsort(descending=True)
+def _neurons(w: ModelWeights, circ: Circuit, s: EvolutionSettings, windows: list, d_tune: Tensor, d_report: Tensor):
+    """The method's ranking (score), its measured threshold (select, on the tuning half), the top-k neurons,
+    and each tracked context's strongest true neuron on the reporting half with its rank."""
+    tm = build_token_model(w, circ)
+    sc = score(w, circ, windows, s.neuron, tm)
+    thr = select(sc, d_tune, s.neuron.precision_target)
+    order = sc.sensitivity.argsort(descending=True)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(1, len(order) + 1, device=order.device)
-    res = find_neurons(w, circ, s.neuron, progress=False)
-    by_index = {r.index: r for r in res.records}
+    rank[order] = torch.arange(1, len(order) + 1)
+    idx = order[: s.top_k].tolist()
+    ts = tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu()  # [d_vocab, k]
     top = []
-    for k in order[: s.top_k].tolist():
-        r = by_index.get(k)
-        toks = [t for t, _ in r.top_positive_tokens[:8]] if r else []
-        top.append(NeuronPoint(k, int(rank[k]), float(effect[k]), r.label if r else None, toks))
-    ctx = [_context_neuron(c, d[contexts.index(c)], rank, res.n_selected) for c in TRACKED_CONTEXTS if c in contexts]
-    return res.n_selected, top, ctx
+    for j, k in enumerate(idx):
+        pos = [w.tokenizer.decode([t]) for t in ts[:, j].topk(8).indices.tolist()]
+        neg = [w.tokenizer.decode([t]) for t in (-ts[:, j]).topk(8).indices.tolist()]
+        top.append(NeuronPoint(k, j + 1, float(sc.sensitivity[k]), label(pos, neg)[0], pos))
+    names = [x.name for x in windows]
+    ctx = [_context_neuron(c, d_report[names.index(c)], rank, thr.n_passed) for c in TRACKED_CONTEXTS if c in names]
+    return thr.n_passed, top, ctx
 
 
 def _context_neuron(context: str, row: Tensor, rank: Tensor | None, n_selected: int) -> ContextNeuron:
@@ -300,17 +282,14 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
         c.chosen = False
     conds = [] if circ is None else [ConditionPoint(c.name, bool(c.ok), float(c.measured), float(c.threshold))
                                      for c in circ.conditions]
-    contexts = bundled_texts()
-    ref_circ = circ or forced
-    d = one_vs_rest_effects(w, contexts, ref_circ.T, ref_circ.settings["min_position"], s.truth_windows)
-    notes = []
-    if w.parallel_attn_mlp:
-        notes.append(PARALLEL_NOTE)
+    windows, d_tune, d_report = ground_truth(w, circ or forced, s)
+    names = [x.name for x in windows]
+    notes = [PARALLEL_NOTE] if w.parallel_attn_mlp else []
     if circ is not None and not w.parallel_attn_mlp:
-        n_sel, top, ctx = _neurons(w, circ, s, d, contexts)
+        n_sel, top, ctx = _neurons(w, circ, s, windows, d_tune, d_report)
     else:
-        n_sel, top, ctx = 0, [], [_context_neuron(c, d[contexts.index(c)], None, 0)
-                                  for c in TRACKED_CONTEXTS if c in contexts]
+        n_sel, top, ctx = 0, [], [_context_neuron(c, d_report[names.index(c)], None, 0)
+                                  for c in TRACKED_CONTEXTS if c in names]
     out = CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
                             time.time() - t0, notes)
