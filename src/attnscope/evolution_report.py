@@ -102,7 +102,7 @@ def neuron_persistence(res: EvolutionResult, out: Path) -> Path:
     a1.set_xticks(range(len(cks)), [str(c.step) for c in cks], rotation=90, fontsize=7)
     a1.set_xlabel("training step")
     a1.set_ylabel("neuron (layer-0 MLP)")
-    fig.colorbar(im, ax=a1).set_label(f"rank by the method's effect (blank: not in the top {top_k})")
+    fig.colorbar(im, ax=a1).set_label(f"rank in the method's ranking (blank: not in the top {top_k})")
     a1.set_title("top neurons: persist / appear / disappear")
     x, xl = _x(res)
     for name in TRACKED_CONTEXTS:
@@ -189,7 +189,7 @@ def _timeline_section(res: EvolutionResult) -> str:
             + _table(["condition", "first passes at step", "holds from step to the last checkpoint"], conds)
             + f"<h3>Context neurons (ground truth: one-vs-rest effect size d ≥ {D_MIN:g})</h3>"
             + _table(["context", "a true neuron exists from step", "the method reports it from step",
-                      "step: neuron / its rank by the method's effect"], ctx) + "</section>")
+                      "step: neuron / its rank in the method's ranking"], ctx) + "</section>")
 
 
 def _checkpoint_section(res: EvolutionResult) -> str:
@@ -229,7 +229,7 @@ def write_evolution_page(res: EvolutionResult, out_dir: str | Path, figures: dic
     out = Path(out_dir)
     caps = {"neff": "N_eff of every head over training (log scale), coloured by its final category; right: held-out loss.",
             "categories": "Kernel category of every head (rows) at every checkpoint (columns); dots: layer-0 contextual heads.",
-            "neurons": "Left: rank of each top neuron by the method's effect over training (blank: outside the top list). "
+            "neurons": "Left: rank of each top neuron in the method's ranking (predicted sensitivity) over training (blank: outside the top list). "
                        "Right: the largest ground-truth one-vs-rest effect size per tracked context."}
     figs = "".join(_img(p, caps.get(k, k)) for k, p in figures.items())
     page = f"""<!DOCTYPE html>
