@@ -105,3 +105,27 @@ def test_pair_weights_are_least_squares(tiny_llama, moby_text):
         noise = 0.05 * torch.complex(torch.randn(c.shape, generator=gen, dtype=torch.float64),
                                      torch.randn(c.shape, generator=gen, dtype=torch.float64))
         assert err(c + noise) > best
+
+
+def test_bos_choice_recorded_and_sink_excluded_kernels_agree(tmp_path):
+    """GPT-2 architecture: the BOS choice is the caller's and is recorded; the sink-excluded kernels (first
+    position dropped, renormalised) with and without BOS agree within TV 0.05 in every layer."""
+    from conftest import make_positional_gpt2
+
+    from attnscope.decomposition import tv_distance
+    from attnscope.kernels import KernelSettings, analyse_kernels
+    from attnscope.models import load_model
+    from attnscope.sinks import split_sink
+
+    path = make_positional_gpt2(tmp_path / "m")
+    res = {}
+    for bos in (False, True):
+        w = load_model(str(path), prepend_bos=bos)
+        assert w.info()["prepend_bos"] is bos and w.bos_token_id == 0  # a local GPT-2 keeps no-BOS unless asked
+        res[bos] = analyse_kernels(w, KernelSettings(n_ctx=48, n_samples=8, n_heldout=2), cache=False, progress=False)
+        assert res[bos].provenance["bos"] == (0 if bos else None)
+    assert load_model(str(path)).prepend_bos is False
+    for key in ("data_kernel", "mean_attention"):
+        a = split_sink(res[False].arrays[key].double())[1]
+        b = split_sink(res[True].arrays[key].double())[1]
+        assert float(tv_distance(a, b).max()) < 0.05
