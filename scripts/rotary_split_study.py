@@ -32,7 +32,7 @@ from attnscope.decomposition import (
     separable_rotary_score_parts,
     tv_distance,
 )
-from attnscope.forward import iter_layers
+from attnscope.forward import apply_rotary, iter_layers, rotary_cos_sin
 from attnscope.kernels import offset_profile
 from attnscope.models import load_model
 from attnscope.texts import load_windows
@@ -124,6 +124,12 @@ def main() -> None:
                 row[:, 0] = 0
             prof += torch.stack([torch.nn.functional.pad(offset_profile(row[h], n, True), (0, T - n - 1)) for h in range(H)])
         c_ls = pair_weights_from_profile(w, prof)  # [h, D/2]
+        # weights-only alternative: the offset profile of the typical-query kernel itself (no attention data)
+        cos, sin = rotary_cos_sin(w, torch.arange(T))
+        ks = (apply_rotary(q_typ[:, None], cos[-1:], sin[-1:]) * apply_rotary(k_static, cos, sin)).sum(-1) / scale
+        if start:
+            ks[:, 0] = float("-inf")
+        c_kern = pair_weights_from_profile(w, ks.softmax(-1).flip(-1).double())
         ones = torch.ones_like(c_ls)
         q_typ_e = q_typ[None, :, None].expand_as(e["q"])
         with torch.enable_grad():
@@ -133,6 +139,7 @@ def main() -> None:
         q_typ_v = q_typ[None, :, None].expand_as(v["q"])
         with torch.no_grad():
             for name, q, c in [("zero-offset", v["q"], ones), ("ls-pairs", v["q"], c_ls), ("fit-pairs", v["q"], c_fit),
+                               ("kernel-pairs", v["q"], c_kern), ("typical-kernel-pairs", q_typ_v, c_kern),
                                ("typical-zero-offset", q_typ_v, ones), ("typical-ls-pairs", q_typ_v, c_ls),
                                ("typical-fit-pairs", q_typ_v, c_fit_typ)]:
                 cont, pos = separable_rotary_score_parts(w, q, v["k"], k_static, c)
