@@ -42,7 +42,7 @@ def main() -> None:
     circ = build_circuit(w, CircuitSettings(heads=a.heads))
     hs = torch.tensor(circ.heads)
     T, n_min = circ.T, circ.settings["min_position"]
-    e_val, p_val, _ = _content_inputs(w, T, circ.settings["reference_position"], reference_norm(w))
+    e_val, p_val, key_content = _content_inputs(w, T, circ.settings["reference_position"], reference_norm(w))
     WOV = torch.einsum("hde,hef->hdf", w.W_V[0][hs], w.W_O[0][hs])
     const = torch.einsum("he,hed->d", _value_bias(w)[hs], w.W_O[0][hs])
     bos = w.bos_token_id if w.prepend_bos else None
@@ -59,6 +59,7 @@ def main() -> None:
         if bos is not None:
             circ_static[:, 0] = kk[:, 0]
     sinks = []
+    tvs, ph = [], {}
     for spec in default_eval_texts(circ):
         toks = text_tokens(spec, w.tokenizer, max_tokens=T, min_tokens=n_min + 2, bos_token_id=bos).to(w.device)
         n = len(toks)
@@ -85,12 +86,45 @@ def main() -> None:
             "own K, exact Z": torch.einsum("hni,hid->nd", approx / approx.sum(-1, keepdim=True), exact_v),
             "exact-query split": torch.einsum("hni,hid->nd", split[0, hs], exact_v),
         }
+        if w.positional == "learned":
+            from attnscope.decomposition import learned_score_parts
+            cont, posi, _ = learned_score_parts(w, 0, act.norm_in, p_static[:n], act.q, reference_norm(w))
+            sc = float(w.attn_scale[0])
+            kq = (posi[0, hs] / sc).softmax(-1) * circ.f[:, toks][:, None, :]
+            fq = circ.head_kernels[:, :n, :n] * (cont[0, hs] / sc - (cont[0, hs] / sc).amax(-1, keepdim=True)).exp()
+            got["exact-q K, typical f"] = torch.einsum("hni,hid->nd", kq / kq.sum(-1, keepdim=True), exact_v)
+            got["typical K, exact-q f"] = torch.einsum("hni,hid->nd", fq / fq.sum(-1, keepdim=True), exact_v)
+            # query-conditioned content factor with a calibrated, query-conditioned denominator
+            keys = torch.einsum("vd,hde->hve", key_content, w.W_K[0][hs])  # [h, V, e]
+            qn = act.q[0, hs]  # [h, n, e]
+            cal = circ.calibration_tokens.to(w.device)
+            lf = torch.einsum("hne,hie->hni", qn, keys[:, toks]) / sc
+            lz = torch.einsum("hne,hje->hnj", qn, keys[:, cal[:n]]) / sc
+            m = lz.amax(-1, keepdim=True)
+            Kh = circ.head_kernels[:, :n, :n]
+            Zq = (Kh * (lz - m).exp()).sum(-1, keepdim=True)
+            aq = Kh * (lf - m).exp() / Zq
+            got["typical K, q-cond f, cal Z_q"] = torch.einsum("hni,hid->nd", aq, exact_v)
+            got["bag: q-cond f, cal Z_q"] = torch.einsum("hni,hid->nd", aq, vals) + const
+            for k in ("exact-q K, typical f", "typical K, exact-q f", "typical K, q-cond f, cal Z_q", "bag: q-cond f, cal Z_q"):
+                rows.setdefault(k, [])
+        an = approx / approx.sum(-1, keepdim=True)
+        tvs.append(0.5 * (an - pat).abs().sum(-1)[:, n_min:])
+        for j in range(len(circ.heads)):
+            ph.setdefault(j, {"true": [], "sep": []})
+            ph[j]["true"].append(centre(exact_v[j].T @ pat[j].T, w).T[n_min:] if False else
+                                 centre(pat[j] @ exact_v[j], w)[n_min:])
+            ph[j]["sep"].append(centre(an[j] @ exact_v[j], w)[n_min:])
         for k, v in got.items():
             rows[k].append(centre(v, w)[n_min:])
         sinks.append(s[:, n_min:])
     y = torch.cat(rows["true"])
     print(f"{a.model}: heads {circ.heads}; held-out texts {len(rows['true'])}; sink mass per head (median) "
           f"{[round(float(x), 3) for x in torch.cat(sinks, 1).median(-1).values]}")
+    tv = torch.cat(tvs, 1).median(-1).values
+    print("  per head: typical-query separable TV (median, held-out) and FVU of its own output (exact Z):")
+    for j, h in enumerate(circ.heads):
+        print(f"    head {h}: TV {float(tv[j]):.3f}  FVU {fvu(torch.cat(ph[j]['true']), torch.cat(ph[j]['sep'])):.3f}")
     for k in list(rows)[1:]:
         print(f"  FVU {k:14s} {fvu(y, torch.cat(rows[k])):.3f}")
 
