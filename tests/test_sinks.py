@@ -129,3 +129,26 @@ def test_bos_choice_recorded_and_sink_excluded_kernels_agree(tmp_path):
         a = split_sink(res[False].arrays[key].double())[1]
         b = split_sink(res[True].arrays[key].double())[1]
         assert float(tv_distance(a, b).max()) < 0.05
+
+
+def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
+    """Every head's sink_mass / sink_mass_cv equal the statistics of the model's own output_attentions on the
+    held-out windows; the category comes from the kernel without the first position."""
+    from attnscope.kernels import KernelSettings, _samples_spec, analyse_kernels
+    from attnscope.texts import load_windows
+
+    w, hf = tiny_llama
+    assert w.analysis_bos == 0
+    s = KernelSettings(n_ctx=40, n_samples=4, n_heldout=3, samples="bundled:en_moby_dick")
+    r = analyse_kernels(w, s, cache=False, progress=False)
+    win, _ = load_windows(_samples_spec(s.samples), w.tokenizer, 40, 7, seed=0, bos_token_id=0)
+    assert (win[:, 0] == 0).all()
+    with torch.no_grad():
+        att = hf(win[4:], output_attentions=True).attentions  # per layer [b, h, n, i]
+    n0 = r.query_positions[0]
+    for rec in r.records:
+        s0 = att[rec.layer][:, rec.head, n0:, 0].permute(1, 0).reshape(-1).double()
+        assert abs(rec.sink_mass - float(s0.median())) < 1e-5
+        assert abs(rec.sink_mass_cv - float(s0.std() / s0.mean())) < 1e-4
+        assert rec.category != "first-token sink" and rec.sink_dominated == (rec.sink_mass >= 0.5)
+    assert r.provenance["prepend_bos"] is True and "sink_handling" in r.provenance
