@@ -210,3 +210,22 @@ def pre_rotation(weights: ModelWeights, x: Tensor) -> Tensor:
     """Undo the rotation of rotated queries or keys ``[..., pos, d_head]`` (positions ``0..pos-1``)."""
     cos, sin = rotary_cos_sin(weights, torch.arange(x.shape[-2], device=x.device))
     return apply_rotary(x, cos, -sin)
+
+
+def pair_weights_of_kernel(weights: ModelWeights, kernel_rows: Tensor, skip_first: bool) -> Tensor:
+    """Pair weights ``c [H, D/2]`` from each head's own kernel at the last query position (``kernel_rows [H, T]``,
+    offset ``d = T - 1 - i``); with ``skip_first`` the first position (the sink) is left out of the profile."""
+    prof = kernel_rows.double().clone()
+    if skip_first:
+        prof[:, 0] = 0
+    return pair_weights_from_profile(weights, prof.flip(-1))
+
+
+def pooled_static_keys(k_pre: Tensor, bos: bool) -> Tensor:
+    """Layer-0 static pre-rotation keys ``[H, T, d_head]`` of one text's keys ``k_pre [H, T, d_head]``: positions are
+    exchangeable at layer 0, so one mean key for every position (the BOS keeps its own key at position 0)."""
+    start = 1 if bos else 0
+    out = k_pre[:, start:].mean(1, keepdim=True).expand(-1, k_pre.shape[1], -1).clone()
+    if bos:
+        out[:, 0] = k_pre[:, 0]
+    return out

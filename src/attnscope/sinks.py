@@ -55,3 +55,17 @@ def sink_label(sink_mass: float, category: str) -> str:
 def sink_masses(pattern: Tensor, n_min: int = 1) -> Tensor:
     """Sink masses ``[batch, head, n]`` of attention patterns ``[batch, head, n, T]`` at query positions >= n_min."""
     return pattern[:, :, n_min:, SINK_FIRST]
+
+
+def drop_sink(kernel: Tensor) -> Tensor:
+    """Kernel rows ``[..., n, T]`` without the first position, renormalised (row 0, which sees only the sink,
+    is left as zeros)."""
+    return split_sink(kernel)[1]
+
+
+def sink_term(pattern_sink: Tensor, n_min: int) -> tuple[Tensor, Tensor]:
+    """``(median, CV)`` per head of the sink mass ``pattern_sink [H, T]`` (true attention on position 0 at each
+    query position of the calibration text) over positions ``>= n_min``."""
+    s = pattern_sink[:, n_min:].double()
+    mean = s.mean(-1)
+    return s.median(-1).values, torch.where(mean > 0, s.std(-1) / mean.clamp(min=1e-30), torch.zeros_like(mean))
