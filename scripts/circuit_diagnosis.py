@@ -19,6 +19,7 @@ import argparse
 
 import torch
 
+from attnscope.decomposition import apply_pair_weights, pre_rotation
 from attnscope.circuit import CircuitSettings, _content_inputs, _value_bias, build_circuit, true_head_output
 from attnscope.decomposition import approximate_pattern, centre, reference_norm
 from attnscope.forward import embed_raw, iter_layers
@@ -53,8 +54,9 @@ def main() -> None:
     if w.positional == "rotary":
         cal = circ.calibration_tokens[None]
         kk = next(iter_layers(w, cal, stop_layer=0)).k
-        from attnscope.decomposition import pre_rotation
+        from attnscope.decomposition import apply_pair_weights, pre_rotation
         kk = pre_rotation(w, kk)[0]
+        kk_cal = next(iter_layers(w, cal, stop_layer=0)).k
         circ_static = kk[:, 1 if bos is not None else 0:].mean(1, keepdim=True).expand(-1, T, -1).clone()
         if bos is not None:
             circ_static[:, 0] = kk[:, 0]
@@ -86,6 +88,32 @@ def main() -> None:
             "own K, exact Z": torch.einsum("hni,hid->nd", approx / approx.sum(-1, keepdim=True), exact_v),
             "exact-query split": torch.einsum("hni,hid->nd", split[0, hs], exact_v),
         }
+        if w.positional == "rotary":
+            from attnscope.decomposition import pair_weights_of_kernel, pooled_static_keys, separable_rotary_score_parts
+            from attnscope.forward import mask_scores
+            c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos is not None)
+            qp, kp = pre_rotation(w, act.q)[:, hs], pre_rotation(w, act.k)[:, hs]
+            stat = pooled_static_keys(pre_rotation(w, kk_cal)[0][hs], bos is not None)[:, :n]
+            cont, posi = separable_rotary_score_parts(w, qp, kp, stat, c)
+            sc = float(w.attn_scale[0])
+            sep = mask_scores(w, (cont + posi) / sc).softmax(-1)[0]
+            fq = circ.head_kernels[:, :n, :n] * (cont[0] / sc - (cont[0] / sc).amax(-1, keepdim=True)).exp()
+            got["q-cond separable, self-normalised"] = torch.einsum("hni,hid->nd", sep, exact_v)
+            got["typical K, q-cond f, self-norm"] = torch.einsum("hni,hid->nd", fq / fq.sum(-1, keepdim=True), exact_v)
+            # calibrated per-query denominator: Z_q(n) = sum_j K_n(j) f_q(x_cal_j), f clipped at 3 x the median
+            cal_t = circ.calibration_tokens.to(w.device)[:n]
+            kc = pre_rotation(w, kk_cal)[0][hs][:, :n]  # calibration keys [h, n, e]
+            qc = apply_pair_weights(w, qp[0], c)  # [h, n, e]
+            lf = torch.einsum("hne,hie->hni", qc, kp[0] - stat[None][0]) / sc
+            lz = torch.einsum("hne,hie->hni", qc, kc - stat[None][0]) / sc
+            cap = lz[..., 1:].median(-1, keepdim=True).values + torch.log(torch.tensor(3.0))
+            lf, lz = torch.minimum(lf, cap), torch.minimum(lz, cap)
+            K = circ.head_kernels[:, :n, :n]
+            logZ = torch.logsumexp(torch.log(K.clamp(min=1e-300)) + lz, -1, keepdim=True)
+            aq = torch.exp(torch.log(K.clamp(min=1e-300)) + lf - logZ) * (K > 0)
+            got["typical K, q-cond f, cal Z_q"] = torch.einsum("hni,hid->nd", aq, exact_v)
+            for k in ("q-cond separable, self-normalised", "typical K, q-cond f, self-norm", "typical K, q-cond f, cal Z_q"):
+                rows.setdefault(k, [])
         if w.positional == "learned":
             from attnscope.decomposition import learned_score_parts
             cont, posi, _ = learned_score_parts(w, 0, act.norm_in, p_static[:n], act.q, reference_norm(w))
