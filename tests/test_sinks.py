@@ -151,3 +151,50 @@ def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
         assert abs(rec.sink_mass_cv - float(s0.std() / s0.mean())) < 1e-4
         assert rec.category != "first-token sink" and rec.sink_dominated == (rec.sink_mass >= 0.5)
     assert r.provenance["prepend_bos"] is True and "sink_handling" in r.provenance
+
+
+@pytest.fixture(scope="module")
+def bos_circuit(tmp_path_factory):
+    """The hand-built context-neuron GPT-2 (head 0: zero query, uniform) analysed WITH a BOS in front."""
+    from conftest import make_context_neuron_gpt2
+
+    from attnscope.circuit import CircuitSettings, build_circuit
+    from attnscope.models import load_model
+
+    path, _ = make_context_neuron_gpt2(tmp_path_factory.mktemp("cn_bos"))
+    w, hf = load_model(str(path), keep_hf=True, prepend_bos=True)
+    return w, hf, build_circuit(w, CircuitSettings(calibration="tests/data/moby.txt", n_ctx=128))
+
+
+def test_circuit_splits_off_the_sink(bos_circuit):
+    """Head 0 attends uniformly, so its sink mass is 1 / (n + 1) at query n: the decision reports exactly that
+    (checked against output_attentions), the kernel the circuit uses has no mass on the BOS, and the BOS choice
+    is recorded."""
+    w, hf, c = bos_circuit
+    assert c.heads == [0] and c.settings["bos"] == 0 and c.settings["prepend_bos"] is True
+    n_min, T = c.settings["min_position"], c.T
+    n = torch.arange(n_min, T, dtype=torch.float64)
+    d0 = c.decisions[0]
+    assert abs(d0.sink_mass - float((1 / (n + 1)).median())) < 1e-5
+    assert abs(d0.sink_mass_cv - float((1 / (n + 1)).std() / (1 / (n + 1)).mean())) < 1e-4
+    with torch.no_grad():
+        att = hf(c.calibration_tokens[None], output_attentions=True).attentions[0][0]
+    assert abs(d0.sink_mass - float(att[0, n_min:, 0].median())) < 1e-5
+    assert c.kernel[1:, 0].abs().max() == 0
+    torch.testing.assert_close(c.kernel[1:].sum(-1), torch.ones(T - 1), atol=1e-5, rtol=0)
+    # the kernel without the sink of a uniform head is uniform over positions 1..n
+    torch.testing.assert_close(c.kernel[-1, 1:], torch.full((T - 1,), 1.0 / (T - 1)), atol=1e-5, rtol=0)
+    assert c.condition("constant sink mass").measured == 0.0  # sink 0.03 < 0.05: no constant-sink claim made
+
+
+def test_circuit_with_sink_and_query_conditioned_variant_match_truth(bos_circuit):
+    from attnscope.circuit import circuit_fidelity
+    from attnscope.circuit_query import query_conditioned_fidelity
+    from attnscope.texts import text_tokens
+
+    w, _, c = bos_circuit
+    texts = {s: text_tokens(f"bundled:{s}", w.tokenizer, max_tokens=128, bos_token_id=0) for s in ("code_python", "es_fortunes")}
+    typ = circuit_fidelity(w, c, texts)
+    qc = query_conditioned_fidelity(w, c, texts)
+    # head 0 is content-blind (f = 1 for every query), so both forms equal the true output up to the constant sink
+    assert typ["fvu"] < 0.02 and abs(qc["fvu"] - typ["fvu"]) < 0.005
