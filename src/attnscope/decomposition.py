@@ -105,14 +105,20 @@ def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Tensor, k_bar
     return content, positional
 
 
-def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor, ref_norm: float) -> Tensor:
+def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor, ref_norm: float,
+                        pair_weights: Tensor | None = None) -> Tensor:
     """Attention pattern ``[batch, head, n, i]`` implied by the content/position split of the keys.
 
     ``acts``: the layer's :class:`~attnscope.forward.LayerActivations`; ``static``: ``pi [pos, d_model]``
-    for learned positions, ``k_bar [head, pos, d_head]`` for rotary.
+    for learned positions, ``k_bar [head, pos, d_head]`` for rotary; ``pair_weights [head, D/2]``: the
+    separable rotary split (:func:`separable_rotary_score_parts`), else content at zero offset.
     """
     scale = weights.attn_scale[layer]
-    if weights.positional == "rotary":
+    if weights.positional == "rotary" and pair_weights is not None:
+        content, positional = separable_rotary_score_parts(weights, pre_rotation(weights, acts.q),
+                                                           pre_rotation(weights, acts.k), static, pair_weights)
+        s = content + positional
+    elif weights.positional == "rotary":
         content, positional = rotary_score_parts(weights, layer, acts.attn_in, static)
         s = content + positional
     else:

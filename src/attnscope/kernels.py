@@ -54,7 +54,15 @@ from .categories import (  # noqa: F401  (re-exported: the categories and their 
     offset_profile,
     thresholds,
 )
-from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
+from .decomposition import (
+    approximate_pattern,
+    centre,
+    layer0_weight_kernels,
+    pair_weights_of_kernel,
+    pooled_static_keys,
+    reference_norm,
+    tv_distance,
+)
 from .errors import AttnscopeError, check_index
 from .forward import apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
 from .models import ModelWeights, cache_dir
@@ -196,7 +204,7 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "v": 3}, sort_keys=True)
+                       "v": 4}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -294,8 +302,9 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
     n_sink = qpos[0]  # sink statistics from the first kept query position on (early rows see few keys)
     sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
     cons = torch.zeros(L, H, dtype=f64, device=w.device)
+    pairs, statics = _rotary_split_inputs(w, est)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
-        approx = approximate_pattern(w, a.layer, a, est.static[j], est.ref_norms[a.layer])
+        approx = approximate_pattern(w, a.layer, a, statics[j], est.ref_norms[a.layer], pairs[j])
         tv = tv_distance(approx, a.pattern)  # [b, H, T]
         tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
         sinks[j].append(a.pattern[:, :, n_sink:, 0].permute(1, 0, 2).reshape(H, -1).float().cpu())
@@ -307,6 +316,18 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
     return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1) for t in tvs],
                             (sum_attn / n_held).to(w.dtype), cons / n_held,
                             [torch.cat(t, 1) if t else torch.zeros(H, 1) for t in sinks])
+
+
+def _rotary_split_inputs(w: ModelWeights, est: KernelEstimate) -> tuple[list, list]:
+    """Per analysed layer: the separable rotary split's pair weights (from the data kernel at the reference
+    query, first position excluded; ``None`` for learned positions) and the static part (layer 0 of a rotary
+    model: one pooled key for every position after the BOS, positions being exchangeable there)."""
+    bos = w.analysis_bos is not None
+    if w.positional != "rotary":
+        return [None] * len(est.layers), [est.static[j] for j in range(len(est.layers))]
+    pairs = [pair_weights_of_kernel(w, est.data_kernel[j, :, -1], True) for j in range(len(est.layers))]
+    statics = [pooled_static_keys(est.static[j], bos) if l == 0 else est.static[j] for j, l in enumerate(est.layers)]
+    return pairs, statics
 
 
 def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_norm: float, qpos: list[int]
