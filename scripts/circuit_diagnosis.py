@@ -19,7 +19,6 @@ import argparse
 
 import torch
 
-from attnscope.decomposition import apply_pair_weights, pre_rotation
 from attnscope.circuit import CircuitSettings, _content_inputs, _value_bias, build_circuit, true_head_output
 from attnscope.decomposition import approximate_pattern, centre, reference_norm
 from attnscope.forward import embed_raw, iter_layers
@@ -101,7 +100,6 @@ def main() -> None:
             got["q-cond separable, self-normalised"] = torch.einsum("hni,hid->nd", sep, exact_v)
             got["typical K, q-cond f, self-norm"] = torch.einsum("hni,hid->nd", fq / fq.sum(-1, keepdim=True), exact_v)
             # calibrated per-query denominator: Z_q(n) = sum_j K_n(j) f_q(x_cal_j), f clipped at 3 x the median
-            cal_t = circ.calibration_tokens.to(w.device)[:n]
             kc = pre_rotation(w, kk_cal)[0][hs][:, :n]  # calibration keys [h, n, e]
             qc = apply_pair_weights(w, qp[0], c)  # [h, n, e]
             lf = torch.einsum("hne,hie->hni", qc, kp[0] - stat[None][0]) / sc
