@@ -31,4 +31,4 @@ for l in sorted({h["layer"] for h in d["heads"]}):
     print(f"| {l} | " + " | ".join(str(c.get(k, "")) for k in CATEGORIES) + f" | {tv:.3f} | {tk:.3f} |")
 tot = Counter(h["category"] for h in d["heads"])
 tot["first-token sink"] = sum(h.get("sink_dominated", False) for h in d["heads"]) or ""
-print(f"| all | " + " | ".join(str(tot.get(k, "")) for k in CATEGORIES) + f" | {st.median(allv):.3f} | {st.median(allk):.3f} |")
+print("| all | " + " | ".join(str(tot.get(k, "")) for k in CATEGORIES) + f" | {st.median(allv):.3f} | {st.median(allk):.3f} |")
