@@ -23,7 +23,7 @@ from attnscope.circuit import CircuitSettings, _content_inputs, _value_bias, bui
 from attnscope.decomposition import approximate_pattern, centre, reference_norm
 from attnscope.forward import embed_raw, iter_layers
 from attnscope.models import load_model
-from attnscope.neurons import default_eval_texts
+from attnscope.texts import bundled_texts
 from attnscope.texts import text_tokens
 
 
@@ -61,7 +61,7 @@ def main() -> None:
             circ_static[:, 0] = kk[:, 0]
     sinks = []
     tvs, ph = [], {}
-    for spec in default_eval_texts(circ):
+    for spec in [f"bundled:{t}" for t in bundled_texts() if f"bundled:{t}" != circ.settings["calibration"]]:
         toks = text_tokens(spec, w.tokenizer, max_tokens=T, min_tokens=n_min + 2, bos_token_id=bos).to(w.device)
         n = len(toks)
         act = next(iter_layers(w, toks[None], stop_layer=0))
