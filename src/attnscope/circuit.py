@@ -19,9 +19,8 @@ calibration query and key through the rotation, ``K_n(i) ∝ exp(q̄ R_{i-n} k̄
 the offset), and ``f(x)`` is the separable content score with one complex weight per rotary frequency pair,
 taken from the head's own kernel (docs/rotary-split.md).
 
-Sinks (method §15): with a BOS in front, the first position is split off.  Kernels, ``N_eff``, denominators
-and the decomposition TV are those of the other positions (renormalised); the sink contributes its measured
-mass times the BOS value vector, a constant in ``Pi(n) + C``, and the sink mass's CV is a stated condition.
+Sinks (method §15): a BOS is split off; kernels, denominators and split TV use the other positions; the sink
+adds mass x BOS value (a constant in ``Pi(n) + C``), and its CV is a stated condition.
 """
 
 from __future__ import annotations
@@ -410,8 +409,8 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
     exact_pat, typ_pat = split_patterns(w, cal, acts, ref, q, c)
-    sink = sink_term(acts.pattern[0, :, :, 0], cal.n_min) if cal.bos is not None else \
-        (torch.zeros(w.n_heads, dtype=torch.float64, device=w.device),) * 2
+    no_sink = (torch.zeros(w.n_heads, dtype=torch.float64, device=w.device),) * 2
+    sink = sink_term(acts.pattern[0, :, :, 0], cal.n_min) if cal.bos is not None else no_sink
     st = head_statistics(Kh, logf, f, split_tv(exact_pat, acts.pattern[0], cal), cal, s.window)
     chosen, shared, share_tv = choose_heads(Kh, st, s, cal.n_min)
     decisions = head_decisions(st, chosen, share_tv, s)
@@ -435,9 +434,7 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
     return Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
                              "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
-                             "sink_handling": "BOS split off: constant sink term, kernels and denominators on the rest"
-                             if cal.bos is not None else "none (no BOS: the first position is content)",
-                             "rotary_split": None if c is None else "separable, per-pair weights from each head's kernel",
+                             "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
                              "rotary_pair_weights_abs": None if c is None else c.abs().float().cpu().tolist()},
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
