@@ -132,7 +132,7 @@ def check(
         w, hf = _load(rt, model, keep_hf=True)
         src = text or f"bundled:{bundled_texts()[0]}"
         n = min(n_tokens, w.n_ctx)
-        ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.bos_token_id if w.prepend_bos else None)
+        ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.analysis_bos)
         d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
     out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
            "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
@@ -173,29 +173,35 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     typer.echo(f"wrote {out / 'kernels.json'}, {out / 'kernels.safetensors'} and {len(figs)} figures in {out}")
 
 
+def _median_or_not_run(xs: list[float | None]) -> str:
+    """Upper median of ``xs`` to three decimals, or "not run" when the validation produced no value."""
+    vals = sorted(x for x in xs if x is not None)
+    return f"{vals[len(vals) // 2]:.3f}" if vals else "not run"
+
+
 def _print_kernel_summary(res) -> None:
     from collections import Counter
 
     from rich.console import Console
     from rich.table import Table
 
-    from .kernels import CATEGORIES
+    from .categories import CATEGORIES, CATEGORY_SHORT
 
     t = Table(title="kernel categories per layer; median TV of the decomposition and of kernel vs attention")
     t.add_column("layer")
-    short = {"sharp local decay": "local", "slow decay": "slow", "uniform": "uniform", "previous token": "prev",
-             "current token": "self", "first-token sink": "sink", "other": "other"}
     for c in CATEGORIES:
-        t.add_column(short[c], justify="right")
+        t.add_column(CATEGORY_SHORT[c], justify="right")
     t.add_column("TV dec", justify="right")
     t.add_column("TV kern", justify="right")
     for l in sorted({r.layer for r in res.records}):
         recs = [r for r in res.records if r.layer == l]
         cnt = Counter(r.category for r in recs)
-        tvd = sorted(r.tv_decomposition["median"] for r in recs)[len(recs) // 2]
-        tvk = sorted(r.tv_kernel_vs_attention for r in recs)[len(recs) // 2]
-        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{tvd:.3f}", f"{tvk:.3f}")
+        tvd = _median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
+        tvk = _median_or_not_run([r.tv_kernel_vs_attention for r in recs])
+        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], tvd, tvk)
     Console().print(t)
+    if res.records and res.records[0].tv_kernel_vs_attention is None:
+        typer.echo("note: no held-out windows (n_heldout=0): the decomposition and kernel-vs-attention checks were not run")
     if res.provenance.get("windows_overlap"):
         typer.echo("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
 
