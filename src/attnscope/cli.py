@@ -208,7 +208,8 @@ def _print_kernel_summary(res) -> None:
 
 @app.command(help="Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP, "
              "found from the weights and one calibration text, explained and verified on held-out texts."
-             f"\n\nWrites OUT/neurons.json, OUT/traces.json and figures.\n\n{_TEXTS}")
+             "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
+             f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
 @A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
@@ -234,7 +235,12 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
     _print_neuron_summary(res)
-    typer.echo(f"wrote {out / 'neurons.json'} and {len(figs)} figures in {out}")
+    typer.echo(f"wrote {out / 'neurons.json'}, {out / 'neurons.csv'} (one row per neuron), "
+               f"{out / 'traces.json'} and {len(figs)} figures in {out}")
+
+
+def _num(v: float | None) -> str:
+    return "n/a" if v is None or v != v else f"{v:.3f}"
 
 
 def _print_neuron_summary(res) -> None:
@@ -243,20 +249,23 @@ def _print_neuron_summary(res) -> None:
 
     s = res.summary()
     con = Console()
-    con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons found; "
-              f"{s['n_verified']} verified: median r = {s['median_r'] or float('nan'):.3f}, "
-              f"median FVU = {s['median_fvu'] or float('nan'):.3f}; circuit FVU = {res.fidelity['fvu']:.3f}")
+    con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons pass the "
+              f"measured threshold {s['threshold']:.3f} (reporting-half precision {_num(s['precision'])}, all neurons "
+              f"{_num(s['precision_random'])}); {s['n_verified']} with an explanation card: median r = "
+              f"{_num(s['median_r'])}, median FVU = {_num(s['median_fvu'])} (random neurons "
+              f"{_num(s['median_fvu_random'])}); circuit FVU = {res.fidelity['fvu']:.3f}")
     t = Table(title="conditions")
     for c in ("condition", "measured", "threshold", "ok"):
         t.add_column(c)
     for c in res.circuit["conditions"]:
         t.add_row(c["name"], f"{c['measured']:.3f}", f"{c['threshold']:g}", "yes" if c["ok"] else "NO")
     con.print(t)
-    t = Table(title="top neurons")
-    for c in ("neuron", "effect", "r", "FVU", "label", "top tokens", "fired on cal."):
+    t = Table(title="top neurons with an explanation card (predicted |d|: max over contrasts of the predicted "
+                    "effect size)")
+    for c in ("neuron", "predicted |d|", "r", "FVU", "label", "top tokens", "fired on cal."):
         t.add_column(c)
     for r in res.records[:15]:
-        t.add_row(str(r.index), f"{r.effect:.1f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
+        t.add_row(str(r.index), f"{r.sensitivity:.2f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
                   " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
     con.print(t)
 
