@@ -173,12 +173,6 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     typer.echo(f"wrote {out / 'kernels.json'}, {out / 'kernels.safetensors'} and {len(figs)} figures in {out}")
 
 
-def _median_or_not_run(xs: list[float | None]) -> str:
-    """Upper median of ``xs`` to three decimals, or "not run" when the validation produced no value."""
-    vals = sorted(x for x in xs if x is not None)
-    return f"{vals[len(vals) // 2]:.3f}" if vals else "not run"
-
-
 def _print_kernel_summary(res) -> None:
     from collections import Counter
 
@@ -186,6 +180,7 @@ def _print_kernel_summary(res) -> None:
     from rich.table import Table
 
     from .categories import CATEGORIES, CATEGORY_SHORT
+    from .cli_show import median_or_not_run
 
     t = Table(title="kernel categories per layer; median TV of the decomposition and of kernel vs attention")
     t.add_column("layer")
@@ -196,8 +191,8 @@ def _print_kernel_summary(res) -> None:
     for l in sorted({r.layer for r in res.records}):
         recs = [r for r in res.records if r.layer == l]
         cnt = Counter(r.category for r in recs)
-        tvd = _median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
-        tvk = _median_or_not_run([r.tv_kernel_vs_attention for r in recs])
+        tvd = median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
+        tvk = median_or_not_run([r.tv_kernel_vs_attention for r in recs])
         t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], tvd, tvk)
     Console().print(t)
     if res.records and res.records[0].tv_kernel_vs_attention is None:
@@ -234,40 +229,11 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
-    _print_neuron_summary(res)
+    from .cli_show import print_neuron_summary
+
+    print_neuron_summary(res)
     typer.echo(f"wrote {out / 'neurons.json'}, {out / 'neurons.csv'} (one row per neuron), "
                f"{out / 'traces.json'} and {len(figs)} figures in {out}")
-
-
-def _num(v: float | None) -> str:
-    return "n/a" if v is None or v != v else f"{v:.3f}"
-
-
-def _print_neuron_summary(res) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    s = res.summary()
-    con = Console()
-    con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons pass the "
-              f"measured threshold {s['threshold']:.3f} (reporting-half precision {_num(s['precision'])}, all neurons "
-              f"{_num(s['precision_random'])}); {s['n_verified']} with an explanation card: median r = "
-              f"{_num(s['median_r'])}, median FVU = {_num(s['median_fvu'])} (random neurons "
-              f"{_num(s['median_fvu_random'])}); circuit FVU = {res.fidelity['fvu']:.3f}")
-    t = Table(title="conditions")
-    for c in ("condition", "measured", "threshold", "ok"):
-        t.add_column(c)
-    for c in res.circuit["conditions"]:
-        t.add_row(c["name"], f"{c['measured']:.3f}", f"{c['threshold']:g}", "yes" if c["ok"] else "NO")
-    con.print(t)
-    t = Table(title="top neurons with an explanation card (predicted |d|: max over contrasts of the predicted "
-                    "effect size)")
-    for c in ("neuron", "predicted |d|", "r", "FVU", "label", "top tokens", "fired on cal."):
-        t.add_column(c)
-    for r in res.records[:15]:
-        t.add_row(str(r.index), f"{r.sensitivity:.2f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
-                  " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
-    con.print(t)
 
 
 def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
@@ -430,32 +396,11 @@ def contrast(
     if as_json:
         typer.echo(json.dumps(res.to_json(), default=str))
         return
-    _print_contrast(res, top)
+    from .cli_show import print_contrast
+
+    print_contrast(res, top)
     if out is not None:
         typer.echo(f"wrote {out / 'contrast.json'}")
-
-
-def _print_contrast(res, top: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    for sign, name in ((1, res.a), (-1, res.b)):
-        t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / calibration std)")
-        for col in ("neuron", "predicted d", "true d", "bag / direct / other heads", "token evidence"):
-            t.add_column(col)
-        for r in res.top(top, sign):
-            ev = r.evidence_a if sign > 0 else r.evidence_b
-            t.add_row(str(r.index), f"{r.predicted_d:+.2f}", "" if r.true_d is None else f"{r.true_d:+.2f}",
-                      " / ".join(f"{r.parts[k]:+.2f}" for k in ("contextual bag", "direct", "other heads")),
-                      " ".join(repr(tok)[1:-1] for tok, _ in ev[:6]))
-        con.print(t)
-    if res.verification:
-        v = res.verification
-        con.print(f"verified on {v.n_positions_a} + {v.n_positions_b} positions: Spearman {v.scores['spearman']:.3f} "
-                  f"(token-shuffled null {v.null_scores['spearman']:.3f}); precision@10/20/50 "
-                  + "/".join(f"{x:.2f}" for x in v.scores["precision"].values()) + "; recall@10/20/50 "
-                  + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
 
 
 def main() -> None:
