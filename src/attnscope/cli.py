@@ -20,6 +20,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import cli_args as A
+from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
+from .cli_args import out_option as _out
+from .cli_show import print_table
 from .circuit import CircuitSettings
 from .errors import AttnscopeError
 from .kernels import KernelSettings
@@ -36,25 +39,6 @@ app = typer.Typer(
 cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Show or clear the on-disk cache ($ATTNSCOPE_CACHE, default ~/.cache/attnscope).")
 app.add_typer(cache_app, name="cache")
-
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=A.MODEL_HELP, show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write the on-disk caches")]
-DecodeOpt = Annotated[str, typer.Option("--decode-errors", metavar="strict|replace",
-                                        help="undecodable bytes in text files: strict (an error naming the file and "
-                                             "byte) or replace (U+FFFD)")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="DEVICE",
-                                                  help="torch device: cpu, cuda, cuda:N or mps [default: cpu]")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
-                                                 help="float32 (default), float64, float16 or bfloat16")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
-                                                    help="hub models only: branch, tag or commit of the weights")]
-
-
-def _out(default: str) -> Any:
-    return Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (created; see --help of the "
-                                        f"command for what is written) [default: {default}]", show_default=False)]
-
 
 @app.callback()
 def _global(ctx: typer.Context, device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
@@ -96,22 +80,12 @@ def _emit(obj, as_json: bool, human) -> None:
         human(obj)
 
 
-def _print_table(d: dict, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False)
-    for k, v in d.items():
-        t.add_row(str(k), str(v))
-    Console().print(t)
-
-
 @app.command()
 def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: DeviceOpt = None,
          dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     """Architecture, layers, heads, positional scheme, context length and parameter count."""
     w = _load(_runtime(ctx, device, dtype, revision), model)
-    _emit(w.info(), as_json, lambda d: _print_table(d, f"attnscope info {model}"))
+    _emit(w.info(), as_json, lambda d: print_table(d, f"attnscope info {model}"))
 
 
 @app.command(help="Recompute every head's attention and every MLP pre-activation from the weights and compare with "
@@ -136,7 +110,7 @@ def check(
         d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
     out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
            "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
-    _emit(out, as_json, lambda o: _print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
+    _emit(out, as_json, lambda o: print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
 
 
 _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
@@ -293,7 +267,7 @@ def probe(
         w = _load(rt, model)
         check_index("layer", layer, w.n_layers)
         r = context_probe(w, layer=layer, texts=text or None, n_ctx=n_ctx)
-    _emit(r.to_json(), as_json, lambda d: _print_table(
+    _emit(r.to_json(), as_json, lambda d: print_table(
         {**{f"recall {k}": f"{v:.3f}" for k, v in d["recall"].items()}, "test accuracy": f"{d['test_accuracy']:.3f}",
          "chance": f"{d['chance']:.3f}", f"separated (recall >= {d['recall_min']})": ", ".join(d["separated"])},
         f"linear probe on layer-{layer} MLP activations"))
@@ -338,7 +312,7 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
     from .cache import cache_info
 
     d = cache_info()
-    _emit(d, as_json, lambda d: _print_table(
+    _emit(d, as_json, lambda d: print_table(
         {"path ($ATTNSCOPE_CACHE)": d["path"], **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB"
                                                    for k, v in d["kinds"].items()},
          "total": f"{d['total_bytes'] / 1e6:.1f} MB"}, "attnscope cache"))

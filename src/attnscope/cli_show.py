@@ -1,15 +1,24 @@
-"""Human-readable summaries that the CLI prints (rich tables); the JSON output is each result's ``to_json``."""
+"""Human-readable summaries that the CLI prints (rich tables, imported when printing: the CLI starts fast); the
+JSON output is each result's ``to_json``."""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from rich.console import Console
-from rich.table import Table
-
 if TYPE_CHECKING:
     from .contrast import ContrastResult
     from .neurons import NeuronResult
+
+
+def print_table(d: dict, title: str) -> None:
+    """A two-column table of ``d``'s keys and values."""
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title, show_header=False)
+    for k, v in d.items():
+        t.add_row(str(k), str(v))
+    Console().print(t)
 
 
 def median_or_not_run(xs: list[float | None]) -> str:
@@ -25,6 +34,9 @@ def num(v: float | None) -> str:
 
 def print_neuron_summary(res: NeuronResult) -> None:
     """The summary line (with each number's baseline), the circuit's conditions and the top cards."""
+    from rich.console import Console
+    from rich.table import Table
+
     s = res.summary()
     con = Console()
     con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons pass the "
@@ -50,6 +62,9 @@ def print_neuron_summary(res: NeuronResult) -> None:
 
 def print_contrast(res: ContrastResult, top: int) -> None:
     """The ``top`` neurons each way of a two-source contrast, and its verification if one was run."""
+    from rich.console import Console
+    from rich.table import Table
+
     con = Console()
     for sign, name in ((1, res.a), (-1, res.b)):
         t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / calibration std)")
