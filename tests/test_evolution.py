@@ -94,7 +94,7 @@ def test_summary_numbers_are_the_analyses(result, series):
     w = load_model(str(series / "a-early"))
     kr = analyse_kernels(w, _fast().kernel, progress=False)
     assert [(h.layer, h.head, h.category, h.n_eff, h.sink_mass) for h in c.heads] == \
-        [(r.layer, r.head, r.category, r.n_eff, r.mass_first) for r in kr.records]
+        [(r.layer, r.head, r.category, r.n_eff, r.sink_mass) for r in kr.records]
     circ = build_circuit(w)
     assert c.contextual_heads == circ.heads
     assert [(x.name, x.ok) for x in c.conditions] == [(x.name, bool(x.ok)) for x in circ.conditions]

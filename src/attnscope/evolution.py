@@ -36,7 +36,7 @@ from .neurons import NeuronSettings, held_out_windows, label, one_vs_rest_effect
 __all__ = ["EvolutionSettings", "CheckpointRef", "CheckpointSummary", "EvolutionResult", "discover_checkpoints",
            "summarise_checkpoint", "run_evolution", "ground_truth", "timeline"]
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 #: contexts whose neurons the timeline follows (bundled text names)
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
@@ -131,7 +131,7 @@ class HeadPoint:
     category: str
     n_eff: float
     decay_length: float | None
-    sink_mass: float  # kernel mass on the first token at the reference query, K_n(0)
+    sink_mass: float | None  # median attention on the first position (kernels' sink_mass; None: not measured)
 
 
 @dataclass
@@ -206,8 +206,7 @@ class CheckpointSummary:
 
 def _head_points(w: ModelWeights, s: EvolutionSettings, cache: bool) -> list[HeadPoint]:
     res = analyse_kernels(w, s.kernel, cache=cache, progress=False)
-    return [HeadPoint(r.layer, r.head, r.category, r.n_eff, r.decay_length,
-                      float(getattr(r, "sink_mass", r.mass_first))) for r in res.records]
+    return [HeadPoint(r.layer, r.head, r.category, r.n_eff, r.decay_length, r.sink_mass) for r in res.records]
 
 
 def _criteria(circ: Circuit) -> list[HeadCriteria]:
