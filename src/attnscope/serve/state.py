@@ -1,0 +1,104 @@
+r"""What the server holds once: the model, its contextual circuit, the explanation and the neuron table.
+
+With ``--analysis DIR`` the circuit and the selected neurons come from a saved analysis (the output
+folder of ``attnscope report`` or ``attnscope neurons``); otherwise they are computed at start-up with
+the CLI's defaults (``build_circuit`` then ``find_neurons``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import torch
+
+from ..circuit import Circuit, CircuitSettings, build_circuit
+from ..errors import AttnscopeError, ConditionFailedError
+from ..models import ModelWeights
+from ..neurons import find_neurons
+from .analysis import Analyser
+from .explanation import Explanation, make_explanation
+from .scope import calibration_sink_mass
+from .table import NeuronRow, build_table
+
+
+@dataclass
+class ServeModel:
+    w: ModelWeights
+    circ: Circuit
+    explanation: Explanation
+    analyser: Analyser
+    table: list[NeuronRow]
+    source: str  # where the circuit and neurons came from
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _neurons_json(analysis: Path) -> dict:
+    if not analysis.is_dir():
+        raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
+                             "or `attnscope neurons`")
+    for p in (analysis / "neurons.json", analysis / "neurons" / "neurons.json"):
+        if p.is_file():
+            try:
+                return json.loads(p.read_text())
+            except json.JSONDecodeError as err:
+                raise AttnscopeError(f"{p} is not valid JSON ({err.msg}); re-run `attnscope neurons`") from None
+    failed = analysis / "neurons" / "condition_failed.json"
+    if failed.is_file():
+        raise ConditionFailedError(f"the analysis in {analysis} has no circuit: "
+                                   f"{json.loads(failed.read_text()).get('error', 'a condition failed')}")
+    raise AttnscopeError(f"no neurons.json in {analysis} or {analysis / 'neurons'}; pass the output folder of "
+                         "`attnscope report` or `attnscope neurons`")
+
+
+def _check_same_model(w: ModelWeights, saved: dict, analysis: Path) -> None:
+    info = w.info()
+    keys = ("architecture", "n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")
+    diff = [k for k in keys if k in saved and saved[k] != info[k]]
+    if diff:
+        raise AttnscopeError(f"the analysis in {analysis} was made for model {saved.get('name')!r}, not {info['name']!r} "
+                             f"({', '.join(f'{k} {saved[k]} != {info[k]}' for k in diff)}); pass that model")
+
+
+def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, list[dict]]:
+    """The saved analysis's circuit (rebuilt from its recorded settings and heads: deterministic) and records."""
+    d = _neurons_json(analysis)
+    _check_same_model(w, d.get("model", {}), analysis)
+    saved = d["circuit"]
+    names = {f.name for f in fields(CircuitSettings)}
+    s = CircuitSettings(**{k: v for k, v in saved["settings"].items() if k in names})
+    s.heads = list(saved["heads"])
+    circ = build_circuit(w, s)
+    if circ.calibration_sha != saved.get("calibration_sha256", circ.calibration_sha):
+        raise AttnscopeError(f"the calibration text {s.calibration} changed since the analysis in {analysis} was made; "
+                             "re-run the analysis")
+    return circ, list(d.get("neurons", []))
+
+
+def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -> ServeModel:
+    """Everything the server needs, computed once."""
+    t: dict[str, float] = {}
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        if analysis is not None:
+            circ, records = circuit_from_analysis(w, Path(analysis))
+            source = f"saved analysis {analysis}"
+        else:
+            try:
+                circ = build_circuit(w)
+            except ConditionFailedError as err:
+                raise ConditionFailedError(f"{err}; or run `attnscope neurons {w.name} --heads ... --out DIR` and "
+                                           "pass --analysis DIR") from None
+            records = [vars(r) for r in find_neurons(w, circ, progress=False).records]
+            source = "computed at start-up (calibration " + circ.settings["calibration"] + ")"
+        t["circuit_and_neurons"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        expl = make_explanation(w, circ)
+        analyser = Analyser(w, circ, expl, calibration_sink_mass(w, circ))
+        table = build_table(w, circ, records)
+        t["explanation_and_table"] = time.perf_counter() - t0
+    log(f"contextual heads {circ.heads}; {sum(r.selected for r in table)} selected neurons of {len(table)}; "
+        f"explanation: {expl.kind} ({source})")
+    return ServeModel(w, circ, expl, analyser, table, source, t)
