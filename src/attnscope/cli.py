@@ -298,6 +298,26 @@ def train_demo_cmd(
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
+@app.command()
+def serve(
+    model: ModelArg,
+    analysis: Annotated[Optional[Path], typer.Option(help="saved analysis: the output folder of `report` or `neurons` "
+                                                     "(default: compute the circuit and neurons at start-up)")] = None,
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(help="address to listen on; give it explicitly to expose the page "
+                                      "beyond this machine")] = "127.0.0.1",
+) -> None:
+    """A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation per
+    token, the evidence, and whether the input lies inside the explanation's scope). Ctrl+C stops it."""
+    from .serve import check_port, run_server
+
+    check_port(host, port)  # before loading the model: a busy port is a one-line error at once
+    if analysis is not None and not analysis.is_dir():
+        raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
+                             "or `attnscope neurons`")
+    run_server(_load(model), analysis=analysis, host=host, port=port, log=typer.echo)
+
+
 def main() -> None:
     """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
     try:

@@ -9,13 +9,15 @@ and neuron table are computed once (:mod:`.state`); the page and API live in :mo
 
 from __future__ import annotations
 
+import contextlib
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 from ..errors import AttnscopeError
 from ..models import ModelWeights
 
-__all__ = ["create_app", "load_serve_model", "run_server"]
+__all__ = ["background_server", "check_port", "create_app", "free_port", "load_serve_model", "run_server"]
 
 
 def __getattr__(name: str):  # FastAPI is imported only when the server is used
@@ -62,3 +64,34 @@ def run_server(w: ModelWeights, *, analysis: Path | None = None, host: str = "12
     if host not in ("127.0.0.1", "localhost", "::1"):
         log(f"warning: listening on {host}: anyone who can reach this machine can use the page")
     uvicorn.run(create_app(m), host=host, port=port, log_level="warning")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def background_server(app, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 20.0) -> Iterator[str]:
+    """Serve ``app`` from a thread (tests, notebooks, the screenshot script); yields its base URL."""
+    import threading
+    import time
+
+    import uvicorn
+
+    port = port or free_port(host)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    t0 = time.monotonic()
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() - t0 > timeout_s:
+            raise AttnscopeError(f"the server did not start on {host}:{port}")
+        time.sleep(0.05)
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout_s)
