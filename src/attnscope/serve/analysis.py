@@ -19,7 +19,7 @@ from ..errors import AttnscopeError, TextTooShortError, check_index
 from ..forward import iter_layers
 from ..models import ModelWeights
 from .explanation import Evidence, Explanation
-from .scope import InputCondition, ScopeSettings, WindowStats, evaluate_scope, window_stats
+from .scope import CalibrationReference, InputCondition, ScopeSettings, WindowStats, evaluate_scope, window_stats
 
 MAX_CHARS = 200_000  # longer texts are refused (413): the page is for reading one text, not corpora
 
@@ -151,9 +151,9 @@ def plan_windows(n_tokens: int, capacity: int, overlap: int) -> list[Window]:
 class Analyser:
     """Holds the model, circuit and explanation once; answers texts."""
 
-    def __init__(self, w: ModelWeights, circ: Circuit, explanation: Explanation, cal_sink: float,
+    def __init__(self, w: ModelWeights, circ: Circuit, explanation: Explanation, cal: CalibrationReference,
                  scope: ScopeSettings | None = None):
-        self.w, self.circ, self.explanation, self.cal_sink = w, circ, explanation, cal_sink
+        self.w, self.circ, self.explanation, self.cal = w, circ, explanation, cal
         self.scope = scope or ScopeSettings()
         self.bos = w.bos_token_id if w.prepend_bos else None
         self.n_min = circ.settings["min_position"]
@@ -187,7 +187,7 @@ class Analyser:
             local[win.report_from : win.stop] = rep
             judged = rep[rep >= self.n_min].to(wt.device)
             stats.append(window_stats(self.w, self.circ, wt, acts, judged, rep.to(wt.device)))
-        conds = evaluate_scope(self.circ, stats, self.cal_sink, self.scope)
+        conds = evaluate_scope(self.circ, stats, self.cal, self.scope)
         return TextAnalysis(toks, wins, local, true, pred, conds, self.circ.T, self.n_min)
 
     @torch.no_grad()

@@ -94,7 +94,8 @@ def info_json(m: ServeModel) -> dict:
                         "kernel_query_position": n_ref, "kernels_by_offset": kernels,
                         "decisions": [asdict(d) for d in circ.decisions if d.chosen],
                         "conditions": [asdict(c) for c in circ.conditions],
-                        "calibration_sink_mass": m.analyser.cal_sink},
+                        "calibration_sink_mass": m.analyser.cal.sink_mass,
+                        "calibration_clipped_share": m.analyser.cal.clipped_share},
             "scope_thresholds": asdict(m.analyser.scope if m.analyser.scope else ScopeSettings()),
             "max_chars": MAX_CHARS, "n_neurons": len(m.table)}
 

@@ -20,7 +20,7 @@ from ..models import ModelWeights
 from ..neurons import find_neurons
 from .analysis import Analyser
 from .explanation import Explanation, make_explanation
-from .scope import calibration_sink_mass
+from .scope import calibration_reference
 from .table import NeuronRow, build_table
 
 
@@ -96,7 +96,7 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
         t["circuit_and_neurons"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         expl = make_explanation(w, circ)
-        analyser = Analyser(w, circ, expl, calibration_sink_mass(w, circ))
+        analyser = Analyser(w, circ, expl, calibration_reference(w, circ))
         table = build_table(w, circ, records)
         t["explanation_and_table"] = time.perf_counter() - t0
     log(f"contextual heads {circ.heads}; {sum(r.selected for r in table)} selected neurons of {len(table)}; "
