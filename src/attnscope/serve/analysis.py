@@ -209,8 +209,9 @@ def _moments(a: TextAnalysis) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
     """Means and variances ``[d_mlp]`` of true and predicted pre-activations over in-scope positions."""
     keep = ~a.early if (~a.early).any() else torch.ones_like(a.early)
     t, p = a.true[keep].double(), a.pred[keep].double()
-    var = (lambda x: x.var(0) if x.shape[0] > 1 else torch.zeros(x.shape[1], dtype=x.dtype))
-    return t.mean(0), var(t), p.mean(0), var(p), int(keep.sum())
+    if t.shape[0] < 2:  # one position: no spread
+        return t.mean(0), torch.zeros_like(t[0]), p.mean(0), torch.zeros_like(p[0]), int(keep.sum())
+    return t.mean(0), t.var(0), p.mean(0), p.var(0), int(keep.sum())
 
 
 def contrast(an: Analyser, text_a: str, text_b: str, neuron: int, top: int = 10) -> dict:

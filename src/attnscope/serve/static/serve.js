@@ -220,8 +220,12 @@ function renderPlot() {
   svg.append(line(a.true, "plot-true", "#111", ""), line(a.pred, "plot-pred", "#d62728", "5 3"));
   svg.append(sv("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#555" }),
              sv("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#555" }));
-  for (const v of [lo + pad, 0, hi - pad])
+  let lastY = -100;
+  for (const v of [hi - pad, 0, lo + pad]) {  // axis labels, skipping any that would overlap
+    if (Math.abs(y(v) - lastY) < 14) continue;
+    lastY = y(v);
     svg.append(sv("text", { x: L - 5, y: y(v) + 4, "font-size": 10, "text-anchor": "end" }, fmt(v, 2)));
+  }
   svg.append(sv("text", { x: L, y: H - 10, "font-size": 11 }, `token position (0..${n - 1})`),
              sv("text", { x: L, y: 14, "font-size": 12, "font-weight": 600 }, `neuron ${a.neuron}: pre-activation per token`),
              sv("line", { x1: W - 250, x2: W - 225, y1: 10, y2: 10, stroke: "#111", "stroke-width": 1.6 }),
