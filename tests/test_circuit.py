@@ -75,3 +75,61 @@ def test_errors(tiny_gpt2, tmp_path):
         build_circuit(w, CircuitSettings(calibration=str(short)))
     with pytest.raises(IndexOutOfRangeError, match="head index 9"):
         build_circuit(w, CircuitSettings(calibration=CAL, heads=[9], n_ctx=128))
+
+
+def test_circuit_save_load_round_trip(hand_circuit, tmp_path):
+    import json
+
+    from attnscope.circuit import Circuit, Criterion
+
+    w, c = hand_circuit
+    c.save(tmp_path / "circ")
+    back = Circuit.load(tmp_path / "circ")
+    assert back.to_json() == json.loads(json.dumps(c.to_json()))
+    for name in ("kernel", "head_kernels", "f", "Z", "ext", "positional", "calibration_tokens", "token_mask"):
+        a, b = getattr(c, name), getattr(back, name)
+        assert a.dtype == b.dtype and torch.equal(a.cpu(), b), name
+    assert back.decisions == c.decisions and back.conditions == c.conditions
+    assert all(isinstance(x, Criterion) for d in back.decisions for x in d.failed)
+    toks = text_tokens("bundled:en_moby_dick", w.tokenizer, max_tokens=64).to(w.device)
+    assert torch.equal(back.summary(toks.cpu()), c.summary(toks).cpu())
+    # a file from another schema version is refused with a clear error
+    d = json.loads((tmp_path / "circ" / "circuit.json").read_text())
+    (tmp_path / "circ" / "circuit.json").write_text(json.dumps({**d, "schema_version": 99}))
+    from attnscope.errors import AttnscopeError
+
+    with pytest.raises(AttnscopeError, match="schema version 99"):
+        Circuit.load(tmp_path / "circ")
+
+
+def test_conditions_carry_their_group_and_heads_their_failed_criteria(hand_circuit):
+    from attnscope.circuit import HEAD_CRITERIA, Criterion
+
+    _, c = hand_circuit
+    assert {x.name: x.group for x in c.conditions} == {
+        "broad kernel": "denom", "weak content dependence": "denom", "stable denominators": "denom",
+        "no outlier tokens": "denom", "shared kernel": "summary", "content/position split": "split",
+        "constant MLP-norm scale": "neuron"}
+    assert all(x.ok == ((x.measured >= x.threshold) if x.criterion is Criterion.BROAD else (x.measured <= x.threshold))
+               for x in c.conditions)
+    s = CircuitSettings()
+    for d in c.decisions:
+        expected = {Criterion.BROAD: d.n_eff < s.neff_min, Criterion.WEAK: d.logit_std > s.logit_std_max,
+                    Criterion.SPLIT: d.decomposition_tv > s.decomposition_tv_max,
+                    Criterion.STABLE: d.denominator_cv > s.denominator_cv_max, Criterion.SHARED: d.share_tv > s.share_tv_max}
+        assert set(d.failed) == {k for k, bad in expected.items() if bad}, d
+        assert d.chosen == (not d.failed)  # detection: chosen exactly when every test passes
+        assert [k for k, _, _ in d.checks()] == list(HEAD_CRITERIA)
+        assert all(met == (k not in d.failed) for k, _, met in d.checks())
+    assert any(d.failed for d in c.decisions)  # the hand-built model has non-contextual heads
+
+
+def test_forced_heads_record_the_user_choice(context_neuron_gpt2):
+    from attnscope.circuit import Criterion
+
+    (w, _), _ = context_neuron_gpt2
+    c = build_circuit(w, CircuitSettings(calibration=CAL, n_ctx=128, heads=[0, 1]))
+    assert c.heads == [0, 1]
+    for d in c.decisions:
+        assert (Criterion.USER in d.failed) == (d.head not in (0, 1))
+        assert d.checks()[-1][0] is Criterion.USER and d.checks()[-1][1] in ("chosen by the user", "not in --heads")

@@ -93,3 +93,19 @@ def test_against_transformer_lens(tiny_gpt2_dir, tiny_gpt2, moby_text):
         tl_pattern = cache[f"blocks.{l}.attn.hook_pattern"]
         assert (ours[l].pattern - tl_pattern).abs().max().item() <= TOL
         assert (ours[l].mlp_pre - cache[f"blocks.{l}.mlp.hook_pre"]).abs().max().item() <= TOL
+
+
+def test_shared_mask_scores_and_static_positions(tiny_gpt2):
+    from attnscope.forward import causal_mask, mask_scores, qk_scores, static_positions
+
+    w, _ = tiny_gpt2
+    assert torch.equal(causal_mask(3, 5), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool())
+    qpos = torch.tensor([0, 2])
+    assert torch.equal(causal_mask(2, 4, query_positions=qpos), torch.tensor([[1, 0, 0, 0], [1, 1, 1, 0]]).bool())
+    s = mask_scores(w, torch.zeros(2, 4), qpos)
+    assert torch.isinf(s).sum() == 4 and s[1, 2] == 0
+    q, k = torch.randn(2, 3, 5, 4), torch.randn(2, 3, 6, 4)
+    assert torch.allclose(qk_scores(q, k), q @ k.transpose(-1, -2), atol=1e-6)
+    assert torch.allclose(qk_scores(q, k[0]), q @ k[0].transpose(-1, -2), atol=1e-6)
+    assert torch.allclose(static_positions(w, 7), w.W_pos[:7], atol=1e-6)
+    assert w.analysis_bos == (w.bos_token_id if w.prepend_bos else None)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from attnscope.report import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
+from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
 
 DATA = Path(__file__).parent / "data"
 DOCS = Path(__file__).parent.parent / "docs"
@@ -39,15 +39,15 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reaso
 def report_path(hand_results, tmp_path_factory) -> Path:
     from attnscope.report import write_report
 
-    w, k, n, figs = hand_results
+    w, k, c, n, figs = hand_results
     out = tmp_path_factory.mktemp("browser_report")
-    return write_report(out, model_info=w.info(), kernels=k, neurons=n, figures=figs,
+    return write_report(out, model_info=w.info(), kernels=k, circuit=c, neurons=n, figures=figs,
                         command="attnscope report tiny", provenance={"seed": 0})
 
 
 @pytest.fixture(scope="module")
 def driver(report_path):
-    from attnscope.report import chrome_driver, set_viewport
+    from chromium import chrome_driver, set_viewport
 
     try:
         with chrome_driver(1280, 1600) as drv:
@@ -168,7 +168,7 @@ def test_print_layout(driver):
 
 
 def test_no_console_errors_and_screenshot(driver, report_path, tmp_path):
-    from attnscope.report import screenshot
+    from chromium import screenshot
 
     driver.get(report_path.resolve().as_uri())  # fresh load: its own console log
     driver.find_element(*_by('#head-table th[data-key="n_eff"]')).click()

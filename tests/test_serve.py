@@ -212,7 +212,7 @@ def test_saved_analysis_is_reused(served, tmp_path):
     assert [(r.index, r.label, r.selected) for r in m2.table] == [(r.index, r.label, r.selected) for r in m.table]
     assert m2.source.startswith("saved analysis")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(AttnscopeError, match="no neurons.json"):
+    with pytest.raises(AttnscopeError, match="no circuit or neurons.json"):
         load_serve_model(m.w, tmp_path / "empty", log=lambda *_: None)
     with pytest.raises(AttnscopeError, match="is not a folder"):
         load_serve_model(m.w, tmp_path / "missing", log=lambda *_: None)
@@ -222,3 +222,23 @@ def test_saved_analysis_is_reused(served, tmp_path):
     p.write_text(json.dumps(d))
     with pytest.raises(AttnscopeError, match="was made for model 'other', not 'demo'"):
         load_serve_model(m.w, tmp_path, log=lambda *_: None)
+
+
+def test_saved_circuit_is_loaded_not_rebuilt(served, tmp_path, monkeypatch):
+    """`attnscope report` saves DIR/circuit (Circuit.save): serve loads it instead of recomputing."""
+    from attnscope.neurons import find_neurons
+    from attnscope.serve import load_serve_model, state
+
+    m, _ = served
+    m.circ.save(tmp_path / "circuit")
+    find_neurons(m.w, m.circ, progress=False).save(tmp_path / "neurons")
+
+    def no_rebuild(*_a, **_k):
+        raise AssertionError("the saved circuit should have been loaded")
+
+    monkeypatch.setattr(state, "build_circuit", no_rebuild)
+    m2 = load_serve_model(m.w, tmp_path, log=lambda *_: None)
+    assert torch.equal(m2.circ.ext, m.circ.ext) and torch.equal(m2.circ.head_kernels, m.circ.head_kernels)
+    text, ids = _text(m.w, "bundled:es_fortunes", 100)
+    k = m.table[0].index
+    assert torch.allclose(m2.analyser.analyse(text).pred[:, k], _reference_pred(m, ids, k), atol=1e-4)

@@ -7,12 +7,10 @@ same analysis, and that the console logs no errors.  Saves docs/img/serve.png wh
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -20,40 +18,27 @@ from pathlib import Path
 import pytest
 import torch
 
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
-MISSING = ("headless Chromium not installed: apt-get install chromium chromium-driver"
-           if not (Path(CHROMIUM).is_file() and Path(CHROMEDRIVER).is_file()) else
-           "selenium not installed: pip install selenium" if importlib.util.find_spec("selenium") is None else
-           "fastapi not installed: pip install fastapi uvicorn" if importlib.util.find_spec("fastapi") is None else None)
+
+def _missing() -> str | None:
+    """Why the browser test cannot run, or ``None``."""
+    from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
+
+    try:
+        find_chromium()
+    except BrowserUnavailableError:
+        return CHROMIUM_INSTALL_HINT
+    for mod, pkg in (("selenium", "selenium"), ("fastapi", "fastapi uvicorn")):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} not installed: pip install {pkg}"
+    return None
+
+
+MISSING = _missing()
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 DOCS = Path(__file__).parent.parent / "docs"
 SPANISH = ("El pueblo estaba en silencio cuando llegó la noche, y los niños dormían mientras sus padres hablaban de "
            "la cosecha, del tiempo y de los viajes que nunca harían juntos por el mundo. Nadie sabía qué pasaría "
            "mañana, pero todos esperaban que la lluvia volviera pronto a los campos.")
-
-
-@contextlib.contextmanager
-def chromium(width: int, height: int):
-    """Headless Chromium that never touches the network (explicit driver path: no Selenium Manager)."""
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    with tempfile.TemporaryDirectory(prefix="attnscope-serve-chromium-") as profile:
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = CHROMIUM
-        for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--no-first-run",
-                  "--disable-extensions", "--hide-scrollbars", f"--user-data-dir={profile}",
-                  f"--window-size={width},{height}"):
-            opts.add_argument(a)
-        opts.set_capability("goog:loggingPrefs", {"browser": "ALL"})
-        drv = webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
-        try:
-            drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                                {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False})
-            yield drv
-        finally:
-            drv.quit()
 
 
 def spanish_neuron(m) -> tuple[int, float]:
@@ -80,7 +65,10 @@ def page(demo):
     from attnscope.serve import background_server, create_app, load_serve_model
 
     m = load_serve_model(load_model("demo"), log=lambda *_: None)
-    with background_server(create_app(m)) as url, chromium(1280, 1500) as drv:
+    from chromium import chrome_driver, set_viewport
+
+    with background_server(create_app(m)) as url, chrome_driver(1280, 1500) as drv:
+        set_viewport(drv, 1280, 1500)
         yield m, url, drv
 
 
@@ -183,6 +171,8 @@ def test_bad_input_gets_a_message(page):
 
 
 def _screenshot(drv, path: Path) -> None:
+    from chromium import set_viewport
+
     drv.find_element(*_by("#text-a")).send_keys(SPANISH)
     drv.find_element(*_by("#text-b")).send_keys("Call me Ishmael. Some years ago, never mind how long precisely, having "
                                                 "little or no money in my purse, and nothing particular to interest me on "
@@ -192,12 +182,10 @@ def _screenshot(drv, path: Path) -> None:
     _wait(drv, lambda dr: dr.find_element(*_by("#contrast-result")).is_displayed())
     time.sleep(0.3)
     h = int(drv.execute_script("return document.documentElement.scrollHeight"))
-    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                        {"width": 1280, "height": min(h, 6000), "deviceScaleFactor": 1, "mobile": False})
+    set_viewport(drv, 1280, min(h, 6000))
     drv.execute_script("window.scrollTo(0, 0)")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
     assert drv.save_screenshot(str(tmp))
     shutil.move(tmp, path)
-    drv.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
-                        {"width": 1280, "height": 1500, "deviceScaleFactor": 1, "mobile": False})
+    set_viewport(drv, 1280, 1500)

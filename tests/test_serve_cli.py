@@ -34,7 +34,7 @@ CASES = [  # (arguments after `serve`, start of the error line)
     (lambda t, p: ["demo", "--port", str(p)], "error: cannot listen on 127.0.0.1:{port}"),
     (lambda t, p: ["demo", "--host", "192.0.2.1"], "error: cannot listen on 192.0.2.1:8000"),
     (lambda t, p: ["demo", "--analysis", str(t / "nowhere")], "error: --analysis {tmp}/nowhere is not a folder"),
-    (lambda t, p: ["demo", "--analysis", _empty_dir(t)], "error: no neurons.json in"),
+    (lambda t, p: ["demo", "--analysis", _empty_dir(t)], "error: no circuit or neurons.json in"),
     (lambda t, p: ["./missing-model-folder"], "error: no such file or folder"),
 ]
 

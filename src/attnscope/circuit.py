@@ -21,99 +21,29 @@ the offset), and ``f(x)`` is the zero-offset content score.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
 
+from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types live with it)
+    CONDITION_GROUP,
+    HEAD_CRITERIA,
+    LAYER,
+    SCHEMA_VERSION,
+    Circuit,
+    CircuitSettings,
+    Condition,
+    ConditionGroup,
+    Criterion,
+    HeadDecision,
+)
 from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
 from .errors import AttnscopeError, ConditionFailedError, check_index
-from .forward import apply_rotary, attn_norm_params, embed_raw, iter_layers, norm, rotary_cos_sin
+from .forward import (apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,
+                      rotary_cos_sin, static_positions)
 from .models import ModelWeights
 from .texts import text_tokens
-
-LAYER = 0  # the method is exact about layer 0: its heads read token and position embeddings only
-
-
-@dataclass
-class CircuitSettings:
-    """Choices that determine the circuit (recorded in the output)."""
-
-    calibration: str = "bundled:en_moby_dick"
-    n_ctx: int | None = None  # calibration tokens used (default min(context, 256))
-    window: int = 100  # windowed-denominator width (the method's 100)
-    min_position: int | None = None  # positions n < this are excluded from statistics (default window // 4)
-    heads: list[int] | None = None  # force the contextual heads (skip detection)
-    neff_min: float = 16.0  # broad kernel: N_eff >= this
-    logit_std_max: float = 1.0  # weak content dependence: std of log f over calibration tokens <= this
-    denominator_cv_max: float = 0.15  # stable denominator: CV of Z_n over calibration positions <= this
-    share_tv_max: float = 0.3  # shared kernel: TV(head kernel, shared kernel) <= this
-    decomposition_tv_max: float = 0.2  # the content/position split holds: median TV <= this
-    f_clip: float = 3.0  # f is clipped at f_clip * median f (the method clips f at 3)
-
-
-@dataclass
-class HeadDecision:
-    head: int
-    chosen: bool
-    reasons: list[str]
-    n_eff: float
-    logit_std: float
-    denominator: float  # kernel-weighted Z on the calibration text (median over positions)
-    denominator_windowed: float
-    denominator_cv: float  # measured CV of Z_n over calibration positions
-    denominator_cv_predicted: float  # std f / (mean f sqrt(N_eff)), the concentration bound's scale
-    share_tv: float
-    decomposition_tv: float
-
-
-@dataclass
-class Condition:
-    """One stated input condition of an approximation, with its measured value."""
-
-    name: str
-    holds_when: str
-    measured: float
-    threshold: float
-    ok: bool
-
-
-@dataclass
-class Circuit:
-    """The contextual circuit of layer 0 (tensors in comments)."""
-
-    settings: dict
-    heads: list[int]
-    decisions: list[HeadDecision]
-    conditions: list[Condition]
-    kernel: Tensor  # [T, T] shared kernel K_n(i) (rows: query n)
-    head_kernels: Tensor  # [n_chosen, T, T] each chosen head's own kernel
-    f: Tensor  # [n_chosen, d_vocab] clipped content factors
-    Z: Tensor  # [n_chosen] calibrated denominators
-    ext: Tensor  # [d_vocab, d_model] extended embeddings
-    positional: Tensor  # [T, d_model] Pi(n) + C: positional and bias terms of the summed output
-    mlp_scale: float  # constant scale replacing the next norm (LN2), measured on the calibration text
-    mlp_scale_cv: float
-    calibration_tokens: Tensor  # [T]
-    calibration_sha: str
-    token_mask: Tensor  # [d_vocab] bool, False for outlier-norm (glitch-like) tokens
-    extra: dict = field(default_factory=dict)
-
-    @property
-    def T(self) -> int:
-        return self.kernel.shape[0]
-
-    def summary(self, tokens: Tensor) -> Tensor:
-        """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T)."""
-        n = tokens.shape[-1]
-        return self.kernel[:n, :n] @ self.ext[tokens] + self.positional[:n]
-
-    def to_json(self) -> dict:
-        return {"settings": self.settings, "heads": self.heads, "decisions": [asdict(d) for d in self.decisions],
-                "conditions": [asdict(c) for c in self.conditions], "mlp_scale": self.mlp_scale,
-                "mlp_scale_cv": self.mlp_scale_cv, "calibration_sha256": self.calibration_sha,
-                "n_calibration_tokens": int(self.calibration_tokens.numel()),
-                "n_masked_tokens": int((~self.token_mask).sum()), **self.extra}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +59,7 @@ def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float):
     d, eps = w.d_model, w.eps
     E = centre(w.W_E, w)  # [V, d]
     if w.positional == "learned":
-        P = centre(embed_raw(w, torch.zeros(1, T, dtype=torch.long, device=w.device))[0] - w.W_E[0], w)
+        P = centre(static_positions(w, T), w)
         p_ref = P[n_star]
         e_sig = ((E.pow(2).sum(-1) + p_ref.pow(2).sum()) / d + eps).sqrt()  # sigma as if orthogonal to p_ref
         e_val = gamma * E / e_sig[:, None]
@@ -171,9 +101,8 @@ def layer0_kernels_and_queries(w: ModelWeights, cal: Tensor) -> tuple[Tensor, Te
     if w.positional == "learned":
         query = w.W_E[body].mean(0)
         K = layer0_weight_kernels(w, query, T, reference_norm(w))
-        P = embed_raw(w, torch.zeros(1, T, dtype=torch.long, device=w.device))[0] - w.W_E[0]
-        x = norm(w, (query + P)[None], gamma, beta)
-        q = torch.einsum("bpd,hde->bhpe", x, w.W_Q[LAYER])[0] + w.b_Q[LAYER][:, None]
+        x = norm(w, (query + static_positions(w, T))[None], gamma, beta)
+        q = project(x, w.W_Q[LAYER], w.b_Q[LAYER])[0]
         return K, q
     if w.positional != "rotary":
         raise AttnscopeError("layer-0 kernels need learned or rotary positions")
@@ -183,9 +112,7 @@ def layer0_kernels_and_queries(w: ModelWeights, cal: Tensor) -> tuple[Tensor, Te
     cos, sin = rotary_cos_sin(w, torch.arange(T, device=w.device))
     qr = apply_rotary(q_bar[:, None].expand(-1, T, -1), cos, sin)
     kr = apply_rotary(k_bar[:, None].expand(-1, T, -1), cos, sin)
-    s = torch.einsum("hne,hie->hni", qr, kr) / w.attn_scale[LAYER]
-    if w.causal:
-        s = s.masked_fill(~torch.ones(T, T, dtype=torch.bool, device=w.device).tril(), float("-inf"))
+    s = mask_scores(w, qk_scores(qr, kr) / w.attn_scale[LAYER])
     return s.softmax(-1), q_bar[:, None].expand(-1, T, -1)
 
 
@@ -211,63 +138,118 @@ def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Tensor, Tens
     return g[:, None] * W, bias
 
 
-@torch.no_grad()
-def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> Circuit:
-    """Detect the contextual heads of layer 0, calibrate their denominators, build the extended embeddings."""
-    s = settings or CircuitSettings()
+@dataclass
+class Calibration:
+    """The calibration text as the circuit uses it."""
+
+    tokens: Tensor  # [T] (with the analysis BOS in front, if any)
+    sha256: str
+    bos: int | None
+    n_min: int  # positions n < n_min are left out of every statistic
+    n_star: int  # the reference query position of the content factors
+
+    @property
+    def T(self) -> int:
+        return len(self.tokens)
+
+    @property
+    def body(self) -> Tensor:
+        """The tokens without the BOS."""
+        return self.tokens[1:] if self.bos is not None else self.tokens
+
+
+def load_calibration(w: ModelWeights, s: CircuitSettings) -> Calibration:
+    """Tokenise the calibration text (at most ``n_ctx`` tokens, enough for the windowed denominators)."""
+    from .texts import open_source
+
     T = min(w.n_ctx, 256) if s.n_ctx is None else s.n_ctx
     if T > w.n_ctx:
         raise AttnscopeError(f"--n-ctx {T} exceeds the model's context of {w.n_ctx}")
-    bos = w.bos_token_id if w.prepend_bos else None
+    bos = w.analysis_bos
     need = max(s.window + 1, 2 * (s.min_position or s.window // 4) + 1)
     cal = text_tokens(s.calibration, w.tokenizer, max_tokens=T, min_tokens=need, bos_token_id=bos).to(w.device)
-    from .texts import open_source
-
-    cal_sha = open_source(s.calibration).sha256
     T = len(cal)
     n_min = s.min_position if s.min_position is not None else s.window // 4
-    H = w.n_heads
-    scale = w.attn_scale[LAYER]
-    gamma, beta = attn_norm_params(w, LAYER)
-    n_star = min(T - 1, max(n_min, T // 2))
-    ref = reference_norm(w)
-    e_val, p_val, key_content = _content_inputs(w, T, n_star, ref)
-    Kh, q = layer0_kernels_and_queries(w, cal)  # [H, T, T], [H, T, dh]
-    # content factor of every vocabulary item: log f^h(x) = q_{n*} . E[n*, x] / scale (bias in q . c_K cancels)
+    return Calibration(cal, open_source(s.calibration).sha256, bos, n_min, min(T - 1, max(n_min, T // 2)))
+
+
+def content_factors(w: ModelWeights, cal: Calibration, q: Tensor, key_content: Tensor, f_clip: float
+                    ) -> tuple[Tensor, Tensor]:
+    """``(log f [H, V], f [H, V])``: every vocabulary item's content factor for every head,
+    ``log f^h(x) = q_{n*} . E[n*, x] / scale`` (the bias in ``q . c_K`` cancels), normalised so that the
+    median calibration token has ``f = 1``, and ``f`` clipped at ``f_clip`` (the BOS token's own factor is
+    measured, not clipped: it is a sink, not content)."""
     keys = torch.einsum("vd,hde->hve", key_content, w.W_K[LAYER])  # [H, V, dh]
-    logf = torch.einsum("he,hve->hv", q[:, n_star], keys) / scale
-    mask = outlier_token_mask(w)
-    body = cal[1:] if bos is not None else cal
-    logf = logf - logf[:, body].median(-1, keepdim=True).values  # f = 1 for the median calibration token
-    f = logf.exp().clamp(max=s.f_clip)
-    if bos is not None:  # the BOS token's own factor is measured, not clipped (it is a sink, not content)
-        f[:, bos] = logf[:, bos].exp()
-    # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
-    acts = next(iter_layers(w, cal[None], stop_layer=0))
+    logf = torch.einsum("he,hve->hv", q[:, cal.n_star], keys) / w.attn_scale[LAYER]
+    logf = logf - logf[:, cal.body].median(-1, keepdim=True).values
+    f = logf.exp().clamp(max=f_clip)
+    if cal.bos is not None:
+        f[:, cal.bos] = logf[:, cal.bos].exp()
+    return logf, f
+
+
+@dataclass
+class HeadStatistics:
+    """Per-head measurements on the calibration text (each ``[n_heads]``)."""
+
+    n_eff: Tensor  # median over positions of 1 / sum K^2
+    logit_std: Tensor  # std of log f over calibration tokens
+    decomposition_tv: Tensor  # median over positions of TV(true attention, content+position pattern)
+    denominator: Tensor  # median over positions of the kernel-weighted Z_n
+    denominator_windowed: Tensor  # median over positions of the windowed mean of f
+    denominator_cv: Tensor  # CV of Z_n over positions
+    denominator_cv_predicted: Tensor  # std f / (mean f sqrt(N_eff))
+
+
+def decomposition_tv(w: ModelWeights, cal: Calibration, acts, ref: float) -> Tensor:
+    """Median over positions ``>= n_min`` of TV(true layer-0 attention, content+position pattern) ``[H]``."""
+    T = cal.T
     if w.positional == "learned":
-        static = embed_raw(w, torch.zeros(1, T, dtype=torch.long, device=w.device))[0] - w.W_E[0]
+        static = static_positions(w, T)
     else:
-        kk = torch.einsum("bpd,hde->bhpe", acts.attn_in, w.W_K[LAYER]) + w.b_K[LAYER][None, :, None]
-        static = kk[0, :, 1 if bos is not None else 0 :].mean(1, keepdim=True).expand(-1, T, -1)
+        kk = project(acts.attn_in, w.W_K[LAYER], w.b_K[LAYER])
+        static = kk[0, :, 1 if cal.bos is not None else 0 :].mean(1, keepdim=True).expand(-1, T, -1)
     approx = approximate_pattern(w, LAYER, acts, static, ref)
-    dec_tv = tv_distance(approx, acts.pattern)[0, :, n_min:].median(-1).values  # [H]
-    # denominators: kernel-weighted Z_n = sum_j K_n(j) f(x_j), and the windowed mean of f
-    fx = f[:, cal]  # [H, T]
+    return tv_distance(approx, acts.pattern)[0, :, cal.n_min:].median(-1).values
+
+
+def head_statistics(Kh: Tensor, logf: Tensor, f: Tensor, dec_tv: Tensor, cal: Calibration, window: int
+                    ) -> HeadStatistics:
+    """Denominators (kernel-weighted ``Z_n = sum_j K_n(j) f(x_j)`` and the windowed mean of ``f``), kernel
+    widths and content dependence of every head."""
+    n_min, T = cal.n_min, cal.T
+    fx = f[:, cal.tokens]  # [H, T]
     Zn = torch.einsum("hnj,hj->hn", Kh, fx)[:, n_min:]
-    Zk = Zn.median(-1).values
-    Zcv = Zn.std(-1) / Zn.mean(-1)
-    win = torch.stack([fx[:, max(0, n - s.window) : n].mean(-1) for n in range(max(s.window, n_min), T)], -1)
-    Zw = win.median(-1).values
+    win = torch.stack([fx[:, max(0, n - window) : n].mean(-1) for n in range(max(window, n_min), T)], -1)
     neff = (1.0 / Kh[:, n_min:].pow(2).sum(-1)).median(-1).values  # [H]
-    fb = fx[:, 1:] if bos is not None else fx
-    cv_pred = fb.std(-1) / (fb.mean(-1) * neff.sqrt())
-    logit_std = logf[:, body].std(-1)
-    # detection
-    broad = neff >= s.neff_min
-    weak = logit_std <= s.logit_std_max
-    split_ok = dec_tv <= s.decomposition_tv_max
-    stable = Zcv <= s.denominator_cv_max
-    cand = broad & weak & split_ok & stable
+    fb = fx[:, 1:] if cal.bos is not None else fx
+    return HeadStatistics(n_eff=neff, logit_std=logf[:, cal.body].std(-1), decomposition_tv=dec_tv,
+                          denominator=Zn.median(-1).values, denominator_windowed=win.median(-1).values,
+                          denominator_cv=Zn.std(-1) / Zn.mean(-1),
+                          denominator_cv_predicted=fb.std(-1) / (fb.mean(-1) * neff.sqrt()))
+
+
+def _head_tests(st: HeadStatistics, share_tv: Tensor | None, s: CircuitSettings) -> list[tuple]:
+    """``(criterion, label, measured [H], threshold, passes [H], digits)`` for each of :data:`HEAD_CRITERIA`
+    (the shared-kernel test only once ``share_tv`` is known)."""
+    tests = [(Criterion.BROAD, "N_eff", st.n_eff, s.neff_min, st.n_eff >= s.neff_min, 1),
+             (Criterion.WEAK, "std log f", st.logit_std, s.logit_std_max, st.logit_std <= s.logit_std_max, 2),
+             (Criterion.SPLIT, "decomposition TV", st.decomposition_tv, s.decomposition_tv_max,
+              st.decomposition_tv <= s.decomposition_tv_max, 3),
+             (Criterion.STABLE, "CV(Z_n)", st.denominator_cv, s.denominator_cv_max,
+              st.denominator_cv <= s.denominator_cv_max, 3)]
+    if share_tv is not None:
+        tests.append((Criterion.SHARED, "TV to shared kernel", share_tv, s.share_tv_max, share_tv <= s.share_tv_max, 3))
+    return tests
+
+
+def choose_heads(Kh: Tensor, st: HeadStatistics, s: CircuitSettings, n_min: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``(chosen [H] bool, shared kernel [T, T], TV of each head's kernel to it [H])``.
+
+    Candidates pass every per-head test (or are named by ``--heads``); a detected candidate whose kernel is
+    further than ``share_tv_max`` from the candidates' mean kernel is dropped and the mean recomputed."""
+    H = Kh.shape[0]
+    cand = torch.stack([t[4] for t in _head_tests(st, None, s)]).all(0)
     if s.heads is not None:
         for h in s.heads:
             check_index("head", h, H)
@@ -279,21 +261,95 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     if s.heads is None and chosen.any() and not torch.equal(chosen, cand):  # recompute with the agreeing heads
         shared = Kh[chosen].mean(0)
         share_tv = tv_distance(Kh[:, n_min:], shared[None, n_min:]).mean(-1)
+    return chosen, shared, share_tv
+
+
+def _reason(c: Criterion, label: str, value: float, threshold: float, ok: bool, digits: int) -> str:
+    lower_bound = c is Criterion.BROAD  # the other per-head tests are upper bounds
+    sym = (">=" if ok else "<") if lower_bound else ("<=" if ok else ">")
+    return f"{label}={value:.{digits}f} {sym} {threshold:g}"
+
+
+def head_decisions(st: HeadStatistics, chosen: Tensor, share_tv: Tensor, s: CircuitSettings) -> list[HeadDecision]:
+    """One :class:`HeadDecision` per head: every test with its measured value, and the failed ones."""
+    tests = _head_tests(st, share_tv, s)
     decisions = []
-    for h in range(H):
-        reasons = []
-        reasons.append(f"N_eff={neff[h]:.1f} {'>=' if broad[h] else '<'} {s.neff_min:g}")
-        reasons.append(f"std log f={logit_std[h]:.2f} {'<=' if weak[h] else '>'} {s.logit_std_max:g}")
-        reasons.append(f"decomposition TV={dec_tv[h]:.3f} {'<=' if split_ok[h] else '>'} {s.decomposition_tv_max:g}")
-        reasons.append(f"CV(Z_n)={Zcv[h]:.3f} {'<=' if stable[h] else '>'} {s.denominator_cv_max:g}")
-        reasons.append(f"TV to shared kernel={share_tv[h]:.3f} {'<=' if share_tv[h] <= s.share_tv_max else '>'} "
-                       f"{s.share_tv_max:g}")
+    for h in range(len(chosen)):
+        reasons = [_reason(c, label, float(v[h]), thr, bool(p[h]), dg) for c, label, v, thr, p, dg in tests]
+        failed = [c for c, _, _, _, p, _ in tests if not p[h]]
         if s.heads is not None:
             reasons.append("chosen by the user" if chosen[h] else "not in --heads")
-        decisions.append(HeadDecision(h, bool(chosen[h]), reasons, float(neff[h]), float(logit_std[h]), float(Zk[h]),
-                                      float(Zw[h]), float(Zcv[h]), float(cv_pred[h]), float(share_tv[h]),
-                                      float(dec_tv[h])))
-    heads = [h for h in range(H) if chosen[h]]
+            failed += [] if chosen[h] else [Criterion.USER]
+        decisions.append(HeadDecision(h, bool(chosen[h]), reasons, float(st.n_eff[h]), float(st.logit_std[h]),
+                                      float(st.denominator[h]), float(st.denominator_windowed[h]),
+                                      float(st.denominator_cv[h]), float(st.denominator_cv_predicted[h]),
+                                      float(share_tv[h]), float(st.decomposition_tv[h]), failed))
+    return decisions
+
+
+def extended_embeddings(w: ModelWeights, hs: Tensor, f: Tensor, Z: Tensor, e_val: Tensor, p_val: Tensor,
+                        Kh: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``(Ext [V, d_model], Pi(n) + C [T, d_model])`` of the chosen heads ``hs``: each token's value content
+    weighted by ``f / Z`` through ``W_V W_O`` (outlier tokens zeroed), and the positional and bias terms
+    through each head's own kernel."""
+    WOV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs])  # [n, d, d]
+    weights_tok = f[hs] / Z[hs][:, None]  # [n, V]
+    ext = torch.zeros(w.d_vocab, w.d_model, dtype=w.dtype, device=w.device)
+    for j in range(len(hs)):
+        ext += weights_tok[j][:, None] * (e_val @ WOV[j])
+    ext = ext * mask[:, None].to(ext.dtype)
+    const = torch.einsum("he,hed->d", _value_bias(w)[hs], w.W_O[LAYER][hs])
+    posit = torch.einsum("hni,id,hdf->nf", Kh[hs], p_val, WOV) + const  # per-head kernels for Pi(n)
+    return ext, posit
+
+
+_HOLDS_WHEN = {
+    Criterion.BROAD: "N_eff of the shared kernel is large (concentration needs many tokens)",
+    Criterion.WEAK: "max over chosen heads of std log f on the calibration text",
+    Criterion.STABLE: "max over chosen heads of CV of Z_n over calibration positions",
+    Criterion.SHARED: "max TV between a chosen head's kernel and the shared kernel",
+    Criterion.SPLIT: "max over chosen heads of the median decomposition TV",
+    Criterion.MLP_SCALE: "CV over calibration positions of the scale of the norm before the MLP",
+    Criterion.NO_OUTLIERS: "fraction of calibration tokens whose f was clipped at f_clip x median",
+}
+
+
+def circuit_conditions(st: HeadStatistics, hs: Tensor, shared: Tensor, share_tv: Tensor, logf: Tensor,
+                       mlp_cv: float, cal: Calibration, s: CircuitSettings) -> list[Condition]:
+    """The stated input conditions of the circuit over the chosen heads ``hs``, each measured once."""
+    n_min = cal.n_min
+    neff_shared = (1.0 / shared[n_min:].pow(2).sum(-1)).median()
+    clipped = (logf[hs][:, cal.body].exp() > s.f_clip).float().mean()
+    measured = [  # (criterion, value, threshold, holds)
+        (Criterion.BROAD, neff_shared, s.neff_min, neff_shared >= s.neff_min),
+        (Criterion.WEAK, st.logit_std[hs].max(), s.logit_std_max, st.logit_std[hs].max() <= s.logit_std_max),
+        (Criterion.STABLE, st.denominator_cv[hs].max(), s.denominator_cv_max,
+         st.denominator_cv[hs].max() <= s.denominator_cv_max),
+        (Criterion.SHARED, share_tv[hs].max(), s.share_tv_max, share_tv[hs].max() <= s.share_tv_max),
+        (Criterion.SPLIT, st.decomposition_tv[hs].max(), s.decomposition_tv_max,
+         st.decomposition_tv[hs].max() <= s.decomposition_tv_max),
+        (Criterion.MLP_SCALE, mlp_cv, 0.2, mlp_cv <= 0.2),
+        (Criterion.NO_OUTLIERS, clipped, 0.01, clipped <= 0.01),
+    ]
+    return [Condition(c.value, _HOLDS_WHEN[c], float(v), thr, bool(ok), CONDITION_GROUP[c]) for c, v, thr, ok in measured]
+
+
+@torch.no_grad()
+def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> Circuit:
+    """Detect the contextual heads of layer 0, calibrate their denominators, build the extended embeddings."""
+    s = settings or CircuitSettings()
+    cal = load_calibration(w, s)
+    ref = reference_norm(w)
+    e_val, p_val, key_content = _content_inputs(w, cal.T, cal.n_star, ref)
+    Kh, q = layer0_kernels_and_queries(w, cal.tokens)  # [H, T, T], [H, T, dh]
+    logf, f = content_factors(w, cal, q, key_content, s.f_clip)
+    mask = outlier_token_mask(w)
+    # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
+    acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
+    st = head_statistics(Kh, logf, f, decomposition_tv(w, cal, acts, ref), cal, s.window)
+    chosen, shared, share_tv = choose_heads(Kh, st, s, cal.n_min)
+    decisions = head_decisions(st, chosen, share_tv, s)
+    heads = [h for h in range(w.n_heads) if chosen[h]]
     if not heads:
         worst = min(decisions, key=lambda d: d.share_tv + (0 if d.n_eff >= s.neff_min else 1) + d.logit_std)
         raise ConditionFailedError(
@@ -302,44 +358,17 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
             f"{'; '.join(worst.reasons[:4])}); pass --heads to force some"
         )
     hs = torch.tensor(heads, device=w.device)
-    # extended embeddings and positional term
-    WOV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs])  # [n, d, d]
-    weights_tok = f[hs] / Zk[hs][:, None]  # [n, V]
-    ext = torch.zeros(w.d_vocab, w.d_model, dtype=w.dtype, device=w.device)
-    for j in range(len(heads)):
-        ext += weights_tok[j][:, None] * (e_val @ WOV[j])
-    ext = ext * mask[:, None].to(ext.dtype)
-    cV = _value_bias(w)[hs]
-    const = torch.einsum("he,hed->d", cV, w.W_O[LAYER][hs])
-    posit = torch.einsum("hni,id,hdf->nf", Kh[hs], p_val, WOV) + const  # per-head kernels for Pi(n)
+    ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask)
     # LN2: constant scale measured on the calibration text
-    mid_scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, n_min:]
-    mlp_scale = float(mid_scale.median())
-    mlp_cv = float(mid_scale.std() / mid_scale.mean())
-    conds = [
-        Condition("broad kernel", "N_eff of the shared kernel is large (concentration needs many tokens)",
-                  float((1.0 / shared[n_min:].pow(2).sum(-1)).median()), s.neff_min,
-                  bool((1.0 / shared[n_min:].pow(2).sum(-1)).median() >= s.neff_min)),
-        Condition("weak content dependence", "max over chosen heads of std log f on the calibration text",
-                  float(logit_std[hs].max()), s.logit_std_max, bool(logit_std[hs].max() <= s.logit_std_max)),
-        Condition("stable denominators", "max over chosen heads of CV of Z_n over calibration positions",
-                  float(Zcv[hs].max()), s.denominator_cv_max, bool(Zcv[hs].max() <= s.denominator_cv_max)),
-        Condition("shared kernel", "max TV between a chosen head's kernel and the shared kernel",
-                  float(share_tv[hs].max()), s.share_tv_max, bool(share_tv[hs].max() <= s.share_tv_max)),
-        Condition("content/position split", "max over chosen heads of the median decomposition TV",
-                  float(dec_tv[hs].max()), s.decomposition_tv_max, bool(dec_tv[hs].max() <= s.decomposition_tv_max)),
-        Condition("constant MLP-norm scale", "CV over calibration positions of the scale of the norm before the MLP",
-                  mlp_cv, 0.2, mlp_cv <= 0.2),
-        Condition("no outlier tokens", "fraction of calibration tokens whose f was clipped at f_clip x median",
-                  float((logf[hs][:, body].exp() > s.f_clip).float().mean()), 0.01,
-                  bool((logf[hs][:, body].exp() > s.f_clip).float().mean() <= 0.01)),
-    ]
-    return Circuit(settings={**asdict(s), "n_ctx": T, "reference_position": n_star, "reference_norm": ref,
-                             "min_position": n_min},
-                   heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs], Z=Zk[hs], ext=ext,
-                   positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv, calibration_tokens=cal.cpu(),
-                   calibration_sha=cal_sha, token_mask=mask,
-                   extra={"denominators_windowed": [float(Zw[h]) for h in heads]})
+    mid_scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
+    mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
+    conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s)
+    return Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
+                             "min_position": cal.n_min},
+                   heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
+                   Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
+                   calibration_tokens=cal.tokens.cpu(), calibration_sha=cal.sha256, token_mask=mask,
+                   denominators_windowed=[float(st.denominator_windowed[h]) for h in heads])
 
 
 @torch.no_grad()

@@ -191,7 +191,7 @@ def neurons(
     circ = build_circuit(w, cs)
     res = find_neurons(w, circ, NeuronSettings(eval=eval or None, max_neurons=max_neurons), progress=not as_json)
     res.save(out)
-    figs = neuron_figures(res, out)
+    figs = neuron_figures(res, circ, out)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return

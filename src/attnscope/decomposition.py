@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .forward import apply_rotary, attn_norm_params, rotary_cos_sin
+from .forward import apply_rotary, attn_norm_params, mask_scores, project, qk_scores, rotary_cos_sin, static_positions
 from .models import ModelWeights
 
 
@@ -56,14 +56,6 @@ def tv_distance(a: Tensor, b: Tensor) -> Tensor:
     return 0.5 * (a - b).abs().sum(-1)
 
 
-def _mask(weights: ModelWeights, s: Tensor) -> Tensor:
-    if not weights.causal:
-        return s
-    T = s.shape[-1]
-    m = torch.ones(T, T, dtype=torch.bool, device=s.device).tril()
-    return s.masked_fill(~m, float("-inf"))
-
-
 def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Tensor, pi: Tensor, q: Tensor,
                         ref_norm: float) -> tuple[Tensor, Tensor, Tensor]:
     """Content and positional parts of the approximate scores (learned positions), unscaled, unmasked.
@@ -82,8 +74,8 @@ def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Tensor, pi: 
     u = centre(norm_in, weights) - pic  # [b, T, d]
     EK = torch.einsum("btd,hde->bhte", u, Wk)  # content keys before normalisation
     PK = torch.einsum("td,hde->hte", pic, Wk)  # positional keys before normalisation
-    QE = torch.einsum("bhne,bhie->bhni", q, EK)
-    QP = torch.einsum("bhne,hie->bhni", q, PK)
+    QE = qk_scores(q, EK)
+    QP = qk_scores(q, PK)
     QPnn = QP.diagonal(dim1=-2, dim2=-1)  # [b, h, n]
     # sigma(u_i + pi_n)^2 = (|u_i|^2 + 2 u_i.pi_n + |pi_n|^2)/d + eps, as a [b, n, i] matrix
     uu = (u * u).sum(-1)  # [b, i]
@@ -103,13 +95,13 @@ def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Tensor, k_bar
     attn_in: ``[batch, pos, d_model]``; k_bar: ``[head, pos, d_head]`` mean pre-rotation key per position.
     """
     l = layer
-    q = torch.einsum("bpd,hde->bhpe", attn_in, weights.W_Q[l]) + weights.b_Q[l][None, :, None]
-    k = torch.einsum("bpd,hde->bhpe", attn_in, weights.W_K[l]) + weights.b_K[l][None, :, None]
+    q = project(attn_in, weights.W_Q[l], weights.b_Q[l])
+    k = project(attn_in, weights.W_K[l], weights.b_K[l])
     T = attn_in.shape[1]
     k_static = k_bar[:, :T]
-    content = torch.einsum("bhne,bhie->bhni", q, k - k_static[None])
+    content = qk_scores(q, k - k_static[None])
     cos, sin = rotary_cos_sin(weights, torch.arange(T, device=attn_in.device))
-    positional = torch.einsum("bhne,hie->bhni", apply_rotary(q, cos, sin), apply_rotary(k_static, cos, sin))
+    positional = qk_scores(apply_rotary(q, cos, sin), apply_rotary(k_static, cos, sin))
     return content, positional
 
 
@@ -126,12 +118,12 @@ def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor,
     else:
         content, positional, bias = learned_score_parts(weights, layer, acts.norm_in, static, acts.q, ref_norm)
         s = content + positional + bias[..., None]
-    return _mask(weights, s / scale).softmax(-1)
+    return mask_scores(weights, s / scale).softmax(-1)
 
 
 def positional_kernel_rows(weights: ModelWeights, layer: int, scores_pos: Tensor) -> Tensor:
     """Softmax over keys of positional scores (``[..., n, i]``, unscaled): the kernel ``K_n(i)``."""
-    return _mask(weights, scores_pos / weights.attn_scale[layer]).softmax(-1)
+    return mask_scores(weights, scores_pos / weights.attn_scale[layer]).softmax(-1)
 
 
 def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_norm: float) -> Tensor:
@@ -141,14 +133,14 @@ def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_
     ``query [d_model]`` (a generic token's embedding, or the mean embedding of a text: method §5.2a),
     and the keys are ``P[n, i]`` (method §4.2).
     """
-    from .forward import embed_raw, norm
+    from .forward import norm
 
     if weights.positional != "learned":
         raise ValueError("weights-only kernels need learned absolute positions; use data kernels for rotary models")
-    pi = embed_raw(weights, torch.zeros(1, n_ctx, dtype=torch.long, device=weights.device))[0] - weights.W_E[0]
+    pi = static_positions(weights, n_ctx)
     raw = (query[None, :] + pi)[None]  # [1, n, d]
     gamma, beta = attn_norm_params(weights, 0)
     x = norm(weights, raw, gamma, beta)
-    q = torch.einsum("bpd,hde->bhpe", x, weights.W_Q[0]) + weights.b_Q[0][None, :, None]
+    q = project(x, weights.W_Q[0], weights.b_Q[0])
     _, positional, _ = learned_score_parts(weights, 0, raw, pi, q, ref_norm)
     return positional_kernel_rows(weights, 0, positional)[0]

@@ -115,22 +115,59 @@ class LayerActivations:
     resid_post: Tensor  # [batch, pos, d_model]
 
 
+def causal_mask(n_query: int, n_key: int, device: torch.device | str | None = None,
+                query_positions: Tensor | None = None) -> Tensor:
+    """``[n_query, n_key]`` bool, True where key ``i`` is visible from the query (``i <= n``).
+
+    The queries sit at ``query_positions`` when given, else at the last ``n_query`` key positions."""
+    if query_positions is None:
+        return torch.ones(n_query, n_key, dtype=torch.bool, device=device).tril(n_key - n_query)
+    return torch.arange(n_key, device=device)[None, :] <= query_positions.to(device)[:, None]
+
+
+def mask_scores(weights: ModelWeights, scores: Tensor, query_positions: Tensor | None = None) -> Tensor:
+    """``scores [..., n_query, n_key]`` with invisible keys set to ``-inf`` (causal models; else unchanged)."""
+    if not weights.causal:
+        return scores
+    Tq, Tk = scores.shape[-2:]
+    return scores.masked_fill(~causal_mask(Tq, Tk, scores.device, query_positions), float("-inf"))
+
+
+def project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+    """Per-head projection ``x W + b``: ``x [batch, pos, d_model]``, ``W [head, d_model, d_head]``,
+    ``b [head, d_head]`` -> ``[batch, head, pos, d_head]`` (queries, keys or values before rotary)."""
+    return torch.einsum("bpd,hde->bhpe", x, W) + b[None, :, None]
+
+
+_QK = {(4, 4): "bhne,bhie->bhni", (4, 3): "bhne,hie->bhni", (3, 3): "hne,hie->hni"}
+
+
+def qk_scores(q: Tensor, k: Tensor) -> Tensor:
+    """Unscaled, unmasked dot products ``q_n . k_i`` -> ``[..., n, i]``.
+
+    ``q [batch, head, n, d_head]`` with ``k [batch, head, i, d_head]`` or ``k [head, i, d_head]`` (keys shared
+    by the batch); or ``q, k [head, ., d_head]``."""
+    return torch.einsum(_QK[q.dim(), k.dim()], q, k)
+
+
+def static_positions(weights: ModelWeights, n_ctx: int) -> Tensor:
+    """Static positional part of the embedding ``[n_ctx, d_model]``: what the embedding adds to a token at each
+    position (``W_pos`` plus BERT's token-type row), as ``embed_raw`` computes it for token 0, minus ``W_E[0]``."""
+    zeros = torch.zeros(1, n_ctx, dtype=torch.long, device=weights.device)
+    return embed_raw(weights, zeros)[0] - weights.W_E[0]
+
+
 def attention_scores(weights: ModelWeights, layer: int, q: Tensor, k: Tensor) -> Tensor:
     """Scaled, masked scores ``[batch, head, q_pos, k_pos]`` from rotated ``q, k``."""
-    scores = torch.einsum("bhqd,bhkd->bhqk", q, k) / weights.attn_scale[layer]
-    if weights.causal:
-        Tq, Tk = scores.shape[-2:]
-        mask = torch.ones(Tq, Tk, dtype=torch.bool, device=q.device).tril(Tk - Tq)
-        scores = scores.masked_fill(~mask, float("-inf"))
-    return scores
+    return mask_scores(weights, qk_scores(q, k) / weights.attn_scale[layer])
 
 
 def qkv(weights: ModelWeights, layer: int, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Queries, keys and values ``[batch, head, pos, d_head]`` of the normalised input ``x``."""
     l = layer
-    q = torch.einsum("bpd,hde->bhpe", x, weights.W_Q[l]) + weights.b_Q[l][None, :, None]
-    k = torch.einsum("bpd,hde->bhpe", x, weights.W_K[l]) + weights.b_K[l][None, :, None]
-    v = torch.einsum("bpd,hde->bhpe", x, weights.W_V[l]) + weights.b_V[l][None, :, None]
+    q = project(x, weights.W_Q[l], weights.b_Q[l])
+    k = project(x, weights.W_K[l], weights.b_K[l])
+    v = project(x, weights.W_V[l], weights.b_V[l])
     if weights.positional == "rotary":
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)

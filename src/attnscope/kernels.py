@@ -28,42 +28,34 @@ import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import Tensor
 
-from .decomposition import (
-    approximate_pattern,
-    centre,
-    layer0_weight_kernels,
-    reference_norm,
-    tv_distance,
+from .categories import (  # noqa: F401  (re-exported: the categories and their properties used to live here)
+    CAT_COLORS,
+    CATEGORIES,
+    CATEGORY_TABLE,
+    LOCAL_MEDIAN,
+    LOCAL_NEFF,
+    PREV_MASS,
+    SELF_MASS,
+    SINK_MASS,
+    SLOW_MEDIAN_FRAC,
+    UNIFORM_FRAC,
+    categorise,
+    equivariance,
+    fit_decay,
+    n_eff,
+    offset_profile,
+    thresholds,
 )
+from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
 from .errors import AttnscopeError, check_index
-from .forward import apply_rotary, iter_layers, rotary_cos_sin
+from .forward import apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
 from .models import ModelWeights, cache_dir
 from .texts import load_windows
 
-# Category thresholds (documented in docs/kernels.md and drawn on the figures).
-SINK_MASS = 0.5  # K_n(0) >= this: first-token sink
-SELF_MASS = 0.5  # K_n(n) >= this: current token
-PREV_MASS = 0.5  # K_n(n-1) >= this: previous token
-LOCAL_NEFF = 10.0  # N_eff <= this and half the mass within LOCAL_MEDIAN tokens: sharp local decay
-LOCAL_MEDIAN = 10
-UNIFORM_FRAC = 0.5  # N_eff >= this * (number of visible keys): uniform
-SLOW_MEDIAN_FRAC = 0.25  # otherwise, median offset <= this * visible keys: slow decay
-CATEGORIES = ("sharp local decay", "slow decay", "uniform", "previous token", "current token",
-              "first-token sink", "other")
-#: colour of each category on the figures and in the HTML report
-CAT_COLORS = {
-    "sharp local decay": "#d62728",
-    "slow decay": "#ff7f0e",
-    "uniform": "#2ca02c",
-    "previous token": "#9467bd",
-    "current token": "#8c564b",
-    "first-token sink": "#7f7f7f",
-    "other": "#17becf",
-}
+SCHEMA_VERSION = 1  # of kernels.json / kernels.safetensors
 
 
 @dataclass
@@ -139,6 +131,7 @@ class KernelResult:
     records: list[HeadRecord]
     arrays: dict[str, Tensor] = field(repr=False)  # see module docstring for shapes
     ref_norms: dict[int, float] = field(default_factory=dict)
+    schema_version: int = SCHEMA_VERSION
 
     def record(self, layer: int, head: int) -> HeadRecord:
         for r in self.records:
@@ -148,6 +141,7 @@ class KernelResult:
 
     def to_json(self) -> dict:
         return {
+            "schema_version": self.schema_version,
             "model": self.model,
             "settings": self.settings,
             "provenance": self.provenance,
@@ -172,107 +166,14 @@ class KernelResult:
 
         out = Path(out)
         d = json.loads((out / "kernels.json").read_text())
+        version = d.get("schema_version", 1)  # files written before the field existed have version 1's layout
+        if version != SCHEMA_VERSION:
+            raise AttnscopeError(f"{out / 'kernels.json'} has schema version {version}, this attnscope reads "
+                                 f"{SCHEMA_VERSION}; recompute the kernels (attnscope kernels ... --no-cache)")
         return cls(model=d["model"], settings=d["settings"], provenance=d["provenance"],
                    query_positions=d["query_positions"], records=[HeadRecord(**h) for h in d["heads"]],
                    arrays=load_file(str(out / "kernels.safetensors")),
-                   ref_norms={int(k): v for k, v in d["reference_norms"].items()})
-
-
-def thresholds() -> dict[str, float]:
-    return {"sink_mass": SINK_MASS, "self_mass": SELF_MASS, "prev_mass": PREV_MASS, "local_n_eff": LOCAL_NEFF,
-            "local_median_offset": LOCAL_MEDIAN, "uniform_n_eff_fraction": UNIFORM_FRAC,
-            "slow_median_offset_fraction": SLOW_MEDIAN_FRAC}
-
-
-# --------------------------------------------------------------------------------------------------
-# Kernel properties
-# --------------------------------------------------------------------------------------------------
-
-
-def n_eff(k: Tensor) -> Tensor:
-    """Collision (Renyi-2) effective width ``1 / sum K^2`` along the last axis."""
-    return 1.0 / (k.double() ** 2).sum(-1)
-
-
-def offset_profile(row: Tensor, n: int, causal: bool) -> Tensor:
-    """Kernel mass by distance ``|i - n|`` from the query (``[max distance + 1]``)."""
-    T = row.shape[-1]
-    dist = (torch.arange(T, device=row.device) - n).abs()
-    if causal:
-        dist = dist[: n + 1]
-        row = row[: n + 1]
-    out = torch.zeros(int(dist.max()) + 1, dtype=row.dtype, device=row.device)
-    return out.index_add_(0, dist, row)
-
-
-def fit_decay(profile: Tensor, mass: float = 0.95) -> tuple[float | None, float | None]:
-    """Exponential fit ``K(d) ~ A exp(-d / tau)`` over ``1 <= d <= d_mass`` (weighted least squares of
-    log K, weights K).  Returns ``(tau, weighted R^2)``; ``(None, None)`` with fewer than 4 points."""
-    p = profile.double().cpu().numpy()
-    cum = np.cumsum(p)
-    d_max = int(np.searchsorted(cum, mass * cum[-1])) + 1
-    d = np.arange(1, min(d_max, len(p) - 1) + 1)
-    d = d[p[d] > 1e-12]
-    if len(d) < 4:
-        return None, None
-    y, wts = np.log(p[d]), p[d] / p[d].sum()
-    X = np.stack([np.ones_like(d, dtype=float), d.astype(float)], 1)
-    W = np.diag(wts)
-    beta = np.linalg.lstsq(X.T @ W @ X, X.T @ W @ y, rcond=None)[0]
-    resid = y - X @ beta
-    ybar = (wts * y).sum()
-    ss_tot = (wts * (y - ybar) ** 2).sum()
-    r2 = float(1 - (wts * resid**2).sum() / ss_tot) if ss_tot > 0 else 0.0
-    slope = beta[1]
-    tau = float(-1.0 / slope) if slope < 0 else None  # no decay: undefined
-    return tau, r2
-
-
-def categorise(row: Tensor, n: int, causal: bool) -> tuple[str, dict[str, float]]:
-    """Category of a kernel row ``K_n`` (thresholds above), with the measured quantities."""
-    row = row.double()
-    visible = n + 1 if causal else row.shape[-1]
-    ne = float(n_eff(row[:visible] if causal else row))
-    prof = offset_profile(row, n, causal)
-    med = int(torch.searchsorted(prof.cumsum(0), torch.tensor(0.5 * float(prof.sum()), dtype=prof.dtype)))
-    m = {"n_eff": ne, "n_eff_fraction": ne / visible, "median_offset": med, "mass_first": float(row[0]),
-         "mass_self": float(row[n]), "mass_prev": float(row[n - 1]) if n >= 1 else 0.0}
-    if m["mass_first"] >= SINK_MASS and n > 0:
-        cat = "first-token sink"
-    elif m["mass_self"] >= SELF_MASS:
-        cat = "current token"
-    elif causal and m["mass_prev"] >= PREV_MASS:
-        cat = "previous token"
-    elif ne <= LOCAL_NEFF and med <= LOCAL_MEDIAN:
-        cat = "sharp local decay"
-    elif ne >= UNIFORM_FRAC * visible:
-        cat = "uniform"
-    elif med <= SLOW_MEDIAN_FRAC * visible:
-        cat = "slow decay"
-    else:
-        cat = "other"
-    return cat, m
-
-
-def equivariance(rows: Tensor, qpos: list[int], causal: bool) -> float:
-    """Max TV between the reference row and each other row, compared on their common offsets.
-
-    rows: ``[n_query, n_ctx]`` kernel rows at ``qpos``; for causal kernels offsets ``0..n_min``.
-    """
-    ref = len(qpos) - 1
-    nr = qpos[ref]
-    worst = 0.0
-    T = rows.shape[-1]
-    for j, n in enumerate(qpos[:-1]):
-        lo = -min(n, nr)
-        hi = 0 if causal else min(T - 1 - n, T - 1 - nr)
-        offs = torch.arange(lo, hi + 1)
-        a = rows[j, n + offs]
-        b = rows[ref, nr + offs]
-        if a.sum() <= 0 or b.sum() <= 0:
-            continue
-        worst = max(worst, float(tv_distance(a / a.sum(), b / b.sum())))
-    return worst
+                   ref_norms={int(k): v for k, v in d["reference_norms"].items()}, schema_version=version)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -294,141 +195,220 @@ def _samples_spec(spec: str) -> str:
     return spec
 
 
+@dataclass
+class KernelEstimate:
+    """What the estimation pass measures (means over the estimation windows); input of the validation."""
+
+    layers: list[int]
+    query_positions: list[int]
+    mean_q: Tensor  # [L, H, T, d_head] mean (rotated) query per position
+    mean_k: Tensor  # [L, H, T, d_head] mean (rotated) key per position
+    static: Tensor  # [L, T, d_model] static positional part (learned) or [L, H, T, d_head] pre-rotation keys (rotary)
+    ref_norms: dict[int, float]  # reference norm c per layer
+    data_kernel: Tensor  # [L, H, n_query, T]
+
+
+@dataclass
+class KernelValidation:
+    """What the held-out pass measures."""
+
+    tv_decomposition: list[Tensor]  # per layer [H, n held-out query positions]: TV(true, content+position pattern)
+    mean_attention: Tensor  # [L, H, n_query, T] mean held-out attention rows
+    query_consistency: Tensor  # [L, H] mean TV of per-text query kernels to the data kernel
+
+
+def _accumulate_means(w: ModelWeights, windows: Tensor, s: KernelSettings, li: dict[int, int], bar
+                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Streaming means over ``windows`` of queries, keys and the (pre-norm) residual per position, and the
+    sum of the squared centred residual (``[L, H, T, dh]`` x2, ``[L, T, d]``, ``[L]``)."""
+    L, H, T, dh, d, f64 = len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, torch.float64
+    sum_q = torch.zeros(L, H, T, dh, dtype=f64, device=w.device)
+    sum_k = torch.zeros_like(sum_q)
+    sum_resid = torch.zeros(L, T, d, dtype=f64, device=w.device)
+    sum_sq = torch.zeros(L, dtype=f64, device=w.device)
+    for j, a in _stream_layers(w, windows, s.batch_size, li, bar):
+        sum_q[j] += a.q.sum(0).to(f64)
+        sum_k[j] += a.k.sum(0).to(f64)
+        sum_resid[j] += a.norm_in.sum(0).to(f64)
+        sum_sq[j] += (centre(a.norm_in.to(f64), w) ** 2).sum()
+    n = windows.shape[0]
+    return (sum_q / n).to(w.dtype), (sum_k / n).to(w.dtype), sum_resid / n, sum_sq
+
+
+def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Tensor, sum_sq: Tensor, n_seen: int
+                 ) -> tuple[Tensor, dict[int, float]]:
+    """Static positional part of the residual (mean over texts, centred over positions; layer 0 with learned
+    positions: the method's exact split ``W_pos`` (+ token type)) and the reference norm of each layer."""
+    T = s.n_ctx
+    pi = (mean_resid - mean_resid.mean(1, keepdim=True)).to(w.dtype)
+    ref_norms: dict[int, float] = {}
+    for j, l in enumerate(s.layers):
+        if l == 0 and w.W_pos is not None:
+            pi[j] = (w.W_pos[:T] + (0 if w.W_type is None else w.W_type)).to(w.dtype)
+            ref_norms[l] = s.ref_norm if s.ref_norm is not None else reference_norm(w)
+        else:
+            ms = float(sum_sq[j]) / (n_seen * T) - float((centre(pi[j].double(), w) ** 2).sum(-1).mean())
+            ref_norms[l] = s.ref_norm if s.ref_norm is not None else math.sqrt(max(ms, 1e-12))
+    return pi, ref_norms
+
+
+@torch.no_grad()
+def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, *, bar=None) -> KernelEstimate:
+    """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``."""
+    li = {l: j for j, l in enumerate(s.layers)}
+    qpos = query_positions(s.n_ctx, w.causal)
+    mean_q, mean_k, mean_resid, sum_sq = _accumulate_means(w, windows, s, li, bar or _NoBar())
+    pi, ref_norms = _static_part(w, s, mean_resid, sum_sq, windows.shape[0])
+    qp = torch.tensor(qpos, device=w.device)
+    data_kernel = positional_kernel_rows_batch(w, s.layers, mean_q[:, :, qp], mean_k)  # [L, H, nq, T]
+    static = pi
+    if w.positional == "rotary":  # static pre-rotation keys for the decomposition
+        cos, sin = rotary_cos_sin(w, torch.arange(s.n_ctx, device=w.device))
+        static = apply_rotary(mean_k, cos, -sin)
+    return KernelEstimate(s.layers, qpos, mean_q, mean_k, static, ref_norms, data_kernel)
+
+
+@torch.no_grad()
+def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Tensor, *, bar=None
+                     ) -> KernelValidation:
+    """Held-out checks on ``windows``: the decomposition's TV, the mean attention and query consistency."""
+    li = {l: j for j, l in enumerate(est.layers)}
+    L, H, T, qpos, f64 = len(li), w.n_heads, s.n_ctx, est.query_positions, torch.float64
+    qp = torch.tensor(qpos, device=w.device)
+    tvs: list[list[Tensor]] = [[] for _ in li]
+    sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
+    cons = torch.zeros(L, H, dtype=f64, device=w.device)
+    for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
+        approx = approximate_pattern(w, a.layer, a, est.static[j], est.ref_norms[a.layer])
+        tv = tv_distance(approx, a.pattern)  # [b, H, T]
+        tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
+        sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
+        # query consistency: each text's own query at n with the static keys
+        per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
+        cons[j] += tv_distance(per_text, est.data_kernel[j][None]).mean(-1).sum(0).to(f64)
+    n_held = max(1, windows.shape[0])
+    return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1) for t in tvs],
+                            (sum_attn / n_held).to(w.dtype), cons / n_held)
+
+
+def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_norm: float, qpos: list[int]
+                    ) -> tuple[Tensor, Tensor]:
+    """Layer-0 weights kernels ``[H, nq, T]`` (learned positions) with the query of ``s.weights_query``, and
+    their consistency ``[H]`` across generic query tokens (the samples' most frequent tokens; method §5.2c)."""
+    T, qp = s.n_ctx, torch.tensor(qpos, device=w.device)
+    flat = windows.reshape(-1)
+    if s.weights_query == "mean":
+        query = w.W_E[flat].mean(0)
+    else:
+        ids = w.tokenizer(s.weights_query, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise AttnscopeError(f"--weights-query {s.weights_query!r} is {len(ids)} tokens; give one token or 'mean'")
+        query = w.W_E[ids[0]]
+    kernel = layer0_weight_kernels(w, query, T, ref_norm)[:, qp]  # [H, nq, T]
+    common = torch.bincount(flat).topk(min(s.n_query_tokens, int((torch.bincount(flat) > 0).sum()))).indices
+    per_tok = torch.stack([layer0_weight_kernels(w, w.W_E[t], T, ref_norm)[:, qp] for t in common])
+    return kernel, tv_distance(per_tok, kernel[None]).mean(-1).mean(0)
+
+
+def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Tensor:
+    """The attnscope extension for rotary models ``[L, H, nq, T]``: position-averaged pre-rotation query and
+    key through the rotation, so ``K_n(i)`` depends on the offset ``i - n`` only (translation-equivariant by
+    construction)."""
+    T = est.mean_q.shape[2]
+    cos, sin = rotary_cos_sin(w, torch.arange(T, device=w.device))
+    start = 1 if w.analysis_bos is not None else 0
+    q_pre = apply_rotary(est.mean_q, cos, -sin)[:, :, start:].mean(2, keepdim=True).expand(-1, -1, T, -1)
+    k_pre = est.static[:, :, start:].mean(2, keepdim=True).expand(-1, -1, T, -1)
+    qp = torch.tensor(est.query_positions, device=w.device)
+    return positional_kernel_rows_batch(w, est.layers, apply_rotary(q_pre, cos, sin)[:, :, qp],
+                                        apply_rotary(k_pre, cos, sin))
+
+
+def _mean_tv(a: Tensor | None, b: Tensor) -> float | None:
+    return None if a is None else float(tv_distance(a, b).mean())
+
+
+def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, arrays: dict[str, Tensor],
+                 weights_consistency: Tensor | None) -> list[HeadRecord]:
+    """One :class:`HeadRecord` per analysed head, from the kernel row at the reference query position."""
+    nref, dk, records = est.query_positions[-1], est.data_kernel, []
+    wk, rot = arrays.get("weights_kernel_layer0"), arrays.get("rotary_offset_kernel")
+    for j, l in enumerate(est.layers):
+        for h in range(w.n_heads):
+            row, tvd = dk[j, h, -1], val.tv_decomposition[j][h]
+            cat, m = categorise(row, nref, w.causal)
+            tau, r2 = fit_decay(offset_profile(row, nref, w.causal))
+            records.append(HeadRecord(
+                layer=l, head=h, category=cat, n_eff=m["n_eff"], n_eff_fraction=m["n_eff_fraction"],
+                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=m["mass_first"],
+                mass_self=m["mass_self"], mass_prev=m["mass_prev"], query_consistency=float(val.query_consistency[j, h]),
+                equivariance=equivariance(dk[j, h], est.query_positions, w.causal),
+                tv_decomposition={"mean": float(tvd.mean()), "median": float(tvd.median()),
+                                  "p90": float(torch.quantile(tvd, 0.9))},
+                tv_kernel_vs_attention=float(tv_distance(dk[j, h], val.mean_attention[j, h]).mean()),
+                tv_weights_vs_data=_mean_tv(wk[h] if wk is not None and l == 0 else None, dk[j, h]),
+                weights_query_consistency=None if weights_consistency is None or l != 0
+                else float(weights_consistency[h]),
+                tv_rotary_offset_vs_data=_mean_tv(None if rot is None else rot[j, h], dk[j, h])))
+    return records
+
+
+def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: KernelValidation,
+                  windows: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+    """The saved arrays (data kernel, mean attention, weights and rotary kernels, offset kernel) and the
+    weights kernel's query consistency ``[H]`` (layer 0, learned positions; else ``None``)."""
+    qp = torch.tensor(est.query_positions, device=w.device)
+    arrays: dict[str, Tensor] = {"data_kernel": est.data_kernel, "mean_attention": val.mean_attention,
+                                 "query_positions": qp, "layers": torch.tensor(est.layers)}
+    consistency = None
+    if 0 in est.layers and w.positional == "learned":
+        arrays["weights_kernel_layer0"], consistency = weights_kernels(w, s, windows, est.ref_norms[0],
+                                                                       est.query_positions)
+    if w.positional == "rotary":
+        arrays["rotary_offset_kernel"] = rotary_offset_kernels(w, est)
+    # offset kernel at the reference query: kappa(d) = K_nref(nref - d)
+    nref, dk = est.query_positions[-1], est.data_kernel
+    arrays["offset_kernel"] = torch.stack([torch.stack([offset_profile(dk[j, h, -1], nref, w.causal)
+                                                        for h in range(w.n_heads)]) for j in range(len(est.layers))])
+    return arrays, consistency
+
+
 @torch.no_grad()
 def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, cache: bool = True,
                     progress: bool = True) -> KernelResult:
-    """Positional kernels and their properties for the chosen layers (see module docstring)."""
+    """Positional kernels and their properties for the chosen layers (see module docstring):
+    :func:`estimate_kernels`, :func:`validate_kernels`, :func:`kernel_arrays`, :func:`head_records`."""
     from tqdm.auto import tqdm
 
     s = (settings or KernelSettings()).resolved(w)
-    T = s.n_ctx
-    bos = w.bos_token_id if w.prepend_bos else None
-    windows, prov = load_windows(_samples_spec(s.samples), w.tokenizer, T, s.n_samples + s.n_heldout,
+    bos = w.analysis_bos
+    windows, prov = load_windows(_samples_spec(s.samples), w.tokenizer, s.n_ctx, s.n_samples + s.n_heldout,
                                  seed=s.seed, bos_token_id=bos)
     key = _cache_key(w, s, prov["sha256"])
     cdir = cache_dir() / "kernels" / key
     if cache and (cdir / "kernels.json").exists():
         return KernelResult.load(cdir)
     windows = windows.to(w.device)
-    est, held = windows[: s.n_samples], windows[s.n_samples :]
-    layers = s.layers
-    L, H, dh, d = len(layers), w.n_heads, w.d_head, w.d_model
-    qpos = query_positions(T, w.causal)
-    qp = torch.tensor(qpos, device=w.device)
-    li = {l: j for j, l in enumerate(layers)}
-    f64 = torch.float64
-    sum_q = torch.zeros(L, H, T, dh, dtype=f64, device=w.device)
-    sum_k = torch.zeros_like(sum_q)
-    sum_resid = torch.zeros(L, T, d, dtype=f64, device=w.device)
-    sum_sq = torch.zeros(L, dtype=f64, device=w.device)
+    est_windows, held = windows[: s.n_samples], windows[s.n_samples :]
     bar = tqdm(total=s.n_samples + s.n_heldout, desc="kernels: estimate", unit="text", disable=not progress)
-    # pass 1: streaming means of queries, keys and the (pre-norm) residual per position
-    for j, a in _stream_layers(w, est, s.batch_size, li, bar):
-        sum_q[j] += a.q.sum(0).to(f64)
-        sum_k[j] += a.k.sum(0).to(f64)
-        sum_resid[j] += a.norm_in.sum(0).to(f64)
-        sum_sq[j] += (centre(a.norm_in.to(f64), w) ** 2).sum()
-    n_seen = est.shape[0]
-    mean_q = (sum_q / n_seen).to(w.dtype)  # [L, H, T, dh]
-    mean_k = (sum_k / n_seen).to(w.dtype)
-    mean_resid = sum_resid / n_seen  # [L, T, d]
-    # static positional part of the residual: mean over texts, centred over positions
-    pi = (mean_resid - mean_resid.mean(1, keepdim=True)).to(w.dtype)
-    ref_norms: dict[int, float] = {}
-    for l in layers:
-        j = li[l]
-        if l == 0 and w.W_pos is not None:
-            # layer 0 with learned positions: the method's exact split, pi = W_pos (+ token type)
-            pi[j] = (w.W_pos[:T] + (0 if w.W_type is None else w.W_type)).to(w.dtype)
-            ref_norms[l] = s.ref_norm if s.ref_norm is not None else reference_norm(w)
-        else:
-            ms = float(sum_sq[j]) / (n_seen * T) - float((centre(pi[j].double(), w) ** 2).sum(-1).mean())
-            ref_norms[l] = s.ref_norm if s.ref_norm is not None else math.sqrt(max(ms, 1e-12))
-    data_kernel = positional_kernel_rows_batch(w, layers, mean_q[:, :, qp], mean_k)  # [L, H, nq, T]
-    if w.positional == "rotary":  # static pre-rotation keys for the decomposition
-        cos, sin = rotary_cos_sin(w, torch.arange(T, device=w.device))
-        k_static = apply_rotary(mean_k, cos, -sin)
-    # pass 2: held-out validations
-    tvs: list[list[Tensor]] = [[] for _ in layers]
-    sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
-    cons = torch.zeros(L, H, dtype=f64, device=w.device)
+    est = estimate_kernels(w, s, est_windows, bar=bar)
     bar.set_description("kernels: validate")
-    for j, a in _stream_layers(w, held, s.batch_size, li, bar):
-        static = k_static[j] if w.positional == "rotary" else pi[j]
-        approx = approximate_pattern(w, a.layer, a, static, ref_norms[a.layer])
-        tv = tv_distance(approx, a.pattern)  # [b, H, T]
-        tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
-        sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
-        # query consistency: each text's own query at n with the static keys
-        per_text = kernel_softmax(w, a.layer, torch.einsum("bhne,hie->bhni", a.q[:, :, qp], mean_k[j]), qpos)
-        cons[j] += tv_distance(per_text, data_kernel[j][None]).mean(-1).sum(0).to(f64)
+    val = validate_kernels(w, s, est, held, bar=bar)
     bar.close()
-    n_held = max(1, s.n_heldout)
-    mean_attn = (sum_attn / n_held).to(w.dtype)
-    cons = cons / n_held
-    arrays: dict[str, Tensor] = {"data_kernel": data_kernel, "mean_attention": mean_attn,
-                                 "query_positions": qp, "layers": torch.tensor(layers)}
-    weights_kernel = None
-    weights_consistency = None
-    if 0 in li and w.positional == "learned":
-        flat = est.reshape(-1)
-        if s.weights_query == "mean":
-            query = w.W_E[flat].mean(0)
-        else:
-            ids = w.tokenizer(s.weights_query, add_special_tokens=False)["input_ids"]
-            if len(ids) != 1:
-                raise AttnscopeError(f"--weights-query {s.weights_query!r} is {len(ids)} tokens; give one token or 'mean'")
-            query = w.W_E[ids[0]]
-        weights_kernel = layer0_weight_kernels(w, query, T, ref_norms[0])[:, qp]  # [H, nq, T]
-        arrays["weights_kernel_layer0"] = weights_kernel
-        # consistency across generic query tokens (the sample's most frequent tokens), method §5.2c
-        common = torch.bincount(flat).topk(min(s.n_query_tokens, int((torch.bincount(flat) > 0).sum()))).indices
-        per_tok = torch.stack([layer0_weight_kernels(w, w.W_E[t], T, ref_norms[0])[:, qp] for t in common])
-        weights_consistency = tv_distance(per_tok, weights_kernel[None]).mean(-1).mean(0)  # [H]
-    if w.positional == "rotary":
-        # the attnscope extension for rotary models: position-averaged pre-rotation query and key through the
-        # rotation, so K_n(i) depends on the offset i - n only (translation-equivariant by construction)
-        cos, sin = rotary_cos_sin(w, torch.arange(T, device=w.device))
-        start = 1 if bos is not None else 0
-        q_pre = apply_rotary(mean_q, cos, -sin)[:, :, start:].mean(2, keepdim=True).expand(-1, -1, T, -1)
-        k_pre = k_static[:, :, start:].mean(2, keepdim=True).expand(-1, -1, T, -1)
-        rot = positional_kernel_rows_batch(w, layers, apply_rotary(q_pre, cos, sin)[:, :, qp], apply_rotary(k_pre, cos, sin))
-        arrays["rotary_offset_kernel"] = rot
-    # offset kernel at the reference query: kappa(d) = K_nref(nref - d)
-    nref = qpos[-1]
-    arrays["offset_kernel"] = torch.stack([torch.stack([offset_profile(data_kernel[j, h, -1], nref, w.causal)
-                                                        for h in range(H)]) for j in range(L)])
-    records = []
-    for l in layers:
-        j = li[l]
-        tv_all = torch.cat(tvs[j], 1) if tvs[j] else torch.zeros(H, 1)
-        for h in range(H):
-            row = data_kernel[j, h, -1]
-            cat, m = categorise(row, nref, w.causal)
-            tau, r2 = fit_decay(offset_profile(row, nref, w.causal))
-            tvd = tv_all[h]
-            rec = HeadRecord(
-                layer=l, head=h, category=cat, n_eff=m["n_eff"], n_eff_fraction=m["n_eff_fraction"],
-                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=m["mass_first"],
-                mass_self=m["mass_self"], mass_prev=m["mass_prev"], query_consistency=float(cons[j, h]),
-                equivariance=equivariance(data_kernel[j, h], qpos, w.causal),
-                tv_decomposition={"mean": float(tvd.mean()), "median": float(tvd.median()),
-                                  "p90": float(torch.quantile(tvd, 0.9))},
-                tv_kernel_vs_attention=float(tv_distance(data_kernel[j, h], mean_attn[j, h]).mean()),
-                tv_weights_vs_data=None if weights_kernel is None or l != 0
-                else float(tv_distance(weights_kernel[h], data_kernel[j, h]).mean()),
-                weights_query_consistency=None if weights_consistency is None or l != 0 else float(weights_consistency[h]),
-                tv_rotary_offset_vs_data=float(tv_distance(arrays["rotary_offset_kernel"][j, h], data_kernel[j, h]).mean())
-                if "rotary_offset_kernel" in arrays else None,
-            )
-            records.append(rec)
+    arrays, weights_consistency = kernel_arrays(w, s, est, val, est_windows)
+    records = head_records(w, est, val, arrays, weights_consistency)
     res = KernelResult(model=w.info(), settings=asdict(s), provenance={**prov, "n_estimation": s.n_samples,
                        "n_heldout": s.n_heldout, "bos": bos, "norm_handling": "exact norm on content at the query "
                        "position; reference norm for positional displacements", "cache_key": key},
-                       query_positions=qpos, records=records, arrays=arrays, ref_norms=ref_norms)
+                       query_positions=est.query_positions, records=records, arrays=arrays, ref_norms=est.ref_norms)
     if cache:
         res.save(cdir)
     return res
+
+
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
 
 def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[int, int], bar):
@@ -446,16 +426,12 @@ def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[i
 def kernel_softmax(w: ModelWeights, layer: int, scores: Tensor, qpos: list[int]) -> Tensor:
     """``softmax_i(scores / scale)`` for query rows at ``qpos`` (``scores [..., nq, T]``), causal mask applied."""
     s = scores / w.attn_scale[layer]
-    if w.causal:
-        T = s.shape[-1]
-        mask = torch.arange(T, device=s.device)[None, :] > torch.tensor(qpos, device=s.device)[:, None]
-        s = s.masked_fill(mask, float("-inf"))
-    return s.softmax(-1)
+    return mask_scores(w, s, torch.tensor(qpos, device=s.device)).softmax(-1)
 
 
 def positional_kernel_rows_batch(w: ModelWeights, layers: list[int], q: Tensor, k: Tensor) -> Tensor:
     """Data kernels ``[L, H, nq, T]`` from mean queries ``q [L, H, nq, dh]`` at :func:`query_positions` and
     mean keys ``k [L, H, T, dh]``."""
     qpos = query_positions(k.shape[2], w.causal)
-    return torch.stack([kernel_softmax(w, l, torch.einsum("hne,hie->hni", q[j], k[j]), qpos)
+    return torch.stack([kernel_softmax(w, l, qk_scores(q[j], k[j]), qpos)
                         for j, l in enumerate(layers)])

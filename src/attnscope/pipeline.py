@@ -7,27 +7,29 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .circuit import CircuitSettings, build_circuit
+from .circuit import Circuit, CircuitSettings, build_circuit
 from .errors import ConditionFailedError
-from .kernels import KernelSettings, analyse_kernels
+from .kernels import KernelResult, KernelSettings, analyse_kernels
 from .models import ModelWeights
-from .neurons import NeuronSettings, find_neurons
+from .neurons import NeuronResult, NeuronSettings, find_neurons
 
 
 @dataclass
 class ReportResult:
     out: Path
     report: Path
-    kernels: object
-    neurons: object | None
-    circuit_error: str | None
+    kernels: KernelResult
+    circuit: Circuit | None
+    neurons: NeuronResult | None
+    circuit_error: str | None  # why the circuit was not built (a condition of the method failed)
     timings: dict[str, float] = field(default_factory=dict)
 
 
 def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSettings | None = None,
                circuit_settings: CircuitSettings | None = None, neuron_settings: NeuronSettings | None = None,
                command: str = "", progress: bool = True, log=print) -> ReportResult:
-    """Run every stage on ``w`` and write ``out/report.html`` (plus each stage's JSON, arrays and figures)."""
+    """Run every stage on ``w`` and write ``out/report.html`` (plus each stage's JSON, arrays and figures:
+    ``out/kernels``, ``out/circuit``, ``out/neurons``)."""
     from .plots import kernel_figures, neuron_figures
     from .report import write_report
 
@@ -40,13 +42,14 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
     figs = {k: p for k, p in kernel_figures(kres, out / "kernels").items()}
     t["kernels"] = time.perf_counter() - t0
     log(f"kernels: {len(kres.records)} heads in {t['kernels']:.1f} s -> {out / 'kernels'}")
-    nres, err = None, None
+    circ, nres, err = None, None, None
     t0 = time.perf_counter()
     try:
         circ = build_circuit(w, circuit_settings or CircuitSettings())
+        circ.save(out / "circuit")
         nres = find_neurons(w, circ, neuron_settings or NeuronSettings(), progress=progress)
         nres.save(out / "neurons")
-        figs.update(neuron_figures(nres, out / "neurons"))
+        figs.update(neuron_figures(nres, circ, out / "neurons"))
         s = nres.summary()
         log(f"neurons: contextual heads {s['heads']}; {s['n_neurons_found']} neurons found, median r "
             f"{s['median_r']:.3f}, median FVU {s['median_fvu']:.3f} -> {out / 'neurons'}" if s["median_r"] is not None
@@ -57,9 +60,7 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
         (out / "neurons" / "condition_failed.json").write_text(json.dumps({"error": err}))
         log(f"neurons: not computed, a condition of the method fails: {err}")
     t["circuit_and_neurons"] = time.perf_counter() - t0
-    prov = {"kernels": kres.provenance, "timings_s": t}
-    if err:
-        prov["circuit_error"] = err
-    report = write_report(out, model_info=w.info(), kernels=kres, neurons=nres, figures=figs, command=command,
-                          provenance=prov)
-    return ReportResult(out, report, kres, nres, err, t)
+    report = write_report(out, model_info=w.info(), kernels=kres, circuit=circ, neurons=nres, figures=figs,
+                          command=command, provenance={"kernels": kres.provenance, "timings_s": t},
+                          circuit_error=err)
+    return ReportResult(out, report, kres, circ, nres, err, t)

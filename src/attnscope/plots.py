@@ -11,8 +11,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import kernels as K  # noqa: E402
-
-CAT_COLORS = K.CAT_COLORS
+from .categories import CAT_COLORS, LOCAL_NEFF, thresholds  # noqa: E402
+from .circuit_result import Circuit  # noqa: E402
+from .neurons import NeuronResult  # noqa: E402
 
 
 def _save(fig, path: Path) -> Path:
@@ -71,8 +72,8 @@ def neff_heatmap(res: K.KernelResult, out: Path) -> Path:
     ax.set_ylabel("layer")
     cb = fig.colorbar(im, ax=ax)
     cb.set_label("log10 N_eff = log10(1 / sum K^2)")
-    cb.ax.axhline(np.log10(K.LOCAL_NEFF), color="w", lw=1)
-    ax.set_title(f"effective kernel width (local if N_eff <= {K.LOCAL_NEFF:g})")
+    cb.ax.axhline(np.log10(LOCAL_NEFF), color="w", lw=1)
+    ax.set_title(f"effective kernel width (local if N_eff <= {LOCAL_NEFF:g})")
     return _save(fig, out)
 
 
@@ -91,7 +92,7 @@ def category_map(res: K.KernelResult, out: Path) -> Path:
     ax.set_ylabel("layer")
     handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=k) for k, c in CAT_COLORS.items()]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
-    t = K.thresholds()
+    t = thresholds()
     ax.set_title("kernel categories")
     fig.text(0.01, -0.02, f"sink: K(0)>={t['sink_mass']}; current/previous: K(n)/K(n-1)>={t['self_mass']}; "
              f"local: N_eff<={t['local_n_eff']:g} and median offset<={t['local_median_offset']}; "
@@ -137,7 +138,7 @@ def kernel_figures(res: K.KernelResult, out_dir: str | Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------------
 
 
-def neuron_traces(res, out: Path, n: int = 6) -> Path:
+def neuron_traces(res: NeuronResult, out: Path, n: int = 6) -> Path:
     """Predicted vs true contribution of the contextual heads for the top neurons, on the neuron's most
     positive and most negative held-out text (and the true pre-activation, faint)."""
     recs = res.records[:n]
@@ -159,7 +160,7 @@ def neuron_traces(res, out: Path, n: int = 6) -> Path:
     return _save(fig, out)
 
 
-def r_fvu_distribution(res, out: Path) -> Path:
+def r_fvu_distribution(res: NeuronResult, out: Path) -> Path:
     """Distribution over verified neurons of r and FVU (the method reports median r 0.95, FVU 0.14)."""
     r = np.array([x.r for x in res.records]) if res.records else np.zeros(0)
     f = np.array([x.fvu for x in res.records]) if res.records else np.zeros(0)
@@ -179,11 +180,11 @@ def r_fvu_distribution(res, out: Path) -> Path:
     return _save(fig, out)
 
 
-def denominator_stability_plot(res, out: Path) -> Path:
+def denominator_stability_plot(res: NeuronResult, circ: Circuit, out: Path) -> Path:
     """Kernel-weighted denominators Z_n / Z_calibration against position, per contextual head, per text."""
-    den = res.traces.get("_denominators", {})
-    heads = res.circuit["heads"]
-    Zcal = [d["denominator"] for d in res.circuit["decisions"] if d["chosen"]]
+    den = res.traces.get("_denominators", {})  # per text: [n_heads][positions] (recorded by find_neurons)
+    heads = circ.heads
+    Zcal = [float(z) for z in circ.Z]
     k = len(heads)
     cols = min(4, max(1, k))
     rows = int(np.ceil(max(1, k) / cols))
@@ -205,10 +206,10 @@ def denominator_stability_plot(res, out: Path) -> Path:
     return _save(fig, out)
 
 
-def neuron_figures(res, out_dir: str | Path) -> dict[str, Path]:
+def neuron_figures(res: NeuronResult, circ: Circuit, out_dir: str | Path) -> dict[str, Path]:
     out_dir = Path(out_dir)
     figs = {"r_fvu": r_fvu_distribution(res, out_dir / "r_fvu.png"),
-            "denominators": denominator_stability_plot(res, out_dir / "denominators.png")}
+            "denominators": denominator_stability_plot(res, circ, out_dir / "denominators.png")}
     if res.records:
         figs["neuron_traces"] = neuron_traces(res, out_dir / "neuron_traces.png")
     return figs

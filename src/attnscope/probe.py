@@ -36,7 +36,7 @@ class ProbeResult:
 @torch.no_grad()
 def _features(w: ModelWeights, toks: torch.Tensor, layer: int, n_ctx: int, skip: int, stride: int) -> torch.Tensor:
     feats = []
-    bos = w.bos_token_id if w.prepend_bos else None
+    bos = w.analysis_bos
     body = n_ctx - (1 if bos is not None else 0)
     for s0 in range(0, len(toks) - body + 1, body):
         win = toks[s0 : s0 + body]

@@ -100,6 +100,11 @@ class ModelWeights:
     def device(self) -> torch.device:
         return self.W_Q.device
 
+    @property
+    def analysis_bos(self) -> int | None:
+        """The token put in front of every analysed text (BOS/CLS), or ``None`` when texts are analysed bare."""
+        return self.bos_token_id if self.prepend_bos else None
+
     def tensors(self) -> dict[str, Tensor]:
         return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
 

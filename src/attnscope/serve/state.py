@@ -35,10 +35,13 @@ class ServeModel:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _neurons_json(analysis: Path) -> dict:
+def _check_folder(analysis: Path) -> None:
     if not analysis.is_dir():
         raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
                              "or `attnscope neurons`")
+
+
+def _neurons_json(analysis: Path) -> dict | None:
     for p in (analysis / "neurons.json", analysis / "neurons" / "neurons.json"):
         if p.is_file():
             try:
@@ -49,24 +52,31 @@ def _neurons_json(analysis: Path) -> dict:
     if failed.is_file():
         raise ConditionFailedError(f"the analysis in {analysis} has no circuit: "
                                    f"{json.loads(failed.read_text()).get('error', 'a condition failed')}")
-    raise AttnscopeError(f"no neurons.json in {analysis} or {analysis / 'neurons'}; pass the output folder of "
-                         "`attnscope report` or `attnscope neurons`")
+    return None
 
 
-def _check_same_model(w: ModelWeights, saved: dict, analysis: Path) -> None:
+def _saved_circuit(analysis: Path) -> Circuit | None:
+    for p in (analysis, analysis / "circuit"):
+        if (p / "circuit.json").is_file() and (p / "circuit.safetensors").is_file():
+            return Circuit.load(p)
+    return None
+
+
+def _check_same_model(w: ModelWeights, saved: dict, circ: Circuit | None, analysis: Path) -> None:
     info = w.info()
     keys = ("architecture", "n_layers", "n_heads", "d_model", "d_mlp", "d_vocab")
     diff = [k for k in keys if k in saved and saved[k] != info[k]]
+    if circ is not None and tuple(circ.ext.shape) != (w.d_vocab, w.d_model):
+        diff.append("d_vocab, d_model")
+        saved = {**saved, "d_vocab, d_model": tuple(circ.ext.shape)}
+        info = {**info, "d_vocab, d_model": (w.d_vocab, w.d_model)}
     if diff:
         raise AttnscopeError(f"the analysis in {analysis} was made for model {saved.get('name')!r}, not {info['name']!r} "
                              f"({', '.join(f'{k} {saved[k]} != {info[k]}' for k in diff)}); pass that model")
 
 
-def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, list[dict]]:
-    """The saved analysis's circuit (rebuilt from its recorded settings and heads: deterministic) and records."""
-    d = _neurons_json(analysis)
-    _check_same_model(w, d.get("model", {}), analysis)
-    saved = d["circuit"]
+def _rebuild(w: ModelWeights, saved: dict, analysis: Path) -> Circuit:
+    """The circuit from a neurons.json's recorded settings and heads (deterministic)."""
     names = {f.name for f in fields(CircuitSettings)}
     s = CircuitSettings(**{k: v for k, v in saved["settings"].items() if k in names})
     s.heads = list(saved["heads"])
@@ -74,7 +84,22 @@ def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, lis
     if circ.calibration_sha != saved.get("calibration_sha256", circ.calibration_sha):
         raise AttnscopeError(f"the calibration text {s.calibration} changed since the analysis in {analysis} was made; "
                              "re-run the analysis")
-    return circ, list(d.get("neurons", []))
+    return circ
+
+
+def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, list[dict] | None]:
+    """A saved analysis's circuit (``Circuit.load`` when it was saved, as `attnscope report` does; else rebuilt
+    from the settings and heads recorded in ``neurons.json``) and its neuron records (``None`` if absent)."""
+    _check_folder(analysis)
+    d = _neurons_json(analysis)
+    circ = _saved_circuit(analysis)
+    _check_same_model(w, (d or {}).get("model", {}), circ, analysis)
+    if circ is None and d is None:
+        raise AttnscopeError(f"no circuit or neurons.json in {analysis}; pass the output folder of `attnscope report` "
+                             "or `attnscope neurons`")
+    if circ is None:
+        circ = _rebuild(w, d["circuit"], analysis)
+    return circ, None if d is None else list(d.get("neurons", []))
 
 
 def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -> ServeModel:
@@ -85,6 +110,8 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
         if analysis is not None:
             circ, records = circuit_from_analysis(w, Path(analysis))
             source = f"saved analysis {analysis}"
+            if records is None:
+                records = [vars(r) for r in find_neurons(w, circ, progress=False).records]
         else:
             try:
                 circ = build_circuit(w)
