@@ -36,7 +36,7 @@ def _text(w, spec: str, n: int) -> tuple[str, torch.Tensor]:
     return s, ids
 
 
-def _reference_pred(m, ids: torch.Tensor, k: int) -> torch.Tensor:
+def _reference_bag(m, ids: torch.Tensor, k: int) -> torch.Tensor:
     """The bag + constant written out from the Circuit API (method §7-8), not through serve's class."""
     w, circ = m.w, m.circ
     W, _ = mlp_input_weights(w)
@@ -44,6 +44,16 @@ def _reference_pred(m, ids: torch.Tensor, k: int) -> torch.Tensor:
     y_cal, pre_cal, _ = true_head_output(w, circ.heads, circ.calibration_tokens)
     other = (pre_cal[:, k] - centre(y_cal, w) @ W[:, k] / circ.mlp_scale)[n_min:].mean()
     return centre(circ.summary(ids), w) @ W[:, k] / circ.mlp_scale + other
+
+
+def _reference_pred(m, ids: torch.Tensor, k: int) -> torch.Tensor:
+    """What the page must show as "predicted": the bag + constant, or the full explanation's terms summed."""
+    if m.explanation.kind == "contextual bag + constant":
+        return _reference_bag(m, ids, k)
+    from attnscope.explain import build_explainer, explain_terms
+
+    terms = explain_terms(m.w, m.circ, build_explainer(m.w, m.circ), ids, torch.tensor([k]))
+    return sum(terms.values())[:, 0]
 
 
 def test_analyse_true_and_predicted_match_references(served):
@@ -57,7 +67,7 @@ def test_analyse_true_and_predicted_match_references(served):
     true = next(iter_layers(m.w, ids[None], stop_layer=0)).mlp_pre[0, :, k]
     assert torch.allclose(torch.tensor(d["true"]), true, atol=1e-4)
     assert torch.allclose(torch.tensor(d["pred"]), _reference_pred(m, ids, k), atol=1e-4)
-    assert d["window_note"] is None and d["explanation"] == "contextual bag + constant"
+    assert d["window_note"] is None and d["explanation"] == m.explanation.kind
     n_min = m.circ.settings["min_position"]
     assert d["early"] == [i < n_min for i in range(200)]
     assert d["fit"]["n"] == 200 - n_min
@@ -66,15 +76,42 @@ def test_analyse_true_and_predicted_match_references(served):
 def test_prediction_matches_find_neurons_traces(served):
     """serve's prediction equals the pred_pre trace find_neurons wrote for the same neuron and text."""
     from attnscope.neurons import find_neurons
+    from attnscope.serve.explanation import BagExplanation
 
     m, _ = served
     res = find_neurons(m.w, m.circ, progress=False)
     rec = res.records[0]
     tr = res.traces[str(rec.index)][rec.positive_text]
+    if "pred_pre" not in tr:
+        pytest.skip("find_neurons no longer writes the bag's pred_pre trace")
     ids = text_tokens(f"bundled:{rec.positive_text}", m.w.tokenizer, max_tokens=m.circ.T)
     n_min = m.circ.settings["min_position"]
-    pred = m.explanation.predict(ids)[n_min:, rec.index]
-    assert torch.allclose(pred, torch.tensor(tr["pred_pre"]), atol=1e-4)
+    bag = BagExplanation(m.w, m.circ)
+    assert torch.allclose(bag.predict(ids)[n_min:, rec.index], torch.tensor(tr["pred_pre"]), atol=1e-4)
+    assert torch.allclose(bag.predict(ids)[:, rec.index], _reference_bag(m, ids, rec.index), atol=1e-4)
+
+
+def test_the_fullest_explanation_is_served(served):
+    """With attnscope.explain present the page predicts with the full layer-0 explanation, and within one
+    held-out text it follows the true pre-activation better than the bag + constant (which cannot follow the
+    direct path), for the top-ranked neurons."""
+    import importlib.util
+
+    from attnscope.serve.analysis import fit_stats
+    from attnscope.serve.explanation import BagExplanation
+
+    m, _ = served
+    if importlib.util.find_spec("attnscope.explain") is None:
+        assert m.explanation.kind == "contextual bag + constant"
+        pytest.skip("attnscope.explain is not in this tree: the bag + constant is served")
+    assert m.explanation.kind == "full layer-0 explanation"
+    text, ids = _text(m.w, "bundled:es_fortunes", 200)
+    a = m.analyser.analyse(text)
+    bag = BagExplanation(m.w, m.circ).predict(ids)
+    ks = [r.index for r in m.table[:8]]
+    r_full = [fit_stats(a.true[:, k], a.pred[:, k], ~a.early)["r"] for k in ks]
+    r_bag = [fit_stats(a.true[:, k], bag[:, k], ~a.early)["r"] for k in ks]
+    assert sorted(r_full)[4] > 0.8 and sorted(r_full)[4] > sorted(r_bag)[4] + 0.3
 
 
 def test_evidence_sums_to_prediction(served):
@@ -88,7 +125,7 @@ def test_evidence_sums_to_prediction(served):
         kern = m.circ.kernel[pos, : pos + 1]
         assert torch.allclose(torch.tensor(e["kernel"]), kern, atol=1e-6)
         assert torch.allclose(torch.tensor(e["contributions"]), kern * torch.tensor(e["scores"]), atol=1e-6)
-        total = sum(e["contributions"]) + e["positional"] + e["constant"]
+        total = sum(e["contributions"]) + sum(v for _, v in e["terms"])
         assert total == pytest.approx(e["prediction"], abs=1e-4) and total == pytest.approx(pred[pos], abs=1e-4)
 
 

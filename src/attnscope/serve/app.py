@@ -143,8 +143,8 @@ def _add_api(app: FastAPI, m: ServeModel) -> None:
         contrib = ev.contributions.tolist()
         return {"neuron": req.neuron, "position": req.position, "first_token": first, "has_bos": bool(bos),
                 "bos_contribution": contrib[0] if bos else None, "contributions": contrib[bos:],
-                "kernel": ev.kernel.tolist()[bos:], "scores": ev.scores.tolist()[bos:], "positional": ev.positional,
-                "constant": ev.constant, "prediction": ev.prediction}
+                "kernel": ev.kernel.tolist()[bos:], "scores": ev.scores.tolist()[bos:], "terms": ev.terms,
+                "prediction": ev.prediction}
 
     @app.post("/api/contrast")
     def api_contrast(req: ContrastRequest) -> dict:

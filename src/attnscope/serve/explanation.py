@@ -10,8 +10,11 @@ neuron's prediction at one position (each earlier token's contribution).  Today'
 with ``pi_k(n)`` the circuit's positional and bias term through the same weights and ``c_k`` the mean
 over calibration positions ``n >= min_position`` of (true pre-activation - the heads' true contribution),
 i.e. everything the bag does not model (direct path, other heads, biases) replaced by its calibration
-average.  The evidence terms sum exactly to the prediction.  When the full layer-0 explanation of a
-neuron lands (method §15), :func:`make_explanation` returns it instead; the page shows ``kind``.
+average.  :class:`FullExplanation` wraps the full layer-0 explanation (method §15, ``attnscope.explain``):
+the same bag plus the direct path, every other head and the biases, computed per text instead of a constant;
+:func:`make_explanation` returns it whenever attnscope has it, and the page shows ``kind``.  In both, the
+per-token evidence is the bag's ``K_n(i) S[x_i, k]`` and the named terms make up the rest: they sum exactly
+to the prediction.
 """
 
 from __future__ import annotations
@@ -34,9 +37,8 @@ class Evidence:
     contributions: Tensor  # [n + 1] each token's term K_n(i) * S[x_i, k], i = 0..n
     kernel: Tensor  # [n + 1] K_n(i)
     scores: Tensor  # [n + 1] S[x_i, k]
-    positional: float  # pi_k(n): positional and bias terms of the circuit
-    constant: float  # c_k: the terms the explanation replaces by their calibration mean
-    prediction: float  # sum of the above
+    terms: list[tuple[str, float]]  # the rest of the prediction at n, by name (not split per token)
+    prediction: float  # sum(contributions) + the terms
 
 
 class Explanation(Protocol):
@@ -87,19 +89,53 @@ class BagExplanation:
         return self.ext_c @ self.W[:, neuron]
 
     @torch.no_grad()
-    def evidence(self, tokens: Tensor, neuron: int, position: int) -> Evidence:
-        toks = tokens[: position + 1]
-        s = self.ext_c[toks] @ self.W[:, neuron]  # [n + 1]
+    def bag_evidence(self, tokens: Tensor, neuron: int, position: int) -> tuple[Tensor, Tensor, Tensor]:
+        """``(K_n(i) S[x_i, k], K_n(i), S[x_i, k])`` for ``i = 0..position``."""
+        s = self.ext_c[tokens[: position + 1]] @ self.W[:, neuron]  # [n + 1]
         k = self.circ.kernel[position, : position + 1]
-        contrib = k * s
-        pos, const = float(self.pos_c[position, neuron]), float(self.constant[neuron])
-        return Evidence(contrib, k, s, pos, const, float(contrib.sum()) + pos + const)
+        return k * s, k, s
+
+    @torch.no_grad()
+    def evidence(self, tokens: Tensor, neuron: int, position: int) -> Evidence:
+        contrib, k, s = self.bag_evidence(tokens, neuron, position)
+        terms = [("positional term of the bag", float(self.pos_c[position, neuron])),
+                 ("constant (calibration mean of the rest)", float(self.constant[neuron]))]
+        return Evidence(contrib, k, s, terms, float(contrib.sum()) + sum(v for _, v in terms))
+
+
+class FullExplanation(BagExplanation):
+    """The full layer-0 explanation (method §15, :mod:`attnscope.explain`): direct path + contextual bag +
+    every other head through its own kernel and content factor + biases, from token ids alone."""
+
+    kind = "full layer-0 explanation"
+    description = ("predicted = the direct path (this token and position) + the contextual heads' bag of tokens + "
+                   "every other layer-0 head through its own kernel and content factor + biases, all from the "
+                   "weights and the calibration text (no forward pass)")
+
+    @torch.no_grad()
+    def __init__(self, w: ModelWeights, circ: Circuit, build_explainer, explain_terms):
+        super().__init__(w, circ)
+        self.ex = build_explainer(w, circ)
+        self._terms = explain_terms
+
+    @torch.no_grad()
+    def predict(self, tokens: Tensor) -> Tensor:
+        return sum(self._terms(self.w, self.circ, self.ex, tokens).values())
+
+    @torch.no_grad()
+    def evidence(self, tokens: Tensor, neuron: int, position: int) -> Evidence:
+        contrib, k, s = self.bag_evidence(tokens, neuron, position)
+        t = self._terms(self.w, self.circ, self.ex, tokens[: position + 1], torch.tensor([neuron]))
+        names = {"contextual bag": "positional term of the bag", "direct": "direct path (this token and position)"}
+        terms = [(names.get(n, n), float(v[position, 0]) - (float(contrib.sum()) if n == "contextual bag" else 0.0))
+                 for n, v in t.items()]
+        return Evidence(contrib, k, s, terms, float(contrib.sum()) + sum(v for _, v in terms))
 
 
 def make_explanation(w: ModelWeights, circ: Circuit) -> Explanation:
     """The fullest explanation available: the full layer-0 explanation when attnscope has one, else the bag."""
     try:
-        from ..explain import serve_explanation  # type: ignore[attr-defined]  # the full explanation (method §15)
+        from ..explain import build_explainer, explain_terms  # the full explanation (method §15), when present
     except ImportError:
         return BagExplanation(w, circ)
-    return serve_explanation(w, circ)
+    return FullExplanation(w, circ, build_explainer, explain_terms)

@@ -286,8 +286,8 @@ async function showEvidence(pos) {
   $("#evidence-token").textContent = `token “${showTok(a.tokens[pos])}”` + (a.early[pos] ? " (early position: outside scope)" : "");
   const sumC = ev.contributions.reduce((s, v) => s + v, 0) + (ev.bos_contribution || 0);
   $("#evidence-sum").textContent = `predicted ${fmt(ev.prediction)} = Σ kernel weight × token score ${fmt(sumC)}` +
-    (ev.has_bos ? ` (BOS ${fmt(ev.bos_contribution)})` : "") + ` + positional term ${fmt(ev.positional)} + constant ` +
-    `${fmt(ev.constant)};  true ${fmt(a.true[pos])}.`;
+    (ev.has_bos ? ` (BOS ${fmt(ev.bos_contribution)})` : "") +
+    ev.terms.map(([name, v]) => ` + ${name} ${fmt(v)}`).join("") + `;  true ${fmt(a.true[pos])}.`;
   const rows = ev.contributions.map((c, j) => [j + ev.first_token, c, ev.kernel[j], ev.scores[j]])
     .sort((p, q) => Math.abs(q[1]) - Math.abs(p[1])).slice(0, 15);
   const tb = $("#evidence-table tbody");
