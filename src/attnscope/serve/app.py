@@ -30,6 +30,7 @@ from ..errors import AttnscopeError, IndexOutOfRangeError
 from .analysis import MAX_CHARS, EmptyTextError, contrast
 from .scope import ScopeSettings
 from .state import ServeModel
+from .table import SCORE_NAMES
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("attnscope.serve")
@@ -97,7 +98,7 @@ def info_json(m: ServeModel) -> dict:
                         "calibration_sink_mass": m.analyser.cal.sink_mass,
                         "calibration_clipped_share": m.analyser.cal.clipped_share},
             "scope_thresholds": asdict(m.analyser.scope if m.analyser.scope else ScopeSettings()),
-            "max_chars": MAX_CHARS, "n_neurons": len(m.table)}
+            "max_chars": MAX_CHARS, "n_neurons": len(m.table), "score": m.score_name, "score_name": SCORE_NAMES[m.score_name]}
 
 
 def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:

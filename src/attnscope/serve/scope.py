@@ -5,7 +5,8 @@ input each is re-measured at the positions the explanation claims (window positi
 
 * **denominators**: per contextual head, the kernel-weighted denominator ``Z_n = sum_j K_n(j) f(x_j)`` on this
   text (median over positions) divided by the calibration value the circuit reuses; the per-head scale
-  error of the bag.  Holds when every ratio lies within ``[1/r, r]``.
+  error of the bag.  Holds when every ratio lies within ``[1/r, r]``, ``r = 1.25`` (the range the full
+  explanation, ``attnscope.explain.Z_RATIO_RANGE``, states for itself; read from there when present).
 * **sink mass**: the contextual heads' true attention to the window's first position (median over positions,
   mean over heads), against the same number on the calibration text.
 * **clipped content factors**: share of (head, token) pairs whose content factor ``f`` sits at the clip
@@ -20,7 +21,7 @@ Thresholds are attnscope's choices (:class:`ScopeSettings`) and the page prints 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -30,9 +31,18 @@ from ..forward import LayerActivations
 from ..models import ModelWeights
 
 
+def _denominator_ratio_max() -> float:
+    """The full explanation's own range for a text's Z / calibration Z (attnscope.explain), else 1.25."""
+    try:
+        from ..explain import Z_RATIO_RANGE
+    except ImportError:
+        return 1.25
+    return float(max(Z_RATIO_RANGE[1], 1 / Z_RATIO_RANGE[0]))
+
+
 @dataclass
 class ScopeSettings:
-    denominator_ratio_max: float = 1.5  # every head's Z ratio to calibration within [1/x, x] (scale error <= 50%)
+    denominator_ratio_max: float = field(default_factory=_denominator_ratio_max)  # Z ratios within [1/x, x]
     sink_mass_delta_max: float = 0.1  # |sink mass - calibration sink mass|
     clipped_share_max: float = 0.01  # the circuit's "no outlier tokens" threshold ...
     clipped_share_cal_factor: float = 2.0  # ... or this many times the calibration text's share, if larger

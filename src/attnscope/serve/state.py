@@ -31,6 +31,7 @@ class ServeModel:
     explanation: Explanation
     analyser: Analyser
     table: list[NeuronRow]
+    score_name: str  # what the table's ranking sorts by (a key of table.SCORE_NAMES)
     source: str  # where the circuit and neurons came from
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -87,9 +88,9 @@ def _rebuild(w: ModelWeights, saved: dict, analysis: Path) -> Circuit:
     return circ
 
 
-def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, list[dict] | None]:
+def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, dict | None]:
     """A saved analysis's circuit (``Circuit.load`` when it was saved, as `attnscope report` does; else rebuilt
-    from the settings and heads recorded in ``neurons.json``) and its neuron records (``None`` if absent)."""
+    from the settings and heads recorded in ``neurons.json``) and its neurons result as JSON (``None`` if absent)."""
     _check_folder(analysis)
     d = _neurons_json(analysis)
     circ = _saved_circuit(analysis)
@@ -99,7 +100,7 @@ def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, lis
                              "or `attnscope neurons`")
     if circ is None:
         circ = _rebuild(w, d["circuit"], analysis)
-    return circ, None if d is None else list(d.get("neurons", []))
+    return circ, d
 
 
 def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -> ServeModel:
@@ -108,24 +109,24 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
     t0 = time.perf_counter()
     with torch.no_grad():
         if analysis is not None:
-            circ, records = circuit_from_analysis(w, Path(analysis))
+            circ, result = circuit_from_analysis(w, Path(analysis))
             source = f"saved analysis {analysis}"
-            if records is None:
-                records = [vars(r) for r in find_neurons(w, circ, progress=False).records]
+            if result is None:
+                result = find_neurons(w, circ, progress=False).to_json()
         else:
             try:
                 circ = build_circuit(w)
             except ConditionFailedError as err:
                 raise ConditionFailedError(f"{err}; or run `attnscope neurons {w.name} --heads ... --out DIR` and "
                                            "pass --analysis DIR") from None
-            records = [vars(r) for r in find_neurons(w, circ, progress=False).records]
+            result = find_neurons(w, circ, progress=False).to_json()
             source = "computed at start-up (calibration " + circ.settings["calibration"] + ")"
         t["circuit_and_neurons"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         expl = make_explanation(w, circ)
         analyser = Analyser(w, circ, expl, calibration_reference(w, circ))
-        table = build_table(w, circ, records)
+        table, score_name = build_table(w, circ, result)
         t["explanation_and_table"] = time.perf_counter() - t0
     log(f"contextual heads {circ.heads}; {sum(r.selected for r in table)} selected neurons of {len(table)}; "
         f"explanation: {expl.kind} ({source})")
-    return ServeModel(w, circ, expl, analyser, table, source, t)
+    return ServeModel(w, circ, expl, analyser, table, score_name, source, t)

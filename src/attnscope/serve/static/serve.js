@@ -59,7 +59,7 @@ function renderTable() {
     const tr = el("tr", { "data-neuron": n.index });
     if (n.index === S.neuron) tr.classList.add("selected");
     tr.append(el("td", { class: "num" }, n.rank), el("td", { class: "num" }, n.index),
-              el("td", { class: "num" }, fmt(n.effect, 2)), el("td", {}, (n.selected ? "✓ " : "") + (n.label || "")),
+              el("td", { class: "num" }, fmt(n.score, 2)), el("td", {}, (n.selected ? "✓ " : "") + (n.label || "")),
               el("td", { class: "tok-list" }, n.top_positive.slice(0, 6).map(showTok).join(" | ")),
               el("td", { class: "tok-list" }, n.top_negative.slice(0, 6).map(showTok).join(" | ")),
               el("td", { class: "num" }, n.r === null ? "" : fmt(n.r, 2)));
@@ -92,7 +92,7 @@ function renderNeuronCard() {
   const n = S.neuronCard;
   const card = $("#neuron-card");
   card.replaceChildren();
-  card.append(el("p", {}, `Neuron ${n.index}: rank ${n.rank}, effect ${fmt(n.effect, 2)}` +
+  card.append(el("p", {}, `Neuron ${n.index}: rank ${n.rank}, ${S.info.score} ${fmt(n.score, 2)}` +
     (n.selected ? `, label “${n.label || "none"}”, held-out r = ${fmt(n.r, 2)}, FVU = ${fmt(n.fvu, 2)}` : ", not selected")));
   const cols = el("div", { class: "cols" });
   for (const [title, list] of [["highest token scores S[x, k]", n.top_positive_scores],
@@ -396,6 +396,9 @@ async function start() {
   $("#explanation-line").textContent = `Predicted = ${S.info.explanation.kind}: ${S.info.explanation.description}.`;
   $("#neuron-input").max = S.neurons.length - 1;
   renderKernels();
+  $("#score-th").textContent = S.info.score;
+  $("#ranking-note").textContent = `Ranked by ${S.info.score_name}. ✓ = reported (explained and verified on held-out ` +
+    "texts; r = the explanation's held-out fit). Click a row to choose the neuron.";
   const h = new URLSearchParams(location.hash.slice(1));
   const k = h.has("neuron") ? Number(h.get("neuron")) : S.neurons[0].index;
   if (h.get("a")) $("#text-a").value = h.get("a");
