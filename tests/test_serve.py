@@ -240,11 +240,11 @@ def test_internal_errors_hide_the_traceback(served, monkeypatch):
 
 def test_saved_analysis_is_reused(served, tmp_path):
     from attnscope.errors import AttnscopeError
-    from attnscope.neurons import find_neurons
     from attnscope.serve import load_serve_model
 
     m, _ = served
-    find_neurons(m.w, m.circ, progress=False).save(tmp_path / "neurons")
+    (tmp_path / "neurons").mkdir()
+    (tmp_path / "neurons" / "neurons.json").write_text(json.dumps(m.neurons_json))  # as NeuronResult.save writes it
     m2 = load_serve_model(m.w, tmp_path, log=lambda *_: None)
     assert m2.circ.heads == m.circ.heads and torch.equal(m2.circ.kernel, m.circ.kernel)
     assert [(r.index, r.label, r.selected) for r in m2.table] == [(r.index, r.label, r.selected) for r in m.table]
@@ -264,12 +264,12 @@ def test_saved_analysis_is_reused(served, tmp_path):
 
 def test_saved_circuit_is_loaded_not_rebuilt(served, tmp_path, monkeypatch):
     """`attnscope report` saves DIR/circuit (Circuit.save): serve loads it instead of recomputing."""
-    from attnscope.neurons import find_neurons
     from attnscope.serve import load_serve_model, state
 
     m, _ = served
     m.circ.save(tmp_path / "circuit")
-    find_neurons(m.w, m.circ, progress=False).save(tmp_path / "neurons")
+    (tmp_path / "neurons").mkdir()
+    (tmp_path / "neurons" / "neurons.json").write_text(json.dumps(m.neurons_json))
 
     def no_rebuild(*_a, **_k):
         raise AssertionError("the saved circuit should have been loaded")

@@ -32,6 +32,7 @@ class ServeModel:
     analyser: Analyser
     table: list[NeuronRow]
     score_name: str  # what the table's ranking sorts by (a key of table.SCORE_NAMES)
+    neurons_json: dict  # the neurons result the table came from (NeuronResult.to_json() or neurons.json)
     source: str  # where the circuit and neurons came from
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -129,4 +130,4 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
         t["explanation_and_table"] = time.perf_counter() - t0
     log(f"contextual heads {circ.heads}; {sum(r.selected for r in table)} selected neurons of {len(table)}; "
         f"explanation: {expl.kind} ({source})")
-    return ServeModel(w, circ, expl, analyser, table, score_name, source, t)
+    return ServeModel(w, circ, expl, analyser, table, score_name, result, source, t)
