@@ -189,3 +189,35 @@ def _screenshot(drv, path: Path) -> None:
     assert drv.save_screenshot(str(tmp))
     shutil.move(tmp, path)
     set_viewport(drv, 1280, 1500)
+
+
+def test_upload_and_downloads(page, tmp_path):
+    """A text file chosen in the upload box is analysed; the JSON and PNG downloads hold what is shown."""
+    _, url, drv = page
+    f = tmp_path / "texto.txt"
+    f.write_text(SPANISH, encoding="utf-8")
+    drv.get(url + "/")
+    _wait(drv, lambda dr: len(dr.find_elements(*_by("#neuron-table tbody tr"))) > 100)
+    drv.find_element(*_by("#file-input")).send_keys(str(f))
+    _wait(drv, lambda dr: dr.find_elements(*_by("#plot-true")))
+    assert drv.find_element(*_by("#text-input")).get_attribute("value") == SPANISH
+    # capture the downloads instead of writing files: replace the page's download(name, blob)
+    drv.execute_script("window.__dl = []; window.download = (name, blob) => blob.arrayBuffer().then(b => "
+                       "window.__dl.push({name, type: blob.type, size: b.byteLength, "
+                       "head: Array.from(new Uint8Array(b.slice(0, 8))), text: blob.type.includes('json') ? "
+                       "new TextDecoder().decode(b) : null}));")
+    drv.find_element(*_by("#download-json")).click()
+    drv.find_element(*_by("#download-png")).click()
+    dl = _wait(drv, lambda dr: (lambda x: x if len(x) == 2 else False)(dr.execute_script("return window.__dl")))
+    js = next(d for d in dl if d["name"].endswith(".json"))
+    png = next(d for d in dl if d["name"].endswith(".png"))
+    d = json.loads(js["text"])
+    neuron = int(drv.find_element(*_by("#neuron-input")).get_attribute("value"))
+    assert d["analysis"]["neuron"] == neuron and d["analysis"]["tokens"] and d["url"].startswith(url + "/#")
+    assert d["analysis"]["true"] == pytest.approx(_plotted(drv, "plot-true"), abs=1e-3 * _span(d["analysis"]) + 1e-4)
+    assert png["type"] == "image/png" and png["head"] == [137, 80, 78, 71, 13, 10, 26, 10] and png["size"] > 5000
+    assert not _severe(drv)
+
+
+def _span(a: dict) -> float:
+    return max(a["true"] + a["pred"]) - min(a["true"] + a["pred"] + [0.0])
