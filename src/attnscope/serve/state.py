@@ -115,6 +115,8 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
             if result is None:
                 result = find_neurons(w, circ, progress=False).to_json()
         else:
+            log(f"computing the contextual circuit and the neurons of {w.name} (`attnscope report {w.name} --out DIR` "
+                "once, then --analysis DIR, skips this)")
             try:
                 circ = build_circuit(w)
             except ConditionFailedError as err:
