@@ -68,7 +68,7 @@ def test_serve_starts_on_localhost_and_stops(demo):
     try:
         url = None
         t0 = time.monotonic()
-        while url is None and time.monotonic() - t0 < 120:
+        while url is None and time.monotonic() - t0 < 300:  # start-up runs find_neurons
             line = p.stdout.readline()
             if not line and p.poll() is not None:
                 pytest.fail(f"serve exited: {p.stderr.read()}")
