@@ -1,48 +1,92 @@
-"""Command-line interface: a thin layer over the Python API (``attnscope --help``)."""
+"""Command-line interface: a thin layer over the Python API (``attnscope --help``).
+
+One error path: every usage or input error prints one line ``error: what is wrong; how to fix it`` on
+stderr and exits 2; an interrupt prints one line and exits 130.  Arguments are checked before anything
+is computed.  Analysis options are derived from the settings dataclasses (:mod:`attnscope.cli_args`);
+``--device``/``--dtype``/``--revision`` may be given before or after the subcommand.  Outputs are written
+to a staging folder and published atomically; a rerun removes the files an older run of the same command
+wrote and this one did not (listed in ``OUT/.attnscope-COMMAND-manifest.json``), never other files.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from . import cli_args as A
+from .circuit import CircuitSettings
 from .errors import AttnscopeError
+from .kernels import KernelSettings
+from .neurons import NeuronSettings
+from .texts import bundled_texts
 
+_TEXTS = A.TEXT_SOURCES.format(names=", ".join(bundled_texts()))
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="attnscope: positional kernels, contextual heads and context-sensitive neurons of transformer models.\n\n"
-    "MODEL is `demo` (bundled), a local folder, a .gguf file, an installed model package "
-    "(smollm2, all-MiniLM-L6-v2) or a Hugging Face hub id (gpt2, gpt2-medium, distilgpt2).",
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="attnscope: positional kernels, contextual heads and context-sensitive neurons of transformer models."
+    f"\n\nMODEL is {A.MODEL_HELP}.\n\n{_TEXTS}\n\nCaches live in $ATTNSCOPE_CACHE (default ~/.cache/attnscope); "
+    "see `attnscope cache info`.",
 )
-STATE: dict[str, str] = {"device": "cpu", "dtype": "float32"}
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Show or clear the on-disk cache ($ATTNSCOPE_CACHE, default ~/.cache/attnscope).")
+app.add_typer(cache_app, name="cache")
 
-ModelArg = Annotated[str, typer.Argument(help="demo, a folder, a .gguf file, smollm2, all-MiniLM-L6-v2, or a hub id")]
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=A.MODEL_HELP, show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write the on-disk caches")]
+DecodeOpt = Annotated[str, typer.Option("--decode-errors", metavar="strict|replace",
+                                        help="undecodable bytes in text files: strict (an error naming the file and "
+                                             "byte) or replace (U+FFFD)")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="DEVICE",
+                                                  help="torch device: cpu, cuda, cuda:N or mps [default: cpu]")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
+                                                 help="float32 (default), float64, float16 or bfloat16")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
+                                                    help="hub models only: branch, tag or commit of the weights")]
+
+
+def _out(default: str) -> Any:
+    return Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (created; see --help of the "
+                                        f"command for what is written) [default: {default}]", show_default=False)]
 
 
 @app.callback()
-def _global(
-    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 (default), float64, float16 or bfloat16")] = "float32",
-) -> None:
-    from .models import parse_dtype
-
-    try:
-        parse_dtype(dtype)
-    except ValueError as err:
-        raise AttnscopeError(str(err)) from None
-    STATE.update(device=device, dtype=dtype)
+def _global(ctx: typer.Context, device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
+    """Global options; each may also be given after the subcommand."""
+    ctx.obj = A.Runtime(device=A.check_device(device or "cpu"), dtype=A.check_dtype(dtype or "float32"),
+                        revision=revision)
 
 
-def _load(model: str):
+def _runtime(ctx: typer.Context, device: str | None, dtype: str | None, revision: str | None) -> A.Runtime:
+    """The global options, overridden by those given after the subcommand."""
+    rt = ctx.find_object(A.Runtime) or A.Runtime()
+    return A.Runtime(device=A.check_device(device) if device else rt.device,
+                     dtype=A.check_dtype(dtype) if dtype else rt.dtype, revision=revision or rt.revision)
+
+
+def _load(rt: A.Runtime, model: str, keep_hf: bool = False):
     from .models import load_model
 
-    return load_model(model, device=STATE["device"], dtype=STATE["dtype"])
+    return load_model(model, device=rt.device, dtype=rt.dtype, revision=rt.revision, keep_hf=keep_hf)
+
+
+@contextlib.contextmanager
+def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None):
+    """Cache and decoding choices for the duration of one command; every text source is opened first."""
+    from .cache import caching
+    from .texts import decoding
+
+    if not no_cache:
+        A.check_cache()
+    with caching(not no_cache), decoding(decode_errors):
+        A.check_sources(*sources)
+        yield
 
 
 def _emit(obj, as_json: bool, human) -> None:
@@ -63,77 +107,65 @@ def _print_table(d: dict, title: str) -> None:
 
 
 @app.command()
-def info(model: ModelArg, as_json: JsonOpt = False) -> None:
+def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: DeviceOpt = None,
+         dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     """Architecture, layers, heads, positional scheme, context length and parameter count."""
-    w = _load(model)
+    w = _load(_runtime(ctx, device, dtype, revision), model)
     _emit(w.info(), as_json, lambda d: _print_table(d, f"attnscope info {model}"))
 
 
-@app.command()
+@app.command(help="Recompute every head's attention and every MLP pre-activation from the weights and compare with "
+             f"the model's own forward pass (max abs difference per layer).\n\n{_TEXTS}")
 def check(
-    model: ModelArg,
-    text: Annotated[Optional[str], typer.Option(help="text file/folder/JSONL (default: bundled text)")] = None,
-    n_tokens: Annotated[int, typer.Option(help="tokens of text to run")] = 128,
-    as_json: JsonOpt = False,
+    ctx: typer.Context, model: ModelArg,
+    text: Annotated[Optional[str], typer.Option(metavar="TEXT", help="text to run [default: the first bundled text]")] = None,
+    n_tokens: Annotated[int, typer.Option(metavar="TOKENS", help="tokens of text to run (at most the model's context)")] = 128,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
-    """Recompute every head's attention and every MLP pre-activation from the weights and compare with the
-    model's own forward pass (max abs difference per layer)."""
     from .forward import compare_with_model
-    from .models import load_model
-    from .texts import bundled_texts, text_tokens
+    from .texts import text_tokens
 
-    w, hf = load_model(model, device=STATE["device"], dtype=STATE["dtype"], keep_hf=True)
-    src = text or f"bundled:{bundled_texts()[0]}"
-    n = min(n_tokens, w.n_ctx)
-    ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.bos_token_id if w.prepend_bos else None)
-    d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
+    A.check_positive(n_tokens=n_tokens)
+    rt = _runtime(ctx, device, dtype, revision)
+    with _session(no_cache, decode_errors, text):
+        w, hf = _load(rt, model, keep_hf=True)
+        src = text or f"bundled:{bundled_texts()[0]}"
+        n = min(n_tokens, w.n_ctx)
+        ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.bos_token_id if w.prepend_bos else None)
+        d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
     out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
            "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
     _emit(out, as_json, lambda o: _print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
 
 
-def _parse_layers(spec: str | None) -> list[int] | None:
-    if spec is None or spec == "all":
-        return None
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise AttnscopeError(f"--layers {spec!r} is not a list of layer numbers; write e.g. 0,1,2 or 0-5") from None
-    return out
+_KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
+                                   "seed", "batch_size"))
+_CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads"))
+_NEURON_FIELDS = (NeuronSettings, ("eval", "max_neurons"))
 
 
-@app.command()
-def kernels(
-    model: ModelArg,
-    layers: Annotated[Optional[str], typer.Option(help="layers to analyse: 0,1,5 or 0-3 (default all)")] = None,
-    samples: Annotated[str, typer.Option(help="text source for the estimates (default: bundled texts)")] = "bundled:",
-    n_samples: Annotated[int, typer.Option(help="sample windows for the estimates (the method: 500)")] = 32,
-    n_heldout: Annotated[int, typer.Option(help="further disjoint windows for the validations")] = 8,
-    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
-    ref_norm: Annotated[Optional[float], typer.Option(help="the method's reference norm c (GPT-2: 3.5); default measured")] = None,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/kernels"),
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute even if cached")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks.
-
-    Writes OUT/kernels.json, OUT/kernels.safetensors and four figures."""
-    from .kernels import KernelSettings, analyse_kernels
+@app.command(help="Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks."
+             f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
+@A.settings_options(_KERNEL_FIELDS)
+def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
+            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .cache import staged_output
+    from .kernels import analyse_kernels
     from .plots import kernel_figures
 
-    w = _load(model)
-    s = KernelSettings(samples=samples, n_ctx=n_ctx, n_samples=n_samples, n_heldout=n_heldout, seed=seed,
-                       layers=_parse_layers(layers), ref_norm=ref_norm)
-    res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
-    res.save(out)
-    figs = kernel_figures(res, out)
+    s = A.build(KernelSettings, kw)
+    A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
+    rt = _runtime(ctx, device, dtype, revision)
+    A.check_out(out)
+    with _session(no_cache, decode_errors, s.samples):
+        w = _load(rt, model)
+        A.check_kernel_settings(s, w)
+        res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
+        with staged_output(out, "kernels") as tmp:
+            res.save(tmp)
+            figs = kernel_figures(res, tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
@@ -164,34 +196,34 @@ def _print_kernel_summary(res) -> None:
         tvk = sorted(r.tv_kernel_vs_attention for r in recs)[len(recs) // 2]
         t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{tvd:.3f}", f"{tvk:.3f}")
     Console().print(t)
+    if res.provenance.get("windows_overlap"):
+        typer.echo("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
 
 
-@app.command()
-def neurons(
-    model: ModelArg,
-    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
-    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="held-out texts (repeat); default: bundled texts")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(help="tokens of calibration/eval text (default min(context, 256))")] = None,
-    heads: Annotated[Optional[str], typer.Option(help="force the contextual heads, e.g. 0,2,6")] = None,
-    window: Annotated[int, typer.Option(help="windowed-denominator width (the method's 100)")] = 100,
-    max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/neurons"),
-    as_json: JsonOpt = False,
-) -> None:
-    """Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP,
-    found from the weights and one calibration text, explained and verified on held-out texts.
-
-    Writes OUT/neurons.json, OUT/traces.json and figures."""
-    from .circuit import CircuitSettings, build_circuit
-    from .neurons import NeuronSettings, find_neurons
+@app.command(help="Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP, "
+             "found from the weights and one calibration text, explained and verified on held-out texts."
+             f"\n\nWrites OUT/neurons.json, OUT/traces.json and figures.\n\n{_TEXTS}")
+@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS)
+def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
+            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .cache import staged_output
+    from .circuit import build_circuit
+    from .neurons import find_neurons
     from .plots import neuron_figures
 
-    w = _load(model)
-    cs = CircuitSettings(calibration=calibration, n_ctx=n_ctx, window=window, heads=_parse_layers(heads))
-    circ = build_circuit(w, cs)
-    res = find_neurons(w, circ, NeuronSettings(eval=eval or None, max_neurons=max_neurons), progress=not as_json)
-    res.save(out)
-    figs = neuron_figures(res, circ, out)
+    cs, ns = A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
+    A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
+    rt = _runtime(ctx, device, dtype, revision)
+    A.check_out(out)
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval):
+        w = _load(rt, model)
+        A.check_circuit_settings(cs, w)
+        circ = build_circuit(w, cs)
+        res = find_neurons(w, circ, ns, progress=not as_json)
+        with staged_output(out, "neurons") as tmp:
+            res.save(tmp)
+            figs = neuron_figures(res, circ, tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
@@ -223,57 +255,63 @@ def _print_neuron_summary(res) -> None:
     con.print(t)
 
 
-@app.command()
-def report(
-    model: ModelArg,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out"),
-    samples: Annotated[str, typer.Option(help="text source for the kernels (default: bundled texts)")] = "bundled:",
-    n_samples: Annotated[int, typer.Option(help="sample windows for the kernels (the method: 500)")] = 32,
-    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="layers for the kernels (default all)")] = None,
-    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
-    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="held-out texts (repeat)")] = None,
-    heads: Annotated[Optional[str], typer.Option(help="force the contextual heads, e.g. 0,2,6")] = None,
-    max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
-) -> None:
-    """Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html."""
-    from .circuit import CircuitSettings
-    from .kernels import KernelSettings
-    from .neurons import NeuronSettings
+def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
+            kw: dict[str, Any]) -> None:
+    from .cache import staged_output
     from .pipeline import run_report
 
-    w = _load(model)
-    res = run_report(
-        w, out,
-        kernel_settings=KernelSettings(samples=samples, n_samples=n_samples, n_ctx=n_ctx, layers=_parse_layers(layers)),
-        circuit_settings=CircuitSettings(calibration=calibration, n_ctx=n_ctx, heads=_parse_layers(heads)),
-        neuron_settings=NeuronSettings(eval=eval or None, max_neurons=max_neurons),
-        command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo,
-    )
-    typer.echo(f"report: {res.report.resolve()}")
+    ks, cs, ns = A.build(KernelSettings, kw), A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
+    A.check_positive(n_samples=ks.n_samples, n_heldout=ks.n_heldout, n_ctx=ks.n_ctx, window=cs.window,
+                     max_neurons=ns.max_neurons)
+    A.check_out(out)
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
+        w = _load(rt, model)
+        A.check_kernel_settings(ks, w)
+        A.check_circuit_settings(cs, w)
+        with staged_output(out, "report") as tmp:
+            run_report(w, tmp, kernel_settings=ks, circuit_settings=cs, neuron_settings=ns,
+                       command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo)
+    typer.echo(f"report: {(out / 'report.html').resolve()}")
+
+
+@app.command(help="Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html "
+             f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
+@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS)
+def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
+           no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
+           dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw)
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out")) -> None:
+def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), no_cache: NoCacheOpt = False,
+         device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
     """The whole method on the bundled demo model (offline, a few minutes on 2 cores); prints the report path."""
-    report(model="demo", out=out, samples="bundled:", n_samples=32, n_ctx=None, layers=None,
-           calibration="bundled:en_moby_dick", eval=None, heads=None, max_neurons=64)
+    _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {})
 
 
-@app.command()
+@app.command(help="Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall). Each "
+             "TEXT is one context, named by its file stem or bundled name; at least two, with distinct names, each "
+             f"long enough for one window in its 70% training and 30% test parts.\n\n{_TEXTS}")
 def probe(
-    model: ModelArg,
-    layer: Annotated[int, typer.Option(help="layer whose MLP activations are probed")] = 0,
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="labelled texts (repeat); default: bundled")] = None,
-    as_json: JsonOpt = False,
+    ctx: typer.Context, model: ModelArg,
+    layer: Annotated[int, typer.Option(metavar="LAYER", help="layer whose MLP activations are probed (from 0)")] = 0,
+    text: Annotated[Optional[list[str]], typer.Option("--text", metavar="TEXT",
+                                                      help="labelled text (repeat) [default: every bundled text]")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(metavar="TOKENS", help=A.HELP["n_ctx"][1])] = None,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
-    """Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall)."""
     from .errors import check_index
-    from .probe import context_probe
+    from .probe import check_probe_texts, context_probe
 
-    w = _load(model)
-    check_index("layer", layer, w.n_layers)
-    r = context_probe(w, layer=layer, texts=text or None)
+    A.check_positive(n_ctx=n_ctx)
+    check_probe_texts(text)
+    rt = _runtime(ctx, device, dtype, revision)
+    with _session(no_cache, decode_errors, text):
+        w = _load(rt, model)
+        check_index("layer", layer, w.n_layers)
+        r = context_probe(w, layer=layer, texts=text or None, n_ctx=n_ctx)
     _emit(r.to_json(), as_json, lambda d: _print_table(
         {**{f"recall {k}": f"{v:.3f}" for k, v in d["recall"].items()}, "test accuracy": f"{d['test_accuracy']:.3f}",
          "chance": f"{d['chance']:.3f}", f"separated (recall >= {d['recall_min']})": ", ".join(d["separated"])},
@@ -282,30 +320,73 @@ def probe(
 
 @app.command("train-demo")
 def train_demo_cmd(
-    out: Annotated[Path, typer.Option(help="folder for the trained model")] = Path("demo-model"),
-    corpora: Annotated[Path, typer.Option(help="folder of labelled .txt corpora")] = Path("../shared/corpora"),
-    max_minutes: Annotated[float, typer.Option(help="wall-clock training budget")] = 20.0,
-    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    corpora: Annotated[Optional[Path], typer.Option(metavar="DIR", show_default=False,
+                                                    help="folder of labelled UTF-8 .txt corpora (required; see "
+                                                         "docs/demo-model.md for the sources)")] = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="folder for the trained model")] = Path("demo-model"),
+    max_minutes: Annotated[float, typer.Option(metavar="MIN", help="wall-clock training budget in minutes")] = 20.0,
+    seed: Annotated[int, typer.Option(metavar="INT", help="seed")] = 0,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
     from .train import train_demo
 
-    if not corpora.is_dir():
-        raise AttnscopeError(f"no corpora folder at {corpora}; pass --corpora PATH (a folder of .txt files)")
+    _check_corpora(corpora)
+    A.check_out(out)
     info = train_demo(corpora, out, seed=seed, max_minutes=max_minutes)
     typer.echo(json.dumps({k: info[k] for k in info if k in ("steps", "tokens_seen", "wall_time_s", "heldout_loss", "unigram")},
                           default=str))
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
+def _check_corpora(corpora: Path | None) -> None:
+    from .texts import open_source
+
+    if corpora is None:
+        raise AttnscopeError("train-demo needs --corpora DIR, a folder of labelled .txt files (docs/demo-model.md "
+                             "lists the sources used for the bundled demo)")
+    if not corpora.is_dir():
+        raise AttnscopeError(f"--corpora {corpora} is not a folder; pass a folder of .txt files")
+    if not sorted(corpora.glob("*.txt")):
+        raise AttnscopeError(f"--corpora {corpora} holds no .txt files; pass a folder of labelled .txt corpora")
+    open_source(corpora)  # every file strict UTF-8, some text in it (one-line errors otherwise)
+
+
+@cache_app.command("info")
+def cache_info_cmd(as_json: JsonOpt = False) -> None:
+    """Where the cache is, and entries and size of each part (kernels, tokens, gguf, filehash)."""
+    from .cache import cache_info
+
+    d = cache_info()
+    _emit(d, as_json, lambda d: _print_table(
+        {"path ($ATTNSCOPE_CACHE)": d["path"], **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB"
+                                                   for k, v in d["kinds"].items()},
+         "total": f"{d['total_bytes'] / 1e6:.1f} MB"}, "attnscope cache"))
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(
+    kinds: Annotated[Optional[list[str]], typer.Argument(metavar="[PART]...", show_default=False,
+                                                         help="kernels, tokens, gguf or filehash [default: all]")] = None,
+) -> None:
+    """Remove the cache (or the named parts); everything in it is recomputed when next needed."""
+    from .cache import KINDS, cache_clear, cache_dir
+
+    bad = [k for k in kinds or [] if k not in KINDS]
+    if bad:
+        raise AttnscopeError(f"no cache part {bad[0]!r}; the parts are {', '.join(KINDS)}")
+    typer.echo(f"freed {cache_clear(kinds) / 1e6:.1f} MB in {cache_dir()}")
+
+
 @app.command()
 def serve(
-    model: ModelArg,
-    analysis: Annotated[Optional[Path], typer.Option(help="saved analysis: the output folder of `report` or `neurons` "
-                                                     "(default: compute the circuit and neurons at start-up)")] = None,
-    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    host: Annotated[str, typer.Option(help="address to listen on; give it explicitly to expose the page "
-                                      "beyond this machine")] = "127.0.0.1",
+    ctx: typer.Context, model: ModelArg,
+    analysis: Annotated[Optional[Path], typer.Option(metavar="DIR", show_default=False,
+                                                     help="saved analysis: the output folder of `report` or `neurons` "
+                                                          "[default: compute the circuit and neurons at start-up]")] = None,
+    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port")] = 8000,
+    host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it explicitly to expose the "
+                                      "page beyond this machine")] = "127.0.0.1",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
     """A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation per
     token, the evidence, and whether the input lies inside the explanation's scope). Ctrl+C stops it."""
@@ -315,26 +396,55 @@ def serve(
     if analysis is not None and not analysis.is_dir():
         raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
                              "or `attnscope neurons`")
-    run_server(_load(model), analysis=analysis, host=host, port=port, log=typer.echo)
+    run_server(_load(_runtime(ctx, device, dtype, revision), model), analysis=analysis, host=host, port=port,
+               log=typer.echo)
 
 
 def main() -> None:
-    """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
-    try:
-        app(standalone_mode=False)
-    except AttnscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
+    """Console entry point: see the module docstring for the error path."""
+    from typer._click import exceptions as click_exc
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    _log_to_stderr()
+    try:
+        rc = app(standalone_mode=False)
+    except AttnscopeError as err:
+        _fail(" ".join(str(err).split()))
+    except click_exc.NoArgsIsHelpError as err:
+        typer.echo(err.ctx.get_help() if err.ctx else "")
+        _fail(f"no command given; pick one of the commands above (`{_prog(err)} --help`)")
+    except click_exc.UsageError as err:
+        _fail(f"{' '.join(err.format_message().split()).rstrip('.')}; see `{_prog(err)} --help`")
+    except click_exc.ClickException as err:
+        _fail(" ".join(err.format_message().split()))
+    except (click_exc.Abort, KeyboardInterrupt):
+        rc = 130
+    except OSError as err:  # disk full, permission denied while writing...
+        _fail(f"{err.filename or ''}: {err.strerror or err}; check the path, its permissions and free space")
+    if rc == 130:
+        typer.echo("interrupted: nothing was written (partial outputs are discarded)", err=True)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+class _StderrHandler(logging.Handler):
+    """Warnings as one line each on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"attnscope: warning: {' '.join(record.getMessage().split())}\n")
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger("attnscope")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
+
+
+def _prog(err) -> str:
+    return err.ctx.command_path if getattr(err, "ctx", None) is not None else "attnscope"
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -51,8 +51,9 @@ from .categories import (  # noqa: F401  (re-exported: the categories and their 
 )
 from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
 from .errors import AttnscopeError, check_index
+from .cache import atomic_dir, cache_dir, read_or_drop
 from .forward import apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
-from .models import ModelWeights, cache_dir
+from .models import ModelWeights
 from .texts import load_windows
 
 SCHEMA_VERSION = 1  # of kernels.json / kernels.safetensors
@@ -386,8 +387,8 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
                                  seed=s.seed, bos_token_id=bos)
     key = _cache_key(w, s, prov["sha256"])
     cdir = cache_dir() / "kernels" / key
-    if cache and (cdir / "kernels.json").exists():
-        return KernelResult.load(cdir)
+    if cache and (hit := read_or_drop(cdir, KernelResult.load)) is not None:
+        return hit
     windows = windows.to(w.device)
     est_windows, held = windows[: s.n_samples], windows[s.n_samples :]
     bar = tqdm(total=s.n_samples + s.n_heldout, desc="kernels: estimate", unit="text", disable=not progress)
@@ -402,7 +403,8 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
                        "position; reference norm for positional displacements", "cache_key": key},
                        query_positions=est.query_positions, records=records, arrays=arrays, ref_norms=est.ref_norms)
     if cache:
-        res.save(cdir)
+        with atomic_dir(cdir) as tmp:  # the entry appears complete (data and index) or not at all
+            res.save(tmp)
     return res
 
 

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -140,15 +138,13 @@ class ModelWeights:
         }
 
     def fingerprint(self) -> str:
-        """Short hash of the weights, used as the cache key of every derived artefact."""
-        h = hashlib.sha256()
-        h.update(json.dumps({k: v for k, v in self.info().items() if k != "dtype"}, sort_keys=True).encode())
-        for k, t in sorted(self.tensors().items()):
-            flat = t.detach().reshape(-1)
-            idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
-            h.update(k.encode())
-            h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """Full-content hash of the weights (16 hex digits), the cache key of every derived artefact.
+
+        See :func:`attnscope.cache.weights_fingerprint`: file hashes (memoised) for weights as loaded,
+        a hash of every tensor byte for weights edited in memory."""
+        from ..cache import weights_fingerprint
+
+        return weights_fingerprint(self)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
