@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types live with it)
@@ -40,7 +41,7 @@ from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types l
 )
 from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
 from .errors import AttnscopeError, ConditionFailedError, check_index
-from .forward import (apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,
+from .forward import (LayerActivations, apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,
                       rotary_cos_sin, static_positions)
 from .models import ModelWeights
 from .texts import text_tokens
@@ -49,7 +50,8 @@ from .texts import text_tokens
 # --------------------------------------------------------------------------------------------------
 
 
-def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float):
+def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float
+                    ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"], Float[Tensor, "vocab d_model"]]:
     """Normalised content and positional inputs of layer 0 (method §4.3), LN gain folded.
 
     Returns ``e_val [V, d]`` (value content part, normalised with the reference position),
@@ -72,7 +74,7 @@ def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float):
     return e_val, p_val, key_content
 
 
-def _value_bias(w: ModelWeights) -> Tensor:
+def _value_bias(w: ModelWeights) -> Float[Tensor, "head d_head"]:
     """``c_V = beta W_V + b_V`` per head ``[H, d_head]``."""
     _, beta = attn_norm_params(w, LAYER)
     c = w.b_V[LAYER].clone()
@@ -81,7 +83,7 @@ def _value_bias(w: ModelWeights) -> Tensor:
     return c
 
 
-def outlier_token_mask(w: ModelWeights, z_max: float = 4.0) -> Tensor:
+def outlier_token_mask(w: ModelWeights, z_max: float = 4.0) -> Bool[Tensor, " vocab"]:
     """False for under-trained, glitch-like tokens: embedding norm more than ``z_max`` robust standard
     deviations *below* the median (such tokens, e.g. GPT-2's " SolidGoldMagikarp", sit near the mean
     embedding; the method zeroes a hand-made list of them).  Large-norm tokens are kept."""
@@ -92,7 +94,8 @@ def outlier_token_mask(w: ModelWeights, z_max: float = 4.0) -> Tensor:
 
 
 @torch.no_grad()
-def layer0_kernels_and_queries(w: ModelWeights, cal: Tensor) -> tuple[Tensor, Tensor]:
+def layer0_kernels_and_queries(w: ModelWeights, cal: Int[Tensor, " ctx"]
+                               ) -> tuple[Float[Tensor, "head ctx ctx"], Float[Tensor, "head ctx d_head"]]:
     """Per-head kernel rows ``[H, T, T]`` on the calibration positions and the typical query ``[H, T, d_head]``
     (mean calibration content at each position; rotary: the mean pre-rotation query)."""
     T = cal.shape[0]
@@ -116,7 +119,7 @@ def layer0_kernels_and_queries(w: ModelWeights, cal: Tensor) -> tuple[Tensor, Te
     return s.softmax(-1), q_bar[:, None].expand(-1, T, -1)
 
 
-def _mlp_norm_scale(w: ModelWeights, mid: Tensor) -> Tensor:
+def _mlp_norm_scale(w: ModelWeights, mid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos"]:
     """Scale of the norm in front of the MLP at each position (LayerNorm's sigma / RMSNorm's rms)."""
     x = mid.float()
     if w.norm == "layernorm":
@@ -124,7 +127,7 @@ def _mlp_norm_scale(w: ModelWeights, mid: Tensor) -> Tensor:
     return (x.pow(2).mean(-1) + w.eps).sqrt()
 
 
-def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Tensor, Tensor]:
+def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Float[Tensor, "d_model d_mlp"], Float[Tensor, " d_mlp"]]:
     """``(W_in with the norm gain folded [d_model, d_mlp], bias [d_mlp])`` of the pre-activation attnscope
     predicts (the gate's for gated MLPs); the norm's beta is folded into the bias."""
     if w.norm_placement == "pre":
@@ -142,7 +145,7 @@ def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Tensor, Tens
 class Calibration:
     """The calibration text as the circuit uses it."""
 
-    tokens: Tensor  # [T] (with the analysis BOS in front, if any)
+    tokens: Int[Tensor, " ctx"]  # with the analysis BOS in front, if any
     sha256: str
     bos: int | None
     n_min: int  # positions n < n_min are left out of every statistic
@@ -153,7 +156,7 @@ class Calibration:
         return len(self.tokens)
 
     @property
-    def body(self) -> Tensor:
+    def body(self) -> Int[Tensor, " body"]:
         """The tokens without the BOS."""
         return self.tokens[1:] if self.bos is not None else self.tokens
 
@@ -173,8 +176,9 @@ def load_calibration(w: ModelWeights, s: CircuitSettings) -> Calibration:
     return Calibration(cal, open_source(s.calibration).sha256, bos, n_min, min(T - 1, max(n_min, T // 2)))
 
 
-def content_factors(w: ModelWeights, cal: Calibration, q: Tensor, key_content: Tensor, f_clip: float
-                    ) -> tuple[Tensor, Tensor]:
+def content_factors(w: ModelWeights, cal: Calibration, q: Float[Tensor, "head ctx d_head"],
+                    key_content: Float[Tensor, "vocab d_model"], f_clip: float
+                    ) -> tuple[Float[Tensor, "head vocab"], Float[Tensor, "head vocab"]]:
     """``(log f [H, V], f [H, V])``: every vocabulary item's content factor for every head,
     ``log f^h(x) = q_{n*} . E[n*, x] / scale`` (the bias in ``q . c_K`` cancels), normalised so that the
     median calibration token has ``f = 1``, and ``f`` clipped at ``f_clip`` (the BOS token's own factor is
@@ -192,16 +196,16 @@ def content_factors(w: ModelWeights, cal: Calibration, q: Tensor, key_content: T
 class HeadStatistics:
     """Per-head measurements on the calibration text (each ``[n_heads]``)."""
 
-    n_eff: Tensor  # median over positions of 1 / sum K^2
-    logit_std: Tensor  # std of log f over calibration tokens
-    decomposition_tv: Tensor  # median over positions of TV(true attention, content+position pattern)
-    denominator: Tensor  # median over positions of the kernel-weighted Z_n
-    denominator_windowed: Tensor  # median over positions of the windowed mean of f
-    denominator_cv: Tensor  # CV of Z_n over positions
-    denominator_cv_predicted: Tensor  # std f / (mean f sqrt(N_eff))
+    n_eff: Float[Tensor, " head"]  # median over positions of 1 / sum K^2
+    logit_std: Float[Tensor, " head"]  # std of log f over calibration tokens
+    decomposition_tv: Float[Tensor, " head"]  # median over positions of TV(true attention, content+position pattern)
+    denominator: Float[Tensor, " head"]  # median over positions of the kernel-weighted Z_n
+    denominator_windowed: Float[Tensor, " head"]  # median over positions of the windowed mean of f
+    denominator_cv: Float[Tensor, " head"]  # CV of Z_n over positions
+    denominator_cv_predicted: Float[Tensor, " head"]  # std f / (mean f sqrt(N_eff))
 
 
-def decomposition_tv(w: ModelWeights, cal: Calibration, acts, ref: float) -> Tensor:
+def decomposition_tv(w: ModelWeights, cal: Calibration, acts: LayerActivations, ref: float) -> Float[Tensor, " head"]:
     """Median over positions ``>= n_min`` of TV(true layer-0 attention, content+position pattern) ``[H]``."""
     T = cal.T
     if w.positional == "learned":
@@ -213,8 +217,8 @@ def decomposition_tv(w: ModelWeights, cal: Calibration, acts, ref: float) -> Ten
     return tv_distance(approx, acts.pattern)[0, :, cal.n_min:].median(-1).values
 
 
-def head_statistics(Kh: Tensor, logf: Tensor, f: Tensor, dec_tv: Tensor, cal: Calibration, window: int
-                    ) -> HeadStatistics:
+def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"], f: Float[Tensor, "head vocab"],
+                    dec_tv: Float[Tensor, " head"], cal: Calibration, window: int) -> HeadStatistics:
     """Denominators (kernel-weighted ``Z_n = sum_j K_n(j) f(x_j)`` and the windowed mean of ``f``), kernel
     widths and content dependence of every head."""
     n_min, T = cal.n_min, cal.T
@@ -229,7 +233,7 @@ def head_statistics(Kh: Tensor, logf: Tensor, f: Tensor, dec_tv: Tensor, cal: Ca
                           denominator_cv_predicted=fb.std(-1) / (fb.mean(-1) * neff.sqrt()))
 
 
-def _head_tests(st: HeadStatistics, share_tv: Tensor | None, s: CircuitSettings) -> list[tuple]:
+def _head_tests(st: HeadStatistics, share_tv: Float[Tensor, " head"] | None, s: CircuitSettings) -> list[tuple]:
     """``(criterion, label, measured [H], threshold, passes [H], digits)`` for each of :data:`HEAD_CRITERIA`
     (the shared-kernel test only once ``share_tv`` is known)."""
     tests = [(Criterion.BROAD, "N_eff", st.n_eff, s.neff_min, st.n_eff >= s.neff_min, 1),
@@ -243,7 +247,8 @@ def _head_tests(st: HeadStatistics, share_tv: Tensor | None, s: CircuitSettings)
     return tests
 
 
-def choose_heads(Kh: Tensor, st: HeadStatistics, s: CircuitSettings, n_min: int) -> tuple[Tensor, Tensor, Tensor]:
+def choose_heads(Kh: Float[Tensor, "head ctx ctx"], st: HeadStatistics, s: CircuitSettings, n_min: int
+                 ) -> tuple[Bool[Tensor, " head"], Float[Tensor, "ctx ctx"], Float[Tensor, " head"]]:
     """``(chosen [H] bool, shared kernel [T, T], TV of each head's kernel to it [H])``.
 
     Candidates pass every per-head test (or are named by ``--heads``); a detected candidate whose kernel is
@@ -270,7 +275,8 @@ def _reason(c: Criterion, label: str, value: float, threshold: float, ok: bool, 
     return f"{label}={value:.{digits}f} {sym} {threshold:g}"
 
 
-def head_decisions(st: HeadStatistics, chosen: Tensor, share_tv: Tensor, s: CircuitSettings) -> list[HeadDecision]:
+def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: Float[Tensor, " head"], s: CircuitSettings
+                   ) -> list[HeadDecision]:
     """One :class:`HeadDecision` per head: every test with its measured value, and the failed ones."""
     tests = _head_tests(st, share_tv, s)
     decisions = []
@@ -287,8 +293,10 @@ def head_decisions(st: HeadStatistics, chosen: Tensor, share_tv: Tensor, s: Circ
     return decisions
 
 
-def extended_embeddings(w: ModelWeights, hs: Tensor, f: Tensor, Z: Tensor, e_val: Tensor, p_val: Tensor,
-                        Kh: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def extended_embeddings(w: ModelWeights, hs: Int[Tensor, " chosen"], f: Float[Tensor, "head vocab"],
+                        Z: Float[Tensor, " head"], e_val: Float[Tensor, "vocab d_model"], p_val: Float[Tensor, "ctx d_model"],
+                        Kh: Float[Tensor, "head ctx ctx"], mask: Bool[Tensor, " vocab"]
+                        ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"]]:
     """``(Ext [V, d_model], Pi(n) + C [T, d_model])`` of the chosen heads ``hs``: each token's value content
     weighted by ``f / Z`` through ``W_V W_O`` (outlier tokens zeroed), and the positional and bias terms
     through each head's own kernel."""
@@ -314,8 +322,9 @@ _HOLDS_WHEN = {
 }
 
 
-def circuit_conditions(st: HeadStatistics, hs: Tensor, shared: Tensor, share_tv: Tensor, logf: Tensor,
-                       mlp_cv: float, cal: Calibration, s: CircuitSettings) -> list[Condition]:
+def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: Float[Tensor, "ctx ctx"],
+                       share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float, cal: Calibration,
+                       s: CircuitSettings) -> list[Condition]:
     """The stated input conditions of the circuit over the chosen heads ``hs``, each measured once."""
     n_min = cal.n_min
     neff_shared = (1.0 / shared[n_min:].pow(2).sum(-1)).median()
@@ -331,7 +340,8 @@ def circuit_conditions(st: HeadStatistics, hs: Tensor, shared: Tensor, share_tv:
         (Criterion.MLP_SCALE, mlp_cv, 0.2, mlp_cv <= 0.2),
         (Criterion.NO_OUTLIERS, clipped, 0.01, clipped <= 0.01),
     ]
-    return [Condition(c.value, _HOLDS_WHEN[c], float(v), thr, bool(ok), CONDITION_GROUP[c]) for c, v, thr, ok in measured]
+    return [Condition(c.value, _HOLDS_WHEN[c], float(v), float(thr), bool(ok), CONDITION_GROUP[c])
+            for c, v, thr, ok in measured]
 
 
 @torch.no_grad()
@@ -372,7 +382,8 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
 
 
 @torch.no_grad()
-def true_head_output(w: ModelWeights, heads: list[int], tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def true_head_output(w: ModelWeights, heads: list[int], tokens: Int[Tensor, " pos"]
+                     ) -> tuple[Float[Tensor, "pos d_model"], Float[Tensor, "pos d_mlp"], Float[Tensor, " pos"]]:
     """Exact layer-0 pass: ``(sum of the heads' outputs [pos, d_model], MLP pre-activation [pos, d_mlp],
     norm scale in front of the MLP [pos])``."""
     a = next(iter_layers(w, tokens[None], stop_layer=0))
@@ -381,8 +392,8 @@ def true_head_output(w: ModelWeights, heads: list[int], tokens: Tensor) -> tuple
     return out, a.mlp_pre[0], _mlp_norm_scale(w, a.resid_pre + a.attn_out)[0]
 
 
-def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor],
-                     true_outputs: dict[str, Tensor] | None = None) -> dict[str, float]:
+def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]],
+                     true_outputs: dict[str, Float[Tensor, "_pos d_model"]] | None = None) -> dict[str, float | int]:
     """How close the linear summary is to the heads' true summed output on held-out texts: FVU of the
     (centred) vector, and the median over dimensions of the per-dimension correlation.
 
@@ -401,7 +412,7 @@ def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor],
     return {"fvu": fvu, "median_r_per_dimension": float(r_dim.median()), "n_positions": int(y.shape[0])}
 
 
-def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> dict[str, dict]:
+def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]]) -> dict[str, dict]:
     """Kernel-weighted denominators on other texts: per head, median Z per text and its ratio to the
     calibration value (the per-head scale error of reusing the calibration denominator)."""
     n_min = circ.settings["min_position"]

@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .errors import AttnscopeError
@@ -118,17 +119,17 @@ class Circuit:
     heads: list[int]
     decisions: list[HeadDecision]
     conditions: list[Condition]
-    kernel: Tensor  # [T, T] shared kernel K_n(i) (rows: query n)
-    head_kernels: Tensor  # [n_chosen, T, T] each chosen head's own kernel
-    f: Tensor  # [n_chosen, d_vocab] clipped content factors
-    Z: Tensor  # [n_chosen] calibrated denominators
-    ext: Tensor  # [d_vocab, d_model] extended embeddings
-    positional: Tensor  # [T, d_model] Pi(n) + C: positional and bias terms of the summed output
+    kernel: Float[Tensor, "ctx ctx"]  # shared kernel K_n(i) (rows: query n)
+    head_kernels: Float[Tensor, "chosen ctx ctx"]  # each chosen head's own kernel
+    f: Float[Tensor, "chosen vocab"]  # clipped content factors
+    Z: Float[Tensor, " chosen"]  # calibrated denominators
+    ext: Float[Tensor, "vocab d_model"]  # extended embeddings
+    positional: Float[Tensor, "ctx d_model"]  # Pi(n) + C: positional and bias terms of the summed output
     mlp_scale: float  # constant scale replacing the next norm (LN2), measured on the calibration text
     mlp_scale_cv: float
-    calibration_tokens: Tensor  # [T]
+    calibration_tokens: Int[Tensor, " ctx"]
     calibration_sha: str
-    token_mask: Tensor  # [d_vocab] bool, False for outlier-norm (glitch-like) tokens
+    token_mask: Bool[Tensor, " vocab"]  # False for outlier-norm (glitch-like) tokens
     denominators_windowed: list[float]  # per chosen head: median over positions of the windowed mean of f
     schema_version: int = SCHEMA_VERSION
 
@@ -136,7 +137,7 @@ class Circuit:
     def T(self) -> int:
         return self.kernel.shape[0]
 
-    def summary(self, tokens: Tensor) -> Tensor:
+    def summary(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_model"]:
         """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T)."""
         n = tokens.shape[-1]
         return self.kernel[:n, :n] @ self.ext[tokens] + self.positional[:n]

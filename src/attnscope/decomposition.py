@@ -31,18 +31,20 @@ offset dependence is carried by the static key.  The same TV distance measures h
 from __future__ import annotations
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
-from .forward import apply_rotary, attn_norm_params, mask_scores, project, qk_scores, rotary_cos_sin, static_positions
+from .forward import (LayerActivations, apply_rotary, attn_norm_params, mask_scores, project, qk_scores, rotary_cos_sin,
+                      static_positions)
 from .models import ModelWeights
 
 
-def centre(x: Tensor, weights: ModelWeights) -> Tensor:
+def centre(x: Float[Tensor, "*batch d_model"], weights: ModelWeights) -> Float[Tensor, "*batch d_model"]:
     """Subtract the mean over ``d_model`` for LayerNorm models (RMSNorm does not centre)."""
     return x - x.mean(-1, keepdim=True) if weights.norm == "layernorm" else x
 
 
-def reference_norm(weights: ModelWeights, tokens: Tensor | None = None) -> float:
+def reference_norm(weights: ModelWeights, tokens: Int[Tensor, "*shape"] | None = None) -> float:
     """Median norm of the (centred) token embeddings: the method's typical content norm ``c`` (3.5 in GPT-2).
 
     Over the whole vocabulary, or over ``tokens`` (e.g. a calibration text) when given.
@@ -51,13 +53,15 @@ def reference_norm(weights: ModelWeights, tokens: Tensor | None = None) -> float
     return float(centre(E.float(), weights).norm(dim=-1).median())
 
 
-def tv_distance(a: Tensor, b: Tensor) -> Tensor:
+def tv_distance(a: Float[Tensor, "*#batch n"], b: Float[Tensor, "*#batch n"]) -> Float[Tensor, "..."]:
     """Total-variation distance between distributions along the last axis: ``0.5 * sum |a - b|``."""
     return 0.5 * (a - b).abs().sum(-1)
 
 
-def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Tensor, pi: Tensor, q: Tensor,
-                        ref_norm: float) -> tuple[Tensor, Tensor, Tensor]:
+def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Float[Tensor, "batch pos d_model"],
+                        pi: Float[Tensor, "pos d_model"], q: Float[Tensor, "batch head pos d_head"], ref_norm: float
+                        ) -> tuple[Float[Tensor, "batch head pos pos"], Float[Tensor, "batch head pos pos"],
+                                   Float[Tensor, "batch head pos"]]:
     """Content and positional parts of the approximate scores (learned positions), unscaled, unmasked.
 
     norm_in: ``[batch, pos, d_model]`` input of the attention's norm; pi: ``[pos, d_model]`` static
@@ -89,7 +93,9 @@ def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Tensor, pi: 
     return content, positional, bias
 
 
-def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Tensor, k_bar: Tensor) -> tuple[Tensor, Tensor]:
+def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Float[Tensor, "batch pos d_model"],
+                       k_bar: Float[Tensor, "head ctx d_head"]
+                       ) -> tuple[Float[Tensor, "batch head pos pos"], Float[Tensor, "batch head pos pos"]]:
     """Content (zero-offset) and positional (static key through the rotation) parts, unscaled, unmasked.
 
     attn_in: ``[batch, pos, d_model]``; k_bar: ``[head, pos, d_head]`` mean pre-rotation key per position.
@@ -105,7 +111,9 @@ def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Tensor, k_bar
     return content, positional
 
 
-def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor, ref_norm: float) -> Tensor:
+def approximate_pattern(weights: ModelWeights, layer: int, acts: LayerActivations,
+                        static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float
+                        ) -> Float[Tensor, "batch head pos pos"]:
     """Attention pattern ``[batch, head, n, i]`` implied by the content/position split of the keys.
 
     ``acts``: the layer's :class:`~attnscope.forward.LayerActivations`; ``static``: ``pi [pos, d_model]``
@@ -121,12 +129,14 @@ def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor,
     return mask_scores(weights, s / scale).softmax(-1)
 
 
-def positional_kernel_rows(weights: ModelWeights, layer: int, scores_pos: Tensor) -> Tensor:
+def positional_kernel_rows(weights: ModelWeights, layer: int, scores_pos: Float[Tensor, "*batch n i"]
+                           ) -> Float[Tensor, "*batch n i"]:
     """Softmax over keys of positional scores (``[..., n, i]``, unscaled): the kernel ``K_n(i)``."""
     return mask_scores(weights, scores_pos / weights.attn_scale[layer]).softmax(-1)
 
 
-def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_norm: float) -> Tensor:
+def layer0_weight_kernels(weights: ModelWeights, query: Float[Tensor, " d_model"], n_ctx: int, ref_norm: float
+                          ) -> Float[Tensor, "head n_ctx n_ctx"]:
     r"""Layer-0 positional kernels from the weights alone (learned positions), ``[head, n, i]``.
 
     The query at position ``n`` is the exact LayerNorm'd ``query + W_pos[n]`` for a content vector

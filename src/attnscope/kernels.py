@@ -25,10 +25,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .categories import (  # noqa: F401  (re-exported: the categories and their properties used to live here)
@@ -52,7 +54,7 @@ from .categories import (  # noqa: F401  (re-exported: the categories and their 
 from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
 from .errors import AttnscopeError, check_index
 from .cache import atomic_dir, cache_dir, read_or_drop
-from .forward import apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
+from .forward import LayerActivations, apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
 from .models import ModelWeights
 from .texts import load_windows
 
@@ -202,24 +204,26 @@ class KernelEstimate:
 
     layers: list[int]
     query_positions: list[int]
-    mean_q: Tensor  # [L, H, T, d_head] mean (rotated) query per position
-    mean_k: Tensor  # [L, H, T, d_head] mean (rotated) key per position
-    static: Tensor  # [L, T, d_model] static positional part (learned) or [L, H, T, d_head] pre-rotation keys (rotary)
+    mean_q: Float[Tensor, "layer head ctx d_head"]  # mean (rotated) query per position
+    mean_k: Float[Tensor, "layer head ctx d_head"]  # mean (rotated) key per position
+    # static positional part (learned) or the mean pre-rotation keys (rotary)
+    static: Float[Tensor, "layer ctx d_model"] | Float[Tensor, "layer head ctx d_head"]
     ref_norms: dict[int, float]  # reference norm c per layer
-    data_kernel: Tensor  # [L, H, n_query, T]
+    data_kernel: Float[Tensor, "layer head n_query ctx"]
 
 
 @dataclass
 class KernelValidation:
     """What the held-out pass measures."""
 
-    tv_decomposition: list[Tensor]  # per layer [H, n held-out query positions]: TV(true, content+position pattern)
-    mean_attention: Tensor  # [L, H, n_query, T] mean held-out attention rows
-    query_consistency: Tensor  # [L, H] mean TV of per-text query kernels to the data kernel
+    tv_decomposition: list[Float[Tensor, "head _n"]]  # per layer, over held-out positions: TV(true, content+position)
+    mean_attention: Float[Tensor, "layer head n_query ctx"]  # mean held-out attention rows
+    query_consistency: Float[Tensor, "layer head"]  # mean TV of per-text query kernels to the data kernel
 
 
-def _accumulate_means(w: ModelWeights, windows: Tensor, s: KernelSettings, li: dict[int, int], bar
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _accumulate_means(w: ModelWeights, windows: Int[Tensor, "n ctx"], s: KernelSettings, li: dict[int, int], bar
+                      ) -> tuple[Float[Tensor, "layer head ctx d_head"], Float[Tensor, "layer head ctx d_head"],
+                                 Float[Tensor, "layer ctx d_model"], Float[Tensor, " layer"]]:
     """Streaming means over ``windows`` of queries, keys and the (pre-norm) residual per position, and the
     sum of the squared centred residual (``[L, H, T, dh]`` x2, ``[L, T, d]``, ``[L]``)."""
     L, H, T, dh, d, f64 = len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, torch.float64
@@ -236,8 +240,8 @@ def _accumulate_means(w: ModelWeights, windows: Tensor, s: KernelSettings, li: d
     return (sum_q / n).to(w.dtype), (sum_k / n).to(w.dtype), sum_resid / n, sum_sq
 
 
-def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Tensor, sum_sq: Tensor, n_seen: int
-                 ) -> tuple[Tensor, dict[int, float]]:
+def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Float[Tensor, "layer ctx d_model"],
+                 sum_sq: Float[Tensor, " layer"], n_seen: int) -> tuple[Float[Tensor, "layer ctx d_model"], dict[int, float]]:
     """Static positional part of the residual (mean over texts, centred over positions; layer 0 with learned
     positions: the method's exact split ``W_pos`` (+ token type)) and the reference norm of each layer."""
     T = s.n_ctx
@@ -254,7 +258,7 @@ def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Tensor, sum_sq:
 
 
 @torch.no_grad()
-def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, *, bar=None) -> KernelEstimate:
+def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], *, bar=None) -> KernelEstimate:
     """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``."""
     li = {l: j for j, l in enumerate(s.layers)}
     qpos = query_positions(s.n_ctx, w.causal)
@@ -270,8 +274,8 @@ def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, *, bar
 
 
 @torch.no_grad()
-def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Tensor, *, bar=None
-                     ) -> KernelValidation:
+def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Int[Tensor, "n ctx"], *,
+                     bar=None) -> KernelValidation:
     """Held-out checks on ``windows``: the decomposition's TV, the mean attention and query consistency."""
     li = {l: j for j, l in enumerate(est.layers)}
     L, H, T, qpos, f64 = len(li), w.n_heads, s.n_ctx, est.query_positions, torch.float64
@@ -292,8 +296,8 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
                             (sum_attn / n_held).to(w.dtype), cons / n_held)
 
 
-def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_norm: float, qpos: list[int]
-                    ) -> tuple[Tensor, Tensor]:
+def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], ref_norm: float, qpos: list[int]
+                    ) -> tuple[Float[Tensor, "head n_query ctx"], Float[Tensor, " head"]]:
     """Layer-0 weights kernels ``[H, nq, T]`` (learned positions) with the query of ``s.weights_query``, and
     their consistency ``[H]`` across generic query tokens (the samples' most frequent tokens; method §5.2c)."""
     T, qp = s.n_ctx, torch.tensor(qpos, device=w.device)
@@ -311,7 +315,7 @@ def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_nor
     return kernel, tv_distance(per_tok, kernel[None]).mean(-1).mean(0)
 
 
-def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Tensor:
+def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Float[Tensor, "layer head n_query ctx"]:
     """The attnscope extension for rotary models ``[L, H, nq, T]``: position-averaged pre-rotation query and
     key through the rotation, so ``K_n(i)`` depends on the offset ``i - n`` only (translation-equivariant by
     construction)."""
@@ -325,12 +329,12 @@ def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Tensor:
                                         apply_rotary(k_pre, cos, sin))
 
 
-def _mean_tv(a: Tensor | None, b: Tensor) -> float | None:
+def _mean_tv(a: Float[Tensor, "n_query ctx"] | None, b: Float[Tensor, "n_query ctx"]) -> float | None:
     return None if a is None else float(tv_distance(a, b).mean())
 
 
 def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, arrays: dict[str, Tensor],
-                 weights_consistency: Tensor | None) -> list[HeadRecord]:
+                 weights_consistency: Float[Tensor, " head"] | None) -> list[HeadRecord]:
     """One :class:`HeadRecord` per analysed head, from the kernel row at the reference query position."""
     nref, dk, records = est.query_positions[-1], est.data_kernel, []
     wk, rot = arrays.get("weights_kernel_layer0"), arrays.get("rotary_offset_kernel")
@@ -355,7 +359,7 @@ def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, ar
 
 
 def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: KernelValidation,
-                  windows: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+                  windows: Int[Tensor, "n ctx"]) -> tuple[dict[str, Tensor], Float[Tensor, " head"] | None]:
     """The saved arrays (data kernel, mean attention, weights and rotary kernels, offset kernel) and the
     weights kernel's query consistency ``[H]`` (layer 0, learned positions; else ``None``)."""
     qp = torch.tensor(est.query_positions, device=w.device)
@@ -413,7 +417,8 @@ class _NoBar:
         pass
 
 
-def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[int, int], bar):
+def _stream_layers(w: ModelWeights, windows: Int[Tensor, "n ctx"], batch_size: int, li: dict[int, int], bar
+                   ) -> Iterator[tuple[int, LayerActivations]]:
     """Yield ``(index of the layer in the analysis, LayerActivations)`` for every batch of ``windows`` and every
     analysed layer, running each batch only up to the deepest analysed layer (memory: one batch, one layer)."""
     last = max(li)
@@ -425,13 +430,15 @@ def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[i
         bar.update(batch.shape[0])
 
 
-def kernel_softmax(w: ModelWeights, layer: int, scores: Tensor, qpos: list[int]) -> Tensor:
+def kernel_softmax(w: ModelWeights, layer: int, scores: Float[Tensor, "*batch n_query ctx"], qpos: list[int]
+                   ) -> Float[Tensor, "*batch n_query ctx"]:
     """``softmax_i(scores / scale)`` for query rows at ``qpos`` (``scores [..., nq, T]``), causal mask applied."""
     s = scores / w.attn_scale[layer]
     return mask_scores(w, s, torch.tensor(qpos, device=s.device)).softmax(-1)
 
 
-def positional_kernel_rows_batch(w: ModelWeights, layers: list[int], q: Tensor, k: Tensor) -> Tensor:
+def positional_kernel_rows_batch(w: ModelWeights, layers: list[int], q: Float[Tensor, "layer head n_query d_head"],
+                                 k: Float[Tensor, "layer head ctx d_head"]) -> Float[Tensor, "layer head n_query ctx"]:
     """Data kernels ``[L, H, nq, T]`` from mean queries ``q [L, H, nq, dh]`` at :func:`query_positions` and
     mean keys ``k [L, H, T, dh]``."""
     qpos = query_positions(k.shape[2], w.causal)

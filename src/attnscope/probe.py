@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
 from .errors import AttnscopeError
 from .forward import iter_layers
@@ -35,7 +37,8 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def _features(w: ModelWeights, toks: torch.Tensor, layer: int, n_ctx: int, skip: int, stride: int) -> torch.Tensor:
+def _features(w: ModelWeights, toks: Int[Tensor, " n"], layer: int, n_ctx: int, skip: int, stride: int
+              ) -> Float[Tensor, "m d_mlp"]:
     feats = []
     bos = w.analysis_bos
     body = n_ctx - (1 if bos is not None else 0)

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 Positional = Literal["learned", "rotary", "none"]
@@ -30,31 +31,31 @@ class ModelWeights:
     eps: float
     act: str  # "gelu_new" | "gelu" | "silu"
     n_ctx: int
-    W_E: Tensor  # [d_vocab, d_model]
-    W_pos: Tensor | None  # [n_ctx, d_model] (learned positions only)
-    W_type: Tensor | None  # [d_model] token-type-0 embedding (BERT), added at every position
-    ln_emb_w: Tensor | None  # [d_model] embedding LayerNorm (BERT)
-    ln_emb_b: Tensor | None
-    ln1_w: Tensor  # [n_layers, d_model]
-    ln1_b: Tensor | None  # [n_layers, d_model] (None for RMSNorm)
-    W_Q: Tensor  # [n_layers, n_heads, d_model, d_head]
-    W_K: Tensor  # [n_layers, n_heads, d_model, d_head]
-    W_V: Tensor  # [n_layers, n_heads, d_model, d_head]
-    b_Q: Tensor  # [n_layers, n_heads, d_head]
-    b_K: Tensor  # [n_layers, n_heads, d_head]
-    b_V: Tensor  # [n_layers, n_heads, d_head]
-    W_O: Tensor  # [n_layers, n_heads, d_head, d_model]
-    b_O: Tensor  # [n_layers, d_model]
-    ln2_w: Tensor  # [n_layers, d_model]
-    ln2_b: Tensor | None  # [n_layers, d_model]
-    W_in: Tensor  # [n_layers, d_model, d_mlp]  (the "up" projection for gated MLPs)
-    b_in: Tensor  # [n_layers, d_mlp]
-    W_gate: Tensor | None  # [n_layers, d_model, d_mlp]  gated MLPs: act(x W_gate) * (x W_in)
-    W_out: Tensor  # [n_layers, d_mlp, d_model]
-    b_out: Tensor  # [n_layers, d_model]
-    ln_f_w: Tensor | None  # [d_model] final norm (decoders)
-    ln_f_b: Tensor | None
-    attn_scale: Tensor  # [n_layers] scores are divided by this
+    W_E: Float[Tensor, "d_vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"] | None  # (learned positions only)
+    W_type: Float[Tensor, " d_model"] | None  # token-type-0 embedding (BERT), added at every position
+    ln_emb_w: Float[Tensor, " d_model"] | None  # embedding LayerNorm (BERT)
+    ln_emb_b: Float[Tensor, " d_model"] | None
+    ln1_w: Float[Tensor, "n_layers d_model"]
+    ln1_b: Float[Tensor, "n_layers d_model"] | None  # (None for RMSNorm)
+    W_Q: Float[Tensor, "n_layers n_heads d_model d_head"]
+    W_K: Float[Tensor, "n_layers n_heads d_model d_head"]
+    W_V: Float[Tensor, "n_layers n_heads d_model d_head"]
+    b_Q: Float[Tensor, "n_layers n_heads d_head"]
+    b_K: Float[Tensor, "n_layers n_heads d_head"]
+    b_V: Float[Tensor, "n_layers n_heads d_head"]
+    W_O: Float[Tensor, "n_layers n_heads d_head d_model"]
+    b_O: Float[Tensor, "n_layers d_model"]
+    ln2_w: Float[Tensor, "n_layers d_model"]
+    ln2_b: Float[Tensor, "n_layers d_model"] | None
+    W_in: Float[Tensor, "n_layers d_model d_mlp"]  # (the "up" projection for gated MLPs)
+    b_in: Float[Tensor, "n_layers d_mlp"]
+    W_gate: Float[Tensor, "n_layers d_model d_mlp"] | None  # gated MLPs: act(x W_gate) * (x W_in)
+    W_out: Float[Tensor, "n_layers d_mlp d_model"]
+    b_out: Float[Tensor, "n_layers d_model"]
+    ln_f_w: Float[Tensor, " d_model"] | None  # final norm (decoders)
+    ln_f_b: Float[Tensor, " d_model"] | None
+    attn_scale: Float[Tensor, " n_layers"]  # scores are divided by this
     rope_theta: float | None = None
     rotary_dim: int | None = None
     n_kv_heads: int | None = None
