@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..circuit import Circuit
@@ -30,7 +31,7 @@ class EmptyTextError(TextTooShortError):
 
 @dataclass
 class Tokens:
-    ids: Tensor  # [N] the text's tokens (no BOS)
+    ids: Int[Tensor, " N"]  # the text's tokens (no BOS)
     strings: list[str]  # [N] each token's text, as it appears in the input where the tokenizer gives offsets
 
 
@@ -47,17 +48,17 @@ class TextAnalysis:
 
     tokens: Tokens
     windows: list[Window]
-    local_position: Tensor  # [N] each reported token's position inside its window (BOS counted)
-    true: Tensor  # [N, d_mlp]
-    pred: Tensor  # [N, d_mlp]
+    local_position: Int[Tensor, " N"]  # each reported token's position inside its window (BOS counted)
+    true: Float[Tensor, "N d_mlp"]
+    pred: Float[Tensor, "N d_mlp"]
     conditions: list[InputCondition]
     context: int
     min_position: int
     extra: dict = field(default_factory=dict)
 
     @property
-    def early(self) -> Tensor:
-        return self.local_position < self.min_position  # [N] bool
+    def early(self) -> Bool[Tensor, " N"]:
+        return self.local_position < self.min_position
 
     @property
     def in_scope(self) -> bool:
@@ -83,7 +84,7 @@ class TextAnalysis:
                 "in_scope": self.in_scope, "scope_message": scope_message(self.conditions, failing),
                 "fit": fit_stats(self.true[:, neuron], self.pred[:, neuron], ~self.early)}
 
-    def window_index(self) -> Tensor:
+    def window_index(self) -> Int[Tensor, " N"]:
         idx = torch.zeros(len(self.tokens.strings), dtype=torch.long)
         for j, w in enumerate(self.windows):
             idx[w.report_from : w.stop] = j
@@ -98,7 +99,7 @@ def scope_message(conds: list[InputCondition], failing: list[str]) -> str:
             f"({len(failing)} of {len(conds)} conditions fail). The prediction is not claimed to hold here.")
 
 
-def fit_stats(y: Tensor, yhat: Tensor, keep: Tensor) -> dict:
+def fit_stats(y: Float[Tensor, " N"], yhat: Float[Tensor, " N"], keep: Bool[Tensor, " N"]) -> dict:
     """Pearson r, FVU and mean absolute error of the prediction over the in-scope positions."""
     y, yhat = y[keep].double(), yhat[keep].double()
     if y.numel() < 2:
@@ -163,7 +164,7 @@ class Analyser:
     def check_neuron(self, neuron: int) -> int:
         return check_index("neuron", neuron, self.d_mlp)
 
-    def window_tokens(self, ids: Tensor, win: Window) -> Tensor:
+    def window_tokens(self, ids: Int[Tensor, " N"], win: Window) -> Int[Tensor, " pos"]:
         body = ids[win.start : win.stop]
         if self.bos is not None:
             body = torch.cat([torch.tensor([self.bos]), body])

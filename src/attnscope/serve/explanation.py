@@ -20,9 +20,10 @@ to the prediction.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from ..circuit import Circuit, mlp_input_weights, true_head_output
@@ -34,27 +35,28 @@ from ..models import ModelWeights
 class Evidence:
     """Why the explanation predicts what it does for one neuron at one window position ``n``."""
 
-    contributions: Tensor  # [n + 1] each token's term K_n(i) * S[x_i, k], i = 0..n
-    kernel: Tensor  # [n + 1] K_n(i)
-    scores: Tensor  # [n + 1] S[x_i, k]
+    contributions: Float[Tensor, " n"]  # each token's term K_n(i) * S[x_i, k], i = 0..position
+    kernel: Float[Tensor, " n"]  # K_n(i)
+    scores: Float[Tensor, " n"]  # S[x_i, k]
     terms: list[tuple[str, float]]  # the rest of the prediction at n, by name (not split per token)
     prediction: float  # sum(contributions) + the terms
 
 
+@runtime_checkable
 class Explanation(Protocol):
     kind: str  # short name shown on the page
     description: str  # one sentence: what "predicted" means
 
-    def predict(self, tokens: Tensor) -> Tensor:
-        """Predicted pre-activation ``[pos, d_mlp]`` of every layer-0 neuron on one window ``tokens [pos]``."""
+    def predict(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_mlp"]:
+        """Predicted pre-activation of every layer-0 neuron on one window of tokens."""
         ...
 
-    def evidence(self, tokens: Tensor, neuron: int, position: int) -> Evidence:
+    def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
         """Each token's contribution to ``neuron``'s prediction at window position ``position``."""
         ...
 
-    def token_scores(self, neuron: int) -> Tensor:
-        """``S[:, neuron]``: every vocabulary item's score ``[d_vocab]`` (masked tokens score 0)."""
+    def token_scores(self, neuron: int) -> Float[Tensor, " d_vocab"]:
+        """``S[:, neuron]``: every vocabulary item's score (masked tokens score 0)."""
         ...
 
 
@@ -79,24 +81,25 @@ class BagExplanation:
         self.constant = (pre_cal - centre(y_cal, w) @ self.W)[n_min:].mean(0)  # [d_mlp]
 
     @torch.no_grad()
-    def predict(self, tokens: Tensor) -> Tensor:
+    def predict(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_mlp"]:
         n = tokens.shape[-1]
         bag = self.circ.kernel[:n, :n] @ (self.ext_c[tokens] @ self.W)  # [n, d_mlp]
         return bag + self.pos_c[:n] + self.constant
 
     @torch.no_grad()
-    def token_scores(self, neuron: int) -> Tensor:
+    def token_scores(self, neuron: int) -> Float[Tensor, " d_vocab"]:
         return self.ext_c @ self.W[:, neuron]
 
     @torch.no_grad()
-    def bag_evidence(self, tokens: Tensor, neuron: int, position: int) -> tuple[Tensor, Tensor, Tensor]:
+    def bag_evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int
+                     ) -> tuple[Float[Tensor, " n"], Float[Tensor, " n"], Float[Tensor, " n"]]:
         """``(K_n(i) S[x_i, k], K_n(i), S[x_i, k])`` for ``i = 0..position``."""
         s = self.ext_c[tokens[: position + 1]] @ self.W[:, neuron]  # [n + 1]
         k = self.circ.kernel[position, : position + 1]
         return k * s, k, s
 
     @torch.no_grad()
-    def evidence(self, tokens: Tensor, neuron: int, position: int) -> Evidence:
+    def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
         contrib, k, s = self.bag_evidence(tokens, neuron, position)
         terms = [("positional term of the bag", float(self.pos_c[position, neuron])),
                  ("constant (calibration mean of the rest)", float(self.constant[neuron]))]
@@ -119,11 +122,11 @@ class FullExplanation(BagExplanation):
         self._terms = explain_terms
 
     @torch.no_grad()
-    def predict(self, tokens: Tensor) -> Tensor:
+    def predict(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_mlp"]:
         return sum(self._terms(self.w, self.circ, self.ex, tokens).values())
 
     @torch.no_grad()
-    def evidence(self, tokens: Tensor, neuron: int, position: int) -> Evidence:
+    def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
         contrib, k, s = self.bag_evidence(tokens, neuron, position)
         t = self._terms(self.w, self.circ, self.ex, tokens[: position + 1], torch.tensor([neuron]))
         names = {"contextual bag": "positional term of the bag", "direct": "direct path (this token and position)"}

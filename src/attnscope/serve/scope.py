@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 
 import torch
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..circuit import Circuit, _mlp_norm_scale
@@ -70,16 +71,16 @@ class InputCondition:
 class WindowStats:
     """What the scope needs from one analysed window, at its reported positions ``n >= min_position``."""
 
-    z_by_head: Tensor  # [n_heads_chosen, n_pos] kernel-weighted denominators
-    sink: Tensor  # [n_pos] chosen heads' mean attention to the window's first position
-    norm_scale: Tensor  # [n_pos] scale of the norm before the MLP
-    f_at_tokens: Tensor  # [n_heads_chosen, n_text_tokens] content factors of the window's reported text tokens
-    masked: Tensor  # [n_text_tokens] bool, token masked by the circuit
+    z_by_head: Float[Tensor, "heads n_pos"]  # kernel-weighted denominators of the chosen heads
+    sink: Float[Tensor, " n_pos"]  # chosen heads' mean attention to the window's first position
+    norm_scale: Float[Tensor, " n_pos"]  # scale of the norm before the MLP
+    f_at_tokens: Float[Tensor, "heads n_text"]  # content factors of the window's reported text tokens
+    masked: Bool[Tensor, " n_text"]  # token masked by the circuit
 
 
 @torch.no_grad()
-def window_stats(w: ModelWeights, circ: Circuit, tokens: Tensor, acts: LayerActivations, positions: Tensor,
-                 text_positions: Tensor) -> WindowStats:
+def window_stats(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], acts: LayerActivations,
+                 positions: Int[Tensor, " n_pos"], text_positions: Int[Tensor, " n_text"]) -> WindowStats:
     """``tokens [n]`` one window; ``positions``: window positions judged (``>= min_position``);
     ``text_positions``: window positions of text tokens reported from this window (BOS excluded)."""
     n = tokens.shape[0]
