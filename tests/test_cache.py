@@ -265,6 +265,9 @@ def test_corrupt_gguf_copy_is_dropped_and_rebuilt(tiny_gpt2_dir, tmp_path, cdir,
     shutil.rmtree(out)
     (out.parent / f".{out.name}.123-abcd.tmp").mkdir()  # a killed writer's leftover is ignored
     assert Path(R._dequantised_gguf(r)) == out and len(calls) == 3
+    gguf.write_bytes(b"GGUF stand-in, version 2")  # the .gguf changed: a new copy replaces the old one
+    new = Path(R._dequantised_gguf(r))
+    assert new != out and new.exists() and not out.exists() and len(calls) == 4
 
 
 def test_cache_info_and_clear_api(cdir, tiny_gpt2):

@@ -53,6 +53,7 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("window-negative", ["neurons", "{tiny}", "--window", "-10"], ["--window -10", "at least 1"], {}),
     ("n-ctx-below-window", ["neurons", "{tiny}", "--n-ctx", "64"], ["--n-ctx 64", "--window 100"], {}),
     ("heads-99", ["neurons", "{tiny}", "--heads", "99"], ["head index 99"], {}),
+    ("heads-not-numbers", ["neurons", "{tiny}", "--heads", "x"], ["--heads 'x'"], {}),
     ("report-window-negative", ["report", "{tiny}", "--window", "0", "--out", "{tmp}/r"], ["--window 0"], {}),
     ("check-n-tokens-0", ["check", "{tiny}", "--n-tokens", "0"], ["--n-tokens 0"], {}),
     ("check-n-tokens-negative", ["check", "{tiny}", "--n-tokens", "-5"], ["--n-tokens -5"], {}),
@@ -161,11 +162,16 @@ def test_error_table(case, bad, tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
     assert not list(tmp_path.glob("r/*.json")), "nothing may be computed or written before the checks"
 
 
-def test_usage_error_through_the_console_script(tiny_gpt2_dir):
-    """The real entry point, in a fresh process: the case that used to crash in typer's bundled click."""
-    r = subprocess.run([*PY, "kernels", str(tiny_gpt2_dir), "--bogus"], capture_output=True, text=True)
+@pytest.mark.parametrize("args,words", [
+    (["kernels", "{tiny}", "--bogus"], "No such option: --bogus"),  # used to crash in typer's bundled click
+    (["info", "no-such-model-xyz"], "could not load 'no-such-model-xyz'"),  # used to print 25 s of hub retries
+])
+def test_errors_through_the_console_script(args, words, tiny_gpt2_dir):
+    """The real entry point in a fresh process, where the hub's retry messages would reach stderr too."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    r = subprocess.run([*PY, *[a.format(tiny=tiny_gpt2_dir) for a in args]], capture_output=True, text=True, env=env)
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "No such option: --bogus" in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and words in r.stderr
 
 
 def test_interrupt_exits_130_in_one_line(monkeypatch, capsys, tiny_gpt2_dir, tmp_path):
@@ -185,13 +191,18 @@ def test_sigint_exits_130(tiny_gpt2_dir, tmp_path):
     env = {**os.environ, "ATTNSCOPE_CACHE": str(tmp_path / "cache")}
     p = subprocess.Popen([*PY, "kernels", str(tiny_gpt2_dir), "--samples", "tests/data", "--n-ctx", "32", "--n-samples",
                           "100000", "--n-heldout", "2", "--out", str(tmp_path / "k"), "--no-cache"],
-                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
-    deadline = time.time() + 120
-    buf = ""
-    while "kernels: estimate" not in buf and time.time() < deadline:  # wait for the computation to start
-        buf += p.stderr.read(1)
-    p.send_signal(signal.SIGINT)
-    _, rest = p.communicate(timeout=60)
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                         # a pytest-xdist worker ignores SIGINT, and an ignored signal stays ignored across exec
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline = time.time() + 120
+        buf = ""
+        while "kernels: estimate" not in buf and time.time() < deadline:  # wait for the computation to start
+            buf += p.stderr.read(1)
+        p.send_signal(signal.SIGINT)
+        _, rest = p.communicate(timeout=60)
+    finally:
+        p.kill()
     assert p.returncode == 130
     assert "Traceback" not in buf + rest and (buf + rest).strip().endswith("interrupted: nothing was written "
                                                                              "(partial outputs are discarded)")

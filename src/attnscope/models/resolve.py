@@ -233,7 +233,18 @@ def _dequantised_gguf(r: ResolvedModel) -> str:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "attnscope_source.json").write_text(json.dumps({"gguf": str(src.resolve()), "size": st.st_size}))
+    _drop_superseded(out, src)
     return str(out)
+
+
+def _drop_superseded(out: Path, src: Path) -> None:
+    """Remove older de-quantised copies of the same .gguf path (it was replaced: new size or mtime)."""
+    import shutil
+
+    for old in out.parent.glob(f"{src.stem}-*"):
+        meta = old / "attnscope_source.json"
+        if old != out and meta.exists() and json.loads(meta.read_text()).get("gguf") == str(src.resolve()):
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _weight_files(r: ResolvedModel) -> list[Path]:
