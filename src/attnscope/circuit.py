@@ -21,6 +21,7 @@ the offset), and ``f(x)`` is the zero-offset content score.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
@@ -424,3 +425,16 @@ def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[T
         out[name] = {"Z_median": Zn.median(-1).values.tolist(), "ratio_to_calibration": (Zn.median(-1).values / circ.Z).tolist(),
                      "Z_trace": Zn.tolist()}
     return out
+
+
+Z_RATIO_RANGE = (0.8, 1.25)  # a text's Z / calibration Z outside this: the text is outside the explanation's scope
+
+
+def denominator_transfer_condition(text: str, ratios: list[float]) -> Condition:
+    """The denominator-transfer condition on one text: every contextual head's median ``Z_n`` over its
+    calibration value within :data:`Z_RATIO_RANGE` (measured: the ratio farthest from 1, on a log scale)."""
+    lo, hi = Z_RATIO_RANGE
+    worst = max(ratios, key=lambda r: abs(math.log(max(r, 1e-12)))) if ratios else 1.0
+    return Condition(Criterion.TRANSFER.value, f"on {text}: every contextual head's Z / calibration Z within "
+                     f"{lo}-{hi} (measured: the ratio farthest from 1)", float(worst), hi if worst >= 1 else lo,
+                     bool(all(lo <= r <= hi for r in ratios)), CONDITION_GROUP[Criterion.TRANSFER])

@@ -47,6 +47,7 @@ class Criterion(str, Enum):
     SHARED = "shared kernel"
     MLP_SCALE = "constant MLP-norm scale"
     NO_OUTLIERS = "no outlier tokens"
+    TRANSFER = "denominator transfer"  # per held-out text: Z / calibration Z (checked by the neuron stage)
     USER = "user choice"  # with --heads: the head was not named
 
 
@@ -59,6 +60,7 @@ ConditionGroup = Literal["split", "static", "denom", "summary", "neuron"]
 CONDITION_GROUP: dict[Criterion, ConditionGroup] = {
     Criterion.SPLIT: "split", Criterion.BROAD: "denom", Criterion.WEAK: "denom", Criterion.STABLE: "denom",
     Criterion.NO_OUTLIERS: "denom", Criterion.SHARED: "summary", Criterion.MLP_SCALE: "neuron",
+    Criterion.TRANSFER: "denom",
 }
 
 

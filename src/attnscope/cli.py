@@ -377,6 +377,72 @@ def cache_clear_cmd(
     typer.echo(f"freed {cache_clear(kinds) / 1e6:.1f} MB in {cache_dir()}")
 
 
+# --- contrast (owner: truth helper; one self-contained block) -------------------------------------
+
+
+@app.command(help="Predict every layer-0 neuron's difference in mean pre-activation between text sources A and B "
+             "from the weights and the two sources' token counts (no forward pass over them); --verify runs the "
+             "model on windows of both and scores the prediction (true effect size d, Spearman, precision@k, "
+             f"recall@k).\n\nWrites OUT/contrast.json (one record per neuron) with --out.\n\n{_TEXTS}")
+@A.settings_options((CircuitSettings, ("calibration", "n_ctx")))
+def contrast(
+    ctx: typer.Context, model: ModelArg,
+    a: Annotated[str, typer.Option("--a", metavar="TEXT", help="text source A (see TEXT sources)")],
+    b: Annotated[str, typer.Option("--b", metavar="TEXT", help="text source B (see TEXT sources)")],
+    verify: Annotated[bool, typer.Option("--verify", help="run the model on windows of A and B")] = False,
+    max_windows: Annotated[int, typer.Option(metavar="N", help="--verify: windows per source; at least 2")] = 16,
+    top: Annotated[int, typer.Option(metavar="N", help="neurons printed each way")] = 10,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", show_default=False,
+                                                help="folder for contrast.json")] = None,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .circuit import build_circuit
+    from .contrast import run_contrast
+
+    cs = A.build(CircuitSettings, kw)
+    A.check_positive(n_ctx=cs.n_ctx, top=top)
+    if max_windows < 2:
+        raise AttnscopeError(f"--max-windows {max_windows}: at least 2 windows per source are needed")
+    rt = _runtime(ctx, device, dtype, revision)
+    if out is not None:
+        A.check_out(out)
+    with _session(no_cache, decode_errors, cs.calibration, a, b):
+        w = _load(rt, model)
+        A.check_circuit_settings(cs, w)
+        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows)
+    if out is not None:
+        res.save(out)
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), default=str))
+        return
+    _print_contrast(res, top)
+    if out is not None:
+        typer.echo(f"wrote {out / 'contrast.json'}")
+
+
+def _print_contrast(res, top: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    for sign, name in ((1, res.a), (-1, res.b)):
+        t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / calibration std)")
+        for col in ("neuron", "predicted d", "true d", "bag / direct / other heads", "token evidence"):
+            t.add_column(col)
+        for r in res.top(top, sign):
+            ev = r.evidence_a if sign > 0 else r.evidence_b
+            t.add_row(str(r.index), f"{r.predicted_d:+.2f}", "" if r.true_d is None else f"{r.true_d:+.2f}",
+                      " / ".join(f"{r.parts[k]:+.2f}" for k in ("contextual bag", "direct", "other heads")),
+                      " ".join(repr(tok)[1:-1] for tok, _ in ev[:6]))
+        con.print(t)
+    if res.verification:
+        v = res.verification
+        con.print(f"verified on {v.n_positions_a} + {v.n_positions_b} positions: Spearman {v.scores['spearman']:.3f} "
+                  f"(token-shuffled null {v.null_scores['spearman']:.3f}); precision@10/20/50 "
+                  + "/".join(f"{x:.2f}" for x in v.scores["precision"].values()) + "; recall@10/20/50 "
+                  + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
+
+
 @app.command()
 def serve(
     ctx: typer.Context, model: ModelArg,

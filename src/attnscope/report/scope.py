@@ -3,7 +3,6 @@ was measured on this model.  Circuit conditions are placed by their own :attr:`C
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -67,12 +66,10 @@ def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) 
             c.ok)
     if neurons is None:
         return
-    den = neurons.denominators
-    ratios = [x for v in den.values() for x in v["ratio_to_calibration"] if math.isfinite(x)]
-    if ratios:
-        add("denom", "the calibration denominators transfer to other texts (per-head scale error)",
-            f"Z / Z<sub>calibration</sub> from {_fmt(min(ratios))} to {_fmt(max(ratios))} over "
-            f"{len(den)} held-out texts", None)
+    for d in neurons.denominators:  # the denominator-transfer condition, per held-out text
+        c = d.condition
+        add(c.group, f"{_esc(c.name)}: {_esc(c.holds_when)}", f"{_fmt(c.measured)}"
+            + ("" if c.ok else " (outside the explanation's scope)"), c.ok)
     fid = neurons.fidelity
     if fid:
         add("summary", "the summary reproduces the heads' summed output on held-out texts",
@@ -81,7 +78,7 @@ def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) 
     recs = neurons.records
     if recs:
         mp = circ.settings.get("min_position") if circ is not None else None
-        add("neuron", "predictions match the true contribution on held-out texts"
+        add("neuron", "the full layer-0 explanation matches the true pre-activation on held-out texts"
                       + (f" (positions n ≥ {mp})" if mp is not None else ""),
             f"median r {_fmt(_median([r.r for r in recs]))}, median FVU "
             f"{_fmt(_median([r.fvu for r in recs]))} over {len(recs)} neurons", None)

@@ -204,10 +204,9 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
     if den and heads:
         hdr = "".join(f"<th>head {h}</th>" for h in heads)
         rws = []
-        for name, v in den.items():
-            cells = "".join(f'<td class="{"warn" if x < 0.8 or x > 1.25 else ""}">{_fmt(x)}</td>'
-                            for x in v["ratio_to_calibration"])
-            rws.append(f"<tr><th>{_esc(name)}</th>{cells}</tr>")
+        for d in den:
+            cells = "".join(f'<td class="{"warn" if x < 0.8 or x > 1.25 else ""}">{_fmt(x)}</td>' for x in d.ratio)
+            rws.append(f"<tr><th>{_esc(d.text)}</th>{cells}</tr>")
         den_html = (f'<h3>Denominator stability</h3><p class="hint">Median over positions of Z<sub>n</sub> on each '
                     f'held-out text divided by the calibration denominator: the per-head scale error of reusing the '
                     f'calibration value (outside 0.8–1.25 highlighted).</p><div class="table-wrap">'
