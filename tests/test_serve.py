@@ -47,9 +47,7 @@ def _reference_bag(m, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _reference_pred(m, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """What the page must show as "predicted": the bag + constant, or the full explanation's terms summed."""
-    if m.explanation.kind == "contextual bag + constant":
-        return _reference_bag(m, ids, k)
+    """What the page must show as "predicted": the full explanation's terms summed (attnscope.explain)."""
     from attnscope.explain import build_explainer, explain_terms
 
     terms = explain_terms(m.w, m.circ, build_explainer(m.w, m.circ), ids, torch.tensor([k]))
@@ -74,36 +72,43 @@ def test_analyse_true_and_predicted_match_references(served):
 
 
 def test_prediction_matches_find_neurons_traces(served):
-    """serve's prediction equals the pred_pre trace find_neurons wrote for the same neuron and text."""
-    from attnscope.neurons import find_neurons
-    from attnscope.serve.explanation import BagExplanation
+    """serve's prediction equals the prediction trace find_neurons wrote for the same neuron and window
+    (the full explanation's ``predicted_pre`` on a source's first reporting window; or, before the full
+    explanation, the bag's ``pred_pre`` on a held-out text)."""
+    from attnscope.neurons import NeuronSettings, find_neurons
 
     m, _ = served
     res = find_neurons(m.w, m.circ, progress=False)
-    if not isinstance(res.traces, dict):
-        pytest.skip("find_neurons no longer writes the bag's pred_pre trace")
-    rec = res.records[0]
-    tr = res.traces[str(rec.index)][rec.positive_text]
-    ids = text_tokens(f"bundled:{rec.positive_text}", m.w.tokenizer, max_tokens=m.circ.T)
     n_min = m.circ.settings["min_position"]
-    bag = BagExplanation(m.w, m.circ)
-    assert torch.allclose(bag.predict(ids)[n_min:, rec.index], torch.tensor(tr["pred_pre"]), atol=1e-4)
-    assert torch.allclose(bag.predict(ids)[:, rec.index], _reference_bag(m, ids, rec.index), atol=1e-4)
+    if isinstance(res.traces, dict):  # the bag-era result
+        from attnscope.serve.explanation import BagExplanation
+
+        rec = res.records[0]
+        tr = res.traces[str(rec.index)][rec.positive_text]
+        ids = text_tokens(f"bundled:{rec.positive_text}", m.w.tokenizer, max_tokens=m.circ.T)
+        pred = BagExplanation(m.w, m.circ).predict(ids)[n_min:, rec.index]
+        assert torch.allclose(pred, torch.tensor(tr["pred_pre"]), atol=1e-4)
+        return
+    from attnscope.neurons import held_out_windows
+
+    assert m.explanation.kind == "full layer-0 explanation"
+    tr = res.traces[0]
+    win = next(s for s in held_out_windows(m.w, m.circ, None, NeuronSettings().max_windows) if s.name == tr.text)
+    ids = win.report[0]
+    true = next(iter_layers(m.w, ids[None], stop_layer=0)).mlp_pre[0, n_min:, tr.neuron]
+    assert torch.allclose(true, torch.tensor(tr.true_pre), atol=1e-4)  # the same window
+    pred = m.explanation.predict(ids)[n_min:, tr.neuron]
+    assert torch.allclose(pred, torch.tensor(tr.predicted_pre), atol=1e-4)
 
 
 def test_the_fullest_explanation_is_served(served):
-    """With attnscope.explain present the page predicts with the full layer-0 explanation, and within one
-    held-out text it follows the true pre-activation better than the bag + constant (which cannot follow the
-    direct path), for the top-ranked neurons."""
-    import importlib.util
-
+    """The page predicts with the full layer-0 explanation, and within one held-out text it follows the true
+    pre-activation better than the bag + constant (which cannot follow the direct path), for the top-ranked
+    neurons."""
     from attnscope.serve.analysis import fit_stats
     from attnscope.serve.explanation import BagExplanation
 
     m, _ = served
-    if importlib.util.find_spec("attnscope.explain") is None:
-        assert m.explanation.kind == "contextual bag + constant"
-        pytest.skip("attnscope.explain is not in this tree: the bag + constant is served")
     assert m.explanation.kind == "full layer-0 explanation"
     text, ids = _text(m.w, "bundled:es_fortunes", 200)
     a = m.analyser.analyse(text)

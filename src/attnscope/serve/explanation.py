@@ -12,7 +12,8 @@ over calibration positions ``n >= min_position`` of (true pre-activation - the h
 i.e. everything the bag does not model (direct path, other heads, biases) replaced by its calibration
 average.  :class:`FullExplanation` wraps the full layer-0 explanation (method §15, ``attnscope.explain``):
 the same bag plus the direct path, every other head and the biases, computed per text instead of a constant;
-:func:`make_explanation` returns it whenever attnscope has it, and the page shows ``kind``.  In both, the
+:func:`make_explanation` returns it, and the page shows ``kind``; the bag + constant stays as the
+baseline the tests compare it with.  In both, the
 per-token evidence is the bag's ``K_n(i) S[x_i, k]`` and the named terms make up the rest: they sum exactly
 to the prediction.
 """
@@ -136,9 +137,7 @@ class FullExplanation(BagExplanation):
 
 
 def make_explanation(w: ModelWeights, circ: Circuit) -> Explanation:
-    """The fullest explanation available: the full layer-0 explanation when attnscope has one, else the bag."""
-    try:
-        from ..explain import build_explainer, explain_terms  # the full explanation (method §15), when present
-    except ImportError:
-        return BagExplanation(w, circ)
+    """The explanation the page serves: the full layer-0 explanation (:mod:`attnscope.explain`)."""
+    from ..explain import build_explainer, explain_terms
+
     return FullExplanation(w, circ, build_explainer, explain_terms)

@@ -5,8 +5,8 @@ input each is re-measured at the positions the explanation claims (window positi
 
 * **denominators**: per contextual head, the kernel-weighted denominator ``Z_n = sum_j K_n(j) f(x_j)`` on this
   text (median over positions) divided by the calibration value the circuit reuses; the per-head scale
-  error of the bag.  Holds when every ratio lies within ``[1/r, r]``, ``r = 1.25`` (the range the full
-  explanation, ``attnscope.explain.Z_RATIO_RANGE``, states for itself; read from there when present).
+  error of the bag.  Holds when every ratio lies in :data:`attnscope.circuit.Z_RATIO_RANGE` (0.8-1.25), the
+  range the report's denominator-transfer condition uses, so page and report agree on a text.
 * **sink mass**: the contextual heads' true attention to the window's first position (median over positions,
   mean over heads), against the same number on the calibration text.
 * **clipped content factors**: share of (head, token) pairs whose content factor ``f`` sits at the clip
@@ -21,35 +21,27 @@ Thresholds are attnscope's choices (:class:`ScopeSettings`) and the page prints 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import math
+from dataclasses import asdict, dataclass
 
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..circuit import Circuit, _mlp_norm_scale
+from ..circuit import Z_RATIO_RANGE, Circuit, _mlp_norm_scale
 from ..forward import LayerActivations
 from ..models import ModelWeights
 
 
-def _denominator_ratio_max() -> float:
-    """The full explanation's own range for a text's Z / calibration Z (attnscope.explain), else 1.25."""
-    try:
-        from ..explain import Z_RATIO_RANGE
-    except ImportError:
-        return 1.25
-    return float(max(Z_RATIO_RANGE[1], 1 / Z_RATIO_RANGE[0]))
-
-
 @dataclass
 class ScopeSettings:
-    denominator_ratio_max: float = field(default_factory=_denominator_ratio_max)  # Z ratios within [1/x, x]
+    denominator_ratio_range: tuple[float, float] = Z_RATIO_RANGE  # every head's Z ratio within (the report's range)
     sink_mass_delta_max: float = 0.1  # |sink mass - calibration sink mass|
     clipped_share_max: float = 0.01  # the circuit's "no outlier tokens" threshold ...
     clipped_share_cal_factor: float = 2.0  # ... or this many times the calibration text's share, if larger
     masked_share_max: float = 0.01
     norm_cv_max: float = 0.2  # the circuit's "constant MLP-norm scale" threshold
-    norm_ratio_max: float = 1.25  # median norm scale within [1/x, x] of the circuit's constant
+    norm_ratio_range: tuple[float, float] = (0.8, 1.25)  # median norm scale / the circuit's constant
 
 
 @dataclass
@@ -114,10 +106,13 @@ def calibration_reference(w: ModelWeights, circ: Circuit) -> CalibrationReferenc
                                 float((circ.f[:, body] >= clip * (1 - 1e-6)).float().mean()))
 
 
-def _ratio_cond(name: str, holds: str, ratios: list[float], r_max: float, detail: str) -> InputCondition:
-    worst = max(ratios, key=lambda r: max(r, 1 / r) if r > 0 else float("inf"))
-    ok = all(1 / r_max <= r <= r_max for r in ratios)
-    return InputCondition(name, holds, worst, r_max, ok, detail)
+def _ratio_cond(name: str, holds: str, ratios: list[float], lo_hi: tuple[float, float], detail: str) -> InputCondition:
+    """Holds when every ratio lies in ``lo_hi``; measured: the ratio farthest from 1 on a log scale, against
+    the bound on its side (as :func:`attnscope.circuit.denominator_transfer_condition` reports it)."""
+    lo, hi = lo_hi
+    worst = max(ratios, key=lambda r: abs(math.log(max(r, 1e-12))))
+    return InputCondition(name, f"{holds} ({lo:g}-{hi:g})", worst, hi if worst >= 1 else lo,
+                          all(lo <= r <= hi for r in ratios), detail)
 
 
 def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationReference,
@@ -144,8 +139,8 @@ def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationRefe
     cv = float(scale.std() / scale.mean()) if scale.numel() > 1 else 0.0
     return [
         _ratio_cond("denominators as on calibration", "each contextual head's denominator Z on this text (median over "
-                    "positions) within a factor of the calibration value the bag reuses", ratios,
-                    s.denominator_ratio_max, f"ratio to calibration per head: {per_head}"),
+                    "positions) over the calibration value the bag reuses, within", ratios,
+                    s.denominator_ratio_range, f"ratio to calibration per head: {per_head}"),
         InputCondition("sink mass as on calibration", "contextual heads' attention to the first position close to "
                        "its calibration value (absolute difference)", abs(sink - cal_sink), s.sink_mass_delta_max,
                        abs(sink - cal_sink) <= s.sink_mass_delta_max,
@@ -158,7 +153,7 @@ def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationRefe
                        masked, s.masked_share_max, masked <= s.masked_share_max, f"{masked:.1%} of tokens masked"),
         InputCondition("constant MLP-norm scale", "CV over positions of the scale of the norm before the MLP", cv,
                        s.norm_cv_max, cv <= s.norm_cv_max, f"over {n_pos} positions"),
-        _ratio_cond("norm scale as on calibration", "median scale of the norm before the MLP within a factor of the "
-                    "circuit's constant", [float(scale.median()) / circ.mlp_scale], s.norm_ratio_max,
+        _ratio_cond("norm scale as on calibration", "median scale of the norm before the MLP over the circuit's "
+                    "constant, within", [float(scale.median()) / circ.mlp_scale], s.norm_ratio_range,
                     f"median {float(scale.median()):.3f} on this text, constant {circ.mlp_scale:.3f}"),
     ]

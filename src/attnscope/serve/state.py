@@ -128,7 +128,7 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
         t0 = time.perf_counter()
         expl = make_explanation(w, circ)
         analyser = Analyser(w, circ, expl, calibration_reference(w, circ))
-        table, score_name = build_table(w, circ, result)
+        table, score_name = build_table(result, source)
         t["explanation_and_table"] = time.perf_counter() - t0
     log(f"contextual heads {circ.heads}; {sum(r.selected for r in table)} selected neurons of {len(table)}; "
         f"explanation: {expl.kind} ({source})")
