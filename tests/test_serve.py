@@ -72,23 +72,13 @@ def test_analyse_true_and_predicted_match_references(served):
 
 
 def test_prediction_matches_find_neurons_traces(served):
-    """serve's prediction equals the prediction trace find_neurons wrote for the same neuron and window
-    (the full explanation's ``predicted_pre`` on a source's first reporting window; or, before the full
-    explanation, the bag's ``pred_pre`` on a held-out text)."""
+    """serve's prediction equals the full explanation's ``predicted_pre`` trace that find_neurons wrote for
+    the same neuron on a source's first reporting window."""
     from attnscope.neurons import NeuronSettings, find_neurons
 
     m, _ = served
     res = find_neurons(m.w, m.circ, progress=False)
     n_min = m.circ.settings["min_position"]
-    if isinstance(res.traces, dict):  # the bag-era result
-        from attnscope.serve.explanation import BagExplanation
-
-        rec = res.records[0]
-        tr = res.traces[str(rec.index)][rec.positive_text]
-        ids = text_tokens(f"bundled:{rec.positive_text}", m.w.tokenizer, max_tokens=m.circ.T)
-        pred = BagExplanation(m.w, m.circ).predict(ids)[n_min:, rec.index]
-        assert torch.allclose(pred, torch.tensor(tr["pred_pre"]), atol=1e-4)
-        return
     from attnscope.neurons import held_out_windows
 
     assert m.explanation.kind == "full layer-0 explanation"
