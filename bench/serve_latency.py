@@ -6,7 +6,8 @@
 Times, per endpoint, the wall-clock round trip (client to server and back, JSON included) after two warm-up
 calls, and prints the median, 90th percentile and maximum, with the share of the CPUs other processes used
 during the timing (the machine is shared).  ``--heads`` forces the contextual heads, as
-`attnscope neurons MODEL --heads ... --out DIR` followed by `attnscope serve MODEL --analysis DIR` would.
+`attnscope neurons MODEL --heads ... --out DIR` followed by `attnscope serve MODEL --analysis DIR` would;
+``--skip-neurons`` leaves out find_neurons, whose table no timed request reads (start-up is then not comparable).
 """
 
 from __future__ import annotations
@@ -69,15 +70,31 @@ def _time(fn, repeats: int) -> dict:
             "n": repeats, "foreign_cpu_share": foreign}
 
 
-def _serve_model(w, heads: str | None, n_ctx: int | None):
+def _without_table(w, circ):
+    """What the server holds, minus the neuron table (no request but /api/neuron reads it)."""
+    from attnscope.serve.analysis import Analyser
+    from attnscope.serve.explanation import make_explanation
+    from attnscope.serve.scope import calibration_reference
+    from attnscope.serve.state import ServeModel
+    from attnscope.serve.table import NeuronRow
+
+    expl = make_explanation(w, circ)
+    row = NeuronRow(0, 1, 0.0, 0.0, 0.0, False, None, None, None, None, [], [])
+    return ServeModel(w, circ, expl, Analyser(w, circ, expl, calibration_reference(w, circ)), [row], "sensitivity",
+                      {}, "benchmark: no neuron table")
+
+
+def _serve_model(w, heads: str | None, n_ctx: int | None, skip_neurons: bool):
     from attnscope.circuit import CircuitSettings, build_circuit
     from attnscope.neurons import find_neurons
     from attnscope.serve import load_serve_model
 
-    if heads is None and n_ctx is None:
+    if heads is None and n_ctx is None and not skip_neurons:
         return load_serve_model(w, log=print)
     s = CircuitSettings(n_ctx=n_ctx, heads=[int(h) for h in heads.split(",")] if heads else None)
     circ = build_circuit(w, s)
+    if skip_neurons:
+        return _without_table(w, circ)
     out = Path(tempfile.mkdtemp(prefix="serve-bench-"))
     find_neurons(w, circ, progress=False).save(out / "neurons")
     return load_serve_model(w, out, log=print)
@@ -91,6 +108,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--skip-neurons", action="store_true",
+                    help="do not run find_neurons (the neuron table is in no timed request's path); neuron 0 is timed")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     from attnscope.models import load_model
@@ -98,13 +117,14 @@ def main() -> None:
 
     t0 = time.perf_counter()
     w = load_model(a.model)
-    m = _serve_model(w, a.heads, a.n_ctx)
+    m = _serve_model(w, a.heads, a.n_ctx, a.skip_neurons)
     startup = time.perf_counter() - t0
     text = _text(w, "bundled:es_fortunes", a.tokens)
     other = _text(w, "bundled:en_speeches_1900_2016", a.tokens)
     k = m.table[0].index
     res = {"model": a.model, "heads": m.circ.heads, "context": m.circ.T, "tokens": a.tokens, "torch_threads": a.threads,
-           "cpus": os.cpu_count(), "startup_s": startup, "explanation": m.explanation.kind}
+           "cpus": os.cpu_count(), "startup_s": startup, "explanation": m.explanation.kind, "neuron": k,
+           "skip_neurons": a.skip_neurons}
     with background_server(create_app(m)) as url:
         d = _post(url + "/api/analyse", {"text": text, "neuron": k})
         res["windows"] = len(d["windows"])
