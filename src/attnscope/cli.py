@@ -443,27 +443,18 @@ def _print_contrast(res, top: int) -> None:
                   + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
 
 
-@app.command()
-def serve(
-    ctx: typer.Context, model: ModelArg,
-    analysis: Annotated[Optional[Path], typer.Option(metavar="DIR", show_default=False,
-                                                     help="saved analysis: the output folder of `report` or `neurons` "
-                                                          "[default: compute the circuit and neurons at start-up]")] = None,
-    port: Annotated[int, typer.Option(metavar="PORT", help="TCP port")] = 8000,
-    host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it explicitly to expose the "
-                                      "page beyond this machine")] = "127.0.0.1",
-    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
-) -> None:
-    """A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation per
-    token, the evidence, and whether the input lies inside the explanation's scope). Ctrl+C stops it."""
-    from .serve import check_port, run_server
+@app.command(help="A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation "
+             "per token, the evidence, and whether the input is inside the explanation's scope). Ctrl+C stops it.")
+def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path], typer.Option(
+              metavar="DIR", show_default=False, help="saved analysis: the output folder of `report` or `neurons` "
+              "[default: compute the circuit and neurons at start-up]")] = None,
+          port: Annotated[int, typer.Option(metavar="PORT", help="TCP port")] = 8000,
+          host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it to expose the page "
+                                            "beyond this machine")] = "127.0.0.1",
+          device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
+    from .serve import serve_command
 
-    check_port(host, port)  # before loading the model: a busy port is a one-line error at once
-    if analysis is not None and not analysis.is_dir():
-        raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
-                             "or `attnscope neurons`")
-    run_server(_load(_runtime(ctx, device, dtype, revision), model), analysis=analysis, host=host, port=port,
-               log=typer.echo)
+    serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo)
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ from pathlib import Path
 from ..errors import AttnscopeError
 from ..models import ModelWeights
 
-__all__ = ["background_server", "check_port", "create_app", "free_port", "load_serve_model", "run_server"]
+__all__ = ["background_server", "check_port", "create_app", "free_port", "load_serve_model", "run_server",
+           "serve_command"]
 
 
 def __getattr__(name: str):  # FastAPI is imported only when the server is used
@@ -47,6 +48,16 @@ def check_port(host: str, port: int) -> None:
             s.bind(addr)
         except OSError as err:
             raise AttnscopeError(f"cannot listen on {host}:{port} ({err.strerror or err}); pass another --port") from None
+
+
+def serve_command(load_model_fn, analysis: Path | None, host: str, port: int, log=print) -> None:
+    """`attnscope serve`: check the port and the analysis folder first (one-line errors before the model
+    loads), then load the model (``load_model_fn()``) and serve."""
+    check_port(host, port)
+    if analysis is not None and not Path(analysis).is_dir():
+        raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
+                             "or `attnscope neurons`")
+    run_server(load_model_fn(), analysis=analysis, host=host, port=port, log=log)
 
 
 def run_server(w: ModelWeights, *, analysis: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
