@@ -16,7 +16,11 @@ assumption is checked on the calibration text and reported with its measured val
 Learned positions (GPT-2, BERT): layer-0 kernels from the weights with the mean calibration embedding as
 the query (method §5.2a).  Rotary (Llama): layer 0 has no positional residual, so the kernel is the mean
 calibration query and key through the rotation, ``K_n(i) ∝ exp(q̄ R_{i-n} k̄ / scale)`` (a function of
-the offset), and ``f(x)`` is the zero-offset content score.
+the offset), and ``f(x)`` is the separable content score with one complex weight per rotary frequency pair,
+taken from the head's own kernel (docs/rotary-split.md).
+
+Sinks (method §15): a BOS is split off; kernels, denominators and split TV use the other positions; the sink
+adds mass x BOS value (a constant in ``Pi(n) + C``), and its CV is a stated condition.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import math
 from dataclasses import asdict, dataclass
 
 import torch
-from jaxtyping import Bool, Float, Int
+from jaxtyping import Bool, Complex, Float, Int
 from torch import Tensor
 
 from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types live with it)
@@ -40,11 +44,24 @@ from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types l
     Criterion,
     HeadDecision,
 )
-from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
+from .decomposition import (
+    apply_pair_weights,
+    approximate_pattern,
+    centre,
+    layer0_weight_kernels,
+    learned_score_parts,
+    pair_weights_of_kernel,
+    pooled_static_keys,
+    pre_rotation,
+    reference_norm,
+    separable_rotary_score_parts,
+    tv_distance,
+)
 from .errors import AttnscopeError, ConditionFailedError, check_index
 from .forward import (LayerActivations, apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,
                       rotary_cos_sin, static_positions)
 from .models import ModelWeights
+from .sinks import SINK_SHOW, drop_sink, sink_term, split_sink
 from .texts import text_tokens
 
 
@@ -178,14 +195,19 @@ def load_calibration(w: ModelWeights, s: CircuitSettings) -> Calibration:
 
 
 def content_factors(w: ModelWeights, cal: Calibration, q: Float[Tensor, "head ctx d_head"],
-                    key_content: Float[Tensor, "vocab d_model"], f_clip: float
+                    key_content: Float[Tensor, "vocab d_model"], f_clip: float,
+                    pair_weights: Complex[Tensor, "head pairs"] | None = None
                     ) -> tuple[Float[Tensor, "head vocab"], Float[Tensor, "head vocab"]]:
     """``(log f [H, V], f [H, V])``: every vocabulary item's content factor for every head,
     ``log f^h(x) = q_{n*} . E[n*, x] / scale`` (the bias in ``q . c_K`` cancels), normalised so that the
     median calibration token has ``f = 1``, and ``f`` clipped at ``f_clip`` (the BOS token's own factor is
-    measured, not clipped: it is a sink, not content)."""
+    measured, not clipped: it is a sink, not content).  Rotary: the query's frequency pairs are weighted by
+    ``pair_weights [H, D/2]`` (the separable split; ``None``: zero offset)."""
     keys = torch.einsum("vd,hde->hve", key_content, w.W_K[LAYER])  # [H, V, dh]
-    logf = torch.einsum("he,hve->hv", q[:, cal.n_star], keys) / w.attn_scale[LAYER]
+    qs = q[:, cal.n_star]
+    if pair_weights is not None:
+        qs = apply_pair_weights(w, qs[:, None], pair_weights)[:, 0]
+    logf = torch.einsum("he,hve->hv", qs, keys) / w.attn_scale[LAYER]
     logf = logf - logf[:, cal.body].median(-1, keepdim=True).values
     f = logf.exp().clamp(max=f_clip)
     if cal.bos is not None:
@@ -206,16 +228,32 @@ class HeadStatistics:
     denominator_cv_predicted: Float[Tensor, " head"]  # std f / (mean f sqrt(N_eff))
 
 
-def decomposition_tv(w: ModelWeights, cal: Calibration, acts: LayerActivations, ref: float) -> Float[Tensor, " head"]:
-    """Median over positions ``>= n_min`` of TV(true layer-0 attention, content+position pattern) ``[H]``."""
-    T = cal.T
+def split_patterns(w: ModelWeights, cal: Calibration, acts: LayerActivations, ref: float, q_typ: Tensor,
+                   pair_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Layer-0 patterns ``[H, T, T]`` of the content/position split on the calibration text: with the exact query
+    at every position (method §4.4), and with the circuit's typical query ``q_typ [H, T, d_head]`` (the fully
+    separable ``f(x_i) K(n - i)`` the circuit uses).  Rotary: the separable split with ``pair_weights``."""
+    scale = w.attn_scale[LAYER]
     if w.positional == "learned":
-        static = static_positions(w, T)
-    else:
-        kk = project(acts.attn_in, w.W_K[LAYER], w.b_K[LAYER])
-        static = kk[0, :, 1 if cal.bos is not None else 0 :].mean(1, keepdim=True).expand(-1, T, -1)
-    approx = approximate_pattern(w, LAYER, acts, static, ref)
-    return tv_distance(approx, acts.pattern)[0, :, cal.n_min:].median(-1).values
+        static = static_positions(w, cal.T)
+        exact = approximate_pattern(w, LAYER, acts, static, ref)[0]
+        cont, pos, bias = learned_score_parts(w, LAYER, acts.norm_in, static, q_typ[None], ref)
+        return exact, mask_scores(w, (cont + pos + bias[..., None]) / scale).softmax(-1)[0]
+    qp, kp = pre_rotation(w, acts.q), pre_rotation(w, acts.k)
+    static = pooled_static_keys(kp[0], cal.bos is not None)
+    out = []
+    for q in (qp, q_typ[None]):
+        cont, pos = separable_rotary_score_parts(w, q, kp, static, pair_weights)
+        out.append(mask_scores(w, (cont + pos) / scale).softmax(-1)[0])
+    return out[0], out[1]
+
+
+def split_tv(approx: Tensor, true: Tensor, cal: Calibration) -> Tensor:
+    """Median over positions ``>= n_min`` of TV(true attention, split pattern) ``[H]``; with a BOS, on the
+    positions after it (both rows renormalised): the split is judged on the non-sink part."""
+    if cal.bos is not None:
+        approx, true = split_sink(approx)[1], split_sink(true)[1]
+    return tv_distance(approx, true)[:, cal.n_min:].median(-1).values
 
 
 def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"], f: Float[Tensor, "head vocab"],
@@ -296,19 +334,24 @@ def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: 
 
 def extended_embeddings(w: ModelWeights, hs: Int[Tensor, " chosen"], f: Float[Tensor, "head vocab"],
                         Z: Float[Tensor, " head"], e_val: Float[Tensor, "vocab d_model"], p_val: Float[Tensor, "ctx d_model"],
-                        Kh: Float[Tensor, "head ctx ctx"], mask: Bool[Tensor, " vocab"]
+                        Kh: Float[Tensor, "head ctx ctx"], mask: Bool[Tensor, " vocab"],
+                        sink: Float[Tensor, " head"] | None = None, bos: int | None = None
                         ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"]]:
     """``(Ext [V, d_model], Pi(n) + C [T, d_model])`` of the chosen heads ``hs``: each token's value content
     weighted by ``f / Z`` through ``W_V W_O`` (outlier tokens zeroed), and the positional and bias terms
-    through each head's own kernel."""
+    through each head's own kernel.  With a sink (``sink [H]`` mass on the BOS token ``bos``), the bag carries
+    ``1 - s`` and the sink's value ``s (e(BOS) + p(0)) W_V W_O`` is added to the constant."""
     WOV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs])  # [n, d, d]
-    weights_tok = f[hs] / Z[hs][:, None]  # [n, V]
+    keep = torch.ones(len(hs), dtype=w.dtype, device=w.device) if sink is None else (1 - sink[hs]).to(w.dtype)
+    weights_tok = f[hs] / Z[hs][:, None] * keep[:, None]  # [n, V]
     ext = torch.zeros(w.d_vocab, w.d_model, dtype=w.dtype, device=w.device)
     for j in range(len(hs)):
         ext += weights_tok[j][:, None] * (e_val @ WOV[j])
     ext = ext * mask[:, None].to(ext.dtype)
     const = torch.einsum("he,hed->d", _value_bias(w)[hs], w.W_O[LAYER][hs])
-    posit = torch.einsum("hni,id,hdf->nf", Kh[hs], p_val, WOV) + const  # per-head kernels for Pi(n)
+    posit = torch.einsum("hni,id,hdf->nf", Kh[hs] * keep[:, None, None], p_val, WOV) + const  # per-head kernels
+    if sink is not None and bos is not None:
+        posit = posit + torch.einsum("h,hf->f", sink[hs].to(w.dtype), (e_val[bos] + p_val[0]) @ WOV)
     return ext, posit
 
 
@@ -320,14 +363,18 @@ _HOLDS_WHEN = {
     Criterion.SPLIT: "max over chosen heads of the median decomposition TV",
     Criterion.MLP_SCALE: "CV over calibration positions of the scale of the norm before the MLP",
     Criterion.NO_OUTLIERS: "fraction of calibration tokens whose f was clipped at f_clip x median",
+    Criterion.SINK: f"max over chosen heads with a sink mass >= {SINK_SHOW} of the CV of the sink mass over "
+                    "calibration positions (the sink term is a constant)",
 }
 
 
 def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: Float[Tensor, "ctx ctx"],
                        share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float, cal: Calibration,
-                       s: CircuitSettings) -> list[Condition]:
+                       s: CircuitSettings, sink: tuple[Tensor, Tensor]) -> list[Condition]:
     """The stated input conditions of the circuit over the chosen heads ``hs``, each measured once."""
     n_min = cal.n_min
+    big = sink[0][hs] >= SINK_SHOW
+    sink_cv = float(sink[1][hs][big].max()) if big.any() else 0.0
     neff_shared = (1.0 / shared[n_min:].pow(2).sum(-1)).median()
     clipped = (logf[hs][:, cal.body].exp() > s.f_clip).float().mean()
     measured = [  # (criterion, value, threshold, holds)
@@ -340,6 +387,7 @@ def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: F
          st.decomposition_tv[hs].max() <= s.decomposition_tv_max),
         (Criterion.MLP_SCALE, mlp_cv, 0.2, mlp_cv <= 0.2),
         (Criterion.NO_OUTLIERS, clipped, 0.01, clipped <= 0.01),
+        (Criterion.SINK, sink_cv, s.denominator_cv_max, sink_cv <= s.denominator_cv_max),
     ]
     return [Condition(c.value, _HOLDS_WHEN[c], float(v), float(thr), bool(ok), CONDITION_GROUP[c])
             for c, v, thr, ok in measured]
@@ -353,13 +401,22 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     ref = reference_norm(w)
     e_val, p_val, key_content = _content_inputs(w, cal.T, cal.n_star, ref)
     Kh, q = layer0_kernels_and_queries(w, cal.tokens)  # [H, T, T], [H, T, dh]
-    logf, f = content_factors(w, cal, q, key_content, s.f_clip)
+    if cal.bos is not None:  # the kernel proper: the BOS (sink) split off, the rest renormalised
+        Kh = drop_sink(Kh)
+    c = pair_weights_of_kernel(w, Kh[:, -1], cal.bos is not None) if w.positional == "rotary" else None
+    logf, f = content_factors(w, cal, q, key_content, s.f_clip, c)
     mask = outlier_token_mask(w)
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
-    st = head_statistics(Kh, logf, f, decomposition_tv(w, cal, acts, ref), cal, s.window)
+    exact_pat, typ_pat = split_patterns(w, cal, acts, ref, q, c)
+    no_sink = (torch.zeros(w.n_heads, dtype=torch.float64, device=w.device),) * 2
+    sink = sink_term(acts.pattern[0, :, :, 0], cal.n_min) if cal.bos is not None else no_sink
+    st = head_statistics(Kh, logf, f, split_tv(exact_pat, acts.pattern[0], cal), cal, s.window)
     chosen, shared, share_tv = choose_heads(Kh, st, s, cal.n_min)
     decisions = head_decisions(st, chosen, share_tv, s)
+    sep_tv = split_tv(typ_pat, acts.pattern[0], cal)
+    for d in decisions:
+        d.sink_mass, d.sink_mass_cv, d.separable_tv = float(sink[0][d.head]), float(sink[1][d.head]), float(sep_tv[d.head])
     heads = [h for h in range(w.n_heads) if chosen[h]]
     if not heads:
         worst = min(decisions, key=lambda d: d.share_tv + (0 if d.n_eff >= s.neff_min else 1) + d.logit_std)
@@ -369,13 +426,16 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
             f"{'; '.join(worst.reasons[:4])}); pass --heads to force some"
         )
     hs = torch.tensor(heads, device=w.device)
-    ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask)
+    ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask,
+                                     sink[0] if cal.bos is not None else None, cal.bos)
     # LN2: constant scale measured on the calibration text
     mid_scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
     mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
-    conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s)
+    conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
     return Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
-                             "min_position": cal.n_min},
+                             "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
+                             "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
+                             "rotary_pair_weights_abs": None if c is None else c.abs().float().cpu().tolist()},
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens.cpu(), calibration_sha=cal.sha256, token_mask=mask,

@@ -47,6 +47,7 @@ class Criterion(str, Enum):
     SHARED = "shared kernel"
     MLP_SCALE = "constant MLP-norm scale"
     NO_OUTLIERS = "no outlier tokens"
+    SINK = "constant sink mass"
     TRANSFER = "denominator transfer"  # per held-out text: Z / calibration Z (checked by the neuron stage)
     USER = "user choice"  # with --heads: the head was not named
 
@@ -60,6 +61,7 @@ ConditionGroup = Literal["split", "static", "denom", "summary", "neuron"]
 CONDITION_GROUP: dict[Criterion, ConditionGroup] = {
     Criterion.SPLIT: "split", Criterion.BROAD: "denom", Criterion.WEAK: "denom", Criterion.STABLE: "denom",
     Criterion.NO_OUTLIERS: "denom", Criterion.SHARED: "summary", Criterion.MLP_SCALE: "neuron",
+    Criterion.SINK: "summary",
     Criterion.TRANSFER: "denom",
 }
 
@@ -83,6 +85,9 @@ class HeadDecision:
     share_tv: float
     decomposition_tv: float
     failed: list[Criterion] = field(default_factory=list)
+    sink_mass: float = 0.0  # median over calibration positions of the true attention on the BOS (0 without BOS)
+    sink_mass_cv: float = 0.0  # its CV over those positions
+    separable_tv: float | None = None  # median TV of the fully separable pattern (the circuit's typical query)
 
     def checks(self) -> list[tuple[Criterion, str, bool]]:
         """``(criterion, reason, met)`` for each entry of :attr:`reasons`."""

@@ -181,20 +181,24 @@ def _print_kernel_summary(res) -> None:
 
     from .kernels import CATEGORIES
 
-    t = Table(title="kernel categories per layer; median TV of the decomposition and of kernel vs attention")
+    t = Table(title="kernel categories per layer (first position excluded); sink = heads with sink mass >= 0.5, "
+                    "then the median sink mass; median TV of the decomposition and of kernel vs attention")
     t.add_column("layer")
     short = {"sharp local decay": "local", "slow decay": "slow", "uniform": "uniform", "previous token": "prev",
              "current token": "self", "first-token sink": "sink", "other": "other"}
     for c in CATEGORIES:
         t.add_column(short[c], justify="right")
+    t.add_column("sink mass", justify="right")
     t.add_column("TV dec", justify="right")
     t.add_column("TV kern", justify="right")
     for l in sorted({r.layer for r in res.records}):
         recs = [r for r in res.records if r.layer == l]
         cnt = Counter(r.category for r in recs)
+        cnt["first-token sink"] = sum(r.sink_dominated for r in recs) or ""
+        sink = sorted(r.sink_mass for r in recs)[len(recs) // 2]
         tvd = sorted(r.tv_decomposition["median"] for r in recs)[len(recs) // 2]
         tvk = sorted(r.tv_kernel_vs_attention for r in recs)[len(recs) // 2]
-        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{tvd:.3f}", f"{tvk:.3f}")
+        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{sink:.2f}", f"{tvd:.3f}", f"{tvk:.3f}")
     Console().print(t)
     if res.provenance.get("windows_overlap"):
         typer.echo("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")

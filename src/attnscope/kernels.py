@@ -16,6 +16,11 @@ the content there.  attnscope estimates it three ways:
 * **mean attention** (every layer; method §5.2 b2): the average attention row, used as a cross-check on
   held-out samples (``tv_kernel_vs_attention``).
 
+**Sinks** (method §15): every head's attention on the first position (BOS, or the first token) is reported
+as its own property, ``sink_mass`` (median over held-out query positions of the true attention there) and
+``sink_mass_cv``; the category, ``N_eff``, decay and median offset come from the kernel over the remaining
+positions, renormalised, so a head reads ``"sink 0.70 + slow decay"`` (:meth:`HeadRecord.display`).
+
 Kernels are kept for a few query positions only (``[layers, heads, n_query, n_ctx]``), never as full
 ``n_ctx^2`` matrices; statistics stream over samples so memory does not grow with their number.
 """
@@ -51,14 +56,23 @@ from .categories import (  # noqa: F401  (re-exported: the categories and their 
     offset_profile,
     thresholds,
 )
-from .decomposition import approximate_pattern, centre, layer0_weight_kernels, reference_norm, tv_distance
+from .decomposition import (
+    approximate_pattern,
+    centre,
+    layer0_weight_kernels,
+    pair_weights_of_kernel,
+    pooled_static_keys,
+    reference_norm,
+    tv_distance,
+)
 from .errors import AttnscopeError, check_index
 from .cache import atomic_dir, cache_dir, read_or_drop
 from .forward import LayerActivations, apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
 from .models import ModelWeights
+from .sinks import SinkStats, sink_label, split_sink
 from .texts import load_windows
 
-SCHEMA_VERSION = 1  # of kernels.json / kernels.safetensors
+SCHEMA_VERSION = 2  # of kernels.json / kernels.safetensors (2: sink-aware categories, sink_mass fields)
 
 
 @dataclass
@@ -102,13 +116,13 @@ class HeadRecord:
 
     layer: int
     head: int
-    category: str
-    n_eff: float  # effective width 1/sum K^2 at the reference query position
+    category: str  # of the kernel without the first position (renormalised): never "first-token sink"
+    n_eff: float  # effective width 1/sum K^2 at the reference query position (first position excluded)
     n_eff_fraction: float  # n_eff / number of visible keys
     decay_length: float | None  # tau of the exponential fit K(d) ~ exp(-d / tau)
     decay_fit_r2: float | None  # weighted R^2 of that fit (log scale)
     median_offset: int  # offset below which half the kernel mass lies
-    mass_first: float  # K_n(0)
+    mass_first: float  # K_n(0) of the full data kernel
     mass_self: float  # K_n(n)
     mass_prev: float  # K_n(n-1)
     query_consistency: float  # mean TV between per-text query kernels and the mean-query kernel
@@ -118,9 +132,16 @@ class HeadRecord:
     tv_weights_vs_data: float | None = None  # layer 0, learned positions: weights kernel vs data kernel
     weights_query_consistency: float | None = None  # layer 0: TV of generic-token-query kernels to the mean one
     tv_rotary_offset_vs_data: float | None = None  # rotary: offset-only kernel vs the data kernel
+    sink_mass: float = 0.0  # median over held-out query positions n >= n_sink of the true attention on position 0
+    sink_mass_cv: float = 0.0  # its coefficient of variation over those positions (and texts)
+    sink_dominated: bool = False  # sink_mass >= SINK_MASS: the head's attention is mostly on the sink
 
     def label(self) -> str:
         return f"L{self.layer}H{self.head}"
+
+    def display(self) -> str:
+        """``"sink 0.70 + slow decay"``, or the category alone when the sink mass is small."""
+        return sink_label(self.sink_mass, self.category)
 
 
 @dataclass
@@ -151,7 +172,7 @@ class KernelResult:
             "query_positions": self.query_positions,
             "reference_norms": {str(k): v for k, v in self.ref_norms.items()},
             "thresholds": thresholds(),
-            "heads": [asdict(r) for r in self.records],
+            "heads": [{**asdict(r), "display": r.display()} for r in self.records],
         }
 
     def save(self, out: str | Path) -> Path:
@@ -174,7 +195,7 @@ class KernelResult:
             raise AttnscopeError(f"{out / 'kernels.json'} has schema version {version}, this attnscope reads "
                                  f"{SCHEMA_VERSION}; recompute the kernels (attnscope kernels ... --no-cache)")
         return cls(model=d["model"], settings=d["settings"], provenance=d["provenance"],
-                   query_positions=d["query_positions"], records=[HeadRecord(**h) for h in d["heads"]],
+                   query_positions=d["query_positions"], records=[HeadRecord(**{k: v for k, v in h.items() if k != "display"}) for h in d["heads"]],
                    arrays=load_file(str(out / "kernels.safetensors")),
                    ref_norms={int(k): v for k, v in d["reference_norms"].items()}, schema_version=version)
 
@@ -186,7 +207,7 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "v": 2}, sort_keys=True)
+                       "v": 4}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -219,6 +240,7 @@ class KernelValidation:
     tv_decomposition: list[Float[Tensor, "head _n"]]  # per layer, over held-out positions: TV(true, content+position)
     mean_attention: Float[Tensor, "layer head n_query ctx"]  # mean held-out attention rows
     query_consistency: Float[Tensor, "layer head"]  # mean TV of per-text query kernels to the data kernel
+    sink: list[Float[Tensor, "head _n"]] | None = None  # per layer: true attention on position 0 at n >= n_sink
 
 
 def _accumulate_means(w: ModelWeights, windows: Int[Tensor, "n ctx"], s: KernelSettings, li: dict[int, int], bar
@@ -281,19 +303,36 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
     L, H, T, qpos, f64 = len(li), w.n_heads, s.n_ctx, est.query_positions, torch.float64
     qp = torch.tensor(qpos, device=w.device)
     tvs: list[list[Tensor]] = [[] for _ in li]
+    sinks: list[list[Tensor]] = [[] for _ in li]
+    n_sink = qpos[0]  # sink statistics from the first kept query position on (early rows see few keys)
     sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
     cons = torch.zeros(L, H, dtype=f64, device=w.device)
+    pairs, statics = _rotary_split_inputs(w, est)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
-        approx = approximate_pattern(w, a.layer, a, est.static[j], est.ref_norms[a.layer])
+        approx = approximate_pattern(w, a.layer, a, statics[j], est.ref_norms[a.layer], pairs[j])
         tv = tv_distance(approx, a.pattern)  # [b, H, T]
         tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float().cpu())
+        sinks[j].append(a.pattern[:, :, n_sink:, 0].permute(1, 0, 2).reshape(H, -1).float().cpu())
         sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
         # query consistency: each text's own query at n with the static keys
         per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
         cons[j] += tv_distance(per_text, est.data_kernel[j][None]).mean(-1).sum(0).to(f64)
     n_held = max(1, windows.shape[0])
     return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1) for t in tvs],
-                            (sum_attn / n_held).to(w.dtype), cons / n_held)
+                            (sum_attn / n_held).to(w.dtype), cons / n_held,
+                            [torch.cat(t, 1) if t else torch.zeros(H, 1) for t in sinks])
+
+
+def _rotary_split_inputs(w: ModelWeights, est: KernelEstimate) -> tuple[list, list]:
+    """Per analysed layer: the separable rotary split's pair weights (from the data kernel at the reference
+    query, first position excluded; ``None`` for learned positions) and the static part (layer 0 of a rotary
+    model: one pooled key for every position after the BOS, positions being exchangeable there)."""
+    bos = w.analysis_bos is not None
+    if w.positional != "rotary":
+        return [None] * len(est.layers), [est.static[j] for j in range(len(est.layers))]
+    pairs = [pair_weights_of_kernel(w, est.data_kernel[j, :, -1], True) for j in range(len(est.layers))]
+    statics = [pooled_static_keys(est.static[j], bos) if l == 0 else est.static[j] for j, l in enumerate(est.layers)]
+    return pairs, statics
 
 
 def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], ref_norm: float, qpos: list[int]
@@ -340,12 +379,14 @@ def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, ar
     wk, rot = arrays.get("weights_kernel_layer0"), arrays.get("rotary_offset_kernel")
     for j, l in enumerate(est.layers):
         for h in range(w.n_heads):
-            row, tvd = dk[j, h, -1], val.tv_decomposition[j][h]
+            full, tvd = dk[j, h, -1], val.tv_decomposition[j][h]
+            row = split_sink(full)[1]  # the kernel proper: first position dropped, renormalised
             cat, m = categorise(row, nref, w.causal)
             tau, r2 = fit_decay(offset_profile(row, nref, w.causal))
+            sk = SinkStats.of(val.sink[j][h]) if val.sink is not None else SinkStats(0.0, 0.0, 0.0)
             records.append(HeadRecord(
                 layer=l, head=h, category=cat, n_eff=m["n_eff"], n_eff_fraction=m["n_eff_fraction"],
-                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=m["mass_first"],
+                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=float(full[0]),
                 mass_self=m["mass_self"], mass_prev=m["mass_prev"], query_consistency=float(val.query_consistency[j, h]),
                 equivariance=equivariance(dk[j, h], est.query_positions, w.causal),
                 tv_decomposition={"mean": float(tvd.mean()), "median": float(tvd.median()),
@@ -354,7 +395,8 @@ def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, ar
                 tv_weights_vs_data=_mean_tv(wk[h] if wk is not None and l == 0 else None, dk[j, h]),
                 weights_query_consistency=None if weights_consistency is None or l != 0
                 else float(weights_consistency[h]),
-                tv_rotary_offset_vs_data=_mean_tv(None if rot is None else rot[j, h], dk[j, h])))
+                tv_rotary_offset_vs_data=_mean_tv(None if rot is None else rot[j, h], dk[j, h]),
+                sink_mass=sk.median, sink_mass_cv=sk.cv, sink_dominated=sk.median >= SINK_MASS))
     return records
 
 
@@ -371,8 +413,8 @@ def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: 
                                                                        est.query_positions)
     if w.positional == "rotary":
         arrays["rotary_offset_kernel"] = rotary_offset_kernels(w, est)
-    # offset kernel at the reference query: kappa(d) = K_nref(nref - d)
-    nref, dk = est.query_positions[-1], est.data_kernel
+    # offset kernel at the reference query, first position excluded and renormalised: kappa(d) = K_nref(nref - d)
+    nref, dk = est.query_positions[-1], split_sink(est.data_kernel)[1]
     arrays["offset_kernel"] = torch.stack([torch.stack([offset_profile(dk[j, h, -1], nref, w.causal)
                                                         for h in range(w.n_heads)]) for j in range(len(est.layers))])
     return arrays, consistency
@@ -403,7 +445,9 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     arrays, weights_consistency = kernel_arrays(w, s, est, val, est_windows)
     records = head_records(w, est, val, arrays, weights_consistency)
     res = KernelResult(model=w.info(), settings=asdict(s), provenance={**prov, "n_estimation": s.n_samples,
-                       "n_heldout": s.n_heldout, "bos": bos, "norm_handling": "exact norm on content at the query "
+                       "n_heldout": s.n_heldout, "bos": bos, "prepend_bos": w.prepend_bos,
+                       "sink_handling": "first position split off: sink_mass beside the kernel of the other positions, "
+                       "renormalised", "norm_handling": "exact norm on content at the query "
                        "position; reference norm for positional displacements", "cache_key": key},
                        query_positions=est.query_positions, records=records, arrays=arrays, ref_norms=est.ref_norms)
     if cache:

@@ -75,6 +75,8 @@ def _from_gpt2(model, cfg) -> dict[str, Any]:
         ln_f_w=tr.ln_f.weight.detach(),
         ln_f_b=tr.ln_f.bias.detach(),
         attn_scale=scale,
+        bos_token_id=cfg.bos_token_id,
+        prepend_bos=False,  # load_model decides: hub GPT-2 follows TransformerLens (BOS), local models their training
     )
 
 
@@ -196,8 +198,11 @@ def _from_bert(model, cfg) -> dict[str, Any]:
 _EXTRACTORS = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert}
 
 
-def extract_weights(model, *, name: str = "", source: str = "", revision: str | None = None, tokenizer=None) -> ModelWeights:
-    """Build a :class:`ModelWeights` view of a loaded Hugging Face model (no copy where a view suffices)."""
+def extract_weights(model, *, name: str = "", source: str = "", revision: str | None = None, tokenizer=None,
+                    prepend_bos: bool | None = None) -> ModelWeights:
+    """Build a :class:`ModelWeights` view of a loaded Hugging Face model (no copy where a view suffices).
+
+    ``prepend_bos``: analyse texts with the BOS token in front (``None``: the adapter's default)."""
     cfg = model.config
     fn = _EXTRACTORS.get(cfg.model_type)
     if fn is None:
@@ -208,6 +213,10 @@ def extract_weights(model, *, name: str = "", source: str = "", revision: str | 
         fields = fn(model, cfg)
     if cfg.model_type == "bert" and tokenizer is not None:
         fields["bos_token_id"] = tokenizer.cls_token_id
+    if prepend_bos is not None:
+        if prepend_bos and fields.get("bos_token_id") is None:
+            raise UnsupportedModelError(f"{name or cfg.model_type} has no BOS token id; analyse it without BOS")
+        fields["prepend_bos"] = prepend_bos
     n_params = sum(p.numel() for p in model.parameters())
     return ModelWeights(name=name or getattr(cfg, "name_or_path", ""), source=source, revision=revision,
                         tokenizer=tokenizer, n_params=n_params, **fields)

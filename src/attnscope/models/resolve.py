@@ -259,16 +259,22 @@ def _weight_files(r: ResolvedModel) -> list[Path]:
 
 
 def load_model(spec: str, *, device: str = "cpu", dtype: torch.dtype | str = torch.float32,
-               revision: str | None = None, keep_hf: bool = False):
+               revision: str | None = None, keep_hf: bool = False, prepend_bos: bool | None = None):
     """Load a model by name or path and return its :class:`ModelWeights` (and the HF model if ``keep_hf``).
 
     ``spec``: ``demo``, a local folder, a ``.gguf`` file, an installed model package (``smollm2``,
     ``all-MiniLM-L6-v2``) or a Hugging Face hub id (``gpt2``, ``gpt2-medium``, ``distilgpt2``...).
+    ``prepend_bos``: whether texts get the BOS token in front; ``None`` follows the model's convention
+    (Llama and BERT: yes; GPT-2 from the hub: yes, as TransformerLens does; a local GPT-2 such as the demo,
+    trained without BOS: no).  The choice is recorded in ``ModelWeights.info()`` and every output.
     """
     dtype = parse_dtype(dtype)
     hf, tok, r = load_hf(spec, revision=revision, dtype=torch.float32)
     src = r.path if r.gguf_file is None else str(Path(r.path) / r.gguf_file)
-    w = extract_weights(hf, name=spec, source=f"{r.kind}:{src}", revision=revision, tokenizer=tok)
+    if prepend_bos is None and hf.config.model_type == "gpt2" and r.kind == "hub":
+        prepend_bos = True  # TransformerLens' default, which the paper used
+    w = extract_weights(hf, name=spec, source=f"{r.kind}:{src}", revision=revision, tokenizer=tok,
+                        prepend_bos=prepend_bos)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
         raise ModelNotFoundError("--device cuda was asked for but no CUDA device is available; use --device cpu")
     w.to(device=device, dtype=dtype)

@@ -70,7 +70,10 @@ def header_section(model_info: dict, command: str, provenance: dict, date: str, 
 HEAD_COLUMNS = [  # (key, header, tooltip, getter)
     ("layer", "layer", "layer index", lambda r: r.layer),
     ("head", "head", "head index", lambda r: r.head),
-    ("category", "category", "kernel category at the reference query position", lambda r: r.category),
+    ("category", "category", "kernel category at the reference query position, first position excluded",
+     lambda r: r.category),
+    ("sink_mass", "sink", "median held-out attention on the first position (BOS); the category describes the rest",
+     lambda r: getattr(r, "sink_mass", None)),
     ("n_eff", "N<sub>eff</sub>", "effective width 1 / Σ K²", lambda r: r.n_eff),
     ("decay_length", "decay τ", "τ of the fit K(d) ∝ exp(−d/τ)", lambda r: r.decay_length),
     ("decay_fit_r2", "fit R²", "weighted R² of the exponential fit (log scale)", lambda r: r.decay_fit_r2),
@@ -148,6 +151,8 @@ def kernel_section(res: KernelResult, figures: dict[str, Path], used: set[str]) 
         counts[r.category] = counts.get(r.category, 0) + 1
     chips = "".join(f'<li><span class="dot" style="background:{CAT_COLORS.get(c, "#999")}"></span>{_esc(c)}: '
                     f"<b>{n}</b></li>" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    n_sink = sum(getattr(r, "sink_dominated", False) for r in recs)
+    chips += f"<li title='sink mass >= 0.5; their category describes the kernel without the sink'>sink-dominated: <b>{n_sink}</b></li>"
     prov, settings = res.provenance, res.settings
     return f"""
 <section id="kernels">
