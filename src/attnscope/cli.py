@@ -20,6 +20,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import cli_args as A
+from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
+from .cli_args import out_option as _out
+from .cli_show import print_table
 from .circuit import CircuitSettings
 from .errors import AttnscopeError
 from .kernels import KernelSettings
@@ -36,25 +39,6 @@ app = typer.Typer(
 cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Show or clear the on-disk cache ($ATTNSCOPE_CACHE, default ~/.cache/attnscope).")
 app.add_typer(cache_app, name="cache")
-
-ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=A.MODEL_HELP, show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write the on-disk caches")]
-DecodeOpt = Annotated[str, typer.Option("--decode-errors", metavar="strict|replace",
-                                        help="undecodable bytes in text files: strict (an error naming the file and "
-                                             "byte) or replace (U+FFFD)")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="DEVICE",
-                                                  help="torch device: cpu, cuda, cuda:N or mps [default: cpu]")]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
-                                                 help="float32 (default), float64, float16 or bfloat16")]
-RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
-                                                    help="hub models only: branch, tag or commit of the weights")]
-
-
-def _out(default: str) -> Any:
-    return Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (created; see --help of the "
-                                        f"command for what is written) [default: {default}]", show_default=False)]
-
 
 @app.callback()
 def _global(ctx: typer.Context, device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
@@ -96,22 +80,12 @@ def _emit(obj, as_json: bool, human) -> None:
         human(obj)
 
 
-def _print_table(d: dict, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False)
-    for k, v in d.items():
-        t.add_row(str(k), str(v))
-    Console().print(t)
-
-
 @app.command()
 def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: DeviceOpt = None,
          dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     """Architecture, layers, heads, positional scheme, context length and parameter count."""
     w = _load(_runtime(ctx, device, dtype, revision), model)
-    _emit(w.info(), as_json, lambda d: _print_table(d, f"attnscope info {model}"))
+    _emit(w.info(), as_json, lambda d: print_table(d, f"attnscope info {model}"))
 
 
 @app.command(help="Recompute every head's attention and every MLP pre-activation from the weights and compare with "
@@ -132,11 +106,11 @@ def check(
         w, hf = _load(rt, model, keep_hf=True)
         src = text or f"bundled:{bundled_texts()[0]}"
         n = min(n_tokens, w.n_ctx)
-        ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.bos_token_id if w.prepend_bos else None)
+        ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.analysis_bos)
         d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
     out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
            "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
-    _emit(out, as_json, lambda o: _print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
+    _emit(out, as_json, lambda o: print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
 
 
 _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
@@ -179,15 +153,14 @@ def _print_kernel_summary(res) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .kernels import CATEGORIES
+    from .categories import CATEGORIES, CATEGORY_SHORT
+    from .cli_show import median_or_not_run
 
     t = Table(title="kernel categories per layer (first position excluded); sink = heads with sink mass >= 0.5, "
                     "then the median sink mass; median TV of the decomposition and of kernel vs attention")
     t.add_column("layer")
-    short = {"sharp local decay": "local", "slow decay": "slow", "uniform": "uniform", "previous token": "prev",
-             "current token": "self", "first-token sink": "sink", "other": "other"}
     for c in CATEGORIES:
-        t.add_column(short[c], justify="right")
+        t.add_column(CATEGORY_SHORT[c], justify="right")
     t.add_column("sink mass", justify="right")
     t.add_column("TV dec", justify="right")
     t.add_column("TV kern", justify="right")
@@ -195,18 +168,21 @@ def _print_kernel_summary(res) -> None:
         recs = [r for r in res.records if r.layer == l]
         cnt = Counter(r.category for r in recs)
         cnt["first-token sink"] = sum(r.sink_dominated for r in recs) or ""
-        sink = sorted(r.sink_mass for r in recs)[len(recs) // 2]
-        tvd = sorted(r.tv_decomposition["median"] for r in recs)[len(recs) // 2]
-        tvk = sorted(r.tv_kernel_vs_attention for r in recs)[len(recs) // 2]
-        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{sink:.2f}", f"{tvd:.3f}", f"{tvk:.3f}")
+        sink = median_or_not_run([r.sink_mass for r in recs])
+        tvd = median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
+        tvk = median_or_not_run([r.tv_kernel_vs_attention for r in recs])
+        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], sink, tvd, tvk)
     Console().print(t)
+    if res.records and res.records[0].tv_kernel_vs_attention is None:
+        typer.echo("note: no held-out windows (n_heldout=0): the decomposition and kernel-vs-attention checks were not run")
     if res.provenance.get("windows_overlap"):
         typer.echo("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
 
 
 @app.command(help="Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP, "
              "found from the weights and one calibration text, explained and verified on held-out texts."
-             f"\n\nWrites OUT/neurons.json, OUT/traces.json and figures.\n\n{_TEXTS}")
+             "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
+             f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
 @A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
@@ -231,32 +207,11 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
-    _print_neuron_summary(res)
-    typer.echo(f"wrote {out / 'neurons.json'} and {len(figs)} figures in {out}")
+    from .cli_show import print_neuron_summary
 
-
-def _print_neuron_summary(res) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    s = res.summary()
-    con = Console()
-    con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons found; "
-              f"{s['n_verified']} verified: median r = {s['median_r'] or float('nan'):.3f}, "
-              f"median FVU = {s['median_fvu'] or float('nan'):.3f}; circuit FVU = {res.fidelity['fvu']:.3f}")
-    t = Table(title="conditions")
-    for c in ("condition", "measured", "threshold", "ok"):
-        t.add_column(c)
-    for c in res.circuit["conditions"]:
-        t.add_row(c["name"], f"{c['measured']:.3f}", f"{c['threshold']:g}", "yes" if c["ok"] else "NO")
-    con.print(t)
-    t = Table(title="top neurons")
-    for c in ("neuron", "effect", "r", "FVU", "label", "top tokens", "fired on cal."):
-        t.add_column(c)
-    for r in res.records[:15]:
-        t.add_row(str(r.index), f"{r.effect:.1f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
-                  " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
-    con.print(t)
+    print_neuron_summary(res)
+    typer.echo(f"wrote {out / 'neurons.json'}, {out / 'neurons.csv'} (one row per neuron), "
+               f"{out / 'traces.json'} and {len(figs)} figures in {out}")
 
 
 def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
@@ -316,7 +271,7 @@ def probe(
         w = _load(rt, model)
         check_index("layer", layer, w.n_layers)
         r = context_probe(w, layer=layer, texts=text or None, n_ctx=n_ctx)
-    _emit(r.to_json(), as_json, lambda d: _print_table(
+    _emit(r.to_json(), as_json, lambda d: print_table(
         {**{f"recall {k}": f"{v:.3f}" for k, v in d["recall"].items()}, "test accuracy": f"{d['test_accuracy']:.3f}",
          "chance": f"{d['chance']:.3f}", f"separated (recall >= {d['recall_min']})": ", ".join(d["separated"])},
         f"linear probe on layer-{layer} MLP activations"))
@@ -361,7 +316,7 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
     from .cache import cache_info
 
     d = cache_info()
-    _emit(d, as_json, lambda d: _print_table(
+    _emit(d, as_json, lambda d: print_table(
         {"path ($ATTNSCOPE_CACHE)": d["path"], **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB"
                                                    for k, v in d["kinds"].items()},
          "total": f"{d['total_bytes'] / 1e6:.1f} MB"}, "attnscope cache"))
@@ -419,32 +374,11 @@ def contrast(
     if as_json:
         typer.echo(json.dumps(res.to_json(), default=str))
         return
-    _print_contrast(res, top)
+    from .cli_show import print_contrast
+
+    print_contrast(res, top)
     if out is not None:
         typer.echo(f"wrote {out / 'contrast.json'}")
-
-
-def _print_contrast(res, top: int) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    con = Console()
-    for sign, name in ((1, res.a), (-1, res.b)):
-        t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / calibration std)")
-        for col in ("neuron", "predicted d", "true d", "bag / direct / other heads", "token evidence"):
-            t.add_column(col)
-        for r in res.top(top, sign):
-            ev = r.evidence_a if sign > 0 else r.evidence_b
-            t.add_row(str(r.index), f"{r.predicted_d:+.2f}", "" if r.true_d is None else f"{r.true_d:+.2f}",
-                      " / ".join(f"{r.parts[k]:+.2f}" for k in ("contextual bag", "direct", "other heads")),
-                      " ".join(repr(tok)[1:-1] for tok, _ in ev[:6]))
-        con.print(t)
-    if res.verification:
-        v = res.verification
-        con.print(f"verified on {v.n_positions_a} + {v.n_positions_b} positions: Spearman {v.scores['spearman']:.3f} "
-                  f"(token-shuffled null {v.null_scores['spearman']:.3f}); precision@10/20/50 "
-                  + "/".join(f"{x:.2f}" for x in v.scores["precision"].values()) + "; recall@10/20/50 "
-                  + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
 
 
 @app.command(help="A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation "

@@ -34,6 +34,27 @@ TEXT_SOURCES = (
 MODEL_HELP = ("demo (bundled), a model folder (config.json + weights), a .gguf file, an installed model package "
               "(smollm2, all-MiniLM-L6-v2) or a Hugging Face hub id (gpt2, distilgpt2; online or in the HF cache)")
 
+#: the options every command shares (global ones may also come before the subcommand)
+ModelArg = Annotated[str, typer.Argument(metavar="MODEL", help=MODEL_HELP, show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
+NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="neither read nor write the on-disk caches")]
+DecodeOpt = Annotated[str, typer.Option("--decode-errors", metavar="strict|replace",
+                                        help="undecodable bytes in text files: strict (an error naming the file and "
+                                             "byte) or replace (U+FFFD)")]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="DEVICE",
+                                                  help="torch device: cpu, cuda, cuda:N or mps [default: cpu]")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
+                                                 help="float32 (default), float64, float16 or bfloat16")]
+RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
+                                                    help="hub models only: branch, tag or commit of the weights")]
+
+
+def out_option(default: str) -> Any:
+    """``--out DIR`` with the command's default shown in the help."""
+    return Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (created; see --help of the "
+                                        f"command for what is written) [default: {default}]", show_default=False)]
+
+
 #: field -> (metavar, help).  Defaults are shown from the dataclass.
 HELP: dict[str, tuple[str, str]] = {
     "samples": ("TEXT", "text source the kernels are estimated on (see TEXT sources)"),

@@ -125,15 +125,16 @@ class HeadRecord:
     mass_first: float  # K_n(0) of the full data kernel
     mass_self: float  # K_n(n)
     mass_prev: float  # K_n(n-1)
-    query_consistency: float  # mean TV between per-text query kernels and the mean-query kernel
+    query_consistency: float | None  # mean TV between per-text query kernels and the mean-query kernel
     equivariance: float  # max TV between K_n(n - d) at different n (renormalised on common offsets)
-    tv_decomposition: dict[str, float]  # TV(true, content+position pattern): mean, median, p90
-    tv_kernel_vs_attention: float  # TV between kernel and mean held-out attention (mean over query positions)
+    tv_decomposition: dict[str, float] | None  # TV(true, content+position pattern): mean, median, p90
+    tv_kernel_vs_attention: float | None  # TV between kernel and mean held-out attention (mean over query positions)
+    # these three are None when no held-out window was analysed (n_heldout=0): the validation was not run
     tv_weights_vs_data: float | None = None  # layer 0, learned positions: weights kernel vs data kernel
     weights_query_consistency: float | None = None  # layer 0: TV of generic-token-query kernels to the mean one
     tv_rotary_offset_vs_data: float | None = None  # rotary: offset-only kernel vs the data kernel
-    sink_mass: float = 0.0  # median over held-out query positions n >= n_sink of the true attention on position 0
-    sink_mass_cv: float = 0.0  # its coefficient of variation over those positions (and texts)
+    sink_mass: float | None = 0.0  # None when not measured (n_heldout=0); median over held-out query positions n >= n_sink of the true attention on position 0
+    sink_mass_cv: float | None = 0.0  # its coefficient of variation over those positions (and texts)
     sink_dominated: bool = False  # sink_mass >= SINK_MASS: the head's attention is mostly on the sink
 
     def label(self) -> str:
@@ -241,6 +242,7 @@ class KernelValidation:
     mean_attention: Float[Tensor, "layer head n_query ctx"]  # mean held-out attention rows
     query_consistency: Float[Tensor, "layer head"]  # mean TV of per-text query kernels to the data kernel
     sink: list[Float[Tensor, "head _n"]] | None = None  # per layer: true attention on position 0 at n >= n_sink
+    n_windows: int = 0  # held-out windows analysed; 0: the validations were not run
 
 
 def _accumulate_means(w: ModelWeights, windows: Int[Tensor, "n ctx"], s: KernelSettings, li: dict[int, int], bar
@@ -320,7 +322,7 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
     n_held = max(1, windows.shape[0])
     return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1) for t in tvs],
                             (sum_attn / n_held).to(w.dtype), cons / n_held,
-                            [torch.cat(t, 1) if t else torch.zeros(H, 1) for t in sinks])
+                            [torch.cat(t, 1) if t else torch.zeros(H, 1) for t in sinks], windows.shape[0])
 
 
 def _rotary_split_inputs(w: ModelWeights, est: KernelEstimate) -> tuple[list, list]:
@@ -397,6 +399,10 @@ def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, ar
                 else float(weights_consistency[h]),
                 tv_rotary_offset_vs_data=_mean_tv(None if rot is None else rot[j, h], dk[j, h]),
                 sink_mass=sk.median, sink_mass_cv=sk.cv, sink_dominated=sk.median >= SINK_MASS))
+    if val.n_windows == 0:  # no held-out text: not run, rather than a 0.0 that reads as perfect
+        for r in records:
+            r.query_consistency = r.tv_decomposition = r.tv_kernel_vs_attention = None
+            r.sink_mass = r.sink_mass_cv = None
     return records
 
 
@@ -407,6 +413,8 @@ def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: 
     qp = torch.tensor(est.query_positions, device=w.device)
     arrays: dict[str, Tensor] = {"data_kernel": est.data_kernel, "mean_attention": val.mean_attention,
                                  "query_positions": qp, "layers": torch.tensor(est.layers)}
+    if val.n_windows == 0:  # no held-out attention to average
+        del arrays["mean_attention"]
     consistency = None
     if 0 in est.layers and w.positional == "learned":
         arrays["weights_kernel_layer0"], consistency = weights_kernels(w, s, windows, est.ref_norms[0],

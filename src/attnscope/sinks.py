@@ -47,9 +47,10 @@ class SinkStats:
         return cls(median=float(s.median()), mean=mean, cv=float(s.std() / s.mean()) if mean > 0 else 0.0)
 
 
-def sink_label(sink_mass: float, category: str) -> str:
-    """Display label of a head: ``"sink 0.70 + slow decay"`` (or just the category for a small sink)."""
-    return f"sink {sink_mass:.2f} + {category}" if sink_mass >= SINK_SHOW else category
+def sink_label(sink_mass: float | None, category: str) -> str:
+    """Display label of a head: ``"sink 0.70 + slow decay"`` (or just the category for a small or unmeasured
+    sink: ``None`` when no held-out window was analysed)."""
+    return f"sink {sink_mass:.2f} + {category}" if sink_mass is not None and sink_mass >= SINK_SHOW else category
 
 
 def sink_masses(pattern: Tensor, n_min: int = 1) -> Tensor:

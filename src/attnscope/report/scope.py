@@ -32,21 +32,32 @@ SCOPE_GROUPS: dict[str, tuple[str, str]] = {
 Add = Callable[[str, str, str, "bool | None"], None]
 
 
+def _held_out_rows(recs: list, add: Add) -> None:
+    """The three checks on held-out windows, or "not run" when the analysis had none (``n_heldout=0``)."""
+    rows = [("split", "TV(true attention, content + position pattern) is small on held-out text "
+                      "(the method reports ≈ 0.05 on GPT-2 Small)"),
+            ("static", "the kernel matches the mean held-out attention (independence of content and position)"),
+            ("static", "the kernel is consistent across query vectors (texts)")]
+    if recs[0].tv_decomposition is None:
+        for group, claim in rows:
+            add(group, claim, "not run: no held-out windows (n_heldout=0)", None)
+        return
+    tvm = [r.tv_decomposition.get("median") for r in recs]
+    w, wh = _worst(recs, lambda r: r.tv_decomposition.get("p90"))
+    add(*rows[0], f"median over heads of the median TV {_fmt(_median(tvm))}; worst 90th percentile {_fmt(w)} ({wh})",
+        None)
+    w, wh = _worst(recs, lambda r: r.tv_kernel_vs_attention)
+    add(*rows[1], f"TV median {_fmt(_median([r.tv_kernel_vs_attention for r in recs]))}, worst {_fmt(w)} ({wh})",
+        None)
+    w, wh = _worst(recs, lambda r: r.query_consistency)
+    add(*rows[2], f"TV median {_fmt(_median([r.query_consistency for r in recs]))}, worst {_fmt(w)} ({wh})", None)
+
+
 def _kernel_rows(res: KernelResult, add: Add) -> None:
     recs = res.records
     if not recs:
         return
-    tvm = [r.tv_decomposition.get("median") for r in recs]
-    w, wh = _worst(recs, lambda r: r.tv_decomposition.get("p90"))
-    add("split", "TV(true attention, content + position pattern) is small on held-out text "
-                 "(the method reports ≈ 0.05 on GPT-2 Small)",
-        f"median over heads of the median TV {_fmt(_median(tvm))}; worst 90th percentile {_fmt(w)} ({wh})", None)
-    w, wh = _worst(recs, lambda r: r.tv_kernel_vs_attention)
-    add("static", "the kernel matches the mean held-out attention (independence of content and position)",
-        f"TV median {_fmt(_median([r.tv_kernel_vs_attention for r in recs]))}, worst {_fmt(w)} ({wh})", None)
-    w, wh = _worst(recs, lambda r: r.query_consistency)
-    add("static", "the kernel is consistent across query vectors (texts)",
-        f"TV median {_fmt(_median([r.query_consistency for r in recs]))}, worst {_fmt(w)} ({wh})", None)
+    _held_out_rows(recs, add)
     w, wh = _worst(recs, lambda r: r.equivariance)
     add("static", "translation equivariance: K<sub>n</sub>(n − d) depends on the offset d only",
         f"TV median {_fmt(_median([r.equivariance for r in recs]))}, worst {_fmt(w)} ({wh})", None)

@@ -81,8 +81,8 @@ HEAD_COLUMNS = [  # (key, header, tooltip, getter)
      lambda r: r.query_consistency),
     ("equivariance", "equivar.", "max TV between K_n(n − d) at different n", lambda r: r.equivariance),
     ("tv_median", "TV split med.", "median TV(true attention, content + position pattern)",
-     lambda r: r.tv_decomposition.get("median")),
-    ("tv_p90", "TV split p90", "90th percentile of the same TV", lambda r: r.tv_decomposition.get("p90")),
+     lambda r: (r.tv_decomposition or {}).get("median")),
+    ("tv_p90", "TV split p90", "90th percentile of the same TV", lambda r: (r.tv_decomposition or {}).get("p90")),
     ("tv_kernel_vs_attention", "TV kernel/attn", "TV between the kernel and the mean held-out attention",
      lambda r: r.tv_kernel_vs_attention),
 ]
