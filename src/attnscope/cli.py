@@ -442,6 +442,20 @@ def contrast(
         typer.echo(f"wrote {out / 'contrast.json'}")
 
 
+@app.command(help="A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation "
+             "per token, the evidence, and whether the input is inside the explanation's scope). Ctrl+C stops it.")
+def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path], typer.Option(
+              metavar="DIR", show_default=False, help="saved analysis: the output folder of `report` or `neurons` "
+              "[default: compute the circuit and neurons at start-up]")] = None,
+          port: Annotated[int, typer.Option(metavar="PORT", help="TCP port")] = 8000,
+          host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it to expose the page "
+                                            "beyond this machine")] = "127.0.0.1",
+          device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
+    from .serve import serve_command
+
+    serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo)
+
+
 def main() -> None:
     """Console entry point: see the module docstring for the error path."""
     from typer._click import exceptions as click_exc
