@@ -2,13 +2,13 @@
 
 Usage: python scripts/make_bundled_texts.py [/work/shared/corpora]
 Each excerpt is the first ~24 kB (cut at a line end) of the corpus file's held-out split, as defined by
-attnscope.train.split_corpus, so bundled texts can be used for calibration and evaluation of the demo model.
+attnscope.training.split_corpus, so bundled texts can be used for calibration and evaluation of the demo model.
 """
 
 import sys
 from pathlib import Path
 
-from attnscope.train import split_corpus
+from attnscope.training import split_corpus
 
 SIZE = 24_000
 src = Path(sys.argv[1] if len(sys.argv) > 1 else "/work/shared/corpora")

@@ -1,5 +1,8 @@
 """Print a markdown table of kernel categories per layer and median TVs from a kernels.json.
 
+Schema 2 (sink-aware): the categories describe the kernel without the first position; the "sink" column counts
+the sink-dominated heads (held-out sink mass >= 0.5), which also appear in their kernel category.
+
 Usage: python scripts/summarise_kernels.py OUT/kernels.json
 """
 
@@ -20,10 +23,12 @@ allv, allk = [], []
 for l in sorted({h["layer"] for h in d["heads"]}):
     hs = [h for h in d["heads"] if h["layer"] == l]
     c = Counter(h["category"] for h in hs)
+    c["first-token sink"] = sum(h.get("sink_dominated", False) for h in hs) or ""  # schema 2: sink beside the category
     tv = st.median(h["tv_decomposition"]["median"] for h in hs)
     tk = st.median(h["tv_kernel_vs_attention"] for h in hs)
     allv += [h["tv_decomposition"]["median"] for h in hs]
     allk += [h["tv_kernel_vs_attention"] for h in hs]
     print(f"| {l} | " + " | ".join(str(c.get(k, "")) for k in CATEGORIES) + f" | {tv:.3f} | {tk:.3f} |")
 tot = Counter(h["category"] for h in d["heads"])
-print(f"| all | " + " | ".join(str(tot.get(k, "")) for k in CATEGORIES) + f" | {st.median(allv):.3f} | {st.median(allk):.3f} |")
+tot["first-token sink"] = sum(h.get("sink_dominated", False) for h in d["heads"]) or ""
+print("| all | " + " | ".join(str(tot.get(k, "")) for k in CATEGORIES) + f" | {st.median(allv):.3f} | {st.median(allk):.3f} |")

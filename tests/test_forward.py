@@ -109,3 +109,16 @@ def test_shared_mask_scores_and_static_positions(tiny_gpt2):
     assert torch.allclose(qk_scores(q, k[0]), q @ k[0].transpose(-1, -2), atol=1e-6)
     assert torch.allclose(static_positions(w, 7), w.W_pos[:7], atol=1e-6)
     assert w.analysis_bos == (w.bos_token_id if w.prepend_bos else None)
+
+
+def test_shapes_are_checked_at_run_time():
+    """The jaxtyping annotations are enforced in the test suite (pyproject: --jaxtyping-packages): torch would
+    broadcast a single-position cos/sin over every position; the shape check refuses it."""
+    from jaxtyping import TypeCheckError
+
+    from attnscope.forward import apply_rotary
+
+    x, cos = torch.randn(2, 5, 8), torch.ones(1, 8)
+    assert apply_rotary(x, cos.expand(5, 8), 0 * cos.expand(5, 8)).shape == x.shape
+    with pytest.raises(TypeCheckError):
+        apply_rotary(x, cos, 0 * cos)

@@ -56,8 +56,14 @@ def test_exponential_head(hand):
 def test_uniform_head(hand):
     _, r = hand
     h2 = r.record(0, 2)
-    assert h2.category == "uniform" and abs(h2.n_eff - HAND_NCTX) < 0.5
+    # the first position is the sink and is split off: the kernel proper is uniform over the other n_ctx - 1
+    assert h2.category == "uniform" and abs(h2.n_eff - (HAND_NCTX - 1)) < 0.5
     assert h2.decay_length is None
+    # the sink mass beside it is the true attention on position 0, 1 / (n + 1) at query n: median over the held-out
+    # query positions n = 8..63 (from the first kept query position on) is (1/36 + 1/37) / 2
+    n = torch.arange(r.query_positions[0], HAND_NCTX, dtype=torch.float64)
+    assert abs(h2.sink_mass - float((1 / (n + 1)).median())) < 1e-3 and abs(h2.sink_mass - (1 / 36 + 1 / 37) / 2) < 2e-3
+    assert h2.display() == "uniform" and not h2.sink_dominated  # a sink below 0.05 is left out of the label
 
 
 def test_categorise_and_fit_units():

@@ -99,7 +99,7 @@ def test_tokens_escaped_and_whitespace_visible(results, tmp_path):
     evil = dataclasses.replace(rec, top_positive_tokens=[("<script>alert(1)</script>", 9.5), (" the", 1.0),
                                                          ("\n", 0.5)] + list(rec.top_positive_tokens),
                                label='"><img src=x onerror=alert(2)>')
-    n2 = dataclasses.replace(n, records=[evil] + n.records[1:])
+    n2 = dataclasses.replace(n, cards=[evil] + n.cards[1:])
     text = write_report(tmp_path, model_info=w.info(), neurons=n2).read_text(encoding="utf-8")
     assert "<script>alert(1)</script>" not in text and "alert(1)" in text
     assert "&lt;script&gt;alert(1)&lt;/script&gt;" in text

@@ -66,3 +66,67 @@ def test_hf_dataset_offline_is_one_line(monkeypatch):
     with pytest.raises(AttnscopeError) as e:
         open_source("hf:no-such-user/no-such-dataset")
     assert "\n" not in str(e.value) and ("datasets" in str(e.value) or "offline" in str(e.value))
+
+
+# --- input hygiene (issue 13) ----------------------------------------------------------------------
+def test_strict_utf8_names_file_and_byte(tmp_path):
+    from attnscope.texts import decoding
+
+    p = tmp_path / "latin1.txt"
+    p.write_bytes("na\xefve caf\xe9".encode("latin-1"))
+    with pytest.raises(AttnscopeError, match=r"latin1.txt is not valid UTF-8 \(byte 2: .*--decode-errors replace"):
+        open_source(p)
+    with decoding("replace"):
+        assert open_source(p).documents[0][1] == "na\ufffdve caf\ufffd"
+    with pytest.raises(AttnscopeError):  # the relaxed decoding ends with its block
+        open_source(p)
+
+
+def test_binary_files(tmp_path, caplog):
+    d = tmp_path / "folder"
+    d.mkdir()
+    (d / "good.txt").write_text("Call me Ishmael. " * 50)
+    (d / "image.txt").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00" + bytes(range(256)))
+    src = open_source(d)
+    assert [n for n, _ in src.documents] == ["good.txt"]
+    assert "skipped 1 binary file(s)" in caplog.text and "image.txt" in caplog.text
+    with pytest.raises(AttnscopeError, match="image.txt is a binary file"):
+        open_source(d / "image.txt")
+
+
+@pytest.mark.parametrize("line,words", [
+    ('{"text": null}', "not a string"), ('{"text": 3}', "not a string"), ('{"text": ["a"]}', "not a string"),
+    ('["text"]', "is a JSON list, not an object"), ('"text"', "is a JSON str, not an object"),
+    ('{"body": "x"}', "has no 'text' field"), ('{"text": "a"', "is not valid JSON"),
+])
+def test_jsonl_rejects_non_text(tmp_path, line, words):
+    p = tmp_path / "x.jsonl"
+    p.write_text('{"text": "fine"}\n' + line + "\n")
+    with pytest.raises(AttnscopeError, match=rf"x.jsonl:2 .*{words}"):
+        open_source(p)
+
+
+def test_bundled_all_and_names(tiny_gpt2):
+    w, _ = tiny_gpt2
+    names = bundled_texts()
+    from attnscope.texts import bundled_dir
+
+    # bundled: is the bundled folder, the same documents as `kernels --samples bundled:` reads
+    assert open_source("bundled:").sha256 == open_source(bundled_dir()).sha256
+    assert {f"{n}.txt" for n in names} <= {n for n, _ in open_source("bundled:").documents}
+    assert open_source("bundled:en_moby_dick.txt").sha256 == open_source("bundled:en_moby_dick").sha256
+    assert len(text_tokens("bundled:", w.tokenizer, max_tokens=50)) == 50  # --calibration / --text accept it
+
+
+def test_unreadable_input_is_one_line(tmp_path, monkeypatch):
+    import attnscope.texts as T
+
+    p = tmp_path / "locked.txt"
+    p.write_text("x")
+
+    def denied(path):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(T, "is_binary", denied)  # chmod 000 does not stop root, who runs these tests here
+    with pytest.raises(AttnscopeError, match="cannot read .*locked.txt \\(permission denied\\)"):
+        open_source(p)

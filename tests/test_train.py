@@ -1,4 +1,4 @@
-"""Fast tests for attnscope.train (split, tokenizer encoding, a tiny end-to-end training run)."""
+"""Fast tests for attnscope.training (split, tokenizer encoding, a tiny end-to-end training run, checkpoints)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-import attnscope.train as T
+import attnscope.training as T
+from attnscope.training import corpora as C
+from attnscope.training import TrainConfig
 
 CORPORA = Path("/work/shared/corpora")
 
@@ -64,7 +66,7 @@ def test_encode_text_matches_plain_encode():
         ["  indented  line\n", "x = f(a, b)  \n\n", "word word\n", "\ttab\n", "Ünïcödé  text\n"] * 3000
     )
     a = T.encode_text(tok, s)
-    assert len(T._safe_chunks(s)) > 1
+    assert len(C._safe_chunks(s)) > 1
     assert np.array_equal(a, np.asarray(tok.encode(s, add_special_tokens=False).ids))
     assert tok.decode(a.tolist()) == s
 
@@ -79,6 +81,11 @@ def test_eval_windows():
     assert T.eval_windows(ids[:1], 32, 5) == []
 
 
+def _tiny(src, out, **kw) -> TrainConfig:
+    return TrainConfig(corpora=src, out=out, seed=0, steps=30, vocab_size=300, n_layer=1, n_embd=32, n_head=2,
+                       n_ctx=32, batch_size=8, lr=1e-2, progress=False, eval_max_windows=8, **kw)
+
+
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     src = tmp_path_factory.mktemp("corpora")
@@ -90,10 +97,7 @@ def tiny_run(tmp_path_factory):
         (src / "en.txt").write_text(_text(600), encoding="utf-8")
         (src / "code.txt").write_text("def f(x):\n    return x * 2\n" * 500, encoding="utf-8")
     out = tmp_path_factory.mktemp("demo")
-    info = T.train_demo(
-        src, out, seed=0, steps=30, vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_ctx=32,
-        batch_size=8, lr=1e-2, progress=False, eval_max_windows=8,
-    )
+    info = T.train_demo(_tiny(src, out))
     return src, out, info
 
 
@@ -133,9 +137,46 @@ def test_tiny_training_run_saves_loadable_model(tiny_run):
 
 def test_tiny_training_is_deterministic(tiny_run, tmp_path):
     src, _, info = tiny_run
-    again = T.train_demo(
-        src, tmp_path, seed=0, steps=30, vocab_size=300, n_layer=1, n_embd=32, n_head=2, n_ctx=32,
-        batch_size=8, lr=1e-2, progress=False, eval_max_windows=8,
-    )
+    again = T.train_demo(_tiny(src, tmp_path))
     assert [c["loss"] for c in again["loss_curve"]] == [c["loss"] for c in info["loss_curve"]]
     assert again["eval"]["overall"]["loss"] == info["eval"]["overall"]["loss"]
+
+
+def test_checkpoints_are_hf_folders_on_the_same_trajectory(tiny_run, tmp_path):
+    """--save-every keeps step-0/10/20/30 folders; saving them does not change the run (same final weights
+    and loss curve as the run without checkpoints), and each records step, tokens seen and held-out loss."""
+    from safetensors.torch import load_file
+
+    src, out, info = tiny_run
+    ck = T.train_demo(_tiny(src, tmp_path, save_every=10, threads=1))
+    assert [c["loss"] for c in ck["loss_curve"]] == [c["loss"] for c in info["loss_curve"]]
+    assert [c["step"] for c in ck["checkpoints"]] == [0, 10, 20, 30]
+    folders = sorted(p.name for p in tmp_path.glob("step-*"))
+    assert folders == ["step-000000", "step-000010", "step-000020", "step-000030"]
+    final = load_file(out / "model.safetensors")
+    last = load_file(tmp_path / "step-000030" / "model.safetensors")
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    first = load_file(tmp_path / "step-000000" / "model.safetensors")
+    assert not torch.equal(first["transformer.wpe.weight"], last["transformer.wpe.weight"])
+    losses = []
+    for c in ck["checkpoints"]:
+        rec = json.loads((tmp_path / c["path"] / "training.json").read_text())
+        assert rec["step"] == c["step"] and rec["tokens_seen"] == c["step"] * 8 * 32
+        assert rec["heldout_loss"] == pytest.approx(c["heldout_loss"])
+        assert all(len(v["sha256"]) == 64 for v in rec["corpora"].values())
+        losses.append(rec["heldout_loss"])
+    assert losses[-1] < losses[0] - 0.3  # the series learns
+    assert torch.get_num_threads() == info["config"]["training"]["torch_threads"]  # restored after threads=1
+
+
+@pytest.mark.parametrize("kw, msg", [
+    ({"save_every": 10}, "--save-every needs --steps"),
+    ({"steps": 0}, "--steps must be at least 1"),
+    ({"amp": "fp8"}, "amp must be"),
+])
+def test_config_rejects_bad_values(tmp_path, kw, msg):
+    from attnscope.errors import AttnscopeError
+
+    base = {"corpora": tmp_path, "out": tmp_path / "o"}
+    with pytest.raises(AttnscopeError, match=msg):
+        TrainConfig(**{**base, **kw})

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from .decomposition import tv_distance
@@ -52,18 +53,18 @@ CAT_COLORS = {c.name: c.colour for c in CATEGORY_TABLE}
 CATEGORY_SHORT = {c.name: c.short for c in CATEGORY_TABLE}
 
 
-def thresholds() -> dict[str, float]:
+def thresholds() -> dict[str, float | int]:
     return {"sink_mass": SINK_MASS, "self_mass": SELF_MASS, "prev_mass": PREV_MASS, "local_n_eff": LOCAL_NEFF,
             "local_median_offset": LOCAL_MEDIAN, "uniform_n_eff_fraction": UNIFORM_FRAC,
             "slow_median_offset_fraction": SLOW_MEDIAN_FRAC}
 
 
-def n_eff(k: Tensor) -> Tensor:
+def n_eff(k: Float[Tensor, "*batch n"]) -> Float[Tensor, "*batch"]:
     """Collision (Renyi-2) effective width ``1 / sum K^2`` along the last axis."""
     return 1.0 / (k.double() ** 2).sum(-1)
 
 
-def offset_profile(row: Tensor, n: int, causal: bool) -> Tensor:
+def offset_profile(row: Float[Tensor, " n_ctx"], n: int, causal: bool) -> Float[Tensor, " n_offsets"]:
     """Kernel mass by distance ``|i - n|`` from the query (``[max distance + 1]``)."""
     T = row.shape[-1]
     dist = (torch.arange(T, device=row.device) - n).abs()
@@ -74,7 +75,7 @@ def offset_profile(row: Tensor, n: int, causal: bool) -> Tensor:
     return out.index_add_(0, dist, row)
 
 
-def fit_decay(profile: Tensor, mass: float = 0.95) -> tuple[float | None, float | None]:
+def fit_decay(profile: Float[Tensor, " n_offsets"], mass: float = 0.95) -> tuple[float | None, float | None]:
     """Exponential fit ``K(d) ~ A exp(-d / tau)`` over ``1 <= d <= d_mass`` (weighted least squares of
     log K, weights K).  Returns ``(tau, weighted R^2)``; ``(None, None)`` with fewer than 4 points."""
     p = profile.double().cpu().numpy()
@@ -97,7 +98,7 @@ def fit_decay(profile: Tensor, mass: float = 0.95) -> tuple[float | None, float 
     return tau, r2
 
 
-def categorise(row: Tensor, n: int, causal: bool) -> tuple[str, dict[str, float]]:
+def categorise(row: Float[Tensor, " n_ctx"], n: int, causal: bool) -> tuple[str, dict[str, float | int]]:
     """Category of a kernel row ``K_n`` (thresholds above), with the measured quantities."""
     row = row.double()
     visible = n + 1 if causal else row.shape[-1]
@@ -123,7 +124,7 @@ def categorise(row: Tensor, n: int, causal: bool) -> tuple[str, dict[str, float]
     return cat, m
 
 
-def equivariance(rows: Tensor, qpos: list[int], causal: bool) -> float:
+def equivariance(rows: Float[Tensor, "n_query n_ctx"], qpos: list[int], causal: bool) -> float:
     """Max TV between the reference row and each other row, compared on their common offsets.
 
     rows: ``[n_query, n_ctx]`` kernel rows at ``qpos``; for causal kernels offsets ``0..n_min``.

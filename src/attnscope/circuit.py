@@ -16,14 +16,20 @@ assumption is checked on the calibration text and reported with its measured val
 Learned positions (GPT-2, BERT): layer-0 kernels from the weights with the mean calibration embedding as
 the query (method §5.2a).  Rotary (Llama): layer 0 has no positional residual, so the kernel is the mean
 calibration query and key through the rotation, ``K_n(i) ∝ exp(q̄ R_{i-n} k̄ / scale)`` (a function of
-the offset), and ``f(x)`` is the zero-offset content score.
+the offset), and ``f(x)`` is the separable content score with one complex weight per rotary frequency pair,
+taken from the head's own kernel (docs/rotary-split.md).
+
+Sinks (method §15): a BOS is split off; kernels, denominators and split TV use the other positions; the sink
+adds mass x BOS value (a constant in ``Pi(n) + C``), and its CV is a stated condition.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import torch
+from jaxtyping import Bool, Complex, Float, Int
 from torch import Tensor
 
 from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types live with it)
@@ -38,18 +44,32 @@ from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types l
     Criterion,
     HeadDecision,
 )
-from .decomposition import approximate_tv, centre, layer0_weight_kernels, reference_norm, tv_distance
+from .decomposition import (
+    apply_pair_weights,
+    approximate_pattern,
+    centre,
+    layer0_weight_kernels,
+    learned_score_parts,
+    pair_weights_of_kernel,
+    pooled_static_keys,
+    pre_rotation,
+    reference_norm,
+    separable_rotary_score_parts,
+    tv_distance,
+)
 from .errors import AttnscopeError, ConditionFailedError, check_index
-from .forward import (apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,
+from .forward import (LayerActivations, apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,
                       rotary_cos_sin, static_positions)
 from .models import ModelWeights
+from .sinks import SINK_SHOW, drop_sink, sink_term, split_sink
 from .texts import text_tokens
 
 
 # --------------------------------------------------------------------------------------------------
 
 
-def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float):
+def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float
+                    ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"], Float[Tensor, "vocab d_model"]]:
     """Normalised content and positional inputs of layer 0 (method §4.3), LN gain folded.
 
     Returns ``e_val [V, d]`` (value content part, normalised with the reference position),
@@ -72,7 +92,7 @@ def _content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float):
     return e_val, p_val, key_content
 
 
-def _value_bias(w: ModelWeights) -> Tensor:
+def _value_bias(w: ModelWeights) -> Float[Tensor, "head d_head"]:
     """``c_V = beta W_V + b_V`` per head ``[H, d_head]``."""
     _, beta = attn_norm_params(w, LAYER)
     c = w.b_V[LAYER].clone()
@@ -81,7 +101,7 @@ def _value_bias(w: ModelWeights) -> Tensor:
     return c
 
 
-def outlier_token_mask(w: ModelWeights, z_max: float = 4.0) -> Tensor:
+def outlier_token_mask(w: ModelWeights, z_max: float = 4.0) -> Bool[Tensor, " vocab"]:
     """False for under-trained, glitch-like tokens: embedding norm more than ``z_max`` robust standard
     deviations *below* the median (such tokens, e.g. GPT-2's " SolidGoldMagikarp", sit near the mean
     embedding; the method zeroes a hand-made list of them).  Large-norm tokens are kept."""
@@ -92,7 +112,8 @@ def outlier_token_mask(w: ModelWeights, z_max: float = 4.0) -> Tensor:
 
 
 @torch.no_grad()
-def layer0_kernels_and_queries(w: ModelWeights, cal: Tensor) -> tuple[Tensor, Tensor]:
+def layer0_kernels_and_queries(w: ModelWeights, cal: Int[Tensor, " ctx"]
+                               ) -> tuple[Float[Tensor, "head ctx ctx"], Float[Tensor, "head ctx d_head"]]:
     """Per-head kernel rows ``[H, T, T]`` on the calibration positions and the typical query ``[H, T, d_head]``
     (mean calibration content at each position; rotary: the mean pre-rotation query)."""
     T = cal.shape[0]
@@ -116,7 +137,7 @@ def layer0_kernels_and_queries(w: ModelWeights, cal: Tensor) -> tuple[Tensor, Te
     return s.softmax(-1), q_bar[:, None].expand(-1, T, -1)
 
 
-def _mlp_norm_scale(w: ModelWeights, mid: Tensor) -> Tensor:
+def _mlp_norm_scale(w: ModelWeights, mid: Float[Tensor, "*batch pos d_model"]) -> Float[Tensor, "*batch pos"]:
     """Scale of the norm in front of the MLP at each position (LayerNorm's sigma / RMSNorm's rms)."""
     x = mid.float()
     if w.norm == "layernorm":
@@ -124,7 +145,7 @@ def _mlp_norm_scale(w: ModelWeights, mid: Tensor) -> Tensor:
     return (x.pow(2).mean(-1) + w.eps).sqrt()
 
 
-def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Tensor, Tensor]:
+def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Float[Tensor, "d_model d_mlp"], Float[Tensor, " d_mlp"]]:
     """``(W_in with the norm gain folded [d_model, d_mlp], bias [d_mlp])`` of the pre-activation attnscope
     predicts (the gate's for gated MLPs); the norm's beta is folded into the bias."""
     if w.norm_placement == "pre":
@@ -142,7 +163,7 @@ def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Tensor, Tens
 class Calibration:
     """The calibration text as the circuit uses it."""
 
-    tokens: Tensor  # [T] (with the analysis BOS in front, if any)
+    tokens: Int[Tensor, " ctx"]  # with the analysis BOS in front, if any
     sha256: str
     bos: int | None
     n_min: int  # positions n < n_min are left out of every statistic
@@ -153,7 +174,7 @@ class Calibration:
         return len(self.tokens)
 
     @property
-    def body(self) -> Tensor:
+    def body(self) -> Int[Tensor, " body"]:
         """The tokens without the BOS."""
         return self.tokens[1:] if self.bos is not None else self.tokens
 
@@ -173,13 +194,19 @@ def load_calibration(w: ModelWeights, s: CircuitSettings) -> Calibration:
     return Calibration(cal, open_source(s.calibration).sha256, bos, n_min, min(T - 1, max(n_min, T // 2)))
 
 
-def content_factors(w: ModelWeights, cal: Calibration, q: Tensor, key_content: Tensor, f_clip: float
-                    ) -> tuple[Tensor, Tensor]:
+def content_factors(w: ModelWeights, cal: Calibration, q: Float[Tensor, "head ctx d_head"],
+                    key_content: Float[Tensor, "vocab d_model"], f_clip: float,
+                    pair_weights: Complex[Tensor, "head pairs"] | None = None
+                    ) -> tuple[Float[Tensor, "head vocab"], Float[Tensor, "head vocab"]]:
     """``(log f [H, V], f [H, V])``: every vocabulary item's content factor for every head,
     ``log f^h(x) = q_{n*} . E[n*, x] / scale`` (the bias in ``q . c_K`` cancels), normalised so that the
     median calibration token has ``f = 1``, and ``f`` clipped at ``f_clip`` (the BOS token's own factor is
-    measured, not clipped: it is a sink, not content)."""
-    qk = torch.einsum("hde,he->hd", w.W_K[LAYER], q[:, cal.n_star])  # the query folded into W_K: [H, d]
+    measured, not clipped: it is a sink, not content).  Rotary: the query's frequency pairs are weighted by
+    ``pair_weights [H, D/2]`` (the separable split; ``None``: zero offset)."""
+    qs = q[:, cal.n_star]
+    if pair_weights is not None:
+        qs = apply_pair_weights(w, qs[:, None], pair_weights)[:, 0]
+    qk = torch.einsum("hde,he->hd", w.W_K[LAYER], qs)  # the query folded into W_K: [H, d]
     logf = (key_content @ qk.T).T / w.attn_scale[LAYER]  # [H, V]: 2 V d H FLOPs, not 2 V d H dh
     logf = logf - logf[:, cal.body].median(-1, keepdim=True).values
     f = logf.exp().clamp(max=f_clip)
@@ -192,28 +219,45 @@ def content_factors(w: ModelWeights, cal: Calibration, q: Tensor, key_content: T
 class HeadStatistics:
     """Per-head measurements on the calibration text (each ``[n_heads]``)."""
 
-    n_eff: Tensor  # median over positions of 1 / sum K^2
-    logit_std: Tensor  # std of log f over calibration tokens
-    decomposition_tv: Tensor  # median over positions of TV(true attention, content+position pattern)
-    denominator: Tensor  # median over positions of the kernel-weighted Z_n
-    denominator_windowed: Tensor  # median over positions of the windowed mean of f
-    denominator_cv: Tensor  # CV of Z_n over positions
-    denominator_cv_predicted: Tensor  # std f / (mean f sqrt(N_eff))
+    n_eff: Float[Tensor, " head"]  # median over positions of 1 / sum K^2
+    logit_std: Float[Tensor, " head"]  # std of log f over calibration tokens
+    decomposition_tv: Float[Tensor, " head"]  # median over positions of TV(true attention, content+position pattern)
+    denominator: Float[Tensor, " head"]  # median over positions of the kernel-weighted Z_n
+    denominator_windowed: Float[Tensor, " head"]  # median over positions of the windowed mean of f
+    denominator_cv: Float[Tensor, " head"]  # CV of Z_n over positions
+    denominator_cv_predicted: Float[Tensor, " head"]  # std f / (mean f sqrt(N_eff))
 
 
-def decomposition_tv(w: ModelWeights, cal: Calibration, acts, ref: float) -> Tensor:
-    """Median over positions ``>= n_min`` of TV(true layer-0 attention, content+position pattern) ``[H]``."""
-    T = cal.T
+def split_patterns(w: ModelWeights, cal: Calibration, acts: LayerActivations, ref: float, q_typ: Tensor,
+                   pair_weights: Tensor | None) -> tuple[Tensor, Tensor]:
+    """Layer-0 patterns ``[H, T, T]`` of the content/position split on the calibration text: with the exact query
+    at every position (method §4.4), and with the circuit's typical query ``q_typ [H, T, d_head]`` (the fully
+    separable ``f(x_i) K(n - i)`` the circuit uses).  Rotary: the separable split with ``pair_weights``."""
+    scale = w.attn_scale[LAYER]
     if w.positional == "learned":
-        static = static_positions(w, T)
-    else:
-        kk = project(acts.attn_in, w.W_K[LAYER], w.b_K[LAYER])
-        static = kk[0, :, 1 if cal.bos is not None else 0 :].mean(1, keepdim=True).expand(-1, T, -1)
-    return approximate_tv(w, LAYER, acts, static, ref)[0, :, cal.n_min:].median(-1).values
+        static = static_positions(w, cal.T)
+        exact = approximate_pattern(w, LAYER, acts, static, ref)[0]
+        cont, pos, bias = learned_score_parts(w, LAYER, acts.norm_in, static, q_typ[None], ref)
+        return exact, mask_scores(w, (cont + pos + bias[..., None]) / scale).softmax(-1)[0]
+    qp, kp = pre_rotation(w, acts.q), pre_rotation(w, acts.k)
+    static = pooled_static_keys(kp[0], cal.bos is not None)
+    out = []
+    for q in (qp, q_typ[None]):
+        cont, pos = separable_rotary_score_parts(w, q, kp, static, pair_weights)
+        out.append(mask_scores(w, (cont + pos) / scale).softmax(-1)[0])
+    return out[0], out[1]
 
 
-def head_statistics(Kh: Tensor, logf: Tensor, f: Tensor, dec_tv: Tensor, cal: Calibration, window: int
-                    ) -> HeadStatistics:
+def split_tv(approx: Tensor, true: Tensor, cal: Calibration) -> Tensor:
+    """Median over positions ``>= n_min`` of TV(true attention, split pattern) ``[H]``; with a BOS, on the
+    positions after it (both rows renormalised): the split is judged on the non-sink part."""
+    if cal.bos is not None:
+        approx, true = split_sink(approx)[1], split_sink(true)[1]
+    return tv_distance(approx, true)[:, cal.n_min:].median(-1).values
+
+
+def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"], f: Float[Tensor, "head vocab"],
+                    dec_tv: Float[Tensor, " head"], cal: Calibration, window: int) -> HeadStatistics:
     """Denominators (kernel-weighted ``Z_n = sum_j K_n(j) f(x_j)`` and the windowed mean of ``f``), kernel
     widths and content dependence of every head."""
     n_min, T = cal.n_min, cal.T
@@ -228,7 +272,7 @@ def head_statistics(Kh: Tensor, logf: Tensor, f: Tensor, dec_tv: Tensor, cal: Ca
                           denominator_cv_predicted=fb.std(-1) / (fb.mean(-1) * neff.sqrt()))
 
 
-def _head_tests(st: HeadStatistics, share_tv: Tensor | None, s: CircuitSettings) -> list[tuple]:
+def _head_tests(st: HeadStatistics, share_tv: Float[Tensor, " head"] | None, s: CircuitSettings) -> list[tuple]:
     """``(criterion, label, measured [H], threshold, passes [H], digits)`` for each of :data:`HEAD_CRITERIA`
     (the shared-kernel test only once ``share_tv`` is known)."""
     tests = [(Criterion.BROAD, "N_eff", st.n_eff, s.neff_min, st.n_eff >= s.neff_min, 1),
@@ -242,7 +286,8 @@ def _head_tests(st: HeadStatistics, share_tv: Tensor | None, s: CircuitSettings)
     return tests
 
 
-def choose_heads(Kh: Tensor, st: HeadStatistics, s: CircuitSettings, n_min: int) -> tuple[Tensor, Tensor, Tensor]:
+def choose_heads(Kh: Float[Tensor, "head ctx ctx"], st: HeadStatistics, s: CircuitSettings, n_min: int
+                 ) -> tuple[Bool[Tensor, " head"], Float[Tensor, "ctx ctx"], Float[Tensor, " head"]]:
     """``(chosen [H] bool, shared kernel [T, T], TV of each head's kernel to it [H])``.
 
     Candidates pass every per-head test (or are named by ``--heads``); a detected candidate whose kernel is
@@ -269,7 +314,8 @@ def _reason(c: Criterion, label: str, value: float, threshold: float, ok: bool, 
     return f"{label}={value:.{digits}f} {sym} {threshold:g}"
 
 
-def head_decisions(st: HeadStatistics, chosen: Tensor, share_tv: Tensor, s: CircuitSettings) -> list[HeadDecision]:
+def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: Float[Tensor, " head"], s: CircuitSettings
+                   ) -> list[HeadDecision]:
     """One :class:`HeadDecision` per head: every test with its measured value, and the failed ones."""
     tests = _head_tests(st, share_tv, s)
     decisions = []
@@ -286,23 +332,32 @@ def head_decisions(st: HeadStatistics, chosen: Tensor, share_tv: Tensor, s: Circ
     return decisions
 
 
-def extended_embeddings(w: ModelWeights, hs: Tensor, f: Tensor, Z: Tensor, e_val: Tensor, p_val: Tensor,
-                        Kh: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+def extended_embeddings(w: ModelWeights, hs: Int[Tensor, " chosen"], f: Float[Tensor, "head vocab"],
+                        Z: Float[Tensor, " head"], e_val: Float[Tensor, "vocab d_model"], p_val: Float[Tensor, "ctx d_model"],
+                        Kh: Float[Tensor, "head ctx ctx"], mask: Bool[Tensor, " vocab"],
+                        sink: Float[Tensor, " head"] | None = None, bos: int | None = None
+                        ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"]]:
     """``(Ext [V, d_model], Pi(n) + C [T, d_model])`` of the chosen heads ``hs``: each token's value content
     weighted by ``f / Z`` through ``W_V W_O`` (outlier tokens zeroed), and the positional and bias terms
-    through each head's own kernel."""
-    weights_tok = f[hs] / Z[hs][:, None]  # [n, V]
+    through each head's own kernel.  With a sink (``sink [H]`` mass on the BOS token ``bos``), the bag carries
+    ``1 - s`` and the sink's value ``s (e(BOS) + p(0)) W_V W_O`` is added to the constant."""
+    keep = torch.ones(len(hs), dtype=w.dtype, device=w.device) if sink is None else (1 - sink[hs]).to(w.dtype)
+    weights_tok = f[hs] / Z[hs][:, None] * keep[:, None]  # [n, V]
     n, dh = len(hs), w.d_head
+    W_V, W_O = w.W_V[LAYER][hs], w.W_O[LAYER][hs]  # [n, d, dh], [n, dh, d]
     # through d_head: values of every token for the chosen heads (one [V, d] x [d, n dh] product), weighted,
     # then one [V, n dh] x [n dh, d] product through W_O (4 V d n dh FLOPs instead of 2 V d^2 per head)
-    vals = (e_val @ w.W_V[LAYER][hs].permute(1, 0, 2).reshape(w.d_model, n * dh)).view(-1, n, dh)
+    vals = (e_val @ W_V.permute(1, 0, 2).reshape(w.d_model, n * dh)).view(-1, n, dh)
     vals = vals * weights_tok.T[:, :, None]
-    ext = vals.reshape(-1, n * dh) @ w.W_O[LAYER][hs].reshape(n * dh, w.d_model)
+    ext = vals.reshape(-1, n * dh) @ W_O.reshape(n * dh, w.d_model)
     ext = ext * mask[:, None].to(ext.dtype)
-    const = torch.einsum("he,hed->d", _value_bias(w)[hs], w.W_O[LAYER][hs])
+    const = torch.einsum("he,hed->d", _value_bias(w)[hs], W_O)
     # per-head kernels for Pi(n): sum_h K_h (p_val W_V[h]) W_O[h], also through d_head
-    pv = torch.einsum("id,hde->hie", p_val, w.W_V[LAYER][hs])  # [n, T, dh]
-    posit = torch.einsum("hne,hed->nd", torch.bmm(Kh[hs], pv), w.W_O[LAYER][hs]) + const
+    pv = torch.einsum("id,hde->hie", p_val, W_V)  # [n, T, dh]
+    posit = torch.einsum("hne,hed->nd", torch.bmm(Kh[hs] * keep[:, None, None], pv), W_O) + const
+    if sink is not None and bos is not None:
+        sv = torch.einsum("d,hde->he", e_val[bos] + p_val[0], W_V)  # the sink's value per head [n, dh]
+        posit = posit + torch.einsum("h,he,hed->d", sink[hs].to(w.dtype), sv, W_O)
     return ext, posit
 
 
@@ -314,13 +369,18 @@ _HOLDS_WHEN = {
     Criterion.SPLIT: "max over chosen heads of the median decomposition TV",
     Criterion.MLP_SCALE: "CV over calibration positions of the scale of the norm before the MLP",
     Criterion.NO_OUTLIERS: "fraction of calibration tokens whose f was clipped at f_clip x median",
+    Criterion.SINK: f"max over chosen heads with a sink mass >= {SINK_SHOW} of the CV of the sink mass over "
+                    "calibration positions (the sink term is a constant)",
 }
 
 
-def circuit_conditions(st: HeadStatistics, hs: Tensor, shared: Tensor, share_tv: Tensor, logf: Tensor,
-                       mlp_cv: float, cal: Calibration, s: CircuitSettings) -> list[Condition]:
+def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: Float[Tensor, "ctx ctx"],
+                       share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float, cal: Calibration,
+                       s: CircuitSettings, sink: tuple[Tensor, Tensor]) -> list[Condition]:
     """The stated input conditions of the circuit over the chosen heads ``hs``, each measured once."""
     n_min = cal.n_min
+    big = sink[0][hs] >= SINK_SHOW
+    sink_cv = float(sink[1][hs][big].max()) if big.any() else 0.0
     neff_shared = (1.0 / shared[n_min:].pow(2).sum(-1)).median()
     clipped = (logf[hs][:, cal.body].exp() > s.f_clip).float().mean()
     measured = [  # (criterion, value, threshold, holds)
@@ -333,8 +393,10 @@ def circuit_conditions(st: HeadStatistics, hs: Tensor, shared: Tensor, share_tv:
          st.decomposition_tv[hs].max() <= s.decomposition_tv_max),
         (Criterion.MLP_SCALE, mlp_cv, 0.2, mlp_cv <= 0.2),
         (Criterion.NO_OUTLIERS, clipped, 0.01, clipped <= 0.01),
+        (Criterion.SINK, sink_cv, s.denominator_cv_max, sink_cv <= s.denominator_cv_max),
     ]
-    return [Condition(c.value, _HOLDS_WHEN[c], float(v), thr, bool(ok), CONDITION_GROUP[c]) for c, v, thr, ok in measured]
+    return [Condition(c.value, _HOLDS_WHEN[c], float(v), float(thr), bool(ok), CONDITION_GROUP[c])
+            for c, v, thr, ok in measured]
 
 
 @torch.no_grad()
@@ -345,13 +407,22 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     ref = reference_norm(w)
     e_val, p_val, key_content = _content_inputs(w, cal.T, cal.n_star, ref)
     Kh, q = layer0_kernels_and_queries(w, cal.tokens)  # [H, T, T], [H, T, dh]
-    logf, f = content_factors(w, cal, q, key_content, s.f_clip)
+    if cal.bos is not None:  # the kernel proper: the BOS (sink) split off, the rest renormalised
+        Kh = drop_sink(Kh)
+    c = pair_weights_of_kernel(w, Kh[:, -1], cal.bos is not None) if w.positional == "rotary" else None
+    logf, f = content_factors(w, cal, q, key_content, s.f_clip, c)
     mask = outlier_token_mask(w)
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
-    st = head_statistics(Kh, logf, f, decomposition_tv(w, cal, acts, ref), cal, s.window)
+    exact_pat, typ_pat = split_patterns(w, cal, acts, ref, q, c)
+    no_sink = (torch.zeros(w.n_heads, dtype=torch.float64, device=w.device),) * 2
+    sink = sink_term(acts.pattern[0, :, :, 0], cal.n_min) if cal.bos is not None else no_sink
+    st = head_statistics(Kh, logf, f, split_tv(exact_pat, acts.pattern[0], cal), cal, s.window)
     chosen, shared, share_tv = choose_heads(Kh, st, s, cal.n_min)
     decisions = head_decisions(st, chosen, share_tv, s)
+    sep_tv = split_tv(typ_pat, acts.pattern[0], cal)
+    for d in decisions:
+        d.sink_mass, d.sink_mass_cv, d.separable_tv = float(sink[0][d.head]), float(sink[1][d.head]), float(sep_tv[d.head])
     heads = [h for h in range(w.n_heads) if chosen[h]]
     if not heads:
         worst = min(decisions, key=lambda d: d.share_tv + (0 if d.n_eff >= s.neff_min else 1) + d.logit_std)
@@ -361,13 +432,16 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
             f"{'; '.join(worst.reasons[:4])}); pass --heads to force some"
         )
     hs = torch.tensor(heads, device=w.device)
-    ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask)
+    ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask,
+                                     sink[0] if cal.bos is not None else None, cal.bos)
     # LN2: constant scale measured on the calibration text
     mid_scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
     mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
-    conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s)
+    conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
     return Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
-                             "min_position": cal.n_min},
+                             "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
+                             "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
+                             "rotary_pair_weights_abs": None if c is None else c.abs().float().cpu().tolist()},
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,
@@ -375,7 +449,8 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
 
 
 @torch.no_grad()
-def true_head_output(w: ModelWeights, heads: list[int], tokens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+def true_head_output(w: ModelWeights, heads: list[int], tokens: Int[Tensor, " pos"]
+                     ) -> tuple[Float[Tensor, "pos d_model"], Float[Tensor, "pos d_mlp"], Float[Tensor, " pos"]]:
     """Exact layer-0 pass: ``(sum of the heads' outputs [pos, d_model], MLP pre-activation [pos, d_mlp],
     norm scale in front of the MLP [pos])``."""
     a = next(iter_layers(w, tokens[None], stop_layer=0))
@@ -384,8 +459,8 @@ def true_head_output(w: ModelWeights, heads: list[int], tokens: Tensor) -> tuple
     return out, a.mlp_pre[0], _mlp_norm_scale(w, a.resid_pre + a.attn_out)[0]
 
 
-def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor],
-                     true_outputs: dict[str, Tensor] | None = None) -> dict[str, float]:
+def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]],
+                     true_outputs: dict[str, Float[Tensor, "_pos d_model"]] | None = None) -> dict[str, float | int]:
     """How close the linear summary is to the heads' true summed output on held-out texts: FVU of the
     (centred) vector, and the median over dimensions of the per-dimension correlation.
 
@@ -404,7 +479,7 @@ def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor],
     return {"fvu": fvu, "median_r_per_dimension": float(r_dim.median()), "n_positions": int(y.shape[0])}
 
 
-def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> dict[str, dict]:
+def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]]) -> dict[str, dict]:
     """Kernel-weighted denominators on other texts: per head, median Z per text and its ratio to the
     calibration value (the per-head scale error of reusing the calibration denominator)."""
     n_min = circ.settings["min_position"]
@@ -416,3 +491,16 @@ def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Tenso
         out[name] = {"Z_median": Zn.median(-1).values.tolist(), "ratio_to_calibration": (Zn.median(-1).values / circ.Z).tolist(),
                      "Z_trace": Zn.tolist()}
     return out
+
+
+Z_RATIO_RANGE = (0.8, 1.25)  # a text's Z / calibration Z outside this: the text is outside the explanation's scope
+
+
+def denominator_transfer_condition(text: str, ratios: list[float]) -> Condition:
+    """The denominator-transfer condition on one text: every contextual head's median ``Z_n`` over its
+    calibration value within :data:`Z_RATIO_RANGE` (measured: the ratio farthest from 1, on a log scale)."""
+    lo, hi = Z_RATIO_RANGE
+    worst = max(ratios, key=lambda r: abs(math.log(max(r, 1e-12)))) if ratios else 1.0
+    return Condition(Criterion.TRANSFER.value, f"on {text}: every contextual head's Z / calibration Z within "
+                     f"{lo}-{hi} (measured: the ratio farthest from 1)", float(worst), hi if worst >= 1 else lo,
+                     bool(all(lo <= r <= hi for r in ratios)), CONDITION_GROUP[Criterion.TRANSFER])

@@ -11,6 +11,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Literal
 
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .errors import AttnscopeError
@@ -46,6 +47,8 @@ class Criterion(str, Enum):
     SHARED = "shared kernel"
     MLP_SCALE = "constant MLP-norm scale"
     NO_OUTLIERS = "no outlier tokens"
+    SINK = "constant sink mass"
+    TRANSFER = "denominator transfer"  # per held-out text: Z / calibration Z (checked by the neuron stage)
     USER = "user choice"  # with --heads: the head was not named
 
 
@@ -58,6 +61,8 @@ ConditionGroup = Literal["split", "static", "denom", "summary", "neuron"]
 CONDITION_GROUP: dict[Criterion, ConditionGroup] = {
     Criterion.SPLIT: "split", Criterion.BROAD: "denom", Criterion.WEAK: "denom", Criterion.STABLE: "denom",
     Criterion.NO_OUTLIERS: "denom", Criterion.SHARED: "summary", Criterion.MLP_SCALE: "neuron",
+    Criterion.SINK: "summary",
+    Criterion.TRANSFER: "denom",
 }
 
 
@@ -80,6 +85,9 @@ class HeadDecision:
     share_tv: float
     decomposition_tv: float
     failed: list[Criterion] = field(default_factory=list)
+    sink_mass: float = 0.0  # median over calibration positions of the true attention on the BOS (0 without BOS)
+    sink_mass_cv: float = 0.0  # its CV over those positions
+    separable_tv: float | None = None  # median TV of the fully separable pattern (the circuit's typical query)
 
     def checks(self) -> list[tuple[Criterion, str, bool]]:
         """``(criterion, reason, met)`` for each entry of :attr:`reasons`."""
@@ -118,17 +126,17 @@ class Circuit:
     heads: list[int]
     decisions: list[HeadDecision]
     conditions: list[Condition]
-    kernel: Tensor  # [T, T] shared kernel K_n(i) (rows: query n)
-    head_kernels: Tensor  # [n_chosen, T, T] each chosen head's own kernel
-    f: Tensor  # [n_chosen, d_vocab] clipped content factors
-    Z: Tensor  # [n_chosen] calibrated denominators
-    ext: Tensor  # [d_vocab, d_model] extended embeddings
-    positional: Tensor  # [T, d_model] Pi(n) + C: positional and bias terms of the summed output
+    kernel: Float[Tensor, "ctx ctx"]  # shared kernel K_n(i) (rows: query n)
+    head_kernels: Float[Tensor, "chosen ctx ctx"]  # each chosen head's own kernel
+    f: Float[Tensor, "chosen vocab"]  # clipped content factors
+    Z: Float[Tensor, " chosen"]  # calibrated denominators
+    ext: Float[Tensor, "vocab d_model"]  # extended embeddings
+    positional: Float[Tensor, "ctx d_model"]  # Pi(n) + C: positional and bias terms of the summed output
     mlp_scale: float  # constant scale replacing the next norm (LN2), measured on the calibration text
     mlp_scale_cv: float
-    calibration_tokens: Tensor  # [T]
+    calibration_tokens: Int[Tensor, " ctx"]
     calibration_sha: str
-    token_mask: Tensor  # [d_vocab] bool, False for outlier-norm (glitch-like) tokens
+    token_mask: Bool[Tensor, " vocab"]  # False for outlier-norm (glitch-like) tokens
     denominators_windowed: list[float]  # per chosen head: median over positions of the windowed mean of f
     schema_version: int = SCHEMA_VERSION
 
@@ -136,7 +144,7 @@ class Circuit:
     def T(self) -> int:
         return self.kernel.shape[0]
 
-    def summary(self, tokens: Tensor) -> Tensor:
+    def summary(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_model"]:
         """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T)."""
         n = tokens.shape[-1]
         return self.kernel[:n, :n] @ self.ext[tokens] + self.positional[:n]

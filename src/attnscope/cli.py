@@ -1,48 +1,76 @@
-"""Command-line interface: a thin layer over the Python API (``attnscope --help``)."""
+"""Command-line interface: a thin layer over the Python API (``attnscope --help``).
+
+One error path: every usage or input error prints one line ``error: what is wrong; how to fix it`` on
+stderr and exits 2; an interrupt prints one line and exits 130.  Arguments are checked before anything
+is computed.  Analysis options are derived from the settings dataclasses (:mod:`attnscope.cli_args`);
+``--device``/``--dtype``/``--revision`` may be given before or after the subcommand.  Outputs are written
+to a staging folder and published atomically; a rerun removes the files an older run of the same command
+wrote and this one did not (listed in ``OUT/.attnscope-COMMAND-manifest.json``), never other files.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
+from . import cli_args as A
+from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
+from .cli_args import out_option as _out
+from .cli_show import print_table
+from .circuit import CircuitSettings
 from .errors import AttnscopeError
+from .kernels import KernelSettings
+from .neurons import NeuronSettings
+from .texts import bundled_texts
 
+_TEXTS = A.TEXT_SOURCES.format(names=", ".join(bundled_texts()))
 app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-    help="attnscope: positional kernels, contextual heads and context-sensitive neurons of transformer models.\n\n"
-    "MODEL is `demo` (bundled), a local folder, a .gguf file, an installed model package "
-    "(smollm2, all-MiniLM-L6-v2) or a Hugging Face hub id (gpt2, gpt2-medium, distilgpt2).",
+    add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+    help="attnscope: positional kernels, contextual heads and context-sensitive neurons of transformer models."
+    f"\n\nMODEL is {A.MODEL_HELP}.\n\n{_TEXTS}\n\nCaches live in $ATTNSCOPE_CACHE (default ~/.cache/attnscope); "
+    "see `attnscope cache info`.",
 )
-STATE: dict[str, str] = {"device": "cpu", "dtype": "float32"}
-
-ModelArg = Annotated[str, typer.Argument(help="demo, a folder, a .gguf file, smollm2, all-MiniLM-L6-v2, or a hub id")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON on stdout")]
-
+cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Show or clear the on-disk cache ($ATTNSCOPE_CACHE, default ~/.cache/attnscope).")
+app.add_typer(cache_app, name="cache")
 
 @app.callback()
-def _global(
-    device: Annotated[str, typer.Option(help="torch device: cpu, cuda, cuda:1, mps")] = "cpu",
-    dtype: Annotated[str, typer.Option(help="float32 (default), float64, float16 or bfloat16")] = "float32",
-) -> None:
-    from .models import parse_dtype
-
-    try:
-        parse_dtype(dtype)
-    except ValueError as err:
-        raise AttnscopeError(str(err)) from None
-    STATE.update(device=device, dtype=dtype)
+def _global(ctx: typer.Context, device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
+    """Global options; each may also be given after the subcommand."""
+    ctx.obj = A.Runtime(device=A.check_device(device or "cpu"), dtype=A.check_dtype(dtype or "float32"),
+                        revision=revision)
 
 
-def _load(model: str):
+def _runtime(ctx: typer.Context, device: str | None, dtype: str | None, revision: str | None) -> A.Runtime:
+    """The global options, overridden by those given after the subcommand."""
+    rt = ctx.find_object(A.Runtime) or A.Runtime()
+    return A.Runtime(device=A.check_device(device) if device else rt.device,
+                     dtype=A.check_dtype(dtype) if dtype else rt.dtype, revision=revision or rt.revision)
+
+
+def _load(rt: A.Runtime, model: str, keep_hf: bool = False):
     from .models import load_model
 
-    return load_model(model, device=STATE["device"], dtype=STATE["dtype"])
+    return load_model(model, device=rt.device, dtype=rt.dtype, revision=rt.revision, keep_hf=keep_hf)
+
+
+@contextlib.contextmanager
+def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None):
+    """Cache and decoding choices for the duration of one command; every text source is opened first."""
+    from .cache import caching
+    from .texts import decoding
+
+    if not no_cache:
+        A.check_cache()
+    with caching(not no_cache), decoding(decode_errors):
+        A.check_sources(*sources)
+        yield
 
 
 def _emit(obj, as_json: bool, human) -> None:
@@ -52,88 +80,66 @@ def _emit(obj, as_json: bool, human) -> None:
         human(obj)
 
 
-def _print_table(d: dict, title: str) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=title, show_header=False)
-    for k, v in d.items():
-        t.add_row(str(k), str(v))
-    Console().print(t)
-
-
 @app.command()
-def info(model: ModelArg, as_json: JsonOpt = False) -> None:
+def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: DeviceOpt = None,
+         dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     """Architecture, layers, heads, positional scheme, context length and parameter count."""
-    w = _load(model)
-    _emit(w.info(), as_json, lambda d: _print_table(d, f"attnscope info {model}"))
+    w = _load(_runtime(ctx, device, dtype, revision), model)
+    _emit(w.info(), as_json, lambda d: print_table(d, f"attnscope info {model}"))
 
 
-@app.command()
+@app.command(help="Recompute every head's attention and every MLP pre-activation from the weights and compare with "
+             f"the model's own forward pass (max abs difference per layer).\n\n{_TEXTS}")
 def check(
-    model: ModelArg,
-    text: Annotated[Optional[str], typer.Option(help="text file/folder/JSONL (default: bundled text)")] = None,
-    n_tokens: Annotated[int, typer.Option(help="tokens of text to run")] = 128,
-    as_json: JsonOpt = False,
+    ctx: typer.Context, model: ModelArg,
+    text: Annotated[Optional[str], typer.Option(metavar="TEXT", help="text to run [default: the first bundled text]")] = None,
+    n_tokens: Annotated[int, typer.Option(metavar="TOKENS", help="tokens of text to run (at most the model's context)")] = 128,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
-    """Recompute every head's attention and every MLP pre-activation from the weights and compare with the
-    model's own forward pass (max abs difference per layer)."""
     from .forward import compare_with_model
-    from .models import load_model
-    from .texts import bundled_texts, text_tokens
+    from .texts import text_tokens
 
-    w, hf = load_model(model, device=STATE["device"], dtype=STATE["dtype"], keep_hf=True)
-    src = text or f"bundled:{bundled_texts()[0]}"
-    n = min(n_tokens, w.n_ctx)
-    ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.bos_token_id if w.prepend_bos else None)
-    d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
+    A.check_positive(n_tokens=n_tokens)
+    rt = _runtime(ctx, device, dtype, revision)
+    with _session(no_cache, decode_errors, text):
+        w, hf = _load(rt, model, keep_hf=True)
+        src = text or f"bundled:{bundled_texts()[0]}"
+        n = min(n_tokens, w.n_ctx)
+        ids = text_tokens(src, w.tokenizer, max_tokens=n, min_tokens=n, bos_token_id=w.analysis_bos)
+        d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
     out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
            "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
-    _emit(out, as_json, lambda o: _print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
+    _emit(out, as_json, lambda o: print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
 
 
-def _parse_layers(spec: str | None) -> list[int] | None:
-    if spec is None or spec == "all":
-        return None
-    out: list[int] = []
-    try:
-        for part in spec.split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out.extend(range(int(a), int(b) + 1))
-            else:
-                out.append(int(part))
-    except ValueError:
-        raise AttnscopeError(f"--layers {spec!r} is not a list of layer numbers; write e.g. 0,1,2 or 0-5") from None
-    return out
+_KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
+                                   "seed", "batch_size"))
+_CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads"))
+_NEURON_FIELDS = (NeuronSettings, ("eval", "max_neurons"))
 
 
-@app.command()
-def kernels(
-    model: ModelArg,
-    layers: Annotated[Optional[str], typer.Option(help="layers to analyse: 0,1,5 or 0-3 (default all)")] = None,
-    samples: Annotated[str, typer.Option(help="text source for the estimates (default: bundled texts)")] = "bundled:",
-    n_samples: Annotated[int, typer.Option(help="sample windows for the estimates (the method: 500)")] = 32,
-    n_heldout: Annotated[int, typer.Option(help="further disjoint windows for the validations")] = 8,
-    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
-    ref_norm: Annotated[Optional[float], typer.Option(help="the method's reference norm c (GPT-2: 3.5); default measured")] = None,
-    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/kernels"),
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="recompute even if cached")] = False,
-    as_json: JsonOpt = False,
-) -> None:
-    """Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks.
-
-    Writes OUT/kernels.json, OUT/kernels.safetensors and four figures."""
-    from .kernels import KernelSettings, analyse_kernels
+@app.command(help="Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks."
+             f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
+@A.settings_options(_KERNEL_FIELDS)
+def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
+            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .cache import staged_output
+    from .kernels import analyse_kernels
     from .plots import kernel_figures
 
-    w = _load(model)
-    s = KernelSettings(samples=samples, n_ctx=n_ctx, n_samples=n_samples, n_heldout=n_heldout, seed=seed,
-                       layers=_parse_layers(layers), ref_norm=ref_norm)
-    res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
-    res.save(out)
-    figs = kernel_figures(res, out)
+    s = A.build(KernelSettings, kw)
+    A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
+    rt = _runtime(ctx, device, dtype, revision)
+    A.check_out(out)
+    with _session(no_cache, decode_errors, s.samples):
+        w = _load(rt, model)
+        A.check_kernel_settings(s, w)
+        res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
+        with staged_output(out, "kernels") as tmp:
+            res.save(tmp)
+            figs = kernel_figures(res, tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
@@ -147,134 +153,125 @@ def _print_kernel_summary(res) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from .kernels import CATEGORIES
+    from .categories import CATEGORIES, CATEGORY_SHORT
+    from .cli_show import median_or_not_run
 
-    t = Table(title="kernel categories per layer; median TV of the decomposition and of kernel vs attention")
+    t = Table(title="kernel categories per layer (first position excluded); sink = heads with sink mass >= 0.5, "
+                    "then the median sink mass; median TV of the decomposition and of kernel vs attention")
     t.add_column("layer")
-    short = {"sharp local decay": "local", "slow decay": "slow", "uniform": "uniform", "previous token": "prev",
-             "current token": "self", "first-token sink": "sink", "other": "other"}
     for c in CATEGORIES:
-        t.add_column(short[c], justify="right")
+        t.add_column(CATEGORY_SHORT[c], justify="right")
+    t.add_column("sink mass", justify="right")
     t.add_column("TV dec", justify="right")
     t.add_column("TV kern", justify="right")
     for l in sorted({r.layer for r in res.records}):
         recs = [r for r in res.records if r.layer == l]
         cnt = Counter(r.category for r in recs)
-        tvd = sorted(r.tv_decomposition["median"] for r in recs)[len(recs) // 2]
-        tvk = sorted(r.tv_kernel_vs_attention for r in recs)[len(recs) // 2]
-        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], f"{tvd:.3f}", f"{tvk:.3f}")
+        cnt["first-token sink"] = sum(r.sink_dominated for r in recs) or ""
+        sink = median_or_not_run([r.sink_mass for r in recs])
+        tvd = median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
+        tvk = median_or_not_run([r.tv_kernel_vs_attention for r in recs])
+        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], sink, tvd, tvk)
     Console().print(t)
+    if res.records and res.records[0].tv_kernel_vs_attention is None:
+        typer.echo("note: no held-out windows (n_heldout=0): the decomposition and kernel-vs-attention checks were not run")
+    if res.provenance.get("windows_overlap"):
+        typer.echo("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
 
 
-@app.command()
-def neurons(
-    model: ModelArg,
-    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
-    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="held-out texts (repeat); default: bundled texts")] = None,
-    n_ctx: Annotated[Optional[int], typer.Option(help="tokens of calibration/eval text (default min(context, 256))")] = None,
-    heads: Annotated[Optional[str], typer.Option(help="force the contextual heads, e.g. 0,2,6")] = None,
-    window: Annotated[int, typer.Option(help="windowed-denominator width (the method's 100)")] = 100,
-    max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/neurons"),
-    as_json: JsonOpt = False,
-) -> None:
-    """Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP,
-    found from the weights and one calibration text, explained and verified on held-out texts.
-
-    Writes OUT/neurons.json, OUT/traces.json and figures."""
-    from .circuit import CircuitSettings, build_circuit
-    from .neurons import NeuronSettings, find_neurons
+@app.command(help="Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP, "
+             "found from the weights and one calibration text, explained and verified on held-out texts."
+             "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
+             f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
+@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS)
+def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
+            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .cache import staged_output
+    from .circuit import build_circuit
+    from .neurons import find_neurons
     from .plots import neuron_figures
 
-    w = _load(model)
-    cs = CircuitSettings(calibration=calibration, n_ctx=n_ctx, window=window, heads=_parse_layers(heads))
-    circ = build_circuit(w, cs)
-    res = find_neurons(w, circ, NeuronSettings(eval=eval or None, max_neurons=max_neurons), progress=not as_json)
-    res.save(out)
-    figs = neuron_figures(res, circ, out)
+    cs, ns = A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
+    A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
+    rt = _runtime(ctx, device, dtype, revision)
+    A.check_out(out)
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval):
+        w = _load(rt, model)
+        A.check_circuit_settings(cs, w)
+        circ = build_circuit(w, cs)
+        res = find_neurons(w, circ, ns, progress=not as_json)
+        with staged_output(out, "neurons") as tmp:
+            res.save(tmp)
+            figs = neuron_figures(res, circ, tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
-    _print_neuron_summary(res)
-    typer.echo(f"wrote {out / 'neurons.json'} and {len(figs)} figures in {out}")
+    from .cli_show import print_neuron_summary
+
+    print_neuron_summary(res)
+    typer.echo(f"wrote {out / 'neurons.json'}, {out / 'neurons.csv'} (one row per neuron), "
+               f"{out / 'traces.json'} and {len(figs)} figures in {out}")
 
 
-def _print_neuron_summary(res) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    s = res.summary()
-    con = Console()
-    con.print(f"contextual heads {s['heads']}; {s['n_neurons_found']} of {s['n_neurons_scored']} neurons found; "
-              f"{s['n_verified']} verified: median r = {s['median_r'] or float('nan'):.3f}, "
-              f"median FVU = {s['median_fvu'] or float('nan'):.3f}; circuit FVU = {res.fidelity['fvu']:.3f}")
-    t = Table(title="conditions")
-    for c in ("condition", "measured", "threshold", "ok"):
-        t.add_column(c)
-    for c in res.circuit["conditions"]:
-        t.add_row(c["name"], f"{c['measured']:.3f}", f"{c['threshold']:g}", "yes" if c["ok"] else "NO")
-    con.print(t)
-    t = Table(title="top neurons")
-    for c in ("neuron", "effect", "r", "FVU", "label", "top tokens", "fired on cal."):
-        t.add_column(c)
-    for r in res.records[:15]:
-        t.add_row(str(r.index), f"{r.effect:.1f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
-                  " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
-    con.print(t)
-
-
-@app.command()
-def report(
-    model: ModelArg,
-    out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out"),
-    samples: Annotated[str, typer.Option(help="text source for the kernels (default: bundled texts)")] = "bundled:",
-    n_samples: Annotated[int, typer.Option(help="sample windows for the kernels (the method: 500)")] = 32,
-    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
-    layers: Annotated[Optional[str], typer.Option(help="layers for the kernels (default all)")] = None,
-    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
-    eval: Annotated[Optional[list[str]], typer.Option("--eval", help="held-out texts (repeat)")] = None,
-    heads: Annotated[Optional[str], typer.Option(help="force the contextual heads, e.g. 0,2,6")] = None,
-    max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
-) -> None:
-    """Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html."""
-    from .circuit import CircuitSettings
-    from .kernels import KernelSettings
-    from .neurons import NeuronSettings
+def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
+            kw: dict[str, Any]) -> None:
+    from .cache import staged_output
     from .pipeline import run_report
 
-    w = _load(model)
-    res = run_report(
-        w, out,
-        kernel_settings=KernelSettings(samples=samples, n_samples=n_samples, n_ctx=n_ctx, layers=_parse_layers(layers)),
-        circuit_settings=CircuitSettings(calibration=calibration, n_ctx=n_ctx, heads=_parse_layers(heads)),
-        neuron_settings=NeuronSettings(eval=eval or None, max_neurons=max_neurons),
-        command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo,
-    )
-    typer.echo(f"report: {res.report.resolve()}")
+    ks, cs, ns = A.build(KernelSettings, kw), A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
+    A.check_positive(n_samples=ks.n_samples, n_heldout=ks.n_heldout, n_ctx=ks.n_ctx, window=cs.window,
+                     max_neurons=ns.max_neurons)
+    A.check_out(out)
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
+        w = _load(rt, model)
+        A.check_kernel_settings(ks, w)
+        A.check_circuit_settings(cs, w)
+        with staged_output(out, "report") as tmp:
+            run_report(w, tmp, kernel_settings=ks, circuit_settings=cs, neuron_settings=ns,
+                       command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo)
+    typer.echo(f"report: {(out / 'report.html').resolve()}")
+
+
+@app.command(help="Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html "
+             f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
+@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS)
+def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
+           no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
+           dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw)
 
 
 @app.command()
-def demo(out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out")) -> None:
+def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), no_cache: NoCacheOpt = False,
+         device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
     """The whole method on the bundled demo model (offline, a few minutes on 2 cores); prints the report path."""
-    report(model="demo", out=out, samples="bundled:", n_samples=32, n_ctx=None, layers=None,
-           calibration="bundled:en_moby_dick", eval=None, heads=None, max_neurons=64)
+    _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {})
 
 
-@app.command()
+@app.command(help="Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall). Each "
+             "TEXT is one context, named by its file stem or bundled name; at least two, with distinct names, each "
+             f"long enough for one window in its 70% training and 30% test parts.\n\n{_TEXTS}")
 def probe(
-    model: ModelArg,
-    layer: Annotated[int, typer.Option(help="layer whose MLP activations are probed")] = 0,
-    text: Annotated[Optional[list[str]], typer.Option("--text", help="labelled texts (repeat); default: bundled")] = None,
-    as_json: JsonOpt = False,
+    ctx: typer.Context, model: ModelArg,
+    layer: Annotated[int, typer.Option(metavar="LAYER", help="layer whose MLP activations are probed (from 0)")] = 0,
+    text: Annotated[Optional[list[str]], typer.Option("--text", metavar="TEXT",
+                                                      help="labelled text (repeat) [default: every bundled text]")] = None,
+    n_ctx: Annotated[Optional[int], typer.Option(metavar="TOKENS", help=A.HELP["n_ctx"][1])] = None,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
-    """Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall)."""
     from .errors import check_index
-    from .probe import context_probe
+    from .probe import check_probe_texts, context_probe
 
-    w = _load(model)
-    check_index("layer", layer, w.n_layers)
-    r = context_probe(w, layer=layer, texts=text or None)
-    _emit(r.to_json(), as_json, lambda d: _print_table(
+    A.check_positive(n_ctx=n_ctx)
+    check_probe_texts(text)
+    rt = _runtime(ctx, device, dtype, revision)
+    with _session(no_cache, decode_errors, text):
+        w = _load(rt, model)
+        check_index("layer", layer, w.n_layers)
+        r = context_probe(w, layer=layer, texts=text or None, n_ctx=n_ctx)
+    _emit(r.to_json(), as_json, lambda d: print_table(
         {**{f"recall {k}": f"{v:.3f}" for k, v in d["recall"].items()}, "test accuracy": f"{d['test_accuracy']:.3f}",
          "chance": f"{d['chance']:.3f}", f"separated (recall >= {d['recall_min']})": ", ".join(d["separated"])},
         f"linear probe on layer-{layer} MLP activations"))
@@ -282,39 +279,228 @@ def probe(
 
 @app.command("train-demo")
 def train_demo_cmd(
-    out: Annotated[Path, typer.Option(help="folder for the trained model")] = Path("demo-model"),
-    corpora: Annotated[Path, typer.Option(help="folder of labelled .txt corpora")] = Path("../shared/corpora"),
-    max_minutes: Annotated[float, typer.Option(help="wall-clock training budget")] = 20.0,
-    seed: Annotated[int, typer.Option(help="seed")] = 0,
+    corpora: Annotated[Optional[Path], typer.Option(metavar="DIR", show_default=False,
+                                                    help="folder of labelled UTF-8 .txt corpora (required; see "
+                                                         "docs/demo-model.md for the sources)")] = None,
+    out: Annotated[Path, typer.Option(metavar="DIR", help="folder for the trained model")] = Path("demo-model"),
+    max_minutes: Annotated[float, typer.Option(metavar="MIN", help="wall-clock training budget in minutes")] = 20.0,
+    seed: Annotated[int, typer.Option(metavar="INT", help="seed")] = 0,
+    steps: Annotated[Optional[int], typer.Option(metavar="N", help="fixed number of steps (reproducible; overrides "
+                                                 "--max-minutes)")] = None,
+    save_every: Annotated[Optional[int], typer.Option(metavar="N", help="also keep a checkpoint OUT/step-NNNNNN every "
+                                                      "N steps, at step 0 and at the last step (needs --steps)")] = None,
+    batch_size: Annotated[int, typer.Option(metavar="N", help="windows per step")] = 16,
+    lr: Annotated[float, typer.Option(metavar="LR", help="peak learning rate")] = 3e-3,
+    n_ctx: Annotated[int, typer.Option(metavar="TOKENS", help="context length (positions)")] = 256,
+    n_embd: Annotated[int, typer.Option(metavar="N", help="model width")] = 192,
+    threads: Annotated[Optional[int], typer.Option(metavar="N", help="torch threads for this run [default: leave "
+                                                   "torch's setting]")] = None,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
-    from .train import train_demo
+    from .training import TrainConfig, train_demo
 
-    if not corpora.is_dir():
-        raise AttnscopeError(f"no corpora folder at {corpora}; pass --corpora PATH (a folder of .txt files)")
-    info = train_demo(corpora, out, seed=seed, max_minutes=max_minutes)
-    typer.echo(json.dumps({k: info[k] for k in info if k in ("steps", "tokens_seen", "wall_time_s", "heldout_loss", "unigram")},
-                          default=str))
+    _check_corpora(corpora)
+    A.check_out(out)
+    cfg = TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps, save_every=save_every,
+                      batch_size=batch_size, lr=lr, n_ctx=n_ctx, n_embd=n_embd, threads=threads)
+    info = train_demo(cfg)
+    ov = info["eval"]["overall"]
+    typer.echo(json.dumps({"steps": info["steps"], "tokens_seen": info["tokens_seen"],
+                           "wall_time_s": round(info["wall_time_s"], 1), "heldout_loss": round(ov["loss"], 4),
+                           "unigram": round(ov["unigram"], 4), "checkpoints": len(info["checkpoints"])}))
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
-def main() -> None:
-    """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
-    try:
-        app(standalone_mode=False)
-    except AttnscopeError as err:
-        typer.echo(f"error: {err}", err=True)
-        sys.exit(2)
-    except (typer.Abort, KeyboardInterrupt):
-        typer.echo("aborted", err=True)
-        sys.exit(130)
-    except Exception as err:  # click usage errors
-        import click
+def _check_corpora(corpora: Path | None) -> None:
+    from .texts import open_source
 
-        if isinstance(err, click.ClickException):
-            err.show()
-            sys.exit(err.exit_code)
-        raise
+    if corpora is None:
+        raise AttnscopeError("train-demo needs --corpora DIR, a folder of labelled .txt files (docs/demo-model.md "
+                             "lists the sources used for the bundled demo)")
+    if not corpora.is_dir():
+        raise AttnscopeError(f"--corpora {corpora} is not a folder; pass a folder of .txt files")
+    if not sorted(corpora.glob("*.txt")):
+        raise AttnscopeError(f"--corpora {corpora} holds no .txt files; pass a folder of labelled .txt corpora")
+    open_source(corpora)  # every file strict UTF-8, some text in it (one-line errors otherwise)
+
+
+@app.command()
+def evolution(
+    ctx: typer.Context,
+    checkpoints: Annotated[list[str], typer.Argument(metavar="CHECKPOINT...", show_default=False,
+                                                     help="model folders, a folder of checkpoint folders, or "
+                                                          "hub-id@revision")],
+    out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"),
+    n_samples: Annotated[int, typer.Option(metavar="N", help="kernel sample windows per checkpoint")] = 16,
+    top_k: Annotated[int, typer.Option(metavar="K", help="top neurons followed across steps")] = 10,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None,
+) -> None:
+    """How kernels, contextual heads and context neurons form over training checkpoints.
+
+    Writes OUT/evolution.json, OUT/evolution.html and three figures; see docs/evolution.md."""
+    from .cache import staged_output
+    from .evolution import EvolutionSettings, run_evolution
+    from .evolution_report import evolution_figures, write_evolution_page
+
+    A.check_positive(n_samples=n_samples, top_k=top_k)
+    rt = _runtime(ctx, device, dtype, None)
+    A.check_out(out)
+    s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k)
+    log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
+    with _session(no_cache, "strict"):
+        res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log)
+        with staged_output(out, "evolution") as tmp:
+            res.save(tmp)
+            figs = evolution_figures(res, tmp)
+            write_evolution_page(res, tmp, figs, command="attnscope " + " ".join(sys.argv[1:]))
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), indent=1, default=str))
+        return
+    _print_timeline(res.timeline)
+    typer.echo(f"wrote {out / 'evolution.json'}, {out / 'evolution.html'} and {len(figs)} figures")
+
+
+def _print_timeline(tl: dict) -> None:
+    for h, v in tl["layer0_heads"].items():
+        typer.echo(f"layer-0 head {h}: uniform at {v['first_uniform_step']}, leaves uniform at "
+                   f"{v['leaves_uniform_step']}, final {v['final_category']}")
+    typer.echo(f"all circuit conditions first pass at step {tl['all_conditions_first_pass']}, hold from "
+               f"{tl['all_conditions_hold_from']}; never passing: {', '.join(tl['never_passing_conditions']) or 'none'}")
+    for name, v in tl["context_neurons"].items():
+        typer.echo(f"{name}: true neuron from step {v['first_true_step']}, reported by the method from step "
+                   f"{v['first_found_step']}")
+
+
+@cache_app.command("info")
+def cache_info_cmd(as_json: JsonOpt = False) -> None:
+    """Where the cache is, and entries and size of each part (kernels, tokens, gguf, filehash)."""
+    from .cache import cache_info
+
+    d = cache_info()
+    _emit(d, as_json, lambda d: print_table(
+        {"path ($ATTNSCOPE_CACHE)": d["path"], **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB"
+                                                   for k, v in d["kinds"].items()},
+         "total": f"{d['total_bytes'] / 1e6:.1f} MB"}, "attnscope cache"))
+
+
+@cache_app.command("clear")
+def cache_clear_cmd(
+    kinds: Annotated[Optional[list[str]], typer.Argument(metavar="[PART]...", show_default=False,
+                                                         help="kernels, tokens, gguf or filehash [default: all]")] = None,
+) -> None:
+    """Remove the cache (or the named parts); everything in it is recomputed when next needed."""
+    from .cache import KINDS, cache_clear, cache_dir
+
+    bad = [k for k in kinds or [] if k not in KINDS]
+    if bad:
+        raise AttnscopeError(f"no cache part {bad[0]!r}; the parts are {', '.join(KINDS)}")
+    typer.echo(f"freed {cache_clear(kinds) / 1e6:.1f} MB in {cache_dir()}")
+
+
+# --- contrast (owner: truth helper; one self-contained block) -------------------------------------
+
+
+@app.command(help="Predict every layer-0 neuron's difference in mean pre-activation between text sources A and B "
+             "from the weights and the two sources' token counts (no forward pass over them); --verify runs the "
+             "model on windows of both and scores the prediction (true effect size d, Spearman, precision@k, "
+             f"recall@k).\n\nWrites OUT/contrast.json (one record per neuron) with --out.\n\n{_TEXTS}")
+@A.settings_options((CircuitSettings, ("calibration", "n_ctx")))
+def contrast(
+    ctx: typer.Context, model: ModelArg,
+    a: Annotated[str, typer.Option("--a", metavar="TEXT", help="text source A (see TEXT sources)")],
+    b: Annotated[str, typer.Option("--b", metavar="TEXT", help="text source B (see TEXT sources)")],
+    verify: Annotated[bool, typer.Option("--verify", help="run the model on windows of A and B")] = False,
+    max_windows: Annotated[int, typer.Option(metavar="N", help="--verify: windows per source; at least 2")] = 16,
+    top: Annotated[int, typer.Option(metavar="N", help="neurons printed each way")] = 10,
+    out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", show_default=False,
+                                                help="folder for contrast.json")] = None,
+    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .circuit import build_circuit
+    from .contrast import run_contrast
+
+    cs = A.build(CircuitSettings, kw)
+    A.check_positive(n_ctx=cs.n_ctx, top=top)
+    if max_windows < 2:
+        raise AttnscopeError(f"--max-windows {max_windows}: at least 2 windows per source are needed")
+    rt = _runtime(ctx, device, dtype, revision)
+    if out is not None:
+        A.check_out(out)
+    with _session(no_cache, decode_errors, cs.calibration, a, b):
+        w = _load(rt, model)
+        A.check_circuit_settings(cs, w)
+        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows)
+    if out is not None:
+        res.save(out)
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), default=str))
+        return
+    from .cli_show import print_contrast
+
+    print_contrast(res, top)
+    if out is not None:
+        typer.echo(f"wrote {out / 'contrast.json'}")
+
+
+@app.command(help="A local web page: test a neuron's explanation on your own text (true vs predicted pre-activation "
+             "per token, the evidence, and whether the input is inside the explanation's scope). Ctrl+C stops it.")
+def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path], typer.Option(
+              metavar="DIR", show_default=False, help="saved analysis: the output folder of `report` or `neurons` "
+              "[default: compute the circuit and neurons at start-up]")] = None,
+          port: Annotated[int, typer.Option(metavar="PORT", help="TCP port")] = 8000,
+          host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it to expose the page "
+                                            "beyond this machine")] = "127.0.0.1",
+          device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
+    from .serve import serve_command
+
+    serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo)
+
+
+def main() -> None:
+    """Console entry point: see the module docstring for the error path."""
+    from typer._click import exceptions as click_exc
+
+    _log_to_stderr()
+    try:
+        rc = app(standalone_mode=False)
+    except AttnscopeError as err:
+        _fail(" ".join(str(err).split()))
+    except click_exc.NoArgsIsHelpError as err:
+        typer.echo(err.ctx.get_help() if err.ctx else "")
+        _fail(f"no command given; pick one of the commands above (`{_prog(err)} --help`)")
+    except click_exc.UsageError as err:
+        _fail(f"{' '.join(err.format_message().split()).rstrip('.')}; see `{_prog(err)} --help`")
+    except click_exc.ClickException as err:
+        _fail(" ".join(err.format_message().split()))
+    except (click_exc.Abort, KeyboardInterrupt):
+        rc = 130
+    except OSError as err:  # disk full, permission denied while writing...
+        _fail(f"{err.filename or ''}: {err.strerror or err}; check the path, its permissions and free space")
+    if rc == 130:
+        typer.echo("interrupted: nothing was written (partial outputs are discarded)", err=True)
+    sys.exit(rc if isinstance(rc, int) else 0)
+
+
+class _StderrHandler(logging.Handler):
+    """Warnings as one line each on the current ``sys.stderr``."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"attnscope: warning: {' '.join(record.getMessage().split())}\n")
+
+
+def _log_to_stderr() -> None:
+    log = logging.getLogger("attnscope")
+    if not any(isinstance(h, _StderrHandler) for h in log.handlers):
+        log.addHandler(_StderrHandler(logging.WARNING))
+
+
+def _prog(err) -> str:
+    return err.ctx.command_path if getattr(err, "ctx", None) is not None else "attnscope"
+
+
+def _fail(msg: str) -> None:
+    typer.echo(f"error: {msg}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -31,18 +31,20 @@ offset dependence is carried by the static key.  The same TV distance measures h
 from __future__ import annotations
 
 import torch
+from jaxtyping import Complex, Float, Int
 from torch import Tensor
 
-from .forward import apply_rotary, attn_norm_params, mask_scores, project, qk_scores, rotary_cos_sin, static_positions
+from .forward import (LayerActivations, apply_rotary, attn_norm_params, mask_scores, project, qk_scores, rotary_cos_sin,
+                      static_positions)
 from .models import ModelWeights
 
 
-def centre(x: Tensor, weights: ModelWeights) -> Tensor:
+def centre(x: Float[Tensor, "*batch d_model"], weights: ModelWeights) -> Float[Tensor, "*batch d_model"]:
     """Subtract the mean over ``d_model`` for LayerNorm models (RMSNorm does not centre)."""
     return x - x.mean(-1, keepdim=True) if weights.norm == "layernorm" else x
 
 
-def reference_norm(weights: ModelWeights, tokens: Tensor | None = None) -> float:
+def reference_norm(weights: ModelWeights, tokens: Int[Tensor, "*shape"] | None = None) -> float:
     """Median norm of the (centred) token embeddings: the method's typical content norm ``c`` (3.5 in GPT-2).
 
     Over the whole vocabulary, or over ``tokens`` (e.g. a calibration text) when given.
@@ -51,13 +53,15 @@ def reference_norm(weights: ModelWeights, tokens: Tensor | None = None) -> float
     return float(centre(E.float(), weights).norm(dim=-1).median())
 
 
-def tv_distance(a: Tensor, b: Tensor) -> Tensor:
+def tv_distance(a: Float[Tensor, "*#batch n"], b: Float[Tensor, "*#batch n"]) -> Float[Tensor, "..."]:
     """Total-variation distance between distributions along the last axis: ``0.5 * sum |a - b|``."""
     return 0.5 * (a - b).abs().sum(-1)
 
 
-def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Tensor, pi: Tensor, q: Tensor,
-                        ref_norm: float) -> tuple[Tensor, Tensor, Tensor]:
+def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Float[Tensor, "batch pos d_model"],
+                        pi: Float[Tensor, "pos d_model"], q: Float[Tensor, "batch head pos d_head"], ref_norm: float
+                        ) -> tuple[Float[Tensor, "batch head pos pos"], Float[Tensor, "batch head pos pos"],
+                                   Float[Tensor, "batch head pos"]]:
     """Content and positional parts of the approximate scores (learned positions), unscaled, unmasked.
 
     norm_in: ``[batch, pos, d_model]`` input of the attention's norm; pi: ``[pos, d_model]`` static
@@ -89,7 +93,9 @@ def learned_score_parts(weights: ModelWeights, layer: int, norm_in: Tensor, pi: 
     return content, positional, bias
 
 
-def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Tensor, k_bar: Tensor) -> tuple[Tensor, Tensor]:
+def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Float[Tensor, "batch pos d_model"],
+                       k_bar: Float[Tensor, "head ctx d_head"]
+                       ) -> tuple[Float[Tensor, "batch head pos pos"], Float[Tensor, "batch head pos pos"]]:
     """Content (zero-offset) and positional (static key through the rotation) parts, unscaled, unmasked.
 
     attn_in: ``[batch, pos, d_model]``; k_bar: ``[head, pos, d_head]`` mean pre-rotation key per position.
@@ -105,14 +111,21 @@ def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Tensor, k_bar
     return content, positional
 
 
-def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor, ref_norm: float) -> Tensor:
+def approximate_pattern(weights: ModelWeights, layer: int, acts: LayerActivations,
+                        static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float,
+                        pair_weights: Complex[Tensor, "head pairs"] | None = None) -> Float[Tensor, "batch head pos pos"]:
     """Attention pattern ``[batch, head, n, i]`` implied by the content/position split of the keys.
 
     ``acts``: the layer's :class:`~attnscope.forward.LayerActivations`; ``static``: ``pi [pos, d_model]``
-    for learned positions, ``k_bar [head, pos, d_head]`` for rotary.
+    for learned positions, ``k_bar [head, pos, d_head]`` for rotary; ``pair_weights [head, D/2]``: the
+    separable rotary split (:func:`separable_rotary_score_parts`), else content at zero offset.
     """
     scale = weights.attn_scale[layer]
-    if weights.positional == "rotary":
+    if weights.positional == "rotary" and pair_weights is not None:
+        content, positional = separable_rotary_score_parts(weights, pre_rotation(weights, acts.q),
+                                                           pre_rotation(weights, acts.k), static, pair_weights)
+        s = content + positional
+    elif weights.positional == "rotary":
         content, positional = rotary_score_parts(weights, layer, acts.attn_in, static)
         s = content + positional
     else:
@@ -121,13 +134,14 @@ def approximate_pattern(weights: ModelWeights, layer: int, acts, static: Tensor,
     return mask_scores(weights, s / scale).softmax(-1)
 
 
-def positional_kernel_rows(weights: ModelWeights, layer: int, scores_pos: Tensor) -> Tensor:
+def positional_kernel_rows(weights: ModelWeights, layer: int, scores_pos: Float[Tensor, "*batch n i"]
+                           ) -> Float[Tensor, "*batch n i"]:
     """Softmax over keys of positional scores (``[..., n, i]``, unscaled): the kernel ``K_n(i)``."""
     return mask_scores(weights, scores_pos / weights.attn_scale[layer]).softmax(-1)
 
 
-def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_norm: float,
-                          rows: Tensor | None = None) -> Tensor:
+def layer0_weight_kernels(weights: ModelWeights, query: Float[Tensor, " d_model"], n_ctx: int, ref_norm: float,
+                          rows: Int[Tensor, " n_rows"] | None = None) -> Float[Tensor, "head n_rows n_ctx"]:
     r"""Layer-0 positional kernels from the weights alone (learned positions), ``[head, n, i]`` for the query
     positions ``rows`` (default: all ``n_ctx``).
 
@@ -155,14 +169,16 @@ def layer0_weight_kernels(weights: ModelWeights, query: Tensor, n_ctx: int, ref_
     return mask_scores(weights, positional, rows).softmax(-1)
 
 
-def approximate_tv(weights: ModelWeights, layer: int, acts, static: Tensor, ref_norm: float,
-                   chunk: int = 256) -> Tensor:
+def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
+                   static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float,
+                   pair_weights: Complex[Tensor, "head pairs"] | None = None, chunk: int = 256
+                   ) -> Float[Tensor, "batch head pos"]:
     """``TV(approximate pattern, true pattern)`` at every query position, ``[batch, head, n]``: the same
     numbers as ``tv_distance(approximate_pattern(...), acts.pattern)``, computed ``chunk`` query rows at a
     time (learned positions; causal models only over the visible keys), so that no ``[b, H, T, T]`` array
     is built beyond the true pattern.  Rotary models use :func:`approximate_pattern` directly."""
     if weights.positional == "rotary":
-        return tv_distance(approximate_pattern(weights, layer, acts, static, ref_norm), acts.pattern)
+        return tv_distance(approximate_pattern(weights, layer, acts, static, ref_norm, pair_weights), acts.pattern)
     gamma, beta = attn_norm_params(weights, layer)
     d, eps = weights.d_model, weights.eps
     Wk = gamma[None, :, None] * weights.W_K[layer]  # [h, d, dh]
@@ -190,4 +206,89 @@ def approximate_tv(weights: ModelWeights, layer: int, acts, static: Tensor, ref_
         s.add_(qp.sub_(qp_nn).mul_(inv_sigma_ref[:k])).add_(bias[:, :, r0:r1])
         s = mask_scores(weights, s, torch.arange(r0, r1, device=q.device)).softmax(-1)
         out[:, :, r0:r1] = 0.5 * s.sub_(acts.pattern[:, :, r0:r1, :k]).abs_().sum(-1)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Rotary positions: a separable split that keeps the rotation (docs/rotary-split.md)
+# --------------------------------------------------------------------------------------------------
+#
+# In the rotate-half layout, dimensions ``j`` and ``j + D/2`` (``D`` the rotary dimension) form the complex
+# number ``z_j = x_j + i x_{j+D/2}``, rotated by ``e^{i pos theta_j}``.  The score of query ``n`` and key
+# ``i`` (offset ``d = n - i``) is then, pair by pair, ``Re(zq_j conj(zk_j) e^{i d theta_j})`` (plus the
+# unrotated tail of a partial rotary).  Writing the pre-rotation key as its static part and a content
+# part, ``zk = zk_static + dzk``, the static part gives the positional score exactly and the content part
+# is the only one mixed with the offset.  The separable form replaces ``e^{i d theta_j}`` in the content
+# part by one complex number per frequency pair, ``c_j``: an amplitude and a phase.  Least squares over the
+# offsets with weights ``w(d)`` gives ``c_j = sum_d w(d) e^{i d theta_j}`` (the offset profile's
+# characteristic function at ``theta_j``); ``c_j = 1`` is the zero-offset split above.
+
+
+def rotary_frequencies(weights: ModelWeights) -> Tensor:
+    """``theta_j`` of each rotary frequency pair ``[D/2]`` (float64)."""
+    rd = weights.rotary_dim or weights.d_head
+    return 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
+
+
+def pair_weights_from_profile(weights: ModelWeights, profile: Tensor) -> Tensor:
+    """Least-squares ``c_j = sum_d w(d) e^{i d theta_j} / sum_d w(d)`` for offset weights ``profile [..., n_off]``
+    (offset ``d = 0, 1, ...``).  Returns complex ``[..., D/2]``; ``|c_j| <= 1``, ``c_j -> 1`` for slow pairs."""
+    theta = rotary_frequencies(weights).to(profile.device)
+    d = torch.arange(profile.shape[-1], dtype=torch.float64, device=profile.device)
+    phase = torch.polar(torch.ones(len(d), len(theta), dtype=torch.float64, device=profile.device), d[:, None] * theta)
+    p = profile.to(torch.float64)
+    return (p.to(torch.complex128) @ phase) / p.sum(-1, keepdim=True)
+
+
+def apply_pair_weights(weights: ModelWeights, x: Tensor, c: Tensor) -> Tensor:
+    """Multiply each rotary pair of ``x [..., h, pos, d_head]`` by the complex ``c [h, D/2]`` (tail unchanged).
+
+    ``(c . zq)`` then dotted with ``zk`` equals ``Re(zq conj(zk) c)``: the pair-averaged rotation."""
+    rd = weights.rotary_dim or weights.d_head
+    half = rd // 2
+    re, im = c.real.to(x.dtype)[:, None], c.imag.to(x.dtype)[:, None]  # [h, 1, D/2]
+    x1, x2 = x[..., :half], x[..., half:rd]
+    out = torch.cat([x1 * re - x2 * im, x1 * im + x2 * re], -1)
+    return torch.cat([out, x[..., rd:]], -1) if x.shape[-1] > rd else out
+
+
+def separable_rotary_score_parts(weights: ModelWeights, q_pre: Tensor, k_pre: Tensor, k_static: Tensor,
+                                 c: Tensor) -> tuple[Tensor, Tensor]:
+    """Separable rotary split, unscaled and unmasked: ``content [b, h, n, i]`` and ``positional [b, h, n, i]``.
+
+    q_pre: ``[b, h, n, d_head]`` pre-rotation queries (exact, or a typical query broadcast);
+    k_pre: ``[b, h, i, d_head]`` pre-rotation keys; k_static: ``[h, i, d_head]`` static (mean) pre-rotation key;
+    c: ``[h, D/2]`` complex pair weights.  ``content(n, i) = sum_j Re(zq_n conj(zk_i - zk_static_i) c_j)``
+    depends on the key's content only; ``positional(n, i) = (R_n q_n) . (R_i k_static_i)`` is exact.
+    ``c = 1`` gives :func:`rotary_score_parts`' zero-offset content.
+    """
+    T = k_pre.shape[-2]
+    content = torch.einsum("bhne,bhie->bhni", apply_pair_weights(weights, q_pre, c), k_pre - k_static[None, :, :T])
+    cos, sin = rotary_cos_sin(weights, torch.arange(T, device=k_pre.device))
+    positional = torch.einsum("bhne,hie->bhni", apply_rotary(q_pre, cos, sin), apply_rotary(k_static[:, :T], cos, sin))
+    return content, positional
+
+
+def pre_rotation(weights: ModelWeights, x: Tensor) -> Tensor:
+    """Undo the rotation of rotated queries or keys ``[..., pos, d_head]`` (positions ``0..pos-1``)."""
+    cos, sin = rotary_cos_sin(weights, torch.arange(x.shape[-2], device=x.device))
+    return apply_rotary(x, cos, -sin)
+
+
+def pair_weights_of_kernel(weights: ModelWeights, kernel_rows: Tensor, skip_first: bool) -> Tensor:
+    """Pair weights ``c [H, D/2]`` from each head's own kernel at the last query position (``kernel_rows [H, T]``,
+    offset ``d = T - 1 - i``); with ``skip_first`` the first position (the sink) is left out of the profile."""
+    prof = kernel_rows.double().clone()
+    if skip_first:
+        prof[:, 0] = 0
+    return pair_weights_from_profile(weights, prof.flip(-1))
+
+
+def pooled_static_keys(k_pre: Tensor, bos: bool) -> Tensor:
+    """Layer-0 static pre-rotation keys ``[H, T, d_head]`` of one text's keys ``k_pre [H, T, d_head]``: positions are
+    exchangeable at layer 0, so one mean key for every position (the BOS keeps its own key at position 0)."""
+    start = 1 if bos else 0
+    out = k_pre[:, start:].mean(1, keepdim=True).expand(-1, k_pre.shape[1], -1).clone()
+    if bos:
+        out[:, 0] = k_pre[:, 0]
     return out

@@ -15,18 +15,20 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from .errors import AttnscopeError
 from .models import ModelWeights
 
 
-def layer_norm(x: Tensor, w: Tensor | None, b: Tensor | None, eps: float) -> Tensor:
+def layer_norm(x: Float[Tensor, "*batch d"], w: Float[Tensor, " d"] | None, b: Float[Tensor, " d"] | None,
+               eps: float) -> Float[Tensor, "*batch d"]:
     """LayerNorm over the last dimension: ``(x - mean) / sqrt(var + eps) * w + b``."""
     return F.layer_norm(x, x.shape[-1:], w, b, eps)
 
 
-def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
+def rms_norm(x: Float[Tensor, "*batch d"], w: Float[Tensor, " d"], eps: float) -> Float[Tensor, "*batch d"]:
     """RMSNorm as Llama computes it (in float32, then cast back)."""
     dt = x.dtype
     x32 = x.float()
@@ -34,13 +36,16 @@ def rms_norm(x: Tensor, w: Tensor, eps: float) -> Tensor:
     return w * x32.to(dt)
 
 
-def norm(weights: ModelWeights, x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+def norm(weights: ModelWeights, x: Float[Tensor, "*batch d"], w: Float[Tensor, " d"], b: Float[Tensor, " d"] | None
+         ) -> Float[Tensor, "*batch d"]:
+    """The model's norm (LayerNorm or RMSNorm) with gain ``w`` and bias ``b``."""
     if weights.norm == "rmsnorm":
         return rms_norm(x, w, weights.eps)
     return layer_norm(x, w, b, weights.eps)
 
 
-def activation(name: str, x: Tensor) -> Tensor:
+def activation(name: str, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]:
+    """The MLP's activation function by its Hugging Face name."""
     if name in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
         return F.gelu(x, approximate="tanh")
     if name == "gelu":
@@ -52,7 +57,8 @@ def activation(name: str, x: Tensor) -> Tensor:
     raise ValueError(f"unsupported activation {name!r}")
 
 
-def rotary_cos_sin(weights: ModelWeights, positions: Tensor) -> tuple[Tensor, Tensor]:
+def rotary_cos_sin(weights: ModelWeights, positions: Int[Tensor, " pos"]
+                   ) -> tuple[Float[Tensor, "pos rot"], Float[Tensor, "pos rot"]]:
     """``cos, sin``: ``[n_pos, rotary_dim]`` in the rotate-half layout Hugging Face Llama uses."""
     rd = weights.rotary_dim or weights.d_head
     inv_freq = 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float() / rd))
@@ -61,7 +67,8 @@ def rotary_cos_sin(weights: ModelWeights, positions: Tensor) -> tuple[Tensor, Te
     return emb.cos(), emb.sin()
 
 
-def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+def apply_rotary(x: Float[Tensor, "*batch pos d_head"], cos: Float[Tensor, "pos rot"], sin: Float[Tensor, "pos rot"]
+                 ) -> Float[Tensor, "*batch pos d_head"]:
     """Rotate ``x [..., n_pos, d_head]`` (rotate-half convention; partial rotary leaves the tail alone)."""
     rd = cos.shape[-1]
     xr, xp = x[..., :rd], x[..., rd:]
@@ -71,7 +78,7 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([out, xp], dim=-1) if xp.shape[-1] else out
 
 
-def embed(weights: ModelWeights, tokens: Tensor) -> Tensor:
+def embed(weights: ModelWeights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     """Residual stream entering layer 0: ``[batch, pos, d_model]`` (after the embedding LayerNorm, if any)."""
     x = embed_raw(weights, tokens)
     if weights.ln_emb_w is not None:
@@ -79,7 +86,7 @@ def embed(weights: ModelWeights, tokens: Tensor) -> Tensor:
     return x
 
 
-def embed_raw(weights: ModelWeights, tokens: Tensor) -> Tensor:
+def embed_raw(weights: ModelWeights, tokens: Int[Tensor, "batch pos"]) -> Float[Tensor, "batch pos d_model"]:
     """Token + position (+ token-type) embedding before any embedding LayerNorm: ``[batch, pos, d_model]``."""
     x = weights.W_E[tokens]
     if weights.W_pos is not None:
@@ -99,24 +106,24 @@ class LayerActivations:
     """What one layer computes on a batch (shapes in comments)."""
 
     layer: int
-    resid_pre: Tensor  # [batch, pos, d_model] residual entering the layer
-    norm_in: Tensor  # [batch, pos, d_model] input of the norm that produces attn_in (see attn_norm_params)
-    attn_in: Tensor  # [batch, pos, d_model] normalised input the heads read (== resid_pre for post-LN)
-    q: Tensor  # [batch, head, pos, d_head] after rotary
-    k: Tensor  # [batch, head, pos, d_head] after rotary
-    v: Tensor  # [batch, head, pos, d_head]
-    scores: Tensor | None  # [batch, head, query_pos, key_pos] scaled, masked (-inf); None without patterns
-    pattern: Tensor | None  # [batch, head, query_pos, key_pos]; None when run with patterns=False
-    z: Tensor  # [batch, head, pos, d_head] pattern-weighted values
-    attn_out: Tensor  # [batch, pos, d_model] sum of head outputs + b_O
-    mlp_in: Tensor  # [batch, pos, d_model] normalised input of the MLP
-    mlp_pre: Tensor  # [batch, pos, d_mlp] pre-activation (the gate's, for gated MLPs)
-    mlp_post: Tensor  # [batch, pos, d_mlp] activation (act(gate) * up for gated MLPs)
-    resid_post: Tensor  # [batch, pos, d_model]
+    resid_pre: Float[Tensor, "batch pos d_model"]  # residual entering the layer
+    norm_in: Float[Tensor, "batch pos d_model"]  # input of the norm that produces attn_in (see attn_norm_params)
+    attn_in: Float[Tensor, "batch pos d_model"]  # normalised input the heads read (== resid_pre for post-LN)
+    q: Float[Tensor, "batch head pos d_head"]  # after rotary
+    k: Float[Tensor, "batch head pos d_head"]  # after rotary
+    v: Float[Tensor, "batch head pos d_head"]
+    scores: Float[Tensor, "batch head pos pos"] | None  # [query_pos, key_pos] scaled, masked (-inf); None without patterns
+    pattern: Float[Tensor, "batch head pos pos"] | None  # [query_pos, key_pos]; None when run with patterns=False
+    z: Float[Tensor, "batch head pos d_head"]  # pattern-weighted values
+    attn_out: Float[Tensor, "batch pos d_model"]  # sum of head outputs + b_O
+    mlp_in: Float[Tensor, "batch pos d_model"]  # normalised input of the MLP
+    mlp_pre: Float[Tensor, "batch pos d_mlp"]  # pre-activation (the gate's, for gated MLPs)
+    mlp_post: Float[Tensor, "batch pos d_mlp"]  # activation (act(gate) * up for gated MLPs)
+    resid_post: Float[Tensor, "batch pos d_model"]
 
 
 def causal_mask(n_query: int, n_key: int, device: torch.device | str | None = None,
-                query_positions: Tensor | None = None) -> Tensor:
+                query_positions: Int[Tensor, " n_query"] | None = None) -> Bool[Tensor, "n_query n_key"]:
     """``[n_query, n_key]`` bool, True where key ``i`` is visible from the query (``i <= n``).
 
     The queries sit at ``query_positions`` when given, else at the last ``n_query`` key positions."""
@@ -125,7 +132,8 @@ def causal_mask(n_query: int, n_key: int, device: torch.device | str | None = No
     return torch.arange(n_key, device=device)[None, :] <= query_positions.to(device)[:, None]
 
 
-def mask_scores(weights: ModelWeights, scores: Tensor, query_positions: Tensor | None = None) -> Tensor:
+def mask_scores(weights: ModelWeights, scores: Float[Tensor, "*batch n_query n_key"],
+                query_positions: Int[Tensor, " n_query"] | None = None) -> Float[Tensor, "*batch n_query n_key"]:
     """``scores [..., n_query, n_key]`` with invisible keys set to ``-inf`` (causal models; else unchanged)."""
     if not weights.causal:
         return scores
@@ -133,7 +141,8 @@ def mask_scores(weights: ModelWeights, scores: Tensor, query_positions: Tensor |
     return scores.masked_fill(~causal_mask(Tq, Tk, scores.device, query_positions), float("-inf"))
 
 
-def project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
+def project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"], b: Float[Tensor, "head d_head"]
+            ) -> Float[Tensor, "batch head pos d_head"]:
     """Per-head projection ``x W + b``: ``x [batch, pos, d_model]``, ``W [head, d_model, d_head]``,
     ``b [head, d_head]`` -> ``[batch, head, pos, d_head]`` (queries, keys or values before rotary)."""
     return torch.einsum("bpd,hde->bhpe", x, W) + b[None, :, None]
@@ -142,7 +151,7 @@ def project(x: Tensor, W: Tensor, b: Tensor) -> Tensor:
 _QK = {(4, 4): "bhne,bhie->bhni", (4, 3): "bhne,hie->bhni", (3, 3): "hne,hie->hni"}
 
 
-def qk_scores(q: Tensor, k: Tensor) -> Tensor:
+def qk_scores(q: Float[Tensor, "*batch n d_head"], k: Float[Tensor, "*#batch i d_head"]) -> Float[Tensor, "*batch n i"]:
     """Unscaled, unmasked dot products ``q_n . k_i`` -> ``[..., n, i]``.
 
     ``q [batch, head, n, d_head]`` with ``k [batch, head, i, d_head]`` or ``k [head, i, d_head]`` (keys shared
@@ -150,19 +159,23 @@ def qk_scores(q: Tensor, k: Tensor) -> Tensor:
     return torch.einsum(_QK[q.dim(), k.dim()], q, k)
 
 
-def static_positions(weights: ModelWeights, n_ctx: int) -> Tensor:
+def static_positions(weights: ModelWeights, n_ctx: int) -> Float[Tensor, "n_ctx d_model"]:
     """Static positional part of the embedding ``[n_ctx, d_model]``: what the embedding adds to a token at each
     position (``W_pos`` plus BERT's token-type row), as ``embed_raw`` computes it for token 0, minus ``W_E[0]``."""
     zeros = torch.zeros(1, n_ctx, dtype=torch.long, device=weights.device)
     return embed_raw(weights, zeros)[0] - weights.W_E[0]
 
 
-def attention_scores(weights: ModelWeights, layer: int, q: Tensor, k: Tensor) -> Tensor:
+def attention_scores(weights: ModelWeights, layer: int, q: Float[Tensor, "batch head q_pos d_head"],
+                     k: Float[Tensor, "batch head k_pos d_head"]) -> Float[Tensor, "batch head q_pos k_pos"]:
     """Scaled, masked scores ``[batch, head, q_pos, k_pos]`` from rotated ``q, k``."""
     return mask_scores(weights, qk_scores(q, k) / weights.attn_scale[layer])
 
 
-def qkv(weights: ModelWeights, layer: int, x: Tensor, positions: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def qkv(weights: ModelWeights, layer: int, x: Float[Tensor, "batch pos d_model"],
+        positions: Int[Tensor, " pos"] | None = None) -> tuple[Float[Tensor, "batch head pos d_head"],
+                                                             Float[Tensor, "batch head pos d_head"],
+                                                             Float[Tensor, "batch head pos d_head"]]:
     """Queries, keys and values ``[batch, head, pos, d_head]`` of the normalised input ``x``."""
     l = layer
     q = project(x, weights.W_Q[l], weights.b_Q[l])
@@ -176,7 +189,7 @@ def qkv(weights: ModelWeights, layer: int, x: Tensor, positions: Tensor | None =
     return q, k, v
 
 
-def attn_norm_params(weights: ModelWeights, layer: int) -> tuple[Tensor, Tensor | None]:
+def attn_norm_params(weights: ModelWeights, layer: int) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"] | None]:
     """``(gamma, beta)`` of the norm whose output the heads of ``layer`` read.
 
     Pre-LN: the layer's ``ln1``.  Post-LN (BERT): the embedding LayerNorm for layer 0, else the previous
@@ -205,8 +218,8 @@ def attend(weights: ModelWeights, layer: int, q: Tensor, k: Tensor, v: Tensor, p
     return None, None, z
 
 
-def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None = None, patterns: bool = True
-                ) -> Iterator[LayerActivations]:
+def iter_layers(weights: ModelWeights, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"], *,
+                stop_layer: int | None = None, patterns: bool = True) -> Iterator[LayerActivations]:
     """Run the model layer by layer from its weights; yields after each layer, up to ``stop_layer``.
 
     ``tokens``: ``[batch, pos]`` (a 1-D tensor is treated as one sequence).  ``patterns=False``: fused
@@ -225,7 +238,8 @@ def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None
         attn_out = torch.einsum("bhpe,hed->bpd", z, weights.W_O[l]) + weights.b_O[l]
         if pre:
             mid = x + attn_out
-            m_in = norm(weights, mid, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
+            m_src = x if weights.parallel_attn_mlp else mid  # GPT-NeoX: attention and MLP read the same input
+            m_in = norm(weights, m_src, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
         else:
             mid = layer_norm(x + attn_out, weights.ln1_w[l], weights.ln1_b[l], weights.eps)
             m_in = mid
@@ -246,7 +260,8 @@ def iter_layers(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None
 
 
 @torch.no_grad()
-def run(weights: ModelWeights, tokens: Tensor, *, stop_layer: int | None = None) -> list[LayerActivations]:
+def run(weights: ModelWeights, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"], *,
+        stop_layer: int | None = None) -> list[LayerActivations]:
     """All layers' activations (small inputs only; use :func:`iter_layers` to stream)."""
     return list(iter_layers(weights, tokens, stop_layer=stop_layer))
 
@@ -259,11 +274,14 @@ def _mlp_pre_module(hf_model, layer: int):
         return hf_model.model.layers[layer].mlp.gate_proj
     if t == "bert":
         return hf_model.encoder.layer[layer].intermediate.dense
+    if t == "gpt_neox":
+        return hf_model.gpt_neox.layers[layer].mlp.dense_h_to_4h
     raise ValueError(t)
 
 
 @torch.no_grad()
-def hf_activations(hf_model, tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+def hf_activations(hf_model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+                   ) -> tuple[list[Float[Tensor, "batch head pos pos"]], list[Float[Tensor, "batch pos d_mlp"]]]:
     """The model's own numbers: ``(patterns, mlp_pre)`` per layer from ``output_attentions`` and hooks.
 
     patterns: ``[batch, head, q_pos, k_pos]``; mlp_pre: ``[batch, pos, d_mlp]``.
@@ -286,7 +304,8 @@ def hf_activations(hf_model, tokens: Tensor) -> tuple[list[Tensor], list[Tensor]
 
 
 @torch.no_grad()
-def compare_with_model(weights: ModelWeights, hf_model, tokens: Tensor) -> dict[str, list[float]]:
+def compare_with_model(weights: ModelWeights, hf_model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " pos"]
+                       ) -> dict[str, list[float]]:
     """Max abs difference per layer between :func:`run` and the model's own forward pass."""
     ours = run(weights, tokens.to(weights.device))
     pats, pres = hf_activations(hf_model, tokens)

@@ -16,6 +16,11 @@ the content there.  attnscope estimates it three ways:
 * **mean attention** (every layer; method §5.2 b2): the average attention row, used as a cross-check on
   held-out samples (``tv_kernel_vs_attention``).
 
+**Sinks** (method §15): every head's attention on the first position (BOS, or the first token) is reported
+as its own property, ``sink_mass`` (median over held-out query positions of the true attention there) and
+``sink_mass_cv``; the category, ``N_eff``, decay and median offset come from the kernel over the remaining
+positions, renormalised, so a head reads ``"sink 0.70 + slow decay"`` (:meth:`HeadRecord.display`).
+
 Kernels are kept for a few query positions only (``[layers, heads, n_query, n_ctx]``), never as full
 ``n_ctx^2`` matrices; statistics stream over samples so memory does not grow with their number.
 """
@@ -25,10 +30,12 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from .categories import (  # noqa: F401  (re-exported: the categories and their properties used to live here)
@@ -49,13 +56,23 @@ from .categories import (  # noqa: F401  (re-exported: the categories and their 
     offset_profile,
     thresholds,
 )
-from .decomposition import approximate_tv, centre, layer0_weight_kernels, reference_norm, tv_distance
+from .decomposition import (
+    approximate_tv,
+    centre,
+    layer0_weight_kernels,
+    pair_weights_of_kernel,
+    pooled_static_keys,
+    reference_norm,
+    tv_distance,
+)
 from .errors import AttnscopeError, check_index
-from .forward import apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
-from .models import ModelWeights, cache_dir
+from .cache import atomic_dir, cache_dir, read_or_drop
+from .forward import LayerActivations, apply_rotary, iter_layers, mask_scores, qk_scores, rotary_cos_sin
+from .models import ModelWeights
+from .sinks import SinkStats, sink_label, split_sink
 from .texts import load_windows
 
-SCHEMA_VERSION = 1  # of kernels.json / kernels.safetensors
+SCHEMA_VERSION = 2  # of kernels.json / kernels.safetensors (2: sink-aware categories, sink_mass fields)
 
 
 @dataclass
@@ -99,25 +116,33 @@ class HeadRecord:
 
     layer: int
     head: int
-    category: str
-    n_eff: float  # effective width 1/sum K^2 at the reference query position
+    category: str  # of the kernel without the first position (renormalised): never "first-token sink"
+    n_eff: float  # effective width 1/sum K^2 at the reference query position (first position excluded)
     n_eff_fraction: float  # n_eff / number of visible keys
     decay_length: float | None  # tau of the exponential fit K(d) ~ exp(-d / tau)
     decay_fit_r2: float | None  # weighted R^2 of that fit (log scale)
     median_offset: int  # offset below which half the kernel mass lies
-    mass_first: float  # K_n(0)
+    mass_first: float  # K_n(0) of the full data kernel
     mass_self: float  # K_n(n)
     mass_prev: float  # K_n(n-1)
-    query_consistency: float  # mean TV between per-text query kernels and the mean-query kernel
+    query_consistency: float | None  # mean TV between per-text query kernels and the mean-query kernel
     equivariance: float  # max TV between K_n(n - d) at different n (renormalised on common offsets)
-    tv_decomposition: dict[str, float]  # TV(true, content+position pattern): mean, median, p90
-    tv_kernel_vs_attention: float  # TV between kernel and mean held-out attention (mean over query positions)
+    tv_decomposition: dict[str, float] | None  # TV(true, content+position pattern): mean, median, p90
+    tv_kernel_vs_attention: float | None  # TV between kernel and mean held-out attention (mean over query positions)
+    # these three are None when no held-out window was analysed (n_heldout=0): the validation was not run
     tv_weights_vs_data: float | None = None  # layer 0, learned positions: weights kernel vs data kernel
     weights_query_consistency: float | None = None  # layer 0: TV of generic-token-query kernels to the mean one
     tv_rotary_offset_vs_data: float | None = None  # rotary: offset-only kernel vs the data kernel
+    sink_mass: float | None = 0.0  # None when not measured (n_heldout=0); median over held-out query positions n >= n_sink of the true attention on position 0
+    sink_mass_cv: float | None = 0.0  # its coefficient of variation over those positions (and texts)
+    sink_dominated: bool = False  # sink_mass >= SINK_MASS: the head's attention is mostly on the sink
 
     def label(self) -> str:
         return f"L{self.layer}H{self.head}"
+
+    def display(self) -> str:
+        """``"sink 0.70 + slow decay"``, or the category alone when the sink mass is small."""
+        return sink_label(self.sink_mass, self.category)
 
 
 @dataclass
@@ -148,7 +173,7 @@ class KernelResult:
             "query_positions": self.query_positions,
             "reference_norms": {str(k): v for k, v in self.ref_norms.items()},
             "thresholds": thresholds(),
-            "heads": [asdict(r) for r in self.records],
+            "heads": [{**asdict(r), "display": r.display()} for r in self.records],
         }
 
     def save(self, out: str | Path) -> Path:
@@ -171,7 +196,7 @@ class KernelResult:
             raise AttnscopeError(f"{out / 'kernels.json'} has schema version {version}, this attnscope reads "
                                  f"{SCHEMA_VERSION}; recompute the kernels (attnscope kernels ... --no-cache)")
         return cls(model=d["model"], settings=d["settings"], provenance=d["provenance"],
-                   query_positions=d["query_positions"], records=[HeadRecord(**h) for h in d["heads"]],
+                   query_positions=d["query_positions"], records=[HeadRecord(**{k: v for k, v in h.items() if k != "display"}) for h in d["heads"]],
                    arrays=load_file(str(out / "kernels.safetensors")),
                    ref_norms={int(k): v for k, v in d["reference_norms"].items()}, schema_version=version)
 
@@ -183,7 +208,7 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "v": 2}, sort_keys=True)
+                       "v": 4}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -201,24 +226,28 @@ class KernelEstimate:
 
     layers: list[int]
     query_positions: list[int]
-    mean_q: Tensor  # [L, H, T, d_head] mean (rotated) query per position
-    mean_k: Tensor  # [L, H, T, d_head] mean (rotated) key per position
-    static: Tensor  # [L, T, d_model] static positional part (learned) or [L, H, T, d_head] pre-rotation keys (rotary)
+    mean_q: Float[Tensor, "layer head ctx d_head"]  # mean (rotated) query per position
+    mean_k: Float[Tensor, "layer head ctx d_head"]  # mean (rotated) key per position
+    # static positional part (learned) or the mean pre-rotation keys (rotary)
+    static: Float[Tensor, "layer ctx d_model"] | Float[Tensor, "layer head ctx d_head"]
     ref_norms: dict[int, float]  # reference norm c per layer
-    data_kernel: Tensor  # [L, H, n_query, T]
+    data_kernel: Float[Tensor, "layer head n_query ctx"]
 
 
 @dataclass
 class KernelValidation:
     """What the held-out pass measures."""
 
-    tv_decomposition: list[Tensor]  # per layer [H, n held-out query positions]: TV(true, content+position pattern)
-    mean_attention: Tensor  # [L, H, n_query, T] mean held-out attention rows
-    query_consistency: Tensor  # [L, H] mean TV of per-text query kernels to the data kernel
+    tv_decomposition: list[Float[Tensor, "head _n"]]  # per layer, over held-out positions: TV(true, content+position)
+    mean_attention: Float[Tensor, "layer head n_query ctx"]  # mean held-out attention rows
+    query_consistency: Float[Tensor, "layer head"]  # mean TV of per-text query kernels to the data kernel
+    sink: list[Float[Tensor, "head _n"]] | None = None  # per layer: true attention on position 0 at n >= n_sink
+    n_windows: int = 0  # held-out windows analysed; 0: the validations were not run
 
 
-def _accumulate_means(w: ModelWeights, windows: Tensor, s: KernelSettings, li: dict[int, int], bar
-                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _accumulate_means(w: ModelWeights, windows: Int[Tensor, "n ctx"], s: KernelSettings, li: dict[int, int], bar
+                      ) -> tuple[Float[Tensor, "layer head ctx d_head"], Float[Tensor, "layer head ctx d_head"],
+                                 Float[Tensor, "layer ctx d_model"], Float[Tensor, " layer"]]:
     """Streaming means over ``windows`` of queries, keys and the (pre-norm) residual per position, and the
     sum of the squared centred residual (``[L, H, T, dh]`` x2, ``[L, T, d]``, ``[L]``)."""
     L, H, T, dh, d, f64 = len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, torch.float64
@@ -235,8 +264,8 @@ def _accumulate_means(w: ModelWeights, windows: Tensor, s: KernelSettings, li: d
     return (sum_q / n).to(w.dtype), (sum_k / n).to(w.dtype), sum_resid / n, sum_sq
 
 
-def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Tensor, sum_sq: Tensor, n_seen: int
-                 ) -> tuple[Tensor, dict[int, float]]:
+def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Float[Tensor, "layer ctx d_model"],
+                 sum_sq: Float[Tensor, " layer"], n_seen: int) -> tuple[Float[Tensor, "layer ctx d_model"], dict[int, float]]:
     """Static positional part of the residual (mean over texts, centred over positions; layer 0 with learned
     positions: the method's exact split ``W_pos`` (+ token type)) and the reference norm of each layer."""
     T = s.n_ctx
@@ -253,7 +282,7 @@ def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Tensor, sum_sq:
 
 
 @torch.no_grad()
-def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, *, bar=None) -> KernelEstimate:
+def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], *, bar=None) -> KernelEstimate:
     """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``."""
     li = {l: j for j, l in enumerate(s.layers)}
     qpos = query_positions(s.n_ctx, w.causal)
@@ -269,29 +298,47 @@ def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, *, bar
 
 
 @torch.no_grad()
-def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Tensor, *, bar=None
-                     ) -> KernelValidation:
+def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Int[Tensor, "n ctx"], *,
+                     bar=None) -> KernelValidation:
     """Held-out checks on ``windows``: the decomposition's TV, the mean attention and query consistency."""
     li = {l: j for j, l in enumerate(est.layers)}
     L, H, T, qpos, f64 = len(li), w.n_heads, s.n_ctx, est.query_positions, torch.float64
     qp = torch.tensor(qpos, device=w.device)
     tvs: list[list[Tensor]] = [[] for _ in li]
+    sinks: list[list[Tensor]] = [[] for _ in li]
+    n_sink = qpos[0]  # sink statistics from the first kept query position on (early rows see few keys)
     sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
     cons = torch.zeros(L, H, dtype=f64, device=w.device)
+    pairs, statics = _rotary_split_inputs(w, est)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
-        tv = approximate_tv(w, a.layer, a, est.static[j], est.ref_norms[a.layer])  # [b, H, T], in row chunks
+        tv = approximate_tv(w, a.layer, a, statics[j], est.ref_norms[a.layer], pairs[j])  # [b, H, T], in row chunks
         tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float())
+        sinks[j].append(a.pattern[:, :, n_sink:, 0].permute(1, 0, 2).reshape(H, -1).float())
         sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
         # query consistency: each text's own query at n with the static keys
         per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
         cons[j] += tv_distance(per_text, est.data_kernel[j][None]).mean(-1).sum(0).to(f64)
     n_held = max(1, windows.shape[0])
     return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1, device=w.device) for t in tvs],
-                            (sum_attn / n_held).to(w.dtype), cons / n_held)
+                            (sum_attn / n_held).to(w.dtype), cons / n_held,
+                            [torch.cat(t, 1) if t else torch.zeros(H, 1, device=w.device) for t in sinks],
+                            windows.shape[0])
 
 
-def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_norm: float, qpos: list[int]
-                    ) -> tuple[Tensor, Tensor]:
+def _rotary_split_inputs(w: ModelWeights, est: KernelEstimate) -> tuple[list, list]:
+    """Per analysed layer: the separable rotary split's pair weights (from the data kernel at the reference
+    query, first position excluded; ``None`` for learned positions) and the static part (layer 0 of a rotary
+    model: one pooled key for every position after the BOS, positions being exchangeable there)."""
+    bos = w.analysis_bos is not None
+    if w.positional != "rotary":
+        return [None] * len(est.layers), [est.static[j] for j in range(len(est.layers))]
+    pairs = [pair_weights_of_kernel(w, est.data_kernel[j, :, -1], True) for j in range(len(est.layers))]
+    statics = [pooled_static_keys(est.static[j], bos) if l == 0 else est.static[j] for j, l in enumerate(est.layers)]
+    return pairs, statics
+
+
+def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], ref_norm: float, qpos: list[int]
+                    ) -> tuple[Float[Tensor, "head n_query ctx"], Float[Tensor, " head"]]:
     """Layer-0 weights kernels ``[H, nq, T]`` (learned positions) with the query of ``s.weights_query``, and
     their consistency ``[H]`` across generic query tokens (the samples' most frequent tokens; method §5.2c)."""
     T, qp = s.n_ctx, torch.tensor(qpos, device=w.device)
@@ -309,7 +356,7 @@ def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Tensor, ref_nor
     return kernel, tv_distance(per_tok, kernel[None]).mean(-1).mean(0)
 
 
-def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Tensor:
+def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Float[Tensor, "layer head n_query ctx"]:
     """The attnscope extension for rotary models ``[L, H, nq, T]``: position-averaged pre-rotation query and
     key through the rotation, so ``K_n(i)`` depends on the offset ``i - n`` only (translation-equivariant by
     construction)."""
@@ -323,23 +370,25 @@ def rotary_offset_kernels(w: ModelWeights, est: KernelEstimate) -> Tensor:
                                         apply_rotary(k_pre, cos, sin))
 
 
-def _mean_tv(a: Tensor | None, b: Tensor) -> float | None:
+def _mean_tv(a: Float[Tensor, "n_query ctx"] | None, b: Float[Tensor, "n_query ctx"]) -> float | None:
     return None if a is None else float(tv_distance(a, b).mean())
 
 
 def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, arrays: dict[str, Tensor],
-                 weights_consistency: Tensor | None) -> list[HeadRecord]:
+                 weights_consistency: Float[Tensor, " head"] | None) -> list[HeadRecord]:
     """One :class:`HeadRecord` per analysed head, from the kernel row at the reference query position."""
     nref, dk, records = est.query_positions[-1], est.data_kernel, []
     wk, rot = arrays.get("weights_kernel_layer0"), arrays.get("rotary_offset_kernel")
     for j, l in enumerate(est.layers):
         for h in range(w.n_heads):
-            row, tvd = dk[j, h, -1], val.tv_decomposition[j][h]
+            full, tvd = dk[j, h, -1], val.tv_decomposition[j][h]
+            row = split_sink(full)[1]  # the kernel proper: first position dropped, renormalised
             cat, m = categorise(row, nref, w.causal)
             tau, r2 = fit_decay(offset_profile(row, nref, w.causal))
+            sk = SinkStats.of(val.sink[j][h]) if val.sink is not None else SinkStats(0.0, 0.0, 0.0)
             records.append(HeadRecord(
                 layer=l, head=h, category=cat, n_eff=m["n_eff"], n_eff_fraction=m["n_eff_fraction"],
-                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=m["mass_first"],
+                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=float(full[0]),
                 mass_self=m["mass_self"], mass_prev=m["mass_prev"], query_consistency=float(val.query_consistency[j, h]),
                 equivariance=equivariance(dk[j, h], est.query_positions, w.causal),
                 tv_decomposition={"mean": float(tvd.mean()), "median": float(tvd.median()),
@@ -348,25 +397,32 @@ def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, ar
                 tv_weights_vs_data=_mean_tv(wk[h] if wk is not None and l == 0 else None, dk[j, h]),
                 weights_query_consistency=None if weights_consistency is None or l != 0
                 else float(weights_consistency[h]),
-                tv_rotary_offset_vs_data=_mean_tv(None if rot is None else rot[j, h], dk[j, h])))
+                tv_rotary_offset_vs_data=_mean_tv(None if rot is None else rot[j, h], dk[j, h]),
+                sink_mass=sk.median, sink_mass_cv=sk.cv, sink_dominated=sk.median >= SINK_MASS))
+    if val.n_windows == 0:  # no held-out text: not run, rather than a 0.0 that reads as perfect
+        for r in records:
+            r.query_consistency = r.tv_decomposition = r.tv_kernel_vs_attention = None
+            r.sink_mass = r.sink_mass_cv = None
     return records
 
 
 def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: KernelValidation,
-                  windows: Tensor) -> tuple[dict[str, Tensor], Tensor | None]:
+                  windows: Int[Tensor, "n ctx"]) -> tuple[dict[str, Tensor], Float[Tensor, " head"] | None]:
     """The saved arrays (data kernel, mean attention, weights and rotary kernels, offset kernel) and the
     weights kernel's query consistency ``[H]`` (layer 0, learned positions; else ``None``)."""
     qp = torch.tensor(est.query_positions, device=w.device)
     arrays: dict[str, Tensor] = {"data_kernel": est.data_kernel, "mean_attention": val.mean_attention,
                                  "query_positions": qp, "layers": torch.tensor(est.layers, device=w.device)}
+    if val.n_windows == 0:  # no held-out attention to average
+        del arrays["mean_attention"]
     consistency = None
     if 0 in est.layers and w.positional == "learned":
         arrays["weights_kernel_layer0"], consistency = weights_kernels(w, s, windows, est.ref_norms[0],
                                                                        est.query_positions)
     if w.positional == "rotary":
         arrays["rotary_offset_kernel"] = rotary_offset_kernels(w, est)
-    # offset kernel at the reference query: kappa(d) = K_nref(nref - d)
-    nref, dk = est.query_positions[-1], est.data_kernel
+    # offset kernel at the reference query, first position excluded and renormalised: kappa(d) = K_nref(nref - d)
+    nref, dk = est.query_positions[-1], split_sink(est.data_kernel)[1]
     arrays["offset_kernel"] = torch.stack([torch.stack([offset_profile(dk[j, h, -1], nref, w.causal)
                                                         for h in range(w.n_heads)]) for j in range(len(est.layers))])
     return arrays, consistency
@@ -385,8 +441,8 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
                                  seed=s.seed, bos_token_id=bos)
     key = _cache_key(w, s, prov["sha256"])
     cdir = cache_dir() / "kernels" / key
-    if cache and (cdir / "kernels.json").exists():
-        return KernelResult.load(cdir)
+    if cache and (hit := read_or_drop(cdir, KernelResult.load)) is not None:
+        return hit
     windows = windows.to(w.device)
     est_windows, held = windows[: s.n_samples], windows[s.n_samples :]
     bar = tqdm(total=s.n_samples + s.n_heldout, desc="kernels: estimate", unit="text", disable=not progress)
@@ -397,11 +453,14 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     arrays, weights_consistency = kernel_arrays(w, s, est, val, est_windows)
     records = head_records(w, est, val, arrays, weights_consistency)
     res = KernelResult(model=w.info(), settings=asdict(s), provenance={**prov, "n_estimation": s.n_samples,
-                       "n_heldout": s.n_heldout, "bos": bos, "norm_handling": "exact norm on content at the query "
+                       "n_heldout": s.n_heldout, "bos": bos, "prepend_bos": w.prepend_bos,
+                       "sink_handling": "first position split off: sink_mass beside the kernel of the other positions, "
+                       "renormalised", "norm_handling": "exact norm on content at the query "
                        "position; reference norm for positional displacements", "cache_key": key},
                        query_positions=est.query_positions, records=records, arrays=arrays, ref_norms=est.ref_norms)
     if cache:
-        res.save(cdir)
+        with atomic_dir(cdir) as tmp:  # the entry appears complete (data and index) or not at all
+            res.save(tmp)
     return res
 
 
@@ -410,8 +469,8 @@ class _NoBar:
         pass
 
 
-def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[int, int], bar,
-                   patterns: bool = True):
+def _stream_layers(w: ModelWeights, windows: Int[Tensor, "n ctx"], batch_size: int, li: dict[int, int], bar,
+                   patterns: bool = True) -> Iterator[tuple[int, LayerActivations]]:
     """Yield ``(index of the layer in the analysis, LayerActivations)`` for every batch of ``windows`` and every
     analysed layer, running each batch only up to the deepest analysed layer (memory: one batch, one layer).
     ``patterns=False``: fused attention, no scores or patterns (the estimation needs only q, k and the input)."""
@@ -424,13 +483,15 @@ def _stream_layers(w: ModelWeights, windows: Tensor, batch_size: int, li: dict[i
         bar.update(batch.shape[0])
 
 
-def kernel_softmax(w: ModelWeights, layer: int, scores: Tensor, qpos: list[int]) -> Tensor:
+def kernel_softmax(w: ModelWeights, layer: int, scores: Float[Tensor, "*batch n_query ctx"], qpos: list[int]
+                   ) -> Float[Tensor, "*batch n_query ctx"]:
     """``softmax_i(scores / scale)`` for query rows at ``qpos`` (``scores [..., nq, T]``), causal mask applied."""
     s = scores / w.attn_scale[layer]
     return mask_scores(w, s, torch.tensor(qpos, device=s.device)).softmax(-1)
 
 
-def positional_kernel_rows_batch(w: ModelWeights, layers: list[int], q: Tensor, k: Tensor) -> Tensor:
+def positional_kernel_rows_batch(w: ModelWeights, layers: list[int], q: Float[Tensor, "layer head n_query d_head"],
+                                 k: Float[Tensor, "layer head ctx d_head"]) -> Float[Tensor, "layer head n_query ctx"]:
     """Data kernels ``[L, H, nq, T]`` from mean queries ``q [L, H, nq, dh]`` at :func:`query_positions` and
     mean keys ``k [L, H, T, dh]``."""
     qpos = query_positions(k.shape[2], w.causal)

@@ -11,7 +11,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import torch
+from jaxtyping import Float, Int
+from torch import Tensor
 
+from .errors import AttnscopeError
 from .forward import iter_layers
 from .models import ModelWeights
 from .texts import bundled_texts, open_source, tokenize
@@ -34,7 +37,8 @@ class ProbeResult:
 
 
 @torch.no_grad()
-def _features(w: ModelWeights, toks: torch.Tensor, layer: int, n_ctx: int, skip: int, stride: int) -> torch.Tensor:
+def _features(w: ModelWeights, toks: Int[Tensor, " n"], layer: int, n_ctx: int, skip: int, stride: int
+              ) -> Float[Tensor, "m d_mlp"]:
     feats = []
     bos = w.analysis_bos
     body = n_ctx - (1 if bos is not None else 0)
@@ -48,15 +52,42 @@ def _features(w: ModelWeights, toks: torch.Tensor, layer: int, n_ctx: int, skip:
     return torch.cat(feats) if feats else torch.zeros(0, w.d_mlp)
 
 
+def _context_name(spec: str) -> str:
+    return spec.split(":", 1)[1] if spec.startswith("bundled:") else spec.rstrip("/").rsplit("/", 1)[-1].split(".")[0]
+
+
+def check_probe_texts(texts: list[str] | None) -> None:
+    """At least two texts with distinct context names (a one-line error otherwise)."""
+    if texts is None:
+        return
+    if len(texts) < 2:
+        raise AttnscopeError(f"the probe needs at least two --text contexts to separate, got {len(texts)}; "
+                             "repeat --text, e.g. --text a.txt --text b.txt")
+    names = [_context_name(s) for s in texts]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise AttnscopeError(f"two --text sources share the context name {dup[0]!r} (the file stem); rename one")
+
+
 def context_probe(w: ModelWeights, *, layer: int = 0, texts: list[str] | None = None, n_ctx: int | None = None,
                   skip: int = 32, stride: int = 2, recall_min: float = 0.8, epochs: int = 300, seed: int = 0) -> ProbeResult:
     """Train and test the probe on the bundled texts (or ``texts``, source specs whose stem is the label)."""
+    check_probe_texts(texts)
     specs = texts or [f"bundled:{n}" for n in bundled_texts()]
-    names = [s.split(":", 1)[1] if s.startswith("bundled:") else s.rsplit("/", 1)[-1].split(".")[0] for s in specs]
+    names = [_context_name(s) for s in specs]
     T = n_ctx or min(w.n_ctx, 256)
+    if not skip < T <= w.n_ctx:
+        raise AttnscopeError(f"--n-ctx {T} must exceed the {skip} skipped positions and fit the model's context "
+                             f"of {w.n_ctx}")
+    body = T - (1 if w.prepend_bos and w.bos_token_id is not None else 0)
+    streams = [torch.as_tensor(tokenize(open_source(spec), w.tokenizer)) for spec in specs]
+    for spec, toks in zip(specs, streams):  # every text checked before any activation is computed
+        if min(int(0.7 * len(toks)), len(toks) - int(0.7 * len(toks))) < body:
+            raise AttnscopeError(f"{spec} has {len(toks)} tokens; the probe needs at least {-(-body * 10 // 3)} (one "
+                                 f"{body}-token window in both its 70% training and 30% test parts); pass a longer "
+                                 "text or a smaller --n-ctx")
     Xtr, ytr, Xte, yte = [], [], [], []
-    for c, spec in enumerate(specs):
-        toks = torch.as_tensor(tokenize(open_source(spec), w.tokenizer))
+    for c, toks in enumerate(streams):
         cut = int(0.7 * len(toks))
         a = _features(w, toks[:cut], layer, T, skip, stride)
         b = _features(w, toks[cut:], layer, T, skip, stride)

@@ -1,16 +1,23 @@
 """Text sources: deterministic samples of fixed-length token windows.
 
-A source is a text file, a folder of text files (``*.txt``, ``*.md``, ``*.jsonl``), a JSONL file with a
-``text`` field, ``bundled:NAME`` (texts shipped with attnscope), or ``hf:DATASET[:CONFIG][:SPLIT]`` (a
-Hugging Face dataset, when online).  Documents are tokenised once (cached on disk, keyed by tokenizer
+A source is a text file, a folder of text files (``*.txt``, ``*.md``, ``*.text``, ``*.jsonl``; binary
+files are skipped with a note), a JSONL file whose lines are objects with a ``text`` string,
+``bundled:NAME`` (texts shipped with attnscope; ``bundled:`` for all of them), or
+``hf:DATASET[:CONFIG][:SPLIT]`` (a Hugging Face dataset, when online).  Files must be UTF-8: an
+undecodable byte is a one-line error naming the file and the byte offset, unless decoding is relaxed with
+:func:`decoding` (the CLI's ``--decode-errors replace``).  Documents are tokenised once (cached on disk, keyed by tokenizer
 and text hash) and joined with the tokenizer's end-of-text/separator token; windows are drawn from the
 joined stream with a seeded generator, so the same seed gives the same samples on any machine.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -19,7 +26,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .cache import atomic_path, cache_dir, caching_enabled, read_or_drop
 from .errors import AttnscopeError, TextTooShortError
+
+log = logging.getLogger("attnscope")
 
 TEXT_SUFFIXES = (".txt", ".md", ".text", ".jsonl")
 
@@ -46,6 +56,24 @@ class TextSource:
         return sum(len(t) for _, t in self.documents)
 
 
+#: How undecodable bytes are handled: "strict" (default: a one-line error naming the file and byte offset)
+#: or "replace" (U+FFFD, the CLI's ``--decode-errors replace``).  Set it for a block with :func:`decoding`.
+DECODE_ERRORS: ContextVar[str] = ContextVar("attnscope_decode_errors", default="strict")
+BINARY_PROBE = 8192  # bytes inspected for NUL bytes: a file with one is binary, not text
+
+
+@contextlib.contextmanager
+def decoding(errors: str) -> Iterator[None]:
+    """Within the block, decode text files with ``errors`` ("strict" or "replace")."""
+    if errors not in ("strict", "replace"):
+        raise AttnscopeError(f"--decode-errors {errors!r} is not known; use strict or replace")
+    token = DECODE_ERRORS.set(errors)
+    try:
+        yield
+    finally:
+        DECODE_ERRORS.reset(token)
+
+
 def bundled_dir() -> Path:
     return Path(str(resources.files("attnscope"))) / "assets" / "texts"
 
@@ -56,49 +84,85 @@ def bundled_texts() -> list[str]:
     return sorted(p.stem for p in d.glob("*.txt")) if d.exists() else []
 
 
+def is_binary(path: Path) -> bool:
+    with path.open("rb") as f:
+        return b"\0" in f.read(BINARY_PROBE)
+
+
+def _decode(path: Path, data: bytes) -> str:
+    try:
+        return data.decode("utf-8", errors=DECODE_ERRORS.get())
+    except UnicodeDecodeError as err:
+        raise AttnscopeError(
+            f"{path} is not valid UTF-8 (byte {err.start}: {data[err.start:err.start + 4]!r}); convert it to UTF-8 "
+            "(e.g. iconv -f latin1 -t utf-8) or pass --decode-errors replace to accept replacement characters"
+        ) from None
+
+
 def _read_jsonl(path: Path, field_name: str = "text") -> list[tuple[str, str]]:
     docs = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise AttnscopeError(f"{path}:{i + 1} is not valid JSON ({err.msg}); JSONL needs one object per line") from None
-            if field_name not in rec:
-                raise AttnscopeError(f"{path}:{i + 1} has no {field_name!r} field; each JSONL line needs a {field_name!r} string")
-            docs.append((f"{path.name}:{i + 1}", str(rec[field_name])))
+    for i, line in enumerate(_decode(path, path.read_bytes()).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise AttnscopeError(f"{path}:{i + 1} is not valid JSON ({err.msg}); JSONL needs one object per line") from None
+        if not isinstance(rec, dict):
+            raise AttnscopeError(f"{path}:{i + 1} is a JSON {type(rec).__name__}, not an object; each JSONL line needs "
+                                 f'an object like {{"{field_name}": "..."}}')
+        if field_name not in rec:
+            raise AttnscopeError(f"{path}:{i + 1} has no {field_name!r} field; each JSONL line needs a {field_name!r} string")
+        if not isinstance(rec[field_name], str):
+            raise AttnscopeError(f"{path}:{i + 1} has a {field_name!r} that is {json.dumps(rec[field_name])[:20]}, not a "
+                                 f"string; give every line a {field_name!r} string (drop lines without text)")
+        docs.append((f"{path.name}:{i + 1}", rec[field_name]))
     return docs
 
 
 def _read_file(path: Path) -> list[tuple[str, str]]:
-    if path.suffix == ".jsonl":
-        return _read_jsonl(path)
-    return [(path.name, path.read_text(encoding="utf-8", errors="replace"))]
+    try:
+        if is_binary(path):
+            raise AttnscopeError(f"{path} is a binary file (it holds NUL bytes), not text; pass a UTF-8 text file")
+        if path.suffix == ".jsonl":
+            return _read_jsonl(path)
+        return [(path.name, _decode(path, path.read_bytes()))]
+    except PermissionError:
+        raise AttnscopeError(f"cannot read {path} (permission denied); check its permissions") from None
+    except IsADirectoryError:
+        raise AttnscopeError(f"{path} is a folder; pass its path without a trailing file name") from None
+
+
+def _read_folder(p: Path, spec: str) -> list[tuple[str, str]]:
+    try:
+        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
+    except PermissionError as err:
+        raise AttnscopeError(f"cannot list {err.filename or spec} (permission denied); check its permissions") from None
+    if not files:
+        raise AttnscopeError(f"folder {spec} holds no text files ({', '.join(TEXT_SUFFIXES)})")
+    binary = [f for f in files if is_binary(f)]
+    if binary:
+        log.warning("skipped %d binary file(s) in %s: %s", len(binary), spec, ", ".join(f.name for f in binary[:5]))
+    return [d for f in files if f not in binary for d in _read_file(f)]
 
 
 def open_source(spec: str | Path) -> TextSource:
-    """Read a text source (see module docstring); raises a one-line error if it does not exist."""
+    """Read a text source (see module docstring); raises a one-line error if it does not exist or is not text."""
     spec = str(spec)
-    if spec.startswith("bundled:"):
-        name = spec.split(":", 1)[1]
-        p = bundled_dir() / f"{name}.txt"
+    if spec.startswith("bundled:") or spec == "bundled":
+        name = spec.split(":", 1)[1] if ":" in spec else ""
+        if name in ("", "all"):
+            return TextSource(spec, _read_folder(bundled_dir(), spec))
+        p = bundled_dir() / f"{name.removesuffix('.txt')}.txt"
         if not p.exists():
-            raise AttnscopeError(f"no bundled text {name!r}; available: {', '.join(bundled_texts())}")
+            raise AttnscopeError(f"no bundled text {name!r}; available: {', '.join(bundled_texts())} (or bundled: for all)")
         return TextSource(spec, _read_file(p))
     if spec.startswith("hf:"):
         return _hf_dataset(spec)
     p = Path(spec).expanduser()
     if not p.exists():
         raise AttnscopeError(f"no such text file or folder: {spec}; pass a .txt/.jsonl file, a folder, or bundled:NAME")
-    if p.is_dir():
-        files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix in TEXT_SUFFIXES)
-        if not files:
-            raise AttnscopeError(f"folder {spec} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-        docs = [d for f in files for d in _read_file(f)]
-    else:
-        docs = _read_file(p)
+    docs = _read_folder(p, spec) if p.is_dir() else _read_file(p)
     docs = [(n, t) for n, t in docs if t.strip()]
     if not docs:
         raise TextTooShortError(f"{spec} holds no text; pass a non-empty file")
@@ -137,8 +201,6 @@ def _separator_id(tokenizer) -> int | None:
 
 
 def _cache_path(tokenizer, source: TextSource) -> Path:
-    from .models import cache_dir
-
     tok_id = hashlib.sha256(
         (getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)) + tokenizer.__class__.__name__).encode()
         + json.dumps(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), 2000))))).encode()
@@ -146,11 +208,22 @@ def _cache_path(tokenizer, source: TextSource) -> Path:
     return cache_dir() / "tokens" / f"{source.sha256[:16]}-{tok_id}.npy"
 
 
-def tokenize(source: TextSource, tokenizer, *, cache: bool = True) -> np.ndarray:
-    """All documents as one token stream (int64), joined with the end-of-text / separator token."""
+def _load_tokens(path: Path) -> np.ndarray:
+    arr = np.load(path, allow_pickle=False)
+    if arr.dtype != np.int64 or arr.ndim != 1:
+        raise ValueError(f"holds {arr.dtype} {arr.shape}, not a 1-d int64 token stream")
+    return arr
+
+
+def tokenize(source: TextSource, tokenizer, *, cache: bool | None = None) -> np.ndarray:
+    """All documents as one token stream (int64), joined with the end-of-text / separator token.
+
+    ``cache`` (default: on unless disabled with :func:`attnscope.cache.caching`) reads and writes the
+    on-disk token cache; an unreadable entry is dropped and recomputed."""
+    use = caching_enabled() if cache is None else cache
     path = _cache_path(tokenizer, source)
-    if cache and path.exists():
-        return np.load(path)
+    if use and (hit := read_or_drop(path, _load_tokens)) is not None:
+        return hit
     sep = _separator_id(tokenizer)
     chunks: list[list[int]] = []
     for _, text in source.documents:
@@ -159,11 +232,12 @@ def tokenize(source: TextSource, tokenizer, *, cache: bool = True) -> np.ndarray
         if sep is not None and len(source.documents) > 1:
             chunks.append([sep])
     out = np.fromiter((i for c in chunks for i in c), dtype=np.int64)
-    if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npy")
-        np.save(tmp, out)
-        tmp.replace(path)
+    if use:
+        try:
+            with atomic_path(path) as tmp, tmp.open("wb") as f:
+                np.save(f, out)
+        except OSError as err:
+            log.warning("could not write the token cache %s (%s); continuing without it", path, err.strerror)
     return out
 
 
@@ -184,6 +258,10 @@ def sample_windows(stream: np.ndarray, n_ctx: int, n_samples: int, *, seed: int 
         )
     rng = np.random.default_rng(seed)
     n_starts = len(stream) - body + 1
+    if n_samples * body > len(stream):
+        log.warning("%s has %d tokens, too few for %d disjoint windows of %d: windows overlap (held-out windows may "
+                    "repeat estimation text); pass a longer text or fewer or shorter windows",
+                    source_name, len(stream), n_samples, body)
     if n_samples * body <= len(stream):
         starts = (np.arange(n_samples) * body + rng.integers(0, len(stream) - n_samples * body + 1)) % n_starts
         starts = rng.permutation(starts)
@@ -202,7 +280,8 @@ def load_windows(spec: str | Path, tokenizer, n_ctx: int, n_samples: int, *, see
     stream = tokenize(src, tokenizer)
     win = sample_windows(stream, n_ctx, n_samples, seed=seed, bos_token_id=bos_token_id, source_name=str(spec))
     prov = {"source": str(spec), "sha256": src.sha256, "n_tokens": int(len(stream)), "n_ctx": n_ctx,
-            "n_samples": n_samples, "seed": seed, "bos_token_id": bos_token_id}
+            "n_samples": n_samples, "seed": seed, "bos_token_id": bos_token_id,
+            "windows_overlap": n_samples * (n_ctx - (bos_token_id is not None)) > len(stream)}
     return win, prov
 
 

@@ -10,8 +10,7 @@ from torch import Tensor
 from ..errors import UnsupportedModelError
 from .weights import ModelWeights
 
-SUPPORTED_TYPES = ("gpt2", "llama", "bert")
-
+SUPPORTED_TYPES = ("gpt2", "llama", "bert", "gpt_neox")
 
 
 
@@ -75,6 +74,8 @@ def _from_gpt2(model, cfg) -> dict[str, Any]:
         ln_f_w=tr.ln_f.weight.detach(),
         ln_f_b=tr.ln_f.bias.detach(),
         attn_scale=scale,
+        bos_token_id=cfg.bos_token_id,
+        prepend_bos=False,  # load_model decides: hub GPT-2 follows TransformerLens (BOS), local models their training
     )
 
 
@@ -193,11 +194,61 @@ def _from_bert(model, cfg) -> dict[str, Any]:
     )
 
 
-_EXTRACTORS = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert}
+def _from_gpt_neox(model, cfg) -> dict[str, Any]:
+    """GPT-NeoX / Pythia: partial rotary (``rotary_pct``), LayerNorm, and (``use_parallel_residual``) the
+    attention and the MLP both reading the layer's input: ``x + attn(ln1(x)) + mlp(ln2(x))``."""
+    base = model.gpt_neox
+    H, L, d = cfg.num_attention_heads, cfg.num_hidden_layers, cfg.hidden_size
+    dh = d // H
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    if rope.get("rope_type", "default") != "default":
+        raise UnsupportedModelError(f"rotary scaling {rope.get('rope_type')!r} is not supported yet (only default RoPE)")
+    theta = rope.get("rope_theta", getattr(cfg, "rotary_emb_base", 10000.0))
+    partial = float(rope.get("partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0)))
+    layers = base.layers
+    W_E = base.embed_in.weight.detach()
+
+    def qkv(b, j: int) -> tuple[Tensor, Tensor]:  # fused rows are [head, (q|k|v), d_head]
+        lin = b.attention.query_key_value
+        w = lin.weight.detach().reshape(H, 3, dh, d)[:, j]  # [H, dh, d]
+        bias = _linear_bias(lin, 3 * d, W_E).reshape(H, 3, dh)[:, j]
+        return w.transpose(1, 2), bias
+
+    return dict(
+        model_type="gpt_neox", positional="rotary", causal=True, norm="layernorm", norm_placement="pre",
+        eps=cfg.layer_norm_eps, act=cfg.hidden_act, n_ctx=cfg.max_position_embeddings,
+        W_E=W_E, W_pos=None, W_type=None, ln_emb_w=None, ln_emb_b=None,
+        ln1_w=_stack([b.input_layernorm.weight for b in layers]),
+        ln1_b=_stack([b.input_layernorm.bias for b in layers]),
+        W_Q=_stack([qkv(b, 0)[0] for b in layers]), W_K=_stack([qkv(b, 1)[0] for b in layers]),
+        W_V=_stack([qkv(b, 2)[0] for b in layers]),
+        b_Q=_stack([qkv(b, 0)[1] for b in layers]), b_K=_stack([qkv(b, 1)[1] for b in layers]),
+        b_V=_stack([qkv(b, 2)[1] for b in layers]),
+        W_O=_stack([_heads_out(b.attention.dense.weight.detach().T, H) for b in layers]),
+        b_O=_stack([_linear_bias(b.attention.dense, d, W_E) for b in layers]),
+        ln2_w=_stack([b.post_attention_layernorm.weight for b in layers]),
+        ln2_b=_stack([b.post_attention_layernorm.bias for b in layers]),
+        W_in=_stack([b.mlp.dense_h_to_4h.weight.detach().T for b in layers]),
+        b_in=_stack([b.mlp.dense_h_to_4h.bias for b in layers]),
+        W_gate=None,
+        W_out=_stack([b.mlp.dense_4h_to_h.weight.detach().T for b in layers]),
+        b_out=_stack([b.mlp.dense_4h_to_h.bias for b in layers]),
+        ln_f_w=base.final_layer_norm.weight.detach(), ln_f_b=base.final_layer_norm.bias.detach(),
+        attn_scale=torch.full((L,), float(dh) ** 0.5),
+        rope_theta=float(theta), rotary_dim=int(dh * partial),
+        parallel_attn_mlp=bool(getattr(cfg, "use_parallel_residual", True)),
+        bos_token_id=cfg.bos_token_id, prepend_bos=False,
+    )
 
 
-def extract_weights(model, *, name: str = "", source: str = "", revision: str | None = None, tokenizer=None) -> ModelWeights:
-    """Build a :class:`ModelWeights` view of a loaded Hugging Face model (no copy where a view suffices)."""
+_EXTRACTORS = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert, "gpt_neox": _from_gpt_neox}
+
+
+def extract_weights(model, *, name: str = "", source: str = "", revision: str | None = None, tokenizer=None,
+                    prepend_bos: bool | None = None) -> ModelWeights:
+    """Build a :class:`ModelWeights` view of a loaded Hugging Face model (no copy where a view suffices).
+
+    ``prepend_bos``: analyse texts with the BOS token in front (``None``: the adapter's default)."""
     cfg = model.config
     fn = _EXTRACTORS.get(cfg.model_type)
     if fn is None:
@@ -208,6 +259,10 @@ def extract_weights(model, *, name: str = "", source: str = "", revision: str | 
         fields = fn(model, cfg)
     if cfg.model_type == "bert" and tokenizer is not None:
         fields["bos_token_id"] = tokenizer.cls_token_id
+    if prepend_bos is not None:
+        if prepend_bos and fields.get("bos_token_id") is None:
+            raise UnsupportedModelError(f"{name or cfg.model_type} has no BOS token id; analyse it without BOS")
+        fields["prepend_bos"] = prepend_bos
     n_params = sum(p.numel() for p in model.parameters())
     return ModelWeights(name=name or getattr(cfg, "name_or_path", ""), source=source, revision=revision,
                         tokenizer=tokenizer, n_params=n_params, **fields)

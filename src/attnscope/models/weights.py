@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 Positional = Literal["learned", "rotary", "none"]
@@ -24,7 +23,7 @@ class ModelWeights:
     """
 
     name: str
-    model_type: str  # "gpt2" | "llama" | "bert"
+    model_type: str  # "gpt2" | "llama" | "bert" | "gpt_neox"
     positional: Positional
     causal: bool
     norm: Literal["layernorm", "rmsnorm"]
@@ -32,31 +31,31 @@ class ModelWeights:
     eps: float
     act: str  # "gelu_new" | "gelu" | "silu"
     n_ctx: int
-    W_E: Tensor  # [d_vocab, d_model]
-    W_pos: Tensor | None  # [n_ctx, d_model] (learned positions only)
-    W_type: Tensor | None  # [d_model] token-type-0 embedding (BERT), added at every position
-    ln_emb_w: Tensor | None  # [d_model] embedding LayerNorm (BERT)
-    ln_emb_b: Tensor | None
-    ln1_w: Tensor  # [n_layers, d_model]
-    ln1_b: Tensor | None  # [n_layers, d_model] (None for RMSNorm)
-    W_Q: Tensor  # [n_layers, n_heads, d_model, d_head]
-    W_K: Tensor  # [n_layers, n_heads, d_model, d_head]
-    W_V: Tensor  # [n_layers, n_heads, d_model, d_head]
-    b_Q: Tensor  # [n_layers, n_heads, d_head]
-    b_K: Tensor  # [n_layers, n_heads, d_head]
-    b_V: Tensor  # [n_layers, n_heads, d_head]
-    W_O: Tensor  # [n_layers, n_heads, d_head, d_model]
-    b_O: Tensor  # [n_layers, d_model]
-    ln2_w: Tensor  # [n_layers, d_model]
-    ln2_b: Tensor | None  # [n_layers, d_model]
-    W_in: Tensor  # [n_layers, d_model, d_mlp]  (the "up" projection for gated MLPs)
-    b_in: Tensor  # [n_layers, d_mlp]
-    W_gate: Tensor | None  # [n_layers, d_model, d_mlp]  gated MLPs: act(x W_gate) * (x W_in)
-    W_out: Tensor  # [n_layers, d_mlp, d_model]
-    b_out: Tensor  # [n_layers, d_model]
-    ln_f_w: Tensor | None  # [d_model] final norm (decoders)
-    ln_f_b: Tensor | None
-    attn_scale: Tensor  # [n_layers] scores are divided by this
+    W_E: Float[Tensor, "d_vocab d_model"]
+    W_pos: Float[Tensor, "n_ctx d_model"] | None  # (learned positions only)
+    W_type: Float[Tensor, " d_model"] | None  # token-type-0 embedding (BERT), added at every position
+    ln_emb_w: Float[Tensor, " d_model"] | None  # embedding LayerNorm (BERT)
+    ln_emb_b: Float[Tensor, " d_model"] | None
+    ln1_w: Float[Tensor, "n_layers d_model"]
+    ln1_b: Float[Tensor, "n_layers d_model"] | None  # (None for RMSNorm)
+    W_Q: Float[Tensor, "n_layers n_heads d_model d_head"]
+    W_K: Float[Tensor, "n_layers n_heads d_model d_head"]
+    W_V: Float[Tensor, "n_layers n_heads d_model d_head"]
+    b_Q: Float[Tensor, "n_layers n_heads d_head"]
+    b_K: Float[Tensor, "n_layers n_heads d_head"]
+    b_V: Float[Tensor, "n_layers n_heads d_head"]
+    W_O: Float[Tensor, "n_layers n_heads d_head d_model"]
+    b_O: Float[Tensor, "n_layers d_model"]
+    ln2_w: Float[Tensor, "n_layers d_model"]
+    ln2_b: Float[Tensor, "n_layers d_model"] | None
+    W_in: Float[Tensor, "n_layers d_model d_mlp"]  # (the "up" projection for gated MLPs)
+    b_in: Float[Tensor, "n_layers d_mlp"]
+    W_gate: Float[Tensor, "n_layers d_model d_mlp"] | None  # gated MLPs: act(x W_gate) * (x W_in)
+    W_out: Float[Tensor, "n_layers d_mlp d_model"]
+    b_out: Float[Tensor, "n_layers d_model"]
+    ln_f_w: Float[Tensor, " d_model"] | None  # final norm (decoders)
+    ln_f_b: Float[Tensor, " d_model"] | None
+    attn_scale: Float[Tensor, " n_layers"]  # scores are divided by this
     rope_theta: float | None = None
     rotary_dim: int | None = None
     n_kv_heads: int | None = None
@@ -66,6 +65,7 @@ class ModelWeights:
     tokenizer: Any = field(default=None, repr=False)
     bos_token_id: int | None = None
     prepend_bos: bool = False  # whether texts are analysed with a BOS/CLS token in front
+    parallel_attn_mlp: bool = False  # GPT-NeoX: the MLP reads ln2(layer input), not ln2(input + attention)
 
     # --- shapes -------------------------------------------------------------------------------
     @property
@@ -137,18 +137,18 @@ class ModelWeights:
             "n_params": self.n_params,
             "dtype": str(self.dtype).replace("torch.", ""),
             "prepend_bos": self.prepend_bos,
+            # only when set, so fingerprints (cache keys) of the other architectures stay as they were
+            **({"parallel_attn_mlp": True} if self.parallel_attn_mlp else {}),
         }
 
     def fingerprint(self) -> str:
-        """Short hash of the weights, used as the cache key of every derived artefact."""
-        h = hashlib.sha256()
-        h.update(json.dumps({k: v for k, v in self.info().items() if k != "dtype"}, sort_keys=True).encode())
-        for k, t in sorted(self.tensors().items()):
-            flat = t.detach().reshape(-1)
-            idx = torch.arange(0, flat.numel(), max(1, flat.numel() // 4096), device=flat.device)
-            h.update(k.encode())
-            h.update(flat[idx].to(torch.float64).cpu().numpy().tobytes())
-        return h.hexdigest()[:16]
+        """Full-content hash of the weights (16 hex digits), the cache key of every derived artefact.
+
+        See :func:`attnscope.cache.weights_fingerprint`: file hashes (memoised) for weights as loaded,
+        a hash of every tensor byte for weights edited in memory."""
+        from ..cache import weights_fingerprint
+
+        return weights_fingerprint(self)
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .html import NEURON_FIGURES, _badge, _esc, _figures, _fmt, _median, _token
+from .html import NEURON_FIGURES, _badge, _esc, _figures, _fmt, _token
 
 if TYPE_CHECKING:
-    from ..neurons import NeuronRecord, NeuronResult
+    from ..neurons import NeuronCard, NeuronResult
 
 
 def _trace_svg(tr: dict, name: str, kind: str) -> str:
@@ -57,67 +57,88 @@ def _tokens_html(toks: list, sign: str) -> str:
     return f'<ol class="tokens {sign}">{"".join(items)}</ol>' if items else '<p class="note">none</p>'
 
 
-def _neuron_card(r: NeuronRecord, traces: dict) -> str:
-    """One card per verified neuron: labels, statistics, top tokens and the true vs predicted traces."""
+def _trace_map(neurons: NeuronResult) -> dict:
+    """``{neuron: {text: {"true": ..., "pred": ...}}}``: the true pre-activation and the full explanation."""
+    out: dict = {}
+    for t in neurons.traces:
+        out.setdefault(str(t.neuron), {})[t.text] = {"true": t.true_pre, "pred": t.predicted_pre}
+    return out
+
+
+def _neuron_card(r: NeuronCard, traces: dict) -> str:
+    """One card per reported neuron: labels (with their evidence), fits, top tokens and the traces."""
     idx = r.index
-    lab = r.label
-    lab_neg = r.label_negative
-    fired = r.fired_on_calibration
     tr = traces.get(str(idx), {}) or {}
     pos_t, neg_t = r.positive_text, r.negative_text
     svgs = _trace_svg(tr, pos_t, "positive") if pos_t else ""
     if neg_t and neg_t != pos_t:
         svgs += _trace_svg(tr, neg_t, "negative")
-    means = r.mean_pre_by_text or {}
-    means_html = ", ".join(f"{_esc(k)} {_esc(_fmt(v))}" for k, v in sorted(means.items(), key=lambda kv: -kv[1]))
+    d_html = ", ".join(f"{_esc(k)} {_esc(_fmt(v))}" for k, v in sorted(r.true_d.items(), key=lambda kv: -kv[1]))
+    lab = f"{_esc(r.label)} <i>({_esc(r.label_evidence)})</i>" if r.label else "<i>unlabelled</i>"
+    lab_neg = f"{_esc(r.label_negative)} <i>({_esc(r.label_negative_evidence)})</i>" if r.label_negative else \
+        "<i>unlabelled</i>"
     return f"""
-<article class="neuron-card" id="neuron-{_esc(r.layer)}-{_esc(idx)}" data-index="{_esc(idx)}">
-<header><h3>Neuron {_esc(r.layer)}.{_esc(idx)}</h3>
-<p class="labels"><span class="lab pos" title="label of the positive evidence">+ {_esc(lab) if lab else '<i>unlabelled</i>'}</span>
-<span class="lab neg" title="label of the negative evidence">− {_esc(lab_neg) if lab_neg else '<i>unlabelled</i>'}</span></p></header>
+<article class="neuron-card" id="neuron-0-{_esc(idx)}" data-index="{_esc(idx)}">
+<header><h3>Neuron 0.{_esc(idx)}</h3>
+<p class="labels"><span class="lab pos" title="label of the positive token evidence">+ {lab}</span>
+<span class="lab neg" title="label of the negative token evidence">− {lab_neg}</span></p></header>
 <dl class="stats-inline">
-<div><dt>effect</dt><dd>{_fmt(r.effect)}</dd></div>
-<div><dt>swing +/−</dt><dd>{_fmt(r.swing_positive)} / {_fmt(r.swing_negative)}</dd></div>
-<div><dt>r</dt><dd>{_fmt(r.r)}</dd></div>
-<div><dt>FVU</dt><dd>{_fmt(r.fvu)}</dd></div>
-<div><dt>per-text median r</dt><dd>{_fmt(r.r_per_text_median)}</dd></div>
-<div><dt>fired on calibration</dt><dd>{_badge(fired, "yes", "no") if fired is not None else "—"}</dd></div>
+<div><dt>rank</dt><dd>{_fmt(r.rank)}</dd></div>
+<div><dt>predicted |d|</dt><dd>{_fmt(r.sensitivity)}</dd></div>
+<div><dt>r / FVU (full)</dt><dd>{_fmt(r.r)} / {_fmt(r.fvu)}</dd></div>
+<div><dt>within-text r / FVU</dt><dd>{_fmt(r.r_within)} / {_fmt(r.fvu_within)}</dd></div>
+<div><dt>contextual heads r</dt><dd>{_fmt(r.contextual_r)}</dd></div>
+<div><dt>fired on calibration</dt><dd>{_badge(r.fired_on_calibration, "yes", "no")}</dd></div>
 </dl>
 <div class="tok-cols">
 <div><h4>raises (+)</h4>{_tokens_html(r.top_positive_tokens, "pos")}</div>
 <div><h4>lowers (−)</h4>{_tokens_html(r.top_negative_tokens, "neg")}</div>
 </div>
 <div class="traces">{svgs}</div>
-<p class="legend"><span class="sw true"></span>true contribution of the contextual heads
-<span class="sw pred"></span>predicted from weights</p>
-{f'<p class="muted small">mean pre-activation by text: {means_html}</p>' if means_html else ""}
+<p class="legend"><span class="sw true"></span>true pre-activation
+<span class="sw pred"></span>full layer-0 explanation from weights</p>
+{f'<p class="muted small">true one-vs-rest effect size d by text: {d_html}</p>' if d_html else ""}
 </article>"""
 
 
+def _ranking_table(neurons: NeuronResult, n: int = 15) -> str:
+    rows = "".join(
+        f"<tr><td>{r.rank}</td><td>{r.index}</td><td>{_fmt(r.sensitivity)}</td><td>{_esc(r.best_contrast)}</td>"
+        f"<td>{_fmt(r.predicted_d)}</td><td>{_badge(r.passed, 'yes', 'no')}</td>"
+        f"<td>{' '.join(f'<code class=tok>{_token(t)}</code>' for t in r.top_positive_tokens)}</td></tr>"
+        for r in neurons.rows[:n])
+    return (f'<div class="table-wrap"><table id="neuron-ranking" class="data"><thead><tr><th>rank</th><th>neuron</th>'
+            f"<th>predicted |d|</th><th>contrast</th><th>predicted d</th><th>passes</th><th>top tokens</th></tr>"
+            f"</thead><tbody>{rows}</tbody></table></div>")
+
+
 def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[str]) -> str:
-    """Context neurons: summary statistics, figures and one card per verified neuron."""
+    """Context neurons: summary with random baselines, the ranked table, figures and one card per neuron."""
     recs = neurons.records
-    not_fired = sum(not r.fired_on_calibration for r in recs)
+    s = neurons.summary()
     labels = sorted({r.label for r in recs if r.label} | {r.label_negative for r in recs if r.label_negative})
-    stats = [("found / scored", f"{_fmt(neurons.n_selected)} / {_fmt(neurons.n_scored)}"),
-             ("verified (cards)", _fmt(len(recs))), ("median r", _fmt(_median([r.r for r in recs]))),
-             ("median FVU", _fmt(_median([r.fvu for r in recs]))), ("did not fire on calibration", _fmt(not_fired))]
+    stats = [("pass / scored", f"{_fmt(neurons.n_selected)} / {_fmt(neurons.n_scored)}"),
+             ("precision (all neurons)", f"{_fmt(s['precision'])} ({_fmt(s['precision_random'])})"),
+             ("median FVU (random)", f"{_fmt(s['median_fvu'])} ({_fmt(s['median_fvu_random'])})"),
+             ("within-text FVU (random)", f"{_fmt(s['median_fvu_within'])} ({_fmt(s['median_fvu_within_random'])})"),
+             ("did not fire on calibration", _fmt(sum(not r.fired_on_calibration for r in recs)))]
     stat_html = "".join(f'<div class="stat"><div class="v">{v}</div><div class="k">{_esc(k)}</div></div>'
                         for k, v in stats)
-    cards = "".join(_neuron_card(r, neurons.traces) for r in recs)
+    cards = "".join(_neuron_card(r, _trace_map(neurons)) for r in recs)
     return f"""
 <section id="neurons">
 <h2>Context neurons (layer-0 MLP)</h2>
-<p>Every token gets a score for every neuron by composing the contextual circuit with the MLP's input
-weights; a neuron is reported when the contextual heads can move its pre-activation by at least
-{_esc(_fmt(neurons.settings.get("effect_min")))} calibration standard deviations and it is an outlier among the layer's
-neurons (method §8). Each reported neuron is verified on held-out texts: Pearson r and FVU between the predicted
-and the true contribution of the contextual heads (the method reports median r ≈ 0.95, FVU ≈ 0.14 on GPT-2 Small).</p>
+<p>Every neuron is ranked by its predicted context sensitivity: the largest predicted effect size over the
+one-vs-rest contrasts of the held-out sources, from the full layer-0 explanation and the sources' token counts
+(no forward pass over them). The threshold is measured: the longest prefix of the ranking whose precision on the
+tuning half of the held-out windows is at least {_esc(_fmt(neurons.threshold.precision_target))}. Reported neurons
+are scored on the reporting half against their true pre-activation, with random neurons of the layer beside them.</p>
 <div class="stats" id="neuron-summary">{stat_html}</div>
-{f'<p>Labels: {", ".join(_esc(x) for x in labels)}</p>' if labels else ""}
+{_ranking_table(neurons)}
+{f'<p>Labels (token evidence): {", ".join(_esc(x) for x in labels)}</p>' if labels else ""}
 {_figures(NEURON_FIGURES, figures, used)}
 <h3>Neurons</h3>
 <p class="hint">Tokens are shown as the tokenizer writes them, with whitespace made visible (␣ space, ↵ newline,
-⇥ tab); the number is the token's score, in units of the neuron's pre-activation.</p>
-<div class="cards">{cards or '<p class="note">No neuron passed the selection.</p>'}</div>
+⇥ tab); the number is the token's score: how far one more occurrence moves the neuron's expected pre-activation.</p>
+<div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""

@@ -20,10 +20,10 @@ FIGURE_CAPTIONS = {
                    "90th percentile) and between the kernel and the mean held-out attention.",
     "denominators": "Kernel-weighted softmax denominators Z<sub>n</sub> on held-out texts, relative to the "
                     "calibration value (1 = the value reused for every text).",
-    "r_fvu": "Distribution over verified neurons of Pearson r and FVU between the predicted and the true "
-             "contribution of the contextual heads.",
-    "neuron_traces": "Predicted (dashed) vs true contribution of the contextual heads for the top neurons, on "
-                     "each neuron's most positive and most negative held-out text.",
+    "r_fvu": "Distribution over the reported neurons of Pearson r and FVU between the full layer-0 explanation "
+             "and the true pre-activation, with the random neurons' medians.",
+    "neuron_traces": "Full layer-0 explanation (dashed) vs the true pre-activation for the top neurons, on each "
+                     "neuron's most positive and most negative held-out text (grey: the contextual heads alone).",
 }
 KERNEL_FIGURES = ("kernel_curves", "n_eff_heatmap", "categories", "tv_per_head")
 NEURON_FIGURES = ("r_fvu", "neuron_traces")

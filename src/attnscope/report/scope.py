@@ -3,7 +3,6 @@ was measured on this model.  Circuit conditions are placed by their own :attr:`C
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -33,21 +32,32 @@ SCOPE_GROUPS: dict[str, tuple[str, str]] = {
 Add = Callable[[str, str, str, "bool | None"], None]
 
 
+def _held_out_rows(recs: list, add: Add) -> None:
+    """The three checks on held-out windows, or "not run" when the analysis had none (``n_heldout=0``)."""
+    rows = [("split", "TV(true attention, content + position pattern) is small on held-out text "
+                      "(the method reports ≈ 0.05 on GPT-2 Small)"),
+            ("static", "the kernel matches the mean held-out attention (independence of content and position)"),
+            ("static", "the kernel is consistent across query vectors (texts)")]
+    if recs[0].tv_decomposition is None:
+        for group, claim in rows:
+            add(group, claim, "not run: no held-out windows (n_heldout=0)", None)
+        return
+    tvm = [r.tv_decomposition.get("median") for r in recs]
+    w, wh = _worst(recs, lambda r: r.tv_decomposition.get("p90"))
+    add(*rows[0], f"median over heads of the median TV {_fmt(_median(tvm))}; worst 90th percentile {_fmt(w)} ({wh})",
+        None)
+    w, wh = _worst(recs, lambda r: r.tv_kernel_vs_attention)
+    add(*rows[1], f"TV median {_fmt(_median([r.tv_kernel_vs_attention for r in recs]))}, worst {_fmt(w)} ({wh})",
+        None)
+    w, wh = _worst(recs, lambda r: r.query_consistency)
+    add(*rows[2], f"TV median {_fmt(_median([r.query_consistency for r in recs]))}, worst {_fmt(w)} ({wh})", None)
+
+
 def _kernel_rows(res: KernelResult, add: Add) -> None:
     recs = res.records
     if not recs:
         return
-    tvm = [r.tv_decomposition.get("median") for r in recs]
-    w, wh = _worst(recs, lambda r: r.tv_decomposition.get("p90"))
-    add("split", "TV(true attention, content + position pattern) is small on held-out text "
-                 "(the method reports ≈ 0.05 on GPT-2 Small)",
-        f"median over heads of the median TV {_fmt(_median(tvm))}; worst 90th percentile {_fmt(w)} ({wh})", None)
-    w, wh = _worst(recs, lambda r: r.tv_kernel_vs_attention)
-    add("static", "the kernel matches the mean held-out attention (independence of content and position)",
-        f"TV median {_fmt(_median([r.tv_kernel_vs_attention for r in recs]))}, worst {_fmt(w)} ({wh})", None)
-    w, wh = _worst(recs, lambda r: r.query_consistency)
-    add("static", "the kernel is consistent across query vectors (texts)",
-        f"TV median {_fmt(_median([r.query_consistency for r in recs]))}, worst {_fmt(w)} ({wh})", None)
+    _held_out_rows(recs, add)
     w, wh = _worst(recs, lambda r: r.equivariance)
     add("static", "translation equivariance: K<sub>n</sub>(n − d) depends on the offset d only",
         f"TV median {_fmt(_median([r.equivariance for r in recs]))}, worst {_fmt(w)} ({wh})", None)
@@ -67,12 +77,10 @@ def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) 
             c.ok)
     if neurons is None:
         return
-    den = neurons.denominators
-    ratios = [x for v in den.values() for x in v["ratio_to_calibration"] if math.isfinite(x)]
-    if ratios:
-        add("denom", "the calibration denominators transfer to other texts (per-head scale error)",
-            f"Z / Z<sub>calibration</sub> from {_fmt(min(ratios))} to {_fmt(max(ratios))} over "
-            f"{len(den)} held-out texts", None)
+    for d in neurons.denominators:  # the denominator-transfer condition, per held-out text
+        c = d.condition
+        add(c.group, f"{_esc(c.name)}: {_esc(c.holds_when)}", f"{_fmt(c.measured)}"
+            + ("" if c.ok else " (outside the explanation's scope)"), c.ok)
     fid = neurons.fidelity
     if fid:
         add("summary", "the summary reproduces the heads' summed output on held-out texts",
@@ -81,7 +89,7 @@ def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) 
     recs = neurons.records
     if recs:
         mp = circ.settings.get("min_position") if circ is not None else None
-        add("neuron", "predictions match the true contribution on held-out texts"
+        add("neuron", "the full layer-0 explanation matches the true pre-activation on held-out texts"
                       + (f" (positions n ≥ {mp})" if mp is not None else ""),
             f"median r {_fmt(_median([r.r for r in recs]))}, median FVU "
             f"{_fmt(_median([r.fvu for r in recs]))} over {len(recs)} neurons", None)

@@ -70,7 +70,10 @@ def header_section(model_info: dict, command: str, provenance: dict, date: str, 
 HEAD_COLUMNS = [  # (key, header, tooltip, getter)
     ("layer", "layer", "layer index", lambda r: r.layer),
     ("head", "head", "head index", lambda r: r.head),
-    ("category", "category", "kernel category at the reference query position", lambda r: r.category),
+    ("category", "category", "kernel category at the reference query position, first position excluded",
+     lambda r: r.category),
+    ("sink_mass", "sink", "median held-out attention on the first position (BOS); the category describes the rest",
+     lambda r: getattr(r, "sink_mass", None)),
     ("n_eff", "N<sub>eff</sub>", "effective width 1 / Σ K²", lambda r: r.n_eff),
     ("decay_length", "decay τ", "τ of the fit K(d) ∝ exp(−d/τ)", lambda r: r.decay_length),
     ("decay_fit_r2", "fit R²", "weighted R² of the exponential fit (log scale)", lambda r: r.decay_fit_r2),
@@ -78,8 +81,8 @@ HEAD_COLUMNS = [  # (key, header, tooltip, getter)
      lambda r: r.query_consistency),
     ("equivariance", "equivar.", "max TV between K_n(n − d) at different n", lambda r: r.equivariance),
     ("tv_median", "TV split med.", "median TV(true attention, content + position pattern)",
-     lambda r: r.tv_decomposition.get("median")),
-    ("tv_p90", "TV split p90", "90th percentile of the same TV", lambda r: r.tv_decomposition.get("p90")),
+     lambda r: (r.tv_decomposition or {}).get("median")),
+    ("tv_p90", "TV split p90", "90th percentile of the same TV", lambda r: (r.tv_decomposition or {}).get("p90")),
     ("tv_kernel_vs_attention", "TV kernel/attn", "TV between the kernel and the mean held-out attention",
      lambda r: r.tv_kernel_vs_attention),
 ]
@@ -148,6 +151,8 @@ def kernel_section(res: KernelResult, figures: dict[str, Path], used: set[str]) 
         counts[r.category] = counts.get(r.category, 0) + 1
     chips = "".join(f'<li><span class="dot" style="background:{CAT_COLORS.get(c, "#999")}"></span>{_esc(c)}: '
                     f"<b>{n}</b></li>" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+    n_sink = sum(getattr(r, "sink_dominated", False) for r in recs)
+    chips += f"<li title='sink mass >= 0.5; their category describes the kernel without the sink'>sink-dominated: <b>{n_sink}</b></li>"
     prov, settings = res.provenance, res.settings
     return f"""
 <section id="kernels">
@@ -204,10 +209,9 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
     if den and heads:
         hdr = "".join(f"<th>head {h}</th>" for h in heads)
         rws = []
-        for name, v in den.items():
-            cells = "".join(f'<td class="{"warn" if x < 0.8 or x > 1.25 else ""}">{_fmt(x)}</td>'
-                            for x in v["ratio_to_calibration"])
-            rws.append(f"<tr><th>{_esc(name)}</th>{cells}</tr>")
+        for d in den:
+            cells = "".join(f'<td class="{"warn" if x < 0.8 or x > 1.25 else ""}">{_fmt(x)}</td>' for x in d.ratio)
+            rws.append(f"<tr><th>{_esc(d.text)}</th>{cells}</tr>")
         den_html = (f'<h3>Denominator stability</h3><p class="hint">Median over positions of Z<sub>n</sub> on each '
                     f'held-out text divided by the calibration denominator: the per-head scale error of reusing the '
                     f'calibration value (outside 0.8–1.25 highlighted).</p><div class="table-wrap">'

@@ -1,0 +1,438 @@
+// attnscope serve: the page. Plain JavaScript, no network beyond this server's /api.
+"use strict";
+
+const $ = (sel) => document.querySelector(sel);
+const SVGNS = "http://www.w3.org/2000/svg";
+const S = { info: null, neurons: [], byIndex: new Map(), neuron: null, analysis: null, text: null,
+            evidence: null, contrast: null, neuronCard: null };
+
+function el(tag, attrs = {}, text) {
+  const e = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+function sv(tag, attrs = {}, text) {
+  const e = document.createElementNS(SVGNS, tag);
+  for (const [k, v] of Object.entries(attrs)) e.setAttribute(k, v);
+  if (text !== undefined) e.textContent = text;
+  return e;
+}
+const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "–" : Number(v).toFixed(d);
+const showTok = (t) => t.replace(/\n/g, "↵").replace(/\t/g, "⇥");
+
+async function api(path, body) {
+  const opts = body === undefined ? {} : { method: "POST", headers: { "Content-Type": "application/json" },
+                                            body: JSON.stringify(body) };
+  const r = await fetch(path, opts);
+  let d = null;
+  try { d = await r.json(); } catch (_e) { d = { error: `the server answered ${r.status} without JSON` }; }
+  if (!r.ok) throw new Error(d.error || `the server answered ${r.status}`);
+  return d;
+}
+
+function message(sel, text) {
+  const m = $(sel);
+  m.hidden = !text;
+  m.textContent = text || "";
+}
+
+// ---------------------------------------------------------------- colours
+function colour(v, scale) {
+  if (!scale || v === null) return "transparent";
+  const a = Math.max(-1, Math.min(1, v / scale));
+  const [r, g, b] = a >= 0 ? [214, 39, 40] : [31, 119, 180];
+  return `rgba(${r},${g},${b},${Math.abs(a) * 0.85})`;
+}
+
+// ---------------------------------------------------------------- neuron table
+function renderTable() {
+  const q = $("#neuron-search").value.trim().toLowerCase();
+  const tb = $("#neuron-table tbody");
+  tb.replaceChildren();
+  let shown = 0;
+  for (const n of S.neurons) {
+    const hay = [String(n.index), n.label || "", n.label_negative || "", ...n.top_positive, ...n.top_negative]
+      .join("\u0001").toLowerCase();
+    if (q && !(String(n.index) === q || hay.includes(q))) continue;
+    if (++shown > 400) continue;
+    const tr = el("tr", { "data-neuron": n.index });
+    if (n.index === S.neuron) tr.classList.add("selected");
+    tr.append(el("td", { class: "num" }, n.rank), el("td", { class: "num" }, n.index),
+              el("td", { class: "num" }, fmt(n.score, 2)), el("td", {}, (n.selected ? "✓ " : "") + (n.label || "")),
+              el("td", { class: "tok-list" }, n.top_positive.slice(0, 6).map(showTok).join(" | ")),
+              el("td", { class: "tok-list" }, n.top_negative.slice(0, 6).map(showTok).join(" | ")),
+              el("td", { class: "num" }, n.r === null ? "" : fmt(n.r, 2)));
+    tr.addEventListener("click", () => chooseNeuron(n.index, true));
+    tb.append(tr);
+  }
+  $("#neuron-count").textContent = `${shown} of ${S.neurons.length} neurons` + (shown > 400 ? " (first 400 shown)" : "");
+}
+
+async function chooseNeuron(k, reanalyse) {
+  if (!S.byIndex.has(k)) {
+    message("#message", `neuron ${k} does not exist: this model's layer-0 MLP has ${S.neurons.length} neurons, ` +
+            `numbered 0..${S.neurons.length - 1}; pick one from the table`);
+    return false;
+  }
+  S.neuron = k;
+  $("#neuron-input").value = k;
+  for (const tr of document.querySelectorAll("#neuron-table tbody tr"))
+    tr.classList.toggle("selected", Number(tr.dataset.neuron) === k);
+  try {
+    S.neuronCard = await api(`/api/neuron/${k}`);
+    renderNeuronCard();
+  } catch (e) { message("#message", e.message); }
+  if (reanalyse && S.text) await analyse();
+  updateShare();
+  return true;
+}
+
+function renderNeuronCard() {
+  const n = S.neuronCard;
+  const card = $("#neuron-card");
+  card.replaceChildren();
+  card.append(el("p", {}, `Neuron ${n.index}: rank ${n.rank}, ${S.info.score} ${fmt(n.score, 2)}` +
+    (n.selected ? `, label “${n.label || "none"}”, held-out r = ${fmt(n.r, 2)}, FVU = ${fmt(n.fvu, 2)}` : ", not selected")));
+  const cols = el("div", { class: "cols" });
+  for (const [title, list] of [["highest token scores S[x, k]", n.top_positive_scores],
+                               ["lowest token scores", n.top_negative_scores]]) {
+    const d = el("div");
+    d.append(el("strong", {}, title), el("div", { class: "tok-list" },
+      list.slice(0, 12).map(([t, v]) => `${showTok(t).padEnd(14)} ${fmt(v, 3)}`).join("\n")));
+    cols.append(d);
+  }
+  card.append(cols);
+}
+
+// ---------------------------------------------------------------- kernels
+function renderKernels() {
+  const c = S.info.circuit, svg = $("#kernel-svg");
+  const W = 640, H = 220, L = 50, R = 110, T = 14, B = 34;
+  const names = Object.keys(c.kernels_by_offset);
+  const n = c.kernels_by_offset.shared.length;
+  const ymax = Math.max(...names.map((k) => Math.max(...c.kernels_by_offset[k]))) || 1;
+  const x = (i) => L + (i / Math.max(1, n - 1)) * (W - L - R), y = (v) => T + (1 - v / ymax) * (H - T - B);
+  svg.replaceChildren(sv("rect", { x: 0, y: 0, width: W, height: H, fill: "#fff" }));
+  const pal = ["#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22"];
+  names.forEach((k, j) => {
+    const pts = c.kernels_by_offset[k].map((v, i) => `${x(i).toFixed(1)},${y(v).toFixed(1)}`).join(" ");
+    const shared = k === "shared";
+    svg.append(sv("polyline", { points: pts, fill: "none", stroke: shared ? "#000" : pal[j % pal.length],
+                                "stroke-width": shared ? 2.2 : 1.2, "stroke-dasharray": shared ? "5 3" : "" }));
+    svg.append(sv("text", { x: W - R + 8, y: T + 12 + 14 * j, "font-size": 11, fill: shared ? "#000" : pal[j % pal.length] },
+                  shared ? "shared K" : k));
+  });
+  svg.append(sv("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#555" }),
+             sv("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#555" }),
+             sv("text", { x: L, y: H - 8, "font-size": 11 }, `offset n − i (query n = ${c.kernel_query_position})`),
+             sv("text", { x: L - 4, y: T + 8, "font-size": 10, "text-anchor": "end" }, fmt(ymax, 3)),
+             sv("text", { x: L - 4, y: H - B, "font-size": 10, "text-anchor": "end" }, "0"));
+  $("#heads-note").textContent = `Layer-0 heads ${c.heads.map((h) => "H" + h).join(", ")} form the contextual circuit ` +
+    `(calibration ${c.calibration}, context ${c.context} tokens, positions n < ${c.min_position} are the kernel's warm-up). ` +
+    c.decisions.map((d) => `H${d.head}: N_eff ${fmt(d.n_eff, 1)}, CV(Z) ${fmt(d.denominator_cv, 3)}`).join("; ") + ".";
+  const tb = $("#circuit-conditions tbody");
+  for (const k of c.conditions)
+    tb.append(rowOf([k.name, fmt(k.measured), fmt(k.threshold, 3), k.ok ? "yes" : "no"], [0, 1, 1, 0], k.ok));
+}
+
+function rowOf(cells, numeric, ok) {
+  const tr = el("tr");
+  cells.forEach((c, i) => {
+    const td = el("td", numeric[i] ? { class: "num" } : {}, c);
+    if (c === "yes" || c === "no") td.className = ok ? "yes" : "no";
+    tr.append(td);
+  });
+  return tr;
+}
+
+// ---------------------------------------------------------------- analysis
+async function analyse() {
+  const text = $("#text-input").value;
+  message("#message", "");
+  if (!text.trim()) { message("#message", "The text is empty: type, paste or upload some text."); return; }
+  if (text.length > S.info.max_chars) {
+    message("#message", `The text has ${text.length} characters, more than ${S.info.max_chars}; analyse a shorter excerpt.`);
+    return;
+  }
+  const k = Number($("#neuron-input").value);
+  if (!Number.isInteger(k) || !S.byIndex.has(k)) {
+    message("#message", `Neuron ${$("#neuron-input").value || "(none)"} does not exist: this model's layer-0 MLP has ` +
+            `${S.neurons.length} neurons, numbered 0..${S.neurons.length - 1}.`);
+    return;
+  }
+  if (k !== S.neuron) await chooseNeuron(k, false);
+  $("#busy").hidden = false;
+  try {
+    S.analysis = await api("/api/analyse", { text, neuron: k });
+    S.text = text;
+    S.evidence = null;
+    renderAnalysis();
+    const p = S.analysis.early.findIndex((e) => !e);
+    await showEvidence(p >= 0 ? peakPosition() : S.analysis.n_tokens - 1);
+  } catch (e) { message("#message", e.message); } finally { $("#busy").hidden = true; }
+  updateShare();
+}
+
+function peakPosition() {
+  const a = S.analysis;
+  let best = a.n_tokens - 1, bv = -Infinity;
+  a.true.forEach((v, i) => { if (!a.early[i] && v > bv) { bv = v; best = i; } });
+  return best;
+}
+
+function renderAnalysis() {
+  const a = S.analysis;
+  $("#result").hidden = false;
+  $("#conditions-section").hidden = false;
+  $("#evidence-section").hidden = false;
+  const wn = $("#window-note");
+  wn.hidden = !a.window_note;
+  wn.textContent = a.window_note || "";
+  $("#predicted-note").textContent = `Neuron ${a.neuron}. True = the model's own layer-0 MLP pre-activation. ` +
+    `Predicted (${S.info.explanation.kind}): ${S.info.explanation.description}. Shaded: early positions ` +
+    `(n < ${a.min_position}), outside the explanation's scope.`;
+  const f = a.fit;
+  $("#fit-line").textContent = `Over the ${f.n} positions n ≥ ${a.min_position}: r = ${fmt(f.r)}, FVU = ${fmt(f.fvu)}, ` +
+    `mean |true − predicted| = ${fmt(f.mae)}; mean true ${fmt(mean(a.true))}, mean predicted ${fmt(mean(a.pred))}.`;
+  renderPlot();
+  renderTokens();
+  renderConditions();
+}
+const mean = (xs) => xs.reduce((s, v) => s + v, 0) / Math.max(1, xs.length);
+
+function renderPlot() {
+  const a = S.analysis, svg = $("#plot-svg");
+  const W = 900, H = 280, L = 56, R = 14, T = 24, B = 36, n = a.n_tokens;
+  let lo = Math.min(0, ...a.true, ...a.pred), hi = Math.max(0, ...a.true, ...a.pred);
+  if (hi - lo < 1e-9) { hi += 1; lo -= 1; }
+  const pad = 0.05 * (hi - lo); lo -= pad; hi += pad;
+  const x = (i) => L + (n === 1 ? 0.5 : i / (n - 1)) * (W - L - R), y = (v) => T + (hi - v) / (hi - lo) * (H - T - B);
+  svg.replaceChildren(sv("rect", { x: 0, y: 0, width: W, height: H, fill: "#fff" }));
+  Object.assign(svg.dataset, { ymin: lo, ymax: hi, top: T, bottom: H - B, left: L, right: W - R, n });
+  const nEarly = a.early.filter(Boolean).length;
+  if (nEarly) svg.append(sv("rect", { x: L, y: T, width: Math.max(2, x(nEarly - 1) - L), height: H - T - B, fill: "#eee" }));
+  for (const w of a.windows.slice(1))
+    svg.append(sv("line", { x1: x(w.report_from), x2: x(w.report_from), y1: T, y2: H - B, stroke: "#999", "stroke-dasharray": "3 3" }));
+  svg.append(sv("line", { x1: L, x2: W - R, y1: y(0), y2: y(0), stroke: "#bbb" }));
+  const line = (vals, id, stroke, dash) => sv("polyline", { id, fill: "none", stroke, "stroke-width": 1.6,
+    "stroke-dasharray": dash, points: vals.map((v, i) => `${x(i).toFixed(2)},${y(v).toFixed(2)}`).join(" ") });
+  svg.append(line(a.true, "plot-true", "#111", ""), line(a.pred, "plot-pred", "#d62728", "5 3"));
+  svg.append(sv("line", { x1: L, y1: T, x2: L, y2: H - B, stroke: "#555" }),
+             sv("line", { x1: L, y1: H - B, x2: W - R, y2: H - B, stroke: "#555" }));
+  let lastY = -100;
+  for (const v of [hi - pad, 0, lo + pad]) {  // axis labels, skipping any that would overlap
+    if (Math.abs(y(v) - lastY) < 14) continue;
+    lastY = y(v);
+    svg.append(sv("text", { x: L - 5, y: y(v) + 4, "font-size": 10, "text-anchor": "end" }, fmt(v, 2)));
+  }
+  svg.append(sv("text", { x: L, y: H - 10, "font-size": 11 }, `token position (0..${n - 1})`),
+             sv("text", { x: L, y: 14, "font-size": 12, "font-weight": 600 }, `neuron ${a.neuron}: pre-activation per token`),
+             sv("line", { x1: W - 250, x2: W - 225, y1: 10, y2: 10, stroke: "#111", "stroke-width": 1.6 }),
+             sv("text", { x: W - 220, y: 14, "font-size": 11 }, "true"),
+             sv("line", { x1: W - 170, x2: W - 145, y1: 10, y2: 10, stroke: "#d62728", "stroke-width": 1.6, "stroke-dasharray": "5 3" }),
+             sv("text", { x: W - 140, y: 14, "font-size": 11 }, "predicted"));
+  const cursor = sv("line", { id: "plot-cursor", x1: -10, x2: -10, y1: T, y2: H - B, stroke: "#0b5cad" });
+  const label = sv("text", { id: "plot-label", x: L + 8, y: T + 12, "font-size": 11, fill: "#0b5cad" });
+  svg.append(cursor, label);
+  const at = (ev) => {
+    const r = svg.getBoundingClientRect();
+    return Math.max(0, Math.min(n - 1, Math.round(((ev.clientX - r.left) * W / r.width - L) / (W - L - R) * (n - 1))));
+  };
+  svg.onmousemove = (ev) => {
+    const i = at(ev);
+    cursor.setAttribute("x1", x(i)); cursor.setAttribute("x2", x(i));
+    label.textContent = `${i} “${showTok(a.tokens[i])}”: true ${fmt(a.true[i])}, predicted ${fmt(a.pred[i])}`;
+  };
+  svg.onclick = (ev) => showEvidence(at(ev));
+}
+
+function renderTokens() {
+  const a = S.analysis, box = $("#coloured-text");
+  const mode = document.querySelector("input[name=colour]:checked").value;
+  box.replaceChildren();
+  let vals = mode === "pred" ? a.pred : a.true;
+  let scale = Math.max(...a.true.map(Math.abs), ...a.pred.map(Math.abs));
+  const ev = S.evidence;
+  if (mode === "evidence" && ev) {
+    vals = a.tokens.map((_, i) => (i >= ev.first_token && i - ev.first_token < ev.contributions.length)
+      ? ev.contributions[i - ev.first_token] : null);
+    scale = Math.max(1e-12, ...ev.contributions.map(Math.abs));
+  }
+  a.tokens.forEach((t, i) => {
+    const s = el("span", { class: "tok", "data-i": i }, t);
+    if (a.early[i]) s.classList.add("early");
+    if (mode === "evidence" && vals[i] === null) s.classList.add("outside");
+    if (ev && i === ev.position) s.classList.add("chosen");
+    s.style.background = colour(vals[i], scale);
+    s.title = `#${i} ${JSON.stringify(t)}  true ${fmt(a.true[i])}  predicted ${fmt(a.pred[i])}` +
+      (mode === "evidence" && vals[i] !== null ? `  contribution ${fmt(vals[i], 4)}` : "");
+    box.append(s);
+  });
+}
+
+async function showEvidence(pos) {
+  const a = S.analysis;
+  if (!a || !S.text) return;
+  if (!Number.isInteger(pos) || pos < 0 || pos >= a.n_tokens) {
+    message("#message", `Position ${pos} is outside the text: choose 0..${a.n_tokens - 1}.`);
+    return;
+  }
+  try {
+    S.evidence = await api("/api/evidence", { text: S.text, neuron: a.neuron, position: pos });
+  } catch (e) { message("#message", e.message); return; }
+  const ev = S.evidence;
+  $("#evidence-pos").value = pos;
+  $("#evidence-token").textContent = `token “${showTok(a.tokens[pos])}”` + (a.early[pos] ? " (early position: outside scope)" : "");
+  const sumC = ev.contributions.reduce((s, v) => s + v, 0) + (ev.bos_contribution || 0);
+  $("#evidence-sum").textContent = `predicted ${fmt(ev.prediction)} = Σ kernel weight × token score ${fmt(sumC)}` +
+    (ev.has_bos ? ` (BOS ${fmt(ev.bos_contribution)})` : "") +
+    ev.terms.map(([name, v]) => ` + ${name} ${fmt(v)}`).join("") + `;  true ${fmt(a.true[pos])}.`;
+  const rows = ev.contributions.map((c, j) => [j + ev.first_token, c, ev.kernel[j], ev.scores[j]])
+    .sort((p, q) => Math.abs(q[1]) - Math.abs(p[1])).slice(0, 15);
+  const tb = $("#evidence-table tbody");
+  tb.replaceChildren();
+  for (const [i, c, k, s] of rows)
+    tb.append(rowOf([String(i), showTok(a.tokens[i]), fmt(k, 4), fmt(s, 3), fmt(c, 4)], [1, 0, 1, 1, 1]));
+  renderTokens();
+}
+
+function renderConditions() {
+  const a = S.analysis, b = $("#scope-banner");
+  b.textContent = a.scope_message;
+  b.className = a.in_scope ? "inside" : "outside";
+  const tb = $("#conditions-table tbody");
+  tb.replaceChildren();
+  for (const c of a.conditions)
+    tb.append(rowOf([c.name, c.holds_when, fmt(c.measured), fmt(c.threshold, 3), c.ok ? "yes" : "no", c.detail],
+                    [0, 0, 1, 1, 0, 0], c.ok));
+}
+
+// ---------------------------------------------------------------- contrast
+async function runContrast() {
+  const A = $("#text-a").value, B = $("#text-b").value;
+  message("#contrast-message", "");
+  if (!A.trim() || !B.trim()) { message("#contrast-message", "Both texts are needed: fill text A and text B."); return; }
+  try {
+    S.contrast = await api("/api/contrast", { text_a: A, text_b: B, neuron: S.neuron, top: 10 });
+  } catch (e) { message("#contrast-message", e.message); return; }
+  const c = S.contrast;
+  $("#contrast-result").hidden = false;
+  const tb = $("#contrast-table tbody");
+  tb.replaceChildren();
+  for (const [name, s] of [["A", c.a], ["B", c.b]])
+    tb.append(rowOf([name, String(s.n_tokens), fmt(s.mean_true), fmt(s.mean_pred),
+                     s.in_scope ? "yes" : "no"], [0, 1, 1, 1, 0], s.in_scope));
+  $("#contrast-effect").textContent = `Neuron ${c.neuron}: effect size d (A vs B, over positions n ≥ ` +
+    `${S.info.circuit.min_position}) true ${fmt(c.d_true, 2)}, predicted ${fmt(c.d_pred, 2)}. Of the top ${c.top.length} ` +
+    `separating neurons, the prediction has the true sign for ${c.top_same_sign}.`;
+  const top = $("#contrast-top tbody");
+  top.replaceChildren();
+  for (const r of c.top) {
+    const tr = rowOf([String(r.neuron), S.byIndex.get(r.neuron).label || "", fmt(r.d_true, 2), fmt(r.d_pred, 2),
+                      fmt(r.mean_true_a), fmt(r.mean_true_b)], [1, 0, 1, 1, 1, 1]);
+    tr.style.cursor = "pointer";
+    tr.addEventListener("click", () => chooseNeuron(r.neuron, true));
+    top.append(tr);
+  }
+  updateShare();
+}
+
+// ---------------------------------------------------------------- export
+function shareURL() {
+  const p = new URLSearchParams({ model: S.info.model.name, neuron: String(S.neuron) });
+  if (S.text) p.set("text", S.text);
+  if ($("#text-a").value) p.set("a", $("#text-a").value);
+  if ($("#text-b").value) p.set("b", $("#text-b").value);
+  return `${location.origin}${location.pathname}#${p.toString()}`;
+}
+function updateShare() {
+  if (!S.info) return;
+  const u = shareURL();
+  $("#share-url").value = u;
+  history.replaceState(null, "", u);
+}
+function download(name, blob) {
+  const u = URL.createObjectURL(blob), a = el("a", { href: u, download: name });
+  document.body.append(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(u), 1000);
+}
+function exportJSON() {
+  const d = { model: S.info.model, explanation: S.info.explanation, neuron: S.neuronCard, analysis: S.analysis,
+              evidence: S.evidence, contrast: S.contrast, url: shareURL() };
+  download(`attnscope-neuron-${S.neuron}.json`, new Blob([JSON.stringify(d, null, 1)], { type: "application/json" }));
+}
+function exportPNG() {
+  if (!S.analysis) { message("#message", "Nothing to export yet: analyse a text first."); return; }
+  const svg = $("#plot-svg"), W = 900, H = 280, k = 2;
+  const clone = svg.cloneNode(true);
+  clone.setAttribute("xmlns", SVGNS);
+  for (const id of ["plot-cursor", "plot-label"]) clone.querySelector("#" + id)?.remove();
+  const img = new Image();
+  const url = URL.createObjectURL(new Blob([new XMLSerializer().serializeToString(clone)], { type: "image/svg+xml" }));
+  img.onload = () => {
+    const c = el("canvas", { width: W * k, height: H * k }), g = c.getContext("2d");
+    g.scale(k, k); g.fillStyle = "#fff"; g.fillRect(0, 0, W, H); g.drawImage(img, 0, 0, W, H);
+    URL.revokeObjectURL(url);
+    c.toBlob((b) => download(`attnscope-neuron-${S.neuron}.png`, b), "image/png");
+  };
+  img.src = url;
+}
+async function copyLink() {
+  const u = $("#share-url");
+  u.select();
+  try { await navigator.clipboard.writeText(u.value); } catch (_e) { document.execCommand("copy"); }
+}
+
+// ---------------------------------------------------------------- start
+async function start() {
+  try {
+    [S.info, { neurons: S.neurons }] = await Promise.all([api("/api/info"), api("/api/neurons")]);
+  } catch (e) { message("#message", `Could not load the model's data: ${e.message}`); return; }
+  S.neurons.forEach((n) => S.byIndex.set(n.index, n));
+  const m = S.info.model;
+  $("#model-line").textContent = `model ${m.name} (${m.architecture}, ${m.n_layers} layers, ${m.d_mlp} layer-0 MLP ` +
+    `neurons, context ${m.context_length}); circuit and neurons ${S.info.source}.`;
+  $("#explanation-line").textContent = `Predicted = ${S.info.explanation.kind}: ${S.info.explanation.description}.`;
+  $("#neuron-input").max = S.neurons.length - 1;
+  renderKernels();
+  $("#score-th").textContent = S.info.score;
+  $("#ranking-note").textContent = `Ranked by ${S.info.score_name}. ✓ = reported (explained and verified on held-out ` +
+    "texts; r = the explanation's held-out fit). Click a row to choose the neuron.";
+  const h = new URLSearchParams(location.hash.slice(1));
+  const k = h.has("neuron") ? Number(h.get("neuron")) : S.neurons[0].index;
+  if (h.get("a")) $("#text-a").value = h.get("a");
+  if (h.get("b")) $("#text-b").value = h.get("b");
+  renderTable();
+  const ok = await chooseNeuron(S.byIndex.has(k) ? k : S.neurons[0].index, false);
+  if (h.has("model") && h.get("model") !== m.name)
+    message("#message", `This link was made for model ${h.get("model")}; this server runs ${m.name}.`);
+  if (ok && h.get("text")) { $("#text-input").value = h.get("text"); await analyse(); }
+  if (h.get("a") && h.get("b")) await runContrast();
+}
+
+$("#neuron-search").addEventListener("input", renderTable);
+$("#neuron-input").addEventListener("change", () => {
+  const k = Number($("#neuron-input").value);
+  if (Number.isInteger(k)) chooseNeuron(k, true);
+});
+$("#analyse-btn").addEventListener("click", analyse);
+$("#file-input").addEventListener("change", (ev) => {
+  const f = ev.target.files[0];
+  if (!f) return;
+  const r = new FileReader();
+  r.onload = () => { $("#text-input").value = r.result; analyse(); };
+  r.onerror = () => message("#message", `Could not read ${f.name}; upload a plain-text file.`);
+  r.readAsText(f);
+});
+for (const r of document.querySelectorAll("input[name=colour]")) r.addEventListener("change", renderTokens);
+$("#coloured-text").addEventListener("click", (ev) => {
+  const t = ev.target.closest(".tok");
+  if (t) showEvidence(Number(t.dataset.i));
+});
+$("#evidence-pos").addEventListener("change", () => showEvidence(Number($("#evidence-pos").value)));
+$("#contrast-btn").addEventListener("click", runContrast);
+$("#copy-link").addEventListener("click", copyLink);
+$("#download-json").addEventListener("click", exportJSON);
+$("#download-png").addEventListener("click", exportPNG);
+start();
