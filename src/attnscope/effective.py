@@ -1,0 +1,215 @@
+r"""Effective embeddings: the residual stream entering layer ``l`` as token + position (issue 11).
+
+The method is exact about layer 0 because its heads read ``W_E[x_i] + W_pos[i]``.  At a later layer the
+residual depends on the whole prefix.  attnscope approximates it as
+
+    r_l(n) ~ E_l[x_n] + pi_l(n) (+ c_l(n))
+
+* ``E_l [d_vocab, d_model]``: the *effective embedding*, each token's mean residual at layer ``l`` over a
+  sample text kept apart from the evaluation texts;
+* ``pi_l [T, d_model]``: a static positional part, centred over positions;
+* ``c_l(n)`` (optional, :mod:`attnscope.later`): a known offset, the earlier layers' contextual bags, so
+  that what they explain is not absorbed into ``E_l`` a second time.
+
+``E`` and ``pi`` are the least-squares additive fit of ``r - c`` (alternating per-token and per-position
+means, which converge to it); both are exact when the earlier layers add nothing that depends on context
+(e.g. they are zeroed).  Tokens seen fewer than ``prior_count`` times are shrunk towards, and unseen tokens
+replaced by, their *direct-path* embedding: the embedding passed through the earlier layers with each
+attention output replaced by its sample mean and each MLP applied to the token itself (plus the mean
+offset between the two over seen tokens).  How well that fallback predicts seen tokens is reported.
+
+Layer 0 with learned positions is the model's own ``W_E`` and ``W_pos`` (no estimate).  Every estimate
+carries its approximation error (:func:`approximation_error`): the share of the residual's variance,
+after the normalisation the next heads apply, that token + position leave unexplained.
+
+:func:`layer_view` turns an estimate into a :class:`~attnscope.models.ModelWeights` whose layer 0 *is*
+layer ``l`` and whose embeddings are the effective ones, so the layer-0 circuit code applies unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+from torch import Tensor
+
+from .errors import AttnscopeError, check_index
+from .forward import activation, iter_layers, norm
+from .models import ModelWeights
+
+
+@dataclass
+class EffectiveEmbedding:
+    """The token + position approximation of the residual entering one layer (tensors in comments)."""
+
+    layer: int
+    E: Tensor  # [d_vocab, d_model] effective embeddings (fallback rows for unseen tokens)
+    pi: Tensor  # [T, d_model] positional part, centred over positions
+    counts: Tensor  # [d_vocab] occurrences of each token in the sample
+    exact: bool  # True at layer 0 with learned positions (the model's own embeddings)
+    n_sample_positions: int
+    fit_fvu: float  # residual variance unexplained on the sample itself (normalised vectors)
+    fallback_r2: float | None  # R^2 of the direct-path fallback on seen tokens (count-weighted)
+    n_iterations: int
+    offset_removed: bool = False  # True when a known contextual offset c_l was subtracted before the fit
+
+    @property
+    def n_seen(self) -> int:
+        return int((self.counts > 0).sum())
+
+    def residual(self, tokens: Tensor) -> Tensor:
+        """Approximate residual ``[..., pos, d_model]`` of token windows ``tokens [..., pos]``."""
+        return self.E[tokens] + self.pi[: tokens.shape[-1]]
+
+    def to_json(self) -> dict:
+        return {"layer": self.layer, "exact": self.exact, "n_seen_tokens": self.n_seen,
+                "n_vocab": int(self.counts.numel()), "n_sample_positions": self.n_sample_positions,
+                "fit_fvu": self.fit_fvu, "fallback_r2": self.fallback_r2, "n_iterations": self.n_iterations,
+                "offset_removed": self.offset_removed}
+
+
+@dataclass
+class SampleActivations:
+    """What the sample run records per layer (flattened over windows and positions)."""
+
+    tokens: Tensor  # [N, T]
+    resid: dict[int, Tensor]  # layer -> [N, T, d_model] residual entering the layer
+    mean_attn_out: dict[int, Tensor]  # layer -> [d_model] mean attention output (positions >= 1)
+
+
+def _check_model(w: ModelWeights, layer: int) -> None:
+    check_index("layer", layer, w.n_layers)
+    if w.norm_placement != "pre":
+        raise AttnscopeError(f"later-layer circuits need a pre-norm model; {w.name} normalises after each block "
+                             "(post-LN): analyse layer 0 only (--layer 0)")
+
+
+@torch.no_grad()
+def sample_activations(w: ModelWeights, windows: Tensor, layers: list[int], batch_size: int = 8) -> SampleActivations:
+    """Run the model on ``windows [N, T]`` up to ``max(layers)`` and keep the residual entering each layer."""
+    resid: dict[int, list[Tensor]] = {l: [] for l in layers}
+    attn_sum = {l: torch.zeros(w.d_model, dtype=torch.float64) for l in range(max(layers) + 1)}
+    n = 0
+    for b0 in range(0, windows.shape[0], batch_size):
+        batch = windows[b0 : b0 + batch_size].to(w.device)
+        for a in iter_layers(w, batch, stop_layer=max(layers)):
+            if a.layer in resid:
+                resid[a.layer].append(a.resid_pre.float().cpu())
+            attn_sum[a.layer] += a.attn_out[:, 1:].double().sum((0, 1)).cpu()
+        n += batch.shape[0] * (batch.shape[1] - 1)
+    return SampleActivations(windows.cpu(), {l: torch.cat(v) for l, v in resid.items()},
+                             {l: (s / max(n, 1)).float() for l, s in attn_sum.items()})
+
+
+@torch.no_grad()
+def direct_path(w: ModelWeights, layer: int, mean_attn_out: dict[int, Tensor], chunk: int = 8192) -> Tensor:
+    """Every token's embedding through layers ``< layer`` with attention replaced by its sample mean and each
+    MLP applied to the token itself: ``[d_vocab, d_model]`` (at the mean position)."""
+    base = w.W_pos.mean(0) if w.W_pos is not None else 0.0
+    out = []
+    for c0 in range(0, w.d_vocab, chunk):
+        x = (w.W_E[c0 : c0 + chunk] + base + (0 if w.W_type is None else w.W_type)).float()
+        for l in range(layer):
+            mid = x + mean_attn_out[l].to(x)
+            m_in = norm(w, mid, w.ln2_w[l], None if w.ln2_b is None else w.ln2_b[l])
+            if w.W_gate is not None:
+                post = activation(w.act, m_in @ w.W_gate[l]) * (m_in @ w.W_in[l] + w.b_in[l])
+            else:
+                post = activation(w.act, m_in @ w.W_in[l] + w.b_in[l])
+            x = mid + post @ w.W_out[l] + w.b_out[l]
+        out.append(x)
+    return torch.cat(out)
+
+
+def _unit(w: ModelWeights, x: Tensor) -> Tensor:
+    """What a norm sees, up to its gain: centred (LayerNorm) and scaled to unit rms."""
+    if w.norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return x / (x.pow(2).mean(-1, keepdim=True) + w.eps).sqrt()
+
+
+def fvu(w: ModelWeights, r: Tensor, r_hat: Tensor) -> float:
+    """Fraction of the variance of the normalised residual ``r [N, d]`` left unexplained by ``r_hat``."""
+    y, yh = _unit(w, r.double()), _unit(w, r_hat.double())
+    return float(((y - yh) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(1e-30))
+
+
+def _additive_fit(R: Tensor, tokens: Tensor, V: int, prior: Tensor, prior_count: float, iters: int):
+    """Least-squares ``R[b, n] ~ E[tokens[b, n]] + pi[n]`` by alternating means (``R [N, T, d]``)."""
+    N, T, d = R.shape
+    flat_tok = tokens.reshape(-1)
+    flat = R.reshape(-1, d).double()
+    cnt = torch.bincount(flat_tok, minlength=V).double()
+    pi = torch.zeros(T, d, dtype=torch.float64)
+    E = prior.double().clone()
+    for _ in range(iters):
+        s = torch.zeros(V, d, dtype=torch.float64).index_add_(0, flat_tok, flat - pi.repeat(N, 1))
+        E = (s + prior_count * prior.double()) / (cnt + prior_count)[:, None]
+        pi = (R.double() - E[tokens]).mean(0)
+        shift = pi.mean(0)
+        pi = pi - shift
+        E = E + shift
+    return E, pi, cnt
+
+
+@torch.no_grad()
+def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: Tensor | None = None,
+             prior_count: float = 1.0, iters: int = 12, force_estimate: bool = False) -> EffectiveEmbedding:
+    """Effective embedding of ``layer`` from the sample run (``offset [N, T, d]``: known terms removed first)."""
+    _check_model(w, layer)
+    T = sample.tokens.shape[1]
+    if layer == 0 and w.positional == "learned" and w.ln_emb_w is None and not force_estimate and offset is None:
+        E = (w.W_E + (0 if w.W_type is None else w.W_type)).float().cpu()
+        cnt = torch.bincount(sample.tokens.reshape(-1), minlength=w.d_vocab)[: w.d_vocab].double()
+        return EffectiveEmbedding(0, E, w.W_pos[:T].float().cpu(), cnt, True, sample.tokens.numel(), 0.0, 1.0, 0)
+    R = sample.resid[layer] if offset is None else sample.resid[layer] - offset
+    D = direct_path(w, layer, sample.mean_attn_out).cpu().double()
+    # first pass without a prior gives the seen tokens' means; align the direct path to them
+    E0, pi0, cnt = _additive_fit(R, sample.tokens, w.d_vocab, torch.zeros_like(D), 0.0 + 1e-9, iters)
+    seen = cnt > 0
+    wt = cnt[seen] / cnt[seen].sum()
+    off = (wt[:, None] * (E0[seen] - D[seen])).sum(0)
+    prior = D + off
+    E, pi, _ = _additive_fit(R, sample.tokens, w.d_vocab, prior, prior_count, iters)
+    resid = (E0[seen] - prior[seen]) ** 2
+    spread = (E0[seen] - (wt[:, None] * E0[seen]).sum(0)) ** 2
+    r2 = float(1 - (wt[:, None] * resid).sum() / (wt[:, None] * spread).sum().clamp_min(1e-30))
+    fit = fvu(w, R[:, 1:].reshape(-1, w.d_model), (E[sample.tokens] + pi)[:, 1:].reshape(-1, w.d_model))
+    return EffectiveEmbedding(layer, E.float(), pi.float(), cnt, False, sample.tokens.numel(), fit, r2, iters,
+                              offset is not None)
+
+
+@torch.no_grad()
+def approximation_error(w: ModelWeights, eff: EffectiveEmbedding, windows: Tensor, *, n_min: int = 1,
+                        offset: Tensor | None = None) -> dict[str, float]:
+    """On held-out ``windows [N, T]``: FVU of the normalised residual entering ``eff.layer`` by token +
+    position (+ ``offset``), over positions ``>= n_min``; and the share of positions whose token the sample
+    never saw (they use the direct-path fallback)."""
+    acts = sample_activations(w, windows, [eff.layer])
+    R = acts.resid[eff.layer][:, n_min:].reshape(-1, w.d_model)
+    approx = eff.residual(windows.cpu())
+    if offset is not None:
+        approx = approx + offset
+    approx = approx[:, n_min:].reshape(-1, w.d_model)
+    toks = windows[:, n_min:].reshape(-1).cpu()
+    token_only = eff.E[windows.cpu()][:, n_min:].reshape(-1, w.d_model)
+    return {"fvu": fvu(w, R, approx), "fvu_token_only": fvu(w, R, token_only),
+            "unseen_share": float((eff.counts[toks] == 0).double().mean()), "n_positions": int(R.shape[0])}
+
+
+def layer_view(w: ModelWeights, eff: EffectiveEmbedding) -> ModelWeights:
+    """A model whose layer 0 is ``w``'s layer ``eff.layer`` and whose embeddings are the effective ones.
+
+    Learned positions: ``W_E = E``, ``W_pos = pi``.  Rotary: ``W_E = E`` (the rotary layer-0 circuit reads
+    content only; the positional part's share of the variance is in the approximation error)."""
+    l = eff.layer
+    if eff.exact:
+        return w
+    per_layer = ("ln1_w", "ln1_b", "W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O", "ln2_w", "ln2_b", "W_in",
+                 "b_in", "W_gate", "W_out", "b_out", "attn_scale")
+    sliced = {k: (getattr(w, k)[l:] if getattr(w, k) is not None else None) for k in per_layer}
+    learned = w.positional == "learned"
+    return replace(w, name=f"{w.name}@layer{l}", W_E=eff.E.to(w.dtype).to(w.device),
+                   W_pos=eff.pi.to(w.dtype).to(w.device) if learned else None, W_type=None, ln_emb_w=None,
+                   ln_emb_b=None, n_ctx=eff.pi.shape[0] if learned else w.n_ctx,
+                   **{k: v for k, v in sliced.items()})
