@@ -298,6 +298,64 @@ def train_demo_cmd(
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
+# --- contrast (owner: truth helper; one self-contained block) -------------------------------------
+
+
+@app.command()
+def contrast(
+    model: ModelArg,
+    a: Annotated[str, typer.Option("--a", help="text source A (file, folder, JSONL or bundled:NAME)")],
+    b: Annotated[str, typer.Option("--b", help="text source B")],
+    verify: Annotated[bool, typer.Option("--verify", help="run the model on windows of A and B and score the prediction")] = False,
+    calibration: Annotated[str, typer.Option(help="the one calibration text")] = "bundled:en_moby_dick",
+    n_ctx: Annotated[Optional[int], typer.Option(help="window length (default min(context, 256))")] = None,
+    max_windows: Annotated[int, typer.Option(help="--verify: windows per source")] = 16,
+    top: Annotated[int, typer.Option(help="neurons printed each way")] = 10,
+    out: Annotated[Optional[Path], typer.Option(help="output folder for contrast.json")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Predict every layer-0 neuron's difference in mean pre-activation between sources A and B from the
+    weights and the two sources' token counts (no forward pass); --verify measures it."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .circuit import CircuitSettings, build_circuit
+    from .contrast import run_contrast
+    from .texts import open_source
+
+    if top < 1 or max_windows < 2:
+        raise AttnscopeError("--top must be >= 1 and --max-windows >= 2")
+    for spec in (a, b):
+        open_source(spec)  # one-line error for a missing source before the model loads
+    w = _load(model)
+    res = run_contrast(w, build_circuit(w, CircuitSettings(calibration=calibration, n_ctx=n_ctx)), a, b,
+                       verify=verify, max_windows=max_windows)
+    if out is not None:
+        res.save(out)
+    if as_json:
+        typer.echo(json.dumps(res.to_json(), default=str))
+        return
+    con = Console()
+    for sign, name in ((1, a), (-1, b)):
+        t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / calibration std)")
+        for col in ("neuron", "predicted d", "true d", "bag / direct / other heads", "token evidence"):
+            t.add_column(col)
+        for r in res.top(top, sign):
+            ev = r.evidence_a if sign > 0 else r.evidence_b
+            t.add_row(str(r.index), f"{r.predicted_d:+.2f}", "" if r.true_d is None else f"{r.true_d:+.2f}",
+                      " / ".join(f"{r.parts[k]:+.2f}" for k in ("contextual bag", "direct", "other heads")),
+                      " ".join(repr(tok)[1:-1] for tok, _ in ev[:6]))
+        con.print(t)
+    if res.verification:
+        v = res.verification
+        con.print(f"verified on {v.n_positions_a} + {v.n_positions_b} positions: Spearman {v.scores['spearman']:.3f} "
+                  f"(token-shuffled null {v.null_scores['spearman']:.3f}); precision@10/20/50 "
+                  + "/".join(f"{x:.2f}" for x in v.scores["precision"].values()) + "; recall@10/20/50 "
+                  + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
+    if out is not None:
+        con.print(f"wrote {out / 'contrast.json'}")
+
+
 def main() -> None:
     """Console entry point: errors the user can fix are one line on stderr, exit status 2."""
     try:

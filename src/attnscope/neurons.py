@@ -1,76 +1,178 @@
-r"""Context-sensitive neurons from the weights and one calibration text (method §8-9).
+r"""Context-sensitive neurons of the layer-0 MLP, from the weights and one calibration text (method §8-9, §15).
 
-Composing the contextual circuit with the next MLP's input weights gives every token a score for every
-neuron, ``S = centre(Ext) W_in' / s`` (``W_in'``: input weights with the norm gain folded, ``s``: the
-norm's scale, constant, measured on the calibration text).  The contextual heads then add
-``sum_i K_n(i) S[x_i, k]`` to neuron ``k``'s pre-activation: a kernel-weighted average of per-token
-evidence, i.e. a Naive-Bayes-like reading of the surrounding text.
+Four public steps, each a function with a typed result:
 
-**Selection (scale-free).**  For neuron ``k`` the *swing* is how far its contextual input moves when the
-window holds only its ``top_m`` highest-scoring tokens (a coherent token distribution) instead of the
-calibration text's distribution, ``mean(top_m S_k) - E_cal[S_k]`` (and the same for the lowest-scoring
-tokens).  The *effect* is the larger swing divided by the standard deviation of the neuron's true
-pre-activation over the calibration text; neurons with ``effect >= effect_min`` are reported.  Both are
-in units of the neuron's own pre-activation, so the criterion does not depend on weight scales.
+1. :func:`score` ranks **every** neuron.  Its predicted context sensitivity is the largest predicted effect
+   size over the one-vs-rest contrasts of the held-out sources, ``max_c |Delta_c,k| / sigma_cal,k``, where
+   ``Delta`` is the full layer-0 explanation's expected difference under the sources' token frequencies
+   (:mod:`attnscope.contrast`: weights and token counts, no forward pass over the sources) and
+   ``sigma_cal`` the std of the neuron's true pre-activation on the calibration text.  The method's swings
+   (``mean(top-m S_k) - E_cal[S_k]``, the contextual bag alone) are kept in each row.
+2. :func:`select` sets the threshold by measurement: on the *tuning* half of the held-out windows it
+   measures each neuron's true one-vs-rest effect sizes and keeps the longest prefix of the ranking whose
+   precision (share with ``|d| >= 1`` and the predicted sign in some contrast) is at least
+   ``precision_target``.  A model whose weights predict nothing (random init) passes ~none.
+3. :func:`verify` scores the reported neurons on the *reporting* half: precision, recall of each
+   contrast's top-20 by ``|d|``, the full explanation against the TRUE pre-activation (pooled and within
+   text r / FVU, the part each term explains), the contextual-heads fidelity, and the same for random
+   neurons beside them; plus the denominator transfer of every held-out text.
+4. :func:`label` gives labels backed by independent evidence (:mod:`attnscope.labels`).
 
-Neurons are kept when their effect is at least ``effect_min`` *and* an outlier among the layer's neurons
-(robust z-score ``(effect - median) / (1.4826 MAD) >= outlier_z``): a top-m set of any column swings a
-little, a context neuron swings exceptionally.
-
-**Verification.**  On held-out texts, the heads' true contribution to the pre-activation (exact head
-outputs through the same linearised norm) is compared with the prediction, per neuron: Pearson ``r`` and
-``FVU = sum (y - y_hat)^2 / sum (y - mean y)^2`` over all positions ``n >= min_position`` of all texts.
+:func:`find_neurons` runs the four; the result's ``save`` writes ``neurons.json``, ``neurons.csv`` (one
+row per neuron) and ``traces.json``.
 """
 
 from __future__ import annotations
 
+import csv
 import json
-import re
-import unicodedata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .circuit import Circuit, mlp_input_weights, true_head_output
+from .circuit import Circuit, circuit_fidelity, true_head_output
+from .contrast import (PreStats, SourceWindows, TokenModel, build_token_model, calibration_std, effect_sizes, pre_stats,
+                       source_name, source_windows, token_frequencies)
 from .decomposition import centre
 from .errors import AttnscopeError
+from .explain import Explainer, build_explainer, explain_terms, score_explanation
+from .labels import auto_label
 from .models import ModelWeights
-from .texts import bundled_texts, text_tokens
+from .texts import bundled_texts
+
+D_MIN = 1.0
+Z_RATIO_RANGE = (0.8, 1.25)  # a held-out text's Z / calibration Z outside this: outside the explanation's scope
 
 
 @dataclass
 class NeuronSettings:
-    top_m: int = 100  # size of the coherent token set that defines a neuron's swing
-    effect_min: float = 2.0  # report neurons whose swing is >= this many calibration std of the pre-activation
-    outlier_z: float = 3.0  # ... and whose effect is an outlier among the layer's neurons (robust z >= this)
-    max_neurons: int = 64  # explanation cards / verifications kept (highest effect first)
+    eval: list[str] | None = None  # held-out sources (default: the bundled texts; the calibration window skipped)
+    max_windows: int = 8  # windows per source: first half tunes the threshold, second half reports
+    precision_target: float = 0.9  # the reported set: longest prefix of the ranking with tuning precision >= this
+    max_neurons: int = 64  # reported neurons given a card (explanation, traces), most sensitive first
+    n_random: int = 64  # random neurons for the baselines
     n_top_tokens: int = 20
-    eval: list[str] | None = None  # held-out texts (default: bundled texts other than the calibration)
-    eval_tokens: int | None = None  # tokens per eval text (default: the circuit's n_ctx)
+    top_m: int = 100  # size of the token set that defines a neuron's swing
+    seed: int = 0
     chunk: int = 1024  # neurons scored at a time (memory: d_vocab x chunk)
 
 
 @dataclass
-class NeuronRecord:
-    layer: int
+class NeuronRow:
+    """One neuron's row of the ranked table (every neuron has one)."""
+
     index: int
-    effect: float
-    score: float  # the larger swing, in pre-activation units
-    swing_positive: float
+    rank: int  # 1 = most context-sensitive
+    sensitivity: float  # max over contrasts of |predicted d|
+    best_contrast: str  # the held-out source whose one-vs-rest contrast gives it
+    predicted_d: float  # signed, in that contrast
+    swing_positive: float  # contextual bag alone: mean(top-m S) - E_cal[S], pre-activation units
     swing_negative: float
+    sigma_calibration: float  # std of the true pre-activation on the calibration text
+    passed: bool  # sensitivity >= the measured threshold
+    validated_tuning: bool  # |d| >= 1 with the predicted sign in some contrast, tuning half
+    top_positive_tokens: list[str]
+    top_negative_tokens: list[str]
+
+
+@dataclass
+class NeuronScores:
+    """Output of :func:`score` (tensors over neurons)."""
+
+    sources: list[str]
+    predicted_d: Tensor  # [n_sources, d_mlp] one-vs-rest predicted effect sizes
+    sensitivity: Tensor  # [d_mlp]
+    swing_pos: Tensor  # [d_mlp]
+    swing_neg: Tensor  # [d_mlp]
+    sigma: Tensor  # [d_mlp]
+
+
+@dataclass
+class Threshold:
+    value: float  # neurons with sensitivity >= value pass (inf: none)
+    precision_target: float
+    tuning_precision: float  # precision of the passed set on the tuning half
+    n_passed: int
+    base_rate_tuning: float  # share of all neurons validated on the tuning half
+
+
+@dataclass
+class FitSummary:
+    """Medians over a set of neurons of the full explanation's fit to the true pre-activation."""
+
+    n_neurons: int
+    r: float
+    fvu: float
+    r_within: float
+    fvu_within: float
+    parts: dict[str, float]  # term -> median share of variance explained
+    contextual_r: float  # contextual-heads fidelity: predicted vs true contribution of those heads only
+    contextual_fvu: float
+
+
+@dataclass
+class Verification:
+    """Output of :func:`verify`, on the reporting half of the held-out windows."""
+
+    precision: float  # share of the reported set with |d| >= 1 and the predicted sign in some contrast
+    precision_random: float  # the same share for all neurons (the base rate)
+    recall20: dict[str, float]  # per contrast: share of its top-20 by |d| in the reported set
+    recall20_random: float  # expected for a random set of the same size
+    reported: FitSummary | None
+    random: FitSummary
+    circuit_fidelity: dict[str, float]  # linear summary vs the contextual heads' true summed output
+    n_positions: int
+
+
+@dataclass
+class TextDenominators:
+    """Denominator transfer on one held-out text: Z / calibration Z per contextual head."""
+
+    text: str
+    Z_median: list[float]
+    ratio: list[float]
+    in_scope: bool  # every ratio within Z_RATIO_RANGE
+    Z_trace: list[list[float]] = field(repr=False)  # [head][position]
+
+
+@dataclass
+class NeuronCard:
+    index: int
+    rank: int
+    sensitivity: float
     top_positive_tokens: list[tuple[str, float]]
     top_negative_tokens: list[tuple[str, float]]
     label: str | None
+    label_evidence: str | None
     label_negative: str | None
+    label_negative_evidence: str | None
     fired_on_calibration: bool
-    r: float
+    r: float  # full explanation vs TRUE pre-activation, pooled over the reporting windows
     fvu: float
-    r_per_text_median: float
-    mean_pre_by_text: dict[str, float]
+    r_within: float
+    fvu_within: float
+    parts: dict[str, float]
+    contextual_r: float  # contextual-heads fidelity
+    contextual_fvu: float
+    true_d: dict[str, float]  # one-vs-rest effect size per source, reporting half
     positive_text: str
     negative_text: str
+
+    @property
+    def effect(self) -> float:
+        return self.sensitivity
+
+
+@dataclass
+class NeuronTrace:
+    neuron: int
+    text: str
+    true_pre: list[float]
+    predicted_pre: list[float]  # the full explanation
+    true_contextual: list[float]  # the contextual heads' true contribution
+    predicted_contextual: list[float]  # the contextual bag
 
 
 @dataclass
@@ -78,284 +180,325 @@ class NeuronResult:
     model: dict
     circuit: dict
     settings: dict
-    n_scored: int
-    n_selected: int
-    records: list[NeuronRecord]
-    fidelity: dict
-    denominators: dict
-    traces: dict = field(repr=False, default_factory=dict)  # neuron -> text -> {true, pred, pre}
+    sources: list[str]
+    rows: list[NeuronRow]  # every neuron, by rank
+    threshold: Threshold
+    verification: Verification
+    cards: list[NeuronCard]  # the reported neurons with a card, by rank
+    denominators: list[TextDenominators]
+    traces: list[NeuronTrace] = field(repr=False, default_factory=list)
+
+    @property
+    def n_scored(self) -> int:
+        return len(self.rows)
+
+    @property
+    def n_selected(self) -> int:
+        return self.threshold.n_passed
+
+    @property
+    def records(self) -> list[NeuronCard]:
+        return self.cards
+
+    @property
+    def fidelity(self) -> dict[str, float]:
+        return self.verification.circuit_fidelity
+
+    def trace(self, neuron: int, text: str) -> NeuronTrace | None:
+        return next((t for t in self.traces if t.neuron == neuron and t.text == text), None)
 
     def summary(self) -> dict:
-        import statistics as st
-
-        rs = [r.r for r in self.records]
-        fv = [r.fvu for r in self.records]
-        return {"n_heads": len(self.circuit["heads"]), "heads": self.circuit["heads"], "n_neurons_scored": self.n_scored,
-                "n_neurons_found": self.n_selected, "n_verified": len(self.records),
-                "median_r": st.median(rs) if rs else None, "median_fvu": st.median(fv) if fv else None,
-                "n_not_fired_on_calibration": sum(not r.fired_on_calibration for r in self.records),
-                "labels": sorted({r.label for r in self.records if r.label})}
+        v, rep = self.verification, self.verification.reported
+        return {"heads": self.circuit["heads"], "n_neurons_scored": self.n_scored, "n_neurons_found": self.n_selected,
+                "n_verified": len(self.cards), "median_r": rep.r if rep else None,
+                "threshold": self.threshold.value, "tuning_precision": self.threshold.tuning_precision,
+                "precision": v.precision, "precision_random": v.precision_random,
+                "median_recall20": _median(list(v.recall20.values())), "recall20_random": v.recall20_random,
+                "median_fvu": rep.fvu if rep else None, "median_fvu_within": rep.fvu_within if rep else None,
+                "median_fvu_random": v.random.fvu, "median_fvu_within_random": v.random.fvu_within,
+                "texts_out_of_scope": [d.text for d in self.denominators if not d.in_scope]}
 
     def to_json(self) -> dict:
-        return {"model": self.model, "circuit": self.circuit, "settings": self.settings, "summary": self.summary(),
-                "circuit_fidelity": self.fidelity, "denominator_stability": self.denominators,
-                "neurons": [asdict(r) for r in self.records]}
+        dens = [{k: v for k, v in asdict(d).items() if k != "Z_trace"} for d in self.denominators]
+        return {"model": self.model, "circuit": self.circuit, "settings": self.settings, "sources": self.sources,
+                "summary": self.summary(), "threshold": asdict(self.threshold), "verification": asdict(self.verification),
+                "denominators": dens, "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
 
     def save(self, out: str | Path) -> Path:
+        """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron) and ``traces.json``."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        (out / "traces.json").write_text(json.dumps(self.traces))
+        with (out / "neurons.csv").open("w", newline="") as f:
+            wr = csv.writer(f)
+            cols = [k for k in NeuronRow.__dataclass_fields__]
+            wr.writerow(cols)
+            for r in self.rows:
+                wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
+        (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
+                                                     "denominators": {d.text: d.Z_trace for d in self.denominators}}))
         return out
 
 
-# --------------------------------------------------------------------------------------------------
-# Automatic labels: lexicons and scripts of the top tokens
-# --------------------------------------------------------------------------------------------------
-
-LEXICONS: dict[str, set[str]] = {
-    "English function words": set("the and of to a in that is was he for it with as his on be at by i this had not are but "
-                                  "from or have an they which you were her she all would there their we him been has when "
-                                  "who will more no if out so said what up its about into than them can only".split()),
-    "Spanish": set("de la que el en y los del se las por un para con no una su al lo como más pero sus le ya este sí "
-                   "porque esta entre cuando muy sin sobre también me hasta hay donde quien desde todo nos durante "
-                   "todos uno les ni contra otros ese eso ante ellos esto antes algunos qué unos yo otro otras otra él "
-                   "tanto esa estos mucho quienes nada muchos cual poco ella estar estas algo es son ser hace tiene "
-                   "vida amor hombre mujer dios siempre nunca bien mal día hacer puede".split()),
-    "German": set("der die und den von zu das mit sich des auf für ist im dem nicht ein eine als auch es an werden aus "
-                  "er hat dass daß sie nach wird bei einer um am sind noch wie einem über einen so zum war haben nur "
-                  "oder aber vor zur bis mehr durch man sein wurde sei ich du wenn was kann mir mich dich nichts immer "
-                  "ganz schon wir ihr ihm ihn gibt keine kein gut leben mann frau welt liebe gott heute".split()),
-    "Python code": set("def self return import from class if else elif none true false for while try except raise with "
-                       "as lambda yield pass not and or is __init__ args kwargs isinstance len str int print assert "
-                       "dict list tuple object super name value key msg data result".split()),
-    "Early Modern English (verse/drama)": set("thou thee thy thine hath doth art ye hast shalt wilt nay ay 'tis ere whence "
-                                              "thence hither dost methinks o lord sir king queen heaven thus mine "
-                                              "fair good sweet love exeunt enter".split()),
-    "government / politics": set("congress government states united nation national public people president federal law "
-                                 "country citizens policy treaty revenue department administration legislation act "
-                                 "economic program tax america american peace security constitution secretary "
-                                 "military war". split()),
-    "sea / whaling": set("whale ship sea captain deck boat sail ahab sailors harpoon ocean crew voyage mast water whales "
-                         "sperm boats queequeg stubb starbuck pequod".split()),
-}
-CHAR_HINTS = {"Spanish": set("ñáéíóú¿¡"), "German": set("äöüß")}
-SPELLING = {  # dialect labels from spelling patterns (the method's Commonwealth vs American English neuron)
-    "British/Commonwealth spelling": re.compile(r"(^|[a-z])(is(e|ed|es|ing|ation|ations)|our|ours|oured|ouring|"
-                                                r"tre|tres|ogue|ogues|amme|ammes|yse|ysed|lled|lling)$|^(whilst|"
-                                                r"amongst|lads|rubbish|queue|cheque|tyre|grey|mum|pupils|favour|colour)$"),
-    "American spelling": re.compile(r"(^|[a-z])(iz(e|ed|es|ing|ation|ations)|or|ors|ored|oring|ter|ters|og|ogs|"
-                                    r"yze|yzed|led|ling)$|^(gotten|gray|mom|color|favor|center|program|check|tire)$"),
-}
-
-
-def _clean(tok: str) -> str:
-    return tok.replace("Ġ", " ").replace("▁", " ").replace("##", "").replace("Ċ", "\n").strip().lower()
-
-
-def _script(text: str) -> str | None:
-    names = [unicodedata.name(c, "").split(" ")[0] for c in text if c.isalpha()]
-    return max(set(names), key=names.count) if names else None
-
-
-def auto_label(tokens: list[str]) -> str | None:
-    """A short label from lexicons and scripts when the tokens clearly belong to one language, script, genre or topic; else ``None``.
-
-    Rule: a lexicon (or script) must cover at least 20% of the tokens and at least 4 of them, and beat the
-    runner-up by half again.  Code is also recognised by identifier/punctuation-shaped tokens.
-    """
-    words = [_clean(t) for t in tokens if _clean(t)]
-    if not words:
-        return None
-    scripts = [s for s in (_script(w) for w in words) if s]
-    if scripts:
-        top = max(set(scripts), key=scripts.count)
-        if top != "LATIN" and scripts.count(top) >= max(4, 0.4 * len(words)):
-            return f"{top.title()} script"
-    hits: dict[str, int] = {}
-    for name, lex in LEXICONS.items():
-        n = sum(w in lex for w in words)
-        if name in CHAR_HINTS:
-            n += sum(any(c in CHAR_HINTS[name] for c in w) and w not in lex for w in words)
-        if name == "Python code":  # identifier- and punctuation-shaped tokens
-            n += sum(bool(re.search(r"[_(){}\[\]=:.]|^\s{2,}", w)) and w not in lex for w in words)
-        hits[name] = n
-    for name, pat in SPELLING.items():  # counted for words of 5+ letters only
-        hits[name] = sum(len(w) >= 5 and bool(pat.search(w)) for w in words)
-    ranked = sorted(hits.items(), key=lambda kv: -kv[1])
-    (best, nb), (_, n2) = ranked[0], ranked[1]
-    if nb >= max(4, 0.2 * len(words)) and nb >= 1.5 * n2:
-        return best
-    return None
-
-
-CORPUS_LABELS = {
-    "code_python": "Python code", "de_fortunes": "German", "es_fortunes": "Spanish",
-    "en_shakespeare": "Shakespearean drama", "en_milton": "Miltonic verse", "en_moby_dick": "19th-c. novel (Moby-Dick)",
-    "en_speeches_1790_1899": "19th-c. US political speech", "en_speeches_1900_2016": "20th-c. US political speech",
-}
-
-
-def corpus_label(token_ids: list[int], unigrams: dict[str, Tensor], min_ratio: float = 2.0) -> str | None:
-    """Label from the labelled bundled corpora: the context whose unigram distribution over-represents the
-    tokens most (mean log-ratio to the average distribution), if it beats the runner-up by ``min_ratio``
-    (as a likelihood ratio) and is itself enriched ``min_ratio``-fold."""
-    if not unigrams:
-        return None
-    names = list(unigrams)
-    P = torch.stack([unigrams[n] for n in names])  # [C, V]
-    ids = torch.tensor(token_ids)
-    lr = (P[:, ids].log() - P.mean(0)[ids].log()[None]).mean(1)  # [C]
-    top = torch.topk(lr, 2)
-    if float(top.values[0]) >= torch.log(torch.tensor(min_ratio)) and float(top.values[0] - top.values[1]) >= float(
-        torch.log(torch.tensor(min_ratio))
-    ):
-        name = names[int(top.indices[0])]
-        return CORPUS_LABELS.get(name, name)
-    return None
-
-
-def bundled_unigrams(tokenizer, d_vocab: int) -> dict[str, Tensor]:
-    """Add-one-smoothed unigram distribution of each bundled text (the labelled contexts)."""
-    from .texts import open_source, tokenize
-
-    out = {}
-    for name in bundled_texts():
-        ids = torch.as_tensor(tokenize(open_source(f"bundled:{name}"), tokenizer))
-        c = torch.bincount(ids.clamp(max=d_vocab - 1), minlength=d_vocab).double() + 1.0
-        out[name] = c / c.sum()
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
-
-
-def default_eval_texts(circ: Circuit) -> list[str]:
-    cal = circ.settings["calibration"]
-    return [f"bundled:{n}" for n in bundled_texts() if f"bundled:{n}" != cal]
+def _median(x: list[float]) -> float:
+    x = [v for v in x if v == v]
+    return float(torch.tensor(x).median()) if x else float("nan")
 
 
 def _decode(tok, ids: list[int]) -> list[str]:
     return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
 
 
+# --------------------------------------------------------------------------------------------------
+# Held-out windows
+# --------------------------------------------------------------------------------------------------
+
+
+def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None, max_windows: int | None) -> list[SourceWindows]:
+    """Windows of each held-out source (default: every bundled text); a source that holds the calibration
+    text starts after the calibration window, so no held-out position was seen by the calibration."""
+    cal = circ.settings["calibration"]
+    specs = specs or [f"bundled:{n}" for n in bundled_texts()]
+    if len(set(specs)) < 2:
+        raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; pass --eval twice or more")
+    skip = len(circ.calibration_tokens) - (1 if w.prepend_bos else 0)
+    return [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
+            for s in dict.fromkeys(specs)]
+
+
+def one_vs_rest_effects(stats: list[PreStats]) -> Tensor:
+    """True one-vs-rest effect sizes ``[n_sources, d_mlp]`` (B pools the windows of the other sources)."""
+    out = []
+    for c, a in enumerate(stats):
+        rest = [s for j, s in enumerate(stats) if j != c]
+        out.append(effect_sizes(a, sum(rest[1:], rest[0])))
+    return torch.stack(out)
+
+
+def validated(d: Tensor, pred: Tensor) -> Tensor:
+    """``[d_mlp]``: |d| >= 1 with the predicted sign in at least one contrast (``d, pred [n_sources, d_mlp]``)."""
+    return ((d.abs() >= D_MIN) & (torch.sign(d) == torch.sign(pred))).any(0)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. score
+# --------------------------------------------------------------------------------------------------
+
+
+def predicted_effects(tm: TokenModel, windows: list[SourceWindows], sigma: Tensor, d_vocab: int) -> Tensor:
+    """One-vs-rest predicted effect sizes ``[n_sources, d_mlp]`` from the tuning windows' token counts."""
+    counts = torch.stack([token_frequencies(s.tune, d_vocab) * s.tune.numel() for s in windows])  # [C, V]
+    mus = torch.stack([tm.expected(c / c.sum()).cpu().double() for c in counts])  # [C, d_mlp]
+    w_c = counts.sum(1)
+    out = []
+    for c in range(len(windows)):
+        rest = torch.arange(len(windows)) != c
+        mu_rest = (w_c[rest, None] * mus[rest]).sum(0) / w_c[rest].sum()
+        out.append((mus[c] - mu_rest) / sigma)
+    return torch.stack(out)
+
+
 @torch.no_grad()
-def score_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None = None, *,
-                  progress: bool = True):
-    """Swing and effect of every neuron of the layer-0 MLP, chunked over neurons.
+def swings(w: ModelWeights, circ: Circuit, top_m: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """The method's swings of the contextual bag alone: ``mean(top-m S_k) - E_cal[S_k]`` and the negative."""
+    from .circuit import mlp_input_weights
 
-    Returns ``(effect [d_mlp], swing_pos [d_mlp], swing_neg [d_mlp], pre_cal [T, d_mlp])``."""
-    from tqdm.auto import tqdm
-
-    s = settings or NeuronSettings()
     W, _ = mlp_input_weights(w)
-    ext = centre(circ.ext, w) / circ.mlp_scale  # [V, d]
-    cal = circ.calibration_tokens.to(w.device)
-    body = cal[1:] if w.prepend_bos else cal
-    p_cal = torch.bincount(body, minlength=w.d_vocab).to(ext.dtype)
-    p_cal = p_cal / p_cal.sum()
-    mask = circ.token_mask
-    _, pre_cal, _ = true_head_output(w, circ.heads, cal)
+    ext = centre(circ.ext, w) / circ.mlp_scale
+    body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
+    p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
+    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    ext_m = ext[circ.token_mask]
+    m = min(top_m, int(circ.token_mask.sum()))
+    pos, neg = [], []
+    for c0 in range(0, W.shape[1], chunk):
+        S = ext_m @ W[:, c0 : c0 + chunk]
+        pos.append(S.topk(m, dim=0).values.mean(0) - mean_cal[c0 : c0 + chunk])
+        neg.append(-(S.topk(m, dim=0, largest=False).values.mean(0)) + mean_cal[c0 : c0 + chunk])
+    return torch.cat(pos).cpu().double(), torch.cat(neg).cpu().double()
+
+
+def score(w: ModelWeights, circ: Circuit, windows: list[SourceWindows], settings: NeuronSettings,
+          tm: TokenModel | None = None) -> NeuronScores:
+    """Rank every neuron by its predicted context sensitivity (weights, calibration text, token counts)."""
+    tm = tm or build_token_model(w, circ)
+    sigma = calibration_std(w, circ).cpu()
+    pred = predicted_effects(tm, windows, sigma, w.d_vocab)
+    sp, sn = swings(w, circ, settings.top_m, settings.chunk)
+    return NeuronScores([s.name for s in windows], pred, pred.abs().max(0).values, sp, sn, sigma)
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. select
+# --------------------------------------------------------------------------------------------------
+
+
+def select(scores: NeuronScores, d_tune: Tensor, precision_target: float) -> Threshold:
+    """The measured threshold: the longest prefix of the ranking whose tuning-half precision >= target."""
+    ok = validated(d_tune, scores.predicted_d)
+    order = scores.sensitivity.argsort(descending=True)
+    prec = ok[order].double().cumsum(0) / torch.arange(1, len(order) + 1)
+    good = torch.nonzero(prec >= precision_target).squeeze(1)
+    if len(good) == 0:
+        return Threshold(float("inf"), precision_target, float("nan"), 0, float(ok.double().mean()))
+    k = int(good.max()) + 1
+    return Threshold(float(scores.sensitivity[order[k - 1]]), precision_target, float(prec[k - 1]), k,
+                     float(ok.double().mean()))
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. verify
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def contextual_fidelity(w: ModelWeights, circ: Circuit, texts: list[Tensor], neurons: list[int]) -> tuple[Tensor, Tensor]:
+    """Per neuron, r and FVU of the contextual bag against the contextual heads' TRUE contribution."""
+    from .circuit import mlp_input_weights
+    from .explain import fit_scores
+
+    W = mlp_input_weights(w)[0][:, neurons]
     n_min = circ.settings["min_position"]
-    std_cal = pre_cal[n_min:].std(0) + 1e-6
-    m = min(s.top_m, int(mask.sum()))
-    d_mlp = W.shape[1]
-    sw_pos = torch.empty(d_mlp, dtype=torch.float32, device=w.device)
-    sw_neg = torch.empty_like(sw_pos)
-    ext_m = ext[mask]
-    mean_cal = (p_cal @ ext) @ W  # [d_mlp]
-    for c0 in tqdm(range(0, d_mlp, s.chunk), desc="neurons: score", disable=not progress, unit="chunk"):
-        S = ext_m @ W[:, c0 : c0 + s.chunk]  # [V_masked, chunk]
-        top = S.topk(m, dim=0).values.mean(0)
-        bot = (-S).topk(m, dim=0).values.mean(0)
-        sw_pos[c0 : c0 + s.chunk] = top - mean_cal[c0 : c0 + s.chunk]
-        sw_neg[c0 : c0 + s.chunk] = bot + mean_cal[c0 : c0 + s.chunk]
-    effect = torch.maximum(sw_pos, sw_neg) / std_cal
-    return effect, sw_pos, sw_neg, pre_cal
+    ys, yh = [], []
+    for t in texts:
+        t = t[: circ.T].to(w.device)
+        ys.append((centre(true_head_output(w, circ.heads, t)[0], w) @ W / circ.mlp_scale)[n_min:])
+        yh.append((centre(circ.summary(t), w) @ W / circ.mlp_scale)[n_min:])
+    return fit_scores(torch.cat(ys), torch.cat(yh))
+
+
+def fit_summary(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list[Tensor], neurons: list[int]):
+    """The full explanation's and the contextual heads' fits for ``neurons``: (FitSummary, per-neuron scores)."""
+    sc = score_explanation(w, circ, ex, texts, neurons)
+    cr, cf = contextual_fidelity(w, circ, texts, neurons)
+    fs = FitSummary(len(neurons), _median(sc.r), _median(sc.fvu), _median(sc.r_within), _median(sc.fvu_within),
+                    {t: _median(v) for t, v in sc.parts.items()}, _median(cr.tolist()), _median(cf.tolist()))
+    return fs, sc, cr.tolist(), cf.tolist()
+
+
+def denominator_transfer(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> list[TextDenominators]:
+    """Z of each contextual head on each text over its calibration value; outside Z_RATIO_RANGE = out of scope."""
+    from .circuit import denominator_stability
+
+    lo, hi = Z_RATIO_RANGE
+    return [TextDenominators(name, v["Z_median"], v["ratio_to_calibration"],
+                             all(lo <= r <= hi for r in v["ratio_to_calibration"]), v["Z_trace"])
+            for name, v in denominator_stability(w, circ, texts).items()]
+
+
+def verify(w: ModelWeights, circ: Circuit, scores: NeuronScores, threshold: Threshold, d_report: Tensor,
+           windows: list[SourceWindows], settings: NeuronSettings, ex: Explainer):
+    """Score the reported set and random neurons on the reporting half.  Returns (Verification, card
+    neurons, their per-neuron fits)."""
+    passed = scores.sensitivity >= threshold.value
+    ok = validated(d_report, scores.predicted_d)
+    recall = {s: float(passed[d_report[c].abs().argsort(descending=True)[:20]].double().mean())
+              for c, s in enumerate(scores.sources)}
+    texts = [t for s in windows for t in s.report]
+    g = torch.Generator().manual_seed(settings.seed)
+    rand = torch.randperm(len(passed), generator=g)[: settings.n_random].tolist()
+    cards = [int(k) for k in scores.sensitivity.argsort(descending=True)[: threshold.n_passed][: settings.max_neurons]]
+    rep = fit_summary(w, circ, ex, texts, cards) if cards else None
+    rnd = fit_summary(w, circ, ex, texts, rand)[0]
+    fid = circuit_fidelity(w, circ, {s.name: s.report[0] for s in windows})
+    v = Verification(float(ok[passed].double().mean()) if passed.any() else float("nan"), float(ok.double().mean()),
+                     recall, threshold.n_passed / len(passed), rep[0] if rep else None, rnd, fid,
+                     rep[1].n_positions if rep else 0)
+    return v, cards, rep
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. label, and the whole pipeline
+# --------------------------------------------------------------------------------------------------
+
+
+def label(tokens_pos: list[str], tokens_neg: list[str]) -> tuple:
+    """``(label, evidence, negative label, evidence)`` from the neuron's strongest tokens each way."""
+    a, b = auto_label(tokens_pos), auto_label(tokens_neg)
+    return (a.text if a else None, a.evidence if a else None, b.text if b else None, b.evidence if b else None)
+
+
+def _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, settings) -> tuple[list[NeuronCard], list[NeuronTrace]]:
+    if not cards:
+        return [], []
+    _, sc, cr, cf = rep
+    n_min = circ.settings["min_position"]
+    pre_cal = explain_true_pre(w, circ.calibration_tokens)[n_min:]
+    ts = tm.token_scores(torch.tensor(cards, device=w.device)).cpu()
+    keep = circ.token_mask.cpu().clone()
+    keep[[i for i in w.tokenizer.all_special_ids if i < len(keep)]] = False
+    ts[~keep] = 0.0
+    rank = {int(k): i + 1 for i, k in enumerate(scores.sensitivity.argsort(descending=True))}
+    out, traces = [], []
+    for j, k in enumerate(cards):
+        top, bot = ts[:, j].topk(50), (-ts[:, j]).topk(50)
+        tp, tn = _decode(w.tokenizer, top.indices.tolist()), _decode(w.tokenizer, bot.indices.tolist())
+        td = {s: float(d_report[c, k]) for c, s in enumerate(scores.sources)}
+        pos_t, neg_t = max(td, key=td.get), min(td, key=td.get)
+        n = settings.n_top_tokens
+        out.append(NeuronCard(k, rank[k], float(scores.sensitivity[k]),
+                              [(t, round(float(v), 4)) for t, v in zip(tp[:n], top.values[:n])],
+                              [(t, round(-float(v), 4)) for t, v in zip(tn[:n], bot.values[:n])], *label(tp, tn),
+                              bool((pre_cal[:, k] > 0).any()), sc.r[j], sc.fvu[j], sc.r_within[j], sc.fvu_within[j],
+                              {t: v[j] for t, v in sc.parts.items()}, cr[j], cf[j], td, pos_t, neg_t))
+        if j < 8:
+            traces += [_trace(w, circ, ex, k, s.name, s.report[0]) for s in windows if s.name in (pos_t, neg_t)]
+    return out, traces
+
+
+@torch.no_grad()
+def _trace(w, circ, ex, k: int, name: str, toks: Tensor) -> NeuronTrace:
+    from .circuit import mlp_input_weights
+
+    n_min = circ.settings["min_position"]
+    toks = toks.to(w.device)
+    Wk = mlp_input_weights(w)[0][:, k]
+    y, pre, _ = true_head_output(w, circ.heads, toks)
+    parts = explain_terms(w, circ, ex, toks, torch.tensor([k], device=w.device))
+    return NeuronTrace(k, name, pre[n_min:, k].tolist(), sum(parts.values())[n_min:, 0].tolist(),
+                       (centre(y, w) @ Wk / circ.mlp_scale)[n_min:].tolist(),
+                       (centre(circ.summary(toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
+
+
+def explain_true_pre(w: ModelWeights, tokens: Tensor) -> Tensor:
+    from .explain import true_pre
+
+    return true_pre(w, tokens).cpu()
+
+
+def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: TokenModel, n_tok: int = 5) -> list[NeuronRow]:
+    order = scores.sensitivity.argsort(descending=True).tolist()
+    ok = validated(d_tune, scores.predicted_d)
+    best = scores.predicted_d.abs().argmax(0)
+    rows = []
+    for c0 in range(0, len(order), 1024):
+        idx = order[c0 : c0 + 1024]
+        ts = tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu()
+        top, bot = ts.topk(n_tok, dim=0).indices, (-ts).topk(n_tok, dim=0).indices
+        for j, k in enumerate(idx):
+            rows.append(NeuronRow(k, c0 + j + 1, float(scores.sensitivity[k]), scores.sources[int(best[k])],
+                                  float(scores.predicted_d[best[k], k]), float(scores.swing_pos[k]),
+                                  float(scores.swing_neg[k]), float(scores.sigma[k]),
+                                  bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
+                                  _decode(w.tokenizer, top[:, j].tolist()), _decode(w.tokenizer, bot[:, j].tolist())))
+    return rows
 
 
 @torch.no_grad()
 def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None = None, *,
                  progress: bool = True) -> NeuronResult:
-    """Score, select, explain and verify the context-sensitive neurons of the layer-0 MLP."""
-    from .circuit import circuit_fidelity, denominator_stability
-
+    """Score, select, verify and label every neuron of the layer-0 MLP (see the module docstring)."""
     s = settings or NeuronSettings()
-    effect, sw_pos, sw_neg, pre_cal = score_neurons(w, circ, s, progress=progress)
-    order = torch.argsort(effect, descending=True)
-    med = effect.median()
-    mad = (effect - med).abs().median() * 1.4826 + 1e-12
-    threshold = max(s.effect_min, float(med + s.outlier_z * mad))
-    selected = [int(k) for k in order if effect[k] >= threshold]
-    kept = selected[: s.max_neurons]
-    eval_specs = s.eval if s.eval is not None else default_eval_texts(circ)
-    if not eval_specs:
-        raise AttnscopeError("no held-out texts to verify on; pass --eval PATH")
-    T = s.eval_tokens or circ.T
-    bos = w.bos_token_id if w.prepend_bos else None
+    windows = held_out_windows(w, circ, s.eval, s.max_windows)
+    ex = build_explainer(w, circ)
+    tm = build_token_model(w, circ, ex)
+    scores = score(w, circ, windows, s, tm)
     n_min = circ.settings["min_position"]
-    texts = {}
-    for spec in eval_specs:
-        name = spec.split(":", 1)[1] if spec.startswith("bundled:") else Path(spec).stem
-        texts[name] = text_tokens(spec, w.tokenizer, max_tokens=min(T, circ.T), min_tokens=n_min + 8,
-                                  bos_token_id=bos)
-    W, b = mlp_input_weights(w)
-    Wk = W[:, kept]
-    tok = w.tokenizer
-    n_min_cal = n_min
-    fired = (pre_cal[n_min_cal:, kept] > 0).any(0) if kept else torch.zeros(0, dtype=torch.bool)
-    # offset of the terms the circuit does not model, averaged over the calibration text
-    cal = circ.calibration_tokens.to(w.device)
-    y_cal, _, _ = true_head_output(w, circ.heads, cal)
-    other = (pre_cal[:, kept] - centre(y_cal, w) @ Wk / circ.mlp_scale)[n_min:].mean(0) if kept else None
-    ys: dict[str, Tensor] = {}
-    yh: dict[str, Tensor] = {}
-    pres: dict[str, Tensor] = {}
-    outs: dict[str, Tensor] = {}
-    for name, toks in texts.items():
-        toks = toks.to(w.device)
-        y, pre, _ = true_head_output(w, circ.heads, toks)
-        outs[name] = y
-        ys[name] = (centre(y, w) @ Wk / circ.mlp_scale)[n_min:]
-        yh[name] = (centre(circ.summary(toks), w) @ Wk / circ.mlp_scale)[n_min:]
-        pres[name] = pre[n_min:, kept]
-    records = []
-    traces: dict[str, dict] = {}
-    keep = circ.token_mask.clone()
-    keep[[i for i in tok.all_special_ids if i < len(keep)]] = False  # special tokens are not evidence
-    mask_ids = torch.nonzero(keep).squeeze(1)
-    unigrams = bundled_unigrams(tok, w.d_vocab)
-    # scores of the kept neurons over the unmasked vocabulary, one product for all: [V_kept, n_kept]
-    S_kept = (centre(circ.ext, w)[mask_ids] / circ.mlp_scale) @ Wk
-    for j, k in enumerate(kept):
-        y = torch.cat([ys[n][:, j] for n in texts]).double()
-        yhat = torch.cat([yh[n][:, j] for n in texts]).double()
-        r = float(torch.corrcoef(torch.stack([y, yhat]))[0, 1])
-        fvu = float(((y - yhat) ** 2).sum() / ((y - y.mean()) ** 2).sum())
-        per_text = [float(torch.corrcoef(torch.stack([ys[n][:, j], yh[n][:, j]]).double())[0, 1]) for n in texts]
-        per_text = [x for x in per_text if x == x]
-        means = {n: float(pres[n][:, j].mean()) for n in texts}
-        pos_t, neg_t = max(means, key=means.get), min(means, key=means.get)
-        S = S_kept[:, j]
-        tp = S.topk(s.n_top_tokens)
-        tn = (-S).topk(s.n_top_tokens)
-        top_pos = list(zip(_decode(tok, mask_ids[tp.indices].tolist()), [round(float(v), 4) for v in tp.values]))
-        top_neg = list(zip(_decode(tok, mask_ids[tn.indices].tolist()), [round(-float(v), 4) for v in tn.values]))
-        pos_ids, neg_ids = mask_ids[S.topk(50).indices].tolist(), mask_ids[(-S).topk(50).indices].tolist()
-        label = auto_label(_decode(tok, pos_ids)) or corpus_label(pos_ids, unigrams)
-        label_neg = auto_label(_decode(tok, neg_ids)) or corpus_label(neg_ids, unigrams)
-        records.append(NeuronRecord(
-            layer=0, index=k, effect=float(effect[k]), score=float(max(sw_pos[k], sw_neg[k])),
-            swing_positive=float(sw_pos[k]), swing_negative=float(sw_neg[k]), top_positive_tokens=top_pos,
-            top_negative_tokens=top_neg, label=label, label_negative=label_neg,
-            fired_on_calibration=bool(fired[j]), r=r, fvu=fvu,
-            r_per_text_median=float(torch.tensor(per_text).median()) if per_text else float("nan"),
-            mean_pre_by_text=means, positive_text=pos_t, negative_text=neg_t))
-        traces[str(k)] = {n: {"true": ys[n][:, j].tolist(), "pred": yh[n][:, j].tolist(),
-                              "pre": pres[n][:, j].tolist(), "pred_pre": (yh[n][:, j] + other[j]).tolist()}
-                          for n in (pos_t, neg_t)}
-    fid = circuit_fidelity(w, circ, texts, outs)
-    den = denominator_stability(w, circ, texts)
-    traces["_denominators"] = {name: v.pop("Z_trace") for name, v in den.items()}
-    return NeuronResult(model=w.info(), circuit=circ.to_json(), settings=asdict(s), n_scored=int(effect.numel()),
-                        n_selected=len(selected), records=records, fidelity=fid, denominators=den, traces=traces)
+    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
+    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    thr = select(scores, d_tune, s.precision_target)
+    ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
+    card_list, traces = _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
+    dens = denominator_transfer(w, circ, {x.name: x.report[0] for x in windows})
+    return NeuronResult(w.info(), circ.to_json(), asdict(s), [x.spec for x in windows],
+                        _rows(w, scores, thr, d_tune, tm), thr, ver, card_list, dens, traces)

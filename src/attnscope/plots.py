@@ -138,18 +138,21 @@ def kernel_figures(res: K.KernelResult, out_dir: str | Path) -> dict[str, Path]:
 
 
 def neuron_traces(res, out: Path, n: int = 6) -> Path:
-    """Predicted vs true contribution of the contextual heads for the top neurons, on the neuron's most
-    positive and most negative held-out text (and the true pre-activation, faint)."""
+    """The full explanation vs the TRUE pre-activation (and the contextual heads' true and predicted
+    contribution, faint) for the top neurons, on the neuron's most positive and most negative held-out text."""
     recs = res.records[:n]
     fig, axes = plt.subplots(max(1, len(recs)), 2, figsize=(10, 2.2 * max(1, len(recs))), squeeze=False)
     for row, rec in zip(axes, recs):
-        tr = res.traces[str(rec.index)]
         for ax, name, kind in ((row[0], rec.positive_text, "positive"), (row[1], rec.negative_text, "negative")):
-            t = tr[name]
-            x = np.arange(len(t["true"]))
-            ax.plot(x, t["pre"], color="0.75", lw=0.8, label="true pre-activation")
-            ax.plot(x, t["true"], color="k", lw=1.0, label="true contribution of contextual heads")
-            ax.plot(x, t["pred"], color="#d62728", lw=1.0, ls="--", label="predicted from weights")
+            t = res.trace(rec.index, name)
+            if t is None:
+                ax.axis("off")
+                continue
+            x = np.arange(len(t.true_pre))
+            ax.plot(x, t.true_contextual, color="0.75", lw=0.8, label="true contribution of contextual heads")
+            ax.plot(x, t.predicted_contextual, color="0.6", lw=0.8, ls=":", label="contextual bag (predicted)")
+            ax.plot(x, t.true_pre, color="k", lw=1.0, label="true pre-activation")
+            ax.plot(x, t.predicted_pre, color="#d62728", lw=1.0, ls="--", label="full explanation from weights")
             ax.set_title(f"neuron {rec.index} ({rec.label or 'unlabelled'}) on {name} [{kind}]", fontsize=8)
             ax.tick_params(labelsize=7)
     axes[0, 0].legend(fontsize=6, loc="upper left")
@@ -160,28 +163,30 @@ def neuron_traces(res, out: Path, n: int = 6) -> Path:
 
 
 def r_fvu_distribution(res, out: Path) -> Path:
-    """Distribution over verified neurons of r and FVU (the method reports median r 0.95, FVU 0.14)."""
+    """Distribution over the reported neurons of r and FVU of the full explanation against the true
+    pre-activation, with the random neurons' medians beside them."""
     r = np.array([x.r for x in res.records]) if res.records else np.zeros(0)
     f = np.array([x.fvu for x in res.records]) if res.records else np.zeros(0)
+    rnd = res.verification.random
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8))
     a.hist(r, bins=20, range=(-0.2, 1), color="#1f77b4")
     a.axvline(np.median(r) if len(r) else 0, color="k", ls="--", label=f"median {np.median(r) if len(r) else float('nan'):.2f}")
-    a.axvline(0.95, color="#d62728", ls=":", label="paper (GPT-2): 0.95")
-    a.set_xlabel("Pearson r (predicted vs true)")
+    a.axvline(rnd.r, color="#7f7f7f", ls=":", label=f"random neurons {rnd.r:.2f}")
+    a.set_xlabel("Pearson r (full explanation vs true pre-activation)")
     a.legend(fontsize=7)
     b.hist(np.clip(f, 0, 2), bins=20, range=(0, 2), color="#ff7f0e")
     b.axvline(np.median(f) if len(f) else 0, color="k", ls="--", label=f"median {np.median(f) if len(f) else float('nan'):.2f}")
-    b.axvline(0.14, color="#d62728", ls=":", label="paper (GPT-2): 0.14")
+    b.axvline(rnd.fvu, color="#7f7f7f", ls=":", label=f"random neurons {rnd.fvu:.2f}")
     b.set_xlabel("FVU (clipped at 2)")
     b.legend(fontsize=7)
     fig.tight_layout()
-    fig.suptitle(f"{len(r)} verified neurons", y=1.04)
+    fig.suptitle(f"{len(r)} reported neurons with a card", y=1.04)
     return _save(fig, out)
 
 
 def denominator_stability_plot(res, out: Path) -> Path:
     """Kernel-weighted denominators Z_n / Z_calibration against position, per contextual head, per text."""
-    den = res.traces.get("_denominators", {})
+    den = {d.text: d.Z_trace for d in res.denominators}
     heads = res.circuit["heads"]
     Zcal = [d["denominator"] for d in res.circuit["decisions"] if d["chosen"]]
     k = len(heads)
