@@ -70,11 +70,16 @@ class EffectiveEmbedding:
 
 @dataclass
 class SampleActivations:
-    """What the sample run records per layer (flattened over windows and positions)."""
+    """What the sample run records per layer (flattened over windows and positions where noted)."""
 
     tokens: Tensor  # [N, T]
     resid: dict[int, Tensor]  # layer -> [N, T, d_model] residual entering the layer
     mean_attn_out: dict[int, Tensor]  # layer -> [d_model] mean attention output (positions >= 1)
+    attn_scale: dict[int, float]  # layer -> median scale of the norm in front of the heads (positions >= 1)
+    mlp_scale: dict[int, float]  # layer -> median scale of the norm in front of the MLP
+    slope: dict[int, Tensor]  # layer -> [d_mlp] mean d act / d pre (gated: mean act'(gate) * up)
+    gate_mean: dict[int, Tensor | None]  # layer -> [d_mlp] mean act(gate) (gated MLPs), else None
+    keep: dict[int, Tensor]  # layer -> [n_heads] mean attention not on the first (BOS) position
 
 
 def _check_model(w: ModelWeights, layer: int) -> None:
@@ -84,21 +89,52 @@ def _check_model(w: ModelWeights, layer: int) -> None:
                              "(post-LN): analyse layer 0 only (--layer 0)")
 
 
+def _scale(w: ModelWeights, x: Tensor) -> Tensor:
+    if w.norm == "layernorm":
+        x = x - x.mean(-1, keepdim=True)
+    return (x.float().pow(2).mean(-1) + w.eps).sqrt()
+
+
+def _act_slope(w: ModelWeights, a, l: int) -> tuple[Tensor, Tensor | None]:
+    """Sums over positions >= 1 of the MLP's diagonal input derivative factors."""
+    with torch.enable_grad():
+        g = a.mlp_pre[:, 1:].detach().float().requires_grad_(True)
+        y = activation(w.act, g)
+        (d,) = torch.autograd.grad(y.sum(), g)
+    if w.W_gate is None:
+        return d.double().sum((0, 1)).cpu(), None
+    up = (a.mlp_in[:, 1:].float() @ w.W_in[l].float() + w.b_in[l].float())
+    return (d * up).double().sum((0, 1)).cpu(), y.detach().double().sum((0, 1)).cpu()
+
+
 @torch.no_grad()
 def sample_activations(w: ModelWeights, windows: Tensor, layers: list[int], batch_size: int = 8) -> SampleActivations:
-    """Run the model on ``windows [N, T]`` up to ``max(layers)`` and keep the residual entering each layer."""
+    """Run the model on ``windows [N, T]`` up to ``max(layers)``; keep the residual entering each of
+    ``layers`` and, for every layer up to the deepest, the statistics the linear propagation needs."""
+    top = max(layers)
     resid: dict[int, list[Tensor]] = {l: [] for l in layers}
-    attn_sum = {l: torch.zeros(w.d_model, dtype=torch.float64) for l in range(max(layers) + 1)}
+    sums: dict[str, dict[int, object]] = {k: {} for k in ("attn", "s1", "s2", "slope", "gate", "keep")}
     n = 0
     for b0 in range(0, windows.shape[0], batch_size):
         batch = windows[b0 : b0 + batch_size].to(w.device)
-        for a in iter_layers(w, batch, stop_layer=max(layers)):
-            if a.layer in resid:
-                resid[a.layer].append(a.resid_pre.float().cpu())
-            attn_sum[a.layer] += a.attn_out[:, 1:].double().sum((0, 1)).cpu()
+        for a in iter_layers(w, batch, stop_layer=top):
+            l = a.layer
+            if l in resid:
+                resid[l].append(a.resid_pre.float().cpu())
+            sl, gm = _act_slope(w, a, l)
+            keep = (1 - a.pattern[:, :, 1:, 0]).double().sum((0, 2)).cpu() if w.prepend_bos else None
+            for k, v in (("attn", a.attn_out[:, 1:].double().sum((0, 1)).cpu()), ("slope", sl), ("gate", gm),
+                         ("keep", keep)):
+                sums[k][l] = v if sums[k].get(l) is None else sums[k][l] + v
+            for k, x in (("s1", a.resid_pre), ("s2", a.resid_pre + a.attn_out)):
+                sums[k].setdefault(l, []).append(_scale(w, x[:, 1:]).reshape(-1).cpu())
         n += batch.shape[0] * (batch.shape[1] - 1)
-    return SampleActivations(windows.cpu(), {l: torch.cat(v) for l, v in resid.items()},
-                             {l: (s / max(n, 1)).float() for l, s in attn_sum.items()})
+    mean = {k: {l: (None if v is None else (v / max(n, 1)).float()) for l, v in sums[k].items()}
+            for k in ("attn", "slope", "gate", "keep")}
+    med = {k: {l: float(torch.cat(v).median()) for l, v in sums[k].items()} for k in ("s1", "s2")}
+    keep = {l: (v if v is not None else torch.ones(w.n_heads)) for l, v in mean["keep"].items()}
+    return SampleActivations(windows.cpu(), {l: torch.cat(v) for l, v in resid.items()}, mean["attn"], med["s1"],
+                             med["s2"], mean["slope"], mean["gate"], keep)
 
 
 @torch.no_grad()
@@ -181,18 +217,18 @@ def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: 
 
 @torch.no_grad()
 def approximation_error(w: ModelWeights, eff: EffectiveEmbedding, windows: Tensor, *, n_min: int = 1,
-                        offset: Tensor | None = None) -> dict[str, float]:
+                        offset: Tensor | None = None, resid: Tensor | None = None) -> dict[str, float]:
     """On held-out ``windows [N, T]``: FVU of the normalised residual entering ``eff.layer`` by token +
-    position (+ ``offset``), over positions ``>= n_min``; and the share of positions whose token the sample
-    never saw (they use the direct-path fallback)."""
-    acts = sample_activations(w, windows, [eff.layer])
-    R = acts.resid[eff.layer][:, n_min:].reshape(-1, w.d_model)
-    approx = eff.residual(windows.cpu())
-    if offset is not None:
-        approx = approx + offset
+    position (+ ``offset [N, T, d]``), over positions ``>= n_min``; and the share of positions whose token the
+    sample never saw (they use the direct-path fallback).  ``resid``: the true residual, if already run."""
+    if resid is None:
+        resid = sample_activations(w, windows, [eff.layer]).resid[eff.layer]
+    R = resid[:, n_min:].reshape(-1, w.d_model)
+    win = windows.cpu()
+    approx = eff.residual(win) + (0 if offset is None else offset)
     approx = approx[:, n_min:].reshape(-1, w.d_model)
-    toks = windows[:, n_min:].reshape(-1).cpu()
-    token_only = eff.E[windows.cpu()][:, n_min:].reshape(-1, w.d_model)
+    toks = win[:, n_min:].reshape(-1)
+    token_only = eff.E[win][:, n_min:].reshape(-1, w.d_model)
     return {"fvu": fvu(w, R, approx), "fvu_token_only": fvu(w, R, token_only),
             "unseen_share": float((eff.counts[toks] == 0).double().mean()), "n_positions": int(R.shape[0])}
 
