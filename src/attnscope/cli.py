@@ -177,6 +177,7 @@ def neurons(
     max_neurons: Annotated[int, typer.Option(help="neurons to explain and verify")] = 64,
     out: Annotated[Path, typer.Option(help="output folder")] = Path("attnscope-out/neurons"),
     as_json: JsonOpt = False,
+    layer: Annotated[int, typer.Option(help="MLP layer; > 0 uses effective embeddings (docs/later-layers.md)")] = 0,
 ) -> None:
     """Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP,
     found from the weights and one calibration text, explained and verified on held-out texts.
@@ -188,6 +189,10 @@ def neurons(
 
     w = _load(model)
     cs = CircuitSettings(calibration=calibration, n_ctx=n_ctx, window=window, heads=_parse_layers(heads))
+    if layer != 0:
+        from .later_eval import run_later
+
+        return run_later(w, layer, cs, eval, n_cards=max_neurons, out=out, as_json=as_json)
     circ = build_circuit(w, cs)
     res = find_neurons(w, circ, NeuronSettings(eval=eval or None, max_neurons=max_neurons), progress=not as_json)
     res.save(out)

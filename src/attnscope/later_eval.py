@@ -290,3 +290,51 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, log=None
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.to_json(), {"circuit": asdict(cs), "later": asdict(s)},
                        [x.spec for x in lc.windows], scores, rnd, asdict(thr), ver, cards, rows, t)
+
+
+def run_later(w: ModelWeights, layer: int, cs, eval: list[str] | None, *, n_cards: int, out: Path,
+              as_json: bool) -> None:
+    """``attnscope neurons MODEL --layer L`` for ``L > 0``: run, save OUT/neurons.json, print the summary."""
+    from .errors import check_index
+    from .later import LaterSettings
+
+    check_index("layer", layer, w.n_layers)
+    res = find_later_neurons(w, layer, cs, LaterSettings(eval=eval or None, n_cards=n_cards))
+    res.save(out)
+    if as_json:
+        print(json.dumps(res.to_json(), indent=1, default=str))
+        return
+    print_later_summary(res)
+    print(f"wrote {Path(out) / 'neurons.json'}")
+
+
+def print_later_summary(res: LaterResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console()
+    t = Table(title=f"layers <= {res.layer}: effective embeddings and contextual heads")
+    for c in ("layer", "approx. FVU (token+pos)", "unseen share", "contextual heads", "circuit FVU eff./true",
+              "||G_l||", "limiting condition"):
+        t.add_column(c)
+    for p in res.circuit["pieces"]:
+        f = p["circuit_fvu_effective"]
+        t.add_row(str(p["layer"]), f"{p['approximation']['fvu']:.3f}", f"{p['approximation']['unseen_share']:.3f}",
+                  str(p["heads"]), "-" if f is None else f"{f:.3f} / {p['circuit_fvu_true']:.3f}",
+                  "-" if p["propagation_norm"] is None else f"{p['propagation_norm']:.2f}",
+                  (p["circuit_error"] or "").split("(closest, ")[-1].rstrip(")")[:70])
+    con.print(t)
+    a = res.circuit["approximation_with_earlier_terms"]
+    con.print(f"residual entering layer {res.layer}: FVU {a['fvu']:.3f} with the earlier heads' terms; median "
+              "Spearman vs the true per-context effects: " + ", ".join(f"{p} {res.median_spearman(p):.3f}" for p in res.scores))
+    v = res.verification
+    con.print(f"{v['n_passed']} neurons pass (precision {v['precision'] or float('nan'):.3f}, all neurons "
+              f"{v['precision_random']:.3f})")
+    t = Table(title="top neurons")
+    for c in ("neuron", "sensitivity", "r", "FVU", "label", "top tokens", "true d (best context)"):
+        t.add_column(c)
+    for c in res.cards[:15]:
+        t.add_row(str(c.index), f"{c.sensitivity:.2f}", f"{c.r:.2f}", f"{c.fvu:.2f}", c.label or "",
+                  " ".join(repr(tok)[1:-1] for tok, _ in c.top_positive_tokens[:6]),
+                  f"{c.positive_text} {c.true_d[c.positive_text]:+.2f}")
+    con.print(t)
