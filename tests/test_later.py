@@ -46,7 +46,7 @@ def test_effective_embeddings_exact_when_earlier_layers_are_zeroed(tiny3):
     # E + pi reproduces W_E + W_pos up to a constant shared by every position
     T = held.shape[1]
     diff = eff.residual(held) - (w.W_E[held] + w.W_pos[:T])
-    assert (diff - diff[0, 0]).abs().max() < 1e-4
+    assert (diff - diff[0, 0]).abs().max() < 1e-3  # float32
 
 
 def test_effective_embeddings_not_exact_on_the_trained_model(demo):
@@ -123,10 +123,12 @@ def test_later_layer_scores_beat_the_null(demo):
 @pytest.mark.parametrize("args,msg", [(["--layer", "4"], "layer index 4 is out of range"),
                                       (["--layer", "-1"], "layer index -1 is out of range"),
                                       (["--layer", "2", "--eval", "bundled:es_fortunes"], "at least two sources")])
-def test_cli_later_bad_inputs(args, msg):
-    import subprocess
-    import sys
+def test_cli_later_bad_inputs(args, msg, monkeypatch, capsys, tmp_path):
+    from attnscope.cli import main
 
-    r = subprocess.run([sys.executable, "-m", "attnscope.cli", "neurons", "demo", *args], capture_output=True, text=True)
-    assert r.returncode == 2, r.stderr
-    assert msg in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    monkeypatch.setattr("sys.argv", ["attnscope", "neurons", "demo", "--out", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
