@@ -13,8 +13,8 @@ residual depends on the whole prefix.  attnscope approximates it as
 
 ``E`` and ``pi`` are the least-squares additive fit of ``r - c`` (alternating per-token and per-position
 means, which converge to it); both are exact when the earlier layers add nothing that depends on context
-(e.g. they are zeroed).  Tokens seen fewer than ``prior_count`` times are shrunk towards, and unseen tokens
-replaced by, their *direct-path* embedding: the embedding passed through the earlier layers with each
+(e.g. they are zeroed).  Each token's mean is shrunk towards (unseen tokens: replaced by)
+their *direct-path* embedding, with an empirical-Bayes weight (:func:`shrinkage_count`): the embedding passed through the earlier layers with each
 attention output replaced by its sample mean and each MLP applied to the token itself (plus the mean
 offset between the two over seen tokens).  How well that fallback predicts seen tokens is reported.
 
@@ -51,6 +51,7 @@ class EffectiveEmbedding:
     fit_fvu: float  # residual variance unexplained on the sample itself (normalised vectors)
     fallback_r2: float | None  # R^2 of the direct-path fallback on seen tokens (count-weighted)
     n_iterations: int
+    prior_count: float  # weight of the direct-path prior in each token's mean (empirical Bayes by default)
     offset_removed: bool = False  # True when a known contextual offset c_l was subtracted before the fit
 
     @property
@@ -65,6 +66,7 @@ class EffectiveEmbedding:
         return {"layer": self.layer, "exact": self.exact, "n_seen_tokens": self.n_seen,
                 "n_vocab": int(self.counts.numel()), "n_sample_positions": self.n_sample_positions,
                 "fit_fvu": self.fit_fvu, "fallback_r2": self.fallback_r2, "n_iterations": self.n_iterations,
+                "prior_count": self.prior_count,
                 "offset_removed": self.offset_removed}
 
 
@@ -188,30 +190,45 @@ def _additive_fit(R: Tensor, tokens: Tensor, V: int, prior: Tensor, prior_count:
     return E, pi, cnt
 
 
+def shrinkage_count(R: Tensor, tokens: Tensor, E0: Tensor, pi0: Tensor, prior: Tensor, cnt: Tensor) -> float:
+    """Empirical-Bayes prior weight ``k = sigma_within^2 / tau^2``: the per-position noise around a token's
+    mean over the spread of the seen tokens' means around the prior (both measured on the sample)."""
+    resid = R.double() - E0[tokens] - pi0
+    n, n_seen = tokens.numel(), int((cnt > 0).sum())
+    within = float(resid.pow(2).sum() / max(n - n_seen, 1))
+    many = cnt >= 2
+    wt = cnt[many] / cnt[many].sum()
+    tau2 = float((wt * ((E0[many] - prior[many]).pow(2).sum(-1) - within / cnt[many])).sum())
+    return within / max(tau2, 1e-12 * within)
+
+
 @torch.no_grad()
 def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: Tensor | None = None,
-             prior_count: float = 1.0, iters: int = 12, force_estimate: bool = False) -> EffectiveEmbedding:
-    """Effective embedding of ``layer`` from the sample run (``offset [N, T, d]``: known terms removed first)."""
+             prior_count: float | None = None, iters: int = 12, force_estimate: bool = False) -> EffectiveEmbedding:
+    """Effective embedding of ``layer`` from the sample run (``offset [N, T, d]``: known terms removed first).
+
+    ``prior_count``: weight of the direct-path prior in each token's mean (``None``: empirical Bayes,
+    :func:`shrinkage_count`)."""
     _check_model(w, layer)
     T = sample.tokens.shape[1]
     if layer == 0 and w.positional == "learned" and w.ln_emb_w is None and not force_estimate and offset is None:
         E = (w.W_E + (0 if w.W_type is None else w.W_type)).float().cpu()
         cnt = torch.bincount(sample.tokens.reshape(-1), minlength=w.d_vocab)[: w.d_vocab].double()
-        return EffectiveEmbedding(0, E, w.W_pos[:T].float().cpu(), cnt, True, sample.tokens.numel(), 0.0, 1.0, 0)
+        return EffectiveEmbedding(0, E, w.W_pos[:T].float().cpu(), cnt, True, sample.tokens.numel(), 0.0, 1.0, 0, 0.0)
     R = sample.resid[layer] if offset is None else sample.resid[layer] - offset
     D = direct_path(w, layer, sample.mean_attn_out).cpu().double()
     # first pass without a prior gives the seen tokens' means; align the direct path to them
-    E0, pi0, cnt = _additive_fit(R, sample.tokens, w.d_vocab, torch.zeros_like(D), 0.0 + 1e-9, iters)
+    E0, pi0, cnt = _additive_fit(R, sample.tokens, w.d_vocab, torch.zeros_like(D), 1e-9, iters)
     seen = cnt > 0
     wt = cnt[seen] / cnt[seen].sum()
-    off = (wt[:, None] * (E0[seen] - D[seen])).sum(0)
-    prior = D + off
-    E, pi, _ = _additive_fit(R, sample.tokens, w.d_vocab, prior, prior_count, iters)
+    prior = D + (wt[:, None] * (E0[seen] - D[seen])).sum(0)
+    k = shrinkage_count(R, sample.tokens, E0, pi0, prior, cnt) if prior_count is None else prior_count
+    E, pi, _ = _additive_fit(R, sample.tokens, w.d_vocab, prior, k, iters)
     resid = (E0[seen] - prior[seen]) ** 2
     spread = (E0[seen] - (wt[:, None] * E0[seen]).sum(0)) ** 2
     r2 = float(1 - (wt[:, None] * resid).sum() / (wt[:, None] * spread).sum().clamp_min(1e-30))
     fit = fvu(w, R[:, 1:].reshape(-1, w.d_model), (E[sample.tokens] + pi)[:, 1:].reshape(-1, w.d_model))
-    return EffectiveEmbedding(layer, E.float(), pi.float(), cnt, False, sample.tokens.numel(), fit, r2, iters,
+    return EffectiveEmbedding(layer, E.float(), pi.float(), cnt, False, sample.tokens.numel(), fit, r2, iters, k,
                               offset is not None)
 
 

@@ -49,7 +49,7 @@ from .texts import bundled_texts
 class LaterSettings:
     eval: list[str] | None = None  # labelled sources (default: the bundled texts); tuning halves = the sample
     max_windows: int = 8  # windows per source; the first half is the sample, the second half reports
-    prior_count: float = 1.0  # rare tokens are shrunk towards the direct-path fallback with this weight
+    prior_count: float | None = None  # weight of the direct-path prior per token (None: empirical Bayes)
     precision_target: float = 0.9
     n_cards: int = 16
     n_random: int = 64
@@ -70,6 +70,7 @@ class LayerPiece:
     circuit_fvu_effective: float | None  # linear summary vs the heads' output on effective inputs
     circuit_fvu_true: float | None  # linear summary vs the heads' TRUE output in the model
     propagation_norm: float | None  # ||G_l||_2 (l < L): gain of the path to the MLP of L
+    propagation_gain: float | None = None  # fitted scalar on G_l (1: the linearisation is calibrated)
 
 
 @dataclass
@@ -90,6 +91,7 @@ class LaterCircuit:
     n_min: int = 25
     approximation_direct: dict = field(default_factory=dict)  # held-out error of E'_L + pi'_L + c_L
     scale_dim: int = 0  # d_model
+    gain: dict[int, float] = field(default_factory=dict)  # l < L -> fitted gain of the propagated term
 
     def to_json(self) -> dict:
         return {"layer": self.layer, "mlp_scale": self.scale, "min_position": self.n_min,
@@ -166,13 +168,41 @@ def earlier_terms(lc: LaterCircuit, tokens: Tensor, *, to_residual: bool = False
     """``c_L(n) [pos, d_model]``: the earlier layers' heads on ``tokens [pos]``, propagated by ``G_l`` to the
     input of the MLP of L (or by ``R_l`` to the residual entering L, ``to_residual``)."""
     out = torch.zeros(tokens.shape[-1], lc.scale_dim)
+    for l, y in layer_terms(lc, tokens, to_residual=to_residual).items():
+        out += lc.gain.get(l, 1.0) * y
+    return out
+
+
+@torch.no_grad()
+def layer_terms(lc: LaterCircuit, tokens: Tensor, *, to_residual: bool = False) -> dict[int, Tensor]:
+    """Each earlier layer's heads on ``tokens [pos]`` through ``G_l`` (or ``R_l``), before the gain."""
+    out = {}
     for l, circ in lc.circuits.items():
         if l >= lc.layer:
             continue
         dev = circ.kernel.device
         y = circ.summary(tokens.to(dev)) + other_heads_output(lc.explainers[l], tokens.to(dev))
-        out += y.float().cpu() @ (lc.R[l] if to_residual else lc.G[l])
+        out[l] = y.float().cpu() @ (lc.R[l] if to_residual else lc.G[l])
     return out
+
+
+def fit_gains(w: ModelWeights, sa: SampleActivations, layer: int, terms: dict[int, Tensor], prior_count,
+              rounds: int = 3) -> tuple[EffectiveEmbedding, dict[int, float]]:
+    """Fit ``E'_L, pi'_L`` and one gain per earlier layer's propagated term by alternating least squares on
+    the sample: ``r_L ~ E'[x] + pi'(n) + sum_l gain_l c_l(n)`` (gain 1: the linearisation is calibrated)."""
+    ls = sorted(terms)
+    gain = {l: 1.0 for l in ls}
+    R = sa.resid[layer][:, 1:].reshape(-1, w.d_model).double()
+    X = torch.stack([terms[l][:, 1:].reshape(-1, w.d_model).double() for l in ls], -1)  # [N, d, n_l]
+    for _ in range(rounds):
+        eff = estimate(w, layer, sa, offset=sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
+        y = R - (eff.E[sa.tokens] + eff.pi)[:, 1:].reshape(-1, w.d_model).double()
+        A = torch.einsum("ndi,ndj->ij", X, X)
+        b = torch.einsum("ndi,nd->i", X, y)
+        g = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
+        gain = {l: float(g[j]) for j, l in enumerate(ls)}
+    eff = estimate(w, layer, sa, offset=sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
+    return eff, gain
 
 
 def _true_heads(w: ModelWeights, l: int, heads: list[int], toks: Tensor) -> Tensor:
@@ -205,7 +235,7 @@ def _token_parts(w: ModelWeights, lc: LaterCircuit) -> dict[str, Tensor]:
         tm = build_token_model(lc.views[l], circ, lc.explainers[l])
         bag, oth = tm.parts["contextual bag"].float().cpu(), tm.parts["other heads"].float().cpu()
         if l < lc.layer:
-            earlier += (bag + oth) @ lc.G[l]
+            earlier += lc.gain.get(l, 1.0) * (bag + oth) @ lc.G[l]
         else:
             own = {"contextual bag": bag, "other heads": oth}
     parts = {"direct": lc.direct.E, "earlier layers": earlier, **own}
@@ -245,9 +275,14 @@ def build_later(w: ModelWeights, layer: int, cs: CircuitSettings | None = None,
             lc.G[l], lc.R[l] = propagation(w, sa, l, layer)
             piece.propagation_norm = float(torch.linalg.matrix_norm(lc.G[l].double(), ord=2))
         lc.pieces.append(piece)
-    off = torch.stack([earlier_terms(lc, t, to_residual=True) for t in sample])
-    lc.direct = estimate(w, layer, sa, offset=off, prior_count=s.prior_count) if layer > 0 else \
-        estimate(w, 0, sa, prior_count=s.prior_count)
+    per = [layer_terms(lc, t, to_residual=True) for t in sample]
+    if layer > 0:
+        lc.direct, lc.gain = fit_gains(w, sa, layer, {l: torch.stack([p[l] for p in per]) for l in range(layer)},
+                                       s.prior_count)
+        for p in lc.pieces[:layer]:
+            p.propagation_gain = lc.gain[p.layer]
+    else:
+        lc.direct = estimate(w, 0, sa, prior_count=s.prior_count)
     off_rep = torch.stack([earlier_terms(lc, t, to_residual=True) for t in report])
     lc.approximation_direct = approximation_error(w, lc.direct, report, n_min=n_min, offset=off_rep, resid=held[layer])
     W, _ = mlp_input_weights(w, layer)
