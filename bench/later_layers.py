@@ -27,6 +27,7 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("bench/results/later"))
     a = ap.parse_args()
     from attnscope.later import LaterSettings
+    from attnscope.later import prepare
     from attnscope.later_eval import find_later_neurons
     from attnscope.models import load_model
 
@@ -35,9 +36,14 @@ def main() -> None:
     print("| L | approx. FVU (token+pos) | FVU with earlier heads | unseen | contextual heads | circuit FVU eff./true "
           "| passed | precision (all) | Spearman full | heads | token-mean | shuffled | s |")
     print("|---" * 13 + "|")
-    for L in [int(x) for x in a.layers.split(",")]:
+    layers = [int(x) for x in a.layers.split(",")]
+    t_all = time.perf_counter()
+    s = LaterSettings(max_windows=a.max_windows)
+    shared = prepare(w, max(layers), s=s)
+    print(f"sample runs: {time.perf_counter() - t_all:.1f} s")
+    for L in layers:
         t0 = time.perf_counter()
-        r = find_later_neurons(w, L, s=LaterSettings(max_windows=a.max_windows))
+        r = find_later_neurons(w, L, s=s, shared=shared)
         dt = time.perf_counter() - t0
         r.save(a.out / f"{a.model}_L{L}")
         p = r.circuit["pieces"][L]
@@ -49,8 +55,9 @@ def main() -> None:
               f"{v['precision'] if v['precision'] is None else round(v['precision'], 3)} ({v['precision_random']:.3f}) | "
               f"{ms['full']:.3f} | {ms['heads']:.3f} | {ms['token_mean']:.3f} | {ms['shuffled']:.3f} | {dt:.0f} |", flush=True)
         for q in r.circuit["pieces"][:L]:
+            q["propagation_norm"] = f"{q['propagation_norm']:.2f}, gain {q['propagation_gain']:.2f}"
             print(f"|   layer {q['layer']} (<= L) | {q['approximation']['fvu']:.3f} | | | {q['heads'] or '-'} | "
-                  f"{q['circuit_error'] and q['circuit_error'].split('(closest, ')[-1][:90]} | ||G||={q['propagation_norm']:.2f} |",
+                  f"{q['circuit_error'] and q['circuit_error'].split('(closest, ')[-1][:90]} | ||G||={q['propagation_norm']} |",
                   flush=True)
         if a.probe:
             from attnscope.probe import context_probe
@@ -58,6 +65,7 @@ def main() -> None:
             pr = context_probe(w, layer=L)
             print(f"probe layer {L}: test accuracy {pr.test_accuracy:.3f}; separated {len(pr.separated)}/8: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in pr.recall.items()), flush=True)
+        print(f"elapsed {time.perf_counter() - t_all:.1f} s", flush=True)
         (a.out / f"{a.model}_L{L}_table.json").write_text(json.dumps({"seconds": dt, "median_spearman": ms,
                                                                       "timings": r.timings}, indent=1))
 

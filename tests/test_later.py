@@ -39,7 +39,7 @@ def test_effective_embeddings_exact_when_earlier_layers_are_zeroed(tiny3):
     w = _zeroed(tiny3, 2)
     sample, held = _windows(w, 6), _windows(w, 3, seed=1)
     eff = estimate(w, 2, sample_activations(w, sample, [2]))
-    assert eff.fit_fvu < 1e-9
+    assert eff.fit_fvu < 1e-6
     assert eff.fallback_r2 == pytest.approx(1.0, abs=1e-3)  # float32 direct path
     err = approximation_error(w, eff, held, n_min=1)
     assert err["fvu"] < 1e-6  # unseen tokens too: the direct path is exact here

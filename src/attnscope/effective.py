@@ -204,7 +204,7 @@ def shrinkage_count(R: Tensor, tokens: Tensor, E0: Tensor, pi0: Tensor, prior: T
 
 @torch.no_grad()
 def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: Tensor | None = None,
-             prior_count: float | None = None, iters: int = 12, force_estimate: bool = False) -> EffectiveEmbedding:
+             prior_count: float | None = None, iters: int = 60, force_estimate: bool = False) -> EffectiveEmbedding:
     """Effective embedding of ``layer`` from the sample run (``offset [N, T, d]``: known terms removed first).
 
     ``prior_count``: weight of the direct-path prior in each token's mean (``None``: empirical Bayes,

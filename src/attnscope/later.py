@@ -242,49 +242,81 @@ def _token_parts(w: ModelWeights, lc: LaterCircuit) -> dict[str, Tensor]:
     return {k: centre(v, w).to(w.dtype).to(w.device) for k, v in parts.items()}
 
 
+@dataclass
+class Shared:
+    """What every ``L`` of one model shares: the windows, the sample runs, each layer's circuit."""
+
+    cs: CircuitSettings
+    windows: list[SourceWindows]
+    sa: SampleActivations
+    held: dict[int, Tensor]  # layer -> [N, T, d] true residual on the reporting windows
+    n_min: int
+    layers: dict[int, tuple] = field(default_factory=dict)  # l -> (view, circuit, explainer, piece)
+
+
 @torch.no_grad()
-def build_later(w: ModelWeights, layer: int, cs: CircuitSettings | None = None,
-                s: LaterSettings | None = None) -> LaterCircuit:
-    """Effective embeddings, circuits and propagation for every layer ``<= layer``, and the token model of the
-    MLP of ``layer`` (see the module docstring)."""
-    check_index("layer", layer, w.n_layers)
+def prepare(w: ModelWeights, top: int, cs: CircuitSettings | None = None, s: LaterSettings | None = None) -> Shared:
+    """Windows and sample runs for every layer ``<= top`` (the sample: the tuning halves of the sources)."""
+    check_index("layer", top, w.n_layers)
     s = s or LaterSettings()
     T = min(w.n_ctx, 256) if (cs is None or cs.n_ctx is None) else cs.n_ctx
     cs = replace(cs or CircuitSettings(), n_ctx=T)
     wins = sources(w, cs, s, T)
     sample = torch.cat([x.tune for x in wins])
     report = torch.cat([x.report for x in wins])
-    sa = sample_activations(w, sample, list(range(layer + 1)))
-    held = sample_activations(w, report, list(range(layer + 1))).resid
+    sa = sample_activations(w, sample, list(range(top + 1)))
+    held = sample_activations(w, report, list(range(top + 1))).resid
     n_min = cs.min_position if cs.min_position is not None else cs.window // 4
-    texts = {x.name: x.report[0] for x in wins}
-    lc = LaterCircuit(layer, [], wins, {}, {}, {}, {}, {}, None, None, sa.mlp_scale[layer], n_min,  # type: ignore[arg-type]
-                     scale_dim=w.d_model)
-    for l in range(layer + 1):
-        eff = estimate(w, l, sa, prior_count=s.prior_count)
+    return Shared(cs, wins, sa, held, n_min)
+
+
+def _layer(w: ModelWeights, l: int, sh: Shared, s: LaterSettings) -> tuple:
+    """Layer ``l``'s effective embedding, view, circuit (empty if none qualifies), explainer and record."""
+    if l not in sh.layers:
+        eff = estimate(w, l, sh.sa, prior_count=s.prior_count)
         view = layer_view(w, eff)
-        circ, err = _layer_circuit(view, cs)
-        piece = LayerPiece(l, eff.to_json(), approximation_error(w, eff, report, n_min=n_min, resid=held[l]),
-                           circ.heads, [asdict(c) for c in circ.conditions], err,
-                           None, None, None)
-        lc.circuits[l], lc.views[l] = circ, view
-        lc.explainers[l] = replace(build_explainer(view, circ), scale=sa.mlp_scale[l])
+        circ, err = _layer_circuit(view, sh.cs)
+        report = torch.cat([x.report for x in sh.windows])
+        piece = LayerPiece(l, eff.to_json(), approximation_error(w, eff, report, n_min=sh.n_min, resid=sh.held[l]),
+                           circ.heads, [asdict(c) for c in circ.conditions], err, None, None, None)
         if circ.heads:
+            texts = {x.name: x.report[0] for x in sh.windows}
             piece.circuit_fvu_effective, piece.circuit_fvu_true = _circuit_fvus(w, l, view, circ, texts)
+        ex = replace(build_explainer(view, circ), scale=sh.sa.mlp_scale[l])
+        sh.layers[l] = (view, circ, ex, piece)
+    return sh.layers[l]
+
+
+@torch.no_grad()
+def build_later(w: ModelWeights, layer: int, cs: CircuitSettings | None = None, s: LaterSettings | None = None,
+                *, shared: Shared | None = None) -> LaterCircuit:
+    """Effective embeddings, circuits and propagation for every layer ``<= layer``, and the token model of the
+    MLP of ``layer`` (see the module docstring).  ``shared``: reuse the runs and circuits of another ``L``."""
+    check_index("layer", layer, w.n_layers)
+    s = s or LaterSettings()
+    sh = shared or prepare(w, layer, cs, s)
+    sa, n_min = sh.sa, sh.n_min
+    lc = LaterCircuit(layer, [], sh.windows, {}, {}, {}, {}, {}, None, None, sa.mlp_scale[layer], n_min,  # type: ignore[arg-type]
+                      scale_dim=w.d_model)
+    for l in range(layer + 1):
+        lc.views[l], lc.circuits[l], lc.explainers[l], piece = _layer(w, l, sh, s)
+        piece = replace(piece)
         if l < layer:
             lc.G[l], lc.R[l] = propagation(w, sa, l, layer)
             piece.propagation_norm = float(torch.linalg.matrix_norm(lc.G[l].double(), ord=2))
         lc.pieces.append(piece)
-    per = [layer_terms(lc, t, to_residual=True) for t in sample]
     if layer > 0:
+        per = [layer_terms(lc, t, to_residual=True) for t in sa.tokens]
         lc.direct, lc.gain = fit_gains(w, sa, layer, {l: torch.stack([p[l] for p in per]) for l in range(layer)},
                                        s.prior_count)
         for p in lc.pieces[:layer]:
             p.propagation_gain = lc.gain[p.layer]
     else:
         lc.direct = estimate(w, 0, sa, prior_count=s.prior_count)
+    report = torch.cat([x.report for x in sh.windows])
     off_rep = torch.stack([earlier_terms(lc, t, to_residual=True) for t in report])
-    lc.approximation_direct = approximation_error(w, lc.direct, report, n_min=n_min, offset=off_rep, resid=held[layer])
+    lc.approximation_direct = approximation_error(w, lc.direct, report, n_min=n_min, offset=off_rep,
+                                                  resid=sh.held[layer])
     W, _ = mlp_input_weights(w, layer)
     lc.token_model = TokenModel(_token_parts(w, lc), W, lc.scale)
     return lc

@@ -259,7 +259,7 @@ def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, car
 
 
 @torch.no_grad()
-def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, log=None) -> LaterResult:
+def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=None) -> LaterResult:
     """The whole later-layer analysis of the MLP of ``layer`` (see :mod:`attnscope.later`)."""
     import time
 
@@ -269,7 +269,7 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, log=None
     cs, s = cs or CircuitSettings(), s or LaterSettings()
     t = {}
     t0 = time.perf_counter()
-    lc = build_later(w, layer, cs, s)
+    lc = build_later(w, layer, cs, s, shared=shared)
     t["circuits"] = time.perf_counter() - t0
     td = truth_data(w, lc, cs.calibration)
     preds = predictors(w, lc, td)
@@ -290,6 +290,14 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, log=None
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.to_json(), {"circuit": asdict(cs), "later": asdict(s)},
                        [x.spec for x in lc.windows], scores, rnd, asdict(thr), ver, cards, rows, t)
+
+
+def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:
+    """:func:`find_later_neurons` for several layers, sharing the sample runs and each layer's circuit."""
+    from .later import prepare
+
+    sh = prepare(w, max(layers), cs, s)
+    return [find_later_neurons(w, L, cs, s, shared=sh) for L in layers]
 
 
 def run_later(w: ModelWeights, layer: int, cs, eval: list[str] | None, *, n_cards: int, out: Path,
