@@ -36,7 +36,7 @@ from torch import Tensor
 from .circuit import Circuit, CircuitSettings, build_circuit, circuit_fidelity, mlp_input_weights
 from .contrast import SourceWindows, TokenModel, build_token_model, source_windows
 from .decomposition import centre
-from .effective import (EffectiveEmbedding, SampleActivations, approximation_error, estimate, fvu, layer_view,
+from .effective import (EffectiveEmbedding, SampleActivations, approximation_error, estimate, layer_view,
                         sample_activations)
 from .errors import AttnscopeError, ConditionFailedError, check_index
 from .explain import Explainer, build_explainer, other_heads_output
