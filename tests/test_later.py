@@ -132,3 +132,11 @@ def test_cli_later_bad_inputs(args, msg, monkeypatch, capsys, tmp_path):
     err = capsys.readouterr().err
     assert e.value.code == 2, err
     assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cached_direct_path_matches_a_fresh_one(tiny3):
+    from attnscope.effective import cached_direct_path, direct_path
+
+    sa = sample_activations(tiny3, _windows(tiny3, 2), [0, 1, 2])
+    cached_direct_path(tiny3, 1, sa)
+    assert torch.allclose(cached_direct_path(tiny3, 2, sa), direct_path(tiny3, 2, sa.mean_attn_out), atol=1e-5)

@@ -28,7 +28,7 @@ layer ``l`` and whose embeddings are the effective ones, so the layer-0 circuit 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -82,6 +82,7 @@ class SampleActivations:
     slope: dict[int, Tensor]  # layer -> [d_mlp] mean d act / d pre (gated: mean act'(gate) * up)
     gate_mean: dict[int, Tensor | None]  # layer -> [d_mlp] mean act(gate) (gated MLPs), else None
     keep: dict[int, Tensor]  # layer -> [n_heads] mean attention not on the first (BOS) position
+    direct: dict[int, Tensor] = field(default_factory=dict, repr=False)  # memo of direct_path per layer
 
 
 def _check_model(w: ModelWeights, layer: int) -> None:
@@ -140,14 +141,19 @@ def sample_activations(w: ModelWeights, windows: Tensor, layers: list[int], batc
 
 
 @torch.no_grad()
-def direct_path(w: ModelWeights, layer: int, mean_attn_out: dict[int, Tensor], chunk: int = 8192) -> Tensor:
+def direct_path(w: ModelWeights, layer: int, mean_attn_out: dict[int, Tensor], chunk: int = 8192, *,
+                start: Tensor | None = None, start_layer: int = 0) -> Tensor:
     """Every token's embedding through layers ``< layer`` with attention replaced by its sample mean and each
-    MLP applied to the token itself: ``[d_vocab, d_model]`` (at the mean position)."""
+    MLP applied to the token itself: ``[d_vocab, d_model]`` (at the mean position).  ``start``: the direct
+    path already computed up to ``start_layer`` (the layers before it are skipped)."""
     base = w.W_pos.mean(0) if w.W_pos is not None else 0.0
     out = []
     for c0 in range(0, w.d_vocab, chunk):
-        x = (w.W_E[c0 : c0 + chunk] + base + (0 if w.W_type is None else w.W_type)).float()
-        for l in range(layer):
+        if start is None:
+            x = (w.W_E[c0 : c0 + chunk] + base + (0 if w.W_type is None else w.W_type)).float()
+        else:
+            x = start[c0 : c0 + chunk].to(w.device).float()
+        for l in range(start_layer if start is not None else 0, layer):
             mid = x + mean_attn_out[l].to(x)
             m_in = norm(w, mid, w.ln2_w[l], None if w.ln2_b is None else w.ln2_b[l])
             if w.W_gate is not None:
@@ -155,8 +161,18 @@ def direct_path(w: ModelWeights, layer: int, mean_attn_out: dict[int, Tensor], c
             else:
                 post = activation(w.act, m_in @ w.W_in[l] + w.b_in[l])
             x = mid + post @ w.W_out[l] + w.b_out[l]
-        out.append(x)
+        out.append(x.cpu())
     return torch.cat(out)
+
+
+def cached_direct_path(w: ModelWeights, layer: int, sample: SampleActivations) -> Tensor:
+    """:func:`direct_path` memoised on the sample run, each layer computed from the deepest one cached."""
+    if layer not in sample.direct:
+        below = [l for l in sample.direct if l < layer]
+        m = max(below) if below else None
+        sample.direct[layer] = direct_path(w, layer, sample.mean_attn_out, start=None if m is None else sample.direct[m],
+                                           start_layer=m or 0)
+    return sample.direct[layer]
 
 
 def _unit(w: ModelWeights, x: Tensor) -> Tensor:
@@ -216,7 +232,7 @@ def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: 
         cnt = torch.bincount(sample.tokens.reshape(-1), minlength=w.d_vocab)[: w.d_vocab].double()
         return EffectiveEmbedding(0, E, w.W_pos[:T].float().cpu(), cnt, True, sample.tokens.numel(), 0.0, 1.0, 0, 0.0)
     R = sample.resid[layer] if offset is None else sample.resid[layer] - offset
-    D = direct_path(w, layer, sample.mean_attn_out).cpu().double()
+    D = cached_direct_path(w, layer, sample).double()
     # first pass without a prior gives the seen tokens' means; align the direct path to them
     E0, pi0, cnt = _additive_fit(R, sample.tokens, w.d_vocab, torch.zeros_like(D), 1e-9, iters)
     seen = cnt > 0
