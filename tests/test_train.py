@@ -97,7 +97,7 @@ def tiny_run(tmp_path_factory):
         (src / "en.txt").write_text(_text(600), encoding="utf-8")
         (src / "code.txt").write_text("def f(x):\n    return x * 2\n" * 500, encoding="utf-8")
     out = tmp_path_factory.mktemp("demo")
-    info = T.train_demo(_tiny(src, out))
+    info = T.train_demo(_tiny(src, out, threads=1))  # the same threads as the runs compared with it
     return src, out, info
 
 

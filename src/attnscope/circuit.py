@@ -33,29 +33,12 @@ from jaxtyping import Bool, Complex, Float, Int
 from torch import Tensor
 
 from .circuit_result import (  # noqa: F401  (re-exported: the circuit's types live with it)
-    CONDITION_GROUP,
-    HEAD_CRITERIA,
-    LAYER,
-    SCHEMA_VERSION,
-    Circuit,
-    CircuitSettings,
-    Condition,
-    ConditionGroup,
-    Criterion,
+    CONDITION_GROUP, HEAD_CRITERIA, LAYER, SCHEMA_VERSION, Circuit, CircuitSettings, Condition, ConditionGroup, Criterion,
     HeadDecision,
 )
 from .decomposition import (
-    apply_pair_weights,
-    approximate_pattern,
-    centre,
-    layer0_weight_kernels,
-    learned_score_parts,
-    pair_weights_of_kernel,
-    pooled_static_keys,
-    pre_rotation,
-    reference_norm,
-    separable_rotary_score_parts,
-    tv_distance,
+    apply_pair_weights, approximate_pattern, centre, layer0_weight_kernels, learned_score_parts, pair_weights_of_kernel,
+    pooled_static_keys, pre_rotation, reference_norm, separable_rotary_score_parts, tv_distance,
 )
 from .errors import AttnscopeError, ConditionFailedError, check_index
 from .forward import (LayerActivations, apply_rotary, attn_norm_params, iter_layers, mask_scores, norm, project, qk_scores,

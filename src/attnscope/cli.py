@@ -186,7 +186,10 @@ def _print_kernel_summary(res) -> None:
 @A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
-            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
+            layer: Annotated[int, typer.Option(metavar="LAYER", help="MLP layer, numbered from 0; > 0 uses the "
+                                               "effective-embedding method (docs/later-layers.md)")] = 0,
+            **kw) -> None:
     from .cache import staged_output
     from .circuit import build_circuit
     from .neurons import find_neurons
@@ -199,6 +202,10 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     with _session(no_cache, decode_errors, cs.calibration, ns.eval):
         w = _load(rt, model)
         A.check_circuit_settings(cs, w)
+        if layer != 0:
+            from .later_eval import run_later
+
+            return run_later(w, layer, cs, ns.eval, n_cards=ns.max_neurons, out=out, as_json=as_json)
         circ = build_circuit(w, cs)
         res = find_neurons(w, circ, ns, progress=not as_json)
         with staged_output(out, "neurons") as tmp:

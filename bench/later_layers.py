@@ -1,0 +1,74 @@
+"""Later-layer context neurons (issue 11): per-layer table on the demo model or another model.
+
+    python bench/later_layers.py demo --layers 0,1,2,3 [--probe] [--out DIR]
+    python bench/later_layers.py smollm2 --layers 1,2,3,4,5 --max-windows 4
+
+For each layer L: the effective-embedding approximation error of every layer <= L (held-out FVU, unseen
+share), contextual heads, circuit FVU against the heads on effective inputs and against the true heads, the
+ground-truth scores (median over the one-vs-rest contrasts of the bundled texts: Spearman of each predictor,
+precision of the reported set) and timings.  ``--probe`` adds the linear context probe per layer.
+Writes DIR/later_L{L}.json.  Not a test: minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("model")
+    ap.add_argument("--layers", default="1,2,3")
+    ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--probe", action="store_true")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/later"))
+    a = ap.parse_args()
+    from attnscope.later import LaterSettings
+    from attnscope.later import prepare
+    from attnscope.later_eval import find_later_neurons
+    from attnscope.models import load_model
+
+    w = load_model(a.model)
+    a.out.mkdir(parents=True, exist_ok=True)
+    print("| L | approx. FVU (token+pos) | FVU with earlier heads | unseen | contextual heads | circuit FVU eff./true "
+          "| passed | precision (all) | Spearman full | heads | token-mean | shuffled | s |")
+    print("|---" * 13 + "|")
+    layers = [int(x) for x in a.layers.split(",")]
+    t_all = time.perf_counter()
+    s = LaterSettings(max_windows=a.max_windows)
+    shared = prepare(w, max(layers), s=s)
+    print(f"sample runs: {time.perf_counter() - t_all:.1f} s")
+    for L in layers:
+        t0 = time.perf_counter()
+        r = find_later_neurons(w, L, s=s, shared=shared)
+        dt = time.perf_counter() - t0
+        r.save(a.out / f"{a.model}_L{L}")
+        p = r.circuit["pieces"][L]
+        fv = "-" if p["circuit_fvu_effective"] is None else f"{p['circuit_fvu_effective']:.3f} / {p['circuit_fvu_true']:.3f}"
+        v = r.verification
+        ms = {k: r.median_spearman(k) for k in r.scores}
+        print(f"| {L} | {p['approximation']['fvu']:.3f} | {r.circuit['approximation_with_earlier_terms']['fvu']:.3f} | "
+              f"{p['approximation']['unseen_share']:.3f} | {p['heads'] or '-'} | {fv} | {v['n_passed']} | "
+              f"{v['precision'] if v['precision'] is None else round(v['precision'], 3)} ({v['precision_random']:.3f}) | "
+              f"{ms['full']:.3f} | {ms['heads']:.3f} | {ms['token_mean']:.3f} | {ms['shuffled']:.3f} | {dt:.0f} |", flush=True)
+        for q in r.circuit["pieces"][:L]:
+            q["propagation_norm"] = f"{q['propagation_norm']:.2f}, gain {q['propagation_gain']:.2f}"
+            print(f"|   layer {q['layer']} (<= L) | {q['approximation']['fvu']:.3f} | | | {q['heads'] or '-'} | "
+                  f"{q['circuit_error'] and q['circuit_error'].split('(closest, ')[-1][:90]} | ||G||={q['propagation_norm']} |",
+                  flush=True)
+        if a.probe:
+            from attnscope.probe import context_probe
+
+            pr = context_probe(w, layer=L)
+            print(f"probe layer {L}: test accuracy {pr.test_accuracy:.3f}; separated {len(pr.separated)}/8: "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in pr.recall.items()), flush=True)
+        print(f"elapsed {time.perf_counter() - t_all:.1f} s", flush=True)
+        (a.out / f"{a.model}_L{L}_table.json").write_text(json.dumps({"seconds": dt, "median_spearman": ms,
+                                                                      "timings": r.timings}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Later-layer circuits (issue 11): effective embeddings, the layer view, propagation, the CLI's bad inputs."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from attnscope.effective import approximation_error, estimate, layer_view, sample_activations
+from attnscope.forward import iter_layers
+from attnscope.texts import load_windows
+
+from conftest import DATA
+
+
+def _zeroed(w, upto: int):
+    """A copy of ``w`` whose layers ``< upto`` write nothing into the residual."""
+    W_O, b_O, W_out, b_out = w.W_O.clone(), w.b_O.clone(), w.W_out.clone(), w.b_out.clone()
+    for t in (W_O, b_O, W_out, b_out):
+        t[:upto] = 0
+    return replace(w, W_O=W_O, b_O=b_O, W_out=W_out, b_out=b_out)
+
+
+@pytest.fixture(scope="module")
+def tiny3(tmp_path_factory):
+    from attnscope.models import load_model
+
+    from conftest import make_tiny_gpt2
+
+    return load_model(str(make_tiny_gpt2(tmp_path_factory.mktemp("tiny3"), n_layer=3, n_ctx=64, seed=3)))
+
+
+def _windows(w, n, T=64, seed=0):
+    return load_windows(str(DATA / "moby.txt"), w.tokenizer, T, n, seed=seed)[0]
+
+
+def test_effective_embeddings_exact_when_earlier_layers_are_zeroed(tiny3):
+    w = _zeroed(tiny3, 2)
+    sample, held = _windows(w, 6), _windows(w, 3, seed=1)
+    eff = estimate(w, 2, sample_activations(w, sample, [2]))
+    assert eff.fit_fvu < 1e-6
+    assert eff.fallback_r2 == pytest.approx(1.0, abs=1e-3)  # float32 direct path
+    err = approximation_error(w, eff, held, n_min=1)
+    assert err["fvu"] < 1e-6  # unseen tokens too: the direct path is exact here
+    # E + pi reproduces W_E + W_pos up to a constant shared by every position
+    T = held.shape[1]
+    diff = eff.residual(held) - (w.W_E[held] + w.W_pos[:T])
+    assert (diff - diff[0, 0]).abs().max() < 1e-3  # float32
+
+
+def test_effective_embeddings_not_exact_on_the_trained_model(demo):
+    w, _ = demo
+    sample, held = _windows(w, 16, T=128), _windows(w, 4, T=128, seed=1)
+    eff = estimate(w, 2, sample_activations(w, sample, [2]))
+    err = approximation_error(w, eff, held, n_min=16)
+    assert 0.05 < err["fvu"] < 0.7 and eff.fit_fvu < err["fvu"]  # in-sample fit is better than held-out
+    assert err["fvu_token_only"] > err["fvu"]  # the positional part explains something
+
+
+def test_layer0_estimate_recovers_the_embeddings(demo):
+    w, _ = demo
+    win = _windows(w, 4, T=128)
+    sa = sample_activations(w, win, [0])
+    exact = estimate(w, 0, sa)
+    assert exact.exact and torch.equal(exact.E, w.W_E.float())
+    est = estimate(w, 0, sa, force_estimate=True)
+    seen = est.counts > 0
+    shift = (est.E[seen] - w.W_E[seen]).mean(0)
+    assert (est.E[seen] - w.W_E[seen] - shift).abs().max() < 1e-3
+    assert est.fit_fvu < 1e-6
+
+
+def test_layer_view_runs_layer_l_on_effective_inputs(tiny3):
+    w = _zeroed(tiny3, 2)
+    win = _windows(w, 4)
+    sa = sample_activations(w, win, [2])
+    view = layer_view(w, estimate(w, 2, sa))
+    assert view.n_layers == 1 and torch.equal(view.W_Q[0], w.W_Q[2])
+    true = list(iter_layers(w, win[:2], stop_layer=2))[2].pattern
+    approx = next(iter_layers(view, win[:2], stop_layer=0)).pattern
+    assert (true - approx).abs().max() < 2e-3  # float32 sums in another order
+
+
+def test_propagation_is_identity_through_silent_layers(tiny3):
+    from attnscope.later import propagation
+
+    w = _zeroed(tiny3, 3)
+    sa = sample_activations(w, _windows(w, 2), [0, 1, 2])
+    G, R = propagation(w, sa, 0, 2)
+    assert torch.allclose(G, torch.eye(w.d_model), atol=1e-6) and torch.allclose(R, torch.eye(w.d_model), atol=1e-6)
+    G, _ = propagation(tiny3, sample_activations(tiny3, _windows(tiny3, 2), [0, 1, 2]), 0, 2)
+    assert (G - torch.eye(w.d_model)).abs().max() > 1e-3
+
+
+def test_later_path_at_layer0_reproduces_the_layer0_circuit(demo):
+    from attnscope.circuit import build_circuit
+    from attnscope.decomposition import centre
+    from attnscope.later import LaterSettings, build_later
+
+    w, _ = demo
+    circ = build_circuit(w)
+    lc = build_later(w, 0, s=LaterSettings(max_windows=2))
+    assert lc.circuits[0].heads == circ.heads
+    assert torch.allclose(lc.circuits[0].ext, circ.ext)
+    assert torch.allclose(lc.token_model.parts["contextual bag"], centre(circ.ext, w))
+    assert lc.token_model.parts["earlier layers"].abs().max() == 0
+
+
+def test_later_layer_scores_beat_the_null(demo):
+    from attnscope.later import LaterSettings
+    from attnscope.later_eval import find_later_neurons
+
+    w, _ = demo
+    res = find_later_neurons(w, 1, s=LaterSettings(max_windows=2, n_cards=2, n_random=8))
+    assert 0.05 < res.circuit["pieces"][1]["approximation"]["fvu"] < 0.6
+    assert res.circuit["approximation_with_earlier_terms"]["fvu"] < res.circuit["pieces"][1]["approximation"]["fvu"]
+    assert res.median_spearman("full") > 0.6
+    assert res.median_spearman("full") > res.median_spearman("shuffled") + 0.5
+    assert len(res.rows) == w.d_mlp
+
+
+@pytest.mark.parametrize("args,msg", [(["--layer", "4"], "layer index 4 is out of range"),
+                                      (["--layer", "-1"], "layer index -1 is out of range"),
+                                      (["--layer", "2", "--eval", "bundled:es_fortunes"], "at least two sources")])
+def test_cli_later_bad_inputs(args, msg, monkeypatch, capsys, tmp_path):
+    from attnscope.cli import main
+
+    monkeypatch.setattr("sys.argv", ["attnscope", "neurons", "demo", "--out", str(tmp_path), *args])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert msg in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cached_direct_path_matches_a_fresh_one(tiny3):
+    from attnscope.effective import cached_direct_path, direct_path
+
+    sa = sample_activations(tiny3, _windows(tiny3, 2), [0, 1, 2])
+    cached_direct_path(tiny3, 1, sa)
+    assert torch.allclose(cached_direct_path(tiny3, 2, sa), direct_path(tiny3, 2, sa.mean_attn_out), atol=1e-5)
