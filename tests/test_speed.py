@@ -182,6 +182,39 @@ def test_circuit_fast_path_matches_exact_path(context_neuron_gpt2, monkeypatch):
             _assert_close_tree(a, b, f.name)
 
 
+def exact_swings(w, circ, top_m, chunk):
+    """The swings as computed before fix 7: ``[V', chunk]`` products, top-m down the strided dimension."""
+    from attnscope.circuit import mlp_input_weights
+    from attnscope.decomposition import centre
+
+    W, _ = mlp_input_weights(w)
+    ext = centre(circ.ext, w) / circ.mlp_scale
+    body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
+    p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
+    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    ext_m = ext[circ.token_mask]
+    m = min(top_m, int(circ.token_mask.sum()))
+    pos, neg = [], []
+    for c0 in range(0, W.shape[1], chunk):
+        S = ext_m @ W[:, c0 : c0 + chunk]
+        pos.append(S.topk(m, dim=0).values.mean(0) - mean_cal[c0 : c0 + chunk])
+        neg.append(-(S.topk(m, dim=0, largest=False).values.mean(0)) + mean_cal[c0 : c0 + chunk])
+    return torch.cat(pos).cpu().double(), torch.cat(neg).cpu().double()
+
+
+@pytest.mark.parametrize("top_m,chunk", [(100, 1024), (7, 48)])  # one chunk; several, the last one partial
+def test_transposed_swings_match_the_previous_formula(context_neuron_gpt2, top_m, chunk):
+    from attnscope.neurons import swings
+
+    (w, _), _ = context_neuron_gpt2
+    circ = C.build_circuit(w, C.CircuitSettings(calibration=CAL, n_ctx=128))
+    assert w.d_mlp % chunk != 0 or chunk >= w.d_mlp
+    for fast, exact in zip(swings(w, circ, top_m, chunk), exact_swings(w, circ, top_m, chunk)):
+        assert fast.shape == (w.d_mlp,)
+        scale = max(1.0, float(exact.abs().max()))
+        torch.testing.assert_close(fast, exact, atol=TOL * scale, rtol=TOL)
+
+
 # --------------------------------------------------------------------------------------------------
 # Where the tensors live.  No GPU here, so the test makes the CPU the "accelerator": inputs and weights are
 # on the CPU, and the default device for new tensors is "meta".  A tensor created without device=w.device

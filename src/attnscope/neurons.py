@@ -313,13 +313,13 @@ def swings(w: ModelWeights, circ: Circuit, top_m: int, chunk: int) -> tuple[Tens
     body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
     p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
     mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
-    ext_m = ext[circ.token_mask]
+    ext_mT = ext[circ.token_mask].T.contiguous()  # [d_model, V'], so each chunk's top-m runs along its rows
     m = min(top_m, int(circ.token_mask.sum()))
     pos, neg = [], []
     for c0 in range(0, W.shape[1], chunk):
-        S = ext_m @ W[:, c0 : c0 + chunk]
-        pos.append(S.topk(m, dim=0).values.mean(0) - mean_cal[c0 : c0 + chunk])
-        neg.append(-(S.topk(m, dim=0, largest=False).values.mean(0)) + mean_cal[c0 : c0 + chunk])
+        S = W[:, c0 : c0 + chunk].T @ ext_mT  # [chunk, V']
+        pos.append(S.topk(m, dim=1).values.mean(1) - mean_cal[c0 : c0 + chunk])
+        neg.append(-(S.topk(m, dim=1, largest=False).values.mean(1)) + mean_cal[c0 : c0 + chunk])
     return torch.cat(pos).cpu().double(), torch.cat(neg).cpu().double()
 
 
