@@ -79,7 +79,9 @@ def make_texts(folder: Path, vocab: int, n_ctx: int, n_max: int) -> dict:
     tdir.mkdir(exist_ok=True)
     samples = random_text(tdir / f"samples-{n_max * n_ctx}.txt", n_max * n_ctx, vocab, seed=1)
     cal = random_text(tdir / f"calibration-{n_ctx}.txt", n_ctx, vocab, seed=2)
-    evals = [str(random_text(tdir / f"heldout{i}-{n_ctx}.txt", n_ctx, vocab, seed=10 + i)) for i in range(N_EVAL)]
+    # two windows per held-out text: find_neurons tunes its threshold on the first and reports on the second
+    evals = [str(random_text(tdir / f"heldout{i}-{2 * n_ctx}.txt", 2 * n_ctx, vocab, seed=10 + i))
+             for i in range(N_EVAL)]
     return {"samples": str(samples), "calibration": str(cal), "eval": evals}
 
 
@@ -87,13 +89,11 @@ def warm_token_caches(cfg: dict) -> None:
     """Tokenise every text once (attnscope caches token streams on disk): stages time analysis, not tokenising."""
     from transformers import AutoTokenizer
 
-    from attnscope.neurons import bundled_unigrams
     from attnscope.texts import open_source, tokenize
 
     tok = AutoTokenizer.from_pretrained(cfg["folder"])
     for p in [cfg["texts"]["samples"], cfg["texts"]["calibration"], *cfg["texts"]["eval"]]:
         tokenize(open_source(p), tok)
-    bundled_unigrams(tok, cfg["dims"]["V"])
 
 
 

@@ -1,119 +1,195 @@
-"""Neuron stages: scoring (and the naive one-product way), verification (and the TransformerLens way)."""
+"""Neuron stages, through the public steps of ``attnscope.neurons`` (score / select / verify / label):
+scoring (and the naive one-product way), verification (and the TransformerLens way)."""
 
 from __future__ import annotations
+
+import time
 
 from common import N_VERIFY, _bridge, _circuit, _heads, _load, assert_device, measure
 
 
-def stage_scoring(cfg):
-    import torch
+def _settings(cfg):
+    """The bench's settings: its held-out texts (two windows each: one tunes, one reports), and
+    ``precision_target=0`` so every neuron passes the threshold and the 64 most sensitive get a card: on
+    random weights the measured threshold passes ~none, and verification would do no work."""
+    from attnscope.neurons import NeuronSettings
 
-    from attnscope.neurons import NeuronSettings, score_neurons
+    return NeuronSettings(eval=cfg["texts"]["eval"], precision_target=0.0, max_neurons=N_VERIFY)
 
-    dev = cfg["device"]
+
+def _inputs(cfg):
+    """Model, circuit, settings and held-out windows (tokenised before timing, as a user's run would)."""
+    from attnscope.neurons import held_out_windows
+
     w = _load(cfg)
     circ = _circuit(cfg, w)
+    s = _settings(cfg)
+    return w, circ, s, held_out_windows(w, circ, s.eval, s.max_windows)
 
-    def check(out):
-        effect = out[0]
-        assert_device(effect, dev, "neuron effects")
-        assert effect.shape == (w.d_mlp,)
-        assert torch.isfinite(effect).all()
-        return {"swing_pos_head": [round(float(x), 5) for x in out[1][:4]]}
 
-    return measure(lambda: score_neurons(w, circ, NeuronSettings(), progress=False), repeats=2, device=dev,
-                   check=check)
+def stage_scoring(cfg):
+    """``score(w, circ, windows, settings)``: every neuron's predicted effect sizes (token model, calibration
+    std, one-vs-rest contrasts) and the swings over the whole vocabulary."""
+    import torch
+
+    from attnscope.neurons import score
+
+    w, circ, s, windows = _inputs(cfg)
+
+    def check(sc):
+        assert sc.sensitivity.shape == (w.d_mlp,) and sc.predicted_d.shape == (len(windows), w.d_mlp)
+        assert torch.isfinite(sc.sensitivity).all() and torch.isfinite(sc.swing_pos).all()
+        return {"swing_pos_head": [round(float(x), 5) for x in sc.swing_pos[:4]],
+                "sensitivity_max": round(float(sc.sensitivity.max()), 5)}
+
+    with torch.no_grad():
+        return measure(lambda: score(w, circ, windows, s), repeats=2, device=cfg["device"], check=check)
+
+
+def naive_swings(w, circ, top_m: int):
+    """The swings with the whole ``[V', d_mlp]`` score matrix ``Ext' @ W_in'`` in one product, then top-m down
+    the vocabulary (what ``neurons.swings`` computes in transposed chunks of 1024 neurons)."""
+    import torch
+
+    from attnscope.circuit import mlp_input_weights
+    from attnscope.decomposition import centre
+
+    W, _ = mlp_input_weights(w)
+    ext = centre(circ.ext, w) / circ.mlp_scale
+    body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
+    p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
+    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    S = ext[circ.token_mask] @ W  # [V', d_mlp] in one go
+    m = min(top_m, int(circ.token_mask.sum()))
+    return S.topk(m, dim=0).values.mean(0) - mean_cal, (-S).topk(m, dim=0).values.mean(0) + mean_cal
 
 
 def stage_scoring_naive(cfg):
-    """The naive way: the whole ``[V, d_mlp]`` score matrix ``Ext' @ W_in'`` in one product, then the same top-m
-    reductions over the vocabulary (what score_neurons computes in chunks of 1024 neurons)."""
+    """``score`` with its swings done the naive way (one product); the other parts through the same public
+    functions.  Checked to give ``neurons.swings``'s values."""
     import torch
 
-    from attnscope.circuit import mlp_input_weights, true_head_output
-    from attnscope.decomposition import centre
-    from attnscope.neurons import NeuronSettings
+    from attnscope.contrast import build_token_model, calibration_std
+    from attnscope.neurons import predicted_effects, swings
 
     dev = cfg["device"]
-    w = _load(cfg)
-    circ = _circuit(cfg, w)
-    m = NeuronSettings().top_m
+    w, circ, s, windows = _inputs(cfg)
 
     def run():
-        W, _ = mlp_input_weights(w)
-        ext = centre(circ.ext, w) / circ.mlp_scale
-        cal = circ.calibration_tokens.to(dev)
-        p_cal = torch.bincount(cal, minlength=w.d_vocab).to(ext.dtype)
-        p_cal = p_cal / p_cal.sum()
-        _, pre_cal, _ = true_head_output(w, circ.heads, cal)
-        std_cal = pre_cal[circ.settings["min_position"]:].std(0) + 1e-6
-        S = ext[circ.token_mask] @ W  # [V, d_mlp] in one go
-        mean_cal = (p_cal @ ext) @ W
-        sw_pos = S.topk(m, dim=0).values.mean(0) - mean_cal
-        sw_neg = (-S).topk(m, dim=0).values.mean(0) + mean_cal
-        return torch.maximum(sw_pos, sw_neg) / std_cal, sw_pos
+        sigma = calibration_std(w, circ).cpu()
+        pred = sum(predicted_effects(build_token_model(w, circ), windows, sigma, w.d_vocab).values())
+        return pred.abs().max(0).values, naive_swings(w, circ, s.top_m)
 
     def check(out):
-        assert_device(out[0], dev, "naive neuron effects")
-        return {"swing_pos_head": [round(float(x), 5) for x in out[1][:4]]}
+        assert_device(out[1][0], dev, "naive swings")
+        ref = swings(w, circ, s.top_m, s.chunk)
+        for a, b in zip(out[1], ref):
+            torch.testing.assert_close(a.cpu().double(), b, rtol=1e-4, atol=1e-4 * max(1.0, float(b.abs().max())))
+        return {"swing_pos_head": [round(float(x), 5) for x in out[1][0][:4]]}
 
     with torch.no_grad():
         return measure(run, repeats=2, device=dev, check=check)
 
 
-def stage_verify(cfg):
-    """find_neurons minus scoring: selection, explanation cards and verification on held-out texts."""
+def verify_steps(w, circ, s, windows, scores, ex, tm):
+    """What ``find_neurons`` does after ``score``, through the public steps: true effect sizes on both halves,
+    ``select``, ``verify`` (reported and random neurons), and ``label`` from each card's top-50 tokens."""
     import torch
 
     import attnscope.neurons as nm
+    from attnscope.contrast import pre_stats
+
+    t, n_min = {}, circ.settings["min_position"]
+    t0 = time.perf_counter()
+    d_tune = nm.one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
+    d_report = nm.one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    t["effects_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    thr = nm.select(scores, d_tune, s.precision_target)
+    t["select_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    ver, cards, _ = nm.verify(w, circ, scores, thr, d_report, windows, s, ex)
+    t["verify_s"], t0 = time.perf_counter() - t0, time.perf_counter()
+    ts = tm.token_scores(torch.tensor(cards, device=w.device))  # [V, k]
+    top, bot = ts.topk(50, dim=0).indices.T.tolist(), (-ts).topk(50, dim=0).indices.T.tolist()
+    tok = w.tokenizer
+
+    def dec(ids):  # as find_neurons decodes a card's tokens
+        return [tok.convert_tokens_to_string([x]) for x in tok.convert_ids_to_tokens(ids)]
+
+    labels = [nm.label(dec(a), dec(b)) for a, b in zip(top, bot)]
+    t["label_s"] = time.perf_counter() - t0
+    return (ver, cards, labels, ts), t
+
+
+def stage_verify(cfg):
+    """find_neurons after scoring (see ``verify_steps``); scoring, explainer and token model are built untimed."""
+    import torch
+
+    from attnscope.contrast import build_token_model
+    from attnscope.explain import build_explainer
+    from attnscope.neurons import score
 
     dev = cfg["device"]
-    w = _load(cfg)
-    circ = _circuit(cfg, w)
-    scored = nm.score_neurons(w, circ, nm.NeuronSettings(), progress=False)
-    nm.score_neurons = lambda *a, **k: scored  # time what find_neurons adds to scoring
-    s = nm.NeuronSettings(eval=cfg["texts"]["eval"], effect_min=0.0, outlier_z=-1e9, max_neurons=N_VERIFY)
+    w, circ, s, windows = _inputs(cfg)
+    with torch.no_grad():
+        ex = build_explainer(w, circ)
+        tm = build_token_model(w, circ, ex)
+        scores = score(w, circ, windows, s, tm)
 
-    def check(res):
-        assert len(res.records) == min(N_VERIFY, w.d_mlp), len(res.records)
-        assert res.fidelity["n_positions"] > 0
-        return {"n_verified": len(res.records), "fidelity": res.fidelity}
+    def check(out):
+        ver, cards, labels, ts = out
+        assert_device(ts, dev, "token scores")
+        assert len(cards) == min(N_VERIFY, w.d_mlp) == len(labels), len(cards)
+        assert ver.reported is not None and ver.reported.n_neurons == len(cards)
+        assert ver.n_positions > 0 and ver.random.n_neurons == s.n_random
+        return {"n_verified": len(cards), "median_r": ver.reported.r, "median_r_random": ver.random.r,
+                "fidelity": ver.circuit_fidelity}
 
     with torch.no_grad():
-        return measure(lambda: nm.find_neurons(w, circ, s, progress=False), repeats=2, device=dev, check=check)
+        return measure(lambda: verify_steps(w, circ, s, windows, scores, ex, tm), repeats=2, device=dev,
+                       check=check)
 
 
 def stage_verify_tl(cfg):
-    """A TransformerLens user verifying the same neurons: run_with_cache up to layer 0 on each held-out text,
-    the chosen heads' summed output (hook_z @ W_O) and its projection on the neurons' input weights."""
+    """A TransformerLens user doing the same checks: ``run_with_cache`` up to layer 0 on every held-out window
+    (both halves), the MLP-0 pre-activation of every neuron (for effect sizes), and on the reporting windows
+    the chosen heads' summed output (``hook_z @ W_O``) projected on 2 x 64 neurons' input weights (the
+    reported and the random ones)."""
+    import gc
+
     import torch
 
-    import attnscope.neurons as nm
+    from attnscope.contrast import source_windows
     from attnscope.models import load_hf
-    from attnscope.texts import text_tokens
 
     dev = cfg["device"]
+    w = _load(cfg)
+    wins = [source_windows(w, p, cfg["n_ctx"], max_windows=_settings(cfg).max_windows) for p in cfg["texts"]["eval"]]
+    tune, report = [x.to(dev) for s in wins for x in s.tune], [x.to(dev) for s in wins for x in s.report]
+    del w, wins
+    gc.collect()
     hf, tok, _ = load_hf(cfg["folder"])
     hf.to(dev)
     bridge = _bridge(cfg, hf, tok)
-    texts = [text_tokens(p, tok, max_tokens=cfg["n_ctx"]).to(dev) for p in cfg["texts"]["eval"]]
     heads = _heads(cfg)
-    kept = torch.arange(N_VERIFY, device=dev) % cfg["dims"]["d_mlp"]
-    del nm
+    kept = torch.arange(2 * N_VERIFY, device=dev) % cfg["dims"]["d_mlp"]
 
     def run():
-        outs = []
-        for toks in texts:
+        moments, outs = [], []
+        for j, toks in enumerate(tune + report):
             _, cache = bridge.run_with_cache(toks[None], stop_at_layer=1)
-            z = cache["blocks.0.attn.hook_z"][0]  # [pos, head, d_head]
-            y = torch.einsum("phe,hed->pd", z[:, heads], bridge.W_O[0, heads])
-            contrib = (y - y.mean(-1, keepdim=True)) @ bridge.W_in[0][:, kept]
-            outs.append(torch.stack([contrib, cache["blocks.0.mlp.hook_pre"][0][:, kept]]))
+            pre = cache["blocks.0.mlp.hook_pre"][0]  # [pos, d_mlp]
+            moments.append(torch.stack([pre.sum(0), (pre * pre).sum(0)]))
+            if j >= len(tune):
+                z = cache["blocks.0.attn.hook_z"][0]  # [pos, head, d_head]
+                y = torch.einsum("phe,hed->pd", z[:, heads], bridge.W_O[0, heads])
+                contrib = (y - y.mean(-1, keepdim=True)) @ bridge.W_in[0][:, kept]
+                outs.append(torch.stack([contrib, pre[:, kept]]))
             del cache
-        return outs
+        return outs, moments
 
-    def check(outs):
-        assert_device(outs[0], dev, "baseline verification")
+    def check(out):
+        assert_device(out[0][0], dev, "baseline verification")
+        assert len(out[0]) == len(report) and len(out[1]) == len(tune) + len(report)
 
     with torch.no_grad():
         return measure(run, repeats=2, device=dev, check=check)
