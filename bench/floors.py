@@ -71,13 +71,21 @@ def floors(D, cfg) -> dict[str, tuple[float, float, str]]:
               + out["layer0"][0] + 2 * n_heads * pairs * d + 4 * n_heads * T * d * dh)
     circ_b = F32 * (3 * V * d + H * T * T + V * n_heads)
     out["circuit"] = (circ_f, circ_b, "FLOPs 2VdH + 10Vd + 4Vd*n*dh + layer-0 pass(T) + kernels; bytes 4(3Vd + HT^2)")
-    # neuron scoring: the [V, d] @ [d, d_mlp] product + top/bottom-m over V per neuron (2 V d_mlp compares)
-    out["scoring"] = (2 * V * d * m + 2 * V * m + forward_flops(D, 1, T, 1), F32 * (V * d + d * m),
-                      "FLOPs 2*V*d*d_mlp (+ layer-0 pass on calibration); bytes 4(Vd + d*d_mlp)")
-    # verification: a layer-0 pass per held-out text, the linear summary K @ Ext[tokens] (2 d T(T+1)/2),
-    # projections on the k verified neurons (2 * 2 T d k), their token scores over V (2 V d k)
+    # neuron scoring: the token model (the other H - n heads' content keys, 2 V d dh each, and value paths
+    # through d_head, 4 V d dh each), the [V, d] @ [d, d_mlp] swing product + top/bottom-m over V per neuron
+    # (2 V d_mlp compares), a layer-0 pass on the calibration text; the predicted effects (vector-matrix
+    # products per source) are negligible
+    n_other = D["H"] - n_heads
+    out["scoring"] = (6 * V * d * dh * n_other + 2 * V * d * m + 2 * V * m + forward_flops(D, 1, T, 1),
+                      F32 * (4 * V * d + d * m),
+                      "FLOPs 6Vd*dh*(H-n) + 2*V*d*d_mlp (+ layer-0 pass on calibration); bytes 4(4Vd + d*d_mlp)")
+    # verification (select / verify / label after score): a layer-0 pass per held-out window (E tuning + E
+    # reporting windows: true effect sizes of every neuron), the linear summary K @ Ext[tokens] on each reporting
+    # window (2 d T(T+1)/2), projections on the k reported + k random neurons (2 * 2 T d * 2k), and the reported
+    # neurons' token scores over V for the labels (2 V d k)
     k = N_VERIFY
-    ver_f = N_EVAL * (forward_flops(D, 1, T, 1) + 2 * d * pairs + 4 * T * d * k) + 2 * V * d * k
-    ver_b = F32 * (V * d + N_EVAL * T * d * 4)
-    out["verify"] = (ver_f, ver_b, "FLOPs E*(layer-0 pass + 2d*T(T+1)/2 + 4Tdk) + 2Vdk; bytes 4(Vd + 4ETd)")
+    ver_f = (2 * N_EVAL * forward_flops(D, 1, T, 1) + N_EVAL * (2 * d * pairs + 4 * T * d * 2 * k)
+             + 2 * V * d * k)
+    ver_b = F32 * (V * d + 2 * N_EVAL * T * d * 4)
+    out["verify"] = (ver_f, ver_b, "FLOPs 2E layer-0 passes + E*(2d*T(T+1)/2 + 4Td*2k) + 2Vdk; bytes 4(Vd + 8ETd)")
     return out

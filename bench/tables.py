@@ -217,9 +217,10 @@ def markdown(results: list[tuple[dict, dict]]) -> str:
                   "held-out validation), save, the four figures and the summary, model already loaded"
                   + "; forward alone = the faster of the bridge's plain forward on the same batches (no cache) "
                   "and the run_with_cache calls above (the same forward; run-to-run noise is ~10%); "
-                  "neuron scoring = the whole `[V, d_mlp]` product in one go + the same top-m reductions; verification = "
-                  "`run_with_cache(stop_at_layer=1)` on the same held-out texts + the heads' output projected on "
-                  "the neurons. Ratio = ours / baseline (< 1: ours faster). Peak memory = rise of peak RSS above "
+                  "neuron scoring = `score` with its swings from the whole `[V, d_mlp]` product in one go + the "
+                  "same top-m reductions; verification = `run_with_cache(stop_at_layer=1)` on the same held-out "
+                  "windows (both halves: MLP-0 pre-activation of every neuron) + on the reporting windows the "
+                  "heads' output projected on the reported and random neurons. Ratio = ours / baseline (< 1: ours faster). Peak memory = rise of peak RSS above "
                   "the RSS before the stage (model and inputs already loaded). `(*x%)` after a stage: other "
                   "processes used x% of the CPUs while it ran (after retries), so its time is inflated.", "",
                   "Targets:", ""]

@@ -28,13 +28,22 @@ def _inputs(cfg):
 
 
 def stage_scoring(cfg):
-    """``score(w, circ, windows, settings)``: every neuron's predicted effect sizes (token model, calibration
-    std, one-vs-rest contrasts) and the swings over the whole vocabulary."""
+    """``score(w, circ, windows, settings, build_token_model(w, circ))``: the token model (as ``find_neurons``
+    builds it before scoring; its time is recorded apart), then every neuron's predicted effect sizes
+    (calibration std, one-vs-rest contrasts) and the swings over the whole vocabulary."""
     import torch
 
+    from attnscope.contrast import build_token_model
     from attnscope.neurons import score
 
     w, circ, s, windows = _inputs(cfg)
+
+    def run():
+        t0 = time.perf_counter()
+        tm = build_token_model(w, circ)
+        t1 = time.perf_counter()
+        sc = score(w, circ, windows, s, tm)
+        return sc, {"token_model_s": t1 - t0, "score_s": time.perf_counter() - t1}
 
     def check(sc):
         assert sc.sensitivity.shape == (w.d_mlp,) and sc.predicted_d.shape == (len(windows), w.d_mlp)
@@ -43,7 +52,7 @@ def stage_scoring(cfg):
                 "sensitivity_max": round(float(sc.sensitivity.max()), 5)}
 
     with torch.no_grad():
-        return measure(lambda: score(w, circ, windows, s), repeats=2, device=cfg["device"], check=check)
+        return measure(run, repeats=2, device=cfg["device"], check=check)
 
 
 def naive_swings(w, circ, top_m: int):
