@@ -96,6 +96,14 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("train-demo-not-a-folder", ["train-demo", "--corpora", "{bad}/moby.txt"], ["is not a folder"], {}),
     ("train-demo-empty", ["train-demo", "--corpora", "{tmp}/empty"], ["holds no .txt files"], {}),
     ("train-demo-non-utf8", ["train-demo", "--corpora", "{bad}/latin1corpus"], ["not valid UTF-8"], {}),
+    # commands added later join the table
+    ("neurons-layer-out-of-range", ["neurons", "{tiny}", "--layer", "5"], ["layer index 5", "numbered 0..1"], {}),
+    ("neurons-layer-not-a-number", ["neurons", "{tiny}", "--layer", "x"], ["--layer"], {}),
+    ("contrast-missing-b", ["contrast", "{tiny}", "--a", "bundled:es_fortunes"], ["Missing option '--b'"], {}),
+    ("contrast-unknown-bundled", ["contrast", "{tiny}", "--a", "bundled:es_fortunes", "--b", "bundled:klingon"],
+     ["no bundled text 'klingon'"], {}),
+    ("serve-port-out-of-range", ["serve", "{tiny}", "--port", "70000"], ["--port 70000 is out of range"], {}),
+    ("evolution-missing-folder", ["evolution", "./no/such/checkpoints"], ["no model folder at ./no/such/checkpoints"], {}),
 ]
 
 
