@@ -97,7 +97,7 @@ def tiny_run(tmp_path_factory):
         (src / "en.txt").write_text(_text(600), encoding="utf-8")
         (src / "code.txt").write_text("def f(x):\n    return x * 2\n" * 500, encoding="utf-8")
     out = tmp_path_factory.mktemp("demo")
-    info = T.train_demo(_tiny(src, out, threads=1))  # the same threads as the runs compared with it
+    info = T.train_demo(_tiny(src, out))
     return src, out, info
 
 
@@ -148,7 +148,9 @@ def test_checkpoints_are_hf_folders_on_the_same_trajectory(tiny_run, tmp_path):
     from safetensors.torch import load_file
 
     src, out, info = tiny_run
-    ck = T.train_demo(_tiny(src, tmp_path, save_every=10, threads=1))
+    before = torch.get_num_threads()
+    # as many threads as tiny_run (a different count changes float reductions, hence the loss curve)
+    ck = T.train_demo(_tiny(src, tmp_path, save_every=10, threads=info["config"]["training"]["torch_threads"]))
     assert [c["loss"] for c in ck["loss_curve"]] == [c["loss"] for c in info["loss_curve"]]
     assert [c["step"] for c in ck["checkpoints"]] == [0, 10, 20, 30]
     folders = sorted(p.name for p in tmp_path.glob("step-*"))
@@ -166,7 +168,15 @@ def test_checkpoints_are_hf_folders_on_the_same_trajectory(tiny_run, tmp_path):
         assert all(len(v["sha256"]) == 64 for v in rec["corpora"].values())
         losses.append(rec["heldout_loss"])
     assert losses[-1] < losses[0] - 0.3  # the series learns
-    assert torch.get_num_threads() == info["config"]["training"]["torch_threads"]  # restored after threads=1
+    assert torch.get_num_threads() == before  # restored after the run
+
+
+def test_threads_option_is_used_and_restored(tiny_run, tmp_path):
+    src, _, _ = tiny_run
+    before = torch.get_num_threads()
+    one = T.train_demo(_tiny(src, tmp_path, threads=1))
+    assert one["config"]["training"]["torch_threads"] == 1
+    assert torch.get_num_threads() == before
 
 
 @pytest.mark.parametrize("kw, msg", [
