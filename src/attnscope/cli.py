@@ -22,7 +22,7 @@ import typer
 from . import cli_args as A
 from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
 from .cli_args import out_option as _out
-from .cli_show import print_table
+from .cli_show import print_kernel_summary, print_table, print_timeline
 from .circuit import CircuitSettings
 from .errors import AttnscopeError
 from .kernels import KernelSettings
@@ -143,40 +143,8 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
-    _print_kernel_summary(res)
+    print_kernel_summary(res)
     typer.echo(f"wrote {out / 'kernels.json'}, {out / 'kernels.safetensors'} and {len(figs)} figures in {out}")
-
-
-def _print_kernel_summary(res) -> None:
-    from collections import Counter
-
-    from rich.console import Console
-    from rich.table import Table
-
-    from .categories import CATEGORIES, CATEGORY_SHORT
-    from .cli_show import median_or_not_run
-
-    t = Table(title="kernel categories per layer (first position excluded); sink = heads with sink mass >= 0.5, "
-                    "then the median sink mass; median TV of the decomposition and of kernel vs attention")
-    t.add_column("layer")
-    for c in CATEGORIES:
-        t.add_column(CATEGORY_SHORT[c], justify="right")
-    t.add_column("sink mass", justify="right")
-    t.add_column("TV dec", justify="right")
-    t.add_column("TV kern", justify="right")
-    for l in sorted({r.layer for r in res.records}):
-        recs = [r for r in res.records if r.layer == l]
-        cnt = Counter(r.category for r in recs)
-        cnt["first-token sink"] = sum(r.sink_dominated for r in recs) or ""
-        sink = median_or_not_run([r.sink_mass for r in recs])
-        tvd = median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
-        tvk = median_or_not_run([r.tv_kernel_vs_attention for r in recs])
-        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], sink, tvd, tvk)
-    Console().print(t)
-    if res.records and res.records[0].tv_kernel_vs_attention is None:
-        typer.echo("note: no held-out windows (n_heldout=0): the decomposition and kernel-vs-attention checks were not run")
-    if res.provenance.get("windows_overlap"):
-        typer.echo("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
 
 
 @app.command(help="Contextual heads, calibrated denominators, and the context-sensitive neurons of the layer-0 MLP, "
@@ -363,19 +331,8 @@ def evolution(
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))
         return
-    _print_timeline(res.timeline)
+    print_timeline(res.timeline)
     typer.echo(f"wrote {out / 'evolution.json'}, {out / 'evolution.html'} and {len(figs)} figures")
-
-
-def _print_timeline(tl: dict) -> None:
-    for h, v in tl["layer0_heads"].items():
-        typer.echo(f"layer-0 head {h}: uniform at {v['first_uniform_step']}, leaves uniform at "
-                   f"{v['leaves_uniform_step']}, final {v['final_category']}")
-    typer.echo(f"all circuit conditions first pass at step {tl['all_conditions_first_pass']}, hold from "
-               f"{tl['all_conditions_hold_from']}; never passing: {', '.join(tl['never_passing_conditions']) or 'none'}")
-    for name, v in tl["context_neurons"].items():
-        typer.echo(f"{name}: true neuron from step {v['first_true_step']}, reported by the method from step "
-                   f"{v['first_found_step']}")
 
 
 @cache_app.command("info")

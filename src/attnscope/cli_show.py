@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from .contrast import ContrastResult
+    from .kernels import KernelResult
     from .neurons import NeuronResult
 
 
@@ -82,3 +83,47 @@ def print_contrast(res: ContrastResult, top: int) -> None:
                   f"(token-shuffled null {v.null_scores['spearman']:.3f}); precision@10/20/50 "
                   + "/".join(f"{x:.2f}" for x in v.scores["precision"].values()) + "; recall@10/20/50 "
                   + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
+
+
+def print_kernel_summary(res: KernelResult) -> None:
+    """Category counts, sink mass and the validations' TV per layer, with notes on what was not run."""
+    from collections import Counter
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from .categories import CATEGORIES, CATEGORY_SHORT
+
+    t = Table(title="kernel categories per layer (first position excluded); sink = heads with sink mass >= 0.5, "
+                    "then the median sink mass; median TV of the decomposition and of kernel vs attention")
+    t.add_column("layer")
+    for c in CATEGORIES:
+        t.add_column(CATEGORY_SHORT[c], justify="right")
+    t.add_column("sink mass", justify="right")
+    t.add_column("TV dec", justify="right")
+    t.add_column("TV kern", justify="right")
+    for l in sorted({r.layer for r in res.records}):
+        recs = [r for r in res.records if r.layer == l]
+        cnt = Counter(r.category for r in recs)
+        cnt["first-token sink"] = sum(r.sink_dominated for r in recs) or ""
+        sink = median_or_not_run([r.sink_mass for r in recs])
+        tvd = median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
+        tvk = median_or_not_run([r.tv_kernel_vs_attention for r in recs])
+        t.add_row(str(l), *[str(cnt.get(c, "")) for c in CATEGORIES], sink, tvd, tvk)
+    Console().print(t)
+    if res.records and res.records[0].tv_kernel_vs_attention is None:
+        print("note: no held-out windows (n_heldout=0): the decomposition and kernel-vs-attention checks were not run")
+    if res.provenance.get("windows_overlap"):
+        print("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
+
+
+def print_timeline(tl: dict) -> None:
+    """The formation timeline of `attnscope evolution`, one line per head and context."""
+    for h, v in tl["layer0_heads"].items():
+        print(f"layer-0 head {h}: uniform at {v['first_uniform_step']}, leaves uniform at "
+                   f"{v['leaves_uniform_step']}, final {v['final_category']}")
+    print(f"all circuit conditions first pass at step {tl['all_conditions_first_pass']}, hold from "
+               f"{tl['all_conditions_hold_from']}; never passing: {', '.join(tl['never_passing_conditions']) or 'none'}")
+    for name, v in tl["context_neurons"].items():
+        print(f"{name}: true neuron from step {v['first_true_step']}, reported by the method from step "
+                   f"{v['first_found_step']}")

@@ -83,18 +83,24 @@ def _linear_bias(lin, n: int, like: Tensor) -> Tensor:
     return lin.bias.detach() if getattr(lin, "bias", None) is not None else torch.zeros(n, dtype=like.dtype)
 
 
+def _default_rope(cfg, theta_attr: str = "rope_theta", partial_attr: str | None = None) -> tuple[float, float]:
+    """``(rope_theta, partial_rotary_factor)`` of a config with plain RoPE (older configs name them
+    ``theta_attr`` / ``partial_attr``); scaled variants are refused."""
+    rope = getattr(cfg, "rope_parameters", None) or {}
+    rope_type = rope.get("rope_type", "default")
+    if rope_type != "default":
+        raise UnsupportedModelError(f"rotary scaling {rope_type!r} is not supported yet (only default RoPE)")
+    partial = rope.get("partial_rotary_factor", getattr(cfg, partial_attr, 1.0) if partial_attr else 1.0)
+    return rope.get("rope_theta", getattr(cfg, theta_attr, 10000.0)), float(partial)
+
+
 def _from_llama(model, cfg) -> dict[str, Any]:
     base = model.model
     H, L, d = cfg.num_attention_heads, cfg.num_hidden_layers, cfg.hidden_size
     dh = getattr(cfg, "head_dim", None) or d // H
     n_kv = cfg.num_key_value_heads or H
     rep = H // n_kv
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    rope_type = rope.get("rope_type", "default")
-    if rope_type != "default":
-        raise UnsupportedModelError(f"rotary scaling {rope_type!r} is not supported yet (only default RoPE)")
-    theta = rope.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
-    partial = float(rope.get("partial_rotary_factor", 1.0))
+    theta, partial = _default_rope(cfg)
     layers = base.layers
     W_E = base.embed_tokens.weight.detach()
 
@@ -200,11 +206,7 @@ def _from_gpt_neox(model, cfg) -> dict[str, Any]:
     base = model.gpt_neox
     H, L, d = cfg.num_attention_heads, cfg.num_hidden_layers, cfg.hidden_size
     dh = d // H
-    rope = getattr(cfg, "rope_parameters", None) or {}
-    if rope.get("rope_type", "default") != "default":
-        raise UnsupportedModelError(f"rotary scaling {rope.get('rope_type')!r} is not supported yet (only default RoPE)")
-    theta = rope.get("rope_theta", getattr(cfg, "rotary_emb_base", 10000.0))
-    partial = float(rope.get("partial_rotary_factor", getattr(cfg, "rotary_pct", 1.0)))
+    theta, partial = _default_rope(cfg, "rotary_emb_base", "rotary_pct")
     layers = base.layers
     W_E = base.embed_in.weight.detach()
 
