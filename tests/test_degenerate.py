@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from attnscope.cli import _print_kernel_summary
+from attnscope.cli_show import print_kernel_summary
 from attnscope.kernels import KernelResult, KernelSettings, analyse_kernels
 from attnscope.plots import tv_per_head
 from attnscope.report import write_report
@@ -51,7 +51,7 @@ def test_none_survives_json_and_reload(no_heldout, tmp_path):
 
 def test_cli_table_report_and_figure_say_not_run(no_heldout, tmp_path, capsys):
     w, r = no_heldout
-    _print_kernel_summary(r)
+    print_kernel_summary(r)
     out = capsys.readouterr().out
     assert "not run" in out and "0.000" not in out
     html = write_report(tmp_path / "rep", model_info=w.info(), kernels=r).read_text(encoding="utf-8")

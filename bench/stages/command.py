@@ -140,8 +140,8 @@ def _analyse(K, w, s, steps: dict):
 def _summary(res) -> None:
     """The CLI's summary table (printed to a buffer: the table is built and rendered, not shown)."""
     try:
-        from attnscope.cli import _print_kernel_summary
+        from attnscope.cli_show import print_kernel_summary
     except ImportError:  # the CLI was reorganised: the summary is a few ms either way
         return
     with redirect_stdout(io.StringIO()):
-        _print_kernel_summary(res)
+        print_kernel_summary(res)
