@@ -54,7 +54,7 @@ def test_every_neuron_ranked_and_saved(hand_result, tmp_path):
     assert len(d["neurons"]) == w.d_mlp and d["threshold"]["n_passed"] == res.threshold.n_passed
     tr = json.loads((tmp_path / "traces.json").read_text())
     assert set(tr["denominators"]) == {x.text for x in res.denominators}
-    assert all(len(z) == len(res.circuit["heads"]) for z in tr["denominators"].values())
+    assert all(len(z) == len(res.circuit.heads) for z in tr["denominators"].values())
 
 
 def test_random_neurons_beside_the_reported(hand_result):

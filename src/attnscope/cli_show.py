@@ -48,8 +48,8 @@ def print_neuron_summary(res: NeuronResult) -> None:
     t = Table(title="conditions")
     for c in ("condition", "measured", "threshold", "ok"):
         t.add_column(c)
-    for c in res.circuit["conditions"]:
-        t.add_row(c["name"], f"{c['measured']:.3f}", f"{c['threshold']:g}", "yes" if c["ok"] else "NO")
+    for c in res.circuit.conditions:
+        t.add_row(c.name, f"{c.measured:.3f}", f"{c.threshold:g}", "yes" if c.ok else "NO")
     con.print(t)
     t = Table(title="top neurons with an explanation card (predicted |d|: max over contrasts of the predicted "
                     "effect size)")

@@ -172,7 +172,7 @@ class NeuronTrace:
 @dataclass
 class NeuronResult:
     model: dict
-    circuit: dict
+    circuit: Circuit  # the contextual circuit the neurons were scored with (saved on its own by Circuit.save)
     settings: dict
     sources: list[str]
     rows: list[NeuronRow]  # every neuron, by rank
@@ -203,7 +203,7 @@ class NeuronResult:
 
     def summary(self) -> dict:
         v, rep = self.verification, self.verification.reported
-        return {"heads": self.circuit["heads"], "n_heads": len(self.circuit["heads"]),
+        return {"heads": self.circuit.heads, "n_heads": len(self.circuit.heads),
                 "n_neurons_scored": self.n_scored,
                 "n_neurons_found": self.n_selected,
                 "n_verified": len(self.cards), "median_r": rep.r if rep else None,
@@ -217,7 +217,7 @@ class NeuronResult:
     def to_json(self) -> dict:
         dens = [{**{k: v for k, v in asdict(d).items() if k != "Z_trace"}, "in_scope": d.in_scope}
                 for d in self.denominators]
-        return {"model": self.model, "circuit": self.circuit, "settings": self.settings, "sources": self.sources,
+        return {"model": self.model, "circuit": self.circuit.to_json(), "settings": self.settings, "sources": self.sources,
                 "summary": self.summary(), "threshold": asdict(self.threshold),
                 "verification": asdict(self.verification), "denominators": dens,
                 "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
@@ -477,5 +477,5 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
     card_list, traces = _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
     dens = denominator_transfer(w, circ, {x.name: x.report[0] for x in windows})
-    return NeuronResult(w.info(), circ.to_json(), asdict(s), [x.spec for x in windows],
+    return NeuronResult(w.info(), circ, asdict(s), [x.spec for x in windows],
                         _rows(w, scores, thr, d_tune, tm), thr, ver, card_list, dens, traces)
