@@ -167,6 +167,14 @@ def test_error_table(case, bad, tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
     for w in words:
         assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("args", [["evolution", "./no/such/checkpoints"], ["kernels", "./no-such-model"]])
+def test_failed_command_leaves_no_output_folder(args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(args, monkeypatch, capsys, {})
+    assert code == 2, err
+    assert list(tmp_path.iterdir()) == []  # the --out writability check removes what it created
     assert not list(tmp_path.glob("r/*.json")), "nothing may be computed or written before the checks"
 
 

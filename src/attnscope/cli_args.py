@@ -9,6 +9,7 @@ new option needs.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
 import os
@@ -196,6 +197,7 @@ def check_out(out: Path, option: str = "--out") -> Path:
     """The output folder exists or can be created, and a file can be written in it."""
     if out.exists() and not out.is_dir():
         raise AttnscopeError(f"{option} {out} is an existing file, not a folder; pass a folder path")
+    created = [p for p in (out, *out.parents) if not p.exists()]  # removed again: a failed run leaves no folder
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".attnscope-probe-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -203,6 +205,10 @@ def check_out(out: Path, option: str = "--out") -> Path:
         probe.unlink()
     except OSError as err:
         raise AttnscopeError(f"{option} {out} is not writable ({err.strerror}); pass a folder you can write to") from None
+    finally:
+        for p in created:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
     return out
 
 
