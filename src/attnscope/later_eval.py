@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .contrast import PreStats, TokenModel, token_frequencies
+from .contrast import PreStats, token_frequencies
 from .decomposition import centre
 from .explain import fit_scores, other_heads_output
 from .forward import iter_layers
@@ -89,13 +89,13 @@ def truth_data(w: ModelWeights, lc: LaterCircuit, calibration: str) -> TruthData
                      calibration_sigma(w, lc, calibration))
 
 
-def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> dict[str, Tensor]:
-    """Predicted one-vs-rest effects ``[n_sources, d_mlp]`` of each predictor (module docstring)."""
+def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Predicted one-vs-rest effects ``[n_sources, d_mlp]`` of each predictor (module docstring), and each term's
+    part of the full one (the terms are independent, so every predictor is a sum of these parts)."""
     tm = lc.token_model
-    sub = {"full": tm, "heads": TokenModel({k: v for k, v in tm.parts.items() if k != "direct"}, tm.W_in, tm.scale),
-           "direct": TokenModel({"direct": tm.parts["direct"]}, tm.W_in, tm.scale)}
-    # each predictor's one-vs-rest effect: the sum of its terms' parts
-    out = {k: sum(predicted_effects(m, lc.windows, td.sigma, w.d_vocab).values()) for k, m in sub.items()}
+    parts = predicted_effects(tm, lc.windows, td.sigma, w.d_vocab)
+    out = {"full": sum(parts.values()), "heads": sum(v for k, v in parts.items() if k != "direct"),
+           "direct": parts["direct"]}
     counts = torch.stack([token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows])
     perm = torch.randperm(w.d_vocab, generator=torch.Generator().manual_seed(0))
     tmv, sh = [], []
@@ -105,7 +105,7 @@ def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> dict[str, Te
         tmv.append(q @ td.M / td.sigma)
         sh.append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / td.sigma)
     out["token_mean"], out["shuffled"] = torch.stack(tmv), torch.stack(sh)
-    return out
+    return out, parts
 
 
 @torch.no_grad()
@@ -273,11 +273,10 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     lc = build_later(w, layer, cs, s, shared=shared)
     t["circuits"] = time.perf_counter() - t0
     td = truth_data(w, lc, cs.calibration)
-    preds = predictors(w, lc, td)
+    preds, parts = predictors(w, lc, td)
     t["truth_and_predictions"] = time.perf_counter() - t0 - t["circuits"]
     names = [x.name for x in lc.windows]
     sp, sn = _swings(lc, s.top_m)
-    parts = predicted_effects(lc.token_model, lc.windows, td.sigma, w.d_vocab)  # per term, for the table's columns
     sc = NeuronScores(sources=names, predicted_d=preds["full"], parts=parts, sensitivity=preds["full"].abs().max(0).values,
                       swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
