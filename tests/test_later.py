@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import replace
 
 import pytest
@@ -107,17 +109,52 @@ def test_later_path_at_layer0_reproduces_the_layer0_circuit(demo):
     assert lc.token_model.parts["earlier layers"].abs().max() == 0
 
 
-def test_later_layer_scores_beat_the_null(demo):
+@pytest.fixture(scope="module")
+def later1(demo):
     from attnscope.later import LaterSettings
     from attnscope.later_eval import find_later_neurons
 
-    w, _ = demo
-    res = find_later_neurons(w, 1, s=LaterSettings(max_windows=2, n_cards=2, n_random=8))
-    assert 0.05 < res.circuit["pieces"][1]["approximation"]["fvu"] < 0.6
-    assert res.circuit["approximation_with_earlier_terms"]["fvu"] < res.circuit["pieces"][1]["approximation"]["fvu"]
+    return find_later_neurons(demo[0], 1, s=LaterSettings(max_windows=2, n_cards=2, n_random=8))
+
+
+def test_later_layer_scores_beat_the_null(demo, later1):
+    w, res = demo[0], later1
+    assert 0.05 < res.circuit.pieces[1].approximation.fvu < 0.6
+    assert res.circuit.approximation_with_earlier_terms.fvu < res.circuit.pieces[1].approximation.fvu
     assert res.median_spearman("full") > 0.6
     assert res.median_spearman("full") > res.median_spearman("shuffled") + 0.5
     assert len(res.rows) == w.d_mlp
+
+
+def test_later_result_round_trip(later1, tmp_path):
+    from attnscope.circuit_result import Condition
+    from attnscope.later_result import LaterCircuitRecord, LaterResult
+
+    res = later1
+    assert isinstance(res.circuit, LaterCircuitRecord) and res.circuit.layer == 1
+    assert res.circuit.pieces[0].heads and all(isinstance(c, Condition) for c in res.circuit.pieces[0].conditions)
+    back = LaterResult.load(res.save(tmp_path / "L1"))
+    assert json.loads(json.dumps(back.to_json())) == json.loads(json.dumps(res.to_json()))  # floats survive exactly
+    assert back.circuit == res.circuit and back.threshold == res.threshold and back.cards == res.cards
+    assert back.median_spearman("full") == res.median_spearman("full")
+    with (tmp_path / "L1" / "neurons.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 1 + len(res.rows) and rows[0][:2] == ["index", "rank"]
+    assert [int(r[0]) for r in rows[1:]] == [r.index for r in res.rows]
+
+
+def test_later_result_load_rejects_other_files(tmp_path):
+    from attnscope.errors import AttnscopeError
+    from attnscope.later_result import LaterResult
+
+    with pytest.raises(AttnscopeError, match="does not exist"):
+        LaterResult.load(tmp_path)
+    (tmp_path / "neurons.json").write_text(json.dumps({"circuit": {}}))
+    with pytest.raises(AttnscopeError, match="not a later-layer result"):
+        LaterResult.load(tmp_path)
+    (tmp_path / "neurons.json").write_text(json.dumps({"layer": 1, "schema_version": 0}))
+    with pytest.raises(AttnscopeError, match="schema version 0"):
+        LaterResult.load(tmp_path)
 
 
 @pytest.mark.parametrize("args,msg", [(["--layer", "4"], "layer index 4 is out of range"),

@@ -15,7 +15,7 @@ Predictors scored side by side (all divided by the calibration std of each neuro
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ from .explain import fit_scores, other_heads_output
 from .forward import iter_layers
 from .groundtruth import KS, discovery_scores, random_precision
 from .later import LaterCircuit, earlier_terms
+from .later_result import FitMedians, LaterCard, LaterResult, LaterVerification
 from .models import ModelWeights
 from .neurons import NeuronScores, Threshold, _decode, _rows, label, one_vs_rest_effects, predicted_effects, select, validated
 from .texts import text_tokens
@@ -125,58 +126,6 @@ def position_prediction(w: ModelWeights, lc: LaterCircuit, tokens: Tensor, neuro
     return parts
 
 
-@dataclass
-class LaterCard:
-    index: int
-    rank: int
-    sensitivity: float
-    top_positive_tokens: list[tuple[str, float]]
-    top_negative_tokens: list[tuple[str, float]]
-    label: str | None
-    label_evidence: str | None
-    label_negative: str | None
-    label_negative_evidence: str | None
-    r: float  # per-position prediction vs TRUE pre-activation, pooled over reporting windows (bias fitted on the sample)
-    fvu: float
-    parts: dict[str, float]  # term -> cov(term, y) / var(y)
-    true_d: dict[str, float]  # one-vs-rest effect size per source, reporting half
-    predicted_d: dict[str, float]
-    positive_text: str
-    negative_text: str
-
-
-@dataclass
-class LaterResult:
-    model: dict
-    layer: int
-    circuit: dict  # LaterCircuit.to_json()
-    settings: dict
-    sources: list[str]
-    scores: dict[str, dict[str, dict]]  # predictor -> source -> DiscoveryScores json
-    random_precision: dict[str, dict[str, float]]
-    threshold: dict
-    verification: dict
-    cards: list[LaterCard]
-    rows: list = field(repr=False, default_factory=list)  # every neuron (neurons.NeuronRow)
-    timings: dict = field(default_factory=dict)
-
-    def median_spearman(self, predictor: str) -> float:
-        return float(torch.tensor([v["spearman"] for v in self.scores[predictor].values()]).median())
-
-    def to_json(self) -> dict:
-        return {"model": self.model, "layer": self.layer, "circuit": self.circuit, "settings": self.settings,
-                "sources": self.sources, "median_spearman": {p: self.median_spearman(p) for p in self.scores},
-                "scores": self.scores, "random_precision": self.random_precision, "threshold": self.threshold,
-                "verification": self.verification, "timings": self.timings,
-                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
-
-    def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        return out
-
-
 def _swings(lc: LaterCircuit, top_m: int) -> tuple[Tensor, Tensor]:
     """The heads-only terms' swings: mean of the top-m token scores minus the sample mean (and the negative)."""
     tm = lc.token_model
@@ -215,11 +164,6 @@ def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int
     return r.tolist(), fv.tolist(), share
 
 
-def _median(x: list[float]) -> float | None:
-    x = [v for v in x if v == v]
-    return float(torch.tensor(x).median()) if x else None
-
-
 def _cards(w: ModelWeights, lc: LaterCircuit, sc: NeuronScores, td: TruthData, neurons: list[int],
            fits, n_tok: int = 20) -> list[LaterCard]:
     tm = lc.token_model
@@ -248,15 +192,10 @@ def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, car
     rand = torch.randperm(len(passed), generator=torch.Generator().manual_seed(s.seed))[: s.n_random].tolist()
     fr = _fits(w, lc, rand)
     fc = _fits(w, lc, cards) if cards else None
-    return {"n_passed": thr.n_passed, "precision": float(ok[passed].double().mean()) if passed.any() else None,
-            "precision_random": float(ok.double().mean()),
-            "recall20": {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean())
-                         for c, x in enumerate(sc.sources)},
-            "recall20_random": thr.n_passed / len(passed),
-            "fit_cards": None if fc is None else {"median_r": _median(fc[0]), "median_fvu": _median(fc[1]),
-                                                  "parts": {k: _median(v) for k, v in fc[2].items()}},
-            "fit_random": {"median_r": _median(fr[0]), "median_fvu": _median(fr[1]),
-                           "parts": {k: _median(v) for k, v in fr[2].items()}}}, fc
+    return LaterVerification(
+        thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()),
+        {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean()) for c, x in enumerate(sc.sources)},
+        thr.n_passed / len(passed), None if fc is None else FitMedians.of(*fc), FitMedians.of(*fr)), fc
 
 
 @torch.no_grad()
@@ -281,7 +220,7 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
                       swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
     passed = sc.sensitivity >= thr.value
-    scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == "full" else None).to_json()
+    scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == "full" else None)
                   for c, n in enumerate(names)} for p, P in preds.items()}
     rnd = {n: {str(k): random_precision(td.d_report[c], torch.sign(sc.predicted_d[c]), k) for k in KS}
            for c, n in enumerate(names)}
@@ -290,8 +229,8 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     cards = _cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = _rows(w, sc, thr, td.d_tune, lc.token_model)
     t["total"] = time.perf_counter() - t0
-    return LaterResult(w.info(), layer, lc.to_json(), {"circuit": asdict(cs), "later": asdict(s)},
-                       [x.spec for x in lc.windows], scores, rnd, asdict(thr), ver, cards, rows, t)
+    return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
+                       [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:
@@ -322,24 +261,24 @@ def print_later_summary(res: LaterResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .cli_show import num
+
     con = Console()
     t = Table(title=f"layers <= {res.layer}: effective embeddings and contextual heads")
     for c in ("layer", "approx. FVU (token+pos)", "unseen share", "contextual heads", "circuit FVU eff./true",
               "||G_l||", "limiting condition"):
         t.add_column(c)
-    for p in res.circuit["pieces"]:
-        f = p["circuit_fvu_effective"]
-        t.add_row(str(p["layer"]), f"{p['approximation']['fvu']:.3f}", f"{p['approximation']['unseen_share']:.3f}",
-                  str(p["heads"]), "-" if f is None else f"{f:.3f} / {p['circuit_fvu_true']:.3f}",
-                  "-" if p["propagation_norm"] is None else f"{p['propagation_norm']:.2f}",
-                  (p["circuit_error"] or "").split("(closest, ")[-1].rstrip(")")[:70])
+    for p in res.circuit.pieces:
+        f = p.circuit_fvu_effective
+        t.add_row(str(p.layer), f"{p.approximation.fvu:.3f}", f"{p.approximation.unseen_share:.3f}", str(p.heads),
+                  "-" if f is None else f"{f:.3f} / {num(p.circuit_fvu_true)}",
+                  "-" if p.propagation_norm is None else f"{p.propagation_norm:.2f}", p.limiting_condition[:70])
     con.print(t)
-    a = res.circuit["approximation_with_earlier_terms"]
-    con.print(f"residual entering layer {res.layer}: FVU {a['fvu']:.3f} with the earlier heads' terms; median "
+    a = res.circuit.approximation_with_earlier_terms
+    con.print(f"residual entering layer {res.layer}: FVU {a.fvu:.3f} with the earlier heads' terms; median "
               "Spearman vs the true per-context effects: " + ", ".join(f"{p} {res.median_spearman(p):.3f}" for p in res.scores))
     v = res.verification
-    con.print(f"{v['n_passed']} neurons pass (precision {v['precision'] or float('nan'):.3f}, all neurons "
-              f"{v['precision_random']:.3f})")
+    con.print(f"{v.n_passed} neurons pass (precision {num(v.precision)}, all neurons {v.precision_random:.3f})")
     t = Table(title="top neurons")
     for c in ("neuron", "sensitivity", "r", "FVU", "label", "top tokens", "true d (best context)"):
         t.add_column(c)
