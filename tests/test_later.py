@@ -143,6 +143,37 @@ def test_later_result_round_trip(later1, tmp_path):
     assert [int(r[0]) for r in rows[1:]] == [r.index for r in res.rows]
 
 
+def test_report_renders_a_saved_later_result(later1, tmp_path):
+    from html.parser import HTMLParser
+
+    from attnscope.later_result import LaterResult
+    from attnscope.report import write_report
+    from attnscope.report.html import _fmt
+
+    back = LaterResult.load(later1.save(tmp_path / "L1"))  # what `neurons --layer 1 --out DIR` writes
+    page = write_report(tmp_path / "rep", later=[back]).read_text(encoding="utf-8")
+    ids = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            ids.extend(v for k, v in attrs if k == "id")
+
+    P().feed(page)
+    assert {"later-layers", "later-summary", "later-L1", "later-ranking-L1"} <= set(ids)
+    assert [f"neuron-1-{c.index}" for c in later1.cards] == [i for i in ids if i.startswith("neuron-1-")]
+    assert later1.cards and len(later1.cards) == 2
+    summary = page[page.index('id="later-summary"'):page.index("</table>", page.index('id="later-summary"'))]
+    for p in ("full", "token_mean", "shuffled"):
+        assert f"<td>{_fmt(later1.median_spearman(p))}</td>" in summary
+    assert f"<td>{later1.verification.n_passed}</td>" in summary
+    assert "0, 1, 4, 5, 7" in page  # layer 0's contextual heads, in the layer table
+    c = later1.cards[0]
+    card = page[page.index(f'id="neuron-1-{c.index}"'):]
+    s0 = next(iter(c.true_d))
+    assert f"<td>{s0}</td><td>{_fmt(c.predicted_d[s0])}</td><td>{_fmt(c.true_d[s0])}</td>" in card
+    assert 'id="neurons"' not in page and "later layers only" in page
+
+
 def test_later_result_load_rejects_other_files(tmp_path):
     from attnscope.errors import AttnscopeError
     from attnscope.later_result import LaterResult

@@ -242,19 +242,26 @@ def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> li
 
 
 def run_later(w: ModelWeights, layer: int, cs, eval: list[str] | None, *, n_cards: int, out: Path,
-              as_json: bool) -> None:
-    """``attnscope neurons MODEL --layer L`` for ``L > 0``: run, save OUT/neurons.json, print the summary."""
+              as_json: bool, command: str = "") -> None:
+    """``attnscope neurons MODEL --layer L`` for ``L > 0``: run; write OUT/neurons.json, OUT/neurons.csv and
+    OUT/report.html (the later-layer section); print the summary."""
+    from .cache import staged_output
     from .errors import check_index
     from .later import LaterSettings
+    from .report import write_report
 
     check_index("layer", layer, w.n_layers)
     res = find_later_neurons(w, layer, cs, LaterSettings(eval=eval or None, n_cards=n_cards))
-    res.save(out)
+    with staged_output(out, "neurons") as tmp:
+        res.save(tmp)
+        write_report(tmp, model_info=res.model, later=[res], command=command,
+                     provenance={"later-layer settings": res.settings, "timings_s": res.timings})
     if as_json:
         print(json.dumps(res.to_json(), indent=1, default=str))
         return
     print_later_summary(res)
-    print(f"wrote {Path(out) / 'neurons.json'}")
+    print(f"wrote {Path(out) / 'neurons.json'}, {Path(out) / 'neurons.csv'} (one row per neuron) and "
+          f"{Path(out) / 'report.html'}")
 
 
 def print_later_summary(res: LaterResult) -> None:

@@ -67,7 +67,7 @@ class LayerPiece:
     @property
     def limiting_condition(self) -> str:
         """The failed condition's measurement (the part of ``circuit_error`` naming the closest head)."""
-        return (self.circuit_error or "").split("(closest, ")[-1].rstrip(")")
+        return (self.circuit_error or "").split("(closest, ")[-1].split("; pass --heads")[0].rstrip(")")
 
     @classmethod
     def from_json(cls, d: dict) -> LayerPiece:
