@@ -53,7 +53,7 @@ def main() -> None:
         print(f"| {L} | {p.approximation.fvu:.3f} | {r.circuit.approximation_with_earlier_terms.fvu:.3f} | "
               f"{p.approximation.unseen_share:.3f} | {p.heads or '-'} | {fv} | {v.n_passed} | "
               f"{v.precision if v.precision is None else round(v.precision, 3)} ({v.precision_random:.3f}) | "
-              + " | ".join(f"{ms[k]:.3f}" for k in ms) + f" | {dt:.0f} |", flush=True)
+              + " | ".join(f"{ms[k]:.3f}" if k in ms else "-" for k in PREDICTORS) + f" | {dt:.0f} |", flush=True)
         for q in r.circuit.pieces[:L]:
             print(f"|   layer {q.layer} (<= L) | {q.approximation.fvu:.3f} | | | {q.heads or '-'} | "
                   f"{q.limiting_condition[:90]} | ||G||={q.propagation_norm:.2f}, gain {q.propagation_gain:.2f} |",

@@ -174,6 +174,45 @@ def test_report_renders_a_saved_later_result(later1, tmp_path):
     assert 'id="neurons"' not in page and "later layers only" in page
 
 
+@pytest.fixture(scope="module")
+def lc1(demo):
+    from attnscope.later import LaterSettings, build_later
+    from attnscope.later_eval import truth_data
+
+    lc = build_later(demo[0], 1, s=LaterSettings(max_windows=2))
+    return lc, truth_data(demo[0], lc, "bundled:en_moby_dick")
+
+
+def test_hybrid_is_the_token_mean_without_broad_heads(demo, lc1):
+    from attnscope.later_eval import predictors
+
+    lc, td = lc1
+    none, _ = predictors(demo[0], lc, td, neff_min=float("inf"))
+    assert torch.allclose(none["hybrid"], none["token_mean"], atol=1e-9)
+    some, parts = predictors(demo[0], lc, td, neff_min=16.0)
+    assert (some["hybrid"] - some["token_mean"]).abs().max() > 0.05
+    assert torch.allclose(sum(parts["hybrid"].values()), some["hybrid"])
+
+
+def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
+    from attnscope.decomposition import centre
+    from attnscope.later_context import broad_heads
+
+    w, (lc, _) = demo[0], lc1
+    heads = broad_heads(w, lc, 16.0)
+    bag = next(h for h in heads if h.head == "bag")
+    assert bag.layer == 0 and bag.f is None and bag.n_eff >= 16 and all(h.n_eff >= 16 for h in heads)
+    assert {h.head for h in heads} < {"bag"} | {f"H{i}" for i in range(w.n_heads)}
+    W = lc.token_model.W_in.float().cpu() / lc.scale
+    sample = torch.cat([x.tune for x in lc.windows])
+    x = int(sample[:, lc.n_min:].reshape(-1).bincount().argmax())  # the most frequent token
+    vals = []
+    for t in sample:
+        y = centre(lc.circuits[0].summary(t).float().cpu() @ (lc.gain[0] * lc.G[0]), w) @ W
+        vals.append(y[lc.n_min:][t[lc.n_min:] == x])
+    assert torch.allclose(bag.token_mean[x].float(), torch.cat(vals).mean(0), atol=1e-4)
+
+
 def test_later_result_load_rejects_other_files(tmp_path):
     from attnscope.errors import AttnscopeError
     from attnscope.later_result import LaterResult

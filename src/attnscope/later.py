@@ -56,6 +56,7 @@ class LaterSettings:
     n_random: int = 64
     top_m: int = 100
     seed: int = 0
+    rank_by: str = "hybrid"  # predictor that ranks and selects the neurons ("full": weights-only composition)
 
 
 @dataclass

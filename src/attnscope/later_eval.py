@@ -8,6 +8,8 @@ Predictors scored side by side (all divided by the calibration std of each neuro
 * ``full``: every term of the composed token model;
 * ``heads``: the heads only (earlier layers' terms through ``G_l`` + layer ``L``'s bag and other heads);
 * ``direct``: the effective embedding ``E'_L`` alone;
+* ``hybrid`` (``L > 0``; ranks the neurons by default): each token's mean TRUE pre-activation on the sample plus
+  what the broad heads of the layers ``< L`` add in a context beyond it (:mod:`attnscope.later_context`);
 * ``token_mean``: circuit-free, each token's mean TRUE pre-activation on the sample (unseen: overall mean);
 * ``shuffled``: ``full`` with the token-frequency difference permuted over the vocabulary (the null).
 """
@@ -32,7 +34,7 @@ from .models import ModelWeights
 from .neurons import NeuronScores, Threshold, _decode, _rows, label, one_vs_rest_effects, predicted_effects, select, validated
 from .texts import text_tokens
 
-PREDICTORS = ("full", "heads", "direct", "token_mean", "shuffled")
+PREDICTORS = ("full", "heads", "direct", "hybrid", "token_mean", "shuffled")
 
 
 @torch.no_grad()
@@ -90,13 +92,19 @@ def truth_data(w: ModelWeights, lc: LaterCircuit, calibration: str) -> TruthData
                      calibration_sigma(w, lc, calibration))
 
 
-def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData,
+               neff_min: float = 16.0) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """Predicted one-vs-rest effects ``[n_sources, d_mlp]`` of each predictor (module docstring), and each term's
-    part of the full one (the terms are independent, so every predictor is a sum of these parts)."""
+    part of the ``full`` and the ``hybrid`` one (every such predictor is the sum of its parts)."""
+    from .later_context import hybrid_effects
+
     tm = lc.token_model
     parts = predicted_effects(tm, lc.windows, td.sigma, w.d_vocab)
+    hyb, _ = hybrid_effects(w, lc, td, neff_min) if lc.layer > 0 else ({}, [])
     out = {"full": sum(parts.values()), "heads": sum(v for k, v in parts.items() if k != "direct"),
            "direct": parts["direct"]}
+    if hyb:
+        out["hybrid"] = sum(hyb.values())
     counts = torch.stack([token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows])
     perm = torch.randperm(w.d_vocab, generator=torch.Generator().manual_seed(0))
     tmv, sh = [], []
@@ -106,7 +114,7 @@ def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> tuple[dict[s
         tmv.append(q @ td.M / td.sigma)
         sh.append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / td.sigma)
     out["token_mean"], out["shuffled"] = torch.stack(tmv), torch.stack(sh)
-    return out, parts
+    return out, {"full": parts, "hybrid": hyb}
 
 
 @torch.no_grad()
@@ -212,15 +220,16 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     lc = build_later(w, layer, cs, s, shared=shared)
     t["circuits"] = time.perf_counter() - t0
     td = truth_data(w, lc, cs.calibration)
-    preds, parts = predictors(w, lc, td)
+    preds, parts = predictors(w, lc, td, cs.neff_min)
     t["truth_and_predictions"] = time.perf_counter() - t0 - t["circuits"]
     names = [x.name for x in lc.windows]
     sp, sn = _swings(lc, s.top_m)
-    sc = NeuronScores(sources=names, predicted_d=preds["full"], parts=parts, sensitivity=preds["full"].abs().max(0).values,
+    rank = s.rank_by if s.rank_by in preds else "full"
+    sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=parts[rank], sensitivity=preds[rank].abs().max(0).values,
                       swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
     passed = sc.sensitivity >= thr.value
-    scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == "full" else None)
+    scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == rank else None)
                   for c, n in enumerate(names)} for p, P in preds.items()}
     rnd = {n: {str(k): random_precision(td.d_report[c], torch.sign(sc.predicted_d[c]), k) for k in KS}
            for c, n in enumerate(names)}

@@ -13,18 +13,19 @@ from .cards import _tokens_html
 if TYPE_CHECKING:
     from ..later_result import LaterCard, LaterResult, LayerPiece
 
-_PREDICTORS = {"full": "full composition", "heads": "heads only", "direct": "effective embedding only",
+_PREDICTORS = {"hybrid": "hybrid (token mean + broad heads)", "full": "full composition", "heads": "heads only",
+               "direct": "effective embedding only",
                "token_mean": "token-mean (circuit-free baseline)", "shuffled": "shuffled (null)"}
 
 
 def _summary_table(results: list[LaterResult]) -> str:
-    preds = [p for p in _PREDICTORS if all(p in r.scores for r in results)]
+    preds = [p for p in _PREDICTORS if any(p in r.scores for r in results)]
     head = "".join(f"<th>Spearman {_esc(_PREDICTORS[p])}</th>" for p in preds)
     rows = []
     for r in results:
         p, v = r.circuit.pieces[r.layer], r.verification
         fv = "—" if p.circuit_fvu_effective is None else f"{_fmt(p.circuit_fvu_effective)} / {_fmt(p.circuit_fvu_true)}"
-        cells = "".join(f"<td>{_fmt(r.median_spearman(q))}</td>" for q in preds)
+        cells = "".join(f"<td>{_fmt(r.median_spearman(q) if q in r.scores else None)}</td>" for q in preds)
         fit = v.fit_cards
         rows.append(f'<tr><td><a href="#later-L{r.layer}">{r.layer}</a></td><td>{_fmt(p.approximation.fvu)}</td>'
                     f"<td>{_fmt(r.circuit.approximation_with_earlier_terms.fvu)}</td><td>{_fmt(p.approximation.unseen_share)}</td>"

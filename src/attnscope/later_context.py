@@ -1,0 +1,116 @@
+r"""The ``hybrid`` later-layer predictor: each token's mean MLP input (measured on the sample) plus what the
+broad heads of the earlier layers add in a context, beyond what the token mean already holds (issue 11).
+
+The token-mean predictor (circuit-free) is the effective embedding taken *at the MLP input*: each token's
+mean true pre-activation ``M[x]`` on the sample, norm included.  It already holds, for every token, the
+average output of every head over the contexts the token appeared in.  A context ``c`` moves a neuron beyond
+that by what its heads read from the *other* tokens of the context:
+
+    E_c[pre] ~ sum_x p_c(x) M[x] + sum_h ( E_c[o_h] - sum_x p_c(x) C_h[x] )
+
+* ``h`` runs over the **broad** heads of the layers ``l < L``: the contextual bag of a layer (when one
+  qualifies) and every other head whose kernel has ``N_eff >= neff_min`` (the method's broad-kernel
+  threshold, 16) at the reference position; narrow heads (previous-token, local) carry n-gram structure
+  that the i.i.d. context model cannot hold, so their average stays in ``M``;
+* ``E_c[o_h]``: the head's expected output under the context's token frequencies ``p_c``, read by the MLP
+  of ``L`` through ``G_l`` (with the fitted gain).  A non-contextual head weights each token by its content
+  factor ``f_h``, so ``E_c[o_h] = p_c.(f_h V_h) / p_c.f_h`` (the exact denominator under i.i.d. tokens, no
+  linearisation); the contextual bag is linear (``p_c . Ext``, calibrated denominators);
+* ``C_h[x]``: the per-token mean, over the sample's positions holding ``x``, of the head's per-position
+  prediction: the part of ``o_h`` already inside ``M[x]`` (each term counted once).
+
+Layer ``L``'s own heads are left out: on the tuning half they lowered the Spearman at every layer (the
+choice and the numbers are in docs/later-layers.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .contrast import token_frequencies
+from .decomposition import centre
+from .later import LaterCircuit
+from .later_eval import TruthData, token_mean
+from .models import ModelWeights
+
+
+@dataclass
+class BroadHead:
+    layer: int
+    head: str  # "bag" or "H<index>"
+    n_eff: float  # kernel width at the reference position
+    scores: Tensor  # [d_vocab, d_mlp] token vectors read by the MLP of L (centred, / scale)
+    f: Tensor | None  # [d_vocab] content factor (None: the linear contextual bag)
+    token_mean: Tensor  # [d_vocab, d_mlp] C_h: per-token mean of the per-position prediction on the sample
+
+
+def _neff(K: Tensor, n: int) -> float:
+    return float(1.0 / (K[n, : n + 1].double() ** 2).sum())
+
+
+def _candidates(w: ModelWeights, lc: LaterCircuit):
+    """``(layer, name, n_eff, token vectors [V, d], per-position output fn, f)`` of every head of ``l < L``."""
+    for l in range(lc.layer):
+        circ, ex, M = lc.circuits[l], lc.explainers[l], lc.gain.get(l, 1.0) * lc.G[l]
+        n_star = circ.settings["reference_position"]
+        if circ.heads:
+            yield (l, "bag", _neff(circ.kernel.cpu(), n_star), centre(circ.ext.float().cpu(), w) @ M,
+                   lambda t, c=circ, M=M: c.summary(t.to(c.kernel.device)).float().cpu() @ M, None)
+        for j, h in enumerate(ex.other_heads):
+            def out(t: Tensor, ex=ex, j=j, M=M) -> Tensor:
+                t = t.to(ex.e_val.device)
+                n = t.shape[-1]
+                A = ex.kernels[j, :n, :n] * ex.f[j, t][None, :]
+                A = A / A.sum(-1, keepdim=True).clamp_min(1e-30)
+                return (A @ ((ex.e_val[t] + ex.p_val[:n]) @ ex.W_OV[j])).float().cpu() @ M
+            yield (l, f"H{h}", _neff(ex.kernels[j].cpu(), n_star), centre((ex.e_val @ ex.W_OV[j]).float().cpu(), w) @ M,
+                   out, ex.f[j].double().cpu())
+
+
+@torch.no_grad()
+def broad_heads(w: ModelWeights, lc: LaterCircuit, neff_min: float) -> list[BroadHead]:
+    """The broad heads of the layers ``< L`` with their token scores and per-token sample means."""
+    W = lc.token_model.W_in.float().cpu() / lc.scale
+    sample = torch.cat([x.tune for x in lc.windows])
+    out = []
+    for l, name, ne, vec, fn, f in _candidates(w, lc):
+        if ne < neff_min:
+            continue
+        X = torch.stack([centre(fn(t), w) @ W for t in sample])  # [N, T, d_mlp]
+        out.append(BroadHead(l, name, ne, (vec @ W).double(), f, token_mean([X], [sample], lc.n_min, w.d_vocab)))
+    return out
+
+
+def _one_vs_rest(mean_of, counts: Tensor, sigma: Tensor) -> Tensor:
+    """``[C, d_mlp]``: (mean_of(counts_c) - mean_of(counts of the rest)) / sigma."""
+    rows = []
+    for c in range(counts.shape[0]):
+        rest = counts[torch.arange(counts.shape[0]) != c].sum(0)
+        rows.append((mean_of(counts[c]) - mean_of(rest)) / sigma)
+    return torch.stack(rows)
+
+
+@torch.no_grad()
+def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
+                   neff_min: float) -> tuple[dict[str, Tensor], list[BroadHead]]:
+    """One-vs-rest predicted effects ``[n_sources, d_mlp]`` of the hybrid predictor (module docstring) per
+    term: ``direct`` (the token means, less what the broad heads hold), ``contextual bag`` (the layers'
+    bags) and ``other heads`` (the broad other heads); their sum is the prediction."""
+    heads = broad_heads(w, lc, neff_min)
+    counts = torch.stack([token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows])
+    zero = torch.zeros(w.d_vocab, td.M.shape[1], dtype=torch.float64)
+
+    def linear(S: Tensor) -> Tensor:
+        return _one_vs_rest(lambda p: p @ S / p.sum(), counts, td.sigma)
+
+    parts = {"direct": linear(td.M.double() - sum((h.token_mean for h in heads), zero)),
+             "contextual bag": linear(sum((h.scores for h in heads if h.f is None), zero)),
+             "other heads": torch.zeros(counts.shape[0], td.M.shape[1], dtype=torch.float64)}
+    for h in heads:
+        if h.f is not None:
+            fS = h.f[:, None] * h.scores
+            parts["other heads"] += _one_vs_rest(lambda p, fS=fS, f=h.f: (p @ fS) / (p @ f), counts, td.sigma)
+    return parts, heads
