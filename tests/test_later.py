@@ -199,18 +199,23 @@ def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
     from attnscope.later_context import broad_heads
 
     w, (lc, _) = demo[0], lc1
-    heads = broad_heads(w, lc, 16.0)
-    bag = next(h for h in heads if h.head == "bag")
-    assert bag.layer == 0 and bag.f is None and bag.n_eff >= 16 and all(h.n_eff >= 16 for h in heads)
-    assert {h.head for h in heads} < {"bag"} | {f"H{i}" for i in range(w.n_heads)}
-    W = lc.token_model.W_in.float().cpu() / lc.scale
     sample = torch.cat([x.tune for x in lc.windows])
-    x = int(sample[:, lc.n_min:].reshape(-1).bincount().argmax())  # the most frequent token
-    vals = []
-    for t in sample:
-        y = centre(lc.circuits[0].summary(t).float().cpu() @ (lc.gain[0] * lc.G[0]), w) @ W
-        vals.append(y[lc.n_min:][t[lc.n_min:] == x])
-    assert torch.allclose(bag.token_mean[x].float(), torch.cat(vals).mean(0), atol=1e-4)
+    body = sample[:, lc.n_min:]
+    x = int(body.reshape(-1).bincount().argmax())  # the most frequent token
+    unseen = next(i for i in range(w.d_vocab) if not (body == i).any())
+    groups = torch.zeros(3, w.d_vocab)
+    groups[0, x] = 5.0  # p = one-hot on x: p . C = C[x]
+    groups[1, unseen] = 1.0  # a token never seen at positions >= n_min: the overall mean
+    groups[2, x], groups[2, unseen] = 1.0, 3.0  # a mixture: linear in p
+    heads = broad_heads(w, lc, 16.0, groups)
+    bag = next(h for h in heads if h.head == "bag")
+    assert bag.layer == 0 and bag.f is None and all(h.n_eff >= 16 and h.layer < 1 for h in heads)
+    ys = torch.stack([centre(lc.circuits[0].summary(t).float().cpu() @ (lc.gain[0] * lc.G[0]), w) for t in sample])
+    on_x = ys[:, lc.n_min:][body == x].mean(0)
+    overall = ys[:, lc.n_min:].reshape(-1, w.d_model).mean(0)
+    assert torch.allclose(bag.held[0].float(), on_x, atol=1e-4)
+    assert torch.allclose(bag.held[1].float(), overall, atol=1e-4)
+    assert torch.allclose(bag.held[2].float(), 0.25 * on_x + 0.75 * overall, atol=1e-4)
 
 
 def test_later_result_load_rejects_other_files(tmp_path):

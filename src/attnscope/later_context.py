@@ -33,7 +33,7 @@ from torch import Tensor
 from .contrast import token_frequencies
 from .decomposition import centre
 from .later import LaterCircuit
-from .later_eval import TruthData, token_mean
+from .later_eval import TruthData
 from .models import ModelWeights
 
 
@@ -42,9 +42,9 @@ class BroadHead:
     layer: int
     head: str  # "bag" or "H<index>"
     n_eff: float  # kernel width at the reference position
-    scores: Tensor  # [d_vocab, d_mlp] token vectors read by the MLP of L (centred, / scale)
+    vectors: Tensor  # [d_vocab, d_model] token vectors at the MLP input of L (centred, through G_l)
     f: Tensor | None  # [d_vocab] content factor (None: the linear contextual bag)
-    token_mean: Tensor  # [d_vocab, d_mlp] C_h: per-token mean of the per-position prediction on the sample
+    held: Tensor  # [n_groups, d_model] p_g . C_h for each token distribution g (see token_mean_weights)
 
 
 def _neff(K: Tensor, n: int) -> float:
@@ -70,27 +70,33 @@ def _candidates(w: ModelWeights, lc: LaterCircuit):
                    out, ex.f[j].double().cpu())
 
 
+def token_mean_weights(sample: Tensor, n_min: int, groups: Tensor) -> Tensor:
+    """Position weights ``[n_groups, N, T]`` such that ``sum_n weights[g, n] X(n) = p_g . C`` where ``C[x]`` is the
+    mean of ``X`` over the sample positions ``>= n_min`` holding ``x`` (unseen there: the mean over all of them)
+    and ``p_g`` the normalised token counts ``groups [n_groups, d_vocab]``: the token-mean of any per-position
+    quantity under a token distribution, without a ``[d_vocab, ...]`` table."""
+    V = groups.shape[1]
+    body = sample[:, n_min:]
+    cnt = torch.bincount(body.reshape(-1), minlength=V).double()
+    p = groups.double() / groups.double().sum(1, keepdim=True)
+    unseen = (p * (cnt == 0)).sum(1)  # [G] mass of tokens without a sample position: the overall mean
+    wt = torch.zeros(groups.shape[0], *sample.shape, dtype=torch.float64)
+    wt[:, :, n_min:] = (p / cnt.clamp_min(1))[:, body] + unseen[:, None, None] / body.numel()
+    return wt
+
+
 @torch.no_grad()
-def broad_heads(w: ModelWeights, lc: LaterCircuit, neff_min: float) -> list[BroadHead]:
-    """The broad heads of the layers ``< L`` with their token scores and per-token sample means."""
-    W = lc.token_model.W_in.float().cpu() / lc.scale
+def broad_heads(w: ModelWeights, lc: LaterCircuit, neff_min: float, groups: Tensor) -> list[BroadHead]:
+    """The broad heads of the layers ``< L``, with ``p_g . C_h`` for the token distributions ``groups``."""
     sample = torch.cat([x.tune for x in lc.windows])
+    wt = token_mean_weights(sample, lc.n_min, groups).float()
     out = []
     for l, name, ne, vec, fn, f in _candidates(w, lc):
         if ne < neff_min:
             continue
-        X = torch.stack([centre(fn(t), w) @ W for t in sample])  # [N, T, d_mlp]
-        out.append(BroadHead(l, name, ne, (vec @ W).double(), f, token_mean([X], [sample], lc.n_min, w.d_vocab)))
+        held = sum(torch.einsum("gn,nd->gd", wt[:, i], centre(fn(t), w)) for i, t in enumerate(sample))
+        out.append(BroadHead(l, name, ne, vec, f, held.double()))
     return out
-
-
-def _one_vs_rest(mean_of, counts: Tensor, sigma: Tensor) -> Tensor:
-    """``[C, d_mlp]``: (mean_of(counts_c) - mean_of(counts of the rest)) / sigma."""
-    rows = []
-    for c in range(counts.shape[0]):
-        rest = counts[torch.arange(counts.shape[0]) != c].sum(0)
-        rows.append((mean_of(counts[c]) - mean_of(rest)) / sigma)
-    return torch.stack(rows)
 
 
 @torch.no_grad()
@@ -99,18 +105,21 @@ def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
     """One-vs-rest predicted effects ``[n_sources, d_mlp]`` of the hybrid predictor (module docstring) per
     term: ``direct`` (the token means, less what the broad heads hold), ``contextual bag`` (the layers'
     bags) and ``other heads`` (the broad other heads); their sum is the prediction."""
-    heads = broad_heads(w, lc, neff_min)
     counts = torch.stack([token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows])
-    zero = torch.zeros(w.d_vocab, td.M.shape[1], dtype=torch.float64)
-
-    def linear(S: Tensor) -> Tensor:
-        return _one_vs_rest(lambda p: p @ S / p.sum(), counts, td.sigma)
-
-    parts = {"direct": linear(td.M.double() - sum((h.token_mean for h in heads), zero)),
-             "contextual bag": linear(sum((h.scores for h in heads if h.f is None), zero)),
-             "other heads": torch.zeros(counts.shape[0], td.M.shape[1], dtype=torch.float64)}
+    C = counts.shape[0]
+    rest = torch.stack([counts[torch.arange(C) != c].sum(0) for c in range(C)])
+    groups = torch.cat([counts, rest])  # [2C, V]: each source, then all the others
+    p = groups / groups.sum(1, keepdim=True)
+    heads = broad_heads(w, lc, neff_min, groups)
+    W = lc.token_model.W_in.double().cpu() / lc.scale
+    mean = {"direct": p @ td.M.double() - sum((h.held for h in heads), torch.zeros(2 * C, w.d_model, dtype=torch.float64)) @ W,
+            "contextual bag": torch.zeros(2 * C, W.shape[1], dtype=torch.float64),
+            "other heads": torch.zeros(2 * C, W.shape[1], dtype=torch.float64)}
     for h in heads:
-        if h.f is not None:
-            fS = h.f[:, None] * h.scores
-            parts["other heads"] += _one_vs_rest(lambda p, fS=fS, f=h.f: (p @ fS) / (p @ f), counts, td.sigma)
+        v = h.vectors.double()
+        if h.f is None:
+            mean["contextual bag"] += (p @ v) @ W
+        else:
+            mean["other heads"] += ((p * h.f) @ v / (p @ h.f)[:, None]) @ W
+    parts = {k: (m[:C] - m[C:]) / td.sigma for k, m in mean.items()}
     return parts, heads
