@@ -207,7 +207,7 @@ def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
     groups[0, x] = 5.0  # p = one-hot on x: p . C = C[x]
     groups[1, unseen] = 1.0  # a token never seen at positions >= n_min: the overall mean
     groups[2, x], groups[2, unseen] = 1.0, 3.0  # a mixture: linear in p
-    heads = broad_heads(w, lc, 16.0, groups)
+    heads, fns, C = broad_heads(w, lc, 16.0, groups)
     bag = next(h for h in heads if h.head == "bag")
     assert bag.layer == 0 and bag.f is None and all(h.n_eff >= 16 and h.layer < 1 for h in heads)
     ys = torch.stack([centre(lc.circuits[0].summary(t).float().cpu() @ (lc.gain[0] * lc.G[0]), w) for t in sample])
@@ -216,6 +216,28 @@ def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
     assert torch.allclose(bag.held[0].float(), on_x, atol=1e-4)
     assert torch.allclose(bag.held[1].float(), overall, atol=1e-4)
     assert torch.allclose(bag.held[2].float(), 0.25 * on_x + 0.75 * overall, atol=1e-4)
+    # the per-token table of the summed output holds the sum of every head's p . C_h
+    assert len(fns) == len(heads)
+    assert torch.allclose(C[x], sum(h.held[0] for h in heads), atol=1e-4)
+    assert torch.allclose(C[unseen], sum(h.held[1] for h in heads), atol=1e-4)
+
+
+def test_hybrid_per_position_is_token_mean_plus_broad_deviation(demo, lc1):
+    from attnscope.later_eval import predictors
+
+    w, (lc, td) = demo[0], lc1
+    _, parts = predictors(w, lc, td, neff_min=16.0)
+    hp = parts["positions"]
+    t = lc.windows[0].report[0]
+    k = torch.tensor([0, 5, 17])
+    p = hp.parts(w, t, k)
+    assert torch.equal(p["token mean"], td.M[t][:, k].float())
+    # averaged over the sample's positions holding a token, the broad heads' deviation is zero (what the
+    # token mean holds is not counted twice)
+    sample = torch.cat([x.tune for x in lc.windows])
+    x = int(sample[:, lc.n_min:].reshape(-1).bincount().argmax())
+    dev = torch.cat([hp.parts(w, s, k)["broad heads"][lc.n_min:][s[lc.n_min:] == x] for s in sample])
+    assert dev.mean(0).abs().max() < 1e-4 and dev.std(0).min() > 1e-3
 
 
 def test_later_result_load_rejects_other_files(tmp_path):

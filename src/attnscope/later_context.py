@@ -25,7 +25,7 @@ choice and the numbers are in docs/later-layers.md).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -85,23 +85,46 @@ def token_mean_weights(sample: Tensor, n_min: int, groups: Tensor) -> Tensor:
     return wt
 
 
+@dataclass
+class HybridPositions:
+    """The hybrid predictor per position: ``M[x_n] + (O(n) - C[x_n]) W_in / s`` with ``O`` the broad heads' summed
+    output at the MLP input of L and ``C`` its per-token mean over the sample (tensors in comments)."""
+
+    M: Tensor  # [d_vocab, d_mlp] each token's mean true pre-activation on the sample
+    C: Tensor  # [d_vocab, d_model] per-token sample mean of O (centred)
+    W: Tensor  # [d_model, d_mlp] W_in / s of the MLP of L
+    outputs: list = field(repr=False, default_factory=list)  # each broad head's per-position output fn
+
+    def parts(self, w: ModelWeights, tokens: Tensor, neurons: Tensor) -> dict[str, Tensor]:
+        """``{"token mean", "broad heads"}`` ``[pos, k]`` on ``tokens [pos]`` for ``neurons [k]`` (sum: the prediction)."""
+        t, k = tokens.cpu(), neurons.cpu()
+        O = sum((centre(fn(t), w) for fn in self.outputs), torch.zeros(len(t), self.C.shape[1]))
+        return {"token mean": self.M[t][:, k].float(), "broad heads": (O - self.C[t].float()) @ self.W[:, k].float()}
+
+
 @torch.no_grad()
-def broad_heads(w: ModelWeights, lc: LaterCircuit, neff_min: float, groups: Tensor) -> list[BroadHead]:
-    """The broad heads of the layers ``< L``, with ``p_g . C_h`` for the token distributions ``groups``."""
+def broad_heads(w: ModelWeights, lc: LaterCircuit, neff_min: float,
+                groups: Tensor) -> tuple[list[BroadHead], list, Tensor]:
+    """The broad heads of the layers ``< L``, with ``p_g . C_h`` for the token distributions ``groups``; their
+    per-position output functions and the per-token sample mean ``[d_vocab, d_model]`` of their summed output."""
+    from .later_eval import token_mean
+
     sample = torch.cat([x.tune for x in lc.windows])
     wt = token_mean_weights(sample, lc.n_min, groups).float()
-    out = []
+    out, fns, total = [], [], torch.zeros(*sample.shape, w.d_model)
     for l, name, ne, vec, fn, f in _candidates(w, lc):
         if ne < neff_min:
             continue
-        held = sum(torch.einsum("gn,nd->gd", wt[:, i], centre(fn(t), w)) for i, t in enumerate(sample))
-        out.append(BroadHead(l, name, ne, vec, f, held.double()))
-    return out
+        X = torch.stack([centre(fn(t), w) for t in sample])  # [N, T, d_model]
+        total += X
+        out.append(BroadHead(l, name, ne, vec, f, torch.einsum("gnt,ntd->gd", wt, X).double()))
+        fns.append(fn)
+    return out, fns, token_mean([total], [sample], lc.n_min, w.d_vocab)
 
 
 @torch.no_grad()
 def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
-                   neff_min: float) -> tuple[dict[str, Tensor], list[BroadHead]]:
+                   neff_min: float) -> tuple[dict[str, Tensor], list[BroadHead], HybridPositions]:
     """One-vs-rest predicted effects ``[n_sources, d_mlp]`` of the hybrid predictor (module docstring) per
     term: ``direct`` (the token means, less what the broad heads hold), ``contextual bag`` (the layers'
     bags) and ``other heads`` (the broad other heads); their sum is the prediction."""
@@ -110,7 +133,7 @@ def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
     rest = torch.stack([counts[torch.arange(C) != c].sum(0) for c in range(C)])
     groups = torch.cat([counts, rest])  # [2C, V]: each source, then all the others
     p = groups / groups.sum(1, keepdim=True)
-    heads = broad_heads(w, lc, neff_min, groups)
+    heads, fns, Cx = broad_heads(w, lc, neff_min, groups)
     W = lc.token_model.W_in.double().cpu() / lc.scale
     mean = {"direct": p @ td.M.double() - sum((h.held for h in heads), torch.zeros(2 * C, w.d_model, dtype=torch.float64)) @ W,
             "contextual bag": torch.zeros(2 * C, W.shape[1], dtype=torch.float64),
@@ -122,4 +145,4 @@ def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
         else:
             mean["other heads"] += ((p * h.f) @ v / (p @ h.f)[:, None]) @ W
     parts = {k: (m[:C] - m[C:]) / td.sigma for k, m in mean.items()}
-    return parts, heads
+    return parts, heads, HybridPositions(td.M, Cx, W.float(), fns)

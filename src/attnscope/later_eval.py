@@ -100,7 +100,7 @@ def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData,
 
     tm = lc.token_model
     parts = predicted_effects(tm, lc.windows, td.sigma, w.d_vocab)
-    hyb, _ = hybrid_effects(w, lc, td, neff_min) if lc.layer > 0 else ({}, [])
+    hyb, _, hp = hybrid_effects(w, lc, td, neff_min) if lc.layer > 0 else ({}, [], None)
     out = {"full": sum(parts.values()), "heads": sum(v for k, v in parts.items() if k != "direct"),
            "direct": parts["direct"]}
     if hyb:
@@ -114,7 +114,7 @@ def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData,
         tmv.append(q @ td.M / td.sigma)
         sh.append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / td.sigma)
     out["token_mean"], out["shuffled"] = torch.stack(tmv), torch.stack(sh)
-    return out, {"full": parts, "hybrid": hyb}
+    return out, {"full": parts, "hybrid": hyb, "positions": hp}
 
 
 @torch.no_grad()
@@ -147,8 +147,10 @@ def _swings(lc: LaterCircuit, top_m: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int = 2):
-    """Per-position prediction vs TRUE pre-activation: (r, fvu, parts) per neuron; bias fitted on the sample."""
+def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int = 2, predict=None):
+    """Per-position prediction vs TRUE pre-activation: (r, fvu, parts) per neuron; bias fitted on the sample.
+    ``predict(tokens, neurons)``: the per-term prediction (default: the weights-only composition)."""
+    predict = predict or (lambda t, k: position_prediction(w, lc, t, k.to(w.device)))
     idx = torch.tensor(neurons, dtype=torch.long)
     n = lc.n_min
 
@@ -159,7 +161,7 @@ def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int
             pre = layer_pre(w, wins, lc.layer)[:, n:, idx]
             for j, t in enumerate(wins):
                 ys.append(pre[j])
-                ps.append({k: v[n:] for k, v in position_prediction(w, lc, t, idx.to(w.device)).items()})
+                ps.append({k: v[n:].float().cpu() for k, v in predict(t, idx).items()})
         return torch.cat(ys).double(), {k: torch.cat([p[k] for p in ps]).double() for k in ps[0]}
 
     y_s, p_s = collect("tune")
@@ -194,16 +196,20 @@ def _cards(w: ModelWeights, lc: LaterCircuit, sc: NeuronScores, td: TruthData, n
     return out
 
 
-def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, cards: list[int]):
+def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, cards: list[int], rank: str, hp):
+    """Precision, recall and the per-position fits of the ranking predictor (and, when that is the hybrid, of
+    the weights-only composition beside it)."""
     passed = sc.sensitivity >= thr.value
     ok = validated(td.d_report, sc.predicted_d)
     rand = torch.randperm(len(passed), generator=torch.Generator().manual_seed(s.seed))[: s.n_random].tolist()
-    fr = _fits(w, lc, rand)
-    fc = _fits(w, lc, cards) if cards else None
+    hyb = (lambda t, k: hp.parts(w, t, k)) if rank == "hybrid" else None
+    fr, fc = _fits(w, lc, rand, predict=hyb), _fits(w, lc, cards, predict=hyb) if cards else None
+    full = (_fits(w, lc, rand), _fits(w, lc, cards) if cards else None) if hyb else (None, None)
     return LaterVerification(
         thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()),
         {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean()) for c, x in enumerate(sc.sources)},
-        thr.n_passed / len(passed), None if fc is None else FitMedians.of(*fc), FitMedians.of(*fr)), fc
+        thr.n_passed / len(passed), None if fc is None else FitMedians.of(*fc), FitMedians.of(*fr), rank,
+        None if full[1] is None else FitMedians.of(*full[1]), None if full[0] is None else FitMedians.of(*full[0])), fc
 
 
 @torch.no_grad()
@@ -234,7 +240,7 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     rnd = {n: {str(k): random_precision(td.d_report[c], torch.sign(sc.predicted_d[c]), k) for k in KS}
            for c, n in enumerate(names)}
     card_ids = [int(k) for k in sc.sensitivity.argsort(descending=True)[: thr.n_passed][: s.n_cards]]
-    ver, fc = _verification(w, lc, sc, thr, td, s, card_ids)
+    ver, fc = _verification(w, lc, sc, thr, td, s, card_ids, rank, parts["positions"])
     cards = _cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = _rows(w, sc, thr, td.d_tune, lc.token_model)
     t["total"] = time.perf_counter() - t0

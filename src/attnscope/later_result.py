@@ -106,8 +106,8 @@ class LaterCard:
     label_evidence: str | None
     label_negative: str | None
     label_negative_evidence: str | None
-    r: float  # per-position prediction vs TRUE pre-activation, pooled over reporting windows (bias fitted on the sample)
-    fvu: float
+    r: float  # per-position prediction of the ranking predictor vs TRUE pre-activation, pooled over reporting
+    fvu: float  # windows (bias fitted on the sample)
     parts: dict[str, float]  # term -> cov(term, y) / var(y)
     true_d: dict[str, float]  # one-vs-rest effect size per source, reporting half
     predicted_d: dict[str, float]
@@ -140,13 +140,17 @@ class LaterVerification:
     precision_random: float  # all neurons
     recall20: dict[str, float]  # source -> share of its top-20 true |d| neurons that passed
     recall20_random: float
-    fit_cards: FitMedians | None
+    fit_cards: FitMedians | None  # per-position fits of the ranking predictor (fit_predictor)
     fit_random: FitMedians
+    fit_predictor: str = "full"  # "hybrid": token mean + broad heads; "full": the weights-only composition
+    fit_cards_full: FitMedians | None = None  # the weights-only composition beside the hybrid
+    fit_random_full: FitMedians | None = None
 
     @classmethod
     def from_json(cls, d: dict) -> LaterVerification:
-        return cls(**{**d, "fit_cards": None if d["fit_cards"] is None else FitMedians(**d["fit_cards"]),
-                      "fit_random": FitMedians(**d["fit_random"])})
+        fm = {k: None if d.get(k) is None else FitMedians(**d[k])
+              for k in ("fit_cards", "fit_random", "fit_cards_full", "fit_random_full")}
+        return cls(**{**d, **fm})
 
 
 def _scores_from_json(d: dict) -> DiscoveryScores:

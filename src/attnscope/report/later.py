@@ -94,6 +94,13 @@ def _ranking(r: LaterResult, n: int = 15) -> str:
             f"<th>top tokens</th></tr></thead><tbody>{rows}</tbody></table></div>")
 
 
+def _full_fit(v) -> str:
+    if v.fit_random_full is None:
+        return ""
+    c = v.fit_cards_full.median_r if v.fit_cards_full else None
+    return f"; the weights-only composition: {_fmt(c)} and {_fmt(v.fit_random_full.median_r)}"
+
+
 def _layer(r: LaterResult) -> str:
     v, a = r.verification, r.circuit.approximation_with_earlier_terms
     cards = "".join(_card(r.layer, c) for c in r.cards)
@@ -103,7 +110,9 @@ def _layer(r: LaterResult) -> str:
 <p>Residual entering layer {r.layer}: token + position leave {_fmt(r.circuit.pieces[r.layer].approximation.fvu)} of its
 (normalised) variance unexplained on the reporting windows, {_fmt(a.fvu)} with the earlier layers' heads
 propagated. {v.n_passed} neurons pass the measured threshold {_fmt(r.threshold.value)} (precision on the reporting
-half {_fmt(v.precision)}; all neurons {_fmt(v.precision_random)}).</p>
+half {_fmt(v.precision)}; all neurons {_fmt(v.precision_random)}). Per-position check of the {_esc(v.fit_predictor)}
+predictor against the true pre-activation (reporting windows): median r {_fmt(v.fit_cards.median_r if v.fit_cards else None)}
+over the cards, {_fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
 {_piece_rows(r.circuit.pieces)}
 {_ranking(r)}
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
