@@ -1,6 +1,7 @@
 """Later-layer predictor variants side by side (issue 11, accuracy experiments), scored on BOTH halves.
 
     python bench/later_variants.py demo --layers 1,2,3
+    python bench/later_variants.py smollm2 --layers 1,2,3,4,5 --max-windows 4 --ceilings-only
 
 Choices are made on the tuning half (``tune``: the sample's own windows, so in-sample for the token-mean
 parts) and reported on the reporting half (``report``).  Median over the one-vs-rest contrasts of the
@@ -168,6 +169,8 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--layers", default="1,2,3")
     ap.add_argument("--max-windows", type=int, default=8)
+    ap.add_argument("--ceilings-only", action="store_true", help="only the shipped predictors and the ceilings "
+                    "(the per-head variants hold [vocab, d_mlp] tables per head: too large for a 49k vocabulary)")
     a = ap.parse_args()
     from attnscope.later import LaterSettings, build_later, prepare
     from attnscope.later_eval import predictors, truth_data
@@ -182,7 +185,8 @@ def main() -> None:
         lc = build_later(w, L, s=s, shared=sh)
         td = truth_data(w, lc, sh.cs.calibration)
         preds, _ = predictors(w, lc, td)
-        preds.update(variant_predictors(w, lc, td))
+        if not a.ceilings_only:
+            preds.update(variant_predictors(w, lc, td))
         preds.update(ceilings(w, lc, td))
         print(f"layer {L} ({time.perf_counter() - t0:.0f} s)")
         for k, P in preds.items():
