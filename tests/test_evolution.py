@@ -134,6 +134,24 @@ def test_cache_adding_a_checkpoint_recomputes_only_that_one(result, series, tmp_
     assert [c.to_json() for c in more.checkpoints[:2]] == [c.to_json() for c in result.checkpoints]
 
 
+def test_corrupt_summary_is_dropped_and_recomputed(result, series, monkeypatch, caplog):
+    from attnscope.cache import cache_dir, cache_info
+
+    entries = sorted((cache_dir() / "evolution").glob("*.json"))
+    assert len(entries) >= 2 and cache_info()["kinds"]["evolution"]["entries"] == len(entries)
+    entries[0].write_text('{"truncated": ')  # a half-written or damaged entry
+    calls = []
+    real = E.build_circuit
+    monkeypatch.setattr(E, "build_circuit", lambda w, s=None: calls.append(w.name) or real(w, s))
+    with caplog.at_level("WARNING"):
+        again = E.run_evolution([str(series)], _fast())
+    assert "dropped unreadable cache entry" in caplog.text and calls  # recomputed, with one logged line
+    untimed = lambda cs: [{k: v for k, v in c.to_json().items() if k != "seconds"} for c in cs]  # noqa: E731
+    assert untimed(again.checkpoints) == untimed(result.checkpoints)
+    rewritten = E.CheckpointSummary.from_json(json.loads(entries[0].read_text()))  # rewritten, readable again
+    assert rewritten.fingerprint in {c.fingerprint for c in result.checkpoints}
+
+
 def _summary(step, cats, ok, d, selected, top):
     heads = [E.HeadPoint(0, h, c, 10.0, None, 0.1) for h, c in enumerate(cats)]
     conds = [E.ConditionPoint("a", ok[0], 0.0, 1.0), E.ConditionPoint("never", False, 2.0, 1.0)]

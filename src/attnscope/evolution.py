@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .cache import read_or_drop, write_json
 from .circuit import Circuit, CircuitSettings, build_circuit
 from .circuit_result import HEAD_CRITERIA
 from .errors import AttnscopeError, ConditionFailedError
@@ -264,8 +265,8 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
     """Analyse one checkpoint (or read its cached summary); nothing but the summary is kept."""
     w = load_model(ref.spec, device=device, dtype=dtype)
     path = cache_dir() / "evolution" / f"{_summary_key(w, s)}.json"
-    if cache and path.is_file():
-        out = CheckpointSummary.from_json(json.loads(path.read_text()))
+    out = read_or_drop(path, lambda p: CheckpointSummary.from_json(json.loads(p.read_text()))) if cache else None
+    if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed below
         out.spec, out.step, out.tokens_seen, out.heldout_loss = ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss
         return out
     t0 = time.time()
@@ -293,8 +294,7 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
                             time.time() - t0, notes)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out.to_json()))
+        write_json(path, out.to_json(), indent=None)
     del w, circ
     return out
 
