@@ -99,6 +99,8 @@ def test_summary_numbers_are_the_analyses(result, series):
     assert c.contextual_heads == circ.heads
     assert [(x.name, x.ok) for x in c.conditions] == [(x.name, bool(x.ok)) for x in circ.conditions]
     assert [h.chosen for h in c.head_criteria] == [d.chosen for d in circ.decisions]
+    assert [(h.measured["broad kernel"], h.measured["weak content dependence"], h.measured["shared kernel"])
+            for h in c.head_criteria] == [(d.n_eff, d.logit_std, d.share_tv) for d in circ.decisions]
     # a chosen head passes every criterion
     assert all(all(h.criteria.values()) for h in c.head_criteria if h.chosen)
     windows, _, d = E.ground_truth(w, circ, _fast())

@@ -37,7 +37,7 @@ from .neurons import NeuronSettings, held_out_windows, label, one_vs_rest_effect
 __all__ = ["EvolutionSettings", "CheckpointRef", "CheckpointSummary", "EvolutionResult", "discover_checkpoints",
            "summarise_checkpoint", "run_evolution", "ground_truth", "timeline"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: contexts whose neurons the timeline follows (bundled text names)
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
@@ -142,6 +142,7 @@ class HeadCriteria:
     head: int
     chosen: bool
     criteria: dict[str, bool]
+    measured: dict[str, float | None] = field(default_factory=dict)  # criterion -> its measured value
 
 
 @dataclass
@@ -210,8 +211,15 @@ def _head_points(w: ModelWeights, s: EvolutionSettings, cache: bool) -> list[Hea
     return [HeadPoint(r.layer, r.head, r.category, r.n_eff, r.decay_length, r.sink_mass) for r in res.records]
 
 
+def _measured(d) -> dict[str, float | None]:
+    """Each detection criterion's measured value: N_eff, std log f, decomposition TV, CV(Z), shared-kernel TV."""
+    vals = (d.n_eff, d.logit_std, d.decomposition_tv, d.denominator_cv, d.share_tv)
+    return {c.value: (None if v is None else float(v)) for c, v in zip(HEAD_CRITERIA, vals)}
+
+
 def _criteria(circ: Circuit) -> list[HeadCriteria]:
-    return [HeadCriteria(d.head, d.chosen, {c.value: c not in d.failed for c in HEAD_CRITERIA}) for d in circ.decisions]
+    return [HeadCriteria(d.head, d.chosen, {c.value: c not in d.failed for c in HEAD_CRITERIA}, _measured(d))
+            for d in circ.decisions]
 
 
 @torch.no_grad()
