@@ -155,6 +155,27 @@ def test_corrupt_summary_is_dropped_and_recomputed(result, series, monkeypatch, 
     assert rewritten.fingerprint in {c.fingerprint for c in result.checkpoints}
 
 
+def test_no_checkpoint_outlives_its_analysis(series, monkeypatch):
+    """Memory does not grow with the number of checkpoints: each model is freed before the next loads."""
+    import gc
+    import weakref
+
+    alive, refs, real = [], [], E.load_model
+
+    def load(*a, **k):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))  # models still alive when the next one loads
+        w = real(*a, **k)
+        refs.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(E, "load_model", load)
+    res = E.run_evolution([str(series)], _fast(), cache=False)
+    gc.collect()
+    assert len(refs) == len(res.checkpoints) == 2 and alive == [0, 0]
+    assert all(r() is None for r in refs)
+
+
 def _summary(step, cats, ok, d, selected, top):
     heads = [E.HeadPoint(0, h, c, 10.0, None, 0.1) for h, c in enumerate(cats)]
     conds = [E.ConditionPoint("a", ok[0], 0.0, 1.0), E.ConditionPoint("never", False, 2.0, 1.0)]
