@@ -109,7 +109,8 @@ def _layer(r: LaterResult) -> str:
 <h3>MLP of layer {r.layer}</h3>
 <p>Residual entering layer {r.layer}: token + position leave {_fmt(r.circuit.pieces[r.layer].approximation.fvu)} of its
 (normalised) variance unexplained on the reporting windows, {_fmt(a.fvu)} with the earlier layers' heads
-propagated. {v.n_passed} neurons pass the measured threshold {_fmt(r.threshold.value)} (precision on the reporting
+propagated. Ranked by the {_esc(v.fit_predictor)} predictor, {v.n_passed} neurons pass the measured threshold
+{_fmt(r.threshold.value)} (precision on the reporting
 half {_fmt(v.precision)}; all neurons {_fmt(v.precision_random)}). Per-position check of the {_esc(v.fit_predictor)}
 predictor against the true pre-activation (reporting windows): median r {_fmt(v.fit_cards.median_r if v.fit_cards else None)}
 over the cards, {_fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
