@@ -34,8 +34,8 @@ def main() -> None:
     w = load_model(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     print("| L | approx. FVU (token+pos) | FVU with earlier heads | unseen | contextual heads | circuit FVU eff./true "
-          "| passed | precision (all) | Spearman: " + " | ".join(PREDICTORS) + " | s |")
-    print("|---" * (8 + len(PREDICTORS)) + "|")
+          "| passed | precision (all) | Spearman: " + " | ".join(PREDICTORS) + " | ceiling | s |")
+    print("|---" * (9 + len(PREDICTORS)) + "|")
     layers = [int(x) for x in a.layers.split(",")]
     t_all = time.perf_counter()
     s = LaterSettings(max_windows=a.max_windows)
@@ -53,7 +53,8 @@ def main() -> None:
         print(f"| {L} | {p.approximation.fvu:.3f} | {r.circuit.approximation_with_earlier_terms.fvu:.3f} | "
               f"{p.approximation.unseen_share:.3f} | {p.heads or '-'} | {fv} | {v.n_passed} | "
               f"{v.precision if v.precision is None else round(v.precision, 3)} ({v.precision_random:.3f}) | "
-              + " | ".join(f"{ms[k]:.3f}" if k in ms else "-" for k in PREDICTORS) + f" | {dt:.0f} |", flush=True)
+              + " | ".join(f"{ms[k]:.3f}" if k in ms else "-" for k in PREDICTORS)
+              + f" | {r.median_ceiling:.3f} | {dt:.0f} |", flush=True)
         for q in r.circuit.pieces[:L]:
             print(f"|   layer {q.layer} (<= L) | {q.approximation.fvu:.3f} | | | {q.heads or '-'} | "
                   f"{q.limiting_condition[:90]} | ||G||={q.propagation_norm:.2f}, gain {q.propagation_gain:.2f} |",

@@ -123,6 +123,8 @@ def test_later_layer_scores_beat_the_null(demo, later1):
     assert res.circuit.approximation_with_earlier_terms.fvu < res.circuit.pieces[1].approximation.fvu
     assert res.median_spearman("full") > 0.6
     assert res.median_spearman("full") > res.median_spearman("shuffled") + 0.5
+    # the noise ceiling: the tuning half's own true effect sizes against the reporting half's
+    assert len(res.ceiling) == len(res.sources) and res.median_ceiling > res.median_spearman("shuffled") + 0.5
     assert len(res.rows) == w.d_mlp
 
 
@@ -136,6 +138,7 @@ def test_later_result_round_trip(later1, tmp_path):
     back = LaterResult.load(res.save(tmp_path / "L1"))
     assert json.loads(json.dumps(back.to_json())) == json.loads(json.dumps(res.to_json()))  # floats survive exactly
     assert back.circuit == res.circuit and back.threshold == res.threshold and back.cards == res.cards
+    assert back.ceiling == res.ceiling and back.verification == res.verification
     assert back.median_spearman("full") == res.median_spearman("full")
     with (tmp_path / "L1" / "neurons.csv").open(newline="") as f:
         rows = list(csv.reader(f))

@@ -27,7 +27,7 @@ from .contrast import PreStats, token_frequencies
 from .decomposition import centre
 from .explain import fit_scores, other_heads_output
 from .forward import iter_layers
-from .groundtruth import KS, discovery_scores, random_precision
+from .groundtruth import KS, discovery_scores, random_precision, spearman
 from .later import LaterCircuit, earlier_terms
 from .later_result import FitMedians, LaterCard, LaterResult, LaterVerification
 from .models import ModelWeights
@@ -239,13 +239,14 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
                   for c, n in enumerate(names)} for p, P in preds.items()}
     rnd = {n: {str(k): random_precision(td.d_report[c], torch.sign(sc.predicted_d[c]), k) for k in KS}
            for c, n in enumerate(names)}
+    ceiling = {n: spearman(td.d_tune[c], td.d_report[c]) for c, n in enumerate(names)}
     card_ids = [int(k) for k in sc.sensitivity.argsort(descending=True)[: thr.n_passed][: s.n_cards]]
     ver, fc = _verification(w, lc, sc, thr, td, s, card_ids, rank, parts["positions"])
     cards = _cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = _rows(w, sc, thr, td.d_tune, lc.token_model)
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
-                       [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t)
+                       [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:

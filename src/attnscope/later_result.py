@@ -174,7 +174,14 @@ class LaterResult:
     cards: list[LaterCard]
     rows: list[NeuronRow] = field(repr=False, default_factory=list)  # every neuron, by rank
     timings: dict[str, float] = field(default_factory=dict)
+    # source -> Spearman of the tuning half's TRUE effect sizes against the reporting half's: the noise ceiling
+    # of any predictor built from the tuning half
+    ceiling: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+
+    @property
+    def median_ceiling(self) -> float | None:
+        return median(self.ceiling.values())
 
     def median_spearman(self, predictor: str) -> float:
         """Median over the one-vs-rest contrasts of the Spearman of ``predictor`` (:func:`attnscope.stats.median`)."""
@@ -184,6 +191,7 @@ class LaterResult:
         return {"schema_version": self.schema_version, "model": self.model, "layer": self.layer,
                 "circuit": self.circuit.to_json(), "settings": self.settings, "sources": self.sources,
                 "median_spearman": {p: self.median_spearman(p) for p in self.scores},
+                "ceiling": self.ceiling, "median_ceiling": self.median_ceiling,
                 "scores": {p: {s: v.to_json() for s, v in d.items()} for p, d in self.scores.items()},
                 "random_precision": self.random_precision, "threshold": asdict(self.threshold),
                 "verification": asdict(self.verification), "timings": self.timings,
@@ -210,7 +218,8 @@ class LaterResult:
         return cls(d["model"], d["layer"], LaterCircuitRecord.from_json(d["circuit"]), d["settings"], d["sources"],
                    {p: {s: _scores_from_json(v) for s, v in x.items()} for p, x in d["scores"].items()},
                    d["random_precision"], Threshold(**d["threshold"]), LaterVerification.from_json(d["verification"]),
-                   [LaterCard.from_json(c) for c in d["cards"]], [NeuronRow(**r) for r in d["neurons"]], d["timings"])
+                   [LaterCard.from_json(c) for c in d["cards"]], [NeuronRow(**r) for r in d["neurons"]], d["timings"],
+                   d.get("ceiling", {}))
 
     @classmethod
     def load(cls, out: str | Path) -> LaterResult:

@@ -26,6 +26,7 @@ def _summary_table(results: list[LaterResult]) -> str:
         p, v = r.circuit.pieces[r.layer], r.verification
         fv = "—" if p.circuit_fvu_effective is None else f"{_fmt(p.circuit_fvu_effective)} / {_fmt(p.circuit_fvu_true)}"
         cells = "".join(f"<td>{_fmt(r.median_spearman(q) if q in r.scores else None)}</td>" for q in preds)
+        cells += f"<td>{_fmt(r.median_ceiling)}</td>"
         fit = v.fit_cards
         rows.append(f'<tr><td><a href="#later-L{r.layer}">{r.layer}</a></td><td>{_fmt(p.approximation.fvu)}</td>'
                     f"<td>{_fmt(r.circuit.approximation_with_earlier_terms.fvu)}</td><td>{_fmt(p.approximation.unseen_share)}</td>"
@@ -36,7 +37,7 @@ def _summary_table(results: list[LaterResult]) -> str:
             "<th>approx. FVU (token + position)</th><th>FVU with earlier heads</th><th>unseen share</th>"
             "<th>contextual heads of L</th><th>circuit FVU eff. / true</th><th>neurons passed</th>"
             "<th>precision (all neurons)</th><th>card median r (random)</th>"
-            f"{head}</tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+            f"{head}<th>noise ceiling (tuning half's true d)</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _piece_rows(pieces: list[LayerPiece]) -> str:
