@@ -277,3 +277,12 @@ def test_cached_direct_path_matches_a_fresh_one(tiny3):
     sa = sample_activations(tiny3, _windows(tiny3, 2), [0, 1, 2])
     cached_direct_path(tiny3, 1, sa)
     assert torch.allclose(cached_direct_path(tiny3, 2, sa), direct_path(tiny3, 2, sa.mean_attn_out), atol=1e-5)
+
+
+def test_unknown_ranking_predictor_is_refused_before_any_work(demo):
+    from attnscope.errors import AttnscopeError
+    from attnscope.later import LaterSettings
+    from attnscope.later_eval import find_later_neurons
+
+    with pytest.raises(AttnscopeError, match="rank_by 'token_mean' is not a ranking predictor"):
+        find_later_neurons(demo[0], 1, s=LaterSettings(rank_by="token_mean"))

@@ -28,6 +28,7 @@ from .decomposition import centre
 from .explain import fit_scores, other_heads_output
 from .forward import iter_layers
 from .groundtruth import KS, discovery_scores, random_precision, spearman
+from .errors import AttnscopeError
 from .later import LaterCircuit, earlier_terms
 from .later_result import FitMedians, LaterCard, LaterResult, LaterVerification
 from .models import ModelWeights
@@ -221,6 +222,8 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     from .later import LaterSettings, build_later
 
     cs, s = cs or CircuitSettings(), s or LaterSettings()
+    if s.rank_by not in ("hybrid", "full"):
+        raise AttnscopeError(f"rank_by {s.rank_by!r} is not a ranking predictor; use 'hybrid' or 'full'")
     t = {}
     t0 = time.perf_counter()
     lc = build_later(w, layer, cs, s, shared=shared)
@@ -230,7 +233,7 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     t["truth_and_predictions"] = time.perf_counter() - t0 - t["circuits"]
     names = [x.name for x in lc.windows]
     sp, sn = _swings(lc, s.top_m)
-    rank = s.rank_by if s.rank_by in preds else "full"
+    rank = s.rank_by if s.rank_by in preds else "full"  # layer 0 has no hybrid (nothing before it)
     sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=parts[rank], sensitivity=preds[rank].abs().max(0).values,
                       swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
