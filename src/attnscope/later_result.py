@@ -174,8 +174,8 @@ class LaterResult:
     cards: list[LaterCard]
     rows: list[NeuronRow] = field(repr=False, default_factory=list)  # every neuron, by rank
     timings: dict[str, float] = field(default_factory=dict)
-    # source -> Spearman of the tuning half's TRUE effect sizes against the reporting half's: the noise ceiling
-    # of any predictor built from the tuning half
+    # source -> Spearman of the tuning half's TRUE effect sizes against the reporting half's: the noise of the
+    # evaluation (what the tuning half's own measured truth reaches)
     ceiling: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
 
