@@ -234,7 +234,15 @@ def test_hybrid_per_position_is_token_mean_plus_broad_deviation(demo, lc1):
     t = lc.windows[0].report[0]
     k = torch.tensor([0, 5, 17])
     p = hp.parts(w, t, k)
-    assert torch.equal(p["token mean"], td.M[t][:, k].float())
+    body = torch.cat([x.tune for x in lc.windows])[:, lc.n_min:]
+    seen = torch.bincount(body.reshape(-1), minlength=w.d_vocab)[t] > 0
+    assert 0 < int(seen.sum()) < len(t)  # both kinds occur in this window
+    assert torch.allclose(p["token mean"][seen], td.M[t][seen][:, k].float())
+    # unseen tokens: the weights-only composition's token score, shifted to the seen tokens' means
+    tm = lc.token_model
+    S = (sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()[:, k]
+    diff = p["token mean"][~seen].double() - S[t[~seen]]
+    assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-4)
     # averaged over the sample's positions holding a token, the broad heads' deviation is zero (what the
     # token mean holds is not counted twice)
     sample = torch.cat([x.tune for x in lc.windows])

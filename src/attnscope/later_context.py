@@ -90,7 +90,7 @@ class HybridPositions:
     """The hybrid predictor per position: ``M[x_n] + (O(n) - C[x_n]) W_in / s`` with ``O`` the broad heads' summed
     output at the MLP input of L and ``C`` its per-token mean over the sample (tensors in comments)."""
 
-    M: Tensor  # [d_vocab, d_mlp] each token's mean true pre-activation on the sample
+    M: Tensor  # [d_vocab, d_mlp] each token's mean true pre-activation on the sample (unseen: _with_fallback)
     C: Tensor  # [d_vocab, d_model] per-token sample mean of O (centred)
     W: Tensor  # [d_model, d_mlp] W_in / s of the MLP of L
     outputs: list = field(repr=False, default_factory=list)  # each broad head's per-position output fn
@@ -145,4 +145,18 @@ def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
         else:
             mean["other heads"] += ((p * h.f) @ v / (p @ h.f)[:, None]) @ W
     parts = {k: (m[:C] - m[C:]) / td.sigma for k, m in mean.items()}
-    return parts, heads, HybridPositions(td.M, Cx, W.float(), fns)
+    return parts, heads, HybridPositions(_with_fallback(w, lc, td.M), Cx, W.float(), fns)
+
+
+@torch.no_grad()
+def _with_fallback(w: ModelWeights, lc: LaterCircuit, M: Tensor) -> Tensor:
+    """``M [d_vocab, d_mlp]`` with the tokens never seen at the sample's positions ``>= n_min`` (their row is the
+    overall mean) replaced by the weights-only composition's token score (direct-path fallback included), shifted
+    by its count-weighted mean offset to the seen tokens' means: the per-position fallback of the hybrid."""
+    sample = torch.cat([x.tune for x in lc.windows])[:, lc.n_min:]
+    cnt = torch.bincount(sample.reshape(-1), minlength=w.d_vocab).double()
+    seen = cnt > 0
+    tm = lc.token_model
+    S = (sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()  # [V, d_mlp]
+    offset = (cnt[seen, None] * (M[seen].double() - S[seen])).sum(0) / cnt[seen].sum()
+    return torch.where(seen[:, None], M.double(), S + offset)
