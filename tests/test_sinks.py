@@ -188,13 +188,18 @@ def test_circuit_splits_off_the_sink(bos_circuit):
 
 
 def test_circuit_with_sink_and_query_conditioned_variant_match_truth(bos_circuit):
+    import dataclasses
+
     from attnscope.circuit import circuit_fidelity
-    from attnscope.circuit_query import query_conditioned_fidelity
+    from attnscope.circuit_query import choose_query_form
     from attnscope.texts import text_tokens
 
     w, _, c = bos_circuit
+    on = choose_query_form(w, dataclasses.replace(c, settings={**c.settings, "query_conditioned": "on"},
+                                                  conditions=list(c.conditions)))
     texts = {s: text_tokens(f"bundled:{s}", w.tokenizer, max_tokens=128, bos_token_id=0) for s in ("code_python", "es_fortunes")}
     typ = circuit_fidelity(w, c, texts)
-    qc = query_conditioned_fidelity(w, c, texts)
+    qc = circuit_fidelity(w, on, texts)
     # head 0 is content-blind (f = 1 for every query), so both forms equal the true output up to the constant sink
+    assert not c.query_conditioned and on.query_conditioned
     assert typ["fvu"] < 0.02 and abs(qc["fvu"] - typ["fvu"]) < 0.005

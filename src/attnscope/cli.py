@@ -115,7 +115,7 @@ def check(
 
 _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
                                    "seed", "batch_size"))
-_CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads"))
+_CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads", "query_conditioned"))
 _NEURON_FIELDS = (NeuronSettings, ("eval", "max_neurons"))
 
 
@@ -368,7 +368,7 @@ def cache_clear_cmd(
              "from the weights and the two sources' token counts (no forward pass over them); --verify runs the "
              "model on windows of both and scores the prediction (true effect size d, Spearman, precision@k, "
              f"recall@k).\n\nWrites OUT/contrast.json (one record per neuron) with --out.\n\n{_TEXTS}")
-@A.settings_options((CircuitSettings, ("calibration", "n_ctx")))
+@A.settings_options((CircuitSettings, ("calibration", "n_ctx", "query_conditioned")))
 def contrast(
     ctx: typer.Context, model: ModelArg,
     a: Annotated[str, typer.Option("--a", metavar="TEXT", help="text source A (see TEXT sources)")],

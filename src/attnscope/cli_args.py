@@ -72,6 +72,9 @@ HELP: dict[str, tuple[str, str]] = {
     "heads": ("HEADS", "force the contextual heads of layer 0, numbered from 0: 0,2,6 or 0-3 [default: detected]"),
     "eval": ("TEXT", "held-out text to verify the neurons on (repeat the option) [default: bundled texts]"),
     "max_neurons": ("N", "neurons to explain and verify"),
+    "query_conditioned": ("auto|on|off", "content factors per query token in the circuit's summary (on), one typical "
+                          "query (off), or auto: on when the typical-query summary's FVU on the calibration text is "
+                          "above 0.35 and the query-conditioned one is lower (docs/rotary-split.md)"),
 }
 _LISTS = {"layers": "--layers", "heads": "--heads"}  # list[int] fields, written 0,1,5 or 0-3
 
@@ -251,6 +254,11 @@ def check_kernel_settings(s, w) -> None:
 def check_circuit_settings(cs, w) -> None:
     """Settings of :func:`~attnscope.circuit.build_circuit` checked against the model."""
     check_positive(window=cs.window)
+    from .circuit_result import QUERY_CONDITIONED_CHOICES
+
+    if cs.query_conditioned not in QUERY_CONDITIONED_CHOICES:
+        raise AttnscopeError(f"--query-conditioned {cs.query_conditioned!r} is not one of "
+                             f"{', '.join(QUERY_CONDITIONED_CHOICES)}; pass auto, on or off")
     T = min(w.n_ctx, 256) if cs.n_ctx is None else cs.n_ctx
     if T > w.n_ctx:
         raise AttnscopeError(f"--n-ctx {T} exceeds the model's context of {w.n_ctx}; use at most {w.n_ctx}")

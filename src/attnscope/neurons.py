@@ -438,7 +438,7 @@ def _trace(w, circ, ex, k: int, name: str, toks: Tensor) -> NeuronTrace:
     parts = explain_terms(w, circ, ex, toks, torch.tensor([k], device=w.device))
     return NeuronTrace(k, name, pre[n_min:, k].tolist(), sum(parts.values())[n_min:, 0].tolist(),
                        (centre(y, w) @ Wk / circ.mlp_scale)[n_min:].tolist(),
-                       (centre(circ.summary(toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
+                       (centre(circ.output(w, toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
 
 
 def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: TokenModel,
