@@ -208,7 +208,7 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "v": 4}, sort_keys=True)
+                       "bos": w.analysis_bos, "v": 4}, sort_keys=True)  # --bos/--no-bos: its own entry
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
