@@ -150,6 +150,18 @@ def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
         assert abs(rec.sink_mass - float(s0.median())) < 1e-5
         assert abs(rec.sink_mass_cv - float(s0.std() / s0.mean())) < 1e-4
         assert rec.category != "first-token sink" and rec.sink_dominated == (rec.sink_mass >= 0.5)
+    # the category figure writes each head's sink mass (>= 0.05) in its cell and hatches sink-dominated heads
+    import matplotlib.pyplot as plt
+
+    from attnscope.plots import _grid, _sink_marks
+
+    r.record(1, 2).sink_mass, r.record(0, 1).sink_mass = 0.71, 0.12  # this tiny model's own masses are < 0.05
+    fig, ax = plt.subplots()
+    marks = _sink_marks(ax, r, *_grid(r))
+    plt.close(fig)
+    assert marks == [(x.layer, x.head, f"{x.sink_mass:.2f}", x.sink_mass >= 0.5) for x in sorted(r.records, key=lambda x: (
+        x.layer, x.head)) if x.sink_mass >= 0.05]
+    assert (0, 1, "0.12", False) in marks and (1, 2, "0.71", True) in marks
     assert r.provenance["prepend_bos"] is True and "sink_handling" in r.provenance
 
 
