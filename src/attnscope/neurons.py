@@ -204,6 +204,7 @@ class NeuronResult:
     def summary(self) -> dict:
         v, rep = self.verification, self.verification.reported
         return {"heads": self.circuit.heads, "n_heads": len(self.circuit.heads),
+                "query_conditioned": self.circuit.query_conditioned,
                 "n_neurons_scored": self.n_scored,
                 "n_neurons_found": self.n_selected,
                 "n_verified": len(self.cards), "median_r": rep.r if rep else None,
