@@ -51,6 +51,29 @@ def test_pair_weights_of_one_offset_is_the_rotation(tiny_llama):
     assert cu[0] < 0.1 and cu[-1] > 0.9
 
 
+def test_per_row_pair_weights_are_the_closed_form_over_each_rows_offsets(tiny_llama):
+    """Row n of the per-row weights is the closed form of the profile cut to the offsets that exist at n (the
+    sink's offset left out); the last row is the whole-profile weights."""
+    from attnscope.decomposition import pair_weights_of_kernel
+
+    w, _ = tiny_llama
+    T = 30
+    rows = torch.softmax(torch.randn(w.n_heads, T, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    c = pair_weights_of_kernel(w, rows, True, per_row=True)
+    assert c.shape == (w.n_heads, T, len(rotary_frequencies(w)))
+    prof = rows.clone()
+    prof[:, 0] = 0
+    prof = prof.flip(-1)  # offset d = T - 1 - i
+    for n in (1, 7, T - 1):
+        torch.testing.assert_close(c[:, n], pair_weights_from_profile(w, prof[:, :n]))
+    torch.testing.assert_close(c[:, -1], pair_weights_of_kernel(w, rows, True))
+    # applied per row: row n of x is weighted by c[:, n]
+    x = torch.randn(1, w.n_heads, 5, w.d_head, dtype=torch.float64)
+    got = apply_pair_weights(w, x, c)
+    for n in range(5):
+        torch.testing.assert_close(got[:, :, n : n + 1], apply_pair_weights(w, x[:, :, n : n + 1], c[:, n]))
+
+
 def test_separable_split_exact_at_its_offset(tiny_llama, moby_text):
     """With c_j = e^{i d theta_j} the separable split reproduces the exact score at offset d (and c = 1 gives
     today's zero-offset split), measured against the forward pass's rotated q . k."""

@@ -392,8 +392,8 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     Kh, q = layer0_kernels_and_queries(w, cal.tokens)  # [H, T, T], [H, T, dh]
     if cal.bos is not None:  # the kernel proper: the BOS (sink) split off, the rest renormalised
         Kh = drop_sink(Kh)
-    c = pair_weights_of_kernel(w, Kh[:, -1], cal.bos is not None) if w.positional == "rotary" else None
-    logf, f = content_factors(w, cal, q, key_content, s.f_clip, c)
+    c = pair_weights_of_kernel(w, Kh[:, -1], cal.bos is not None, per_row=True) if w.positional == "rotary" else None
+    logf, f = content_factors(w, cal, q, key_content, s.f_clip, None if c is None else c[:, cal.n_star])
     mask = outlier_token_mask(w)
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
@@ -426,7 +426,7 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     return choose_query_form(w, Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
                              "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
                              "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
-                             "rotary_pair_weights_abs": None if c is None else c.abs().float().cpu().tolist()},
+                             "rotary_pair_weights_abs": None if c is None else c[:, -1].abs().float().cpu().tolist()},
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,

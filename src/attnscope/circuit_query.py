@@ -48,7 +48,7 @@ class QueryParts:
     K: Float[Tensor, "chosen ctx ctx"]  # each chosen head's kernel (float64)
     W_K: Float[Tensor, "chosen d_model d_head"]
     b_K: Float[Tensor, "chosen d_head"]  # rotary: b_K minus the static (mean) pre-rotation key; learned: 0
-    pair_weights: Tensor | None  # [chosen, D/2] complex (rotary), else None
+    pair_weights: Tensor | None  # [chosen, ctx, D/2] complex, per query row (rotary), else None
     k_cal: Float[Tensor, "chosen ctx d_head"]  # content keys of the calibration tokens
     start: int  # first calibration position of the f median (1 with a BOS)
     f_clip: float
@@ -80,7 +80,7 @@ def query_parts(w: ModelWeights, circ: Circuit) -> QueryParts:
     if w.positional == "rotary":
         k_pre = project(key_content[cal[1:] if bos else cal][None], W_K, w.b_K[LAYER][hs])[0]
         b_K = w.b_K[LAYER][hs] - k_pre.mean(1)  # the static key: the calibration text's mean pre-rotation key
-        c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos)
+        c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos, per_row=True)
     else:
         b_K, c = torch.zeros_like(w.b_K[LAYER][hs]), None
     parts = QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c, None, 1 if bos else 0, float(circ.settings["f_clip"]))  # type: ignore[arg-type]
