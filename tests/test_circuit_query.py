@@ -128,3 +128,25 @@ def test_off_keeps_the_typical_circuit_and_save_load_keeps_the_form(query_llama,
     back = Circuit.load(tmp_path / "c")
     assert back.query_conditioned and back.calibration_fvu == on.calibration_fvu
     torch.testing.assert_close(back.output(w, cal[:40]), on.output(w, cal[:40]))
+
+
+def test_the_neuron_explanation_reads_the_query_conditioned_summary(query_llama):
+    """The full explanation's contextual-bag term and the contextual-heads fidelity use the form the circuit uses;
+    the token model (scores, contrasts) reads the query-averaged extended embeddings."""
+    from attnscope.circuit import mlp_input_weights
+    from attnscope.contrast import build_token_model
+    from attnscope.explain import build_explainer, contextual_fidelity, explain_terms, fit_scores
+
+    w, _ = query_llama
+    c = build_circuit(w, _settings(query_conditioned="on"))
+    toks = text_tokens("bundled:code_python", w.tokenizer, max_tokens=64)
+    W = mlp_input_weights(w)[0]
+    terms = explain_terms(w, c, build_explainer(w, c), toks)
+    torch.testing.assert_close(terms["contextual bag"], centre(query_conditioned_summary(w, c, toks), w) @ W / c.mlp_scale)
+    n_min, k = c.settings["min_position"], [0, 5, 9]
+    r, fvu = contextual_fidelity(w, c, [toks], k)
+    y = centre(true_head_output(w, c.heads, toks)[0], w) @ W[:, k] / c.mlp_scale
+    r2, fvu2 = fit_scores(y[n_min:], terms["contextual bag"][n_min:, k])
+    torch.testing.assert_close(fvu, fvu2)
+    torch.testing.assert_close(r, r2)
+    torch.testing.assert_close(build_token_model(w, c).parts["contextual bag"], centre(c.ext, w))
