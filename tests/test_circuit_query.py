@@ -92,6 +92,29 @@ def test_query_averaged_factors_match_the_models_attention(norotation_llama):
     torch.testing.assert_close(g[:, cal[: n_min + 1]], ref, atol=1e-4, rtol=1e-3)
 
 
+def test_query_denominator_transfer_is_the_ratio_of_predicted_to_true_attention(norotation_llama):
+    """Where the form is exact up to its denominator, Z_text(q_n, n) / Z_cal(q_n, n) = A_pred(n, i) / A_true(n, i)
+    for every key i <= n (A_true from the model's own output_attentions): the transfer ratio the neuron stage
+    reports per text is the median of that over positions; on the calibration text it is 1."""
+    from attnscope.circuit import denominator_stability
+    from attnscope.circuit_query import query_conditioned_pattern
+
+    w, hf = norotation_llama
+    c = build_circuit(w, _settings(query_conditioned="on", f_clip=1e9))
+    toks = text_tokens("bundled:code_python", w.tokenizer, max_tokens=64)
+    n_min = c.settings["min_position"]
+    with torch.no_grad():
+        att = hf(toks[None], output_attentions=True).attentions[0][0].double()
+    ratio = (query_conditioned_pattern(w, c, toks) / att)[:, n_min:, :n_min + 1]  # keys every query sees
+    assert float((ratio.std(-1) / ratio.mean(-1)).max()) < 5e-3  # one ratio per query row (float32 attention)
+    got = denominator_stability(w, c, {"code": toks, "cal": c.calibration_tokens})
+    torch.testing.assert_close(torch.tensor(got["code"]["ratio_to_calibration"], dtype=torch.float64),
+                               ratio.mean(-1).median(-1).values, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(torch.tensor(got["cal"]["ratio_to_calibration"], dtype=torch.float64),
+                               torch.ones(len(c.heads), dtype=torch.float64), atol=1e-6, rtol=0)
+    assert max(abs(r - 1) for r in got["code"]["ratio_to_calibration"]) > 0.05  # another text does move it
+
+
 def test_query_conditioned_beats_one_typical_query_on_held_out_text(query_llama):
     """On held-out texts, with the query dependence strong, the query-conditioned form's FVU against the heads'
     true summed output is well below the typical query's, and ``auto`` picks it (its calibration FVU misses 0.35)."""

@@ -467,7 +467,12 @@ def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor
 
 def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]]) -> dict[str, dict]:
     """Kernel-weighted denominators on other texts: per head, median Z per text and its ratio to the
-    calibration value (the per-head scale error of reusing the calibration denominator)."""
+    calibration value (the per-head scale error of reusing the calibration denominator); a query-conditioned
+    circuit compares each query's own Z (:func:`attnscope.circuit_query.query_denominator_stability`)."""
+    if circ.query_conditioned:
+        from .circuit_query import query_denominator_stability
+
+        return query_denominator_stability(w, circ, texts)
     n_min = circ.settings["min_position"]
     out: dict[str, dict] = {}
     for name, toks in texts.items():

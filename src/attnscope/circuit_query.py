@@ -144,6 +144,27 @@ def query_conditioned_summary(w: ModelWeights, circ: Circuit, tokens: Int[Tensor
 
 
 @torch.no_grad()
+def query_denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Tensor]) -> dict[str, dict]:
+    """Denominator transfer of the query-conditioned form: at each position ``n >= min_position`` of a text, the
+    query's denominator over the text's own tokens, ``Z_text(q_n, n) = sum_j K(n, j) f(q_n, x_j)``, over the
+    calibrated ``Z(q_n, n)`` the summary divides by; per head the median over positions of that ratio (and of
+    ``Z_text``).  Exact model: the ratio is the predicted over the true attention at any key."""
+    parts, key_content = query_parts(w, circ), _key_content(w, circ)
+    n_min, out = circ.settings["min_position"], {}
+    for name, toks in texts.items():
+        toks = toks[: circ.T].to(w.device)
+        n = len(toks)
+        q = exact_queries(w, parts, toks)
+        cap, logZ_cal = query_normalisers(parts, q, torch.arange(n, device=w.device))
+        lf = torch.minimum(torch.einsum("hne,hie->hni", q, content_keys(parts, key_content, toks)) / parts.scale, cap)
+        logZ = torch.logsumexp(_log(parts.K[:, :n, :n]) + lf, -1)[:, n_min:]  # [h, pos]
+        ratio = torch.exp(logZ - logZ_cal[:, n_min:, 0])
+        out[name] = {"Z_median": logZ.exp().median(-1).values.tolist(),
+                     "ratio_to_calibration": ratio.median(-1).values.tolist(), "Z_trace": logZ.exp().tolist()}
+    return out
+
+
+@torch.no_grad()
 def query_averaged_factors(w: ModelWeights, circ: Circuit, parts: QueryParts | None = None,
                            chunk: int = 4096) -> Float[Tensor, "chosen vocab"]:
     """``g_h(x) = mean_n f_h(q_n, x) / Z_h(q_n, n)`` over the calibration text's query positions
