@@ -173,3 +173,21 @@ def test_the_neuron_explanation_reads_the_query_conditioned_summary(query_llama)
     torch.testing.assert_close(fvu, fvu2)
     torch.testing.assert_close(r, r2)
     torch.testing.assert_close(build_token_model(w, c).parts["contextual bag"], centre(c.ext, w))
+
+
+def test_served_scope_uses_each_querys_denominator(query_llama):
+    """The page's per-input denominator condition of a query-conditioned circuit is the neuron stage's transfer
+    ratio (each query's Z over the window against its calibrated Z)."""
+    from attnscope.circuit import denominator_stability
+    from attnscope.forward import iter_layers
+    from attnscope.serve.scope import window_stats
+
+    w, _ = query_llama
+    c = build_circuit(w, _settings(query_conditioned="on"))
+    toks = text_tokens("bundled:es_fortunes", w.tokenizer, max_tokens=64, bos_token_id=w.analysis_bos)
+    n_min = c.settings["min_position"]
+    acts = next(iter_layers(w, toks[None], stop_layer=0))
+    st = window_stats(w, c, toks, acts, torch.arange(n_min, len(toks)), torch.arange(1, len(toks)))
+    want = denominator_stability(w, c, {"es": toks})["es"]["ratio_to_calibration"]
+    torch.testing.assert_close((st.z_by_head.double().median(1).values / c.Z.double()),
+                               torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)

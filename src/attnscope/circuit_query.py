@@ -149,19 +149,28 @@ def query_denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str,
     query's denominator over the text's own tokens, ``Z_text(q_n, n) = sum_j K(n, j) f(q_n, x_j)``, over the
     calibrated ``Z(q_n, n)`` the summary divides by; per head the median over positions of that ratio (and of
     ``Z_text``).  Exact model: the ratio is the predicted over the true attention at any key."""
-    parts, key_content = query_parts(w, circ), _key_content(w, circ)
+    parts = query_parts(w, circ)
     n_min, out = circ.settings["min_position"], {}
     for name, toks in texts.items():
-        toks = toks[: circ.T].to(w.device)
-        n = len(toks)
-        q = exact_queries(w, parts, toks)
-        cap, logZ_cal = query_normalisers(parts, q, torch.arange(n, device=w.device))
-        lf = torch.minimum(torch.einsum("hne,hie->hni", q, content_keys(parts, key_content, toks)) / parts.scale, cap)
-        logZ = torch.logsumexp(_log(parts.K[:, :n, :n]) + lf, -1)[:, n_min:]  # [h, pos]
-        ratio = torch.exp(logZ - logZ_cal[:, n_min:, 0])
+        logZ, logZ_cal = query_log_denominators(w, circ, toks[: circ.T], parts)
+        logZ, ratio = logZ[:, n_min:], torch.exp(logZ - logZ_cal)[:, n_min:]
         out[name] = {"Z_median": logZ.exp().median(-1).values.tolist(),
                      "ratio_to_calibration": ratio.median(-1).values.tolist(), "Z_trace": logZ.exp().tolist()}
     return out
+
+
+@torch.no_grad()
+def query_log_denominators(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], parts: QueryParts | None = None
+                           ) -> tuple[Float[Tensor, "chosen pos"], Float[Tensor, "chosen pos"]]:
+    """``(log Z_text(q_n, n), log Z_cal(q_n, n))`` at every position of ``tokens``: each query's denominator over
+    the text's own tokens and the calibrated one the summary divides by (float64)."""
+    parts = parts or query_parts(w, circ)
+    tokens = tokens.to(w.device)
+    n = tokens.shape[-1]
+    q = exact_queries(w, parts, tokens)
+    cap, logZ_cal = query_normalisers(parts, q, torch.arange(n, device=w.device))
+    lf = torch.einsum("hne,hie->hni", q, content_keys(parts, _key_content(w, circ), tokens)) / parts.scale
+    return torch.logsumexp(_log(parts.K[:, :n, :n]) + torch.minimum(lf, cap), -1), logZ_cal[..., 0]
 
 
 @torch.no_grad()
