@@ -423,14 +423,15 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
     from .circuit_query import choose_query_form  # the per-position form: typical or query-conditioned
 
-    return choose_query_form(w, Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
+    circ = Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
                              "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
                              "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
                              "rotary_pair_weights_abs": None if c is None else c[:, -1].abs().float().cpu().tolist()},
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,
-                   denominators_windowed=[float(st.denominator_windowed[h]) for h in heads]))
+                   denominators_windowed=[float(st.denominator_windowed[h]) for h in heads])
+    return choose_query_form(w, circ)
 
 
 @torch.no_grad()
