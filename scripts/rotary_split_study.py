@@ -7,6 +7,8 @@ For layers 0-2 of a rotary model, estimate on one text source, evaluate on other
                    on the estimation texts, sink excluded), exact query;
 * ``fit-pairs``    c_j fitted (amplitude and phase per pair and head) by minimising KL(true || split) on the
                    estimation texts, exact query;
+* ``*-rows``       per-row pair weights: the same closed form with the profile restricted to the offsets that
+                   exist at query position ``n`` (``d <= n``, the BOS offset excluded), one ``c(n)`` per row;
 * ``typical-*``    the same with one typical query (mean pre-rotation query of the estimation texts) at every
                    position: the fully separable form f(x_i) K(n - i) the circuit needs.
 
@@ -28,6 +30,7 @@ import torch
 
 from attnscope.decomposition import (
     pair_weights_from_profile,
+    rotary_frequencies,
     pre_rotation,
     separable_rotary_score_parts,
     tv_distance,
@@ -65,6 +68,30 @@ def tv_rows(approx_log: torch.Tensor, true: torch.Tensor, n_min: int) -> tuple[t
     rest = tv_distance(a1 / a1.sum(-1, keepdim=True), t1 / t1.sum(-1, keepdim=True))
     H = a.shape[1]
     return full.transpose(0, 1).reshape(H, -1).median(-1).values, rest.transpose(0, 1).reshape(H, -1).median(-1).values
+
+
+def row_pair_weights(w, profile: torch.Tensor, start: int) -> torch.Tensor:
+    """Per-row closed-form pair weights ``c [h, T, D/2]``: at query position ``n`` the profile over the offsets
+    ``d = 0..n - start`` that exist there (the BOS offset left out), ``sum_d w(d) e^{i d theta} / sum_d w(d)``."""
+    theta = rotary_frequencies(w)
+    H, T = profile.shape
+    d = torch.arange(T, dtype=torch.float64)
+    phase = torch.polar(torch.ones(T, len(theta), dtype=torch.float64), d[:, None] * theta)  # [d, D/2]
+    p = profile.double()
+    num = torch.cumsum(p[..., None].to(torch.complex128) * phase, 1)  # [h, d, D/2]
+    den = torch.cumsum(p, 1)[..., None]
+    rows = (torch.arange(T) - start).clamp(min=0)
+    return num[:, rows] / den[:, rows].clamp(min=1e-300)
+
+
+def row_content(w, q, k, k_static, c_rows):
+    """Content scores ``[b, h, n, i]`` with per-row pair weights ``c_rows [h, n, D/2]``."""
+    rd = w.rotary_dim or w.d_head
+    half = rd // 2
+    re, im = c_rows.real.to(q.dtype), c_rows.imag.to(q.dtype)
+    x1, x2 = q[..., :half], q[..., half:rd]
+    qw = torch.cat([x1 * re - x2 * im, x1 * im + x2 * re, q[..., rd:]], -1)
+    return torch.einsum("bhne,bhie->bhni", qw, k - k_static[None, :, : k.shape[-2]])
 
 
 def fit_pairs(w, q, k, k_static, p, c0, scale, steps, n_min, lr=0.05):
@@ -130,6 +157,8 @@ def main() -> None:
         if start:
             ks[:, 0] = float("-inf")
         c_kern = pair_weights_from_profile(w, ks.softmax(-1).flip(-1).double())
+        c_ls_rows = row_pair_weights(w, prof, start)
+        c_kern_rows = row_pair_weights(w, ks.softmax(-1).flip(-1).double(), start)
         ones = torch.ones_like(c_ls)
         q_typ_e = q_typ[None, :, None].expand_as(e["q"])
         with torch.enable_grad():
@@ -144,6 +173,11 @@ def main() -> None:
                                ("typical-fit-pairs", q_typ_v, c_fit_typ)]:
                 cont, pos = separable_rotary_score_parts(w, q, v["k"], k_static, c)
                 full, rest = tv_rows(masked_log_softmax(cont + pos, scale), v["p"], a.n_min)
+                rows[name] = {"full": [round(float(x), 4) for x in full], "sink_excluded": [round(float(x), 4) for x in rest]}
+            for name, q, c in [("ls-pairs-rows", v["q"], c_ls_rows), ("kernel-pairs-rows", v["q"], c_kern_rows),
+                               ("typical-kernel-pairs-rows", q_typ_v, c_kern_rows)]:
+                pos = separable_rotary_score_parts(w, q, v["k"], k_static, ones)[1]
+                full, rest = tv_rows(masked_log_softmax(row_content(w, q, v["k"], k_static, c) + pos, scale), v["p"], a.n_min)
                 rows[name] = {"full": [round(float(x), 4) for x in full], "sink_excluded": [round(float(x), 4) for x in rest]}
             sink = v["p"][:, :, a.n_min:, 0].mean((0, 2))
         results["layers"][l] = {"variants": rows, "sink_mass": [round(float(x), 4) for x in sink],

@@ -109,7 +109,7 @@ def test_conditions_carry_their_group_and_heads_their_failed_criteria(hand_circu
     assert {x.name: x.group for x in c.conditions} == {
         "broad kernel": "denom", "weak content dependence": "denom", "stable denominators": "denom",
         "no outlier tokens": "denom", "shared kernel": "summary", "content/position split": "split",
-        "constant MLP-norm scale": "neuron", "constant sink mass": "summary"}
+        "constant MLP-norm scale": "neuron", "constant sink mass": "summary", "summary fidelity": "summary"}
     assert all(x.ok == ((x.measured >= x.threshold) if x.criterion is Criterion.BROAD else (x.measured <= x.threshold))
                for x in c.conditions)
     s = CircuitSettings()

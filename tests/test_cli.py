@@ -110,6 +110,9 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
      ["no bundled text 'klingon'"], {}),
     ("serve-port-out-of-range", ["serve", "{tiny}", "--port", "70000"], ["--port 70000 is out of range"], {}),
     ("evolution-missing-folder", ["evolution", "./no/such/checkpoints"], ["no model folder at ./no/such/checkpoints"], {}),
+    ("bos-without-bos-token", ["kernels", "{nobos}", "--bos"], ["has no BOS token id", "without BOS"], {}),
+    ("query-conditioned-bogus", ["neurons", "{tiny}", "--query-conditioned", "maybe"],
+     ["--query-conditioned 'maybe'", "auto, on or off"], {}),
 ]
 
 
@@ -130,7 +133,7 @@ def bad(tmp_path_factory, tiny_gpt2_dir) -> dict[str, Path]:
     (d / "latin1corpus").mkdir()
     (d / "latin1corpus" / "fr.txt").write_bytes("d\xe9j\xe0 vu".encode("latin-1"))
     models = {}
-    for kind in ("trunc", "garbage", "shape", "notok"):
+    for kind in ("trunc", "garbage", "shape", "notok", "nobos"):
         m = models[kind] = d / kind
         shutil.copytree(tiny_gpt2_dir, m)
         st = m / "model.safetensors"
@@ -138,9 +141,10 @@ def bad(tmp_path_factory, tiny_gpt2_dir) -> dict[str, Path]:
             st.write_bytes(st.read_bytes()[: st.stat().st_size // 2])
         elif kind == "garbage":
             st.write_bytes(os.urandom(4096))
-        elif kind == "shape":
+        elif kind in ("shape", "nobos"):
             cfg = json.loads((m / "config.json").read_text())
-            (m / "config.json").write_text(json.dumps({**cfg, "n_embd": 32}))
+            (m / "config.json").write_text(json.dumps({**cfg, "n_embd": 32} if kind == "shape" else
+                                                      {**cfg, "bos_token_id": None, "eos_token_id": None}))
         else:
             for f in m.glob("*"):
                 if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
@@ -356,3 +360,18 @@ def test_demo_command(demo, tmp_path):
     d = json.loads((tmp_path / "neurons" / "neurons.json").read_text())
     assert d["summary"]["n_neurons_found"] > 0
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+
+
+def test_bos_option_is_recorded(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    """--bos / --no-bos override the model's convention (the tiny GPT-2, a local model, has none by default) and
+    the choice is recorded in kernels.json; the kernels differ (their own cache entries)."""
+    got = {}
+    for flag in ("--bos", "--no-bos"):
+        out = tmp_path / flag
+        code, _, err = run_main(["kernels", str(tiny_gpt2_dir), *K, "--layers", "0", "--out", str(out), flag],
+                                monkeypatch, capsys, {"ATTNSCOPE_CACHE": str(tmp_path / "cache")})
+        assert code == 0, err
+        got[flag] = json.loads((out / "kernels.json").read_text())
+    assert got["--bos"]["provenance"]["prepend_bos"] is True and got["--bos"]["provenance"]["bos"] == 0
+    assert got["--no-bos"]["provenance"]["prepend_bos"] is False and got["--no-bos"]["provenance"]["bos"] is None
+    assert got["--bos"]["provenance"]["cache_key"] != got["--no-bos"]["provenance"]["cache_key"]

@@ -51,6 +51,29 @@ def test_pair_weights_of_one_offset_is_the_rotation(tiny_llama):
     assert cu[0] < 0.1 and cu[-1] > 0.9
 
 
+def test_per_row_pair_weights_are_the_closed_form_over_each_rows_offsets(tiny_llama):
+    """Row n of the per-row weights is the closed form of the profile cut to the offsets that exist at n (the
+    sink's offset left out); the last row is the whole-profile weights."""
+    from attnscope.decomposition import pair_weights_of_kernel
+
+    w, _ = tiny_llama
+    T = 30
+    rows = torch.softmax(torch.randn(w.n_heads, T, generator=torch.Generator().manual_seed(1), dtype=torch.float64), -1)
+    c = pair_weights_of_kernel(w, rows, True, per_row=True)
+    assert c.shape == (w.n_heads, T, len(rotary_frequencies(w)))
+    prof = rows.clone()
+    prof[:, 0] = 0
+    prof = prof.flip(-1)  # offset d = T - 1 - i
+    for n in (1, 7, T - 1):
+        torch.testing.assert_close(c[:, n], pair_weights_from_profile(w, prof[:, :n]))
+    torch.testing.assert_close(c[:, -1], pair_weights_of_kernel(w, rows, True))
+    # applied per row: row n of x is weighted by c[:, n]
+    x = torch.randn(1, w.n_heads, 5, w.d_head, dtype=torch.float64)
+    got = apply_pair_weights(w, x, c)
+    for n in range(5):
+        torch.testing.assert_close(got[:, :, n : n + 1], apply_pair_weights(w, x[:, :, n : n + 1], c[:, n]))
+
+
 def test_separable_split_exact_at_its_offset(tiny_llama, moby_text):
     """With c_j = e^{i d theta_j} the separable split reproduces the exact score at offset d (and c = 1 gives
     today's zero-offset split), measured against the forward pass's rotated q . k."""
@@ -150,6 +173,18 @@ def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
         assert abs(rec.sink_mass - float(s0.median())) < 1e-5
         assert abs(rec.sink_mass_cv - float(s0.std() / s0.mean())) < 1e-4
         assert rec.category != "first-token sink" and rec.sink_dominated == (rec.sink_mass >= 0.5)
+    # the category figure writes each head's sink mass (>= 0.05) in its cell and hatches sink-dominated heads
+    import matplotlib.pyplot as plt
+
+    from attnscope.plots import _grid, _sink_marks
+
+    r.record(1, 2).sink_mass, r.record(0, 1).sink_mass = 0.71, 0.12  # this tiny model's own masses are < 0.05
+    fig, ax = plt.subplots()
+    marks = _sink_marks(ax, r, *_grid(r))
+    plt.close(fig)
+    assert marks == [(x.layer, x.head, f"{x.sink_mass:.2f}", x.sink_mass >= 0.5) for x in sorted(r.records, key=lambda x: (
+        x.layer, x.head)) if x.sink_mass >= 0.05]
+    assert (0, 1, "0.12", False) in marks and (1, 2, "0.71", True) in marks
     assert r.provenance["prepend_bos"] is True and "sink_handling" in r.provenance
 
 
@@ -188,13 +223,18 @@ def test_circuit_splits_off_the_sink(bos_circuit):
 
 
 def test_circuit_with_sink_and_query_conditioned_variant_match_truth(bos_circuit):
+    import dataclasses
+
     from attnscope.circuit import circuit_fidelity
-    from attnscope.circuit_query import query_conditioned_fidelity
+    from attnscope.circuit_query import choose_query_form
     from attnscope.texts import text_tokens
 
     w, _, c = bos_circuit
+    on = choose_query_form(w, dataclasses.replace(c, settings={**c.settings, "query_conditioned": "on"},
+                                                  conditions=list(c.conditions)))
     texts = {s: text_tokens(f"bundled:{s}", w.tokenizer, max_tokens=128, bos_token_id=0) for s in ("code_python", "es_fortunes")}
     typ = circuit_fidelity(w, c, texts)
-    qc = query_conditioned_fidelity(w, c, texts)
+    qc = circuit_fidelity(w, on, texts)
     # head 0 is content-blind (f = 1 for every query), so both forms equal the true output up to the constant sink
+    assert not c.query_conditioned and on.query_conditioned
     assert typ["fvu"] < 0.02 and abs(qc["fvu"] - typ["fvu"]) < 0.005

@@ -392,8 +392,8 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     Kh, q = layer0_kernels_and_queries(w, cal.tokens)  # [H, T, T], [H, T, dh]
     if cal.bos is not None:  # the kernel proper: the BOS (sink) split off, the rest renormalised
         Kh = drop_sink(Kh)
-    c = pair_weights_of_kernel(w, Kh[:, -1], cal.bos is not None) if w.positional == "rotary" else None
-    logf, f = content_factors(w, cal, q, key_content, s.f_clip, c)
+    c = pair_weights_of_kernel(w, Kh[:, -1], cal.bos is not None, per_row=True) if w.positional == "rotary" else None
+    logf, f = content_factors(w, cal, q, key_content, s.f_clip, None if c is None else c[:, cal.n_star])
     mask = outlier_token_mask(w)
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
@@ -421,14 +421,17 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     mid_scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
     mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
     conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
-    return Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
+    from .circuit_query import choose_query_form  # the per-position form: typical or query-conditioned
+
+    circ = Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
                              "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
                              "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
-                             "rotary_pair_weights_abs": None if c is None else c.abs().float().cpu().tolist()},
+                             "rotary_pair_weights_abs": None if c is None else c[:, -1].abs().float().cpu().tolist()},
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,
                    denominators_windowed=[float(st.denominator_windowed[h]) for h in heads])
+    return choose_query_form(w, circ)
 
 
 @torch.no_grad()
@@ -444,7 +447,8 @@ def true_head_output(w: ModelWeights, heads: list[int], tokens: Int[Tensor, " po
 
 def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]],
                      true_outputs: dict[str, Float[Tensor, "_pos d_model"]] | None = None) -> dict[str, float | int]:
-    """How close the linear summary is to the heads' true summed output on held-out texts: FVU of the
+    """How close the circuit's summary (:meth:`Circuit.output`: the form the circuit uses) is to the heads' true
+    summed output on held-out texts: FVU of the
     (centred) vector, and the median over dimensions of the per-dimension correlation.
 
     ``true_outputs``: the heads' true summed outputs per text, if already computed (:func:`true_head_output`)."""
@@ -454,7 +458,7 @@ def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor
         toks = toks[: circ.T].to(w.device)
         y = true_outputs[name] if true_outputs is not None else true_head_output(w, circ.heads, toks)[0]
         ys.append(centre(y, w)[n_min:])
-        yh.append(centre(circ.summary(toks), w)[n_min:])
+        yh.append(centre(circ.output(w, toks), w)[n_min:])
     y, yhat = torch.cat(ys).double(), torch.cat(yh).double()
     fvu = float(((y - yhat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
     yc, hc = y - y.mean(0), yhat - yhat.mean(0)
@@ -464,7 +468,12 @@ def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor
 
 def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor, " _pos"]]) -> dict[str, dict]:
     """Kernel-weighted denominators on other texts: per head, median Z per text and its ratio to the
-    calibration value (the per-head scale error of reusing the calibration denominator)."""
+    calibration value (the per-head scale error of reusing the calibration denominator); a query-conditioned
+    circuit compares each query's own Z (:func:`attnscope.circuit_query.query_denominator_stability`)."""
+    if circ.query_conditioned:
+        from .circuit_query import query_denominator_stability
+
+        return query_denominator_stability(w, circ, texts)
     n_min = circ.settings["min_position"]
     out: dict[str, dict] = {}
     for name, toks in texts.items():

@@ -17,7 +17,13 @@ from torch import Tensor
 from .errors import AttnscopeError
 
 LAYER = 0  # the method is exact about layer 0: its heads read token and position embeddings only
-SCHEMA_VERSION = 1  # of circuit.json / circuit.safetensors
+SCHEMA_VERSION = 2  # of circuit.json / circuit.safetensors (2: the query-conditioned form and its fidelity)
+
+#: ``CircuitSettings.query_conditioned``: which per-position summary the circuit uses (docs/rotary-split.md)
+QUERY_CONDITIONED_CHOICES = ("auto", "on", "off")
+#: the issue-10 target for the summary's FVU; ``auto`` takes the query-conditioned form when the typical-query
+#: summary misses it on the calibration text and the query-conditioned one does better there
+SUMMARY_FVU_MAX = 0.35
 
 
 @dataclass
@@ -35,6 +41,7 @@ class CircuitSettings:
     share_tv_max: float = 0.3  # shared kernel: TV(head kernel, shared kernel) <= this
     decomposition_tv_max: float = 0.2  # the content/position split holds: median TV <= this
     f_clip: float = 3.0  # f is clipped at f_clip * median f (the method clips f at 3)
+    query_conditioned: str = "auto"  # auto | on | off: content factors per query token (circuit_query.py)
 
 
 class Criterion(str, Enum):
@@ -48,6 +55,7 @@ class Criterion(str, Enum):
     MLP_SCALE = "constant MLP-norm scale"
     NO_OUTLIERS = "no outlier tokens"
     SINK = "constant sink mass"
+    FIDELITY = "summary fidelity"  # FVU of the summary the circuit uses, on the calibration text
     TRANSFER = "denominator transfer"  # per held-out text: Z / calibration Z (checked by the neuron stage)
     USER = "user choice"  # with --heads: the head was not named
 
@@ -61,7 +69,7 @@ ConditionGroup = Literal["split", "static", "denom", "summary", "neuron"]
 CONDITION_GROUP: dict[Criterion, ConditionGroup] = {
     Criterion.SPLIT: "split", Criterion.BROAD: "denom", Criterion.WEAK: "denom", Criterion.STABLE: "denom",
     Criterion.NO_OUTLIERS: "denom", Criterion.SHARED: "summary", Criterion.MLP_SCALE: "neuron",
-    Criterion.SINK: "summary",
+    Criterion.SINK: "summary", Criterion.FIDELITY: "summary",
     Criterion.TRANSFER: "denom",
 }
 
@@ -138,6 +146,9 @@ class Circuit:
     calibration_sha: str
     token_mask: Bool[Tensor, " vocab"]  # False for outlier-norm (glitch-like) tokens
     denominators_windowed: list[float]  # per chosen head: median over positions of the windowed mean of f
+    query_conditioned: bool = False  # the per-position summary conditions f on the query token (then ``ext`` is
+    #                                  the query-averaged extended embedding, circuit_query.py)
+    calibration_fvu: dict[str, float] = field(default_factory=dict)  # form -> FVU on the calibration text
     schema_version: int = SCHEMA_VERSION
 
     @property
@@ -145,9 +156,19 @@ class Circuit:
         return self.kernel.shape[0]
 
     def summary(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_model"]:
-        """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T)."""
+        """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T); for a
+        query-conditioned circuit, the query-averaged bag (what the neuron scores read)."""
         n = tokens.shape[-1]
         return self.kernel[:n, :n] @ self.ext[tokens] + self.positional[:n]
+
+    def output(self, w, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_model"]:
+        """The circuit's per-position prediction ``[pos, d_model]`` of its heads' summed output on ``tokens``
+        (model ``w``): the query-conditioned summary when :attr:`query_conditioned`, else :meth:`summary`."""
+        if self.query_conditioned:
+            from .circuit_query import query_conditioned_summary
+
+            return query_conditioned_summary(w, self, tokens)
+        return self.summary(tokens.to(self.ext.device))
 
     def condition(self, criterion: Criterion | str) -> Condition:
         for c in self.conditions:
@@ -161,7 +182,8 @@ class Circuit:
                 "mlp_scale": self.mlp_scale, "mlp_scale_cv": self.mlp_scale_cv,
                 "calibration_sha256": self.calibration_sha,
                 "n_calibration_tokens": int(self.calibration_tokens.numel()),
-                "n_masked_tokens": int((~self.token_mask).sum()), "denominators_windowed": self.denominators_windowed}
+                "n_masked_tokens": int((~self.token_mask).sum()), "denominators_windowed": self.denominators_windowed,
+                "query_conditioned": self.query_conditioned, "calibration_fvu": self.calibration_fvu}
 
     def save(self, out: str | Path) -> Path:
         """Write ``out/circuit.json`` and ``out/circuit.safetensors`` (tensors in their own dtype)."""
@@ -186,5 +208,6 @@ class Circuit:
         return cls(settings=d["settings"], heads=d["heads"], decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
                    conditions=[Condition(**c) for c in d["conditions"]], mlp_scale=d["mlp_scale"],
                    mlp_scale_cv=d["mlp_scale_cv"], calibration_sha=d["calibration_sha256"],
-                   denominators_windowed=d["denominators_windowed"], schema_version=d["schema_version"],
+                   denominators_windowed=d["denominators_windowed"], query_conditioned=d["query_conditioned"],
+                   calibration_fvu=d["calibration_fvu"], schema_version=d["schema_version"],
                    **{k: t[k] for k in _TENSORS})

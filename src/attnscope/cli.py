@@ -54,10 +54,11 @@ def _runtime(ctx: typer.Context, device: str | None, dtype: str | None, revision
                      dtype=A.check_dtype(dtype) if dtype else rt.dtype, revision=revision or rt.revision)
 
 
-def _load(rt: A.Runtime, model: str, keep_hf: bool = False):
+def _load(rt: A.Runtime, model: str, keep_hf: bool = False, bos: bool | None = None):
+    """The model; ``bos`` (``--bos/--no-bos``): the BOS choice, None for the model's convention."""
     from .models import load_model
 
-    return load_model(model, device=rt.device, dtype=rt.dtype, revision=rt.revision, keep_hf=keep_hf)
+    return load_model(model, device=rt.device, dtype=rt.dtype, revision=rt.revision, keep_hf=keep_hf, prepend_bos=bos)
 
 
 @contextlib.contextmanager
@@ -115,13 +116,14 @@ def check(
 
 _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
                                    "seed", "batch_size"))
-_CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads"))
+_CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads", "query_conditioned"))
 _NEURON_FIELDS = (NeuronSettings, ("eval", "max_neurons"))
+_MODEL_FIELDS = (A.ModelChoice, ("bos",))
 
 
 @app.command(help="Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks."
              f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
-@A.settings_options(_KERNEL_FIELDS)
+@A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS)
 def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
@@ -134,7 +136,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
     with _session(no_cache, decode_errors, s.samples):
-        w = _load(rt, model)
+        w = _load(rt, model, bos=kw["bos"])
         A.check_kernel_settings(s, w)
         res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
         with staged_output(out, "kernels") as tmp:
@@ -151,7 +153,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
              "found from the weights and one calibration text, explained and verified on held-out texts."
              "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
              f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
-@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS)
+@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
@@ -168,7 +170,7 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
     with _session(no_cache, decode_errors, cs.calibration, ns.eval):
-        w = _load(rt, model)
+        w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         if layer != 0:
             from .later_eval import run_later
@@ -203,7 +205,7 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
         raise AttnscopeError("--later-layers holds 0: layer 0 is the report's main analysis; list layers from 1")
     A.check_out(out)
     with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
-        w = _load(rt, model)
+        w = _load(rt, model, bos=kw.get("bos"))
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
         for l in later or []:
@@ -216,7 +218,7 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
 
 @app.command(help="Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html "
              f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
-@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS)
+@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
            no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
            dtype: DtypeOpt = None, revision: RevisionOpt = None,
@@ -377,7 +379,7 @@ def cache_clear_cmd(
              "from the weights and the two sources' token counts (no forward pass over them); --verify runs the "
              "model on windows of both and scores the prediction (true effect size d, Spearman, precision@k, "
              f"recall@k).\n\nWrites OUT/contrast.json (one record per neuron) with --out.\n\n{_TEXTS}")
-@A.settings_options((CircuitSettings, ("calibration", "n_ctx")))
+@A.settings_options((CircuitSettings, ("calibration", "n_ctx", "query_conditioned")), _MODEL_FIELDS)
 def contrast(
     ctx: typer.Context, model: ModelArg,
     a: Annotated[str, typer.Option("--a", metavar="TEXT", help="text source A (see TEXT sources)")],
@@ -400,7 +402,7 @@ def contrast(
     if out is not None:
         A.check_out(out)
     with _session(no_cache, decode_errors, cs.calibration, a, b):
-        w = _load(rt, model)
+        w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows)
     if out is not None:

@@ -72,6 +72,11 @@ HELP: dict[str, tuple[str, str]] = {
     "heads": ("HEADS", "force the contextual heads of layer 0, numbered from 0: 0,2,6 or 0-3 [default: detected]"),
     "eval": ("TEXT", "held-out text to verify the neurons on (repeat the option) [default: bundled texts]"),
     "max_neurons": ("N", "neurons to explain and verify"),
+    "bos": ("", "analyse every text with (--bos) or without (--no-bos) the BOS token in front [default: the "
+            "model's convention: hub GPT-2 and Llama-style models with, the demo without; BERT: [CLS]]"),
+    "query_conditioned": ("auto|on|off", "content factors per query token in the circuit's summary (on), one typical "
+                          "query (off), or auto: on when the typical-query summary's FVU on the calibration text is "
+                          "above 0.35 and the query-conditioned one is lower (docs/rotary-split.md)"),
 }
 _LISTS = {"layers": "--layers", "heads": "--heads"}  # list[int] fields, written 0,1,5 or 0-3
 
@@ -83,6 +88,13 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     revision: str | None = None
+
+
+@dataclass
+class ModelChoice:
+    """How the model's texts are analysed (recorded in every output as ``prepend_bos``)."""
+
+    bos: bool | None = None  # a BOS token in front of every text; None: the model's own convention
 
 
 def _default(f: dataclasses.Field) -> Any:
@@ -119,7 +131,10 @@ def settings_options(*groups: tuple[type, tuple[str, ...]]):
                 default = _default(fields[n])
                 if n in _LISTS or isinstance(default, list):
                     default = None
-                opt = typer.Option(f"--{n.replace('_', '-')}", metavar=metavar, help=help_)
+                flag = n.replace("_", "-")
+                is_bool = _cli_type(n, hints[n]) in (bool, Optional[bool])
+                opt = typer.Option(f"--{flag}/--no-{flag}" if is_bool else f"--{flag}", help=help_,
+                                   **({} if is_bool else {"metavar": metavar}))
                 params.append(inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, default=default,
                                                 annotation=Annotated[_cli_type(n, hints[n]), opt]))
         fn.__signature__ = sig.replace(parameters=params)
@@ -251,6 +266,11 @@ def check_kernel_settings(s, w) -> None:
 def check_circuit_settings(cs, w) -> None:
     """Settings of :func:`~attnscope.circuit.build_circuit` checked against the model."""
     check_positive(window=cs.window)
+    from .circuit_result import QUERY_CONDITIONED_CHOICES
+
+    if cs.query_conditioned not in QUERY_CONDITIONED_CHOICES:
+        raise AttnscopeError(f"--query-conditioned {cs.query_conditioned!r} is not one of "
+                             f"{', '.join(QUERY_CONDITIONED_CHOICES)}; pass auto, on or off")
     T = min(w.n_ctx, 256) if cs.n_ctx is None else cs.n_ctx
     if T > w.n_ctx:
         raise AttnscopeError(f"--n-ctx {T} exceeds the model's context of {w.n_ctx}; use at most {w.n_ctx}")

@@ -44,7 +44,8 @@ def print_neuron_summary(res: NeuronResult) -> None:
               f"measured threshold {s['threshold']:.3f} (reporting-half precision {num(s['precision'])}, all neurons "
               f"{num(s['precision_random'])}); {s['n_verified']} with an explanation card: median r = "
               f"{num(s['median_r'])}, median FVU = {num(s['median_fvu'])} (random neurons "
-              f"{num(s['median_fvu_random'])}); circuit FVU = {res.fidelity['fvu']:.3f}")
+              f"{num(s['median_fvu_random'])}); circuit FVU = {res.fidelity['fvu']:.3f} on held-out text "
+              f"({'query-conditioned' if res.circuit.query_conditioned else 'typical-query'} summary)")
     t = Table(title="conditions")
     for c in ("condition", "measured", "threshold", "ok"):
         t.add_column(c)

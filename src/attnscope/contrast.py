@@ -266,7 +266,8 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                            *(ev.get(k, ([], [])))) for k in order]
     res = ContrastResult(w.info(), a, b, len(ids[a]), len(ids[b]), recs,
                          settings={"max_windows": max_windows, "calibration": circ.settings["calibration"],
-                                   "min_position": circ.settings["min_position"], "n_ctx": circ.T})
+                                   "min_position": circ.settings["min_position"], "n_ctx": circ.T,
+                                   "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
     if verify:
         n_min = circ.settings["min_position"]
         wa, wb = (source_windows(w, s, circ.T, max_windows=max_windows) for s in (a, b))

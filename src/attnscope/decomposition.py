@@ -113,12 +113,13 @@ def rotary_score_parts(weights: ModelWeights, layer: int, attn_in: Float[Tensor,
 
 def approximate_pattern(weights: ModelWeights, layer: int, acts: LayerActivations,
                         static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float,
-                        pair_weights: Complex[Tensor, "head pairs"] | None = None) -> Float[Tensor, "batch head pos pos"]:
+                        pair_weights: Complex[Tensor, "head pairs"] | Complex[Tensor, "head ctx pairs"] | None = None
+                        ) -> Float[Tensor, "batch head pos pos"]:
     """Attention pattern ``[batch, head, n, i]`` implied by the content/position split of the keys.
 
     ``acts``: the layer's :class:`~attnscope.forward.LayerActivations`; ``static``: ``pi [pos, d_model]``
-    for learned positions, ``k_bar [head, pos, d_head]`` for rotary; ``pair_weights [head, D/2]``: the
-    separable rotary split (:func:`separable_rotary_score_parts`), else content at zero offset.
+    for learned positions, ``k_bar [head, pos, d_head]`` for rotary; ``pair_weights [head, D/2]`` (or per query
+    row, ``[head, pos, D/2]``): the separable rotary split (:func:`separable_rotary_score_parts`), else content at zero offset.
     """
     scale = weights.attn_scale[layer]
     if weights.positional == "rotary" and pair_weights is not None:
@@ -171,7 +172,7 @@ def layer0_weight_kernels(weights: ModelWeights, query: Float[Tensor, " d_model"
 
 def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
                    static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float,
-                   pair_weights: Complex[Tensor, "head pairs"] | None = None, chunk: int = 256
+                   pair_weights: Complex[Tensor, "head pairs"] | Complex[Tensor, "head ctx pairs"] | None = None, chunk: int = 256
                    ) -> Float[Tensor, "batch head pos"]:
     """``TV(approximate pattern, true pattern)`` at every query position, ``[batch, head, n]``: the same
     numbers as ``tv_distance(approximate_pattern(...), acts.pattern)``, computed ``chunk`` query rows at a
@@ -241,12 +242,14 @@ def pair_weights_from_profile(weights: ModelWeights, profile: Tensor) -> Tensor:
 
 
 def apply_pair_weights(weights: ModelWeights, x: Tensor, c: Tensor) -> Tensor:
-    """Multiply each rotary pair of ``x [..., h, pos, d_head]`` by the complex ``c [h, D/2]`` (tail unchanged).
+    """Multiply each rotary pair of ``x [..., h, pos, d_head]`` by the complex ``c [h, D/2]``, or per position
+    by ``c [h, >= pos, D/2]`` (row ``n`` of ``x`` by ``c[:, n]``); the tail is unchanged.
 
     ``(c . zq)`` then dotted with ``zk`` equals ``Re(zq conj(zk) c)``: the pair-averaged rotation."""
     rd = weights.rotary_dim or weights.d_head
     half = rd // 2
-    re, im = c.real.to(x.dtype)[:, None], c.imag.to(x.dtype)[:, None]  # [h, 1, D/2]
+    c = c[:, None] if c.dim() == 2 else c[:, : x.shape[-2]]
+    re, im = c.real.to(x.dtype), c.imag.to(x.dtype)  # [h, 1 or pos, D/2]
     x1, x2 = x[..., :half], x[..., half:rd]
     out = torch.cat([x1 * re - x2 * im, x1 * im + x2 * re], -1)
     return torch.cat([out, x[..., rd:]], -1) if x.shape[-1] > rd else out
@@ -275,13 +278,27 @@ def pre_rotation(weights: ModelWeights, x: Tensor) -> Tensor:
     return apply_rotary(x, cos, -sin)
 
 
-def pair_weights_of_kernel(weights: ModelWeights, kernel_rows: Tensor, skip_first: bool) -> Tensor:
+def pair_weights_of_kernel(weights: ModelWeights, kernel_rows: Tensor, skip_first: bool,
+                           per_row: bool = False) -> Tensor:
     """Pair weights ``c [H, D/2]`` from each head's own kernel at the last query position (``kernel_rows [H, T]``,
-    offset ``d = T - 1 - i``); with ``skip_first`` the first position (the sink) is left out of the profile."""
+    offset ``d = T - 1 - i``); with ``skip_first`` the first position (the sink) is left out of the profile.
+
+    ``per_row``: ``c [H, T, D/2]``, row ``n`` the same closed form over the offsets that exist at query position
+    ``n`` (``d = 0 .. n``, the sink's offset left out): the least-squares weights of that row
+    (docs/rotary-split.md, "Per-row pair weights")."""
     prof = kernel_rows.double().clone()
     if skip_first:
         prof[:, 0] = 0
-    return pair_weights_from_profile(weights, prof.flip(-1))
+    prof = prof.flip(-1)  # [H, offset]
+    if not per_row:
+        return pair_weights_from_profile(weights, prof)
+    theta = rotary_frequencies(weights).to(prof.device)
+    d = torch.arange(prof.shape[-1], dtype=torch.float64, device=prof.device)
+    phase = torch.polar(torch.ones(len(d), len(theta), dtype=torch.float64, device=prof.device), d[:, None] * theta)
+    num = torch.cumsum(prof[..., None].to(torch.complex128) * phase, 1)  # [H, offset, D/2]
+    den = torch.cumsum(prof, 1)[..., None].clamp(min=1e-300)
+    last = (torch.arange(prof.shape[-1], device=prof.device) - int(skip_first)).clamp(min=0)  # row n: d <= n - skip
+    return (num / den)[:, last]
 
 
 def pooled_static_keys(k_pre: Tensor, bos: bool) -> Tensor:

@@ -105,7 +105,7 @@ def explain_terms(w: ModelWeights, circ: Circuit, ex: Explainer, tokens: Tensor,
         return centre(v, w) @ W / ex.scale
 
     return {"direct": read(embed(w, tokens[None])[0]),
-            "contextual bag": read(circ.summary(tokens)),
+            "contextual bag": read(circ.output(w, tokens)),
             "other heads": read(other_heads_output(ex, tokens)),
             "biases": (read(ex.value_bias[None]) + b).expand(n, -1)}
 
@@ -179,7 +179,7 @@ def contextual_fidelity(w: ModelWeights, circ: Circuit, texts: list[Tensor],
     for t in texts:
         t = t[: circ.T].to(w.device)
         ys.append((centre(true_head_output(w, circ.heads, t)[0], w) @ W / circ.mlp_scale)[n_min:])
-        yh.append((centre(circ.summary(t), w) @ W / circ.mlp_scale)[n_min:])
+        yh.append((centre(circ.output(w, t), w) @ W / circ.mlp_scale)[n_min:])
     return fit_scores(torch.cat(ys), torch.cat(yh))
 
 

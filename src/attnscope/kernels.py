@@ -208,7 +208,7 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "v": 4}, sort_keys=True)
+                       "bos": w.analysis_bos, "v": 4}, sort_keys=True)  # --bos/--no-bos: its own entry
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -332,7 +332,7 @@ def _rotary_split_inputs(w: ModelWeights, est: KernelEstimate) -> tuple[list, li
     bos = w.analysis_bos is not None
     if w.positional != "rotary":
         return [None] * len(est.layers), [est.static[j] for j in range(len(est.layers))]
-    pairs = [pair_weights_of_kernel(w, est.data_kernel[j, :, -1], True) for j in range(len(est.layers))]
+    pairs = [pair_weights_of_kernel(w, est.data_kernel[j, :, -1], True, per_row=True) for j in range(len(est.layers))]
     statics = [pooled_static_keys(est.static[j], bos) if l == 0 else est.static[j] for j, l in enumerate(est.layers)]
     return pairs, statics
 

@@ -205,6 +205,7 @@ class NeuronResult:
     def summary(self) -> dict:
         v, rep = self.verification, self.verification.reported
         return {"heads": self.circuit.heads, "n_heads": len(self.circuit.heads),
+                "query_conditioned": self.circuit.query_conditioned,
                 "n_neurons_scored": self.n_scored,
                 "n_neurons_found": self.n_selected,
                 "n_verified": len(self.cards), "median_r": rep.r if rep else None,
@@ -434,7 +435,7 @@ def _trace(w, circ, ex, k: int, name: str, toks: Tensor) -> NeuronTrace:
     parts = explain_terms(w, circ, ex, toks, torch.tensor([k], device=w.device))
     return NeuronTrace(k, name, pre[n_min:, k].tolist(), sum(parts.values())[n_min:, 0].tolist(),
                        (centre(y, w) @ Wk / circ.mlp_scale)[n_min:].tolist(),
-                       (centre(circ.summary(toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
+                       (centre(circ.output(w, toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
 
 
 def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: TokenModel,

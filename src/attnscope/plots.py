@@ -11,9 +11,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from . import kernels as K  # noqa: E402
-from .categories import CAT_COLORS, LOCAL_NEFF, thresholds  # noqa: E402
+from .categories import CAT_COLORS, LOCAL_NEFF, SINK_MASS, thresholds  # noqa: E402
 from .circuit_result import Circuit  # noqa: E402
 from .neurons import NeuronResult  # noqa: E402
+from .sinks import SINK_SHOW  # noqa: E402
 
 
 def _save(fig, path: Path, tight: bool = True) -> Path:
@@ -127,15 +128,35 @@ def category_map(res: K.KernelResult, out: Path) -> Path:
     ax.set_yticks(range(len(layers)), layers)
     ax.set_xlabel("head")
     ax.set_ylabel("layer")
-    handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=k) for k, c in CAT_COLORS.items()]
+    handles = [plt.Rectangle((0, 0), 1, 1, color=c, label=k) for k, c in CAT_COLORS.items() if k != "first-token sink"]
+    handles.append(plt.Rectangle((0, 0), 1, 1, fill=False, hatch="///", label=f"sink mass >= {SINK_MASS}"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    _sink_marks(ax, res, layers, heads)
     t = thresholds()
-    ax.set_title("kernel categories")
-    fig.text(0.01, -0.02, f"sink: K(0)>={t['sink_mass']}; current/previous: K(n)/K(n-1)>={t['self_mass']}; "
+    ax.set_title(f"kernel categories (the sink split off; number: sink mass >= {SINK_SHOW})")
+    fig.text(0.01, -0.1, f"sink mass: median held-out attention on the first position (BOS/[CLS]); the category "
+             f"describes the kernel over the other positions.\ncurrent/previous: K(n)/K(n-1)>={t['self_mass']}; "
              f"local: N_eff<={t['local_n_eff']:g} and median offset<={t['local_median_offset']}; "
              f"uniform: N_eff>={t['uniform_n_eff_fraction']}*(n+1); slow: median offset<="
              f"{t['slow_median_offset_fraction']}*(n+1)", fontsize=7)
     return _save(fig, out)
+
+
+def _sink_marks(ax, res: K.KernelResult, layers: list[int], heads: list[int]) -> list[tuple[int, int, str, bool]]:
+    """Each head's sink mass written in its cell when >= SINK_SHOW, the cell hatched when sink-dominated.
+    Returns the marks ``(layer, head, text, hatched)``."""
+    marks = []
+    for y, l in enumerate(layers):
+        for x, h in enumerate(heads):
+            m = res.record(l, h).sink_mass
+            if m is None or m < SINK_SHOW:
+                continue
+            marks.append((l, h, f"{m:.2f}", m >= SINK_MASS))
+            ax.text(x, y, marks[-1][2], ha="center", va="center", fontsize=6, color="k", zorder=3,
+                    bbox={"facecolor": "white", "alpha": 0.8, "lw": 0, "pad": 0.6})
+            if m >= SINK_MASS:
+                ax.add_patch(plt.Rectangle((x - 0.5, y - 0.5), 1, 1, fill=False, hatch="///", lw=0))
+    return marks
 
 
 def tv_per_head(res: K.KernelResult, out: Path) -> Path:

@@ -199,7 +199,10 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
     if neurons is None:
         return '<p class="note">Fidelity on held-out texts: not measured (no neuron results given).</p>'
     fid = neurons.fidelity
-    fid_html = _kv_table({"FVU of the summed head output (held-out texts)": fid.get("fvu"),
+    form = "query-conditioned" if neurons.circuit.query_conditioned else "typical query"
+    fid_html = _kv_table({"summary form (--query-conditioned)": form,
+                          **{f"FVU on the calibration text, {k}": v for k, v in neurons.circuit.calibration_fvu.items()},
+                          "FVU of the summed head output (held-out texts)": fid.get("fvu"),
                           "median over dimensions of Pearson r": fid.get("median_r_per_dimension"),
                           "positions compared": fid.get("n_positions"),
                           **{k: v for k, v in fid.items() if k not in ("fvu", "median_r_per_dimension", "n_positions")}},

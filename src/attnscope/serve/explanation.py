@@ -130,7 +130,9 @@ class FullExplanation(BagExplanation):
     def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
         contrib, k, s = self.bag_evidence(tokens, neuron, position)
         t = self._terms(self.w, self.circ, self.ex, tokens[: position + 1], torch.tensor([neuron]))
-        names = {"contextual bag": "positional term of the bag", "direct": "direct path (this token and position)"}
+        bag_rest = ("positional term of the bag and its query conditioning (the per-token terms are the "
+                    "query-averaged bag)" if self.circ.query_conditioned else "positional term of the bag")
+        names = {"contextual bag": bag_rest, "direct": "direct path (this token and position)"}
         terms = [(names.get(n, n), float(v[position, 0]) - (float(contrib.sum()) if n == "contextual bag" else 0.0))
                  for n, v in t.items()]
         return Evidence(contrib, k, s, terms, float(contrib.sum()) + sum(v for _, v in terms))

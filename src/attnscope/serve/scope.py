@@ -63,7 +63,8 @@ class InputCondition:
 class WindowStats:
     """What the scope needs from one analysed window, at its reported positions ``n >= min_position``."""
 
-    z_by_head: Float[Tensor, "heads n_pos"]  # kernel-weighted denominators of the chosen heads
+    z_by_head: Float[Tensor, "heads n_pos"]  # kernel-weighted denominators of the chosen heads (query-conditioned:
+    #                                         each query's Z / its calibrated Z, times circ.Z)
     sink: Float[Tensor, " n_pos"]  # chosen heads' mean attention to the window's first position
     norm_scale: Float[Tensor, " n_pos"]  # scale of the norm before the MLP
     f_at_tokens: Float[Tensor, "heads n_text"]  # content factors of the window's reported text tokens
@@ -78,6 +79,11 @@ def window_stats(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], ac
     n = tokens.shape[0]
     fx = circ.f[:, tokens]  # [h, n]
     Zn = torch.einsum("hnj,hj->hn", circ.head_kernels[:, :n, :n], fx)[:, positions]
+    if circ.query_conditioned:  # each query's own Z over this window against its calibrated Z, in units of circ.Z
+        from ..circuit_query import query_log_denominators
+
+        logZ, logZ_cal = query_log_denominators(w, circ, tokens)
+        Zn = (torch.exp(logZ - logZ_cal)[:, positions] * circ.Z[:, None].double()).to(Zn.dtype)
     hs = torch.tensor(circ.heads, device=tokens.device)
     sink = acts.pattern[0, hs][:, positions, 0].mean(0)
     scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, positions]
