@@ -28,14 +28,14 @@ def main() -> None:
     a = ap.parse_args()
     from attnscope.later import LaterSettings
     from attnscope.later import prepare
-    from attnscope.later_eval import find_later_neurons
+    from attnscope.later_eval import PREDICTORS, find_later_neurons
     from attnscope.models import load_model
 
     w = load_model(a.model)
     a.out.mkdir(parents=True, exist_ok=True)
     print("| L | approx. FVU (token+pos) | FVU with earlier heads | unseen | contextual heads | circuit FVU eff./true "
-          "| passed | precision (all) | Spearman full | heads | token-mean | shuffled | s |")
-    print("|---" * 13 + "|")
+          "| passed | precision (all) | Spearman: " + " | ".join(PREDICTORS) + " | ceiling | s |")
+    print("|---" * (9 + len(PREDICTORS)) + "|")
     layers = [int(x) for x in a.layers.split(",")]
     t_all = time.perf_counter()
     s = LaterSettings(max_windows=a.max_windows)
@@ -46,18 +46,18 @@ def main() -> None:
         r = find_later_neurons(w, L, s=s, shared=shared)
         dt = time.perf_counter() - t0
         r.save(a.out / f"{a.model}_L{L}")
-        p = r.circuit["pieces"][L]
-        fv = "-" if p["circuit_fvu_effective"] is None else f"{p['circuit_fvu_effective']:.3f} / {p['circuit_fvu_true']:.3f}"
+        p = r.circuit.pieces[L]
+        fv = "-" if p.circuit_fvu_effective is None else f"{p.circuit_fvu_effective:.3f} / {p.circuit_fvu_true:.3f}"
         v = r.verification
         ms = {k: r.median_spearman(k) for k in r.scores}
-        print(f"| {L} | {p['approximation']['fvu']:.3f} | {r.circuit['approximation_with_earlier_terms']['fvu']:.3f} | "
-              f"{p['approximation']['unseen_share']:.3f} | {p['heads'] or '-'} | {fv} | {v['n_passed']} | "
-              f"{v['precision'] if v['precision'] is None else round(v['precision'], 3)} ({v['precision_random']:.3f}) | "
-              f"{ms['full']:.3f} | {ms['heads']:.3f} | {ms['token_mean']:.3f} | {ms['shuffled']:.3f} | {dt:.0f} |", flush=True)
-        for q in r.circuit["pieces"][:L]:
-            q["propagation_norm"] = f"{q['propagation_norm']:.2f}, gain {q['propagation_gain']:.2f}"
-            print(f"|   layer {q['layer']} (<= L) | {q['approximation']['fvu']:.3f} | | | {q['heads'] or '-'} | "
-                  f"{q['circuit_error'] and q['circuit_error'].split('(closest, ')[-1][:90]} | ||G||={q['propagation_norm']} |",
+        print(f"| {L} | {p.approximation.fvu:.3f} | {r.circuit.approximation_with_earlier_terms.fvu:.3f} | "
+              f"{p.approximation.unseen_share:.3f} | {p.heads or '-'} | {fv} | {v.n_passed} | "
+              f"{v.precision if v.precision is None else round(v.precision, 3)} ({v.precision_random:.3f}) | "
+              + " | ".join(f"{ms[k]:.3f}" if k in ms else "-" for k in PREDICTORS)
+              + f" | {r.median_ceiling:.3f} | {dt:.0f} |", flush=True)
+        for q in r.circuit.pieces[:L]:
+            print(f"|   layer {q.layer} (<= L) | {q.approximation.fvu:.3f} | | | {q.heads or '-'} | "
+                  f"{q.limiting_condition[:90]} | ||G||={q.propagation_norm:.2f}, gain {q.propagation_gain:.2f} |",
                   flush=True)
         if a.probe:
             from attnscope.probe import context_probe

@@ -55,6 +55,12 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("heads-99", ["neurons", "{tiny}", "--heads", "99"], ["head index 99"], {}),
     ("heads-not-numbers", ["neurons", "{tiny}", "--heads", "x"], ["--heads 'x'"], {}),
     ("report-window-negative", ["report", "{tiny}", "--window", "0", "--out", "{tmp}/r"], ["--window 0"], {}),
+    ("report-later-layers-0", ["report", "{tiny}", "--later-layers", "0,1", "--out", "{tmp}/r"],
+     ["--later-layers holds 0", "from 1"], {}),
+    ("report-later-layers-99", ["report", "{tiny}", "--later-layers", "1,99", "--out", "{tmp}/r"],
+     ["layer index 99"], {}),
+    ("report-later-layers-not-numbers", ["report", "{tiny}", "--later-layers", "x", "--out", "{tmp}/r"],
+     ["--later-layers 'x'"], {}),
     ("check-n-tokens-0", ["check", "{tiny}", "--n-tokens", "0"], ["--n-tokens 0"], {}),
     ("check-n-tokens-negative", ["check", "{tiny}", "--n-tokens", "-5"], ["--n-tokens -5"], {}),
     ("probe-one-text", ["probe", "{tiny}", "--text", "tests/data/moby.txt"], ["at least two --text"], {}),
@@ -259,7 +265,7 @@ def _options(help_text: str) -> set[str]:
 def test_report_has_the_options_of_kernels_and_neurons():
     k, n, rep = (_options(runner.invoke(app, [c, "--help"]).output) for c in ("kernels", "neurons", "report"))
     # --layer selects the later-layer method, a separate analysis the report does not run (it reports layer 0)
-    assert (k | n) - {"--json", "--layer"} <= rep
+    assert (k | n) - {"--json", "--layer"} <= rep and "--later-layers" in rep
 
 
 def test_options_default_to_the_settings_dataclasses():

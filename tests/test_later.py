@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 from dataclasses import replace
 
 import pytest
@@ -107,17 +109,160 @@ def test_later_path_at_layer0_reproduces_the_layer0_circuit(demo):
     assert lc.token_model.parts["earlier layers"].abs().max() == 0
 
 
-def test_later_layer_scores_beat_the_null(demo):
+@pytest.fixture(scope="module")
+def later1(demo):
     from attnscope.later import LaterSettings
     from attnscope.later_eval import find_later_neurons
 
-    w, _ = demo
-    res = find_later_neurons(w, 1, s=LaterSettings(max_windows=2, n_cards=2, n_random=8))
-    assert 0.05 < res.circuit["pieces"][1]["approximation"]["fvu"] < 0.6
-    assert res.circuit["approximation_with_earlier_terms"]["fvu"] < res.circuit["pieces"][1]["approximation"]["fvu"]
+    return find_later_neurons(demo[0], 1, s=LaterSettings(max_windows=2, n_cards=2, n_random=8))
+
+
+def test_later_layer_scores_beat_the_null(demo, later1):
+    w, res = demo[0], later1
+    assert 0.05 < res.circuit.pieces[1].approximation.fvu < 0.6
+    assert res.circuit.approximation_with_earlier_terms.fvu < res.circuit.pieces[1].approximation.fvu
     assert res.median_spearman("full") > 0.6
     assert res.median_spearman("full") > res.median_spearman("shuffled") + 0.5
+    # the noise ceiling: the tuning half's own true effect sizes against the reporting half's
+    assert len(res.ceiling) == len(res.sources) and res.median_ceiling > res.median_spearman("shuffled") + 0.5
     assert len(res.rows) == w.d_mlp
+
+
+def test_later_result_round_trip(later1, tmp_path):
+    from attnscope.circuit_result import Condition
+    from attnscope.later_result import LaterCircuitRecord, LaterResult
+
+    res = later1
+    assert isinstance(res.circuit, LaterCircuitRecord) and res.circuit.layer == 1
+    assert res.circuit.pieces[0].heads and all(isinstance(c, Condition) for c in res.circuit.pieces[0].conditions)
+    back = LaterResult.load(res.save(tmp_path / "L1"))
+    assert json.loads(json.dumps(back.to_json())) == json.loads(json.dumps(res.to_json()))  # floats survive exactly
+    assert back.circuit == res.circuit and back.threshold == res.threshold and back.cards == res.cards
+    assert back.ceiling == res.ceiling and back.verification == res.verification
+    assert back.median_spearman("full") == res.median_spearman("full")
+    with (tmp_path / "L1" / "neurons.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert len(rows) == 1 + len(res.rows) and rows[0][:2] == ["index", "rank"]
+    assert [int(r[0]) for r in rows[1:]] == [r.index for r in res.rows]
+
+
+def test_report_renders_a_saved_later_result(later1, tmp_path):
+    from html.parser import HTMLParser
+
+    from attnscope.later_result import LaterResult
+    from attnscope.report import write_report
+    from attnscope.report.html import _fmt
+
+    back = LaterResult.load(later1.save(tmp_path / "L1"))  # what `neurons --layer 1 --out DIR` writes
+    page = write_report(tmp_path / "rep", later=[back]).read_text(encoding="utf-8")
+    ids = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            ids.extend(v for k, v in attrs if k == "id")
+
+    P().feed(page)
+    assert {"later-layers", "later-summary", "later-L1", "later-ranking-L1"} <= set(ids)
+    assert [f"neuron-1-{c.index}" for c in later1.cards] == [i for i in ids if i.startswith("neuron-1-")]
+    assert later1.cards and len(later1.cards) == 2
+    summary = page[page.index('id="later-summary"'):page.index("</table>", page.index('id="later-summary"'))]
+    for p in ("full", "token_mean", "shuffled"):
+        assert f"<td>{_fmt(later1.median_spearman(p))}</td>" in summary
+    assert f"<td>{later1.verification.n_passed}</td>" in summary
+    assert "0, 1, 4, 5, 7" in page  # layer 0's contextual heads, in the layer table
+    c = later1.cards[0]
+    card = page[page.index(f'id="neuron-1-{c.index}"'):]
+    s0 = next(iter(c.true_d))
+    assert f"<td>{s0}</td><td>{_fmt(c.predicted_d[s0])}</td><td>{_fmt(c.true_d[s0])}</td>" in card
+    assert 'id="neurons"' not in page and "later layers only" in page
+
+
+@pytest.fixture(scope="module")
+def lc1(demo):
+    from attnscope.later import LaterSettings, build_later
+    from attnscope.later_eval import truth_data
+
+    lc = build_later(demo[0], 1, s=LaterSettings(max_windows=2))
+    return lc, truth_data(demo[0], lc, "bundled:en_moby_dick")
+
+
+def test_hybrid_is_the_token_mean_without_broad_heads(demo, lc1):
+    from attnscope.later_eval import predictors
+
+    lc, td = lc1
+    none, _ = predictors(demo[0], lc, td, neff_min=float("inf"))
+    assert torch.allclose(none["hybrid"], none["token_mean"], atol=1e-9)
+    some, parts = predictors(demo[0], lc, td, neff_min=16.0)
+    assert (some["hybrid"] - some["token_mean"]).abs().max() > 0.05
+    assert torch.allclose(sum(parts["hybrid"].values()), some["hybrid"])
+
+
+def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
+    from attnscope.decomposition import centre
+    from attnscope.later_context import broad_heads
+
+    w, (lc, _) = demo[0], lc1
+    sample = torch.cat([x.tune for x in lc.windows])
+    body = sample[:, lc.n_min:]
+    x = int(body.reshape(-1).bincount().argmax())  # the most frequent token
+    unseen = next(i for i in range(w.d_vocab) if not (body == i).any())
+    groups = torch.zeros(3, w.d_vocab)
+    groups[0, x] = 5.0  # p = one-hot on x: p . C = C[x]
+    groups[1, unseen] = 1.0  # a token never seen at positions >= n_min: the overall mean
+    groups[2, x], groups[2, unseen] = 1.0, 3.0  # a mixture: linear in p
+    heads, fns, C = broad_heads(w, lc, 16.0, groups)
+    bag = next(h for h in heads if h.head == "bag")
+    assert bag.layer == 0 and bag.f is None and all(h.n_eff >= 16 and h.layer < 1 for h in heads)
+    ys = torch.stack([centre(lc.circuits[0].summary(t).float().cpu() @ (lc.gain[0] * lc.G[0]), w) for t in sample])
+    on_x = ys[:, lc.n_min:][body == x].mean(0)
+    overall = ys[:, lc.n_min:].reshape(-1, w.d_model).mean(0)
+    assert torch.allclose(bag.held[0].float(), on_x, atol=1e-4)
+    assert torch.allclose(bag.held[1].float(), overall, atol=1e-4)
+    assert torch.allclose(bag.held[2].float(), 0.25 * on_x + 0.75 * overall, atol=1e-4)
+    # the per-token table of the summed output holds the sum of every head's p . C_h
+    assert len(fns) == len(heads)
+    assert torch.allclose(C[x], sum(h.held[0] for h in heads), atol=1e-4)
+    assert torch.allclose(C[unseen], sum(h.held[1] for h in heads), atol=1e-4)
+
+
+def test_hybrid_per_position_is_token_mean_plus_broad_deviation(demo, lc1):
+    from attnscope.later_eval import predictors
+
+    w, (lc, td) = demo[0], lc1
+    _, parts = predictors(w, lc, td, neff_min=16.0)
+    hp = parts["positions"]
+    t = lc.windows[0].report[0]
+    k = torch.tensor([0, 5, 17])
+    p = hp.parts(w, t, k)
+    body = torch.cat([x.tune for x in lc.windows])[:, lc.n_min:]
+    seen = torch.bincount(body.reshape(-1), minlength=w.d_vocab)[t] > 0
+    assert 0 < int(seen.sum()) < len(t)  # both kinds occur in this window
+    assert torch.allclose(p["token mean"][seen], td.M[t][seen][:, k].float())
+    # unseen tokens: the weights-only composition's token score, shifted to the seen tokens' means
+    tm = lc.token_model
+    S = (sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()[:, k]
+    diff = p["token mean"][~seen].double() - S[t[~seen]]
+    assert torch.allclose(diff, diff[0].expand_as(diff), atol=1e-4)
+    # averaged over the sample's positions holding a token, the broad heads' deviation is zero (what the
+    # token mean holds is not counted twice)
+    sample = torch.cat([x.tune for x in lc.windows])
+    x = int(sample[:, lc.n_min:].reshape(-1).bincount().argmax())
+    dev = torch.cat([hp.parts(w, s, k)["broad heads"][lc.n_min:][s[lc.n_min:] == x] for s in sample])
+    assert dev.mean(0).abs().max() < 1e-4 and dev.std(0).min() > 1e-3
+
+
+def test_later_result_load_rejects_other_files(tmp_path):
+    from attnscope.errors import AttnscopeError
+    from attnscope.later_result import LaterResult
+
+    with pytest.raises(AttnscopeError, match="does not exist"):
+        LaterResult.load(tmp_path)
+    (tmp_path / "neurons.json").write_text(json.dumps({"circuit": {}}))
+    with pytest.raises(AttnscopeError, match="not a later-layer result"):
+        LaterResult.load(tmp_path)
+    (tmp_path / "neurons.json").write_text(json.dumps({"layer": 1, "schema_version": 0}))
+    with pytest.raises(AttnscopeError, match="schema version 0"):
+        LaterResult.load(tmp_path)
 
 
 @pytest.mark.parametrize("args,msg", [(["--layer", "4"], "layer index 4 is out of range"),
@@ -140,3 +285,12 @@ def test_cached_direct_path_matches_a_fresh_one(tiny3):
     sa = sample_activations(tiny3, _windows(tiny3, 2), [0, 1, 2])
     cached_direct_path(tiny3, 1, sa)
     assert torch.allclose(cached_direct_path(tiny3, 2, sa), direct_path(tiny3, 2, sa.mean_attn_out), atol=1e-5)
+
+
+def test_unknown_ranking_predictor_is_refused_before_any_work(demo):
+    from attnscope.errors import AttnscopeError
+    from attnscope.later import LaterSettings
+    from attnscope.later_eval import find_later_neurons
+
+    with pytest.raises(AttnscopeError, match="rank_by 'token_mean' is not a ranking predictor"):
+        find_later_neurons(demo[0], 1, s=LaterSettings(rank_by="token_mean"))

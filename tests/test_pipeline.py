@@ -25,7 +25,8 @@ def demo_report(demo, tmp_path_factory):
     w, _ = demo
     out = tmp_path_factory.mktemp("demo_report")
     return run_report(w, out, kernel_settings=KernelSettings(n_samples=16, n_heldout=4), circuit_settings=CircuitSettings(),
-                      neuron_settings=NeuronSettings(max_neurons=32), progress=False, log=lambda *_: None)
+                      neuron_settings=NeuronSettings(max_neurons=32), progress=False, log=lambda *_: None,
+                      later_layers=[1])
 
 
 def test_demo_report_written(demo_report):
@@ -33,6 +34,17 @@ def test_demo_report_written(demo_report):
     assert r.report.exists() and r.report.stat().st_size > 50_000
     assert (r.out / "kernels" / "kernels.json").exists() and (r.out / "neurons" / "neurons.json").exists()
     assert r.circuit_error is None
+
+
+def test_demo_report_has_the_later_layer_section(demo_report):
+    from attnscope.later_result import LaterResult
+
+    r = demo_report
+    assert [x.layer for x in r.later] == [1] and "later_layers" in r.timings
+    saved = LaterResult.load(r.out / "later" / "L1")
+    assert saved.median_spearman("hybrid") == r.later[0].median_spearman("hybrid") > 0.6
+    page = r.report.read_text(encoding="utf-8")
+    assert 'id="neurons"' in page and 'id="later-L1"' in page and 'href="#later-layers"' in page
 
 
 def test_demo_neurons_verified(demo_report):

@@ -24,7 +24,7 @@ from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCache
 from .cli_args import out_option as _out
 from .cli_show import print_kernel_summary, print_table, print_timeline
 from .circuit import CircuitSettings
-from .errors import AttnscopeError
+from .errors import AttnscopeError, check_index
 from .kernels import KernelSettings
 from .neurons import NeuronSettings
 from .texts import bundled_texts
@@ -175,7 +175,8 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
         if layer != 0:
             from .later_eval import run_later
 
-            return run_later(w, layer, cs, ns.eval, n_cards=ns.max_neurons, out=out, as_json=as_json)
+            return run_later(w, layer, cs, ns.eval, n_cards=ns.max_neurons, out=out, as_json=as_json,
+                             command="attnscope " + " ".join(sys.argv[1:]))
         circ = build_circuit(w, cs)
         res = find_neurons(w, circ, ns, progress=not as_json)
         with staged_output(out, "neurons") as tmp:
@@ -192,21 +193,26 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
 
 
 def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
-            kw: dict[str, Any]) -> None:
+            kw: dict[str, Any], later_layers: str | None = None) -> None:
     from .cache import staged_output
     from .pipeline import run_report
 
     ks, cs, ns = A.build(KernelSettings, kw), A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
     A.check_positive(n_samples=ks.n_samples, n_heldout=ks.n_heldout, n_ctx=ks.n_ctx, window=cs.window,
                      max_neurons=ns.max_neurons)
+    later = A.parse_index_list(later_layers, "--later-layers") if later_layers else None
+    if later is not None and 0 in later:
+        raise AttnscopeError("--later-layers holds 0: layer 0 is the report's main analysis; list layers from 1")
     A.check_out(out)
     with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
         w = _load(rt, model, bos=kw.get("bos"))
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
+        for l in later or []:
+            check_index("layer", l, w.n_layers)
         with staged_output(out, "report") as tmp:
             run_report(w, tmp, kernel_settings=ks, circuit_settings=cs, neuron_settings=ns,
-                       command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo)
+                       command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo, later_layers=later)
     typer.echo(f"report: {(out / 'report.html').resolve()}")
 
 
@@ -215,8 +221,12 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
 @A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
            no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
-           dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
-    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw)
+           dtype: DtypeOpt = None, revision: RevisionOpt = None,
+           later_layers: Annotated[Optional[str], typer.Option(
+               metavar="LAYERS", help="also the context neurons of these later MLP layers, numbered from 1: 1,2 or 1-3 "
+               "(effective-embedding method, docs/later-layers.md; OUT/later/L{L}/) [default: none]")] = None,
+           **kw) -> None:
+    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw, later_layers)
 
 
 @app.command()
@@ -238,7 +248,6 @@ def probe(
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
-    from .errors import check_index
     from .probe import check_probe_texts, context_probe
 
     A.check_positive(n_ctx=n_ctx)

@@ -191,18 +191,28 @@ def fvu(w: ModelWeights, r: Tensor, r_hat: Tensor) -> float:
 def _additive_fit(R: Tensor, tokens: Tensor, V: int, prior: Tensor, prior_count: float, iters: int):
     """Least-squares ``R[b, n] ~ E[tokens[b, n]] + pi[n]`` by alternating means (``R [N, T, d]``)."""
     N, T, d = R.shape
-    flat_tok = tokens.reshape(-1)
+    cnt = torch.bincount(tokens.reshape(-1), minlength=V).double()
+    # only the seen tokens take part (an unseen token's mean is its prior, plus the last shift): the
+    # iterations run over the sample's few thousand tokens, not the whole vocabulary
+    seen = torch.nonzero(cnt > 0).squeeze(1)
+    local = torch.full((V,), -1, dtype=torch.long)
+    local[seen] = torch.arange(len(seen))
+    loc = local[tokens]  # [N, T] index into the seen tokens
+    flat_loc = loc.reshape(-1)
     flat = R.reshape(-1, d).double()
-    cnt = torch.bincount(flat_tok, minlength=V).double()
+    prior_seen, cnt_seen = prior[seen].double(), cnt[seen]
     pi = torch.zeros(T, d, dtype=torch.float64)
-    E = prior.double().clone()
+    Es = prior_seen.clone()
+    shift = torch.zeros(d, dtype=torch.float64)
     for _ in range(iters):
-        s = torch.zeros(V, d, dtype=torch.float64).index_add_(0, flat_tok, flat - pi.repeat(N, 1))
-        E = (s + prior_count * prior.double()) / (cnt + prior_count)[:, None]
-        pi = (R.double() - E[tokens]).mean(0)
+        s = torch.zeros(len(seen), d, dtype=torch.float64).index_add_(0, flat_loc, flat - pi.repeat(N, 1))
+        Es = (s + prior_count * prior_seen) / (cnt_seen + prior_count)[:, None]
+        pi = (R.double() - Es[loc]).mean(0)
         shift = pi.mean(0)
         pi = pi - shift
-        E = E + shift
+        Es = Es + shift
+    E = prior.double() + shift
+    E[seen] = Es
     return E, pi, cnt
 
 

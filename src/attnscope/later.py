@@ -28,7 +28,7 @@ Under i.i.d. tokens with frequencies ``p`` the expected pre-activation is ``p^T 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -41,6 +41,7 @@ from .effective import (EffectiveEmbedding, SampleActivations, approximation_err
 from .errors import AttnscopeError, ConditionFailedError, check_index
 from .explain import Explainer, build_explainer, other_heads_output
 from .forward import iter_layers
+from .later_result import Approximation, EffectiveSummary, LaterCircuitRecord, LayerPiece
 from .models import ModelWeights
 from .texts import bundled_texts
 
@@ -55,22 +56,7 @@ class LaterSettings:
     n_random: int = 64
     top_m: int = 100
     seed: int = 0
-
-
-@dataclass
-class LayerPiece:
-    """What layer ``l <= L`` contributes, with its measured conditions."""
-
-    layer: int
-    effective: dict  # EffectiveEmbedding.to_json()
-    approximation: dict  # held-out error of token + position (approximation_error)
-    heads: list[int]
-    conditions: list[dict]
-    circuit_error: str | None  # why no contextual circuit (a failed condition), if none
-    circuit_fvu_effective: float | None  # linear summary vs the heads' output on effective inputs
-    circuit_fvu_true: float | None  # linear summary vs the heads' TRUE output in the model
-    propagation_norm: float | None  # ||G_l||_2 (l < L): gain of the path to the MLP of L
-    propagation_gain: float | None = None  # fitted scalar on G_l (1: the linearisation is calibrated)
+    rank_by: str = "hybrid"  # predictor that ranks and selects the neurons ("full": weights-only composition)
 
 
 @dataclass
@@ -89,14 +75,15 @@ class LaterCircuit:
     token_model: TokenModel = field(repr=False)
     scale: float = 1.0  # median scale of the norm in front of the MLP of L (true model, sample)
     n_min: int = 25
-    approximation_direct: dict = field(default_factory=dict)  # held-out error of E'_L + pi'_L + c_L
+    approximation_direct: Approximation | None = None  # held-out error of E'_L + pi'_L + c_L
     scale_dim: int = 0  # d_model
     gain: dict[int, float] = field(default_factory=dict)  # l < L -> fitted gain of the propagated term
 
-    def to_json(self) -> dict:
-        return {"layer": self.layer, "mlp_scale": self.scale, "min_position": self.n_min,
-                "pieces": [asdict(p) for p in self.pieces], "direct": self.direct.to_json(),
-                "approximation_with_earlier_terms": self.approximation_direct}
+    def record(self) -> LaterCircuitRecord:
+        """The measured numbers of the composition (the typed, saved part; tensors stay here)."""
+        assert self.approximation_direct is not None
+        return LaterCircuitRecord(self.layer, self.scale, self.n_min, self.pieces, EffectiveSummary(**self.direct.to_json()),
+                                  self.approximation_direct)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,8 +264,9 @@ def _layer(w: ModelWeights, l: int, sh: Shared, s: LaterSettings) -> tuple:
         view = layer_view(w, eff)
         circ, err = _layer_circuit(view, sh.cs)
         report = torch.cat([x.report for x in sh.windows])
-        piece = LayerPiece(l, eff.to_json(), approximation_error(w, eff, report, n_min=sh.n_min, resid=sh.held[l]),
-                           circ.heads, [asdict(c) for c in circ.conditions], err, None, None, None)
+        err_l = approximation_error(w, eff, report, n_min=sh.n_min, resid=sh.held[l])
+        piece = LayerPiece(l, EffectiveSummary(**eff.to_json()), Approximation(**err_l), circ.heads,
+                           list(circ.conditions), err, None, None, None)
         if circ.heads:
             texts = {x.name: x.report[0] for x in sh.windows}
             piece.circuit_fvu_effective, piece.circuit_fvu_true = _circuit_fvus(w, l, view, circ, texts)
@@ -315,8 +303,8 @@ def build_later(w: ModelWeights, layer: int, cs: CircuitSettings | None = None, 
         lc.direct = estimate(w, 0, sa, prior_count=s.prior_count)
     report = torch.cat([x.report for x in sh.windows])
     off_rep = torch.stack([earlier_terms(lc, t, to_residual=True) for t in report])
-    lc.approximation_direct = approximation_error(w, lc.direct, report, n_min=n_min, offset=off_rep,
-                                                  resid=sh.held[layer])
+    lc.approximation_direct = Approximation(**approximation_error(w, lc.direct, report, n_min=n_min, offset=off_rep,
+                                                                  resid=sh.held[layer]))
     W, _ = mlp_input_weights(w, layer)
     lc.token_model = TokenModel(_token_parts(w, lc), W, lc.scale)
     return lc

@@ -8,6 +8,8 @@ Predictors scored side by side (all divided by the calibration std of each neuro
 * ``full``: every term of the composed token model;
 * ``heads``: the heads only (earlier layers' terms through ``G_l`` + layer ``L``'s bag and other heads);
 * ``direct``: the effective embedding ``E'_L`` alone;
+* ``hybrid`` (``L > 0``; ranks the neurons by default): each token's mean TRUE pre-activation on the sample plus
+  what the broad heads of the layers ``< L`` add in a context beyond it (:mod:`attnscope.later_context`);
 * ``token_mean``: circuit-free, each token's mean TRUE pre-activation on the sample (unseen: overall mean);
 * ``shuffled``: ``full`` with the token-frequency difference permuted over the vocabulary (the null).
 """
@@ -15,7 +17,7 @@ Predictors scored side by side (all divided by the calibration std of each neuro
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -25,13 +27,15 @@ from .contrast import PreStats, token_frequencies
 from .decomposition import centre
 from .explain import fit_scores, other_heads_output
 from .forward import iter_layers
-from .groundtruth import KS, discovery_scores, random_precision
+from .groundtruth import KS, discovery_scores, random_precision, spearman
+from .errors import AttnscopeError
 from .later import LaterCircuit, earlier_terms
+from .later_result import FitMedians, LaterCard, LaterResult, LaterVerification
 from .models import ModelWeights
 from .neurons import NeuronScores, Threshold, _decode, _rows, label, one_vs_rest_effects, predicted_effects, select, validated
 from .texts import text_tokens
 
-PREDICTORS = ("full", "heads", "direct", "token_mean", "shuffled")
+PREDICTORS = ("full", "heads", "direct", "hybrid", "token_mean", "shuffled")
 
 
 @torch.no_grad()
@@ -89,13 +93,19 @@ def truth_data(w: ModelWeights, lc: LaterCircuit, calibration: str) -> TruthData
                      calibration_sigma(w, lc, calibration))
 
 
-def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData,
+               neff_min: float = 16.0) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
     """Predicted one-vs-rest effects ``[n_sources, d_mlp]`` of each predictor (module docstring), and each term's
-    part of the full one (the terms are independent, so every predictor is a sum of these parts)."""
+    part of the ``full`` and the ``hybrid`` one (every such predictor is the sum of its parts)."""
+    from .later_context import hybrid_effects
+
     tm = lc.token_model
     parts = predicted_effects(tm, lc.windows, td.sigma, w.d_vocab)
+    hyb, _, hp = hybrid_effects(w, lc, td, neff_min) if lc.layer > 0 else ({}, [], None)
     out = {"full": sum(parts.values()), "heads": sum(v for k, v in parts.items() if k != "direct"),
            "direct": parts["direct"]}
+    if hyb:
+        out["hybrid"] = sum(hyb.values())
     counts = torch.stack([token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows])
     perm = torch.randperm(w.d_vocab, generator=torch.Generator().manual_seed(0))
     tmv, sh = [], []
@@ -105,7 +115,7 @@ def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData) -> tuple[dict[s
         tmv.append(q @ td.M / td.sigma)
         sh.append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / td.sigma)
     out["token_mean"], out["shuffled"] = torch.stack(tmv), torch.stack(sh)
-    return out, parts
+    return out, {"full": parts, "hybrid": hyb, "positions": hp}
 
 
 @torch.no_grad()
@@ -125,58 +135,6 @@ def position_prediction(w: ModelWeights, lc: LaterCircuit, tokens: Tensor, neuro
     return parts
 
 
-@dataclass
-class LaterCard:
-    index: int
-    rank: int
-    sensitivity: float
-    top_positive_tokens: list[tuple[str, float]]
-    top_negative_tokens: list[tuple[str, float]]
-    label: str | None
-    label_evidence: str | None
-    label_negative: str | None
-    label_negative_evidence: str | None
-    r: float  # per-position prediction vs TRUE pre-activation, pooled over reporting windows (bias fitted on the sample)
-    fvu: float
-    parts: dict[str, float]  # term -> cov(term, y) / var(y)
-    true_d: dict[str, float]  # one-vs-rest effect size per source, reporting half
-    predicted_d: dict[str, float]
-    positive_text: str
-    negative_text: str
-
-
-@dataclass
-class LaterResult:
-    model: dict
-    layer: int
-    circuit: dict  # LaterCircuit.to_json()
-    settings: dict
-    sources: list[str]
-    scores: dict[str, dict[str, dict]]  # predictor -> source -> DiscoveryScores json
-    random_precision: dict[str, dict[str, float]]
-    threshold: dict
-    verification: dict
-    cards: list[LaterCard]
-    rows: list = field(repr=False, default_factory=list)  # every neuron (neurons.NeuronRow)
-    timings: dict = field(default_factory=dict)
-
-    def median_spearman(self, predictor: str) -> float:
-        return float(torch.tensor([v["spearman"] for v in self.scores[predictor].values()]).median())
-
-    def to_json(self) -> dict:
-        return {"model": self.model, "layer": self.layer, "circuit": self.circuit, "settings": self.settings,
-                "sources": self.sources, "median_spearman": {p: self.median_spearman(p) for p in self.scores},
-                "scores": self.scores, "random_precision": self.random_precision, "threshold": self.threshold,
-                "verification": self.verification, "timings": self.timings,
-                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
-
-    def save(self, out: str | Path) -> Path:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        return out
-
-
 def _swings(lc: LaterCircuit, top_m: int) -> tuple[Tensor, Tensor]:
     """The heads-only terms' swings: mean of the top-m token scores minus the sample mean (and the negative)."""
     tm = lc.token_model
@@ -190,8 +148,10 @@ def _swings(lc: LaterCircuit, top_m: int) -> tuple[Tensor, Tensor]:
 
 
 @torch.no_grad()
-def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int = 2):
-    """Per-position prediction vs TRUE pre-activation: (r, fvu, parts) per neuron; bias fitted on the sample."""
+def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int = 2, predict=None):
+    """Per-position prediction vs TRUE pre-activation: (r, fvu, parts) per neuron; bias fitted on the sample.
+    ``predict(tokens, neurons)``: the per-term prediction (default: the weights-only composition)."""
+    predict = predict or (lambda t, k: position_prediction(w, lc, t, k.to(w.device)))
     idx = torch.tensor(neurons, dtype=torch.long)
     n = lc.n_min
 
@@ -202,7 +162,7 @@ def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int
             pre = layer_pre(w, wins, lc.layer)[:, n:, idx]
             for j, t in enumerate(wins):
                 ys.append(pre[j])
-                ps.append({k: v[n:] for k, v in position_prediction(w, lc, t, idx.to(w.device)).items()})
+                ps.append({k: v[n:].float().cpu() for k, v in predict(t, idx).items()})
         return torch.cat(ys).double(), {k: torch.cat([p[k] for p in ps]).double() for k in ps[0]}
 
     y_s, p_s = collect("tune")
@@ -213,11 +173,6 @@ def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int
     var = (yc**2).sum(0).clamp_min(1e-30)
     share = {k: (((v - v.mean(0)) * yc).sum(0) / var).tolist() for k, v in parts.items()}
     return r.tolist(), fv.tolist(), share
-
-
-def _median(x: list[float]) -> float | None:
-    x = [v for v in x if v == v]
-    return float(torch.tensor(x).median()) if x else None
 
 
 def _cards(w: ModelWeights, lc: LaterCircuit, sc: NeuronScores, td: TruthData, neurons: list[int],
@@ -242,21 +197,20 @@ def _cards(w: ModelWeights, lc: LaterCircuit, sc: NeuronScores, td: TruthData, n
     return out
 
 
-def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, cards: list[int]):
+def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, cards: list[int], rank: str, hp):
+    """Precision, recall and the per-position fits of the ranking predictor (and, when that is the hybrid, of
+    the weights-only composition beside it)."""
     passed = sc.sensitivity >= thr.value
     ok = validated(td.d_report, sc.predicted_d)
     rand = torch.randperm(len(passed), generator=torch.Generator().manual_seed(s.seed))[: s.n_random].tolist()
-    fr = _fits(w, lc, rand)
-    fc = _fits(w, lc, cards) if cards else None
-    return {"n_passed": thr.n_passed, "precision": float(ok[passed].double().mean()) if passed.any() else None,
-            "precision_random": float(ok.double().mean()),
-            "recall20": {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean())
-                         for c, x in enumerate(sc.sources)},
-            "recall20_random": thr.n_passed / len(passed),
-            "fit_cards": None if fc is None else {"median_r": _median(fc[0]), "median_fvu": _median(fc[1]),
-                                                  "parts": {k: _median(v) for k, v in fc[2].items()}},
-            "fit_random": {"median_r": _median(fr[0]), "median_fvu": _median(fr[1]),
-                           "parts": {k: _median(v) for k, v in fr[2].items()}}}, fc
+    hyb = (lambda t, k: hp.parts(w, t, k)) if rank == "hybrid" else None
+    fr, fc = _fits(w, lc, rand, predict=hyb), _fits(w, lc, cards, predict=hyb) if cards else None
+    full = (_fits(w, lc, rand), _fits(w, lc, cards) if cards else None) if hyb else (None, None)
+    return LaterVerification(
+        thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()),
+        {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean()) for c, x in enumerate(sc.sources)},
+        thr.n_passed / len(passed), None if fc is None else FitMedians.of(*fc), FitMedians.of(*fr), rank,
+        None if full[1] is None else FitMedians.of(*full[1]), None if full[0] is None else FitMedians.of(*full[0])), fc
 
 
 @torch.no_grad()
@@ -268,30 +222,34 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     from .later import LaterSettings, build_later
 
     cs, s = cs or CircuitSettings(), s or LaterSettings()
+    if s.rank_by not in ("hybrid", "full"):
+        raise AttnscopeError(f"rank_by {s.rank_by!r} is not a ranking predictor; use 'hybrid' or 'full'")
     t = {}
     t0 = time.perf_counter()
     lc = build_later(w, layer, cs, s, shared=shared)
     t["circuits"] = time.perf_counter() - t0
     td = truth_data(w, lc, cs.calibration)
-    preds, parts = predictors(w, lc, td)
+    preds, parts = predictors(w, lc, td, cs.neff_min)
     t["truth_and_predictions"] = time.perf_counter() - t0 - t["circuits"]
     names = [x.name for x in lc.windows]
     sp, sn = _swings(lc, s.top_m)
-    sc = NeuronScores(sources=names, predicted_d=preds["full"], parts=parts, sensitivity=preds["full"].abs().max(0).values,
+    rank = s.rank_by if s.rank_by in preds else "full"  # layer 0 has no hybrid (nothing before it)
+    sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=parts[rank], sensitivity=preds[rank].abs().max(0).values,
                       swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
     passed = sc.sensitivity >= thr.value
-    scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == "full" else None).to_json()
+    scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == rank else None)
                   for c, n in enumerate(names)} for p, P in preds.items()}
     rnd = {n: {str(k): random_precision(td.d_report[c], torch.sign(sc.predicted_d[c]), k) for k in KS}
            for c, n in enumerate(names)}
+    ceiling = {n: spearman(td.d_tune[c], td.d_report[c]) for c, n in enumerate(names)}
     card_ids = [int(k) for k in sc.sensitivity.argsort(descending=True)[: thr.n_passed][: s.n_cards]]
-    ver, fc = _verification(w, lc, sc, thr, td, s, card_ids)
+    ver, fc = _verification(w, lc, sc, thr, td, s, card_ids, rank, parts["positions"])
     cards = _cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = _rows(w, sc, thr, td.d_tune, lc.token_model)
     t["total"] = time.perf_counter() - t0
-    return LaterResult(w.info(), layer, lc.to_json(), {"circuit": asdict(cs), "later": asdict(s)},
-                       [x.spec for x in lc.windows], scores, rnd, asdict(thr), ver, cards, rows, t)
+    return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
+                       [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:
@@ -303,43 +261,50 @@ def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> li
 
 
 def run_later(w: ModelWeights, layer: int, cs, eval: list[str] | None, *, n_cards: int, out: Path,
-              as_json: bool) -> None:
-    """``attnscope neurons MODEL --layer L`` for ``L > 0``: run, save OUT/neurons.json, print the summary."""
+              as_json: bool, command: str = "") -> None:
+    """``attnscope neurons MODEL --layer L`` for ``L > 0``: run; write OUT/neurons.json, OUT/neurons.csv and
+    OUT/report.html (the later-layer section); print the summary."""
+    from .cache import staged_output
     from .errors import check_index
     from .later import LaterSettings
+    from .report import write_report
 
     check_index("layer", layer, w.n_layers)
     res = find_later_neurons(w, layer, cs, LaterSettings(eval=eval or None, n_cards=n_cards))
-    res.save(out)
+    with staged_output(out, "neurons") as tmp:
+        res.save(tmp)
+        write_report(tmp, model_info=res.model, later=[res], command=command,
+                     provenance={"later-layer settings": res.settings, "timings_s": res.timings})
     if as_json:
         print(json.dumps(res.to_json(), indent=1, default=str))
         return
     print_later_summary(res)
-    print(f"wrote {Path(out) / 'neurons.json'}")
+    print(f"wrote {Path(out) / 'neurons.json'}, {Path(out) / 'neurons.csv'} (one row per neuron) and "
+          f"{Path(out) / 'report.html'}")
 
 
 def print_later_summary(res: LaterResult) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .cli_show import num
+
     con = Console()
     t = Table(title=f"layers <= {res.layer}: effective embeddings and contextual heads")
     for c in ("layer", "approx. FVU (token+pos)", "unseen share", "contextual heads", "circuit FVU eff./true",
               "||G_l||", "limiting condition"):
         t.add_column(c)
-    for p in res.circuit["pieces"]:
-        f = p["circuit_fvu_effective"]
-        t.add_row(str(p["layer"]), f"{p['approximation']['fvu']:.3f}", f"{p['approximation']['unseen_share']:.3f}",
-                  str(p["heads"]), "-" if f is None else f"{f:.3f} / {p['circuit_fvu_true']:.3f}",
-                  "-" if p["propagation_norm"] is None else f"{p['propagation_norm']:.2f}",
-                  (p["circuit_error"] or "").split("(closest, ")[-1].rstrip(")")[:70])
+    for p in res.circuit.pieces:
+        f = p.circuit_fvu_effective
+        t.add_row(str(p.layer), f"{p.approximation.fvu:.3f}", f"{p.approximation.unseen_share:.3f}", str(p.heads),
+                  "-" if f is None else f"{f:.3f} / {num(p.circuit_fvu_true)}",
+                  "-" if p.propagation_norm is None else f"{p.propagation_norm:.2f}", p.limiting_condition[:70])
     con.print(t)
-    a = res.circuit["approximation_with_earlier_terms"]
-    con.print(f"residual entering layer {res.layer}: FVU {a['fvu']:.3f} with the earlier heads' terms; median "
+    a = res.circuit.approximation_with_earlier_terms
+    con.print(f"residual entering layer {res.layer}: FVU {a.fvu:.3f} with the earlier heads' terms; median "
               "Spearman vs the true per-context effects: " + ", ".join(f"{p} {res.median_spearman(p):.3f}" for p in res.scores))
     v = res.verification
-    con.print(f"{v['n_passed']} neurons pass (precision {v['precision'] or float('nan'):.3f}, all neurons "
-              f"{v['precision_random']:.3f})")
+    con.print(f"{v.n_passed} neurons pass (precision {num(v.precision)}, all neurons {v.precision_random:.3f})")
     t = Table(title="top neurons")
     for c in ("neuron", "sensitivity", "r", "FVU", "label", "top tokens", "true d (best context)"):
         t.add_column(c)

@@ -41,6 +41,7 @@ from .explain import (Explainer, TextDenominators, build_explainer, contextual_f
                       explain_terms, score_explanation, true_pre)
 from .labels import auto_label
 from .models import ModelWeights
+from .stats import median as _median
 from .texts import bundled_texts
 
 D_MIN = 1.0
@@ -107,14 +108,14 @@ class Threshold:
 class FitSummary:
     """Medians over a set of neurons of the full explanation's fit to the true pre-activation."""
 
-    n_neurons: int
-    r: float
-    fvu: float
-    r_within: float
-    fvu_within: float
-    parts: dict[str, float]  # term -> median share of variance explained
-    contextual_r: float  # contextual-heads fidelity: predicted vs true contribution of those heads only
-    contextual_fvu: float
+    n_neurons: int  # every median is None when there is no finite value (e.g. no neuron)
+    r: float | None
+    fvu: float | None
+    r_within: float | None
+    fvu_within: float | None
+    parts: dict[str, float | None]  # term -> median share of variance explained
+    contextual_r: float | None  # contextual-heads fidelity: predicted vs true contribution of those heads only
+    contextual_fvu: float | None
 
 
 @dataclass
@@ -237,11 +238,6 @@ class NeuronResult:
         (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
                                                      "denominators": {d.text: d.Z_trace for d in self.denominators}}))
         return out
-
-
-def _median(x: list[float]) -> float:
-    x = [v for v in x if v == v]
-    return float(torch.tensor(x).median()) if x else float("nan")
 
 
 def _decode(tok, ids: list[int]) -> list[str]:

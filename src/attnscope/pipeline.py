@@ -10,6 +10,7 @@ from pathlib import Path
 from .circuit import Circuit, CircuitSettings, build_circuit
 from .errors import ConditionFailedError
 from .kernels import KernelResult, KernelSettings, analyse_kernels
+from .later_result import LaterResult
 from .models import ModelWeights
 from .neurons import NeuronResult, NeuronSettings, find_neurons
 
@@ -23,13 +24,16 @@ class ReportResult:
     neurons: NeuronResult | None
     circuit_error: str | None  # why the circuit was not built (a condition of the method failed)
     timings: dict[str, float] = field(default_factory=dict)
+    later: list[LaterResult] = field(default_factory=list)  # later MLP layers, when asked for
 
 
 def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSettings | None = None,
                circuit_settings: CircuitSettings | None = None, neuron_settings: NeuronSettings | None = None,
-               command: str = "", progress: bool = True, log=print) -> ReportResult:
+               command: str = "", progress: bool = True, log=print,
+               later_layers: list[int] | None = None) -> ReportResult:
     """Run every stage on ``w`` and write ``out/report.html`` (plus each stage's JSON, arrays and figures:
-    ``out/kernels``, ``out/circuit``, ``out/neurons``)."""
+    ``out/kernels``, ``out/circuit``, ``out/neurons``; ``later_layers``: also the context neurons of those
+    MLP layers, ``out/later/L{L}``, in their own report section)."""
     from .plots import kernel_figures, neuron_figures
     from .report import write_report
 
@@ -60,7 +64,24 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
         (out / "neurons" / "condition_failed.json").write_text(json.dumps({"error": err}))
         log(f"neurons: not computed, a condition of the method fails: {err}")
     t["circuit_and_neurons"] = time.perf_counter() - t0
+    later = _later(w, later_layers, circuit_settings, neuron_settings, out, log) if later_layers else []
+    if later:
+        t["later_layers"] = time.perf_counter() - t0 - t["circuit_and_neurons"]
     report = write_report(out, model_info=w.info(), kernels=kres, circuit=circ, neurons=nres, figures=figs,
                           command=command, provenance={"kernels": kres.provenance, "timings_s": t},
-                          circuit_error=err)
-    return ReportResult(out, report, kres, circ, nres, err, t)
+                          circuit_error=err, later=later)
+    return ReportResult(out, report, kres, circ, nres, err, t, later)
+
+
+def _later(w: ModelWeights, layers: list[int], cs: CircuitSettings | None, ns: NeuronSettings | None, out: Path,
+           log) -> list[LaterResult]:
+    from .later import LaterSettings
+    from .later_eval import find_later_layers
+
+    ns = ns or NeuronSettings()
+    res = find_later_layers(w, layers, cs, LaterSettings(eval=ns.eval, n_cards=ns.max_neurons))
+    for r in res:
+        r.save(out / "later" / f"L{r.layer}")
+        log(f"layer {r.layer}: {r.verification.n_passed} neurons pass; median Spearman full "
+            f"{r.median_spearman('full'):.3f} (token-mean {r.median_spearman('token_mean'):.3f}) -> {out / 'later'}")
+    return res

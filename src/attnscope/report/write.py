@@ -12,12 +12,14 @@ from typing import TYPE_CHECKING, Any
 
 from .cards import neuron_section
 from .html import CIRCUIT_FIGURES, KERNEL_FIGURES, NEURON_FIGURES, _esc, _figure
+from .later import later_section
 from .scope import scope_section
 from .sections import circuit_section, header_section, kernel_section
 
 if TYPE_CHECKING:
     from ..circuit import Circuit
     from ..kernels import KernelResult
+    from ..later_result import LaterResult
     from ..neurons import NeuronResult
 
 
@@ -47,7 +49,8 @@ def _provenance(provenance: dict | None, kernels: KernelResult | None, circuit: 
 
 
 def _sections(kernels: KernelResult | None, circuit: Circuit | None, neurons: NeuronResult | None,
-              figures: dict[str, Path], circuit_error: str | None) -> tuple[list[str], list[tuple[str, str]]]:
+              figures: dict[str, Path], circuit_error: str | None,
+              later: list[LaterResult] | None = None) -> tuple[list[str], list[tuple[str, str]]]:
     """The sections after the header, and their navigation entries."""
     used: set[str] = set()
     parts, nav = [], []
@@ -62,8 +65,14 @@ def _sections(kernels: KernelResult | None, circuit: Circuit | None, neurons: Ne
     if neurons is not None:
         parts.append(neuron_section(neurons, figures, used))
         nav.append(("neurons", "Neurons"))
+    if later:
+        parts.append(later_section(later))
+        nav.append(("later-layers", "Later layers"))
     if circuit is None and neurons is None:
-        if circuit_error:  # the pipeline stops before the circuit when one of the method's conditions fails
+        if later:
+            parts.append('<p class="omitted">Layer-0 circuit and neurons: not part of this report (later layers '
+                         'only).</p>')
+        elif circuit_error:  # the pipeline stops before the circuit when one of the method's conditions fails
             parts.append(f'<p class="omitted" id="circuit-error">Contextual circuit and neurons: not computed, a '
                          f'condition of the method fails: {_esc(circuit_error)}</p>')
         else:
@@ -112,11 +121,13 @@ from the network.</footer>
 def write_report(out_dir: str | Path, *, model_info: dict | None = None, kernels: KernelResult | None = None,
                  circuit: Circuit | None = None, neurons: NeuronResult | None = None,
                  figures: dict[str, Path] | None = None, command: str = "", provenance: dict | None = None,
-                 circuit_error: str | None = None) -> Path:
+                 circuit_error: str | None = None, later: list[LaterResult] | None = None) -> Path:
     """Write one self-contained ``out_dir/report.html`` and return its path.
 
     ``kernels``, ``circuit``, ``neurons``: the typed results of each stage; any may be ``None`` and its
     section is then left out (with a one-line note; ``circuit_error`` says why the circuit was not built).
+    ``later``: later-layer results (:class:`~attnscope.later_result.LaterResult`, one per layer), shown in
+    their own section.
     ``figures``: name -> PNG path, as returned by :func:`~attnscope.plots.kernel_figures` /
     :func:`~attnscope.plots.neuron_figures` (embedded as base64; unknown names go to an "other figures"
     section).  ``command``: the command line that produced the results; ``provenance``: extra provenance
@@ -128,10 +139,11 @@ def write_report(out_dir: str | Path, *, model_info: dict | None = None, kernels
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = {k: Path(v) for k, v in (figures or {}).items()}
     model_info = dict(model_info or {}) or dict(kernels.model if kernels is not None else
-                                                neurons.model if neurons is not None else {})
+                                                neurons.model if neurons is not None else
+                                                later[0].model if later else {})
     date = _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
     prov = _provenance(provenance, kernels, circuit, neurons)
-    parts, nav = _sections(kernels, circuit, neurons, figs, circuit_error)
+    parts, nav = _sections(kernels, circuit, neurons, figs, circuit_error, later)
     parts.insert(0, header_section(model_info, command, prov, date, __version__))
     page = _page(model_info.get("name") or "model", date, __version__, [("summary", "Model"), *nav], parts)
     path = out_dir / "report.html"
