@@ -110,6 +110,8 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
      ["no bundled text 'klingon'"], {}),
     ("serve-port-out-of-range", ["serve", "{tiny}", "--port", "70000"], ["--port 70000 is out of range"], {}),
     ("evolution-missing-folder", ["evolution", "./no/such/checkpoints"], ["no model folder at ./no/such/checkpoints"], {}),
+    ("evolution-negative-layer", ["evolution", "{tiny}", "--layer", "-1"], ["--layer must be 0 or more"], {}),
+    ("evolution-layer-out-of-range", ["evolution", "{tiny}", "--layer", "5"], ["layer index 5", "numbered 0..1"], {}),
 ]
 
 

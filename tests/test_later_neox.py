@@ -4,7 +4,9 @@ finite differences on transformers' own GPT-NeoX forward pass, with parallel and
 
 from __future__ import annotations
 
+import json
 import shutil
+from dataclasses import replace
 
 import pytest
 import torch
@@ -111,3 +113,58 @@ def test_direct_path_is_exact_without_attention(neox3):
     D = direct_path(w0, 2, {l: b_O[l] for l in range(2)})  # each attention output is exactly its mean
     torch.testing.assert_close(D[ids[0]], resid.float(), atol=1e-4, rtol=1e-4)
     assert (D[ids[0]] - w.W_E[ids[0]]).abs().max() > 1e-2  # the MLPs moved it: not a comparison of embeddings
+
+
+def _neox_ckpt(path, tok_dir, step: int, seed: int):
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=128, rotary_pct=0.25,
+                        use_parallel_residual=True, initializer_range=0.1, hidden_act="gelu",
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    GPTNeoXForCausalLM(cfg).eval().save_pretrained(path)
+    for f in tok_dir.glob("tok*"):
+        shutil.copy(f, path / f.name)
+    (path / "training.json").write_text(json.dumps({"step": step, "tokens_seen": step * 64}))
+    return path
+
+
+def test_evolution_tracks_a_later_layer_on_parallel_models(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """Pythia-style series: the layer-0 neuron method does not apply, ``layer=1`` tracks the MLP of layer 1 by
+    the later-layer method; the ground truth is checked against transformers' own forward pass (hooks)."""
+    import attnscope.evolution as E
+    from attnscope.circuit import CircuitSettings
+    from attnscope.kernels import KernelSettings
+    from attnscope.later import LaterSettings, sources
+    from attnscope.neurons import NeuronSettings
+
+    monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path / "cache"))
+    for step, seed in ((0, 0), (10, 1)):
+        _neox_ckpt(tmp_path / f"s{step}", tiny_gpt2_dir, step, seed)
+    base = E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), circuit=CircuitSettings(window=32),
+                               neuron=NeuronSettings(max_windows=2), top_k=3)
+    zero = E.run_evolution([str(tmp_path / "s0")], base)
+    assert zero.checkpoints[0].top_neurons == [] and "--layer 1" in zero.checkpoints[0].notes[0]
+    res = E.run_evolution([str(tmp_path / "s0"), str(tmp_path / "s10")], replace(base, layer=1))
+    c = res.checkpoints[1]
+    assert c.notes == [] and [n.rank for n in c.top_neurons] == [1, 2, 3]
+    assert all(a.effect >= b.effect for a, b in zip(c.top_neurons, c.top_neurons[1:]))
+    w, hf = load_model(str(tmp_path / "s10"), keep_hf=True)
+    wins = sources(w, base.circuit, LaterSettings(eval=None, max_windows=2), 128)
+    pres = []
+    for x in wins:  # the MLP of layer 1's pre-activation from the model's own forward pass
+        got = []
+        h = hf.gpt_neox.layers[1].mlp.dense_h_to_4h.register_forward_hook(lambda m, a, o: got.append(o.detach()))
+        with torch.no_grad():
+            hf(x.report)
+        h.remove()
+        pres.append(got[0][:, base.circuit.window // 4 :].reshape(-1, w.d_mlp).double())  # min_position
+    names = [x.name for x in wins]
+    for cn in c.context_neurons:
+        k = names.index(cn.context)
+        a, rest = pres[k], torch.cat([p for j, p in enumerate(pres) if j != k])
+        d = (a.mean(0) - rest.mean(0)) / ((a.var(0, unbiased=False) + rest.var(0, unbiased=False)) / 2).sqrt()
+        assert cn.index == int(d.argmax()) and cn.d == pytest.approx(float(d.max()), abs=1e-3)
+        assert 1 <= cn.rank <= w.d_mlp
