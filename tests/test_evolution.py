@@ -99,6 +99,8 @@ def test_summary_numbers_are_the_analyses(result, series):
     assert c.contextual_heads == circ.heads
     assert [(x.name, x.ok) for x in c.conditions] == [(x.name, bool(x.ok)) for x in circ.conditions]
     assert [h.chosen for h in c.head_criteria] == [d.chosen for d in circ.decisions]
+    assert [(h.measured["broad kernel"], h.measured["weak content dependence"], h.measured["shared kernel"])
+            for h in c.head_criteria] == [(d.n_eff, d.logit_std, d.share_tv) for d in circ.decisions]
     # a chosen head passes every criterion
     assert all(all(h.criteria.values()) for h in c.head_criteria if h.chosen)
     windows, _, d = E.ground_truth(w, circ, _fast())
@@ -132,6 +134,46 @@ def test_cache_adding_a_checkpoint_recomputes_only_that_one(result, series, tmp_
     assert set(calls) == {str(extra)}  # (twice: the second run forces every head to record the criteria)
     assert [c.step for c in more.checkpoints] == [0, 20, 40]
     assert [c.to_json() for c in more.checkpoints[:2]] == [c.to_json() for c in result.checkpoints]
+
+
+def test_corrupt_summary_is_dropped_and_recomputed(result, series, monkeypatch, caplog):
+    from attnscope.cache import cache_dir, cache_info
+
+    entries = sorted((cache_dir() / "evolution").glob("*.json"))
+    assert len(entries) >= 2 and cache_info()["kinds"]["evolution"]["entries"] == len(entries)
+    entries = [e for e in entries if json.loads(e.read_text())["spec"] == result.checkpoints[0].spec]
+    entries[0].write_text('{"truncated": ')  # a half-written or damaged entry
+    calls = []
+    real = E.build_circuit
+    monkeypatch.setattr(E, "build_circuit", lambda w, s=None: calls.append(w.name) or real(w, s))
+    with caplog.at_level("WARNING"):
+        again = E.run_evolution([str(series)], _fast())
+    assert "dropped unreadable cache entry" in caplog.text and calls  # recomputed, with one logged line
+    untimed = lambda cs: [{k: v for k, v in c.to_json().items() if k != "seconds"} for c in cs]  # noqa: E731
+    assert untimed(again.checkpoints) == untimed(result.checkpoints)
+    rewritten = E.CheckpointSummary.from_json(json.loads(entries[0].read_text()))  # rewritten, readable again
+    assert rewritten.fingerprint in {c.fingerprint for c in result.checkpoints}
+
+
+def test_no_checkpoint_outlives_its_analysis(series, monkeypatch):
+    """Memory does not grow with the number of checkpoints: each model is freed before the next loads."""
+    import gc
+    import weakref
+
+    alive, refs, real = [], [], E.load_model
+
+    def load(*a, **k):
+        gc.collect()
+        alive.append(sum(r() is not None for r in refs))  # models still alive when the next one loads
+        w = real(*a, **k)
+        refs.append(weakref.ref(w))
+        return w
+
+    monkeypatch.setattr(E, "load_model", load)
+    res = E.run_evolution([str(series)], _fast(), cache=False)
+    gc.collect()
+    assert len(refs) == len(res.checkpoints) == 2 and alive == [0, 0]
+    assert all(r() is None for r in refs)
 
 
 def _summary(step, cats, ok, d, selected, top):

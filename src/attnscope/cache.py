@@ -37,7 +37,7 @@ T = TypeVar("T")
 _ENABLED: ContextVar[bool] = ContextVar("attnscope_cache_enabled", default=True)
 
 #: The sub-caches that ``attnscope cache clear`` may remove (nothing else in the folder is touched).
-KINDS = ("kernels", "tokens", "gguf", "filehash")
+KINDS = ("kernels", "tokens", "gguf", "filehash", "evolution")
 
 
 def cache_dir() -> Path:

@@ -351,7 +351,7 @@ def evolution(
 
 @cache_app.command("info")
 def cache_info_cmd(as_json: JsonOpt = False) -> None:
-    """Where the cache is, and entries and size of each part (kernels, tokens, gguf, filehash)."""
+    """Where the cache is, and entries and size of each part (kernels, tokens, gguf, filehash, evolution)."""
     from .cache import cache_info
 
     d = cache_info()
@@ -364,7 +364,7 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
 @cache_app.command("clear")
 def cache_clear_cmd(
     kinds: Annotated[Optional[list[str]], typer.Argument(metavar="[PART]...", show_default=False,
-                                                         help="kernels, tokens, gguf or filehash [default: all]")] = None,
+                                                         help="kernels, tokens, gguf, filehash or evolution [default: all]")] = None,
 ) -> None:
     """Remove the cache (or the named parts); everything in it is recomputed when next needed."""
     from .cache import KINDS, cache_clear, cache_dir

@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .cache import read_or_drop, write_json
 from .circuit import Circuit, CircuitSettings, build_circuit
 from .circuit_result import HEAD_CRITERIA
 from .errors import AttnscopeError, ConditionFailedError, check_index
@@ -37,7 +38,7 @@ from .neurons import NeuronSettings, held_out_windows, label, one_vs_rest_effect
 __all__ = ["EvolutionSettings", "CheckpointRef", "CheckpointSummary", "EvolutionResult", "discover_checkpoints",
            "summarise_checkpoint", "run_evolution", "ground_truth", "timeline"]
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 #: contexts whose neurons the timeline follows (bundled text names)
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
@@ -143,6 +144,7 @@ class HeadCriteria:
     head: int
     chosen: bool
     criteria: dict[str, bool]
+    measured: dict[str, float | None] = field(default_factory=dict)  # criterion -> its measured value
 
 
 @dataclass
@@ -211,8 +213,15 @@ def _head_points(w: ModelWeights, s: EvolutionSettings, cache: bool) -> list[Hea
     return [HeadPoint(r.layer, r.head, r.category, r.n_eff, r.decay_length, r.sink_mass) for r in res.records]
 
 
+def _measured(d) -> dict[str, float | None]:
+    """Each detection criterion's measured value: N_eff, std log f, decomposition TV, CV(Z), shared-kernel TV."""
+    vals = (d.n_eff, d.logit_std, d.decomposition_tv, d.denominator_cv, d.share_tv)
+    return {c.value: (None if v is None else float(v)) for c, v in zip(HEAD_CRITERIA, vals)}
+
+
 def _criteria(circ: Circuit) -> list[HeadCriteria]:
-    return [HeadCriteria(d.head, d.chosen, {c.value: c not in d.failed for c in HEAD_CRITERIA}) for d in circ.decisions]
+    return [HeadCriteria(d.head, d.chosen, {c.value: c not in d.failed for c in HEAD_CRITERIA}, _measured(d))
+            for d in circ.decisions]
 
 
 @torch.no_grad()
@@ -279,8 +288,8 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
     w = load_model(ref.spec, device=device, dtype=dtype)
     check_index("layer", s.layer, w.n_layers)  # before any analysis: one line, exit 2
     path = cache_dir() / "evolution" / f"{_summary_key(w, s)}.json"
-    if cache and path.is_file():
-        out = CheckpointSummary.from_json(json.loads(path.read_text()))
+    out = read_or_drop(path, lambda p: CheckpointSummary.from_json(json.loads(p.read_text()))) if cache else None
+    if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed below
         out.spec, out.step, out.tokens_seen, out.heldout_loss = ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss
         return out
     t0 = time.time()
@@ -302,8 +311,7 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
                             time.time() - t0, notes)
     if cache:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(out.to_json()))
+        write_json(path, out.to_json(), indent=None)
     del w, circ
     return out
 

@@ -202,7 +202,8 @@ def _checkpoint_section(res: EvolutionResult) -> str:
     crit = []
     for c in res.checkpoints:
         for h in c.head_criteria:
-            crit.append([_esc(c.step), _esc(h.head), _mark(h.chosen)] + [_mark(h.criteria.get(k)) for k in CRITERIA])
+            crit.append([_esc(c.step), _esc(h.head), _mark(h.chosen)]
+                        + [f"{_mark(h.criteria.get(k))} {_num(h.measured.get(k), 3)}" for k in CRITERIA])
     notes = sorted({n for c in res.checkpoints for n in c.notes} | {c.circuit_error for c in res.checkpoints
                                                                      if c.circuit_error})
     note_html = "".join(f'<p class="note">{_esc(n)}</p>' for n in notes)
