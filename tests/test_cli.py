@@ -113,6 +113,8 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("bos-without-bos-token", ["kernels", "{nobos}", "--bos"], ["has no BOS token id", "without BOS"], {}),
     ("query-conditioned-bogus", ["neurons", "{tiny}", "--query-conditioned", "maybe"],
      ["--query-conditioned 'maybe'", "auto, on or off"], {}),
+    ("evolution-negative-layer", ["evolution", "{tiny}", "--layer", "-1"], ["--layer must be 0 or more"], {}),
+    ("evolution-layer-out-of-range", ["evolution", "{tiny}", "--layer", "5"], ["layer index 5", "numbered 0..1"], {}),
 ]
 
 

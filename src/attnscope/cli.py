@@ -319,6 +319,9 @@ def evolution(
     out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"),
     n_samples: Annotated[int, typer.Option(metavar="N", help="kernel sample windows per checkpoint")] = 16,
     top_k: Annotated[int, typer.Option(metavar="K", help="top neurons followed across steps")] = 10,
+    layer: Annotated[int, typer.Option(metavar="L", help="MLP layer whose neurons are tracked (0: the layer-0 "
+                                                        "circuit; 1 or deeper: the later-layer method, which "
+                                                        "GPT-NeoX/Pythia needs)")] = 0,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None,
 ) -> None:
     """How kernels, contextual heads and context neurons form over training checkpoints.
@@ -329,9 +332,11 @@ def evolution(
     from .evolution_report import evolution_figures, write_evolution_page
 
     A.check_positive(n_samples=n_samples, top_k=top_k)
+    if layer < 0:
+        raise AttnscopeError(f"--layer must be 0 or more, got {layer}")
     rt = _runtime(ctx, device, dtype, None)
     A.check_out(out)
-    s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k)
+    s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k, layer=layer)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
     with _session(no_cache, "strict"):
         res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log)

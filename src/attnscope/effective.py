@@ -129,7 +129,8 @@ def sample_activations(w: ModelWeights, windows: Tensor, layers: list[int], batc
             for k, v in (("attn", a.attn_out[:, 1:].double().sum((0, 1)).cpu()), ("slope", sl), ("gate", gm),
                          ("keep", keep)):
                 sums[k][l] = v if sums[k].get(l) is None else sums[k][l] + v
-            for k, x in (("s1", a.resid_pre), ("s2", a.resid_pre + a.attn_out)):
+            m_src = a.resid_pre if w.parallel_attn_mlp else a.resid_pre + a.attn_out  # what the MLP normalises
+            for k, x in (("s1", a.resid_pre), ("s2", m_src)):
                 sums[k].setdefault(l, []).append(_scale(w, x[:, 1:]).reshape(-1).cpu())
         n += batch.shape[0] * (batch.shape[1] - 1)
     mean = {k: {l: (None if v is None else (v / max(n, 1)).float()) for l, v in sums[k].items()}
@@ -155,7 +156,7 @@ def direct_path(w: ModelWeights, layer: int, mean_attn_out: dict[int, Tensor], c
             x = start[c0 : c0 + chunk].to(w.device).float()
         for l in range(start_layer if start is not None else 0, layer):
             mid = x + mean_attn_out[l].to(x)
-            m_in = norm(w, mid, w.ln2_w[l], None if w.ln2_b is None else w.ln2_b[l])
+            m_in = norm(w, x if w.parallel_attn_mlp else mid, w.ln2_w[l], None if w.ln2_b is None else w.ln2_b[l])
             if w.W_gate is not None:
                 post = activation(w.act, m_in @ w.W_gate[l]) * (m_in @ w.W_in[l] + w.b_in[l])
             else:

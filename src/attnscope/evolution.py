@@ -27,7 +27,8 @@ from torch import Tensor
 from .cache import read_or_drop, write_json
 from .circuit import Circuit, CircuitSettings, build_circuit
 from .circuit_result import HEAD_CRITERIA
-from .errors import AttnscopeError, ConditionFailedError
+from .errors import AttnscopeError, ConditionFailedError, check_index
+from .evolution_later import later_neurons
 from .kernels import KernelSettings, analyse_kernels
 from .models import ModelWeights, cache_dir, load_model
 from .models.resolve import split_revision
@@ -42,8 +43,8 @@ SCHEMA_VERSION = 5
 TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
 D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
 PARALLEL_NOTE = ("parallel attention + MLP (GPT-NeoX): the layer-0 MLP does not read layer-0 attention, so the "
-                 "layer-0 neuron method does not apply (it needs the later-layer method); kernels, heads and the "
-                 "ground truth are reported, the method's neurons are not")
+                 "layer-0 neuron method does not apply; kernels, heads and the ground truth are reported, the "
+                 "method's neurons are not (track a later MLP layer with --layer 1 or deeper)")
 CRITERIA = tuple(c.value for c in HEAD_CRITERIA)  # the per-head detection criteria
 
 
@@ -55,10 +56,11 @@ class EvolutionSettings:
     circuit: CircuitSettings = field(default_factory=CircuitSettings)
     neuron: NeuronSettings = field(default_factory=NeuronSettings)  # max_windows: held-out windows per text
     top_k: int = 10  # top neurons (by the method's predicted sensitivity) followed across steps
+    layer: int = 0  # the MLP layer whose neurons are tracked (>= 1: the later-layer method)
 
     def to_json(self) -> dict:
         return {"kernel": asdict(self.kernel), "circuit": asdict(self.circuit), "neuron": asdict(self.neuron),
-                "top_k": self.top_k}
+                "top_k": self.top_k, "layer": self.layer}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -255,6 +257,18 @@ def _neurons(w: ModelWeights, circ: Circuit, s: EvolutionSettings, windows: list
     return thr.n_passed, top, ctx
 
 
+def _tracked_neurons(w: ModelWeights, circ: Circuit | None, any_circ: Circuit, s: EvolutionSettings):
+    """``(n_selected, top neurons, context neurons)`` of the tracked MLP layer at one checkpoint: layer 0 by the
+    layer-0 method (when there is a circuit and the MLP reads it), a later layer by the later-layer method."""
+    if s.layer > 0:
+        return later_neurons(w, s, s.layer, NeuronPoint, _context_neuron, TRACKED_CONTEXTS)
+    windows, d_tune, d_report = ground_truth(w, any_circ, s)
+    if circ is not None and not w.parallel_attn_mlp:
+        return _neurons(w, circ, s, windows, d_tune, d_report)
+    names = [x.name for x in windows]
+    return 0, [], [_context_neuron(c, d_report[names.index(c)], None, 0) for c in TRACKED_CONTEXTS if c in names]
+
+
 def _context_neuron(context: str, row: Tensor, rank: Tensor | None, n_selected: int) -> ContextNeuron:
     k = int(row.argmax())
     r = None if rank is None else int(rank[k])
@@ -272,6 +286,7 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
                          device: str = "cpu", dtype: str = "float32") -> CheckpointSummary:
     """Analyse one checkpoint (or read its cached summary); nothing but the summary is kept."""
     w = load_model(ref.spec, device=device, dtype=dtype)
+    check_index("layer", s.layer, w.n_layers)  # before any analysis: one line, exit 2
     path = cache_dir() / "evolution" / f"{_summary_key(w, s)}.json"
     out = read_or_drop(path, lambda p: CheckpointSummary.from_json(json.loads(p.read_text()))) if cache else None
     if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed below
@@ -290,14 +305,8 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
         c.chosen = False
     conds = [] if circ is None else [ConditionPoint(c.name, bool(c.ok), float(c.measured), float(c.threshold))
                                      for c in circ.conditions]
-    windows, d_tune, d_report = ground_truth(w, circ or forced, s)
-    names = [x.name for x in windows]
-    notes = [PARALLEL_NOTE] if w.parallel_attn_mlp else []
-    if circ is not None and not w.parallel_attn_mlp:
-        n_sel, top, ctx = _neurons(w, circ, s, windows, d_tune, d_report)
-    else:
-        n_sel, top, ctx = 0, [], [_context_neuron(c, d_report[names.index(c)], None, 0)
-                                  for c in TRACKED_CONTEXTS if c in names]
+    notes = [PARALLEL_NOTE] if w.parallel_attn_mlp and s.layer == 0 else []
+    n_sel, top, ctx = _tracked_neurons(w, circ, circ or forced, s)
     out = CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
                             time.time() - t0, notes)

@@ -116,8 +116,17 @@ def mlp_map(w: ModelWeights, sa: SampleActivations, m: int) -> Tensor:
 
 def propagation(w: ModelWeights, sa: SampleActivations, l: int, L: int) -> tuple[Tensor, Tensor]:
     """``(G_l, R_l)`` ``[d, d]``: from the residual after layer ``l``'s attention to the input of the MLP of
-    ``L`` (``G_l``) and to the residual entering layer ``L`` (``R_l``, without layer ``L``'s heads)."""
+    ``L`` (``G_l``) and to the residual entering layer ``L`` (``R_l``, without layer ``L``'s heads).
+
+    Parallel attention + MLP (GPT-NeoX): every block adds ``attn(ln1(r)) + mlp(ln2(r))`` of the same input,
+    so layer ``l``'s heads reach neither the MLP of ``l`` nor, at ``L``, does the MLP read layer ``L``'s heads:
+    ``R_l = prod_{l<m<L} (I + A_m + J_m)`` and ``G_l = R_l``."""
     I = torch.eye(w.d_model, dtype=torch.float64)
+    if w.parallel_attn_mlp:
+        R = I.clone()
+        for m in range(l + 1, L):
+            R = R @ (I + attention_map(w, sa, m) + mlp_map(w, sa, m))
+        return R.float(), R.float()
     R = I + mlp_map(w, sa, l)
     for m in range(l + 1, L):
         R = R @ (I + attention_map(w, sa, m)) @ (I + mlp_map(w, sa, m))
@@ -223,7 +232,7 @@ def _token_parts(w: ModelWeights, lc: LaterCircuit) -> dict[str, Tensor]:
         bag, oth = tm.parts["contextual bag"].float().cpu(), tm.parts["other heads"].float().cpu()
         if l < lc.layer:
             earlier += lc.gain.get(l, 1.0) * (bag + oth) @ lc.G[l]
-        else:
+        elif not w.parallel_attn_mlp:  # with parallel attention the MLP of L does not read layer L's heads
             own = {"contextual bag": bag, "other heads": oth}
     parts = {"direct": lc.direct.E, "earlier layers": earlier, **own}
     return {k: centre(v, w).to(w.dtype).to(w.device) for k, v in parts.items()}

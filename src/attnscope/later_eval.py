@@ -128,7 +128,7 @@ def position_prediction(w: ModelWeights, lc: LaterCircuit, tokens: Tensor, neuro
         return centre(v.float().cpu(), w) @ W / lc.scale
 
     parts = {"direct": read(lc.direct.residual(tokens)), "earlier layers": read(earlier_terms(lc, tokens))}
-    if L in lc.circuits:
+    if L in lc.circuits and not w.parallel_attn_mlp:  # parallel attention: the MLP of L reads no layer-L head
         dev = lc.circuits[L].kernel.device
         parts["contextual bag"] = read(lc.circuits[L].summary(tokens.to(dev)))
         parts["other heads"] = read(other_heads_output(lc.explainers[L], tokens.to(dev)))

@@ -462,6 +462,9 @@ def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: Tok
 def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None = None, *,
                  progress: bool = True) -> NeuronResult:
     """Score, select, verify and label every neuron of the layer-0 MLP (see the module docstring)."""
+    if w.parallel_attn_mlp:
+        raise AttnscopeError(f"the layer-0 MLP of {w.name} does not read layer-0 attention (parallel attention + MLP, "
+                             "GPT-NeoX), so it has no layer-0 context neurons; use the later-layer method: --layer 1 or deeper")
     s = settings or NeuronSettings()
     windows = held_out_windows(w, circ, s.eval, s.max_windows)
     ex = build_explainer(w, circ)
