@@ -217,7 +217,7 @@ def _circuit_fvus(w: ModelWeights, l: int, view: ModelWeights, circ: Circuit, te
     for t in texts.values():
         t = t[: circ.T]
         ys.append(centre(_true_heads(w, l, circ.heads, t), w)[n_min:].double().cpu())
-        yh.append(centre(circ.summary(t.to(circ.kernel.device)), w)[n_min:].double().cpu())
+        yh.append(centre(circ.output(view, t.to(view.device)), w)[n_min:].double().cpu())  # the form circuit_fidelity scores
     y, yhat = torch.cat(ys), torch.cat(yh)
     return eff_fvu, float(((y - yhat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
