@@ -362,6 +362,7 @@ def test_demo_command(demo, tmp_path):
     d = json.loads((tmp_path / "neurons" / "neurons.json").read_text())
     assert d["summary"]["n_neurons_found"] > 0
     assert not [p for p in tmp_path.iterdir() if "staging" in p.name]
+    assert f"-> {tmp_path / 'neurons'}" in r.output and "staging" not in r.output  # the final folder is named
 
 
 def test_bos_option_is_recorded(tiny_gpt2_dir, tmp_path, monkeypatch, capsys):

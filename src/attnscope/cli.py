@@ -212,7 +212,8 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
             check_index("layer", l, w.n_layers)
         with staged_output(out, "report") as tmp:
             run_report(w, tmp, kernel_settings=ks, circuit_settings=cs, neuron_settings=ns,
-                       command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo, later_layers=later)
+                       command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo, later_layers=later,
+                       shown_out=out)
     typer.echo(f"report: {(out / 'report.html').resolve()}")
 
 

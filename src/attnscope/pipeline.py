@@ -30,14 +30,16 @@ class ReportResult:
 def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSettings | None = None,
                circuit_settings: CircuitSettings | None = None, neuron_settings: NeuronSettings | None = None,
                command: str = "", progress: bool = True, log=print,
-               later_layers: list[int] | None = None) -> ReportResult:
+               later_layers: list[int] | None = None, shown_out: str | Path | None = None) -> ReportResult:
     """Run every stage on ``w`` and write ``out/report.html`` (plus each stage's JSON, arrays and figures:
     ``out/kernels``, ``out/circuit``, ``out/neurons``; ``later_layers``: also the context neurons of those
-    MLP layers, ``out/later/L{L}``, in their own report section)."""
+    MLP layers, ``out/later/L{L}``, in their own report section).  ``shown_out``: the folder named in the log
+    lines (the final one, when ``out`` is a staging folder renamed into place afterwards)."""
     from .plots import kernel_figures, neuron_figures
     from .report import write_report
 
     out = Path(out)
+    shown = Path(shown_out) if shown_out is not None else out
     out.mkdir(parents=True, exist_ok=True)
     t: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -45,7 +47,7 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
     kres.save(out / "kernels")
     figs = {k: p for k, p in kernel_figures(kres, out / "kernels").items()}
     t["kernels"] = time.perf_counter() - t0
-    log(f"kernels: {len(kres.records)} heads in {t['kernels']:.1f} s -> {out / 'kernels'}")
+    log(f"kernels: {len(kres.records)} heads in {t['kernels']:.1f} s -> {shown / 'kernels'}")
     circ, nres, err = None, None, None
     t0 = time.perf_counter()
     try:
@@ -56,7 +58,7 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
         figs.update(neuron_figures(nres, circ, out / "neurons"))
         s = nres.summary()
         log(f"neurons: contextual heads {s['heads']}; {s['n_neurons_found']} neurons found, median r "
-            f"{s['median_r']:.3f}, median FVU {s['median_fvu']:.3f} -> {out / 'neurons'}" if s["median_r"] is not None
+            f"{s['median_r']:.3f}, median FVU {s['median_fvu']:.3f} -> {shown / 'neurons'}" if s["median_r"] is not None
             else f"neurons: contextual heads {s['heads']}; no neuron passed the selection")
     except ConditionFailedError as e:
         err = str(e)
@@ -64,7 +66,7 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
         (out / "neurons" / "condition_failed.json").write_text(json.dumps({"error": err}))
         log(f"neurons: not computed, a condition of the method fails: {err}")
     t["circuit_and_neurons"] = time.perf_counter() - t0
-    later = _later(w, later_layers, circuit_settings, neuron_settings, out, log) if later_layers else []
+    later = _later(w, later_layers, circuit_settings, neuron_settings, out, log, shown) if later_layers else []
     if later:
         t["later_layers"] = time.perf_counter() - t0 - t["circuit_and_neurons"]
     report = write_report(out, model_info=w.info(), kernels=kres, circuit=circ, neurons=nres, figures=figs,
@@ -74,7 +76,7 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
 
 
 def _later(w: ModelWeights, layers: list[int], cs: CircuitSettings | None, ns: NeuronSettings | None, out: Path,
-           log) -> list[LaterResult]:
+           log, shown: Path) -> list[LaterResult]:
     from .later import LaterSettings
     from .later_eval import find_later_layers
 
@@ -83,5 +85,5 @@ def _later(w: ModelWeights, layers: list[int], cs: CircuitSettings | None, ns: N
     for r in res:
         r.save(out / "later" / f"L{r.layer}")
         log(f"layer {r.layer}: {r.verification.n_passed} neurons pass; median Spearman full "
-            f"{r.median_spearman('full'):.3f} (token-mean {r.median_spearman('token_mean'):.3f}) -> {out / 'later'}")
+            f"{r.median_spearman('full'):.3f} (token-mean {r.median_spearman('token_mean'):.3f}) -> {shown / 'later'}")
     return res
