@@ -84,12 +84,10 @@ def test_propagation_matches_finite_differences(neox3):
             assert float((wrong - got).norm()) > 2 * float((pred - got).norm())
 
 
-def test_layer0_neurons_refused_on_parallel_models(neox3):
+def test_layer0_neurons_refused_on_parallel_models(tiny_gpt2_dir, tmp_path):
     from attnscope.neurons import find_neurons
 
-    w, _ = neox3
-    if not w.parallel_attn_mlp:
-        pytest.skip("sequential GPT-NeoX: the layer-0 MLP reads layer-0 attention")
+    w, _ = _neox(tmp_path / "par", tiny_gpt2_dir, parallel=True)
     with pytest.raises(AttnscopeError, match="does not read layer-0 attention.*--layer 1"):
         find_neurons(w, None)  # refused before the circuit is read
 
