@@ -249,7 +249,8 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     rows = _rows(w, sc, thr, td.d_tune, lc.token_model)
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
-                       [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling)
+                       [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling,
+                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)})
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:

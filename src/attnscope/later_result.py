@@ -14,6 +14,8 @@ import json
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+from torch import Tensor
+
 from .circuit_result import Condition
 from .errors import AttnscopeError
 from .groundtruth import DiscoveryScores
@@ -178,6 +180,9 @@ class LaterResult:
     # evaluation (what the tuning half's own measured truth reaches)
     ceiling: dict[str, float] = field(default_factory=dict)
     schema_version: int = SCHEMA_VERSION
+    # source -> every neuron's TRUE one-vs-rest effect size on the reporting half ([d_mlp]); kept from the run
+    # for callers that track neurons (attnscope evolution --layer), not saved
+    true_d_report: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def median_ceiling(self) -> float | None:
