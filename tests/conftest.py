@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,23 @@ def make_tiny_gpt2(path: Path, *, n_layer: int = 2, n_head: int = 4, n_embd: int
     model = GPT2LMHeadModel(cfg).eval()
     model.save_pretrained(path)
     fast.save_pretrained(path)
+    return path
+
+
+def make_tiny_neox(path: Path, tok_dir: Path, *, parallel: bool = True, n_layer: int = 2, d_mlp: int = 256,
+                   n_ctx: int = 128, rotary_pct: float = 0.25, init_range: float = 0.2, seed: int = 0) -> Path:
+    """A random GPT-NeoX model (width 64, 4 heads, partial rotary) with the tokenizer of ``tok_dir``."""
+    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    torch.manual_seed(seed)
+    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=n_layer, num_attention_heads=4,
+                        intermediate_size=d_mlp, max_position_embeddings=n_ctx, rotary_pct=rotary_pct,
+                        use_parallel_residual=parallel, initializer_range=init_range, hidden_act="gelu",
+                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
+    GPTNeoXForCausalLM(cfg).eval().save_pretrained(path)
+    for f in tok_dir.glob("tok*"):
+        shutil.copy(f, path / f.name)
     return path
 
 

@@ -5,7 +5,6 @@ finite differences on transformers' own GPT-NeoX forward pass, with parallel and
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 
 import pytest
@@ -18,21 +17,11 @@ from attnscope.later import propagation
 from attnscope.models import load_model
 from attnscope.texts import load_windows
 
-from conftest import DATA
+from conftest import DATA, make_tiny_neox
 
 
 def _neox(path, tok_dir, parallel: bool):
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(1)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=64, rotary_pct=0.25,
-                        use_parallel_residual=parallel, initializer_range=0.05, hidden_act="gelu",
-                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    GPTNeoXForCausalLM(cfg).eval().save_pretrained(path)
-    for f in tok_dir.glob("tok*"):
-        shutil.copy(f, path / f.name)
+    make_tiny_neox(path, tok_dir, parallel=parallel, n_layer=3, n_ctx=64, init_range=0.05, seed=1)
     return load_model(str(path), keep_hf=True)
 
 
@@ -114,17 +103,7 @@ def test_direct_path_is_exact_without_attention(neox3):
 
 
 def _neox_ckpt(path, tok_dir, step: int, seed: int):
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, rotary_pct=0.25,
-                        use_parallel_residual=True, initializer_range=0.1, hidden_act="gelu",
-                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    GPTNeoXForCausalLM(cfg).eval().save_pretrained(path)
-    for f in tok_dir.glob("tok*"):
-        shutil.copy(f, path / f.name)
+    make_tiny_neox(path, tok_dir, d_mlp=128, init_range=0.1, seed=seed)
     (path / "training.json").write_text(json.dumps({"step": step, "tokens_seen": step * 64}))
     return path
 
@@ -153,8 +132,9 @@ def test_evolution_tracks_a_later_layer_on_parallel_models(tiny_gpt2_dir, tmp_pa
     wins = sources(w, base.circuit, LaterSettings(eval=None, max_windows=2), 128)
     pres = []
     for x in wins:  # the MLP of layer 1's pre-activation from the model's own forward pass
-        got = []
-        h = hf.gpt_neox.layers[1].mlp.dense_h_to_4h.register_forward_hook(lambda m, a, o: got.append(o.detach()))
+        got: list = []
+        h = hf.gpt_neox.layers[1].mlp.dense_h_to_4h.register_forward_hook(
+            lambda m, a, o, got=got: got.append(o.detach()))
         with torch.no_grad():
             hf(x.report)
         h.remove()

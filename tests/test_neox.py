@@ -3,8 +3,6 @@ weights of randomly initialised GPT-NeoX models built with transformers; ``hub-i
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 import torch
 
@@ -13,27 +11,14 @@ from attnscope.forward import compare_with_model, run
 from attnscope.models import load_model, resolve
 from attnscope.models.resolve import split_revision
 
+from conftest import make_tiny_neox
+
 TOL = 1e-4  # as tests/test_forward.py
-
-
-def _make_neox(path, tok_dir, *, parallel: bool, rotary_pct: float = 0.25, seed: int = 0):
-    from transformers import AutoTokenizer, GPTNeoXConfig, GPTNeoXForCausalLM
-
-    tok = AutoTokenizer.from_pretrained(tok_dir)
-    torch.manual_seed(seed)
-    cfg = GPTNeoXConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=256, max_position_embeddings=128, rotary_pct=rotary_pct,
-                        use_parallel_residual=parallel, initializer_range=0.2, hidden_act="gelu",
-                        bos_token_id=0, eos_token_id=0, tie_word_embeddings=False)
-    GPTNeoXForCausalLM(cfg).eval().save_pretrained(path)
-    for f in tok_dir.glob("tok*"):
-        shutil.copy(f, path / f.name)
-    return path
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["parallel", "sequential"])
 def neox(request, tiny_gpt2_dir, tmp_path_factory):
-    path = _make_neox(tmp_path_factory.mktemp("neox"), tiny_gpt2_dir, parallel=request.param)
+    path = make_tiny_neox(tmp_path_factory.mktemp("neox"), tiny_gpt2_dir, parallel=request.param)
     return load_model(str(path), keep_hf=True), request.param
 
 
