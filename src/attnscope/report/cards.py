@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from .html import NEURON_FIGURES, _badge, _esc, _figures, _fmt, _token
 
 if TYPE_CHECKING:
-    from ..neurons import NeuronCard, NeuronResult
+    from ..neurons import NeuronCard, NeuronResult, NeuronRow
 
 
 def _trace_svg(tr: dict, name: str, kind: str) -> str:
@@ -101,13 +101,14 @@ def _neuron_card(r: NeuronCard, traces: dict) -> str:
 </article>"""
 
 
-def _ranking_table(neurons: NeuronResult, n: int = 15) -> str:
+def _ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15) -> str:
+    """The top ``n`` rows of a ranked neuron table (layer 0 and the later layers share it)."""
     rows = "".join(
         f"<tr><td>{r.rank}</td><td>{r.index}</td><td>{_fmt(r.sensitivity)}</td><td>{_esc(r.best_contrast)}</td>"
         f"<td>{_fmt(r.predicted_d)}</td><td>{_badge(r.passed, 'yes', 'no')}</td>"
         f"<td>{' '.join(f'<code class=tok>{_token(t)}</code>' for t in r.top_positive_tokens)}</td></tr>"
-        for r in neurons.rows[:n])
-    return (f'<div class="table-wrap"><table id="neuron-ranking" class="data"><thead><tr><th>rank</th><th>neuron</th>'
+        for r in neuron_rows[:n])
+    return (f'<div class="table-wrap"><table id="{table_id}" class="data"><thead><tr><th>rank</th><th>neuron</th>'
             f"<th>predicted |d|</th><th>contrast</th><th>predicted d</th><th>passes</th><th>top tokens</th></tr>"
             f"</thead><tbody>{rows}</tbody></table></div>")
 
@@ -134,7 +135,7 @@ one-vs-rest contrasts of the held-out sources, from the full layer-0 explanation
 tuning half of the held-out windows is at least {_esc(_fmt(neurons.threshold.precision_target))}. Reported neurons
 are scored on the reporting half against their true pre-activation, with random neurons of the layer beside them.</p>
 <div class="stats" id="neuron-summary">{stat_html}</div>
-{_ranking_table(neurons)}
+{_ranking_table(neurons.rows, "neuron-ranking")}
 {f'<p>Labels (token evidence): {", ".join(_esc(x) for x in labels)}</p>' if labels else ""}
 {_figures(NEURON_FIGURES, figures, used)}
 <h3>Neurons</h3>

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .html import _badge, _esc, _fmt, _token
-from .cards import _tokens_html
+from .html import _badge, _esc, _fmt
+from .cards import _ranking_table, _tokens_html
 
 if TYPE_CHECKING:
     from ..later_result import LaterCard, LaterResult, LayerPiece
@@ -84,17 +84,6 @@ def _card(L: int, c: LaterCard) -> str:
 </article>"""
 
 
-def _ranking(r: LaterResult, n: int = 15) -> str:
-    rows = "".join(
-        f"<tr><td>{x.rank}</td><td>{x.index}</td><td>{_fmt(x.sensitivity)}</td><td>{_esc(x.best_contrast)}</td>"
-        f"<td>{_fmt(x.predicted_d)}</td><td>{_badge(x.passed, 'yes', 'no')}</td>"
-        f"<td>{' '.join(f'<code class=tok>{_token(t)}</code>' for t in x.top_positive_tokens)}</td></tr>"
-        for x in r.rows[:n])
-    return (f'<div class="table-wrap"><table id="later-ranking-L{r.layer}" class="data"><thead><tr><th>rank</th>'
-            "<th>neuron</th><th>predicted |d|</th><th>contrast</th><th>predicted d</th><th>passes</th>"
-            f"<th>top tokens</th></tr></thead><tbody>{rows}</tbody></table></div>")
-
-
 def _full_fit(v) -> str:
     if v.fit_random_full is None:
         return ""
@@ -116,7 +105,7 @@ half {_fmt(v.precision)}; all neurons {_fmt(v.precision_random)}). Per-position 
 predictor against the true pre-activation (reporting windows): median r {_fmt(v.fit_cards.median_r if v.fit_cards else None)}
 over the cards, {_fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
 {_piece_rows(r.circuit.pieces)}
-{_ranking(r)}
+{_ranking_table(r.rows, f"later-ranking-L{r.layer}")}
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""
 
