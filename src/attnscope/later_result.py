@@ -19,7 +19,7 @@ from torch import Tensor
 from .circuit_result import Condition
 from .errors import AttnscopeError
 from .groundtruth import DiscoveryScores
-from .neurons import NeuronRow, Threshold
+from .neurons import CardHead, NeuronRow, Threshold
 from .stats import median
 
 SCHEMA_VERSION = 1  # of a later-layer neurons.json
@@ -98,16 +98,7 @@ class LaterCircuitRecord:
 
 
 @dataclass
-class LaterCard:
-    index: int
-    rank: int
-    sensitivity: float
-    top_positive_tokens: list[tuple[str, float]]
-    top_negative_tokens: list[tuple[str, float]]
-    label: str | None
-    label_evidence: str | None
-    label_negative: str | None
-    label_negative_evidence: str | None
+class LaterCard(CardHead):
     r: float  # per-position prediction of the ranking predictor vs TRUE pre-activation, pooled over reporting
     fvu: float  # windows (bias fitted on the sample)
     parts: dict[str, float]  # term -> cov(term, y) / var(y)

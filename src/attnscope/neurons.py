@@ -133,7 +133,9 @@ class Verification:
 
 
 @dataclass
-class NeuronCard:
+class CardHead:
+    """What every neuron card starts with (layer 0 and the later layers): rank, token evidence and labels."""
+
     index: int
     rank: int
     sensitivity: float
@@ -143,6 +145,10 @@ class NeuronCard:
     label_evidence: str | None
     label_negative: str | None
     label_negative_evidence: str | None
+
+
+@dataclass
+class NeuronCard(CardHead):
     fired_on_calibration: bool
     r: float  # full explanation vs TRUE pre-activation, pooled over the reporting windows
     fvu: float
