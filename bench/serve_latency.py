@@ -8,6 +8,10 @@ calls, and prints the median, 90th percentile and maximum, with the share of the
 during the timing (the machine is shared).  ``--heads`` forces the contextual heads, as
 `attnscope neurons MODEL --heads ... --out DIR` followed by `attnscope serve MODEL --analysis DIR` would;
 ``--skip-neurons`` leaves out find_neurons, whose table no timed request reads (start-up is then not comparable).
+
+``--limits`` adds the limits of issue 22: the 200,000-emoji request (refused with 413), a text of exactly
+``MAX_TOKENS`` tokens (answered), each timed over ``--repeats`` requests, with the peak growth of the process's
+resident memory during one request (the server runs in this process: ``attnscope.serve.memory.PeakMemory``).
 """
 
 from __future__ import annotations
@@ -32,6 +36,50 @@ def _post(url: str, body: dict) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=120) as r:
         return json.load(r)
+
+
+def _status(url: str, body: dict) -> int:
+    import urllib.error
+
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            r.read()
+            return r.status
+    except urllib.error.HTTPError as e:
+        e.read()
+        return e.code
+
+
+def _limits(url: str, w, k: int, repeats: int) -> dict:
+    """The 200,000-emoji request and a request at the token limit: time, status and peak memory growth."""
+    from attnscope.serve.limits import MAX_TOKENS
+    from attnscope.serve.memory import PeakMemory
+
+    out = {}
+    cases = {"emoji_200k": {"text": "\U0001F600" * 200_000, "neuron": k},
+             f"at_limit_{MAX_TOKENS}_tokens": {"text": _joined_text(w, MAX_TOKENS), "neuron": k}}
+    for name, body in cases.items():
+        with PeakMemory() as mem:
+            status = _status(url + "/api/analyse", body)
+        res = _time(lambda b=body: _status(url + "/api/analyse", b), repeats)
+        out[name] = {"status": status, "peak_rss_growth_mb": round(mem.growth_mb, 1), "memory_method": mem.method,
+                     "request_bytes": len(json.dumps(body)), **res}
+    return out
+
+
+def _joined_text(w, n: int) -> str:
+    """A text of exactly ``n`` tokens from the bundled texts joined (longer than any one of them)."""
+    from attnscope.texts import bundled_texts, open_source, tokenize
+
+    ids = torch.cat([torch.as_tensor(tokenize(open_source(f"bundled:{b}"), w.tokenizer)) for b in bundled_texts()])
+    k = n
+    while True:
+        s = w.tokenizer.decode(ids[:k])
+        m = len(w.tokenizer(s, add_special_tokens=False)["input_ids"])
+        if m == n:
+            return s
+        k += 1 if m < n else -1
 
 
 def _text(w, spec: str, n: int) -> str:
@@ -108,6 +156,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--limits", action="store_true", help="also time the 413 for 200,000 emoji and a request at "
+                    "the token limit, with peak memory")
     ap.add_argument("--skip-neurons", action="store_true",
                     help="do not run find_neurons (the neuron table is in no timed request's path); neuron 0 is timed")
     a = ap.parse_args()
@@ -133,6 +183,8 @@ def main() -> None:
                                                                       "position": a.tokens - 1}), a.repeats)
         res["contrast"] = _time(lambda: _post(url + "/api/contrast", {"text_a": text, "text_b": other,
                                                                       "neuron": k}), a.repeats)
+        if a.limits:
+            res["limits"] = _limits(url, w, k, max(3, a.repeats // 4))
     print(json.dumps(res, indent=1))
 
 

@@ -25,7 +25,7 @@ def served(demo):
 
     w = load_model("demo")
     m = load_serve_model(w, log=lambda *_: None)
-    return m, TestClient(create_app(m), raise_server_exceptions=False)
+    return m, TestClient(create_app(m), base_url="http://localhost", raise_server_exceptions=False)
 
 
 def _text(w, spec: str, n: int) -> tuple[str, torch.Tensor]:
@@ -225,7 +225,7 @@ def test_bad_requests_are_one_line_json_errors(served, method, path, body, statu
 def test_internal_errors_hide_the_traceback(served, monkeypatch):
     m, c = served
 
-    def boom(_text):
+    def boom(*_args, **_kw):
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(m.analyser, "analyse", boom)

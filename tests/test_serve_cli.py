@@ -36,6 +36,9 @@ CASES = [  # (arguments after `serve`, start of the error line)
     (lambda t, p: ["demo", "--analysis", str(t / "nowhere")], "error: --analysis {tmp}/nowhere is not a folder"),
     (lambda t, p: ["demo", "--analysis", _empty_dir(t)], "error: no circuit or neurons.json in"),
     (lambda t, p: ["./missing-model-folder"], "error: no such file or folder"),
+    (lambda t, p: ["demo", "--allow-host", ""], "error: --allow-host '' is not a host name"),
+    (lambda t, p: ["demo", "--allow-host", "http://proxy.example.org/"],
+     "error: --allow-host 'http://proxy.example.org/' is not a host name"),
 ]
 
 
@@ -87,3 +90,18 @@ def test_serve_starts_on_localhost_and_stops(demo):
         p.send_signal(signal.SIGINT)
         out, err = p.communicate(timeout=30)
     assert "Traceback" not in err
+
+
+def test_allow_host_reaches_the_server(demo, monkeypatch):
+    """`--allow-host` is repeatable and reaches the Host allow-list (checked and lower-cased first)."""
+    import attnscope.serve as serve
+    from attnscope.cli import main
+
+    seen = {}
+    monkeypatch.setattr(serve, "run_server", lambda w, **kw: seen.update(kw))
+    monkeypatch.setattr(sys, "argv", ["attnscope", "serve", "demo", "--allow-host", "Proxy.Example.org",
+                                      "--allow-host", "b.example"])
+    with pytest.raises(SystemExit) as ex:
+        main()
+    assert ex.value.code == 0
+    assert seen["allow_hosts"] == ("proxy.example.org", "b.example") and seen["host"] == "127.0.0.1"

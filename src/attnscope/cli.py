@@ -431,10 +431,14 @@ def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path
           port: Annotated[int, typer.Option(metavar="PORT", help="TCP port")] = 8000,
           host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it to expose the page "
                                             "beyond this machine")] = "127.0.0.1",
+          allow_host: Annotated[Optional[list[str]], typer.Option(
+              metavar="NAME", show_default=False, help="also answer requests whose Host header is NAME (repeatable; "
+              "e.g. a reverse proxy's name) [default: localhost names and --host]")] = None,
           device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     from .serve import serve_command
 
-    serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo)
+    serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo,
+                  allow_hosts=tuple(allow_host or ()))
 
 
 def main() -> None:

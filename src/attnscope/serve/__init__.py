@@ -50,22 +50,27 @@ def check_port(host: str, port: int) -> None:
             raise AttnscopeError(f"cannot listen on {host}:{port} ({err.strerror or err}); pass another --port") from None
 
 
-def serve_command(load_model_fn, analysis: Path | None, host: str, port: int, log=print) -> None:
-    """`attnscope serve`: check the port and the analysis folder first (one-line errors before the model
-    loads), then load the model (``load_model_fn()``) and serve."""
+def serve_command(load_model_fn, analysis: Path | None, host: str, port: int, log=print,
+                  allow_hosts: tuple[str, ...] | list[str] = ()) -> None:
+    """`attnscope serve`: check the port, the ``--allow-host`` names and the analysis folder first (one-line
+    errors before the model loads), then load the model (``load_model_fn()``) and serve."""
+    from .limits import check_allow_host
+
     check_port(host, port)
+    allow = tuple(check_allow_host(h) for h in allow_hosts)
     if analysis is not None and not Path(analysis).is_dir():
         raise AttnscopeError(f"--analysis {analysis} is not a folder; pass the output folder of `attnscope report` "
                              "or `attnscope neurons`")
-    run_server(load_model_fn(), analysis=analysis, host=host, port=port, log=log)
+    run_server(load_model_fn(), analysis=analysis, host=host, port=port, log=log, allow_hosts=allow)
 
 
 def run_server(w: ModelWeights, *, analysis: Path | None = None, host: str = "127.0.0.1", port: int = 8000,
-               log=print) -> None:
+               log=print, allow_hosts: tuple[str, ...] = ()) -> None:
     """Load everything once, then serve until Ctrl+C."""
     import uvicorn
 
     from .app import create_app
+    from .limits import HostPolicy
     from .state import load_serve_model
 
     check_port(host, port)
@@ -73,8 +78,9 @@ def run_server(w: ModelWeights, *, analysis: Path | None = None, host: str = "12
     shown = f"[{host}]" if ":" in host else host
     log(f"attnscope serve: http://{shown}:{port}/  (model {w.name}; press Ctrl+C to stop)")
     if host not in ("127.0.0.1", "localhost", "::1"):
-        log(f"warning: listening on {host}: anyone who can reach this machine can use the page")
-    uvicorn.run(create_app(m), host=host, port=port, log_level="warning")
+        log(f"warning: listening on {host}: anyone who can reach this machine can use the page; it answers the Host "
+            f"names {HostPolicy(host, allow_hosts).describe()} (add more with --allow-host NAME)")
+    uvicorn.run(create_app(m, host=host, allow_hosts=allow_hosts), host=host, port=port, log_level="warning")
 
 
 def free_port(host: str = "127.0.0.1") -> int:

@@ -9,6 +9,7 @@ reported position has at least ``min_position`` tokens before it (the kernel's w
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -20,13 +21,15 @@ from ..errors import AttnscopeError, TextTooShortError, check_index
 from ..forward import iter_layers
 from ..models import ModelWeights
 from .explanation import Evidence, Explanation
+from .limits import MAX_CHARS, MAX_TOKENS, check_text, check_tokens, precheck_tokens  # noqa: F401 (MAX_CHARS re-exported)
 from .scope import CalibrationReference, InputCondition, ScopeSettings, WindowStats, evaluate_scope, window_stats
 
-MAX_CHARS = 200_000  # longer texts are refused (413): the page is for reading one text, not corpora
 
 
 class EmptyTextError(TextTooShortError):
     """The user's text holds no tokens."""
+
+    http_status = 400
 
 
 @dataclass
@@ -43,17 +46,57 @@ class Window:
 
 
 @dataclass
+class Moments:
+    """Running sums of true and predicted pre-activations of every neuron over a text's positions: what the
+    contrast needs, without keeping a ``[N, d_mlp]`` array (one request's memory stays bounded)."""
+
+    n: Float[Tensor, " 2"]  # positions counted: [early, in scope]
+    sum_true: Float[Tensor, "2 d_mlp"]
+    sq_true: Float[Tensor, "2 d_mlp"]
+    sum_pred: Float[Tensor, "2 d_mlp"]
+    sq_pred: Float[Tensor, "2 d_mlp"]
+
+    @classmethod
+    def zeros(cls, d_mlp: int) -> "Moments":
+        z = lambda: torch.zeros(2, d_mlp, dtype=torch.float64)  # noqa: E731
+        return cls(torch.zeros(2, dtype=torch.float64), z(), z(), z(), z())
+
+    def add(self, true: Float[Tensor, "n d_mlp"], pred: Float[Tensor, "n d_mlp"], early: Bool[Tensor, " n"]) -> None:
+        for j, m in enumerate((early, ~early)):
+            t, p = true[m].double(), pred[m].double()
+            self.n[j] += t.shape[0]
+            self.sum_true[j] += t.sum(0)
+            self.sq_true[j] += (t * t).sum(0)
+            self.sum_pred[j] += p.sum(0)
+            self.sq_pred[j] += (p * p).sum(0)
+
+    def stats(self) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
+        """Means and (unbiased) variances ``[d_mlp]`` of true and predicted pre-activations over the in-scope
+        positions (all positions when none is in scope), and the number of positions."""
+        sel = [1] if self.n[1] > 0 else [0, 1]
+        n = float(self.n[sel].sum())
+        out = []
+        for s_, q in ((self.sum_true, self.sq_true), (self.sum_pred, self.sq_pred)):
+            mu = s_[sel].sum(0) / n
+            var = ((q[sel].sum(0) - n * mu * mu) / (n - 1)).clamp_min(0) if n > 1 else torch.zeros_like(mu)
+            out += [mu, var]
+        return out[0], out[1], out[2], out[3], int(n)
+
+
+@dataclass
 class TextAnalysis:
-    """True and predicted pre-activations of every layer-0 neuron on one text, and its scope."""
+    """True and predicted pre-activations of the asked-for layer-0 neurons on one text, and its scope."""
 
     tokens: Tokens
     windows: list[Window]
     local_position: Int[Tensor, " N"]  # each reported token's position inside its window (BOS counted)
-    true: Float[Tensor, "N d_mlp"]
-    pred: Float[Tensor, "N d_mlp"]
+    true: Float[Tensor, "N k"]  # columns: ``neurons`` (every neuron, in order, when all were asked for)
+    pred: Float[Tensor, "N k"]
     conditions: list[InputCondition]
     context: int
     min_position: int
+    neurons: list[int] = field(default_factory=list)
+    moments: Moments | None = None  # every neuron's running sums (asked for by the contrast)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -63,6 +106,12 @@ class TextAnalysis:
     @property
     def in_scope(self) -> bool:
         return all(c.ok for c in self.conditions)
+
+    def column(self, neuron: int) -> int:
+        try:
+            return self.neurons.index(neuron)
+        except ValueError:
+            raise AttnscopeError(f"neuron {neuron} was not analysed; pass it to Analyser.analyse") from None
 
     def window_note(self) -> str | None:
         if len(self.windows) == 1:
@@ -74,15 +123,16 @@ class TextAnalysis:
     def neuron_json(self, neuron: int) -> dict:
         """What the page shows for one neuron (numbers rounded to 1e-5, far below the plot's resolution)."""
         r = lambda t: [round(float(v), 5) for v in t]  # noqa: E731
+        j = self.column(neuron)
         scope = [c.to_json() for c in self.conditions]
         failing = [c.name for c in self.conditions if not c.ok]
         return {"neuron": neuron, "n_tokens": len(self.tokens.strings), "tokens": self.tokens.strings,
-                "token_ids": self.tokens.ids.tolist(), "true": r(self.true[:, neuron]), "pred": r(self.pred[:, neuron]),
+                "token_ids": self.tokens.ids.tolist(), "true": r(self.true[:, j]), "pred": r(self.pred[:, j]),
                 "early": self.early.tolist(), "window": self.window_index().tolist(),
                 "windows": [vars(w) for w in self.windows], "window_note": self.window_note(),
                 "context": self.context, "min_position": self.min_position, "conditions": scope,
                 "in_scope": self.in_scope, "scope_message": scope_message(self.conditions, failing),
-                "fit": fit_stats(self.true[:, neuron], self.pred[:, neuron], ~self.early)}
+                "fit": fit_stats(self.true[:, j], self.pred[:, j], ~self.early)}
 
     def window_index(self) -> Int[Tensor, " N"]:
         idx = torch.zeros(len(self.tokens.strings), dtype=torch.long)
@@ -110,13 +160,13 @@ def fit_stats(y: Float[Tensor, " N"], yhat: Float[Tensor, " N"], keep: Bool[Tens
     return {"n": int(y.numel()), "r": r, "fvu": fvu, "mae": float((y - yhat).abs().mean())}
 
 
-def tokenize_text(w: ModelWeights, text: str) -> Tokens:
+def tokenize_text(w: ModelWeights, text: str, max_tokens: int = MAX_TOKENS) -> Tokens:
     """The text's tokens and, per token, the slice of the input it covers (decoded text as a fallback)."""
     if not isinstance(text, str) or not text.strip():
         raise EmptyTextError("the text is empty; type, paste or upload some text")
-    if len(text) > MAX_CHARS:
-        raise AttnscopeError(f"the text has {len(text)} characters, more than {MAX_CHARS}; analyse a shorter excerpt")
+    check_text(text)  # valid Unicode, at most MAX_CHARS characters
     tok = w.tokenizer
+    precheck_tokens(lambda s: len(tok(s, add_special_tokens=False, verbose=False)["input_ids"]), text, max_tokens)
     try:
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
         offsets = enc["offset_mapping"]
@@ -125,6 +175,7 @@ def tokenize_text(w: ModelWeights, text: str) -> Tokens:
     ids = list(enc["input_ids"])
     if not ids:
         raise EmptyTextError("the text holds no tokens; type, paste or upload some text")
+    check_tokens(len(ids), limit=max_tokens)  # before any model work
     if offsets is not None:
         strings, end = [], 0
         for s, e in offsets:
@@ -171,32 +222,53 @@ class Analyser:
         return body.to(self.w.device)
 
     @torch.no_grad()
-    def analyse(self, text: str) -> TextAnalysis:
-        toks = tokenize_text(self.w, text)
+    def tokens(self, text: str | Tokens) -> Tokens:
+        """The text's tokens, refused (typed errors) when empty, invalid or over the limits."""
+        return text if isinstance(text, Tokens) else tokenize_text(self.w, text)
+
+    @torch.no_grad()
+    def analyse(self, text: str | Tokens, neurons: Sequence[int] | None = None, moments: bool = False
+                ) -> TextAnalysis:
+        """True and predicted pre-activations of ``neurons`` (default: every neuron) at every token, the input's
+        conditions, and with ``moments`` every neuron's running sums.  Memory: ``N x len(neurons)`` plus one
+        window's activations, whatever the text's length."""
+        toks = self.tokens(text)
+        cols = list(range(self.d_mlp)) if neurons is None else [self.check_neuron(int(k)) for k in neurons]
+        sub = None if neurons is None else torch.tensor(cols, device=self.w.device)
         N, off = len(toks.strings), 1 if self.bos is not None else 0
         wins = plan_windows(N, self.capacity, min(self.n_min, self.capacity // 2))
-        true = torch.empty(N, self.d_mlp)
-        pred = torch.empty(N, self.d_mlp)
+        true = torch.empty(N, len(cols))
+        pred = torch.empty(N, len(cols))
         local = torch.empty(N, dtype=torch.long)
+        mom = Moments.zeros(self.d_mlp) if moments else None
         stats: list[WindowStats] = []
         for win in wins:
             wt = self.window_tokens(toks.ids, win)
             acts = next(iter_layers(self.w, wt[None], stop_layer=0))
             rep = torch.arange(win.report_from - win.start, win.stop - win.start) + off  # window positions reported
-            true[win.report_from : win.stop] = acts.mlp_pre[0, rep].float().cpu()
-            pred[win.report_from : win.stop] = self.explanation.predict(wt)[rep].float().cpu()
+            if mom is None:
+                p_rep = self.explanation.predict(wt, sub)[rep].float().cpu()
+                t_rep = acts.mlp_pre[0, rep].float().cpu() if sub is None else acts.mlp_pre[0][rep][:, sub].float().cpu()
+            else:
+                p_all = self.explanation.predict(wt)[rep].float().cpu()
+                t_all = acts.mlp_pre[0, rep].float().cpu()
+                mom.add(t_all, p_all, rep < self.n_min)
+                p_rep, t_rep = (p_all, t_all) if sub is None else (p_all[:, sub.cpu()], t_all[:, sub.cpu()])
+            true[win.report_from : win.stop] = t_rep
+            pred[win.report_from : win.stop] = p_rep
             local[win.report_from : win.stop] = rep
             judged = rep[rep >= self.n_min].to(wt.device)
             stats.append(window_stats(self.w, self.circ, wt, acts, judged, rep.to(wt.device)))
+            del acts
         conds = evaluate_scope(self.circ, stats, self.cal, self.scope)
-        return TextAnalysis(toks, wins, local, true, pred, conds, self.circ.T, self.n_min)
+        return TextAnalysis(toks, wins, local, true, pred, conds, self.circ.T, self.n_min, cols, mom)
 
     @torch.no_grad()
-    def evidence(self, text: str, neuron: int, position: int) -> tuple[Evidence, int]:
+    def evidence(self, text: str | Tokens, neuron: int, position: int) -> tuple[Evidence, int]:
         """Evidence for ``neuron`` at text token ``position``, and the index of the window's first text token
         (contributions are indexed from there, after the BOS when the model has one)."""
         self.check_neuron(neuron)
-        toks = tokenize_text(self.w, text)
+        toks = self.tokens(text)
         N = len(toks.strings)
         check_index("token position", position, N)
         wins = plan_windows(N, self.capacity, min(self.n_min, self.capacity // 2))
@@ -206,25 +278,16 @@ class Analyser:
         return self.explanation.evidence(wt, neuron, local), win.start
 
 
-def _moments(a: TextAnalysis) -> tuple[Tensor, Tensor, Tensor, Tensor, int]:
-    """Means and variances ``[d_mlp]`` of true and predicted pre-activations over in-scope positions."""
-    keep = ~a.early if (~a.early).any() else torch.ones_like(a.early)
-    t, p = a.true[keep].double(), a.pred[keep].double()
-    if t.shape[0] < 2:  # one position: no spread
-        return t.mean(0), torch.zeros_like(t[0]), p.mean(0), torch.zeros_like(p[0]), int(keep.sum())
-    return t.mean(0), t.var(0), p.mean(0), p.var(0), int(keep.sum())
-
-
-def contrast(an: Analyser, text_a: str, text_b: str, neuron: int, top: int = 10) -> dict:
+def contrast(an: Analyser, text_a: str | Tokens, text_b: str | Tokens, neuron: int, top: int = 10) -> dict:
     """Two texts side by side: the neuron's mean true and predicted pre-activation on each, and the
     neurons whose true pre-activation separates them most (effect size ``d``, method §15), with the
     explanation's predicted effect beside each."""
     an.check_neuron(neuron)
     if not 1 <= top <= 100:
         raise AttnscopeError(f"top={top} is out of range; ask for 1 to 100 neurons")
-    a, b = an.analyse(text_a), an.analyse(text_b)
-    ta, va, pa, vpa, na = _moments(a)
-    tb, vb, pb, vpb, nb = _moments(b)
+    a, b = an.analyse(text_a, [neuron], moments=True), an.analyse(text_b, [neuron], moments=True)
+    ta, va, pa, vpa, na = a.moments.stats()
+    tb, vb, pb, vpb, nb = b.moments.stats()
     d_true = (ta - tb) / ((va + vb) / 2).clamp_min(1e-12).sqrt()
     d_pred = (pa - pb) / ((vpa + vpb) / 2).clamp_min(1e-12).sqrt()
     order = d_true.abs().argsort(descending=True)[:top]

@@ -1,7 +1,11 @@
 r"""The FastAPI application: one page (package files under ``static/``) and a small JSON API.
 
-Routes (all answers JSON; errors are ``{"error": "what is wrong; how to fix it"}`` with a 4xx status, never a
-stack trace; unexpected failures are a 500 with one line, the traceback goes to the server log only):
+Routes (all answers JSON; every error, 404 and 405 included, is ``{"error": "what is wrong; how to fix it"}``
+with a 4xx status set by the error's class (:func:`.limits.http_status`), never a stack trace; unexpected
+failures are a 500 with one line, the traceback goes to the server log only).  Requests pass the ``Host``
+allow-list and the body-size limit first (:class:`.limits.GuardMiddleware`); their model work runs through
+one bounded queue (:class:`.limits.WorkQueue`, 429 when full), after the text was tokenised and checked
+against the token limit (413):
 
 * ``GET /api/info``: model, circuit (heads, kernels, calibration conditions), explanation kind, scope thresholds.
 * ``GET /api/neurons``: the ranked table of every layer-0 neuron.
@@ -25,9 +29,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AttnscopeError, IndexOutOfRangeError
-from .analysis import MAX_CHARS, EmptyTextError, contrast
+from ..errors import AttnscopeError
+from .analysis import contrast
+from .limits import (MAX_ATTENTION_TOKENS, MAX_BODY_BYTES, MAX_CHARS, MAX_TOKENS, QUEUE_DEPTH, GuardMiddleware,
+                     HostPolicy, WorkQueue, http_status)
 from .scope import ScopeSettings
 from .state import ServeModel
 from .table import SCORE_NAMES
@@ -71,11 +78,17 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(AttnscopeError)
     async def _user(_req: Request, err: AttnscopeError):
-        if isinstance(err, IndexOutOfRangeError):
-            return _error(404, str(err))
-        if isinstance(err, EmptyTextError):
-            return _error(400, str(err))
-        return _error(413 if "characters, more than" in str(err) else 400, str(err))
+        return _error(http_status(err), " ".join(str(err).split()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(req: Request, err: StarletteHTTPException):
+        if err.status_code == 404:
+            msg = f"no such page or API route: {req.url.path}; the routes are listed in `attnscope serve`'s docs"
+        elif err.status_code == 405:
+            msg = f"{req.method} is not allowed on {req.url.path}; see the API routes in docs/serve.md"
+        else:
+            msg = str(err.detail)
+        return _error(err.status_code, msg)
 
     @app.exception_handler(Exception)
     async def _bug(_req: Request, err: Exception):
@@ -98,7 +111,8 @@ def info_json(m: ServeModel) -> dict:
                         "calibration_sink_mass": m.analyser.cal.sink_mass,
                         "calibration_clipped_share": m.analyser.cal.clipped_share},
             "scope_thresholds": asdict(m.analyser.scope if m.analyser.scope else ScopeSettings()),
-            "max_chars": MAX_CHARS, "n_neurons": len(m.table), "score": m.score_name, "score_name": SCORE_NAMES[m.score_name]}
+            "max_chars": MAX_CHARS, "max_tokens": MAX_TOKENS, "max_attention_tokens": MAX_ATTENTION_TOKENS,
+            "max_body_bytes": MAX_BODY_BYTES, "n_neurons": len(m.table), "score": m.score_name, "score_name": SCORE_NAMES[m.score_name]}
 
 
 def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
@@ -115,9 +129,12 @@ def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
             "top_negative_scores": [[dec(ids[i]), -float(v)] for i, v in zip(tn.indices, tn.values)]}
 
 
-def _add_api(app: FastAPI, m: ServeModel) -> None:
+def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> None:
+    """Model work goes through ``work`` (one worker, bounded depth); tokenising and the limit checks through
+    ``light`` (so a refused text does not wait behind model work)."""
     info = info_json(m)
     table = [r.to_json() for r in m.table]
+    an = m.analyser
 
     @app.get("/api/info")
     def api_info() -> dict:
@@ -128,39 +145,59 @@ def _add_api(app: FastAPI, m: ServeModel) -> None:
         return {"neurons": table}
 
     @app.get("/api/neuron/{k}")
-    def api_neuron(k: int) -> dict:
-        return neuron_json(m, k)
+    async def api_neuron(k: int) -> JSONResponse:
+        an.check_neuron(k)
+        return await work.run(lambda: JSONResponse(neuron_json(m, k)))
 
     @app.post("/api/analyse")
-    def api_analyse(req: AnalyseRequest) -> dict:
-        m.analyser.check_neuron(req.neuron)
-        a = m.analyser.analyse(req.text)
-        return {**a.neuron_json(req.neuron), "explanation": m.explanation.kind, "model": m.w.name}
+    async def api_analyse(req: AnalyseRequest) -> JSONResponse:
+        an.check_neuron(req.neuron)
+        toks = await light.run(an.tokens, req.text)
+
+        def job() -> JSONResponse:
+            a = an.analyse(toks, [req.neuron])
+            return JSONResponse({**a.neuron_json(req.neuron), "explanation": m.explanation.kind, "model": m.w.name})
+
+        return await work.run(job)
 
     @app.post("/api/evidence")
-    def api_evidence(req: EvidenceRequest) -> dict:
-        ev, first = m.analyser.evidence(req.text, req.neuron, req.position)
-        bos = 1 if m.analyser.bos is not None else 0
-        contrib = ev.contributions.tolist()
-        return {"neuron": req.neuron, "position": req.position, "first_token": first, "has_bos": bool(bos),
-                "bos_contribution": contrib[0] if bos else None, "contributions": contrib[bos:],
-                "kernel": ev.kernel.tolist()[bos:], "scores": ev.scores.tolist()[bos:], "terms": ev.terms,
-                "prediction": ev.prediction}
+    async def api_evidence(req: EvidenceRequest) -> JSONResponse:
+        an.check_neuron(req.neuron)
+        toks = await light.run(an.tokens, req.text)
+
+        def job() -> JSONResponse:
+            ev, first = an.evidence(toks, req.neuron, req.position)
+            bos = 1 if an.bos is not None else 0
+            contrib = ev.contributions.tolist()
+            return JSONResponse({"neuron": req.neuron, "position": req.position, "first_token": first,
+                                 "has_bos": bool(bos), "bos_contribution": contrib[0] if bos else None,
+                                 "contributions": contrib[bos:], "kernel": ev.kernel.tolist()[bos:],
+                                 "scores": ev.scores.tolist()[bos:], "terms": ev.terms, "prediction": ev.prediction})
+
+        return await work.run(job)
 
     @app.post("/api/contrast")
-    def api_contrast(req: ContrastRequest) -> dict:
-        return contrast(m.analyser, req.text_a, req.text_b, req.neuron, req.top)
+    async def api_contrast(req: ContrastRequest) -> JSONResponse:
+        an.check_neuron(req.neuron)
+        ta = await light.run(an.tokens, req.text_a)
+        tb = await light.run(an.tokens, req.text_b)
+        return await work.run(lambda: JSONResponse(contrast(an, ta, tb, req.neuron, req.top)))
 
 
-def create_app(m: ServeModel) -> FastAPI:
-    """The web app for one loaded model (see the module docstring for the routes)."""
+def create_app(m: ServeModel, *, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (),
+               queue_depth: int = QUEUE_DEPTH, max_body: int = MAX_BODY_BYTES):
+    """The web app for one loaded model (see the module docstring for the routes), wrapped in the ``Host``
+    allow-list and body-size guard (``host``: the address the server listens on; ``allow_hosts``: more names,
+    e.g. a reverse proxy's)."""
     app = FastAPI(title="attnscope serve", docs_url=None, redoc_url=None, openapi_url=None)
+    work, light = WorkQueue(queue_depth), WorkQueue(2 * queue_depth)
     _install_error_handlers(app)
-    _add_api(app, m)
+    _add_api(app, m, work, light)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/", include_in_schema=False)
     def index() -> FileResponse:
         return FileResponse(STATIC / "index.html", media_type="text/html")
 
-    return app
+    app.state.work, app.state.light = work, light
+    return GuardMiddleware(app, HostPolicy(host, allow_hosts), max_body)

@@ -48,8 +48,9 @@ class Explanation(Protocol):
     kind: str  # short name shown on the page
     description: str  # one sentence: what "predicted" means
 
-    def predict(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_mlp"]:
-        """Predicted pre-activation of every layer-0 neuron on one window of tokens."""
+    def predict(self, tokens: Int[Tensor, " pos"], neurons: Int[Tensor, " k"] | None = None
+                ) -> Float[Tensor, "pos k"]:
+        """Predicted pre-activation of ``neurons`` (default: every layer-0 neuron) on one window of tokens."""
         ...
 
     def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
@@ -82,10 +83,11 @@ class BagExplanation:
         self.constant = (pre_cal - centre(y_cal, w) @ self.W)[n_min:].mean(0)  # [d_mlp]
 
     @torch.no_grad()
-    def predict(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_mlp"]:
+    def predict(self, tokens: Int[Tensor, " pos"], neurons: Int[Tensor, " k"] | None = None) -> Float[Tensor, "pos k"]:
         n = tokens.shape[-1]
-        bag = self.circ.kernel[:n, :n] @ (self.ext_c[tokens] @ self.W)  # [n, d_mlp]
-        return bag + self.pos_c[:n] + self.constant
+        sel = slice(None) if neurons is None else neurons
+        bag = self.circ.kernel[:n, :n] @ (self.ext_c[tokens] @ self.W[:, sel])  # [n, k]
+        return bag + self.pos_c[:n, sel] + self.constant[sel]
 
     @torch.no_grad()
     def token_scores(self, neuron: int) -> Float[Tensor, " d_vocab"]:
@@ -123,8 +125,8 @@ class FullExplanation(BagExplanation):
         self._terms = explain_terms
 
     @torch.no_grad()
-    def predict(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_mlp"]:
-        return sum(self._terms(self.w, self.circ, self.ex, tokens).values())
+    def predict(self, tokens: Int[Tensor, " pos"], neurons: Int[Tensor, " k"] | None = None) -> Float[Tensor, "pos k"]:
+        return sum(self._terms(self.w, self.circ, self.ex, tokens, neurons).values())
 
     @torch.no_grad()
     def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
