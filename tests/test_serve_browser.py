@@ -221,3 +221,155 @@ def test_upload_and_downloads(page, tmp_path):
 
 def _span(a: dict) -> float:
     return max(a["true"] + a["pred"]) - min(a["true"] + a["pred"] + [0.0])
+
+
+# ---------------------------------------------------------------- issue 21, item 5: page fixes
+ENGLISH = ("Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my purse, "
+           "and nothing particular to interest me on shore, I thought I would sail about a little and see the "
+           "watery part of the world.")
+
+
+def _open_with_text(drv, url: str, k: int, text: str) -> None:
+    from urllib.parse import urlencode
+
+    drv.get("about:blank")
+    drv.get(f"{url}/#{urlencode({'model': 'demo', 'neuron': k, 'text': text})}")
+    _wait(drv, lambda dr: dr.find_elements(*_by("#plot-true")))
+
+
+def test_every_panel_follows_the_chosen_neuron(page):
+    """The contrast panel (stale in the issue: it kept neuron 371 after switching to 415), the plot, the card and
+    the evidence all show the newly chosen neuron, with the API's numbers."""
+    m, url, drv = page
+    k1, k2 = m.table[0].index, m.table[1].index
+    _open_with_text(drv, url, k1, SPANISH)
+    drv.find_element(*_by("#text-a")).send_keys(SPANISH)
+    drv.find_element(*_by("#text-b")).send_keys(ENGLISH)
+    drv.find_element(*_by("#contrast-btn")).click()
+    _wait(drv, lambda dr: dr.find_element(*_by("#contrast-result")).get_attribute("data-neuron") == str(k1))
+    drv.find_element(*_by("#neuron-search")).send_keys(str(k2))
+    _wait(drv, lambda dr: dr.find_element(*_by(f'#neuron-table tbody tr[data-neuron="{k2}"]'))).click()
+    _wait(drv, lambda dr: dr.find_element(*_by("#contrast-result")).get_attribute("data-neuron") == str(k2))
+    c = _post(url + "/api/contrast", {"text_a": SPANISH, "text_b": ENGLISH, "neuron": k2, "top": 10})
+    effect = drv.find_element(*_by("#contrast-effect")).text
+    assert effect.startswith(f"L0N{k2}:") and f"true {c['d_true']:.2f}, predicted {c['d_pred']:.2f}" in effect
+    _wait(drv, lambda dr: f"L0N{k2}" in dr.find_element(*_by("#predicted-note")).text)
+    assert drv.find_element(*_by("#neuron-card")).text.startswith(f"L0N{k2} ")
+    api = _post(url + "/api/analyse", {"text": SPANISH, "neuron": k2})
+    span = _span(api)
+    assert max(abs(a - b) for a, b in zip(_plotted(drv, "plot-true"), api["true"])) < 1e-3 * span + 1e-4
+    assert not _severe(drv)
+
+
+def test_bad_share_link_gets_a_message_that_stays(page):
+    """neuron=99999 and model=gpt2: a visible note that says both, still there after another analysis."""
+    m, url, drv = page
+    from urllib.parse import urlencode
+
+    drv.get("about:blank")
+    drv.get(f"{url}/#{urlencode({'model': 'gpt2', 'neuron': 99999, 'text': SPANISH})}")
+    _wait(drv, lambda dr: dr.find_elements(*_by("#plot-true")))
+    note = drv.find_element(*_by("#link-message"))
+    assert note.is_displayed()
+    first = m.table[0].index
+    assert "neuron 99999" in note.text and f"showing L0N{first}" in note.text and "model gpt2" in note.text
+    assert drv.find_element(*_by("#neuron-input")).get_attribute("value") == str(first)
+    drv.find_element(*_by("#text-input")).clear()
+    drv.find_element(*_by("#text-input")).send_keys(ENGLISH)
+    drv.find_element(*_by("#analyse-btn")).click()
+    _wait(drv, lambda dr: len(_plotted(dr, "plot-true")) == _post(url + "/api/analyse", {"text": ENGLISH,
+                                                                                         "neuron": first})["n_tokens"])
+    assert note.is_displayed() and "neuron 99999" in note.text and "model gpt2" in note.text
+    assert not _severe(drv)
+
+
+def test_legend_evidence_marker_and_keyboard(page):
+    """The colour scale has a legend with the API's scale; the evidence position is marked on the plot; rows and
+    tokens work from the keyboard (Enter on a row chooses it; arrows on a token move the evidence)."""
+    from selenium.webdriver.common.keys import Keys
+
+    m, url, drv = page
+    k = m.table[2].index
+    _open_with_text(drv, url, k, SPANISH)
+    api = _post(url + "/api/analyse", {"text": SPANISH, "neuron": k})
+    scale = max(abs(v) for v in api["true"] + api["pred"])
+    legend = drv.find_element(*_by("#colour-legend"))
+    assert legend.is_displayed() and float(legend.get_attribute("data-scale")) == pytest.approx(scale, abs=1e-4)
+    assert f"+{scale:.2f}" in legend.text and f"true pre-activation of L0N{k}" in legend.text
+    pos = int(_wait(drv, lambda dr: dr.find_element(*_by("#evidence-pos")).get_attribute("value")))
+    marker = drv.find_element(*_by("#plot-evidence"))
+    assert marker.get_attribute("visibility") == "visible" and marker.get_attribute("data-position") == str(pos)
+    svg = drv.find_element(*_by("#plot-svg"))
+    left, right, n = (float(svg.get_attribute(f"data-{a}")) for a in ("left", "right", "n"))
+    assert float(marker.get_attribute("x1")) == pytest.approx(left + pos / (n - 1) * (right - left), abs=0.01)
+    # keyboard: a token, then the arrow key moves the evidence one position
+    tok = drv.find_element(*_by(f'#coloured-text .tok[data-i="{pos}"]'))
+    assert tok.get_attribute("tabindex") == "0"
+    tok.send_keys(Keys.ARROW_LEFT)
+    _wait(drv, lambda dr: dr.find_element(*_by("#evidence-pos")).get_attribute("value") == str(pos - 1))
+    ev = _post(url + "/api/evidence", {"text": SPANISH, "neuron": k, "position": pos - 1})
+    assert f"predicted {ev['prediction']:.3f}" in drv.find_element(*_by("#evidence-sum")).text
+    assert drv.find_element(*_by("#plot-evidence")).get_attribute("data-position") == str(pos - 1)
+    # keyboard: Enter on a table row chooses its neuron
+    k2 = m.table[5].index
+    drv.find_element(*_by("#neuron-search")).send_keys(str(k2))
+    row = _wait(drv, lambda dr: dr.find_element(*_by(f'#neuron-table tbody tr[data-neuron="{k2}"]')))
+    assert row.get_attribute("tabindex") == "0"
+    row.send_keys(Keys.ENTER)
+    _wait(drv, lambda dr: dr.find_element(*_by("#neuron-input")).get_attribute("value") == str(k2))
+    _wait(drv, lambda dr: f"L0N{k2}" in dr.find_element(*_by("#predicted-note")).text)
+    assert not _severe(drv)
+
+
+@pytest.mark.parametrize("width", [800, 1400])
+def test_layout_at_800_and_1400_px(page, width):
+    """Nothing overflows the window sideways; the plot fits; the neuron table is not cut off."""
+    from chromium import set_viewport
+
+    m, url, drv = page
+    set_viewport(drv, width, 1000)
+    try:
+        _open_with_text(drv, url, m.table[0].index, SPANISH)
+        doc_w = drv.execute_script("return document.documentElement.scrollWidth")
+        assert doc_w <= width, doc_w
+        plot = drv.find_element(*_by("#plot-svg")).rect
+        assert plot["x"] >= 0 and plot["x"] + plot["width"] <= width
+        box = drv.execute_script("const s = document.querySelector('#neuron-table').parentElement;"
+                                 "return [s.scrollWidth, s.clientWidth]")
+        assert box[0] <= box[1] + 1, box
+    finally:
+        set_viewport(drv, 1280, 1500)
+    assert not _severe(drv)
+
+
+def test_png_export_holds_text_fit_and_verdict(page):
+    m, url, drv = page
+    k = m.table[0].index
+    _open_with_text(drv, url, k, SPANISH)
+    drv.execute_script("window.__dl = []; window.download = (name, blob) => blob.arrayBuffer().then(b => "
+                       "window.__dl.push({name, size: b.byteLength}));")
+    drv.find_element(*_by("#download-png")).click()
+    dl = _wait(drv, lambda dr: dr.execute_script("return window.__dl.length ? window.__dl : false"))
+    cap = drv.execute_script("return window.__pngCaption")
+    api = _post(url + "/api/analyse", {"text": SPANISH, "neuron": k})
+    assert dl[0]["name"] == f"attnscope-L0N{k}.png" and dl[0]["size"] > 5000
+    assert f"r = {api['fit']['r']:.3f}" in cap["fit"] and cap["verdict"] == api["scope_message"]
+    assert cap["text"] == SPANISH and " ".join(cap["lines"]["text"]).split()[:5] == SPANISH.split()[:5]
+    assert f"L0N{k}" in cap["title"] and cap["height"] > 280 + 60
+
+
+def test_verdict_and_fit_disagreement_is_explained(page):
+    """Where the conditions put a text outside scope but the fit is good (r >= 0.9), the page shows both and says
+    the verdict is the claim; otherwise the note stays hidden."""
+    from attnscope.texts import text_tokens
+
+    m, url, drv = page
+    text = m.w.tokenizer.decode(text_tokens("bundled:de_fortunes", m.w.tokenizer, max_tokens=200))
+    k = m.table[0].index
+    api = _post(url + "/api/analyse", {"text": text, "neuron": k})
+    _open_with_text(drv, url, k, text)
+    note = drv.find_element(*_by("#verdict-fit"))
+    disagree = not api["in_scope"] and api["fit"]["r"] is not None and api["fit"]["r"] >= 0.9
+    assert note.is_displayed() == disagree
+    if disagree:
+        assert f"r = {api['fit']['r']:.3f}" in note.text and "The verdict is the claim" in note.text

@@ -80,6 +80,7 @@ class NeuronRow:
     validated_tuning: bool  # |d| >= 1 with the predicted sign in some contrast, tuning half
     top_positive_tokens: list[str]
     top_negative_tokens: list[str]
+    true_d: float | None = None  # the true effect size in best_contrast, reporting half (None: not measured)
 
 
 @dataclass
@@ -483,5 +484,8 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
     card_list, traces = _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
     dens = denominator_transfer(w, circ, {x.name: x.report[0] for x in windows})
-    return NeuronResult(w.info(), circ, asdict(s), [x.spec for x in windows],
-                        _rows(w, scores, thr, d_tune, tm), thr, ver, card_list, dens, traces)
+    rows = _rows(w, scores, thr, d_tune, tm)
+    for r in rows:  # the truth beside each prediction (the report's ranking and scatter)
+        r.true_d = float(d_report[scores.sources.index(r.best_contrast), r.index])
+    return NeuronResult(w.info(), circ, asdict(s), [x.spec for x in windows], rows, thr, ver, card_list, dens,
+                        traces)

@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .findings import ScopeVerdicts, full_ranking, neuron_name
 from .html import NEURON_FIGURES, _badge, _esc, _figures, _fmt, _token
 
 if TYPE_CHECKING:
@@ -65,9 +66,14 @@ def _trace_map(neurons: NeuronResult) -> dict:
     return out
 
 
-def _neuron_card(r: NeuronCard, traces: dict) -> str:
-    """One card per reported neuron: labels (with their evidence), fits, top tokens and the traces."""
+def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = None, best: str = "",
+                 open_: bool = False) -> str:
+    """One card per reported neuron: labels (with their evidence), its scope verdict, fits, top tokens and the
+    traces; collapsible (the first few open)."""
     idx = r.index
+    texts = [best, r.positive_text, r.negative_text]
+    mark = verdicts.mark(texts) if verdicts is not None else ""
+    out = bool(verdicts.for_texts(texts)) if verdicts is not None else False
     tr = traces.get(str(idx), {}) or {}
     pos_t, neg_t = r.positive_text, r.negative_text
     svgs = _trace_svg(tr, pos_t, "positive") if pos_t else ""
@@ -77,11 +83,15 @@ def _neuron_card(r: NeuronCard, traces: dict) -> str:
     lab = f"{_esc(r.label)} <i>({_esc(r.label_evidence)})</i>" if r.label else "<i>unlabelled</i>"
     lab_neg = f"{_esc(r.label_negative)} <i>({_esc(r.label_negative_evidence)})</i>" if r.label_negative else \
         "<i>unlabelled</i>"
+    search = " ".join(x for x in [neuron_name(idx), str(idx), best, r.label or "", r.label_negative or "",
+                                  r.positive_text, r.negative_text] if x).lower()
     return f"""
-<article class="neuron-card" id="neuron-0-{_esc(idx)}" data-index="{_esc(idx)}">
-<header><h3>Neuron 0.{_esc(idx)}</h3>
+<article class="neuron-card" id="neuron-0-{_esc(idx)}" data-index="{_esc(idx)}" data-search="{_esc(search)}"
+ data-scope="{'out' if out else 'in'}"><details{' open' if open_ else ''}>
+<summary><h3>{neuron_name(idx)}</h3> <span class="small">rank {_fmt(r.rank)} · context {_esc(best or '—')}</span>
+{mark}
 <p class="labels"><span class="lab pos" title="label of the positive token evidence">+ {lab}</span>
-<span class="lab neg" title="label of the negative token evidence">− {lab_neg}</span></p></header>
+<span class="lab neg" title="label of the negative token evidence">− {lab_neg}</span></p></summary>
 <dl class="stats-inline">
 <div><dt>rank</dt><dd>{_fmt(r.rank)}</dd></div>
 <div><dt>predicted |d|</dt><dd>{_fmt(r.sensitivity)}</dd></div>
@@ -98,7 +108,7 @@ def _neuron_card(r: NeuronCard, traces: dict) -> str:
 <p class="legend"><span class="sw true"></span>true pre-activation
 <span class="sw pred"></span>full layer-0 explanation from weights</p>
 {f'<p class="muted small">true one-vs-rest effect size d by text: {d_html}</p>' if d_html else ""}
-</article>"""
+</details></article>"""
 
 
 def _ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15) -> str:
@@ -113,19 +123,23 @@ def _ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15) -> 
             f"</thead><tbody>{rows}</tbody></table></div>")
 
 
-def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[str]) -> str:
+def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[str],
+                   verdicts: ScopeVerdicts | None = None) -> str:
     """Context neurons: summary with random baselines, the ranked table, figures and one card per neuron."""
     recs = neurons.records
     s = neurons.summary()
     labels = sorted({r.label for r in recs if r.label} | {r.label_negative for r in recs if r.label_negative})
     stats = [("pass / scored", f"{_fmt(neurons.n_selected)} / {_fmt(neurons.n_scored)}"),
-             ("precision (all neurons)", f"{_fmt(s['precision'])} ({_fmt(s['precision_random'])})"),
+             ("precision, reporting half (all neurons)", f"{_fmt(s['precision'])} ({_fmt(s['precision_random'])})"),
              ("median FVU (random)", f"{_fmt(s['median_fvu'])} ({_fmt(s['median_fvu_random'])})"),
              ("within-text FVU (random)", f"{_fmt(s['median_fvu_within'])} ({_fmt(s['median_fvu_within_random'])})"),
              ("did not fire on calibration", _fmt(sum(not r.fired_on_calibration for r in recs)))]
     stat_html = "".join(f'<div class="stat"><div class="v">{v}</div><div class="k">{_esc(k)}</div></div>'
                         for k, v in stats)
-    cards = "".join(_neuron_card(r, _trace_map(neurons)) for r in recs)
+    verdicts = verdicts or ScopeVerdicts.of(neurons.circuit, neurons)
+    best = {r.index: r.best_contrast for r in neurons.rows}
+    traces = _trace_map(neurons)
+    cards = "".join(_neuron_card(r, traces, verdicts, best.get(r.index, ""), j < 4) for j, r in enumerate(recs))
     return f"""
 <section id="neurons">
 <h2>Context neurons (layer-0 MLP)</h2>
@@ -135,10 +149,14 @@ one-vs-rest contrasts of the held-out sources, from the full layer-0 explanation
 tuning half of the held-out windows is at least {_esc(_fmt(neurons.threshold.precision_target))}. Reported neurons
 are scored on the reporting half against their true pre-activation, with random neurons of the layer beside them.</p>
 <div class="stats" id="neuron-summary">{stat_html}</div>
-{_ranking_table(neurons.rows, "neuron-ranking")}
+{full_ranking(neurons.rows, neurons.cards, verdicts)}
 {f'<p>Labels (token evidence): {", ".join(_esc(x) for x in labels)}</p>' if labels else ""}
 {_figures(NEURON_FIGURES, figures, used)}
-<h3>Neurons</h3>
+<h3 id="neuron-cards">Neuron cards ({len(recs)})</h3>
+<div class="card-tools"><input type="search" id="card-search" placeholder="filter cards: L0N172, label, text…"
+ aria-label="filter the neuron cards"> <label><input type="checkbox" id="card-out-only"> only outside scope</label>
+<button type="button" id="cards-open">open all</button> <button type="button" id="cards-close">close all</button>
+<span id="card-count" class="small">{len(recs)} of {len(recs)} shown</span></div>
 <p class="hint">Tokens are shown as the tokenizer writes them, with whitespace made visible (␣ space, ↵ newline,
 ⇥ tab); the number is the token's score: how far one more occurrence moves the neuron's expected pre-activation.</p>
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>

@@ -36,6 +36,47 @@
     Array.prototype.forEach.call(document.querySelectorAll("details"), function (d) { d.open = true; });
   });
 
+  // ---- the full ranking: a filter box over every row ----
+  function filterRows(input, rows, counter) {
+    var q = input.value.trim().toLowerCase(), shown = 0;
+    rows.forEach(function (r) {
+      var hit = !q || (r.getAttribute("data-search") || "").indexOf(q) >= 0;
+      r.hidden = !hit; if (hit) shown++;
+    });
+    if (counter) counter.textContent = shown + " of " + rows.length + " shown";
+  }
+  var rs = document.getElementById("ranking-search");
+  if (rs) {
+    var rrows = Array.prototype.slice.call(document.querySelectorAll("#neuron-ranking tbody tr"));
+    rs.addEventListener("input", function () { filterRows(rs, rrows, document.getElementById("ranking-count")); });
+  }
+  // ---- neuron cards: filter, only outside scope, open/close all, links open the card ----
+  var cs = document.getElementById("card-search"), co = document.getElementById("card-out-only");
+  var cards = Array.prototype.slice.call(document.querySelectorAll("article.neuron-card"));
+  function filterCards() {
+    var q = cs ? cs.value.trim().toLowerCase() : "", out = co && co.checked, shown = 0;
+    cards.forEach(function (c) {
+      var hit = (!q || (c.getAttribute("data-search") || "").indexOf(q) >= 0) &&
+                (!out || c.getAttribute("data-scope") === "out");
+      c.hidden = !hit; if (hit) shown++;
+    });
+    var n = document.getElementById("card-count"); if (n) n.textContent = shown + " of " + cards.length + " shown";
+  }
+  if (cs) cs.addEventListener("input", filterCards);
+  if (co) co.addEventListener("change", filterCards);
+  function setOpen(v) { cards.forEach(function (c) { var d = c.querySelector("details"); if (d) d.open = v; }); }
+  var ob = document.getElementById("cards-open"), cb = document.getElementById("cards-close");
+  if (ob) ob.addEventListener("click", function () { setOpen(true); });
+  if (cb) cb.addEventListener("click", function () { setOpen(false); });
+  function openTarget() {
+    var id = decodeURIComponent(location.hash.slice(1)), t = id && document.getElementById(id);
+    if (!t) return;
+    var d = t.matches && t.matches("article.neuron-card") ? t.querySelector("details") : null;
+    if (d) { d.open = true; t.hidden = false; t.scrollIntoView(); }
+  }
+  window.addEventListener("hashchange", openTarget);
+  openTarget();
+
   // ---- head explorer ----
   var dataEl = document.getElementById("kernel-data");
   if (!dataEl) return;

@@ -95,8 +95,13 @@ def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) 
             f"{_fmt(_median([r.fvu for r in recs]))} over {len(recs)} neurons", None)
 
 
-def scope_section(kernels: KernelResult | None, circuit: Circuit | None, neurons: NeuronResult | None) -> str:
-    """One block per approximation with rows (stated condition, measured value, status)."""
+def scope_section(kernels: KernelResult | None, circuit: Circuit | None, neurons: NeuronResult | None,
+                  verdicts=None) -> str:
+    """One block per approximation with rows (stated condition, measured value, status), under the banner that
+    counts the FAILED rows (:class:`.findings.ScopeVerdicts`, the same count as the findings and the circuit)."""
+    from .findings import ScopeVerdicts
+
+    verdicts = verdicts or ScopeVerdicts.of(circuit, neurons)
     rows: dict[str, list[tuple[str, str, bool | None]]] = {g: [] for g in SCOPE_GROUPS}
 
     def add(group: str, cond: str, measured: str, ok: bool | None) -> None:
@@ -122,5 +127,6 @@ def scope_section(kernels: KernelResult | None, circuit: Circuit | None, neurons
 <p>Every explanation in this report holds only where its approximations hold. Each approximation is listed
 with the conditions it needs and what was measured on this model; “measured” rows have no pass/fail threshold
 and are for the reader to judge. Conditions measured on the calibration text need not hold on other texts.</p>
+{verdicts.banner().replace('id="conditions-banner"', 'id="scope-banner"')}
 {"".join(blocks)}
 </section>"""

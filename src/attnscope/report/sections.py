@@ -223,14 +223,14 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
     return f"{fid_html}\n{den_html}"
 
 
-def circuit_section(circ: Circuit, neurons: NeuronResult | None, figures: dict[str, Path], used: set[str]) -> str:
-    """The contextual circuit: heads, per-head decisions, stated conditions, fidelity and denominators."""
+def circuit_section(circ: Circuit, neurons: NeuronResult | None, figures: dict[str, Path], used: set[str],
+                    verdicts=None) -> str:
+    """The contextual circuit: heads, per-head decisions, stated conditions, fidelity and denominators.  The
+    banner counts the same conditions as the Scope section (:class:`.findings.ScopeVerdicts`)."""
+    from .findings import ScopeVerdicts
+
     chips = "".join(f"<li><b>head {h}</b></li>" for h in circ.heads) or "<li>none</li>"
-    n_failed = sum(not c.ok for c in circ.conditions)
-    status = (f'<p class="alert">{n_failed} stated condition{"s" if n_failed != 1 else ""} '
-              f'<b>FAILED</b> on the calibration text: the approximations below are used outside their stated '
-              f'scope there.</p>' if n_failed else
-              '<p class="good">All stated conditions hold on the calibration text.</p>' if circ.conditions else "")
+    status = (verdicts or ScopeVerdicts.of(circ, neurons)).banner()
     summary = {"contextual heads": ", ".join(map(str, circ.heads)) or "none",
                "calibration text": circ.settings.get("calibration"), "calibration sha256": circ.calibration_sha,
                "calibration tokens": int(circ.calibration_tokens.numel()),

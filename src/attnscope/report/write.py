@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .cards import neuron_section
+from .findings import ScopeVerdicts, findings_section
 from .html import CIRCUIT_FIGURES, KERNEL_FIGURES, NEURON_FIGURES, _esc, _figure
 from .later import later_section
 from .scope import scope_section
@@ -54,16 +55,17 @@ def _sections(kernels: KernelResult | None, circuit: Circuit | None, neurons: Ne
     """The sections after the header, and their navigation entries."""
     used: set[str] = set()
     parts, nav = [], []
+    verdicts = ScopeVerdicts.of(circuit, neurons)
     if kernels is not None:
         parts.append(kernel_section(kernels, figures, used))
         nav.append(("kernels", "Kernels"))
     else:
         parts.append('<p class="omitted">Positional kernels: not part of this report (no kernel results given).</p>')
     if circuit is not None:
-        parts.append(circuit_section(circuit, neurons, figures, used))
+        parts.append(circuit_section(circuit, neurons, figures, used, verdicts))
         nav.append(("circuit", "Circuit"))
     if neurons is not None:
-        parts.append(neuron_section(neurons, figures, used))
+        parts.append(neuron_section(neurons, figures, used, verdicts))
         nav.append(("neurons", "Neurons"))
     if later:
         parts.append(later_section(later))
@@ -78,7 +80,7 @@ def _sections(kernels: KernelResult | None, circuit: Circuit | None, neurons: Ne
         else:
             parts.append('<p class="omitted">Contextual circuit and neurons: not part of this report (no neuron '
                          'results given).</p>')
-    scope = scope_section(kernels, circuit, neurons)
+    scope = scope_section(kernels, circuit, neurons, verdicts)
     parts.append(scope)
     if 'id="scope"' in scope:
         nav.append(("scope", "Scope"))
@@ -121,13 +123,15 @@ from the network.</footer>
 def write_report(out_dir: str | Path, *, model_info: dict | None = None, kernels: KernelResult | None = None,
                  circuit: Circuit | None = None, neurons: NeuronResult | None = None,
                  figures: dict[str, Path] | None = None, command: str = "", provenance: dict | None = None,
-                 circuit_error: str | None = None, later: list[LaterResult] | None = None) -> Path:
+                 circuit_error: str | None = None, later: list[LaterResult] | None = None,
+                 contrast: dict | None = None) -> Path:
     """Write one self-contained ``out_dir/report.html`` and return its path.
 
     ``kernels``, ``circuit``, ``neurons``: the typed results of each stage; any may be ``None`` and its
     section is then left out (with a one-line note; ``circuit_error`` says why the circuit was not built).
     ``later``: later-layer results (:class:`~attnscope.later_result.LaterResult`, one per layer), shown in
-    their own section.
+    their own section.  ``contrast``: an optional contrast result (``spearman``, ``noise_ceiling``, ``null``)
+    shown in the findings beside its ceiling and null ("not measured" when absent).
     ``figures``: name -> PNG path, as returned by :func:`~attnscope.plots.kernel_figures` /
     :func:`~attnscope.plots.neuron_figures` (embedded as base64; unknown names go to an "other figures"
     section).  ``command``: the command line that produced the results; ``provenance``: extra provenance
@@ -145,7 +149,12 @@ def write_report(out_dir: str | Path, *, model_info: dict | None = None, kernels
     prov = _provenance(provenance, kernels, circuit, neurons)
     parts, nav = _sections(kernels, circuit, neurons, figs, circuit_error, later)
     parts.insert(0, header_section(model_info, command, prov, date, __version__))
-    page = _page(model_info.get("name") or "model", date, __version__, [("summary", "Model"), *nav], parts)
+    findings = findings_section(circuit, neurons, ScopeVerdicts.of(circuit, neurons), contrast)
+    if findings:  # the findings lead; settings and provenance follow
+        parts.insert(0, findings)
+        nav.insert(0, ("findings", "Findings"))
+    page = _page(model_info.get("name") or "model", date, __version__, [*nav[:1], ("summary", "Model"), *nav[1:]]
+                 if findings else [("summary", "Model"), *nav], parts)
     path = out_dir / "report.html"
     path.write_text(page, encoding="utf-8")
     return path

@@ -17,7 +17,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..circuit import Circuit
-from ..errors import AttnscopeError, TextTooShortError, check_index
+from ..errors import AttnscopeError, IndexOutOfRangeError, TextTooShortError, check_index
 from ..forward import iter_layers
 from ..models import ModelWeights
 from .explanation import Evidence, Explanation
@@ -270,7 +270,9 @@ class Analyser:
         self.check_neuron(neuron)
         toks = self.tokens(text)
         N = len(toks.strings)
-        check_index("token position", position, N)
+        if not isinstance(position, int) or isinstance(position, bool) or not 0 <= position < N:
+            raise IndexOutOfRangeError(f"token position {position!r} is outside the text: it has {N} tokens, "
+                                       f"numbered 0..{N - 1}; choose one of them")
         wins = plan_windows(N, self.capacity, min(self.n_min, self.capacity // 2))
         win = next(w for w in wins if w.report_from <= position < w.stop)
         wt = self.window_tokens(toks.ids, win)

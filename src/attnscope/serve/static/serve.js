@@ -18,6 +18,7 @@ function sv(tag, attrs = {}, text) {
   if (text !== undefined) e.textContent = text;
   return e;
 }
+const nname = (k) => `L0N${k}`;  // TransformerLens-style neuron name: layer 0, neuron k
 const fmt = (v, d = 3) => (v === null || v === undefined || Number.isNaN(v)) ? "–" : Number(v).toFixed(d);
 const showTok = (t) => t.replace(/\n/g, "↵").replace(/\t/g, "⇥");
 
@@ -56,14 +57,17 @@ function renderTable() {
       .join("\u0001").toLowerCase();
     if (q && !(String(n.index) === q || hay.includes(q))) continue;
     if (++shown > 400) continue;
-    const tr = el("tr", { "data-neuron": n.index });
+    const tr = el("tr", { "data-neuron": n.index, tabindex: "0", "aria-label": `choose ${nname(n.index)}` });
     if (n.index === S.neuron) tr.classList.add("selected");
-    tr.append(el("td", { class: "num" }, n.rank), el("td", { class: "num" }, n.index),
+    tr.append(el("td", { class: "num" }, n.rank), el("td", {}, nname(n.index)),
               el("td", { class: "num" }, fmt(n.score, 2)), el("td", {}, (n.selected ? "✓ " : "") + (n.label || "")),
               el("td", { class: "tok-list" }, n.top_positive.slice(0, 6).map(showTok).join(" | ")),
               el("td", { class: "tok-list" }, n.top_negative.slice(0, 6).map(showTok).join(" | ")),
               el("td", { class: "num" }, n.r === null ? "" : fmt(n.r, 2)));
     tr.addEventListener("click", () => chooseNeuron(n.index, true));
+    tr.addEventListener("keydown", (ev) => {
+      if (ev.key === "Enter" || ev.key === " ") { ev.preventDefault(); chooseNeuron(n.index, true); }
+    });
     tb.append(tr);
   }
   $("#neuron-count").textContent = `${shown} of ${S.neurons.length} neurons` + (shown > 400 ? " (first 400 shown)" : "");
@@ -75,6 +79,7 @@ async function chooseNeuron(k, reanalyse) {
             `numbered 0..${S.neurons.length - 1}; pick one from the table`);
     return false;
   }
+  const changed = S.neuron !== null && S.neuron !== k;
   S.neuron = k;
   $("#neuron-input").value = k;
   for (const tr of document.querySelectorAll("#neuron-table tbody tr"))
@@ -84,6 +89,7 @@ async function chooseNeuron(k, reanalyse) {
     renderNeuronCard();
   } catch (e) { message("#message", e.message); }
   if (reanalyse && S.text) await analyse();
+  if (changed && S.contrast) await runContrast();  // every panel follows the chosen neuron
   updateShare();
   return true;
 }
@@ -92,7 +98,7 @@ function renderNeuronCard() {
   const n = S.neuronCard;
   const card = $("#neuron-card");
   card.replaceChildren();
-  card.append(el("p", {}, `Neuron ${n.index}: rank ${n.rank}, ${S.info.score} ${fmt(n.score, 2)}` +
+  card.append(el("p", {}, `${nname(n.index)} (layer 0, neuron ${n.index}): rank ${n.rank}, ${S.info.score} ${fmt(n.score, 2)}` +
     (n.selected ? `, label “${n.label || "none"}”, held-out r = ${fmt(n.r, 2)}, FVU = ${fmt(n.fvu, 2)}` : ", not selected")));
   const cols = el("div", { class: "cols" });
   for (const [title, list] of [["highest token scores S[x, k]", n.top_positive_scores],
@@ -189,12 +195,13 @@ function renderAnalysis() {
   const wn = $("#window-note");
   wn.hidden = !a.window_note;
   wn.textContent = a.window_note || "";
-  $("#predicted-note").textContent = `Neuron ${a.neuron}. True = the model's own layer-0 MLP pre-activation. ` +
+  $("#predicted-note").textContent = `${nname(a.neuron)}. True = the model's own layer-0 MLP pre-activation. ` +
     `Predicted (${S.info.explanation.kind}): ${S.info.explanation.description}. Shaded: early positions ` +
     `(n < ${a.min_position}), outside the explanation's scope.`;
   const f = a.fit;
   $("#fit-line").textContent = `Over the ${f.n} positions n ≥ ${a.min_position}: r = ${fmt(f.r)}, FVU = ${fmt(f.fvu)}, ` +
     `mean |true − predicted| = ${fmt(f.mae)}; mean true ${fmt(mean(a.true))}, mean predicted ${fmt(mean(a.pred))}.`;
+  renderVerdictVsFit();
   renderPlot();
   renderTokens();
   renderConditions();
@@ -227,11 +234,17 @@ function renderPlot() {
     svg.append(sv("text", { x: L - 5, y: y(v) + 4, "font-size": 10, "text-anchor": "end" }, fmt(v, 2)));
   }
   svg.append(sv("text", { x: L, y: H - 10, "font-size": 11 }, `token position (0..${n - 1})`),
-             sv("text", { x: L, y: 14, "font-size": 12, "font-weight": 600 }, `neuron ${a.neuron}: pre-activation per token`),
+             sv("text", { x: L, y: 14, "font-size": 12, "font-weight": 600 }, `${nname(a.neuron)}: pre-activation per token`),
              sv("line", { x1: W - 250, x2: W - 225, y1: 10, y2: 10, stroke: "#111", "stroke-width": 1.6 }),
              sv("text", { x: W - 220, y: 14, "font-size": 11 }, "true"),
              sv("line", { x1: W - 170, x2: W - 145, y1: 10, y2: 10, stroke: "#d62728", "stroke-width": 1.6, "stroke-dasharray": "5 3" }),
              sv("text", { x: W - 140, y: 14, "font-size": 11 }, "predicted"));
+  svg.append(sv("text", { x: 14, y: (T + H - B) / 2, "font-size": 10, "text-anchor": "middle",
+                          transform: `rotate(-90 14 ${(T + H - B) / 2})` }, "pre-activation"));
+  svg.append(sv("line", { id: "plot-evidence", x1: -10, x2: -10, y1: T, y2: H - B, stroke: "#0b5cad",
+                          "stroke-width": 2, "stroke-dasharray": "2 2", visibility: "hidden" }),
+             sv("text", { id: "plot-evidence-label", x: -10, y: H - B - 4, "font-size": 10, fill: "#0b5cad" }, ""));
+  S.plotX = x;
   const cursor = sv("line", { id: "plot-cursor", x1: -10, x2: -10, y1: T, y2: H - B, stroke: "#0b5cad" });
   const label = sv("text", { id: "plot-label", x: L + 8, y: T + 12, "font-size": 11, fill: "#0b5cad" });
   svg.append(cursor, label);
@@ -259,16 +272,40 @@ function renderTokens() {
       ? ev.contributions[i - ev.first_token] : null);
     scale = Math.max(1e-12, ...ev.contributions.map(Math.abs));
   }
+  renderColourLegend(mode, scale);
   a.tokens.forEach((t, i) => {
-    const s = el("span", { class: "tok", "data-i": i }, t);
+    const s = el("span", { class: "tok", "data-i": i, tabindex: ev && i === ev.position ? "0" : "-1" }, t);
     if (a.early[i]) s.classList.add("early");
     if (mode === "evidence" && vals[i] === null) s.classList.add("outside");
     if (ev && i === ev.position) s.classList.add("chosen");
     s.style.background = colour(vals[i], scale);
-    s.title = `#${i} ${JSON.stringify(t)}  true ${fmt(a.true[i])}  predicted ${fmt(a.pred[i])}` +
+    s.title = `#${i} ${JSON.stringify(t)}  true ${fmt(a.true[i])}  predicted ${fmt(a.pred[i])} (pre-activation)` +
       (mode === "evidence" && vals[i] !== null ? `  contribution ${fmt(vals[i], 4)}` : "");
     box.append(s);
   });
+  if (!ev && box.firstChild) box.firstChild.tabIndex = 0;
+}
+
+function renderColourLegend(mode, scale) {
+  const what = mode === "evidence" ? "contribution K_n(i) × S[x_i, k] at the chosen position"
+    : `${mode === "pred" ? "predicted" : "true"} pre-activation of ${nname(S.analysis.neuron)}`;
+  const box = $("#colour-legend");
+  box.replaceChildren(el("span", { class: "num" }, fmt(-scale, 2)),
+    el("span", { class: "bar", style: `background: linear-gradient(90deg, ${colour(-scale, scale)}, transparent, ` +
+                                      `${colour(scale, scale)})` }),
+    el("span", { class: "num" }, "+" + fmt(scale, 2)),
+    el("span", { class: "note" }, ` colour = ${what}; blue below 0, red above; ` +
+                                   "dotted underline = early position (outside scope)"));
+  box.dataset.scale = scale;
+}
+
+function renderVerdictVsFit() {
+  const a = S.analysis, f = a.fit, v = $("#verdict-fit");
+  const good = f.r !== null && f.r >= 0.9;
+  v.hidden = a.in_scope || !good;
+  v.textContent = v.hidden ? "" : `The verdict and the fit disagree on this text: the conditions put it outside the ` +
+    `explanation's scope, yet the prediction fits (r = ${fmt(f.r)} over ${f.n} positions). The verdict is the ` +
+    `claim: outside its conditions the explanation makes no promise, and a good fit here is measured, not explained.`;
 }
 
 async function showEvidence(pos) {
@@ -282,6 +319,7 @@ async function showEvidence(pos) {
     S.evidence = await api("/api/evidence", { text: S.text, neuron: a.neuron, position: pos });
   } catch (e) { message("#message", e.message); return; }
   const ev = S.evidence;
+  markEvidence(pos);
   $("#evidence-pos").value = pos;
   $("#evidence-token").textContent = `token “${showTok(a.tokens[pos])}”` + (a.early[pos] ? " (early position: outside scope)" : "");
   const sumC = ev.contributions.reduce((s, v) => s + v, 0) + (ev.bos_contribution || 0);
@@ -295,6 +333,17 @@ async function showEvidence(pos) {
   for (const [i, c, k, s] of rows)
     tb.append(rowOf([String(i), showTok(a.tokens[i]), fmt(k, 4), fmt(s, 3), fmt(c, 4)], [1, 0, 1, 1, 1]));
   renderTokens();
+}
+
+function markEvidence(pos) {
+  const line = $("#plot-evidence"), lab = $("#plot-evidence-label");
+  if (!line || !S.plotX) return;
+  const xp = S.plotX(pos);
+  for (const k of ["x1", "x2"]) line.setAttribute(k, xp);
+  line.setAttribute("visibility", "visible");
+  line.dataset.position = pos;
+  lab.setAttribute("x", xp + 3);
+  lab.textContent = `evidence at ${pos}`;
 }
 
 function renderConditions() {
@@ -323,16 +372,19 @@ async function runContrast() {
   for (const [name, s] of [["A", c.a], ["B", c.b]])
     tb.append(rowOf([name, String(s.n_tokens), fmt(s.mean_true), fmt(s.mean_pred),
                      s.in_scope ? "yes" : "no"], [0, 1, 1, 1, 0], s.in_scope));
-  $("#contrast-effect").textContent = `Neuron ${c.neuron}: effect size d (A vs B, over positions n ≥ ` +
+  $("#contrast-result").dataset.neuron = c.neuron;
+  $("#contrast-effect").textContent = `${nname(c.neuron)}: effect size d (A vs B, over positions n ≥ ` +
     `${S.info.circuit.min_position}) true ${fmt(c.d_true, 2)}, predicted ${fmt(c.d_pred, 2)}. Of the top ${c.top.length} ` +
     `separating neurons, the prediction has the true sign for ${c.top_same_sign}.`;
   const top = $("#contrast-top tbody");
   top.replaceChildren();
   for (const r of c.top) {
-    const tr = rowOf([String(r.neuron), S.byIndex.get(r.neuron).label || "", fmt(r.d_true, 2), fmt(r.d_pred, 2),
+    const tr = rowOf([nname(r.neuron), S.byIndex.get(r.neuron).label || "", fmt(r.d_true, 2), fmt(r.d_pred, 2),
                       fmt(r.mean_true_a), fmt(r.mean_true_b)], [1, 0, 1, 1, 1, 1]);
     tr.style.cursor = "pointer";
+    tr.tabIndex = 0;
     tr.addEventListener("click", () => chooseNeuron(r.neuron, true));
+    tr.addEventListener("keydown", (ev) => { if (ev.key === "Enter") chooseNeuron(r.neuron, true); });
     top.append(tr);
   }
   updateShare();
@@ -360,21 +412,58 @@ function download(name, blob) {
 function exportJSON() {
   const d = { model: S.info.model, explanation: S.info.explanation, neuron: S.neuronCard, analysis: S.analysis,
               evidence: S.evidence, contrast: S.contrast, url: shareURL() };
-  download(`attnscope-neuron-${S.neuron}.json`, new Blob([JSON.stringify(d, null, 1)], { type: "application/json" }));
+  download(`attnscope-${nname(S.neuron)}.json`, new Blob([JSON.stringify(d, null, 1)], { type: "application/json" }));
 }
+function wrapLines(g, text, width, maxLines) {
+  const out = [];
+  for (const para of text.split("\n")) {
+    let line = "";
+    for (const word of para.split(/(\s+)/)) {
+      if (g.measureText(line + word).width > width && line) { out.push(line); line = word.trimStart(); } else line += word;
+      if (out.length >= maxLines) break;
+    }
+    out.push(line);
+    if (out.length >= maxLines) break;
+  }
+  if (out.length > maxLines) out.length = maxLines;
+  return out;
+}
+
+function pngCaption() {
+  const a = S.analysis, f = a.fit;
+  return { title: `${S.info.model.name} · ${nname(a.neuron)} · predicted = ${S.info.explanation.kind}`,
+           fit: `Fit over the ${f.n} positions n ≥ ${a.min_position}: r = ${fmt(f.r)}, FVU = ${fmt(f.fvu)}, ` +
+                `mean |true − predicted| = ${fmt(f.mae)}`,
+           verdict: a.scope_message, text: S.text };
+}
+
 function exportPNG() {
   if (!S.analysis) { message("#message", "Nothing to export yet: analyse a text first."); return; }
-  const svg = $("#plot-svg"), W = 900, H = 280, k = 2;
+  const svg = $("#plot-svg"), W = 900, H = 280, k = 2, cap = pngCaption();
   const clone = svg.cloneNode(true);
   clone.setAttribute("xmlns", SVGNS);
+  clone.setAttribute("width", W); clone.setAttribute("height", H);
   for (const id of ["plot-cursor", "plot-label"]) clone.querySelector("#" + id)?.remove();
   const img = new Image();
   const url = URL.createObjectURL(new Blob([new XMLSerializer().serializeToString(clone)], { type: "image/svg+xml" }));
   img.onload = () => {
-    const c = el("canvas", { width: W * k, height: H * k }), g = c.getContext("2d");
-    g.scale(k, k); g.fillStyle = "#fff"; g.fillRect(0, 0, W, H); g.drawImage(img, 0, 0, W, H);
+    const probe = el("canvas").getContext("2d");
+    probe.font = "12px sans-serif";
+    const verdict = wrapLines(probe, cap.verdict, W - 24, 3), text = wrapLines(probe, cap.text, W - 24, 12);
+    const top = 58 + 16 * verdict.length, Htot = top + H + 24 + 16 * text.length;
+    const c = el("canvas", { width: W * k, height: Htot * k }), g = c.getContext("2d");
+    g.scale(k, k); g.fillStyle = "#fff"; g.fillRect(0, 0, W, Htot);
+    g.fillStyle = "#111"; g.font = "bold 14px sans-serif"; g.fillText(cap.title, 12, 20);
+    g.font = "12px sans-serif"; g.fillText(cap.fit, 12, 40);
+    g.fillStyle = S.analysis.in_scope ? "#1a7f37" : "#b42318";
+    verdict.forEach((l, i) => g.fillText(l, 12, 58 + 16 * i));
+    g.drawImage(img, 0, top, W, H);
+    g.fillStyle = "#333"; g.font = "12px sans-serif";
+    g.fillText("Text:", 12, top + H + 14);
+    text.forEach((l, i) => g.fillText(l, 12, top + H + 30 + 16 * i));
     URL.revokeObjectURL(url);
-    c.toBlob((b) => download(`attnscope-neuron-${S.neuron}.png`, b), "image/png");
+    window.__pngCaption = { ...cap, lines: { verdict, text }, height: Htot };
+    c.toBlob((b) => download(`attnscope-${nname(S.neuron)}.png`, b), "image/png");
   };
   img.src = url;
 }
@@ -401,12 +490,21 @@ async function start() {
     "texts; r = the explanation's held-out fit). Click a row to choose the neuron.";
   const h = new URLSearchParams(location.hash.slice(1));
   const k = h.has("neuron") ? Number(h.get("neuron")) : S.neurons[0].index;
+  const linkNotes = [];
+  if (h.has("neuron") && !S.byIndex.has(k))
+    linkNotes.push(`This link asks for neuron ${h.get("neuron")}, which this model does not have (its layer-0 MLP ` +
+                   `has neurons 0..${S.neurons.length - 1}); showing ${nname(S.neurons[0].index)}, the first in ` +
+                   "the ranking, instead.");
+  if (h.has("model") && h.get("model") !== m.name)
+    linkNotes.push(`This link was made for model ${h.get("model")}; this server runs ${m.name}, so its numbers ` +
+                   "differ from the link's.");
+  const ln = $("#link-message");  // stays until the page is reloaded: nothing the user does clears it
+  ln.hidden = !linkNotes.length;
+  ln.textContent = linkNotes.join(" ");
   if (h.get("a")) $("#text-a").value = h.get("a");
   if (h.get("b")) $("#text-b").value = h.get("b");
   renderTable();
   const ok = await chooseNeuron(S.byIndex.has(k) ? k : S.neurons[0].index, false);
-  if (h.has("model") && h.get("model") !== m.name)
-    message("#message", `This link was made for model ${h.get("model")}; this server runs ${m.name}.`);
   if (ok && h.get("text")) { $("#text-input").value = h.get("text"); await analyse(); }
   if (h.get("a") && h.get("b")) await runContrast();
 }
@@ -429,6 +527,15 @@ for (const r of document.querySelectorAll("input[name=colour]")) r.addEventListe
 $("#coloured-text").addEventListener("click", (ev) => {
   const t = ev.target.closest(".tok");
   if (t) showEvidence(Number(t.dataset.i));
+});
+$("#coloured-text").addEventListener("keydown", (ev) => {
+  const t = ev.target.closest(".tok");
+  if (!t || !S.analysis) return;
+  const i = Number(t.dataset.i);
+  const to = { ArrowRight: i + 1, ArrowLeft: i - 1, Enter: i, " ": i }[ev.key];
+  if (to === undefined || to < 0 || to >= S.analysis.n_tokens) return;
+  ev.preventDefault();
+  showEvidence(to).then(() => $(`#coloured-text .tok[data-i="${to}"]`)?.focus());
 });
 $("#evidence-pos").addEventListener("change", () => showEvidence(Number($("#evidence-pos").value)));
 $("#contrast-btn").addEventListener("click", runContrast);

@@ -1,0 +1,236 @@
+"""The report's first screen and the scope verdict carried to every neuron (issue 21, items 1-2).
+
+* :class:`ScopeVerdicts`: the stated conditions that FAILED, where (the calibration text, or a held-out text),
+  with the measured value.  The findings banner, the circuit section's banner, the ranking rows and the cards
+  all count from this one object, which lists exactly the rows the Scope section marks FAILED.
+* :func:`findings_section`: what the report claims, within one screen: contextual heads, passing neurons beside
+  random neurons, the fit beside the random neurons' fit, the contrast beside its noise ceiling and null (or
+  "not measured"), where the explanation does not hold, and the top neurons with their verdicts.
+* :func:`full_ranking`: every neuron, sortable and searchable, predicted and true d side by side, each row
+  linked to its card and carrying its verdict.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .html import _esc, _fmt, _num, _token
+
+if TYPE_CHECKING:
+    from ..circuit import Circuit, Condition
+    from ..neurons import NeuronCard, NeuronResult, NeuronRow
+
+
+def neuron_name(index: int, layer: int = 0) -> str:
+    """TransformerLens-style name: ``L0N172`` is neuron 172 of the layer-0 MLP."""
+    return f"L{layer}N{index}"
+
+
+def _text_key(t: str) -> str:
+    """``bundled:code_python``, ``code_python`` and ``.../code_python.txt`` name the same held-out text."""
+    return Path(t.split(":", 1)[-1]).stem if t else t
+
+
+@dataclass
+class Failure:
+    where: str  # "calibration" or a held-out text's name
+    name: str
+    measured: float
+    holds_when: str
+
+    def short(self) -> str:
+        return f"{self.name} on {self.where}: {_fmt(self.measured)} (holds when {self.holds_when})"
+
+
+@dataclass
+class ScopeVerdicts:
+    calibration: list[Failure] = field(default_factory=list)  # fail on the calibration text: apply to everything
+    by_text: dict[str, list[Failure]] = field(default_factory=dict)  # held-out text -> its failing conditions
+    n_conditions: int = 0  # stated conditions with a pass/fail status (the Scope section's FAILED/OK rows)
+
+    @classmethod
+    def of(cls, circ: Circuit | None, neurons: NeuronResult | None) -> ScopeVerdicts:
+        v = cls()
+        conds: list[Condition] = list(circ.conditions) if circ is not None else []
+        v.n_conditions = len(conds)
+        v.calibration = [Failure("calibration", c.name, c.measured, c.holds_when) for c in conds if not c.ok]
+        for d in neurons.denominators if neurons is not None else []:
+            c = d.condition
+            v.n_conditions += 1
+            v.by_text.setdefault(_text_key(d.text), [])
+            if not c.ok:
+                v.by_text[_text_key(d.text)].append(Failure(_text_key(d.text), c.name, c.measured, c.holds_when))
+        return v
+
+    @property
+    def failures(self) -> list[Failure]:
+        return self.calibration + [f for fs in self.by_text.values() for f in fs]
+
+    @property
+    def n_failed(self) -> int:
+        return len(self.failures)
+
+    def texts_out_of_scope(self) -> list[str]:
+        return [t for t, fs in self.by_text.items() if fs]
+
+    def for_texts(self, texts: list[str]) -> list[Failure]:
+        """The failing conditions that apply to a result read on ``texts``."""
+        out = list(self.calibration)
+        for t in dict.fromkeys(_text_key(t) for t in texts if t):
+            out += self.by_text.get(t, [])
+        return out
+
+    def mark(self, texts: list[str]) -> str:
+        """A verdict cell: "holds", or "outside scope" with every failing condition and its measured value."""
+        fs = self.for_texts(texts)
+        if not fs:
+            checked = [t for t in (_text_key(x) for x in texts if x) if t in self.by_text]
+            tip = f"every stated condition holds on {', '.join(checked) or 'the calibration text'}"
+            return f'<span class="verdict ok" title="{_esc(tip)}">✓ in scope</span>'
+        tip = "; ".join(f.short() for f in fs)
+        what = ", ".join(dict.fromkeys(f"{f.where} {_fmt(f.measured)}" for f in fs))
+        return f'<span class="verdict fail" title="{_esc(tip)}">✗ outside scope ({_esc(what)})</span>'
+
+    def banner(self) -> str:
+        """The count the Scope section shows, split by where the conditions were measured."""
+        if not self.n_conditions:
+            return ""
+        if not self.n_failed:
+            return (f'<p class="good" id="conditions-banner">All {self.n_conditions} stated conditions with a '
+                    "threshold hold (calibration text and held-out texts).</p>")
+        n_cal, n_txt = len(self.calibration), self.n_failed - len(self.calibration)
+        texts = self.texts_out_of_scope()
+        return (f'<p class="alert" id="conditions-banner" data-failed="{self.n_failed}">{self.n_failed} of '
+                f"{self.n_conditions} stated conditions <b>FAILED</b>: {n_cal} on the calibration text, {n_txt} on "
+                f"held-out texts ({_esc(', '.join(texts)) or 'none'}). Results read on those texts are outside the "
+                f'explanation\'s stated scope; each neuron below carries its own verdict (<a href="#scope">Scope</a> '
+                "lists every condition).</p>")
+
+
+def _tile(value: str, key: str, note: str, el_id: str) -> str:
+    return (f'<div class="finding" id="{el_id}"><div class="v">{value}</div><div class="k">{key}</div>'
+            f'<div class="n">{note}</div></div>')
+
+
+def _contrast_tile(contrast: dict | None) -> str:
+    """Contrast Spearman beside its noise ceiling and null, when the report was given a contrast result."""
+    if not contrast or contrast.get("spearman") is None:
+        return _tile("not measured", "contrast Spearman",
+                     "no contrast result in this report (run <code>attnscope contrast --verify</code>); noise "
+                     "ceiling: not measured; null: not measured", "finding-contrast")
+    ceil = contrast.get("noise_ceiling")
+    null = contrast.get("null")
+    return _tile(_fmt(contrast["spearman"]), "contrast Spearman (predicted vs true d)",
+                 f"noise ceiling {_fmt(ceil) if ceil is not None else 'not measured'}; null "
+                 f"{_fmt(null) if null is not None else 'not measured'}", "finding-contrast")
+
+
+def findings_section(circ: Circuit | None, neurons: NeuronResult | None, verdicts: ScopeVerdicts,
+                     contrast: dict | None = None, n_top: int = 5) -> str:
+    """What the report claims, with its baselines, in one screen (see the module docstring)."""
+    if neurons is None and circ is None:
+        return ""
+    tiles = []
+    if circ is not None:
+        tiles.append(_tile(", ".join(f"L0H{h}" for h in circ.heads) or "none", "contextual heads (layer 0)",
+                           f"calibration {_esc(circ.settings.get('calibration'))}; "
+                           f'<a href="#circuit">circuit</a>', "finding-heads"))
+    top_html = ""
+    if neurons is not None:
+        s, v, thr = neurons.summary(), neurons.verification, neurons.threshold
+        tiles.append(_tile(f"{neurons.n_selected} / {neurons.n_scored}", "neurons pass",
+                           f"precision {_fmt(s['precision'])} on the reporting half; random neurons "
+                           f"{_fmt(s['precision_random'])} (the base rate)", "finding-pass"))
+        rnd = v.random
+        tiles.append(_tile(f"r {_fmt(s['median_r'])} · FVU {_fmt(s['median_fvu'])}", "fit of the reported neurons",
+                           f"random neurons: r {_fmt(rnd.r)} · FVU {_fmt(rnd.fvu)}. They fit as well, so the fit "
+                           "shows the explanation is faithful for any neuron; the claim about <i>which</i> neurons "
+                           "depend on context is the precision", "finding-fit"))
+        tiles.append(_contrast_tile(contrast))
+        top_html = _top_neurons(neurons, verdicts, n_top)
+        pass_def = (f'<p class="small" id="pass-definition"><b>pass</b> = predicted context sensitivity (largest '
+                    f"|predicted d| over the one-vs-rest contrasts of the held-out texts) ≥ {_fmt(thr.value)}, the "
+                    f"threshold tuned on the <i>tuning</i> half of the held-out windows to reach precision ≥ "
+                    f"{_fmt(thr.precision_target)} there ({_fmt(thr.tuning_precision)} reached). The precision above "
+                    f"is measured on the other, <i>reporting</i> half: the share of passing neurons whose true "
+                    f"|d| ≥ 1 with the predicted sign in some contrast.</p>")
+    else:
+        pass_def = ""
+    out = verdicts.texts_out_of_scope()
+    tiles.append(_tile(f"{verdicts.n_failed} of {verdicts.n_conditions}", "stated conditions FAILED",
+                       (f"outside scope: {_esc(', '.join(out))}" if out else "no held-out text outside scope")
+                       + (f"; {len(verdicts.calibration)} on the calibration text" if verdicts.calibration else "")
+                       + '; <a href="#scope">scope</a>', "finding-scope"))
+    links = " · ".join(f'<a href="#{i}">{t}</a>' for i, t in (
+        ("neuron-ranking-block", "full ranking"), ("neuron-cards", "neuron cards"), ("neurons", "neuron summary"),
+        ("circuit", "circuit"), ("scope", "scope"), ("kernels", "kernels"), ("summary", "model and provenance")))
+    return f"""
+<section id="findings">
+<h2>Findings</h2>
+<div class="findings">{"".join(tiles)}</div>
+{pass_def}
+{top_html}
+<p class="small">Details: {links}</p>
+</section>"""
+
+
+def _top_neurons(neurons: NeuronResult, verdicts: ScopeVerdicts, n: int) -> str:
+    cards = {c.index: c for c in neurons.cards}
+    rows = []
+    for r in neurons.rows[:n]:
+        c = cards.get(r.index)
+        label = (c.label or "—") if c else "—"
+        rows.append(f'<tr><td><a href="#neuron-0-{r.index}">{neuron_name(r.index)}</a></td><td>{_esc(label)}</td>'
+                    f"<td>{_esc(r.best_contrast)}</td><td>{_fmt(r.predicted_d)}</td><td>{_fmt(r.true_d)}</td>"
+                    f"<td>{verdicts.mark([r.best_contrast])}</td></tr>")
+    return ('<table class="data compact" id="top-neurons"><thead><tr><th>neuron</th><th>label</th><th>context '
+            '(one vs rest)</th><th title="predicted effect size in that contrast, from the weights">predicted d</th>'
+            '<th title="true effect size, reporting half of the held-out windows">true d</th><th>scope</th></tr>'
+            f'</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+RANKING_COLUMNS = [  # (header, type, tooltip)
+    ("rank", "num", "1 = most context-sensitive (largest predicted |d|)"),
+    ("neuron", "text", "L{layer}N{index}; links to the neuron's card when it has one"),
+    ("predicted |d|", "num", "context sensitivity: the largest |predicted d| over the one-vs-rest contrasts"),
+    ("context", "text", "the held-out text whose one-vs-rest contrast gives it"),
+    ("predicted d", "num", "signed predicted effect size in that contrast (from the weights, no forward pass)"),
+    ("true d", "num", "signed true effect size in that contrast, reporting half of the held-out windows"),
+    ("passes", "text", "predicted |d| >= the threshold (see 'pass' in Findings)"),
+    ("label", "text", "label of the neuron's token evidence (cards only)"),
+    ("scope", "text", "the stated conditions on its context text and on the calibration text"),
+    ("top tokens (+)", "text", "tokens that raise its pre-activation most"),
+]
+
+
+def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: ScopeVerdicts) -> str:
+    """Every neuron: sortable (click a header), searchable (the box filters rows), linked to the cards."""
+    by = {c.index: c for c in cards}
+    head = "".join(f'<th scope="col" data-type="{t}" aria-sort="none" title="{_esc(tip)}"><button type="button">'
+                   f"{_esc(h)}</button></th>" for h, t, tip in RANKING_COLUMNS)
+    body = []
+    for r in rows:
+        c = by.get(r.index)
+        name = neuron_name(r.index)
+        link = f'<a href="#neuron-0-{r.index}">{name}</a>' if c else name
+        toks = " ".join(f"<code class=tok>{_token(t)}</code>" for t in r.top_positive_tokens[:6])
+        search = " ".join([name, str(r.index), r.best_contrast, (c.label or "") if c else "",
+                           *r.top_positive_tokens[:6]]).lower()
+        body.append(f'<tr data-search="{_esc(search)}" data-index="{r.index}"><td data-value="{r.rank}">{r.rank}</td>'
+                    f'<td data-value="{r.index}">{link}</td><td data-value="{_num(r.sensitivity)}">{_fmt(r.sensitivity)}'
+                    f'</td><td>{_esc(r.best_contrast)}</td><td data-value="{_num(r.predicted_d)}">{_fmt(r.predicted_d)}'
+                    f'</td><td data-value="{_num(r.true_d)}">{_fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
+                    f'<td>{_esc(c.label or "") if c else ""}</td><td>{verdicts.mark([r.best_contrast])}</td>'
+                    f"<td>{toks}</td></tr>")
+    return f"""
+<div id="neuron-ranking-block">
+<h3>Full ranking ({len(rows)} neurons)</h3>
+<p class="small">Click a header to sort; type to filter by name, index, context, label or token. Predicted d is
+from the weights alone; true d is measured on the reporting half of the held-out windows (method §15).</p>
+<input type="search" id="ranking-search" placeholder="filter: L0N172, code_python, Spanish, token…"
+ aria-label="filter the ranking"> <span id="ranking-count" class="small">{len(rows)} of {len(rows)} shown</span>
+<div class="table-wrap tall"><table id="neuron-ranking" class="sortable data">
+<thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>
+</div>"""
