@@ -72,7 +72,9 @@ def kernel_curves(res: K.KernelResult, out: Path, max_layers: int = 12) -> Path:
     x = np.log10(np.arange(1, ok.shape[-1] + 1))
     for ax, l in zip(axes.flat, layers):
         j = all_layers.index(l)
-        ys = np.log10(np.maximum(ok[j, heads], 1e-8))  # [heads, offsets]
+        k = ok[j, heads]  # [heads, offsets]
+        # zero mass (the sink split off before the kernel, offsets past the context) is a gap, not a cliff to 1e-8
+        ys = np.where(k > 1e-8, np.log10(np.maximum(k, 1e-8)), np.nan)
         segs = np.stack([np.broadcast_to(x, ys.shape), ys], -1)
         ax.add_collection(LineCollection(segs, colors=[CAT_COLORS[res.record(l, h).category] for h in heads],
                                          linewidths=1, alpha=0.85))
@@ -216,9 +218,10 @@ def neuron_traces(res: NeuronResult, out: Path, n: int = 6) -> Path:
             ax.plot(x, t.predicted_contextual, color="0.6", lw=0.8, ls=":", label="contextual bag (predicted)")
             ax.plot(x, t.true_pre, color="k", lw=1.0, label="true pre-activation")
             ax.plot(x, t.predicted_pre, color="#d62728", lw=1.0, ls="--", label="full explanation from weights")
-            ax.set_title(f"neuron {rec.index} ({rec.label or 'unlabelled'}) on {name} [{kind}]", fontsize=8)
-            ax.tick_params(labelsize=7)
-    axes[0, 0].legend(fontsize=6, loc="upper left")
+            ax.set_title(f"L0N{rec.index} ({rec.label or 'unlabelled'}) on {name} [{kind}]", fontsize=10)
+            ax.set_ylabel("pre-activation", fontsize=9)
+            ax.tick_params(labelsize=9)
+    axes[0, 0].legend(fontsize=8, loc="upper left")
     axes[-1, 0].set_xlabel("position (from min_position)")
     axes[-1, 1].set_xlabel("position (from min_position)")
     fig.tight_layout()

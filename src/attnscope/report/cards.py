@@ -6,6 +6,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..label_check import checked_labels
 from .findings import ScopeVerdicts, full_ranking, neuron_name
 from .html import NEURON_FIGURES, _badge, _esc, _figures, _fmt, _token
 
@@ -67,7 +68,7 @@ def _trace_map(neurons: NeuronResult) -> dict:
 
 
 def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = None, best: str = "",
-                 open_: bool = False) -> str:
+                 open_: bool = False, predicted_d: float = 0.0) -> str:
     """One card per reported neuron: labels (with their evidence), its scope verdict, fits, top tokens and the
     traces; collapsible (the first few open)."""
     idx = r.index
@@ -80,10 +81,11 @@ def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = N
     if neg_t and neg_t != pos_t:
         svgs += _trace_svg(tr, neg_t, "negative")
     d_html = ", ".join(f"{_esc(k)} {_esc(_fmt(v))}" for k, v in sorted(r.true_d.items(), key=lambda kv: -kv[1]))
-    lab = f"{_esc(r.label)} <i>({_esc(r.label_evidence)})</i>" if r.label else "<i>unlabelled</i>"
-    lab_neg = f"{_esc(r.label_negative)} <i>({_esc(r.label_negative_evidence)})</i>" if r.label_negative else \
-        "<i>unlabelled</i>"
-    search = " ".join(x for x in [neuron_name(idx), str(idx), best, r.label or "", r.label_negative or "",
+    pos_l, neg_l, withheld = checked_labels(r.label, r.label_negative, best, predicted_d)
+    lab = f"{_esc(pos_l)} <i>({_esc(r.label_evidence)})</i>" if pos_l else "<i>unlabelled</i>"
+    lab_neg = f"{_esc(neg_l)} <i>({_esc(r.label_negative_evidence)})</i>" if neg_l else "<i>unlabelled</i>"
+    withheld_html = "".join(f'<p class="small label-withheld">{_esc(x)}</p>' for x in withheld)
+    search = " ".join(x for x in [neuron_name(idx), str(idx), best, pos_l or "", neg_l or "",
                                   r.positive_text, r.negative_text] if x).lower()
     return f"""
 <article class="neuron-card" id="neuron-0-{_esc(idx)}" data-index="{_esc(idx)}" data-search="{_esc(search)}"
@@ -91,7 +93,7 @@ def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = N
 <summary><h3>{neuron_name(idx)}</h3> <span class="small">rank {_fmt(r.rank)} · context {_esc(best or '—')}</span>
 {mark}
 <p class="labels"><span class="lab pos" title="label of the positive token evidence">+ {lab}</span>
-<span class="lab neg" title="label of the negative token evidence">− {lab_neg}</span></p></summary>
+<span class="lab neg" title="label of the negative token evidence">− {lab_neg}</span></p>{withheld_html}</summary>
 <dl class="stats-inline">
 <div><dt>rank</dt><dd>{_fmt(r.rank)}</dd></div>
 <div><dt>predicted |d|</dt><dd>{_fmt(r.sensitivity)}</dd></div>
@@ -128,7 +130,10 @@ def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[st
     """Context neurons: summary with random baselines, the ranked table, figures and one card per neuron."""
     recs = neurons.records
     s = neurons.summary()
-    labels = sorted({r.label for r in recs if r.label} | {r.label_negative for r in recs if r.label_negative})
+    rws = {r.index: r for r in neurons.rows}
+    kept = [checked_labels(r.label, r.label_negative, rws[r.index].best_contrast, rws[r.index].predicted_d)
+            if r.index in rws else (r.label, r.label_negative, []) for r in recs]
+    labels = sorted({p for p, _, _ in kept if p} | {n for _, n, _ in kept if n})
     stats = [("pass / scored", f"{_fmt(neurons.n_selected)} / {_fmt(neurons.n_scored)}"),
              ("precision, reporting half (all neurons)", f"{_fmt(s['precision'])} ({_fmt(s['precision_random'])})"),
              ("median FVU (random)", f"{_fmt(s['median_fvu'])} ({_fmt(s['median_fvu_random'])})"),
@@ -137,9 +142,10 @@ def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[st
     stat_html = "".join(f'<div class="stat"><div class="v">{v}</div><div class="k">{_esc(k)}</div></div>'
                         for k, v in stats)
     verdicts = verdicts or ScopeVerdicts.of(neurons.circuit, neurons)
-    best = {r.index: r.best_contrast for r in neurons.rows}
+    rows = {r.index: r for r in neurons.rows}
     traces = _trace_map(neurons)
-    cards = "".join(_neuron_card(r, traces, verdicts, best.get(r.index, ""), j < 4) for j, r in enumerate(recs))
+    cards = "".join(_neuron_card(r, traces, verdicts, rows[r.index].best_contrast if r.index in rows else "", j < 4,
+                                 rows[r.index].predicted_d if r.index in rows else 0.0) for j, r in enumerate(recs))
     return f"""
 <section id="neurons">
 <h2>Context neurons (layer-0 MLP)</h2>

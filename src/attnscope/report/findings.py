@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..label_check import checked_labels
 from .html import _esc, _fmt, _num, _token
 
 if TYPE_CHECKING:
@@ -181,7 +182,7 @@ def _top_neurons(neurons: NeuronResult, verdicts: ScopeVerdicts, n: int) -> str:
     rows = []
     for r in neurons.rows[:n]:
         c = cards.get(r.index)
-        label = (c.label or "—") if c else "—"
+        label = _label(c, r) or "—"
         rows.append(f'<tr><td><a href="#neuron-0-{r.index}">{neuron_name(r.index)}</a></td><td>{_esc(label)}</td>'
                     f"<td>{_esc(r.best_contrast)}</td><td>{_fmt(r.predicted_d)}</td><td>{_fmt(r.true_d)}</td>"
                     f"<td>{verdicts.mark([r.best_contrast])}</td></tr>")
@@ -189,6 +190,14 @@ def _top_neurons(neurons: NeuronResult, verdicts: ScopeVerdicts, n: int) -> str:
             '(one vs rest)</th><th title="predicted effect size in that contrast, from the weights">predicted d</th>'
             '<th title="true effect size, reporting half of the held-out windows">true d</th><th>scope</th></tr>'
             f'</thead><tbody>{"".join(rows)}</tbody></table>')
+
+
+def _label(card: NeuronCard | None, row: NeuronRow) -> str:
+    """The card's labels that agree with the row's best contrast (:mod:`attnscope.label_check`), "+a / −b"."""
+    if card is None:
+        return ""
+    pos, neg, _ = checked_labels(card.label, card.label_negative, row.best_contrast, row.predicted_d)
+    return " / ".join(x for x in (f"+{pos}" if pos else "", f"−{neg}" if neg else "") if x)
 
 
 RANKING_COLUMNS = [  # (header, type, tooltip)
@@ -213,16 +222,17 @@ def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: Scope
     body = []
     for r in rows:
         c = by.get(r.index)
+        label = _label(c, r)
         name = neuron_name(r.index)
         link = f'<a href="#neuron-0-{r.index}">{name}</a>' if c else name
         toks = " ".join(f"<code class=tok>{_token(t)}</code>" for t in r.top_positive_tokens[:6])
-        search = " ".join([name, str(r.index), r.best_contrast, (c.label or "") if c else "",
+        search = " ".join([name, str(r.index), r.best_contrast, label,
                            *r.top_positive_tokens[:6]]).lower()
         body.append(f'<tr data-search="{_esc(search)}" data-index="{r.index}"><td data-value="{r.rank}">{r.rank}</td>'
                     f'<td data-value="{r.index}">{link}</td><td data-value="{_num(r.sensitivity)}">{_fmt(r.sensitivity)}'
                     f'</td><td>{_esc(r.best_contrast)}</td><td data-value="{_num(r.predicted_d)}">{_fmt(r.predicted_d)}'
                     f'</td><td data-value="{_num(r.true_d)}">{_fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
-                    f'<td>{_esc(c.label or "") if c else ""}</td><td>{verdicts.mark([r.best_contrast])}</td>'
+                    f'<td>{_esc(label)}</td><td>{verdicts.mark([r.best_contrast])}</td>'
                     f"<td>{toks}</td></tr>")
     return f"""
 <div id="neuron-ranking-block">

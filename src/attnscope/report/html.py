@@ -28,7 +28,7 @@ FIGURE_CAPTIONS = {
 KERNEL_FIGURES = ("kernel_curves", "n_eff_heatmap", "categories", "tv_per_head")
 NEURON_FIGURES = ("r_fvu", "neuron_traces")
 CIRCUIT_FIGURES = ("denominators",)
-WIDE_FIGURES = ("kernel_curves", "tv_per_head")
+WIDE_FIGURES = ("kernel_curves", "tv_per_head", "neuron_traces")
 
 
 def _esc(x: Any) -> str:
@@ -148,7 +148,8 @@ def _figure(name: str, path: Path | str | None) -> str:
         p.suffix.lower(), "image/png")
     data = base64.b64encode(p.read_bytes()).decode("ascii")
     wide = " wide" if name in WIDE_FIGURES else ""
-    return (f'<figure class="fig{wide}" id="fig-{_esc(name)}"><img alt="{_esc(name)}" src="data:{mime};base64,{data}">'
+    return (f'<figure class="fig{wide}" id="fig-{_esc(name)}"><img alt="{_esc(name)}" src="data:{mime};base64,{data}" '
+            f'tabindex="0" title="click to enlarge (Esc or click again to close)">'
             f"<figcaption>{cap}</figcaption></figure>")
 
 

@@ -36,6 +36,17 @@
     Array.prototype.forEach.call(document.querySelectorAll("details"), function (d) { d.open = true; });
   });
 
+  // ---- figures: click (or Enter) to enlarge, Esc or click to close ----
+  Array.prototype.forEach.call(document.querySelectorAll("figure.fig img"), function (img) {
+    function toggle() { img.closest("figure").classList.toggle("zoomed"); }
+    img.addEventListener("click", toggle);
+    img.addEventListener("keydown", function (e) { if (e.key === "Enter" || e.key === "Escape") toggle(); });
+  });
+  document.addEventListener("keydown", function (e) {
+    if (e.key !== "Escape") return;
+    Array.prototype.forEach.call(document.querySelectorAll("figure.zoomed"), function (f) { f.classList.remove("zoomed"); });
+  });
+
   // ---- the full ranking: a filter box over every row ----
   function filterRows(input, rows, counter) {
     var q = input.value.trim().toLowerCase(), shown = 0;
@@ -136,7 +147,8 @@
     svg.appendChild(el("rect", {x: ML, y: MT, width: W - ML - MR, height: H - MT - MB, fill: "none", stroke: "#9aa4ad"}));
     function poly(p, attrs) {
       var pts = [];
-      for (var d = 0; d < p.length; d++) if (p[d] !== null) pts.push(X(d + 1).toFixed(1) + "," + Y(p[d]).toFixed(1));
+      // zero mass (the sink split off before the kernel) ends the line instead of dropping it to the 1e-6 floor
+      for (var d = 0; d < p.length; d++) if (p[d] !== null && p[d] > 0) pts.push(X(d + 1).toFixed(1) + "," + Y(p[d]).toFixed(1));
       attrs.points = pts.join(" "); attrs.fill = "none";
       return el("polyline", attrs);
     }

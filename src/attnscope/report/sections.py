@@ -103,7 +103,8 @@ def _kernel_table(recs: list[HeadRecord]) -> str:
                 cells.append(f'<td data-value="{_esc(v)}"><span class="dot" style="background:'
                              f'{CAT_COLORS.get(v, "#999")}"></span>{_esc(v)}</td>')
             else:
-                cells.append(f'<td data-value="{_num(v)}">{_esc(_fmt(v))}</td>')
+                shown = f"{v:.3f}" if k == "sink_mass" and isinstance(v, float) else _fmt(v)  # one format per column
+                cells.append(f'<td data-value="{_num(v)}">{_esc(shown)}</td>')
         rows.append(f'<tr data-layer="{r.layer}" data-head="{r.head}">{"".join(cells)}</tr>')
     return (f'<div class="table-wrap tall"><table id="head-table" class="sortable data">\n'
             f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
