@@ -42,7 +42,7 @@ def run(src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
     for name, args in COMMANDS.items():
-        cmd = [sys.executable, "-c", "import attnscope.cli as c; c.main()", *[a.format(out=out) for a in args]]
+        cmd = [sys.executable, "-c", "from attnscope.cli import main; main()", *[a.format(out=out) for a in args]]
         log = out / f"{name}.log"
         with log.open("w") as fh:
             rc = subprocess.call(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
