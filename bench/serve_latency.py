@@ -70,7 +70,7 @@ def _limits(url: str, w, k: int, repeats: int) -> dict:
 
 def _joined_text(w, n: int) -> str:
     """A text of exactly ``n`` tokens from the bundled texts joined (longer than any one of them)."""
-    from attnscope.texts import bundled_texts, open_source, tokenize
+    from attnscope.core.texts import bundled_texts, open_source, tokenize
 
     ids = torch.cat([torch.as_tensor(tokenize(open_source(f"bundled:{b}"), w.tokenizer)) for b in bundled_texts()])
     k = n
@@ -84,7 +84,7 @@ def _joined_text(w, n: int) -> str:
 
 def _text(w, spec: str, n: int) -> str:
     """A string of exactly ``n`` tokens: the start of a bundled text, decoded, trimmed until it re-tokenises to n."""
-    from attnscope.texts import open_source, tokenize
+    from attnscope.core.texts import open_source, tokenize
 
     ids = torch.as_tensor(tokenize(open_source(spec), w.tokenizer))
     k = n
@@ -133,8 +133,8 @@ def _without_table(w, circ):
 
 
 def _serve_model(w, heads: str | None, n_ctx: int | None, skip_neurons: bool):
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.neurons import find_neurons
+    from attnscope.circuit.build import CircuitSettings, build_circuit
+    from attnscope.neurons.find import find_neurons
     from attnscope.serve import load_serve_model
 
     if heads is None and n_ctx is None and not skip_neurons:

@@ -44,8 +44,8 @@ SPANISH = ("El pueblo estaba en silencio cuando llegó la noche, y los niños do
 def spanish_neuron(m) -> tuple[int, float]:
     """The neuron with the highest true one-vs-rest effect d for bundled:es_fortunes (method §15): means and
     variances of the model's own layer-0 pre-activations over positions n >= min_position of 256-token windows."""
-    from attnscope.forward import iter_layers
-    from attnscope.texts import bundled_texts, open_source, tokenize
+    from attnscope.core.texts import bundled_texts, open_source, tokenize
+    from attnscope.exact.forward import iter_layers
 
     T, n_min = m.circ.T, m.circ.settings["min_position"]
     acts: dict[str, torch.Tensor] = {}
@@ -361,7 +361,7 @@ def test_png_export_holds_text_fit_and_verdict(page):
 def test_verdict_and_fit_disagreement_is_explained(page):
     """Where the conditions put a text outside scope but the fit is good (r >= 0.9), the page shows both and says
     the verdict is the claim; otherwise the note stays hidden."""
-    from attnscope.texts import text_tokens
+    from attnscope.core.texts import text_tokens
 
     m, url, drv = page
     text = m.w.tokenizer.decode(text_tokens("bundled:de_fortunes", m.w.tokenizer, max_tokens=200))

@@ -45,7 +45,7 @@ CASES = [  # (arguments after `serve`, start of the error line)
 @pytest.mark.parametrize("args,start", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_bad_inputs_are_one_line(args, start, tmp_path, demo, monkeypatch, capsys):
     """The console entry point in-process (the same `main()` the `attnscope` command runs)."""
-    from attnscope.cli import main
+    from attnscope.cli.app import main
 
     busy = _busy_port()
     port = busy.getsockname()[1]
@@ -66,7 +66,7 @@ def test_serve_starts_on_localhost_and_stops(demo):
     from attnscope.serve import free_port
 
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "attnscope.cli", "serve", "demo", "--port", str(port)],
+    p = subprocess.Popen([sys.executable, "-m", "attnscope.cli.app", "serve", "demo", "--port", str(port)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = None
@@ -95,7 +95,7 @@ def test_serve_starts_on_localhost_and_stops(demo):
 def test_allow_host_reaches_the_server(demo, monkeypatch):
     """`--allow-host` is repeatable and reaches the Host allow-list (checked and lower-cased first)."""
     import attnscope.serve as serve
-    from attnscope.cli import main
+    from attnscope.cli.app import main
 
     seen = {}
     monkeypatch.setattr(serve, "run_server", lambda w, **kw: seen.update(kw))

@@ -17,7 +17,7 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from attnscope.errors import AttnscopeError, IndexOutOfRangeError  # noqa: E402
+from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError  # noqa: E402
 from attnscope.serve.limits import (MAX_TOKENS, BodyTooLargeError, HostPolicy, InvalidTextError,  # noqa: E402
                                     QueueFullError, TextTooLongError, check_allow_host, http_status)
 from attnscope.serve.memory import PeakMemory  # noqa: E402
@@ -57,7 +57,7 @@ class _Counter:
 
 def _text_of_tokens(w, n: int) -> str:
     """A text of exactly ``n`` tokens: bundled texts joined, decoded, trimmed until it re-tokenises to ``n``."""
-    from attnscope.texts import bundled_texts, open_source, tokenize
+    from attnscope.core.texts import bundled_texts, open_source, tokenize
 
     ids = torch.cat([torch.as_tensor(tokenize(open_source(f"bundled:{b}"), w.tokenizer)) for b in bundled_texts()])
     assert len(ids) > n + 100

@@ -16,12 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..label_check import checked_labels
-from .html import _esc, _fmt, _num, _token
+from attnscope.neurons.label_check import checked_labels
+from attnscope.report.html import esc, fmt, num_html, token_html
 
 if TYPE_CHECKING:
-    from ..circuit import Circuit, Condition
-    from ..neurons import NeuronCard, NeuronResult, NeuronRow
+    from attnscope.circuit.build import Circuit
+    from attnscope.circuit.result import Condition
+    from attnscope.neurons.find import NeuronCard, NeuronResult, NeuronRow
 
 
 def neuron_name(index: int, layer: int = 0) -> str:
@@ -42,7 +43,7 @@ class Failure:
     holds_when: str
 
     def short(self) -> str:
-        return f"{self.name} on {self.where}: {_fmt(self.measured)} (holds when {self.holds_when})"
+        return f"{self.name} on {self.where}: {fmt(self.measured)} (holds when {self.holds_when})"
 
 
 @dataclass
@@ -89,10 +90,10 @@ class ScopeVerdicts:
         if not fs:
             checked = [t for t in (_text_key(x) for x in texts if x) if t in self.by_text]
             tip = f"every stated condition holds on {', '.join(checked) or 'the calibration text'}"
-            return f'<span class="verdict ok" title="{_esc(tip)}">✓ in scope</span>'
+            return f'<span class="verdict ok" title="{esc(tip)}">✓ in scope</span>'
         tip = "; ".join(f.short() for f in fs)
-        what = ", ".join(dict.fromkeys(f"{f.where} {_fmt(f.measured)}" for f in fs))
-        return f'<span class="verdict fail" title="{_esc(tip)}">✗ outside scope ({_esc(what)})</span>'
+        what = ", ".join(dict.fromkeys(f"{f.where} {fmt(f.measured)}" for f in fs))
+        return f'<span class="verdict fail" title="{esc(tip)}">✗ outside scope ({esc(what)})</span>'
 
     def banner(self) -> str:
         """The count the Scope section shows, split by where the conditions were measured."""
@@ -105,7 +106,7 @@ class ScopeVerdicts:
         texts = self.texts_out_of_scope()
         return (f'<p class="alert" id="conditions-banner" data-failed="{self.n_failed}">{self.n_failed} of '
                 f"{self.n_conditions} stated conditions <b>FAILED</b>: {n_cal} on the calibration text, {n_txt} on "
-                f"held-out texts ({_esc(', '.join(texts)) or 'none'}). Results read on those texts are outside the "
+                f"held-out texts ({esc(', '.join(texts)) or 'none'}). Results read on those texts are outside the "
                 f'explanation\'s stated scope; each neuron below carries its own verdict (<a href="#scope">Scope</a> '
                 "lists every condition).</p>")
 
@@ -123,9 +124,9 @@ def _contrast_tile(contrast: dict | None) -> str:
                      "ceiling: not measured; null: not measured", "finding-contrast")
     ceil = contrast.get("noise_ceiling")
     null = contrast.get("null")
-    return _tile(_fmt(contrast["spearman"]), "contrast Spearman (predicted vs true d)",
-                 f"noise ceiling {_fmt(ceil) if ceil is not None else 'not measured'}; null "
-                 f"{_fmt(null) if null is not None else 'not measured'}", "finding-contrast")
+    return _tile(fmt(contrast["spearman"]), "contrast Spearman (predicted vs true d)",
+                 f"noise ceiling {fmt(ceil) if ceil is not None else 'not measured'}; null "
+                 f"{fmt(null) if null is not None else 'not measured'}", "finding-contrast")
 
 
 def findings_section(circ: Circuit | None, neurons: NeuronResult | None, verdicts: ScopeVerdicts,
@@ -136,32 +137,32 @@ def findings_section(circ: Circuit | None, neurons: NeuronResult | None, verdict
     tiles = []
     if circ is not None:
         tiles.append(_tile(", ".join(f"L0H{h}" for h in circ.heads) or "none", "contextual heads (layer 0)",
-                           f"calibration {_esc(circ.settings.get('calibration'))}; "
+                           f"calibration {esc(circ.settings.get('calibration'))}; "
                            f'<a href="#circuit">circuit</a>', "finding-heads"))
     top_html = ""
     if neurons is not None:
         s, v, thr = neurons.summary(), neurons.verification, neurons.threshold
         tiles.append(_tile(f"{neurons.n_selected} / {neurons.n_scored}", "neurons pass",
-                           f"precision {_fmt(s['precision'])} on the reporting half; random neurons "
-                           f"{_fmt(s['precision_random'])} (the base rate)", "finding-pass"))
+                           f"precision {fmt(s['precision'])} on the reporting half; random neurons "
+                           f"{fmt(s['precision_random'])} (the base rate)", "finding-pass"))
         rnd = v.random
-        tiles.append(_tile(f"r {_fmt(s['median_r'])} · FVU {_fmt(s['median_fvu'])}", "fit of the reported neurons",
-                           f"random neurons: r {_fmt(rnd.r)} · FVU {_fmt(rnd.fvu)}. They fit as well, so the fit "
+        tiles.append(_tile(f"r {fmt(s['median_r'])} · FVU {fmt(s['median_fvu'])}", "fit of the reported neurons",
+                           f"random neurons: r {fmt(rnd.r)} · FVU {fmt(rnd.fvu)}. They fit as well, so the fit "
                            "shows the explanation is faithful for any neuron; the claim about <i>which</i> neurons "
                            "depend on context is the precision", "finding-fit"))
         tiles.append(_contrast_tile(contrast))
         top_html = _top_neurons(neurons, verdicts, n_top)
         pass_def = (f'<p class="small" id="pass-definition"><b>pass</b> = predicted context sensitivity (largest '
-                    f"|predicted d| over the one-vs-rest contrasts of the held-out texts) ≥ {_fmt(thr.value)}, the "
+                    f"|predicted d| over the one-vs-rest contrasts of the held-out texts) ≥ {fmt(thr.value)}, the "
                     f"threshold tuned on the <i>tuning</i> half of the held-out windows to reach precision ≥ "
-                    f"{_fmt(thr.precision_target)} there ({_fmt(thr.tuning_precision)} reached). The precision above "
+                    f"{fmt(thr.precision_target)} there ({fmt(thr.tuning_precision)} reached). The precision above "
                     f"is measured on the other, <i>reporting</i> half: the share of passing neurons whose true "
                     f"|d| ≥ 1 with the predicted sign in some contrast.</p>")
     else:
         pass_def = ""
     out = verdicts.texts_out_of_scope()
     tiles.append(_tile(f"{verdicts.n_failed} of {verdicts.n_conditions}", "stated conditions FAILED",
-                       (f"outside scope: {_esc(', '.join(out))}" if out else "no held-out text outside scope")
+                       (f"outside scope: {esc(', '.join(out))}" if out else "no held-out text outside scope")
                        + (f"; {len(verdicts.calibration)} on the calibration text" if verdicts.calibration else "")
                        + '; <a href="#scope">scope</a>', "finding-scope"))
     links = " · ".join(f'<a href="#{i}">{t}</a>' for i, t in (
@@ -183,8 +184,8 @@ def _top_neurons(neurons: NeuronResult, verdicts: ScopeVerdicts, n: int) -> str:
     for r in neurons.rows[:n]:
         c = cards.get(r.index)
         label = _label(c, r) or "—"
-        rows.append(f'<tr><td><a href="#neuron-0-{r.index}">{neuron_name(r.index)}</a></td><td>{_esc(label)}</td>'
-                    f"<td>{_esc(r.best_contrast)}</td><td>{_fmt(r.predicted_d)}</td><td>{_fmt(r.true_d)}</td>"
+        rows.append(f'<tr><td><a href="#neuron-0-{r.index}">{neuron_name(r.index)}</a></td><td>{esc(label)}</td>'
+                    f"<td>{esc(r.best_contrast)}</td><td>{fmt(r.predicted_d)}</td><td>{fmt(r.true_d)}</td>"
                     f"<td>{verdicts.mark([r.best_contrast])}</td></tr>")
     return ('<table class="data compact" id="top-neurons"><thead><tr><th>neuron</th><th>label</th><th>context '
             '(one vs rest)</th><th title="predicted effect size in that contrast, from the weights">predicted d</th>'
@@ -217,22 +218,22 @@ RANKING_COLUMNS = [  # (header, type, tooltip)
 def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: ScopeVerdicts) -> str:
     """Every neuron: sortable (click a header), searchable (the box filters rows), linked to the cards."""
     by = {c.index: c for c in cards}
-    head = "".join(f'<th scope="col" data-type="{t}" aria-sort="none" title="{_esc(tip)}"><button type="button">'
-                   f"{_esc(h)}</button></th>" for h, t, tip in RANKING_COLUMNS)
+    head = "".join(f'<th scope="col" data-type="{t}" aria-sort="none" title="{esc(tip)}"><button type="button">'
+                   f"{esc(h)}</button></th>" for h, t, tip in RANKING_COLUMNS)
     body = []
     for r in rows:
         c = by.get(r.index)
         label = _label(c, r)
         name = neuron_name(r.index)
         link = f'<a href="#neuron-0-{r.index}">{name}</a>' if c else name
-        toks = " ".join(f"<code class=tok>{_token(t)}</code>" for t in r.top_positive_tokens[:6])
+        toks = " ".join(f"<code class=tok>{token_html(t)}</code>" for t in r.top_positive_tokens[:6])
         search = " ".join([name, str(r.index), r.best_contrast, label,
                            *r.top_positive_tokens[:6]]).lower()
-        body.append(f'<tr data-search="{_esc(search)}" data-index="{r.index}"><td data-value="{r.rank}">{r.rank}</td>'
-                    f'<td data-value="{r.index}">{link}</td><td data-value="{_num(r.sensitivity)}">{_fmt(r.sensitivity)}'
-                    f'</td><td>{_esc(r.best_contrast)}</td><td data-value="{_num(r.predicted_d)}">{_fmt(r.predicted_d)}'
-                    f'</td><td data-value="{_num(r.true_d)}">{_fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
-                    f'<td>{_esc(label)}</td><td>{verdicts.mark([r.best_contrast])}</td>'
+        body.append(f'<tr data-search="{esc(search)}" data-index="{r.index}"><td data-value="{r.rank}">{r.rank}</td>'
+                    f'<td data-value="{r.index}">{link}</td><td data-value="{num_html(r.sensitivity)}">{fmt(r.sensitivity)}'
+                    f'</td><td>{esc(r.best_contrast)}</td><td data-value="{num_html(r.predicted_d)}">{fmt(r.predicted_d)}'
+                    f'</td><td data-value="{num_html(r.true_d)}">{fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
+                    f'<td>{esc(label)}</td><td>{verdicts.mark([r.best_contrast])}</td>'
                     f"<td>{toks}</td></tr>")
     return f"""
 <div id="neuron-ranking-block">

@@ -16,13 +16,20 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..circuit import Circuit
-from ..errors import AttnscopeError, IndexOutOfRangeError, TextTooShortError, check_index
-from ..forward import iter_layers
-from ..models import ModelWeights
-from .explanation import Evidence, Explanation
-from .limits import MAX_CHARS, MAX_TOKENS, check_text, check_tokens, precheck_tokens  # noqa: F401 (MAX_CHARS re-exported)
-from .scope import CalibrationReference, InputCondition, ScopeSettings, WindowStats, evaluate_scope, window_stats
+from attnscope.circuit.build import Circuit
+from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError, TextTooShortError, check_index
+from attnscope.exact.forward import iter_layers
+from attnscope.models import ModelWeights
+from attnscope.serve.explanation import Evidence, Explanation
+from attnscope.serve.limits import MAX_CHARS, MAX_TOKENS, check_text, check_tokens, precheck_tokens  # noqa: F401
+from attnscope.serve.scope import (
+    CalibrationReference,
+    InputCondition,
+    ScopeSettings,
+    WindowStats,
+    evaluate_scope,
+    window_stats,
+)
 
 
 

@@ -31,13 +31,22 @@ from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import AttnscopeError
-from .analysis import contrast
-from .limits import (MAX_ATTENTION_TOKENS, MAX_BODY_BYTES, MAX_CHARS, MAX_TOKENS, QUEUE_DEPTH, GuardMiddleware,
-                     HostPolicy, WorkQueue, http_status)
-from .scope import ScopeSettings
-from .state import ServeModel
-from .table import SCORE_NAMES
+from attnscope.core.errors import AttnscopeError
+from attnscope.serve.analysis import contrast
+from attnscope.serve.limits import (
+    MAX_ATTENTION_TOKENS,
+    MAX_BODY_BYTES,
+    MAX_CHARS,
+    MAX_TOKENS,
+    QUEUE_DEPTH,
+    GuardMiddleware,
+    HostPolicy,
+    WorkQueue,
+    http_status,
+)
+from attnscope.serve.scope import ScopeSettings
+from attnscope.serve.state import ServeModel
+from attnscope.serve.table import SCORE_NAMES
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("attnscope.serve")

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, ClassVar, TypeVar
 
-from ..errors import AttnscopeError, IndexOutOfRangeError
+from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError
 
 MAX_CHARS = 200_000  # characters per text (a cheap first bound)
 MAX_TOKENS = 16_384  # tokens per text: what bounds the model work and the answer
