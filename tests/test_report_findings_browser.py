@@ -175,3 +175,21 @@ def test_report_is_one_file_under_2_mb(report):
     html = path.read_text()
     assert path.stat().st_size < 2_000_000
     assert "http://" not in html.replace("http://www.w3.org", "") and "https://" not in html
+
+
+def test_d_scatter_has_every_neuron_with_its_baselines(drv, report):
+    _, _, n = report
+    dots = drv.execute_script("return Array.from(document.querySelectorAll('#d-scatter circle')).map(c => "
+                              "[+c.dataset.index, c.getAttribute('class'), c.textContent])")
+    assert len(dots) == n.n_scored
+    rows = {r.index: r for r in n.rows}
+    assert sum(cls == "pass" for _, cls, _ in dots) == sum(r.passed for r in n.rows)
+    k, cls, title = dots[0]
+    assert title.startswith(f"L0N{k} ") and f"true {fmt_(rows[k].true_d)}" in title
+    assert drv.find_elements(*_by("#d-scatter .ident")) and drv.find_elements(*_by("#d-scatter .band"))
+
+
+def fmt_(v):
+    from attnscope.report.html import fmt
+
+    return fmt(v)

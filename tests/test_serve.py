@@ -186,9 +186,16 @@ def test_info_neurons_and_static_files(served):
     assert [r["score"] for r in rows] == sorted((r["score"] for r in rows), reverse=True)
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)) and info["score"] in info["score_name"]
     assert 0 < sum(r["selected"] for r in rows) < len(rows)
-    card = c.get(f"/api/neuron/{rows[0]['index']}").json()
-    S = m.explanation.token_scores(rows[0]["index"])
-    assert card["top_positive_scores"][0][1] == pytest.approx(float(S[m.circ.token_mask].max()), abs=1e-5)
+    # one token-score quantity (issue 21): the page's card shows the report card's tokens and scores
+    saved = m.neurons_json["cards"][0]
+    card = c.get(f"/api/neuron/{saved['index']}").json()
+    n = len(saved["top_positive_tokens"])
+    assert [t for t, _ in card["top_positive_scores"][:n]] == [t for t, _ in saved["top_positive_tokens"]]
+    assert [v for _, v in card["top_positive_scores"][:n]] == pytest.approx([v for _, v in saved["top_positive_tokens"]],
+                                                                             abs=1e-3)
+    assert [v for _, v in card["top_negative_scores"][:n]] == pytest.approx([v for _, v in saved["top_negative_tokens"]],
+                                                                             abs=1e-3)
+    assert card["score_definition"].startswith("token score: how far one more occurrence")
     page = c.get("/")
     assert page.status_code == 200 and "attnscope serve" in page.text
     for path in ("/", "/static/serve.js", "/static/serve.css"):  # nothing loaded from the network

@@ -373,3 +373,26 @@ def test_verdict_and_fit_disagreement_is_explained(page):
     assert note.is_displayed() == disagree
     if disagree:
         assert f"r = {api['fit']['r']:.3f}" in note.text and "The verdict is the claim" in note.text
+
+
+def test_attention_on_the_users_text(page):
+    """The page draws a contextual head's true pattern and its kernel x content reconstruction with the API's
+    numbers, a legend, and the TV line."""
+    m, url, drv = page
+    _open_with_text(drv, url, m.table[0].index, SPANISH)
+    h = m.circ.heads[-1]
+    drv.execute_script(f"document.querySelector('#attn-head').value = '{h}'")
+    drv.find_element(*_by("#attn-btn")).click()
+    _wait(drv, lambda dr: dr.find_element(*_by("#attn-result")).get_attribute("data-head") == str(h))
+    api = _post(url + "/api/attention", {"text": SPANISH, "head": h})
+    size = drv.execute_script("const c = document.querySelector('#attn-true'); return [c.width, c.height]")
+    assert size == [api["n"], api["n"]]
+    # the pixel at (query, key) = (n-1, 0) has the colour of the API's value on the legend's scale
+    vmax = float(drv.find_element(*_by("#attn-legend")).get_attribute("data-vmax"))
+    assert vmax == pytest.approx(max(max(r) for r in api["true"] + api["reconstruction"]), abs=1e-6)
+    px = drv.execute_script("const c = document.querySelector('#attn-true'); "
+                            f"return Array.from(c.getContext('2d').getImageData(0, {api['n'] - 1}, 1, 1).data)")
+    a = min(1.0, api["true"][-1][0] / vmax)
+    assert px[0] == pytest.approx(255 - a * 244, abs=1.5)
+    assert f"median {api['tv_median']:.3f}" in drv.find_element(*_by("#attn-tv")).text
+    assert not _severe(drv)

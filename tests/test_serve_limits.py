@@ -257,3 +257,36 @@ def test_full_queue_gets_429(served, monkeypatch):
                 break
             time.sleep(0.05)
         assert status == 200
+
+
+def test_attention_endpoint_checks_the_decomposition_with_its_own_limit(served):
+    """/api/attention: the true pattern is the forward pass's, the reconstruction is K_n(i) f(x_i) normalised,
+    their TV is recomputed here; a long text is cut to MAX_ATTENTION_TOKENS (its own limit), and only the
+    lower triangles travel."""
+    from attnscope.exact.forward import iter_layers
+    from attnscope.serve.limits import MAX_ATTENTION_TOKENS
+
+    m, c = served
+    h = m.circ.heads[0]
+    text = _text_of_tokens(m.w, 100)
+    r = c.post("/api/attention", json={"text": text, "head": h})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    n = d["n"]
+    assert n == 100 and not d["truncated"] and [len(row) for row in d["true"]] == list(range(1, n + 1))
+    ids = torch.tensor(m.w.tokenizer(text, add_special_tokens=False)["input_ids"])
+    A = next(iter_layers(m.w, ids[None], stop_layer=0)).pattern[0, h].double()
+    j = m.circ.heads.index(h)
+    R = (m.circ.head_kernels[j, :n, :n] * m.circ.f[j, ids][None, :]).double().tril()
+    R = R / R.sum(-1, keepdim=True)
+    for q in (0, 30, 99):
+        assert d["true"][q] == pytest.approx(A[q, : q + 1].tolist(), abs=1e-4)
+        assert d["reconstruction"][q] == pytest.approx(R[q, : q + 1].tolist(), abs=1e-4)
+    tv = 0.5 * (A - R).abs().sum(-1)
+    assert d["tv"] == pytest.approx(tv.tolist(), abs=2e-4)
+    assert d["tv_median"] == pytest.approx(float(tv[m.circ.settings["min_position"]:].median()), abs=1e-6)
+    long = c.post("/api/attention", json={"text": _text_of_tokens(m.w, 2000), "head": h}).json()
+    assert long["truncated"] and long["n"] == MAX_ATTENTION_TOKENS and long["n_text_tokens"] == 2000
+    not_contextual = next(x for x in range(m.w.n_heads) if x not in m.circ.heads)
+    bad = c.post("/api/attention", json={"text": text, "head": not_contextual})
+    assert bad.status_code == 404 and "not a contextual head" in bad.json()["error"]

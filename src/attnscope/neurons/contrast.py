@@ -87,6 +87,12 @@ def token_frequencies(windows: Tensor, d_vocab: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
+#: the one token-score quantity the report's cards and the page's neuron card show (TokenModel.token_scores)
+TOKEN_SCORE_DEFINITION = ("token score: how far one more occurrence of the token in the context moves the neuron's "
+                          "expected pre-activation, summed over every term of the full layer-0 explanation "
+                          "(pre-activation units; TokenModel.token_scores)")
+
+
 @dataclass
 class TokenModel:
     """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout."""

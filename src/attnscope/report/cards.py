@@ -6,8 +6,9 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
 from attnscope.neurons.label_check import checked_labels
-from attnscope.report.findings import ScopeVerdicts, full_ranking, neuron_name
+from attnscope.report.findings import ScopeVerdicts, d_scatter, full_ranking, neuron_name
 from attnscope.report.html import NEURON_FIGURES, badge_html, esc, figures_html, fmt, token_html
 
 if TYPE_CHECKING:
@@ -156,6 +157,7 @@ tuning half of the held-out windows is at least {esc(fmt(neurons.threshold.preci
 are scored on the reporting half against their true pre-activation, with random neurons of the layer beside them.</p>
 <div class="stats" id="neuron-summary">{stat_html}</div>
 {full_ranking(neurons.rows, neurons.cards, verdicts)}
+<div class="figs">{d_scatter(neurons.rows, neurons.threshold.value)}</div>
 {f'<p>Labels (token evidence): {", ".join(esc(x) for x in labels)}</p>' if labels else ""}
 {figures_html(NEURON_FIGURES, figures, used)}
 <h3 id="neuron-cards">Neuron cards ({len(recs)})</h3>
@@ -164,6 +166,6 @@ are scored on the reporting half against their true pre-activation, with random 
 <button type="button" id="cards-open">open all</button> <button type="button" id="cards-close">close all</button>
 <span id="card-count" class="small">{len(recs)} of {len(recs)} shown</span></div>
 <p class="hint">Tokens are shown as the tokenizer writes them, with whitespace made visible (␣ space, ↵ newline,
-⇥ tab); the number is the token's score: how far one more occurrence moves the neuron's expected pre-activation.</p>
+⇥ tab); the number is the {esc(TOKEN_SCORE_DEFINITION)}. The page (<code>attnscope serve</code>) shows the same numbers.</p>
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""

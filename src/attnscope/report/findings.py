@@ -245,3 +245,45 @@ from the weights alone; true d is measured on the reporting half of the held-out
 <div class="table-wrap tall"><table id="neuron-ranking" class="sortable data">
 <thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>
 </div>"""
+
+
+def d_scatter(rows: list[NeuronRow], threshold: float, random_idx: list[int] | None = None) -> str:
+    """Inline SVG: predicted d (x) against true d (y, reporting half) for every neuron, in its best contrast.
+
+    Baselines drawn in: the identity line (a perfect prediction), the validation band |true d| < 1 (a neuron
+    inside it is not validated whatever its prediction), and the pass threshold ±T on the predicted axis.
+    Passing neurons are filled, the others hollow grey; each point's ``<title>`` names it."""
+    pts = [(r.predicted_d, r.true_d, r) for r in rows if r.true_d is not None]
+    if not pts:
+        return ""
+    W, H, ml, mr, mt, mb = 460, 380, 48, 12, 14, 40
+    lim = max(2.0, max(max(abs(x), abs(y)) for x, y, _ in pts)) * 1.05
+    X = lambda v: ml + (W - ml - mr) * (v + lim) / (2 * lim)  # noqa: E731
+    Y = lambda v: mt + (H - mt - mb) * (lim - v) / (2 * lim)  # noqa: E731
+    grid = "".join(f'<line x1="{X(v):.1f}" x2="{X(v):.1f}" y1="{mt}" y2="{H - mb}" class="grid"/>'
+                   f'<line x1="{ml}" x2="{W - mr}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" class="grid"/>'
+                   f'<text x="{X(v):.1f}" y="{H - mb + 13}" class="tick" text-anchor="middle">{v:g}</text>'
+                   f'<text x="{ml - 4}" y="{Y(v) + 3:.1f}" class="tick" text-anchor="end">{v:g}</text>'
+                   for v in range(-int(lim), int(lim) + 1) if v % max(1, int(lim) // 4) == 0)
+    band = (f'<rect x="{ml}" y="{Y(1):.1f}" width="{W - ml - mr}" height="{Y(-1) - Y(1):.1f}" class="band">'
+            "<title>|true d| &lt; 1: not validated</title></rect>")
+    thr = "".join(f'<line x1="{X(s * threshold):.1f}" x2="{X(s * threshold):.1f}" y1="{mt}" y2="{H - mb}" '
+                  f'class="thr"><title>pass threshold ±{fmt(threshold)}</title></line>'
+                  for s in (1, -1)) if threshold == threshold and abs(threshold) < lim else ""
+    ident = f'<line x1="{X(-lim):.1f}" y1="{Y(-lim):.1f}" x2="{X(lim):.1f}" y2="{Y(lim):.1f}" class="ident"/>'
+    dots = "".join(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.6" class="{"pass" if r.passed else "fail"}" '
+                   f'data-index="{r.index}"><title>{neuron_name(r.index)} {esc(r.best_contrast)}: predicted '
+                   f"{fmt(x)}, true {fmt(y)}</title></circle>" for x, y, r in pts)
+    n_pass = sum(r.passed for _, _, r in pts)
+    sign = sum((x > 0) == (y > 0) for x, y, r in pts if r.passed)
+    return f"""
+<figure class="fig" id="d-scatter"><svg viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg" role="img"
+ aria-label="predicted against true effect size d for every neuron">
+{grid}{band}{thr}{ident}{dots}
+<text x="{(ml + W - mr) / 2}" y="{H - 6}" class="axis-label" text-anchor="middle">predicted d (weights only)</text>
+<text x="12" y="{(mt + H - mb) / 2}" class="axis-label" text-anchor="middle"
+ transform="rotate(-90 12 {(mt + H - mb) / 2})">true d (reporting half)</text></svg>
+<figcaption>Predicted against true one-vs-rest effect size d of all {len(pts)} neurons, each in its best
+contrast. Filled: the {n_pass} passing neurons ({sign} with the true sign). Baselines: the diagonal is a perfect
+prediction, the shaded band |true d| &lt; 1 is "not validated", the dashed lines the pass threshold
+±{fmt(threshold)}.</figcaption></figure>"""

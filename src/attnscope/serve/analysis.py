@@ -21,7 +21,14 @@ from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError, TextTooS
 from attnscope.exact.forward import iter_layers
 from attnscope.models import ModelWeights
 from attnscope.serve.explanation import Evidence, Explanation
-from attnscope.serve.limits import MAX_CHARS, MAX_TOKENS, check_text, check_tokens, precheck_tokens  # noqa: F401
+from attnscope.serve.limits import (  # noqa: F401 (MAX_CHARS re-exported)
+    MAX_ATTENTION_TOKENS,
+    MAX_CHARS,
+    MAX_TOKENS,
+    check_text,
+    check_tokens,
+    precheck_tokens,
+)
 from attnscope.serve.scope import (
     CalibrationReference,
     InputCondition,
@@ -285,6 +292,59 @@ class Analyser:
         wt = self.window_tokens(toks.ids, win)
         local = position - win.start + (1 if self.bos is not None else 0)
         return self.explanation.evidence(wt, neuron, local), win.start
+
+
+@dataclass
+class AttentionCheck:
+    """One contextual head on the user's own text: its true attention pattern beside the circuit's kernel x
+    content reconstruction ``K_n(i) f(x_i) / sum_j K_n(j) f(x_j)`` and their total-variation distance per query
+    (method §4-5: the decomposition, checked on this input).  First window only, at most
+    :data:`~attnscope.serve.limits.MAX_ATTENTION_TOKENS` tokens."""
+
+    head: int
+    tokens: list[str]  # the window's tokens (BOS shown as "<BOS>")
+    true: Float[Tensor, "n n"]
+    reconstruction: Float[Tensor, "n n"]
+    tv: Float[Tensor, " n"]  # 0.5 * sum_i |true - reconstruction| per query
+    min_position: int
+    n_text_tokens: int  # tokens in the whole text (more than the window: truncated)
+
+    @property
+    def tv_median(self) -> float:
+        judged = self.tv[self.min_position :]
+        return float((judged if judged.numel() else self.tv).median())
+
+    def to_json(self) -> dict:
+        """Lower triangles only (row n holds keys 0..n), rounded to 1e-4: at most 256 x 257 / 2 values each."""
+        tri = lambda m: [[round(float(v), 4) for v in m[q, : q + 1]] for q in range(m.shape[0])]  # noqa: E731
+        n = len(self.tokens)
+        return {"head": self.head, "n": n, "tokens": self.tokens, "true": tri(self.true),
+                "reconstruction": tri(self.reconstruction), "tv": [round(float(v), 4) for v in self.tv],
+                "tv_median": self.tv_median, "min_position": self.min_position,
+                "truncated": self.n_text_tokens > n - (1 if self.tokens and self.tokens[0] == "<BOS>" else 0),
+                "n_text_tokens": self.n_text_tokens}
+
+
+@torch.no_grad()
+def attention_check(an: Analyser, text: str | Tokens, head: int) -> AttentionCheck:
+    """The decomposition of ``head`` (a contextual head) on the first window of ``text``."""
+    circ = an.circ
+    if head not in circ.heads:
+        raise IndexOutOfRangeError(f"head {head!r} is not a contextual head of this circuit; choose one of "
+                                   f"{', '.join(map(str, circ.heads))}")
+    toks = an.tokens(text)
+    N = len(toks.strings)
+    cap = min(an.capacity, MAX_ATTENTION_TOKENS - (1 if an.bos is not None else 0))
+    wt = an.window_tokens(toks.ids, Window(0, min(N, cap), 0))
+    n = wt.shape[0]
+    acts = next(iter_layers(an.w, wt[None], stop_layer=0))
+    A = acts.pattern[0, head].double().cpu()
+    j = circ.heads.index(head)
+    R = (circ.head_kernels[j, :n, :n] * circ.f[j, wt][None, :]).double().cpu().tril()
+    R = R / R.sum(-1, keepdim=True).clamp_min(1e-300)
+    tv = 0.5 * (A - R).abs().sum(-1)
+    strings = (["<BOS>"] if an.bos is not None else []) + toks.strings[: n - (1 if an.bos is not None else 0)]
+    return AttentionCheck(head, strings, A, R, tv, an.n_min, N)
 
 
 def contrast(an: Analyser, text_a: str | Tokens, text_b: str | Tokens, neuron: int, top: int = 10) -> dict:

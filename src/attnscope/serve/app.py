@@ -13,6 +13,8 @@ against the token limit (413):
 * ``POST /api/analyse`` ``{text, neuron}``: per token, true and predicted pre-activation; the input's conditions.
 * ``POST /api/evidence`` ``{text, neuron, position}``: each earlier token's contribution at ``position``.
 * ``POST /api/contrast`` ``{text_a, text_b, neuron, top}``: the contrast of two texts.
+* ``POST /api/attention`` ``{text, head}``: a contextual head's true attention pattern on the text's first window
+  (at most ``MAX_ATTENTION_TOKENS`` tokens) beside its kernel x content reconstruction, and their TV per query.
 
 Nothing a user sends is stored: texts live in the request and, for sharing, in the page's URL fragment.
 """
@@ -32,7 +34,9 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attnscope.core.errors import AttnscopeError
-from attnscope.serve.analysis import contrast
+from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
+from attnscope.neurons.find import decode_tokens
+from attnscope.serve.analysis import attention_check, contrast
 from attnscope.serve.limits import (
     MAX_ATTENTION_TOKENS,
     MAX_BODY_BYTES,
@@ -59,6 +63,11 @@ class AnalyseRequest(BaseModel):
 
 class EvidenceRequest(AnalyseRequest):
     position: int
+
+
+class AttentionRequest(BaseModel):
+    text: str
+    head: int
 
 
 class ContrastRequest(BaseModel):
@@ -125,17 +134,22 @@ def info_json(m: ServeModel) -> dict:
 
 
 def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
+    """One neuron's row and its top tokens by the token score the report's cards show
+    (:data:`~attnscope.neurons.contrast.TOKEN_SCORE_DEFINITION`; the same tokens, mask and decoding)."""
     m.analyser.check_neuron(k)
-    S = m.explanation.token_scores(k)
-    keep = m.circ.token_mask.clone()
+    if m.token_model is not None:
+        S = m.token_model.token_scores(torch.tensor([k], device=m.w.device))[:, 0].cpu()
+    else:
+        S = m.explanation.token_scores(k).cpu()
+    keep = m.circ.token_mask.cpu().clone()
     keep[[i for i in m.w.tokenizer.all_special_ids if i < len(keep)]] = False
-    ids = torch.nonzero(keep).squeeze(1)
-    tok = m.w.tokenizer
-    dec = lambda i: tok.convert_tokens_to_string([tok.convert_ids_to_tokens(int(i))])  # noqa: E731
-    tp, tn = S[ids].topk(n), (-S[ids]).topk(n)
+    S = torch.where(keep, S, torch.zeros_like(S))
+    tp, tn = S.topk(n), (-S).topk(n)
+    dp, dn = decode_tokens(m.w.tokenizer, tp.indices.tolist()), decode_tokens(m.w.tokenizer, tn.indices.tolist())
     row = next(r for r in m.table if r.index == k)
-    return {**row.to_json(), "top_positive_scores": [[dec(ids[i]), float(v)] for i, v in zip(tp.indices, tp.values)],
-            "top_negative_scores": [[dec(ids[i]), -float(v)] for i, v in zip(tn.indices, tn.values)]}
+    return {**row.to_json(), "score_definition": TOKEN_SCORE_DEFINITION,
+            "top_positive_scores": [[t, float(v)] for t, v in zip(dp, tp.values)],
+            "top_negative_scores": [[t, -float(v)] for t, v in zip(dn, tn.values)]}
 
 
 def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> None:
@@ -184,6 +198,11 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
                                  "scores": ev.scores.tolist()[bos:], "terms": ev.terms, "prediction": ev.prediction})
 
         return await work.run(job)
+
+    @app.post("/api/attention")
+    async def api_attention(req: AttentionRequest) -> JSONResponse:
+        toks = await light.run(an.tokens, req.text)
+        return await work.run(lambda: JSONResponse(attention_check(an, toks, req.head).to_json()))
 
     @app.post("/api/contrast")
     async def api_contrast(req: ContrastRequest) -> JSONResponse:

@@ -17,6 +17,7 @@ import torch
 from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit
 from attnscope.core.errors import AttnscopeError, ConditionFailedError
 from attnscope.models import ModelWeights
+from attnscope.neurons.contrast import TokenModel, build_token_model
 from attnscope.neurons.find import find_neurons
 from attnscope.serve.analysis import Analyser
 from attnscope.serve.explanation import Explanation, make_explanation
@@ -35,6 +36,7 @@ class ServeModel:
     neurons_json: dict  # the neurons result the table came from (NeuronResult.to_json() or neurons.json)
     source: str  # where the circuit and neurons came from
     timings: dict[str, float] = field(default_factory=dict)
+    token_model: TokenModel | None = None  # the token scores the report's cards show (one quantity, both places)
 
 
 def _check_folder(analysis: Path) -> None:
@@ -127,9 +129,10 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
         t["circuit_and_neurons"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         expl = make_explanation(w, circ)
+        tm = build_token_model(w, circ, getattr(expl, "ex", None))
         analyser = Analyser(w, circ, expl, calibration_reference(w, circ))
         table, score_name = build_table(result, source)
         t["explanation_and_table"] = time.perf_counter() - t0
     log(f"contextual heads {circ.heads}; {sum(r.selected for r in table)} selected neurons of {len(table)}; "
         f"explanation: {expl.kind} ({source})")
-    return ServeModel(w, circ, expl, analyser, table, score_name, result, source, t)
+    return ServeModel(w, circ, expl, analyser, table, score_name, result, source, t, tm)

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from attnscope.core.errors import AttnscopeError
+from attnscope.neurons.label_check import checked_labels
 
 N_TOP_TOKENS = 8
 SCORE_NAMES = {  # the ranking's score, as the page names it
@@ -49,8 +50,11 @@ def _from_ranked_rows(result: dict) -> list[NeuronRow]:
     rows = []
     for r in sorted(result["neurons"], key=lambda r: r["rank"]):
         c = cards.get(int(r["index"]), {})
+        # the labels the report shows: withheld when they contradict the neuron's best contrast
+        lab, lab_neg, _ = checked_labels(c.get("label"), c.get("label_negative"), r.get("best_contrast", ""),
+                                         float(r.get("predicted_d", 0.0)))
         rows.append(NeuronRow(int(r["index"]), int(r["rank"]), float(r["sensitivity"]), float(r["swing_positive"]),
-                              float(r["swing_negative"]), bool(r["passed"]), c.get("label"), c.get("label_negative"),
+                              float(r["swing_negative"]), bool(r["passed"]), lab, lab_neg,
                               c.get("r"), c.get("fvu"), list(r["top_positive_tokens"])[:N_TOP_TOKENS],
                               list(r["top_negative_tokens"])[:N_TOP_TOKENS]))
     return rows

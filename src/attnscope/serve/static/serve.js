@@ -101,7 +101,9 @@ function renderNeuronCard() {
   card.append(el("p", {}, `${nname(n.index)} (layer 0, neuron ${n.index}): rank ${n.rank}, ${S.info.score} ${fmt(n.score, 2)}` +
     (n.selected ? `, label “${n.label || "none"}”, held-out r = ${fmt(n.r, 2)}, FVU = ${fmt(n.fvu, 2)}` : ", not selected")));
   const cols = el("div", { class: "cols" });
-  for (const [title, list] of [["highest token scores S[x, k]", n.top_positive_scores],
+  card.append(el("p", { class: "note", id: "score-definition" }, n.score_definition + " (the same numbers as the " +
+                  "report's card)."));
+  for (const [title, list] of [["highest token scores", n.top_positive_scores],
                                ["lowest token scores", n.top_negative_scores]]) {
     const d = el("div");
     d.append(el("strong", {}, title), el("div", { class: "tok-list" },
@@ -202,6 +204,8 @@ function renderAnalysis() {
   $("#fit-line").textContent = `Over the ${f.n} positions n ≥ ${a.min_position}: r = ${fmt(f.r)}, FVU = ${fmt(f.fvu)}, ` +
     `mean |true − predicted| = ${fmt(f.mae)}; mean true ${fmt(mean(a.true))}, mean predicted ${fmt(mean(a.pred))}.`;
   renderVerdictVsFit();
+  $("#attention-section").hidden = false;
+  if (S.attention && S.attention.text !== S.text) { S.attention = null; $("#attn-result").hidden = true; }
   renderPlot();
   renderTokens();
   renderConditions();
@@ -357,6 +361,58 @@ function renderConditions() {
                     [0, 0, 1, 1, 0, 0], c.ok));
 }
 
+// ---------------------------------------------------------------- attention on the user's text
+function attnColour(v, vmax) {
+  const a = Math.max(0, Math.min(1, v / vmax));
+  return [Math.round(255 - a * 244), Math.round(255 - a * 163), Math.round(255 - a * 82)];
+}
+function drawMatrix(canvas, rows, n, vmax) {
+  canvas.width = n; canvas.height = n;
+  const g = canvas.getContext("2d"), img = g.createImageData(n, n);
+  for (let q = 0; q < n; q++) for (let k = 0; k < n; k++) {
+    const [r, gg, b] = k <= q ? attnColour(rows[q][k], vmax) : [245, 245, 245];
+    const o = 4 * (q * n + k);
+    img.data[o] = r; img.data[o + 1] = gg; img.data[o + 2] = b; img.data[o + 3] = 255;
+  }
+  g.putImageData(img, 0, 0);
+}
+async function showAttention() {
+  message("#attn-message", "");
+  if (!S.text) { message("#attn-message", "Analyse a text first."); return; }
+  const head = Number($("#attn-head").value);
+  try {
+    S.attention = { ...(await api("/api/attention", { text: S.text, head })), text: S.text };
+  } catch (e) { message("#attn-message", e.message); return; }
+  const d = S.attention, n = d.n;
+  let vmax = 1e-9;
+  for (const m of [d.true, d.reconstruction]) for (const row of m) for (const v of row) vmax = Math.max(vmax, v);
+  drawMatrix($("#attn-true"), d.true, n, vmax);
+  drawMatrix($("#attn-recon"), d.reconstruction, n, vmax);
+  $("#attn-result").hidden = false;
+  $("#attn-result").dataset.head = d.head;
+  const lg = $("#attn-legend");
+  lg.replaceChildren(el("span", { class: "num" }, "0"),
+    el("span", { class: "bar", style: `background: linear-gradient(90deg, rgb(255,255,255), rgb(${attnColour(1, 1)}))` }),
+    el("span", { class: "num" }, fmt(vmax, 3)),
+    el("span", { class: "note" }, " colour = attention weight of query n (row) on key i (column), same scale in both; " +
+                                   "grey: future keys (causal mask)"));
+  lg.dataset.vmax = vmax;
+  let worst = d.min_position < n ? d.min_position : 0;
+  for (let q = worst; q < n; q++) if (d.tv[q] > d.tv[worst]) worst = q;
+  $("#attn-tv").textContent = `L0H${d.head} on the first ${n} tokens` + (d.truncated ? ` (of ${d.n_text_tokens})` : "") +
+    `: TV(true, reconstruction) median ${fmt(d.tv_median)} over queries n ≥ ${d.min_position}, worst ` +
+    `${fmt(d.tv[worst])} at query ${worst} “${showTok(d.tokens[worst])}” (0 = identical patterns, 1 = disjoint).`;
+}
+function attnHover(ev) {
+  const d = S.attention;
+  if (!d) return;
+  const r = ev.target.getBoundingClientRect();
+  const k = Math.floor((ev.clientX - r.left) / r.width * d.n), q = Math.floor((ev.clientY - r.top) / r.height * d.n);
+  if (q < 0 || q >= d.n || k < 0 || k > q) { $("#attn-hover").textContent = ""; return; }
+  $("#attn-hover").textContent = `query ${q} “${showTok(d.tokens[q])}”, key ${k} “${showTok(d.tokens[k])}”: true ` +
+    `${fmt(d.true[q][k], 4)}, reconstruction ${fmt(d.reconstruction[q][k], 4)}; TV at this query ${fmt(d.tv[q])}`;
+}
+
 // ---------------------------------------------------------------- contrast
 async function runContrast() {
   const A = $("#text-a").value, B = $("#text-b").value;
@@ -485,6 +541,8 @@ async function start() {
   $("#explanation-line").textContent = `Predicted = ${S.info.explanation.kind}: ${S.info.explanation.description}.`;
   $("#neuron-input").max = S.neurons.length - 1;
   renderKernels();
+  $("#attn-limit").textContent = S.info.max_attention_tokens;
+  for (const h of S.info.circuit.heads) $("#attn-head").append(el("option", { value: h }, `L0H${h}`));
   $("#score-th").textContent = S.info.score;
   $("#ranking-note").textContent = `Ranked by ${S.info.score_name}. ✓ = reported (explained and verified on held-out ` +
     "texts; r = the explanation's held-out fit). Click a row to choose the neuron.";
@@ -539,6 +597,9 @@ $("#coloured-text").addEventListener("keydown", (ev) => {
 });
 $("#evidence-pos").addEventListener("change", () => showEvidence(Number($("#evidence-pos").value)));
 $("#contrast-btn").addEventListener("click", runContrast);
+$("#attn-btn").addEventListener("click", showAttention);
+$("#attn-head").addEventListener("change", () => { if (S.attention) showAttention(); });
+for (const c of ["#attn-true", "#attn-recon"]) $(c).addEventListener("mousemove", attnHover);
 $("#copy-link").addEventListener("click", copyLink);
 $("#download-json").addEventListener("click", exportJSON);
 $("#download-png").addEventListener("click", exportPNG);
