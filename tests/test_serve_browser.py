@@ -277,8 +277,9 @@ def test_bad_share_link_gets_a_message_that_stays(page):
     drv.find_element(*_by("#text-input")).clear()
     drv.find_element(*_by("#text-input")).send_keys(ENGLISH)
     drv.find_element(*_by("#analyse-btn")).click()
-    _wait(drv, lambda dr: len(_plotted(dr, "plot-true")) == _post(url + "/api/analyse", {"text": ENGLISH,
-                                                                                         "neuron": first})["n_tokens"])
+    n_tokens = _post(url + "/api/analyse", {"text": ENGLISH, "neuron": first})["n_tokens"]
+    _wait(drv, lambda dr: dr.execute_script("const p = document.querySelector('#plot-true'); "
+                                            "return p ? p.getAttribute('points').split(' ').length : 0") == n_tokens)
     assert note.is_displayed() and "neuron 99999" in note.text and "model gpt2" in note.text
     assert not _severe(drv)
 

@@ -74,7 +74,7 @@ def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = N
     traces; collapsible (the first few open)."""
     idx = r.index
     texts = [best, r.positive_text, r.negative_text]
-    mark = verdicts.mark(texts) if verdicts is not None else ""
+    mark = verdicts.mark(texts, detail=True) if verdicts is not None else ""
     out = bool(verdicts.for_texts(texts)) if verdicts is not None else False
     tr = traces.get(str(idx), {}) or {}
     pos_t, neg_t = r.positive_text, r.negative_text

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attnscope.neurons.label_check import checked_labels
-from attnscope.report.html import esc, fmt, num_html, token_html
+from attnscope.report.html import esc, fmt, token_html
 
 if TYPE_CHECKING:
     from attnscope.circuit.build import Circuit
@@ -78,22 +78,35 @@ class ScopeVerdicts:
         return [t for t, fs in self.by_text.items() if fs]
 
     def for_texts(self, texts: list[str]) -> list[Failure]:
-        """The failing conditions that apply to a result read on ``texts``."""
-        out = list(self.calibration)
+        """The failing conditions measured on ``texts`` (held-out texts a result was read on).  Those that fail on
+        the calibration text apply to every result alike and are stated once, in the banners and the legends."""
+        out: list[Failure] = []
         for t in dict.fromkeys(_text_key(t) for t in texts if t):
             out += self.by_text.get(t, [])
         return out
 
-    def mark(self, texts: list[str]) -> str:
-        """A verdict cell: "holds", or "outside scope" with every failing condition and its measured value."""
+    def mark(self, texts: list[str], detail: bool = False) -> str:
+        """A verdict cell: "✓ in scope", or "✗ outside scope" with the failing texts and measured values (and,
+        with ``detail``, each condition on hover; the ranking states them once in its legend, to stay small)."""
         fs = self.for_texts(texts)
         if not fs:
-            checked = [t for t in (_text_key(x) for x in texts if x) if t in self.by_text]
-            tip = f"every stated condition holds on {', '.join(checked) or 'the calibration text'}"
-            return f'<span class="verdict ok" title="{esc(tip)}">✓ in scope</span>'
-        tip = "; ".join(f.short() for f in fs)
+            return '<span class="verdict ok">✓ in scope</span>'
+        tip = f' title="{esc("; ".join(f.short() for f in fs))}"' if detail else ""
         what = ", ".join(dict.fromkeys(f"{f.where} {fmt(f.measured)}" for f in fs))
-        return f'<span class="verdict fail" title="{esc(tip)}">✗ outside scope ({esc(what)})</span>'
+        return f'<span class="verdict fail"{tip}>✗ outside scope ({esc(what)})</span>'
+
+    def legend(self) -> str:
+        """What the verdict marks mean, with every failing condition in full (once)."""
+        per_text = [f for fs in self.by_text.values() for f in fs]
+        parts = ["<b>scope</b>: ✓ in scope = every stated condition measured on the neuron's texts holds; ✗ outside "
+                 "scope = one fails there (text and measured value shown)."]
+        if per_text:
+            parts.append("Failing on held-out texts: " + "; ".join(esc(f.short()) for f in per_text) + ".")
+        if self.calibration:
+            parts.append(f"{len(self.calibration)} condition{'s' if len(self.calibration) != 1 else ''} fail"
+                         f"{'' if len(self.calibration) != 1 else 's'} on the calibration text itself and apply to "
+                         "every neuron alike: " + "; ".join(esc(f.short()) for f in self.calibration) + ".")
+        return f'<p class="small scope-legend">{" ".join(parts)}</p>'
 
     def banner(self) -> str:
         """The count the Scope section shows, split by where the conditions were measured."""
@@ -215,6 +228,11 @@ RANKING_COLUMNS = [  # (header, type, tooltip)
 ]
 
 
+def _short(v: float | None) -> str:
+    """``data-value`` for sorting: 6 significant digits (the cell shows 3-4)."""
+    return "" if v is None or v != v else f"{v:.6g}"
+
+
 def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: ScopeVerdicts) -> str:
     """Every neuron: sortable (click a header), searchable (the box filters rows), linked to the cards."""
     by = {c.index: c for c in cards}
@@ -226,13 +244,11 @@ def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: Scope
         label = _label(c, r)
         name = neuron_name(r.index)
         link = f'<a href="#neuron-0-{r.index}">{name}</a>' if c else name
-        toks = " ".join(f"<code class=tok>{token_html(t)}</code>" for t in r.top_positive_tokens[:6])
-        search = " ".join([name, str(r.index), r.best_contrast, label,
-                           *r.top_positive_tokens[:6]]).lower()
-        body.append(f'<tr data-search="{esc(search)}" data-index="{r.index}"><td data-value="{r.rank}">{r.rank}</td>'
-                    f'<td data-value="{r.index}">{link}</td><td data-value="{num_html(r.sensitivity)}">{fmt(r.sensitivity)}'
-                    f'</td><td>{esc(r.best_contrast)}</td><td data-value="{num_html(r.predicted_d)}">{fmt(r.predicted_d)}'
-                    f'</td><td data-value="{num_html(r.true_d)}">{fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
+        toks = " ".join(f"<code class=tok>{token_html(t)}</code>" for t in r.top_positive_tokens[:4])
+        search = " ".join([name, label, *r.top_positive_tokens[:4]]).lower()  # + the row's text, by the script
+        body.append(f'<tr data-search="{esc(search)}"><td>{r.rank}</td><td data-value="{r.index}">{link}</td>'
+                    f'<td>{fmt(r.sensitivity)}</td><td>{esc(r.best_contrast)}</td><td>{fmt(r.predicted_d)}</td>'
+                    f'<td data-value="{_short(r.true_d)}">{fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
                     f'<td>{esc(label)}</td><td>{verdicts.mark([r.best_contrast])}</td>'
                     f"<td>{toks}</td></tr>")
     return f"""
@@ -240,6 +256,7 @@ def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: Scope
 <h3>Full ranking ({len(rows)} neurons)</h3>
 <p class="small">Click a header to sort; type to filter by name, index, context, label or token. Predicted d is
 from the weights alone; true d is measured on the reporting half of the held-out windows (method §15).</p>
+{verdicts.legend()}
 <input type="search" id="ranking-search" placeholder="filter: L0N172, code_python, Spanish, token…"
  aria-label="filter the ranking"> <span id="ranking-count" class="small">{len(rows)} of {len(rows)} shown</span>
 <div class="table-wrap tall"><table id="neuron-ranking" class="sortable data">

@@ -17,9 +17,9 @@ from attnscope.kernels.categories import CAT_COLORS, LOCAL_NEFF, SINK_MASS, thre
 from attnscope.neurons.find import NeuronResult  # noqa: E402
 
 
-def _save(fig, path: Path, tight: bool = True) -> Path:
+def _save(fig, path: Path, tight: bool = True, dpi: int = 110) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, bbox_inches="tight" if tight else None)  # "tight" draws the figure twice
+    fig.savefig(path, dpi=dpi, bbox_inches="tight" if tight else None)  # "tight" draws the figure twice
     plt.close(fig)
     return path
 
@@ -225,7 +225,7 @@ def neuron_traces(res: NeuronResult, out: Path, n: int = 6) -> Path:
     axes[-1, 0].set_xlabel("position (from min_position)")
     axes[-1, 1].set_xlabel("position (from min_position)")
     fig.tight_layout()
-    return _save(fig, out)
+    return _save(fig, out, dpi=72)  # 10 pt text stays legible (the report enlarges it on click); 0.4 MB, not 1 MB
 
 
 def r_fvu_distribution(res: NeuronResult, out: Path) -> Path:

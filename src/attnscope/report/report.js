@@ -51,7 +51,8 @@
   function filterRows(input, rows, counter) {
     var q = input.value.trim().toLowerCase(), shown = 0;
     rows.forEach(function (r) {
-      var hit = !q || (r.getAttribute("data-search") || "").indexOf(q) >= 0;
+      var hay = r._hay || (r._hay = ((r.getAttribute("data-search") || "") + " " + r.textContent).toLowerCase());
+      var hit = !q || hay.indexOf(q) >= 0;
       r.hidden = !hit; if (hit) shown++;
     });
     if (counter) counter.textContent = shown + " of " + rows.length + " shown";
