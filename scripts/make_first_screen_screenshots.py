@@ -20,7 +20,7 @@ from pathlib import Path
 from urllib.parse import urlencode
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT / "tests" / "browser"))
 SPANISH = ("El pueblo estaba en silencio cuando llegó la noche, y los niños dormían mientras sus padres hablaban de "
            "la cosecha, del tiempo y de los viajes que nunca harían juntos por el mundo. Nadie sabía qué pasaría "
            "mañana, pero todos esperaban que la lluvia volviera pronto a los campos.")

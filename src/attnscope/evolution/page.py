@@ -107,7 +107,7 @@ def neuron_persistence(res: EvolutionResult, out: Path) -> Path:
     a1.set_title("top neurons: persist / appear / disappear")
     x, xl = _x(res)
     for name in TRACKED_CONTEXTS:
-        d = res.timeline["context_neurons"].get(name, {}).get("d", [])
+        d = (res.timeline.context_neurons[name].d if name in res.timeline.context_neurons else [])
         if d:
             a2.plot(x, [np.nan if v is None else v for v in d], "-o", ms=3, label=name)
     a2.axhline(D_MIN, color="grey", lw=0.8, ls="--")
@@ -169,18 +169,18 @@ def _never(v):
 
 def _timeline_section(res: EvolutionResult) -> str:
     tl = res.timeline
-    heads = [[esc(h), esc(v["first_uniform_step"]), esc(v["leaves_uniform_step"] if v["leaves_uniform_step"]
-                                                            is not None else "stays uniform"), esc(v["final_category"])]
-             for h, v in tl["layer0_heads"].items()]
-    conds = [[esc(n), esc(_never(s)), esc(_never(tl["conditions_hold_from"][n]))]
-             for n, s in tl["conditions_first_pass"].items()]
-    conds.append(["<b>all conditions</b>", esc(_never(tl["all_conditions_first_pass"])),
-                  esc(_never(tl["all_conditions_hold_from"]))])
+    heads = [[esc(h), esc(v.first_uniform_step), esc(v.leaves_uniform_step if v.leaves_uniform_step
+                                                            is not None else "stays uniform"), esc(v.final_category)]
+             for h, v in tl.layer0_heads.items()]
+    conds = [[esc(n), esc(_never(s)), esc(_never(tl.conditions_hold_from[n]))]
+             for n, s in tl.conditions_first_pass.items()]
+    conds.append(["<b>all conditions</b>", esc(_never(tl.all_conditions_first_pass)),
+                  esc(_never(tl.all_conditions_hold_from))])
     ctx = []
-    for name, v in tl["context_neurons"].items():
-        ctx.append([esc(name), esc(_never(v["first_true_step"])), esc(_never(v["first_found_step"])),
+    for name, v in tl.context_neurons.items():
+        ctx.append([esc(name), esc(_never(v.first_true_step)), esc(_never(v.first_found_step)),
                     " ".join(f"{s}:{'n' if k is None else k}/{'–' if r is None else r}"
-                             for s, k, r in zip(tl["steps"], v["index"], v["rank"]))])
+                             for s, k, r in zip(tl.steps, v.index, v.rank))])
     return ("<section id='timeline'><h2>Formation timeline</h2>"
             "<h3>Layer-0 heads: when each leaves the uniform category</h3>"
             + _table(["head", "uniform at step", "leaves uniform at step", "final category"], heads)
@@ -214,10 +214,10 @@ def _checkpoint_section(res: EvolutionResult) -> str:
 
 
 def _persistence_section(res: EvolutionResult) -> str:
-    rows = [[f"{esc(p['from_step'])} → {esc(p['to_step'])}", esc(len(p["kept"])), esc(p["appeared"]),
-             esc(p["disappeared"]), num_html(p["token_overlap_kept"], 2),
-             esc(", ".join(f"{m['appeared']}≈{m['disappeared']}" for m in p.get("matched_by_tokens", [])) or "–")]
-            for p in res.timeline["neuron_persistence"]]
+    rows = [[f"{esc(p.from_step)} → {esc(p.to_step)}", esc(len(p.kept)), esc(p.appeared),
+             esc(p.disappeared), num_html(p.token_overlap_kept, 2),
+             esc(", ".join(f"{m.appeared}≈{m.disappeared}" for m in p.matched_by_tokens) or "–")]
+            for p in res.timeline.neuron_persistence]
     return ("<section id='persistence'><h2>Top neurons between checkpoints</h2>"
             + _table(["steps", "kept (same index)", "appeared", "disappeared", "top-token overlap of kept",
                       "appeared ≈ disappeared (same top tokens)"], rows)

@@ -232,7 +232,7 @@ def circuit_section(circ: Circuit, neurons: NeuronResult | None, figures: dict[s
     chips = "".join(f"<li><b>head {h}</b></li>" for h in circ.heads) or "<li>none</li>"
     status = (verdicts or ScopeVerdicts.of(circ, neurons)).banner()
     summary = {"contextual heads": ", ".join(map(str, circ.heads)) or "none",
-               "calibration text": circ.settings.get("calibration"), "calibration sha256": circ.calibration_sha,
+               "calibration text": circ.settings.calibration, "calibration sha256": circ.calibration_sha,
                "calibration tokens": int(circ.calibration_tokens.numel()),
                "MLP-norm scale (CV)": f"{fmt(circ.mlp_scale)} ({fmt(circ.mlp_scale_cv)})",
                "masked outlier tokens": int((~circ.token_mask).sum())}
