@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import cpu_jiffies  # noqa: E402
+from common import cpu_jiffies  # noqa: E402
 
 
 def _post(url: str, body: dict) -> dict:

@@ -185,7 +185,7 @@ def test_d_scatter_has_every_neuron_with_its_baselines(drv, report):
     rows = {r.index: r for r in n.rows}
     assert sum(cls == "pass" for _, cls, _ in dots) == sum(r.passed for r in n.rows)
     k, cls, title = dots[0]
-    assert title.startswith(f"L0N{k} ") and f"true {fmt_(rows[k].true_d)}" in title
+    assert title.startswith(f"L0N{k} ") and title.endswith(f", {fmt_(rows[k].true_d)}")
     assert drv.find_elements(*_by("#d-scatter .ident")) and drv.find_elements(*_by("#d-scatter .band"))
 
 

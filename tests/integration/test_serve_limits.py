@@ -284,7 +284,7 @@ def test_attention_endpoint_checks_the_decomposition_with_its_own_limit(served):
         assert d["reconstruction"][q] == pytest.approx(R[q, : q + 1].tolist(), abs=1e-4)
     tv = 0.5 * (A - R).abs().sum(-1)
     assert d["tv"] == pytest.approx(tv.tolist(), abs=2e-4)
-    assert d["tv_median"] == pytest.approx(float(tv[m.circ.settings["min_position"]:].median()), abs=1e-6)
+    assert d["tv_median"] == pytest.approx(float(tv[m.circ.settings.min_position:].median()), abs=1e-6)
     long = c.post("/api/attention", json={"text": _text_of_tokens(m.w, 2000), "head": h}).json()
     assert long["truncated"] and long["n"] == MAX_ATTENTION_TOKENS and long["n_text_tokens"] == 2000
     not_contextual = next(x for x in range(m.w.n_heads) if x not in m.circ.heads)

@@ -150,7 +150,7 @@ def findings_section(circ: Circuit | None, neurons: NeuronResult | None, verdict
     tiles = []
     if circ is not None:
         tiles.append(_tile(", ".join(f"L0H{h}" for h in circ.heads) or "none", "contextual heads (layer 0)",
-                           f"calibration {esc(circ.settings.get('calibration'))}; "
+                           f"calibration {esc(circ.settings.calibration)}; "
                            f'<a href="#circuit">circuit</a>', "finding-heads"))
     top_html = ""
     if neurons is not None:
@@ -244,9 +244,9 @@ def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: Scope
         label = _label(c, r)
         name = neuron_name(r.index)
         link = f'<a href="#neuron-0-{r.index}">{name}</a>' if c else name
-        toks = " ".join(f"<code class=tok>{token_html(t)}</code>" for t in r.top_positive_tokens[:4])
-        search = " ".join([name, label, *r.top_positive_tokens[:4]]).lower()  # + the row's text, by the script
-        body.append(f'<tr data-search="{esc(search)}"><td>{r.rank}</td><td data-value="{r.index}">{link}</td>'
+        toks = " ".join(f"<code class=tok>{token_html(t)}</code>" for t in r.top_positive_tokens[:3])
+        search = name.lower()  # the script adds the row's text (context, label, tokens)
+        body.append(f'<tr data-search="{esc(search)}" data-index="{r.index}"><td>{r.rank}</td><td data-value="{r.index}">{link}</td>'
                     f'<td>{fmt(r.sensitivity)}</td><td>{esc(r.best_contrast)}</td><td>{fmt(r.predicted_d)}</td>'
                     f'<td data-value="{_short(r.true_d)}">{fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
                     f'<td>{esc(label)}</td><td>{verdicts.mark([r.best_contrast])}</td>'
@@ -288,9 +288,9 @@ def d_scatter(rows: list[NeuronRow], threshold: float, random_idx: list[int] | N
                   f'class="thr"><title>pass threshold ±{fmt(threshold)}</title></line>'
                   for s in (1, -1)) if threshold == threshold and abs(threshold) < lim else ""
     ident = f'<line x1="{X(-lim):.1f}" y1="{Y(-lim):.1f}" x2="{X(lim):.1f}" y2="{Y(lim):.1f}" class="ident"/>'
-    dots = "".join(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" r="2.6" class="{"pass" if r.passed else "fail"}" '
-                   f'data-index="{r.index}"><title>{neuron_name(r.index)} {esc(r.best_contrast)}: predicted '
-                   f"{fmt(x)}, true {fmt(y)}</title></circle>" for x, y, r in pts)
+    dots = "".join(f'<circle cx="{X(x):.1f}" cy="{Y(y):.1f}" class="{"pass" if r.passed else "fail"}" '
+                   f'data-index="{r.index}"><title>{neuron_name(r.index)} {esc(r.best_contrast)} {fmt(x)}, '
+                   f"{fmt(y)}</title></circle>" for x, y, r in pts)
     n_pass = sum(r.passed for _, _, r in pts)
     sign = sum((x > 0) == (y > 0) for x, y, r in pts if r.passed)
     return f"""
@@ -301,6 +301,6 @@ def d_scatter(rows: list[NeuronRow], threshold: float, random_idx: list[int] | N
 <text x="12" y="{(mt + H - mb) / 2}" class="axis-label" text-anchor="middle"
  transform="rotate(-90 12 {(mt + H - mb) / 2})">true d (reporting half)</text></svg>
 <figcaption>Predicted against true one-vs-rest effect size d of all {len(pts)} neurons, each in its best
-contrast. Filled: the {n_pass} passing neurons ({sign} with the true sign). Baselines: the diagonal is a perfect
+contrast (hover: name, context, predicted d, true d). Filled: the {n_pass} passing neurons ({sign} with the true sign). Baselines: the diagonal is a perfect
 prediction, the shaded band |true d| &lt; 1 is "not validated", the dashed lines the pass threshold
 ±{fmt(threshold)}.</figcaption></figure>"""

@@ -202,7 +202,7 @@ def kernel_figures(res: K.KernelResult, out_dir: str | Path) -> dict[str, Path]:
 # --------------------------------------------------------------------------------------------------
 
 
-def neuron_traces(res: NeuronResult, out: Path, n: int = 6) -> Path:
+def neuron_traces(res: NeuronResult, out: Path, n: int = 4) -> Path:
     """The full explanation vs the TRUE pre-activation (and the contextual heads' true and predicted
     contribution, faint) for the top neurons, on the neuron's most positive and most negative held-out text."""
     recs = res.records[:n]
