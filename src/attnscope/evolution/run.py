@@ -29,18 +29,18 @@ from attnscope.circuit.result import HEAD_CRITERIA
 from attnscope.core.cache import read_or_drop, write_json
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
 from attnscope.core.texts import decode_tokens
-from attnscope.kernels.analysis import KernelSettings, analyse_kernels
-from attnscope.later.evaluate import find_later_neurons
-from attnscope.later.method import LaterSettings
-from attnscope.models import ModelWeights, cache_dir, load_model
-from attnscope.models.resolve import split_revision
-from attnscope.neurons.contrast import build_token_model, pre_stats
 from attnscope.evolution.timeline import (  # noqa: F401  (re-exported)
     CRITERIA,
     TRACKED_CONTEXTS,
     Timeline,
     timeline,
 )
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
+from attnscope.later.evaluate import find_later_neurons
+from attnscope.later.method import LaterSettings
+from attnscope.models import ModelWeights, cache_dir, load_model
+from attnscope.models.resolve import split_revision
+from attnscope.neurons.contrast import build_token_model, pre_stats
 from attnscope.neurons.find import NeuronSettings, held_out_windows, label, one_vs_rest_effects, score, select
 from attnscope.neurons.result import D_MIN
 

@@ -24,8 +24,8 @@ from torch import Tensor
 
 from attnscope.circuit.build import CircuitSettings
 from attnscope.core.errors import AttnscopeError
-from attnscope.exact.decomposition import centre
 from attnscope.core.texts import decode_tokens
+from attnscope.exact.decomposition import centre
 from attnscope.later.context import hybrid_effects
 from attnscope.later.method import LaterCircuit, LaterSettings, build_later, earlier_terms, prepare
 from attnscope.later.result import FitMedians, LaterCard, LaterResult, LaterVerification

@@ -73,11 +73,6 @@ from attnscope.neurons.result import (  # noqa: F401  (re-exported: the stage's 
 )
 
 
-
-
-
-
-
 @dataclass
 class NeuronScores:
     """Output of :func:`score` (tensors over neurons)."""

@@ -16,9 +16,6 @@ from attnscope.core.stats import median
 from attnscope.neurons.explain import TextDenominators
 from attnscope.neurons.groundtruth import D_MIN  # noqa: F401  (re-exported: one definition)
 
-
-
-
 SCHEMA_VERSION = 1  # of neurons.json (1: first loadable version, with the circuit saved beside it)
 
 
