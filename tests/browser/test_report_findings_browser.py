@@ -7,7 +7,6 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-
 from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
 
 

@@ -18,8 +18,16 @@ pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
 from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError  # noqa: E402
-from attnscope.serve.limits import (MAX_TOKENS, BodyTooLargeError, HostPolicy, InvalidTextError,  # noqa: E402
-                                    QueueFullError, TextTooLongError, check_allow_host, http_status)
+from attnscope.serve.limits import (  # noqa: E402
+    MAX_TOKENS,
+    BodyTooLargeError,
+    HostPolicy,
+    InvalidTextError,
+    QueueFullError,
+    TextTooLongError,
+    check_allow_host,
+    http_status,
+)
 from attnscope.serve.memory import PeakMemory  # noqa: E402
 
 EMOJI = "\U0001F600"

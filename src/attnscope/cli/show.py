@@ -6,8 +6,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
-from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
 from attnscope.evolution.timeline import Timeline
+from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
 from attnscope.later.result import LaterResult
 
 if TYPE_CHECKING:

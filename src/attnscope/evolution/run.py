@@ -28,18 +28,19 @@ from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit
 from attnscope.circuit.result import HEAD_CRITERIA
 from attnscope.core.cache import read_or_drop, write_json
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
-from attnscope.kernels.analysis import KernelSettings, analyse_kernels
-from attnscope.later.evaluate import find_later_neurons
-from attnscope.later.method import LaterSettings
-from attnscope.models import ModelWeights, cache_dir, load_model
-from attnscope.models.resolve import split_revision
-from attnscope.neurons.contrast import build_token_model, pre_stats
+from attnscope.core.texts import decode_tokens
 from attnscope.evolution.timeline import (  # noqa: F401  (re-exported)
     CRITERIA,
     TRACKED_CONTEXTS,
     Timeline,
     timeline,
 )
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
+from attnscope.later.evaluate import find_later_neurons
+from attnscope.later.method import LaterSettings
+from attnscope.models import ModelWeights, cache_dir, load_model
+from attnscope.models.resolve import split_revision
+from attnscope.neurons.contrast import build_token_model, pre_stats
 from attnscope.neurons.find import NeuronSettings, held_out_windows, label, one_vs_rest_effects, score, select
 from attnscope.neurons.result import D_MIN
 
@@ -253,8 +254,8 @@ def _neurons(w: ModelWeights, circ: Circuit, s: EvolutionSettings, windows: list
     ts = tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu()  # [d_vocab, k]
     top = []
     for j, k in enumerate(idx):
-        pos = [w.tokenizer.decode([t]) for t in ts[:, j].topk(8).indices.tolist()]
-        neg = [w.tokenizer.decode([t]) for t in (-ts[:, j]).topk(8).indices.tolist()]
+        pos = decode_tokens(w.tokenizer, ts[:, j].topk(8).indices.tolist())
+        neg = decode_tokens(w.tokenizer, (-ts[:, j]).topk(8).indices.tolist())
         top.append(NeuronPoint(k, j + 1, float(sc.sensitivity[k]), label(pos, neg)[0], pos))
     names = [x.name for x in windows]
     ctx = [_context_neuron(c, d_report[names.index(c)], rank, thr.n_passed) for c in TRACKED_CONTEXTS if c in names]

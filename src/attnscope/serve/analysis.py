@@ -39,7 +39,6 @@ from attnscope.serve.scope import (
 )
 
 
-
 class EmptyTextError(TextTooShortError):
     """The user's text holds no tokens."""
 

@@ -34,8 +34,8 @@ from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.texts import decode_tokens
 from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
-from attnscope.neurons.find import decode_tokens
 from attnscope.serve.analysis import attention_check, contrast
 from attnscope.serve.limits import (
     MAX_ATTENTION_TOKENS,
