@@ -219,8 +219,9 @@ def split_tv(approx: Tensor, true: Tensor, cal: Calibration) -> Tensor:
     return tv_distance(approx, true)[:, cal.n_min:].median(-1).values
 
 
-def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"], f: Float[Tensor, "head vocab"],
-                    dec_tv: Float[Tensor, " head"], cal: Calibration, window: int) -> HeadStatistics:
+def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"],
+                    f: Float[Tensor, "head vocab"], dec_tv: Float[Tensor, " head"], cal: Calibration,
+                    window: int) -> HeadStatistics:
     """Denominators (kernel-weighted ``Z_n = sum_j K_n(j) f(x_j)`` and the windowed mean of ``f``), kernel
     widths and content dependence of every head."""
     n_min, T = cal.n_min, cal.T
@@ -277,8 +278,8 @@ def _reason(c: Criterion, label: str, value: float, threshold: float, ok: bool, 
     return f"{label}={value:.{digits}f} {sym} {threshold:g}"
 
 
-def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: Float[Tensor, " head"], s: CircuitSettings
-                   ) -> list[HeadDecision]:
+def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: Float[Tensor, " head"],
+                   s: CircuitSettings) -> list[HeadDecision]:
     """One :class:`HeadDecision` per head: every test with its measured value, and the failed ones."""
     tests = _head_tests(st, share_tv, s)
     decisions = []
@@ -311,8 +312,8 @@ _HOLDS_WHEN = {
 
 
 def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: Float[Tensor, "ctx ctx"],
-                       share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float, cal: Calibration,
-                       s: CircuitSettings, sink: tuple[Tensor, Tensor]) -> list[Condition]:
+                       share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float,
+                       cal: Calibration, s: CircuitSettings, sink: tuple[Tensor, Tensor]) -> list[Condition]:
     """The stated input conditions of the circuit over the chosen heads ``hs``, each measured once."""
     n_min = cal.n_min
     big = sink[0][hs] >= SINK_SHOW
@@ -358,7 +359,8 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     decisions = head_decisions(st, chosen, share_tv, s)
     sep_tv = split_tv(typ_pat, acts.pattern[0], cal)
     for d in decisions:
-        d.sink_mass, d.sink_mass_cv, d.separable_tv = float(sink[0][d.head]), float(sink[1][d.head]), float(sep_tv[d.head])
+        d.sink_mass, d.sink_mass_cv = float(sink[0][d.head]), float(sink[1][d.head])
+        d.separable_tv = float(sep_tv[d.head])
     heads = [h for h in range(w.n_heads) if chosen[h]]
     if not heads:
         worst = min(decisions, key=lambda d: d.share_tv + (0 if d.n_eff >= s.neff_min else 1) + d.logit_std)
@@ -420,8 +422,8 @@ def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[T
         toks = toks[: circ.T].to(w.device)
         n = len(toks)
         Zn = torch.einsum("hnj,hj->hn", circ.head_kernels[:, :n, :n], circ.f[:, toks])[:, n_min:]
-        out[name] = {"Z_median": Zn.median(-1).values.tolist(), "ratio_to_calibration": (Zn.median(-1).values / circ.Z).tolist(),
-                     "Z_trace": Zn.tolist()}
+        out[name] = {"Z_median": Zn.median(-1).values.tolist(),
+                     "ratio_to_calibration": (Zn.median(-1).values / circ.Z).tolist(), "Z_trace": Zn.tolist()}
     return out
 
 

@@ -62,7 +62,8 @@ def _key_content(w: ModelWeights, circ: Circuit) -> Float[Tensor, "vocab d_model
     return content_inputs(w, circ.T, circ.settings.reference_position, circ.settings.reference_norm)[2]
 
 
-def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
+def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " pos"]
+                 ) -> Float[Tensor, "chosen pos d_head"]:
     """Content keys ``[h, pos, d_head]`` of ``tokens``: rotary, the pre-rotation key minus the static key of the
     calibration text (at layer 0 a function of the token alone); learned, the key of the token's content placed
     at the reference position, without the bias (it cancels in the softmax)."""
@@ -88,7 +89,8 @@ def query_parts(w: ModelWeights, circ: Circuit) -> QueryParts:
     return parts
 
 
-def exact_queries(w: ModelWeights, parts: QueryParts, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
+def exact_queries(w: ModelWeights, parts: QueryParts, tokens: Int[Tensor, " pos"]
+                  ) -> Float[Tensor, "chosen pos d_head"]:
     """Each chosen head's exact layer-0 query at every position of ``tokens`` (rotary: pre-rotation, weighted
     by the pair weights of the separable split), float64."""
     a = next(iter_layers(w, tokens[None], stop_layer=0))
@@ -117,7 +119,8 @@ def query_conditioned_pattern(w: ModelWeights, circ: Circuit, tokens: Int[Tensor
     n = tokens.shape[-1]
     q = exact_queries(w, parts, tokens)
     cap, logZ = query_normalisers(parts, q, torch.arange(n, device=w.device))
-    lf = torch.minimum(torch.einsum("hne,hie->hni", q, content_keys(parts, _key_content(w, circ), tokens)) / parts.scale, cap)
+    k = content_keys(parts, _key_content(w, circ), tokens)
+    lf = torch.minimum(torch.einsum("hne,hie->hni", q, k) / parts.scale, cap)
     K = parts.K[:, :n, :n]
     return torch.exp(_log(K) + lf - logZ) * (K > 0)
 
@@ -192,7 +195,8 @@ def query_averaged_factors(w: ModelWeights, circ: Circuit, parts: QueryParts | N
     return torch.cat(out, -1)
 
 
-def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen vocab"]) -> Float[Tensor, "vocab d_model"]:
+def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen vocab"]
+                       ) -> Float[Tensor, "vocab d_model"]:
     """Query-averaged extended embeddings ``[V, d_model]`` from ``g`` (module docstring; sink and outlier mask
     as :func:`attnscope.circuit.build.extended_embeddings`)."""
     H, hs = w.n_heads, torch.tensor(circ.heads, device=w.device)
@@ -208,7 +212,8 @@ def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen 
                                sink if bos is not None else None, bos)[0]
 
 
-def summary_fvu(w: ModelWeights, circ: Circuit, y: Float[Tensor, "pos d_model"], yhat: Float[Tensor, "pos d_model"]) -> float:
+def summary_fvu(w: ModelWeights, circ: Circuit, y: Float[Tensor, "pos d_model"],
+                yhat: Float[Tensor, "pos d_model"]) -> float:
     """FVU of a per-position summary against the true summed output (centred, positions >= min_position), as
     :func:`attnscope.circuit.build.circuit_fidelity` measures it."""
     n_min = circ.settings.min_position

@@ -214,7 +214,8 @@ class Circuit:
             raise AttnscopeError(f"{out / 'circuit.json'} has schema version {d.get('schema_version')}, this attnscope "
                                  f"reads {SCHEMA_VERSION}; recompute the circuit")
         t = load_file(str(out / "circuit.safetensors"))
-        return cls(settings=CircuitRecord.from_json(d["settings"]), heads=d["heads"], decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
+        return cls(settings=CircuitRecord.from_json(d["settings"]), heads=d["heads"],
+                   decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
                    conditions=[Condition(**c) for c in d["conditions"]], mlp_scale=d["mlp_scale"],
                    mlp_scale_cv=d["mlp_scale_cv"], calibration_sha=d["calibration_sha256"],
                    denominators_windowed=d["denominators_windowed"], query_conditioned=d["query_conditioned"],

@@ -61,8 +61,9 @@ def print_neuron_summary(res: NeuronResult) -> None:
     for c in ("neuron", "predicted |d|", "r", "FVU", "label", "top tokens", "fired on cal."):
         t.add_column(c)
     for r in res.records[:15]:
-        t.add_row(str(r.index), f"{r.sensitivity:.2f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
-                  " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
+        top = " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6])
+        t.add_row(str(r.index), f"{r.sensitivity:.2f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "", top,
+                  "yes" if r.fired_on_calibration else "no")
     con.print(t)
 
 
@@ -123,12 +124,12 @@ def print_timeline(tl: dict) -> None:
     """The formation timeline of `attnscope evolution`, one line per head and context."""
     for h, v in tl["layer0_heads"].items():
         print(f"layer-0 head {h}: uniform at {v['first_uniform_step']}, leaves uniform at "
-                   f"{v['leaves_uniform_step']}, final {v['final_category']}")
+              f"{v['leaves_uniform_step']}, final {v['final_category']}")
     print(f"all circuit conditions first pass at step {tl['all_conditions_first_pass']}, hold from "
-               f"{tl['all_conditions_hold_from']}; never passing: {', '.join(tl['never_passing_conditions']) or 'none'}")
+          f"{tl['all_conditions_hold_from']}; never passing: {', '.join(tl['never_passing_conditions']) or 'none'}")
     for name, v in tl["context_neurons"].items():
         print(f"{name}: true neuron from step {v['first_true_step']}, reported by the method from step "
-                   f"{v['first_found_step']}")
+              f"{v['first_found_step']}")
 
 
 def print_later_summary(res: LaterResult) -> None:
@@ -148,8 +149,9 @@ def print_later_summary(res: LaterResult) -> None:
                   "-" if p.propagation_norm is None else f"{p.propagation_norm:.2f}", p.limiting_condition[:70])
     con.print(t)
     a = res.circuit.approximation_with_earlier_terms
+    spearman = ", ".join(f"{p} {res.median_spearman(p):.3f}" for p in res.scores)
     con.print(f"residual entering layer {res.layer}: FVU {a.fvu:.3f} with the earlier heads' terms; median "
-              "Spearman vs the true per-context effects: " + ", ".join(f"{p} {res.median_spearman(p):.3f}" for p in res.scores))
+              "Spearman vs the true per-context effects: " + spearman)
     v = res.verification
     con.print(f"{v.n_passed} neurons pass (precision {num(v.precision)}, all neurons {v.precision_random:.3f})")
     t = Table(title="top neurons")

@@ -128,7 +128,8 @@ def approximate_pattern(weights: ModelWeights, layer: int, acts: LayerActivation
 
     ``acts``: the layer's :class:`~attnscope.exact.forward.LayerActivations`; ``static``: ``pi [pos, d_model]``
     for learned positions, ``k_bar [head, pos, d_head]`` for rotary; ``pair_weights [head, D/2]`` (or per query
-    row, ``[head, pos, D/2]``): the separable rotary split (:func:`separable_rotary_score_parts`), else content at zero offset.
+    row, ``[head, pos, D/2]``): the separable rotary split (:func:`separable_rotary_score_parts`), else content at
+    zero offset.
     """
     scale = weights.attn_scale[layer]
     if weights.positional == "rotary" and pair_weights is not None:
@@ -179,8 +180,8 @@ def layer0_weight_kernels(weights: ModelWeights, query: Float[Tensor, " d_model"
 
 def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
                    static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float,
-                   pair_weights: Complex[Tensor, "head pairs"] | Complex[Tensor, "head ctx pairs"] | None = None, chunk: int = 256
-                   ) -> Float[Tensor, "batch head pos"]:
+                   pair_weights: Complex[Tensor, "head pairs"] | Complex[Tensor, "head ctx pairs"] | None = None,
+                   chunk: int = 256) -> Float[Tensor, "batch head pos"]:
     """``TV(approximate pattern, true pattern)`` at every query position, ``[batch, head, n]``: the same
     numbers as ``tv_distance(approximate_pattern(...), acts.pattern)``, computed ``chunk`` query rows at a
     time (learned positions; causal models only over the visible keys), so that no ``[b, H, T, T]`` array

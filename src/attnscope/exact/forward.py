@@ -61,7 +61,8 @@ def rotary_cos_sin(weights: ModelWeights, positions: Int[Tensor, " pos"]
                    ) -> tuple[Float[Tensor, "pos rot"], Float[Tensor, "pos rot"]]:
     """``cos, sin``: ``[n_pos, rotary_dim]`` in the rotate-half layout Hugging Face Llama uses."""
     rd = weights.rotary_dim or weights.d_head
-    inv_freq = 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float() / rd))
+    dims = torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (weights.rope_theta ** (dims / rd))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -112,7 +113,8 @@ class LayerActivations:
     q: Float[Tensor, "batch head pos d_head"]  # after rotary
     k: Float[Tensor, "batch head pos d_head"]  # after rotary
     v: Float[Tensor, "batch head pos d_head"]
-    scores: Float[Tensor, "batch head pos pos"] | None  # [query_pos, key_pos] scaled, masked (-inf); None without patterns
+    # [query_pos, key_pos] scaled, masked (-inf); None without patterns
+    scores: Float[Tensor, "batch head pos pos"] | None
     pattern: Float[Tensor, "batch head pos pos"] | None  # [query_pos, key_pos]; None when run with patterns=False
     z: Float[Tensor, "batch head pos d_head"]  # pattern-weighted values
     attn_out: Float[Tensor, "batch pos d_model"]  # sum of head outputs + b_O
@@ -141,8 +143,8 @@ def mask_scores(weights: ModelWeights, scores: Float[Tensor, "*batch n_query n_k
     return scores.masked_fill(~causal_mask(Tq, Tk, scores.device, query_positions), float("-inf"))
 
 
-def project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"], b: Float[Tensor, "head d_head"]
-            ) -> Float[Tensor, "batch head pos d_head"]:
+def project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"],
+            b: Float[Tensor, "head d_head"]) -> Float[Tensor, "batch head pos d_head"]:
     """Per-head projection ``x W + b``: ``x [batch, pos, d_model]``, ``W [head, d_model, d_head]``,
     ``b [head, d_head]`` -> ``[batch, head, pos, d_head]`` (queries, keys or values before rotary)."""
     return torch.einsum("bpd,hde->bhpe", x, W) + b[None, :, None]
@@ -189,7 +191,8 @@ def qkv(weights: ModelWeights, layer: int, x: Float[Tensor, "batch pos d_model"]
     return q, k, v
 
 
-def attn_norm_params(weights: ModelWeights, layer: int) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"] | None]:
+def attn_norm_params(weights: ModelWeights, layer: int
+                     ) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"] | None]:
     """``(gamma, beta)`` of the norm whose output the heads of ``layer`` read.
 
     Pre-LN: the layer's ``ln1``.  Post-LN (BERT): the embedding LayerNorm for layer 0, else the previous

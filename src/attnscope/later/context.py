@@ -96,7 +96,8 @@ class HybridPositions:
     outputs: list = field(repr=False, default_factory=list)  # each broad head's per-position output fn
 
     def parts(self, w: ModelWeights, tokens: Tensor, neurons: Tensor) -> dict[str, Tensor]:
-        """``{"token mean", "broad heads"}`` ``[pos, k]`` on ``tokens [pos]`` for ``neurons [k]`` (sum: the prediction)."""
+        """``{"token mean", "broad heads"}`` ``[pos, k]`` on ``tokens [pos]`` for ``neurons [k]`` (sum: the
+        prediction)."""
         t, k = tokens.cpu(), neurons.cpu()
         O = sum((centre(fn(t), w) for fn in self.outputs), torch.zeros(len(t), self.C.shape[1]))
         return {"token mean": self.M[t][:, k].float(), "broad heads": (O - self.C[t].float()) @ self.W[:, k].float()}
@@ -133,7 +134,8 @@ def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
     p = groups / groups.sum(1, keepdim=True)
     heads, fns, Cx = broad_heads(w, lc, neff_min, groups)
     W = lc.token_model.W_in.double().cpu() / lc.scale
-    mean = {"direct": p @ td.M.double() - sum((h.held for h in heads), torch.zeros(2 * C, w.d_model, dtype=torch.float64)) @ W,
+    held = sum((h.held for h in heads), torch.zeros(2 * C, w.d_model, dtype=torch.float64))
+    mean = {"direct": p @ td.M.double() - held @ W,
             "contextual bag": torch.zeros(2 * C, W.shape[1], dtype=torch.float64),
             "other heads": torch.zeros(2 * C, W.shape[1], dtype=torch.float64)}
     for h in heads:

@@ -14,9 +14,10 @@ residual depends on the whole prefix.  attnscope approximates it as
 ``E`` and ``pi`` are the least-squares additive fit of ``r - c`` (alternating per-token and per-position
 means, which converge to it); both are exact when the earlier layers add nothing that depends on context
 (e.g. they are zeroed).  Each token's mean is shrunk towards (unseen tokens: replaced by)
-their *direct-path* embedding, with an empirical-Bayes weight (:func:`shrinkage_count`): the embedding passed through the earlier layers with each
-attention output replaced by its sample mean and each MLP applied to the token itself (plus the mean
-offset between the two over seen tokens).  How well that fallback predicts seen tokens is reported.
+their *direct-path* embedding, with an empirical-Bayes weight (:func:`shrinkage_count`): the embedding
+passed through the earlier layers with each attention output replaced by its sample mean and each MLP
+applied to the token itself (plus the mean offset between the two over seen tokens).  How well that
+fallback predicts seen tokens is reported.
 
 Layer 0 with learned positions is the model's own ``W_E`` and ``W_pos`` (no estimate).  Every estimate
 carries its approximation error (:func:`approximation_error`): the share of the residual's variance,
@@ -171,8 +172,8 @@ def cached_direct_path(w: ModelWeights, layer: int, sample: SampleActivations) -
     if layer not in sample.direct:
         below = [l for l in sample.direct if l < layer]
         m = max(below) if below else None
-        sample.direct[layer] = direct_path(w, layer, sample.mean_attn_out, start=None if m is None else sample.direct[m],
-                                           start_layer=m or 0)
+        sample.direct[layer] = direct_path(w, layer, sample.mean_attn_out,
+                                           start=None if m is None else sample.direct[m], start_layer=m or 0)
     return sample.direct[layer]
 
 

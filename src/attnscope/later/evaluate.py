@@ -170,9 +170,10 @@ def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, car
     hyb = (lambda t, k: hp.parts(w, t, k)) if rank == "hybrid" else None
     fr, fc = _fits(w, lc, rand, predict=hyb), _fits(w, lc, cards, predict=hyb) if cards else None
     full = (_fits(w, lc, rand), _fits(w, lc, cards) if cards else None) if hyb else (None, None)
+    top20 = {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean())
+             for c, x in enumerate(sc.sources)}
     return LaterVerification(
-        thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()),
-        {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean()) for c, x in enumerate(sc.sources)},
+        thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()), top20,
         thr.n_passed / len(passed), None if fc is None else FitMedians.of(*fc), FitMedians.of(*fr), rank,
         None if full[1] is None else FitMedians.of(*full[1]), None if full[0] is None else FitMedians.of(*full[0])), fc
 
@@ -194,8 +195,8 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     names = [x.name for x in lc.windows]
     sp, sn = _swings(lc, s.top_m)
     rank = s.rank_by if s.rank_by in preds else "full"  # layer 0 has no hybrid (nothing before it)
-    sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=parts[rank], sensitivity=preds[rank].abs().max(0).values,
-                      swing_pos=sp, swing_neg=sn, sigma=td.sigma)
+    sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=parts[rank],
+                      sensitivity=preds[rank].abs().max(0).values, swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
     passed = sc.sensitivity >= thr.value
     scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == rank else None)

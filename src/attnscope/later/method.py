@@ -89,8 +89,8 @@ class LaterCircuit:
     def record(self) -> LaterCircuitRecord:
         """The measured numbers of the composition (the typed, saved part; tensors stay here)."""
         assert self.approximation_direct is not None
-        return LaterCircuitRecord(self.layer, self.scale, self.n_min, self.pieces, EffectiveSummary(**self.direct.to_json()),
-                                  self.approximation_direct)
+        return LaterCircuitRecord(self.layer, self.scale, self.n_min, self.pieces,
+                                  EffectiveSummary(**self.direct.to_json()), self.approximation_direct)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -149,7 +149,8 @@ def sources(w: ModelWeights, cs: CircuitSettings, s: LaterSettings, T: int) -> l
     """Windows of each labelled source; the calibration source starts after the calibration window."""
     specs = list(dict.fromkeys(s.eval or [f"bundled:{n}" for n in bundled_texts()]))
     if len(specs) < 2:
-        raise AttnscopeError("later-layer neurons need at least two sources for one-vs-rest contrasts; pass --eval twice or more")
+        raise AttnscopeError("later-layer neurons need at least two sources for one-vs-rest contrasts; "
+                             "pass --eval twice or more")
     skip = T - (1 if w.prepend_bos else 0)
     return [source_windows(w, x, T, max_windows=s.max_windows, skip_tokens=skip if x == cs.calibration else 0)
             for x in specs]
@@ -224,7 +225,8 @@ def _circuit_fvus(w: ModelWeights, l: int, view: ModelWeights, circ: Circuit, te
     for t in texts.values():
         t = t[: circ.T]
         ys.append(centre(_true_heads(w, l, circ.heads, t), w)[n_min:].double().cpu())
-        yh.append(centre(circuit_output(view, circ, t.to(view.device)), w)[n_min:].double().cpu())  # the form circuit_fidelity scores
+        # the form circuit_fidelity scores
+        yh.append(centre(circuit_output(view, circ, t.to(view.device)), w)[n_min:].double().cpu())
     y, yhat = torch.cat(ys), torch.cat(yh)
     return eff_fvu, float(((y - yhat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 

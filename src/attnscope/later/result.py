@@ -73,7 +73,8 @@ class LayerPiece:
 
     @classmethod
     def from_json(cls, d: dict) -> LayerPiece:
-        return cls(**{**d, "effective": EffectiveSummary(**d["effective"]), "approximation": Approximation(**d["approximation"]),
+        return cls(**{**d, "effective": EffectiveSummary(**d["effective"]),
+                      "approximation": Approximation(**d["approximation"]),
                       "conditions": [Condition(**c) for c in d["conditions"]]})
 
 
@@ -180,7 +181,8 @@ class LaterResult:
         return median(self.ceiling.values())
 
     def median_spearman(self, predictor: str) -> float:
-        """Median over the one-vs-rest contrasts of the Spearman of ``predictor`` (:func:`attnscope.core.stats.median`)."""
+        """Median over the one-vs-rest contrasts of the Spearman of ``predictor``
+        (:func:`attnscope.core.stats.median`)."""
         return median(s.spearman for s in self.scores[predictor].values())  # type: ignore[return-value]
 
     def to_json(self) -> dict:

@@ -179,8 +179,8 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
             tok_kwargs["revision"] = revision
             if not _hub_reachable():  # fail in a second from the local HF cache, not after 25 s of retries
                 kwargs["local_files_only"] = tok_kwargs["local_files_only"] = True
-        config = AutoConfig.from_pretrained(path, **({k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
-                                                     if r.kind == "hub" else {}))
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
+        config = AutoConfig.from_pretrained(path, **(hub_kwargs if r.kind == "hub" else {}))
         tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
     except (OSError, ValueError) as err:
         if r.kind == "hub":

@@ -233,12 +233,14 @@ def r_fvu_distribution(res: NeuronResult, out: Path) -> Path:
     rnd = res.verification.random
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8))
     a.hist(r, bins=20, range=(-0.2, 1), color="#1f77b4")
-    a.axvline(np.median(r) if len(r) else 0, color="k", ls="--", label=f"median {np.median(r) if len(r) else float('nan'):.2f}")
+    a.axvline(np.median(r) if len(r) else 0, color="k", ls="--",
+              label=f"median {np.median(r) if len(r) else float('nan'):.2f}")
     a.axvline(rnd.r, color="#7f7f7f", ls=":", label=f"random neurons {rnd.r:.2f}")
     a.set_xlabel("Pearson r (full explanation vs true pre-activation)")
     a.legend(fontsize=7)
     b.hist(np.clip(f, 0, 2), bins=20, range=(0, 2), color="#ff7f0e")
-    b.axvline(np.median(f) if len(f) else 0, color="k", ls="--", label=f"median {np.median(f) if len(f) else float('nan'):.2f}")
+    b.axvline(np.median(f) if len(f) else 0, color="k", ls="--",
+              label=f"median {np.median(f) if len(f) else float('nan'):.2f}")
     b.axvline(rnd.fvu, color="#7f7f7f", ls=":", label=f"random neurons {rnd.fvu:.2f}")
     b.set_xlabel("FVU (clipped at 2)")
     b.legend(fontsize=7)

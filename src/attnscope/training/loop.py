@@ -354,7 +354,8 @@ def _config_record(cfg: TrainConfig, data: _Data, st: _State, model) -> dict:
                       "max_train_chars_per_corpus": cfg.tokenizer_max_chars},
         "training": {
             "optimizer": "AdamW", "betas": [0.9, 0.95], "weight_decay": cfg.weight_decay, "lr": cfg.lr,
-            "schedule": "linear warmup + cosine decay over " + ("steps" if cfg.steps is not None else "wall-clock budget"),
+            "schedule": "linear warmup + cosine decay over "
+                        + ("steps" if cfg.steps is not None else "wall-clock budget"),
             "warmup_steps": st.warmup, "min_lr_ratio": cfg.min_lr_ratio, "grad_clip": 1.0,
             "batch_size": cfg.batch_size, "seq_len": cfg.n_ctx, "bf16_autocast": st.use_bf16,
             "max_minutes": cfg.max_minutes, "steps_requested": cfg.steps, "save_every": cfg.save_every,
