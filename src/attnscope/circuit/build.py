@@ -202,6 +202,7 @@ def split_patterns(w: ModelWeights, cal: Calibration, acts: LayerActivations, re
         exact = approximate_pattern(w, LAYER, acts, static, ref)[0]
         cont, pos, bias = learned_score_parts(w, LAYER, acts.norm_in, static, q_typ[None], ref)
         return exact, mask_scores(w, (cont + pos + bias[..., None]) / scale).softmax(-1)[0]
+    assert pair_weights is not None, "rotary: build_circuit passes the kernel's pair weights"
     qp, kp = pre_rotation(w, acts.q), pre_rotation(w, acts.k)
     static = pooled_static_keys(kp[0], cal.bos is not None)
     out = []
@@ -320,7 +321,8 @@ def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: F
     sink_cv = float(sink[1][hs][big].max()) if big.any() else 0.0
     neff_shared = (1.0 / shared[n_min:].pow(2).sum(-1)).median()
     clipped = (logf[hs][:, cal.body].exp() > s.f_clip).float().mean()
-    measured = [  # (criterion, value, threshold, holds)
+    # (criterion, value, threshold, holds): 0-d tensors or Python numbers
+    measured: list[tuple[Criterion, Tensor | float, float, Tensor | bool]] = [
         (Criterion.BROAD, neff_shared, s.neff_min, neff_shared >= s.neff_min),
         (Criterion.WEAK, st.logit_std[hs].max(), s.logit_std_max, st.logit_std[hs].max() <= s.logit_std_max),
         (Criterion.STABLE, st.denominator_cv[hs].max(), s.denominator_cv_max,
@@ -351,6 +353,7 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     mask = outlier_token_mask(w)
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
+    assert acts.pattern is not None, "iter_layers keeps the patterns by default"
     exact_pat, typ_pat = split_patterns(w, cal, acts, ref, q, c)
     no_sink = (torch.zeros(w.n_heads, dtype=torch.float64, device=w.device),) * 2
     sink = sink_term(acts.pattern[0, :, :, 0], cal.n_min) if cal.bos is not None else no_sink
@@ -376,12 +379,13 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     mid_scale = mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
     mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
     conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
-    circ = Circuit(settings=CircuitRecord(**{**asdict(s), "n_ctx": cal.T, "min_position": cal.n_min}, reference_position=cal.n_star,
-                                          reference_norm=ref, bos=cal.bos, prepend_bos=w.prepend_bos,
-                                          sink_handling="BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
-                                          rotary_pair_weights_abs=None if c is None else c[:, -1].abs().float().cpu().tolist()),
-                   heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
-                   Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
+    record = CircuitRecord(**{**asdict(s), "n_ctx": cal.T, "min_position": cal.n_min},
+                           reference_position=cal.n_star, reference_norm=ref, bos=cal.bos, prepend_bos=w.prepend_bos,
+                           sink_handling="BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
+                           rotary_pair_weights_abs=None if c is None else c[:, -1].abs().float().cpu().tolist())
+    circ = Circuit(settings=record, heads=heads, decisions=decisions, conditions=conds, kernel=shared,
+                   head_kernels=Kh[hs], f=f[hs], Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale,
+                   mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,
                    denominators_windowed=[float(st.denominator_windowed[h]) for h in heads])
     return choose_query_form(w, circ)

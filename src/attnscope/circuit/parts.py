@@ -72,6 +72,7 @@ def mlp_input_weights(w: ModelWeights, layer: int = LAYER
     if w.norm_placement == "pre":
         g, b = w.ln2_w[layer], None if w.ln2_b is None else w.ln2_b[layer]
     else:
+        assert w.ln1_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
         g, b = w.ln1_w[layer], w.ln1_b[layer]
     W = w.W_gate[layer] if w.W_gate is not None else w.W_in[layer]
     bias = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device) if w.W_gate is not None else w.b_in[layer].clone()

@@ -67,7 +67,12 @@ def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " p
     """Content keys ``[h, pos, d_head]`` of ``tokens``: rotary, the pre-rotation key minus the static key of the
     calibration text (at layer 0 a function of the token alone); learned, the key of the token's content placed
     at the reference position, without the bias (it cancels in the softmax)."""
-    return project(key_content[tokens][None], parts.W_K, parts.b_K)[0].double()
+    return _content_keys(parts.W_K, parts.b_K, key_content, tokens)
+
+
+def _content_keys(W_K: Float[Tensor, "chosen d_model d_head"], b_K: Float[Tensor, "chosen d_head"],
+                  key_content: Tensor, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
+    return project(key_content[tokens][None], W_K, b_K)[0].double()
 
 
 @torch.no_grad()
@@ -84,9 +89,8 @@ def query_parts(w: ModelWeights, circ: Circuit) -> QueryParts:
         c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos, per_row=True)
     else:
         b_K, c = torch.zeros_like(w.b_K[LAYER][hs]), None
-    parts = QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c, None, 1 if bos else 0, float(circ.settings.f_clip))  # type: ignore[arg-type]
-    parts.k_cal = content_keys(parts, key_content, cal)
-    return parts
+    return QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c,
+                      _content_keys(W_K, b_K, key_content, cal), 1 if bos else 0, float(circ.settings.f_clip))
 
 
 def exact_queries(w: ModelWeights, parts: QueryParts, tokens: Int[Tensor, " pos"]
@@ -96,6 +100,7 @@ def exact_queries(w: ModelWeights, parts: QueryParts, tokens: Int[Tensor, " pos"
     a = next(iter_layers(w, tokens[None], stop_layer=0))
     if w.positional != "rotary":
         return a.q[0, parts.hs].double()
+    assert parts.pair_weights is not None, "query_parts sets the pair weights of rotary models"
     return apply_pair_weights(w, pre_rotation(w, a.q)[0, parts.hs], parts.pair_weights).double()
 
 

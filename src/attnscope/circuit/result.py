@@ -49,6 +49,10 @@ class CircuitRecord(CircuitSettings):
     """The settings as a built circuit used them: the user's :class:`CircuitSettings` with ``n_ctx`` and
     ``min_position`` resolved, plus what was derived from the model and the calibration text."""
 
+    # always resolved by the build; redeclared (not optional) so that use sites need no None check.  A
+    # redeclared dataclass field keeps its place in the field order, so circuit.json is unchanged.
+    n_ctx: int = 0
+    min_position: int = 0
     reference_position: int = 0  # n*: the position whose content the content factors are measured at
     reference_norm: float = 0.0  # norm of the typical residual used to normalise positional value inputs
     bos: int | None = None  # the BOS token id split off as a sink, None without a BOS

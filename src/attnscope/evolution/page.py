@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 
 from attnscope.evolution.run import CRITERIA, D_MIN, TRACKED_CONTEXTS, EvolutionResult  # noqa: E402
 from attnscope.kernels.analysis import CAT_COLORS, CATEGORIES  # noqa: E402
@@ -78,7 +79,7 @@ def categories_over_steps(res: EvolutionResult, out: Path) -> Path:
     ax.set_xticks(range(len(cks)), [str(c.step) for c in cks], rotation=90, fontsize=7)
     ax.set_xlabel("training step")
     ax.set_ylabel("layer.head")
-    handles = [matplotlib.patches.Patch(color=CAT_COLORS[k], label=k) for k in CATEGORIES]
+    handles: list[Artist] = [matplotlib.patches.Patch(color=CAT_COLORS[k], label=k) for k in CATEGORIES]
     handles.append(plt.Line2D([], [], marker="o", ls="", color="k", ms=3, label="contextual head (layer 0)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     ax.set_title("kernel category of every head over training")

@@ -186,6 +186,7 @@ def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
     numbers as ``tv_distance(approximate_pattern(...), acts.pattern)``, computed ``chunk`` query rows at a
     time (learned positions; causal models only over the visible keys), so that no ``[b, H, T, T]`` array
     is built beyond the true pattern.  Rotary models use :func:`approximate_pattern` directly."""
+    assert acts.pattern is not None, "the true pattern is needed: run the layer with patterns=True"
     if weights.positional == "rotary":
         return tv_distance(approximate_pattern(weights, layer, acts, static, ref_norm, pair_weights), acts.pattern)
     gamma, beta = attn_norm_params(weights, layer)
@@ -235,6 +236,7 @@ def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
 
 def rotary_frequencies(weights: ModelWeights) -> Tensor:
     """``theta_j`` of each rotary frequency pair ``[D/2]`` (float64)."""
+    assert weights.rope_theta is not None, "rotary models record rope_theta"
     rd = weights.rotary_dim or weights.d_head
     return 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
 

@@ -60,6 +60,7 @@ def activation(name: str, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]
 def rotary_cos_sin(weights: ModelWeights, positions: Int[Tensor, " pos"]
                    ) -> tuple[Float[Tensor, "pos rot"], Float[Tensor, "pos rot"]]:
     """``cos, sin``: ``[n_pos, rotary_dim]`` in the rotate-half layout Hugging Face Llama uses."""
+    assert weights.rope_theta is not None, "rotary models record rope_theta"
     rd = weights.rotary_dim or weights.d_head
     dims = torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float()
     inv_freq = 1.0 / (weights.rope_theta ** (dims / rd))
@@ -201,7 +202,9 @@ def attn_norm_params(weights: ModelWeights, layer: int
     if weights.norm_placement == "pre":
         return weights.ln1_w[layer], None if weights.ln1_b is None else weights.ln1_b[layer]
     if layer == 0:
+        assert weights.ln_emb_w is not None, "post-LN (BERT) models have an embedding LayerNorm"
         return weights.ln_emb_w, weights.ln_emb_b
+    assert weights.ln2_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
     return weights.ln2_w[layer - 1], weights.ln2_b[layer - 1]
 
 
@@ -244,6 +247,7 @@ def iter_layers(weights: ModelWeights, tokens: Int[Tensor, "batch pos"] | Int[Te
             m_src = x if weights.parallel_attn_mlp else mid  # GPT-NeoX: attention and MLP read the same input
             m_in = norm(weights, m_src, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
         else:
+            assert weights.ln1_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
             mid = layer_norm(x + attn_out, weights.ln1_w[l], weights.ln1_b[l], weights.eps)
             m_in = mid
         if weights.W_gate is not None:
@@ -256,6 +260,7 @@ def iter_layers(weights: ModelWeights, tokens: Int[Tensor, "batch pos"] | Int[Te
         if pre:
             out = mid + mlp_out
         else:
+            assert weights.ln2_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
             out = layer_norm(mid + mlp_out, weights.ln2_w[l], weights.ln2_b[l], weights.eps)
         yield LayerActivations(l, x, raw, a_in, q, k, v, scores, pattern, z, attn_out, m_in, pre_act, post, out)
         raw = out if pre else mid + mlp_out
@@ -292,7 +297,7 @@ def hf_activations(hf_model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " po
     if tokens.dim() == 1:
         tokens = tokens[None]
     n_layers = hf_model.config.num_hidden_layers
-    mlp_pre: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    mlp_pre: dict[int, Tensor] = {}  # layer -> its MLP pre-activation, filled by the hooks
     handles = []
     for l in range(n_layers):
         def hook(_m, _i, out, l=l):
@@ -303,7 +308,7 @@ def hf_activations(hf_model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " po
     finally:
         for h in handles:
             h.remove()
-    return [a.detach() for a in out.attentions], mlp_pre
+    return [a.detach() for a in out.attentions], [mlp_pre[l] for l in range(n_layers)]
 
 
 @torch.no_grad()
@@ -312,8 +317,12 @@ def compare_with_model(weights: ModelWeights, hf_model, tokens: Int[Tensor, "bat
     """Max abs difference per layer between :func:`run` and the model's own forward pass."""
     ours = run(weights, tokens.to(weights.device))
     pats, pres = hf_activations(hf_model, tokens)
+    pattern_diff = []
+    for a, p in zip(ours, pats):
+        assert a.pattern is not None, "run() keeps the patterns by default"
+        pattern_diff.append((a.pattern - p.to(a.pattern)).abs().max().item())
     return {
-        "pattern": [(a.pattern - p.to(a.pattern)).abs().max().item() for a, p in zip(ours, pats)],
+        "pattern": pattern_diff,
         "mlp_pre": [(a.mlp_pre - m.to(a.mlp_pre)).abs().max().item() for a, m in zip(ours, pres)],
         "mlp_pre_max_abs": [m.abs().max().item() for m in pres],  # the scale float32 rounding works at
     }

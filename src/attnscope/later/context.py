@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from attnscope.core.stats import tensor_sum
 from attnscope.exact.decomposition import centre
 from attnscope.later.method import LaterCircuit
 from attnscope.later.truth import TruthData, token_mean
@@ -157,6 +158,6 @@ def _with_fallback(w: ModelWeights, lc: LaterCircuit, M: Tensor) -> Tensor:
     cnt = torch.bincount(sample.reshape(-1), minlength=w.d_vocab).double()
     seen = cnt > 0
     tm = lc.token_model
-    S = (sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()  # [V, d_mlp]
+    S = (tensor_sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()  # [V, d_mlp]
     offset = (cnt[seen, None] * (M[seen].double() - S[seen])).sum(0) / cnt[seen].sum()
     return torch.where(seen[:, None], M.double(), S + offset)

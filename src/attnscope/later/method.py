@@ -37,6 +37,7 @@ from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit, cir
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
 from attnscope.core.texts import bundled_texts
+from attnscope.core.stats import tensor_sum
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
 from attnscope.later.effective import (
@@ -78,8 +79,9 @@ class LaterCircuit:
     explainers: dict[int, Explainer] = field(repr=False)
     G: dict[int, Tensor] = field(repr=False)  # l < L -> [d_model, d_model], to the MLP input of L
     R: dict[int, Tensor] = field(repr=False)  # l < L -> [d_model, d_model], to the residual entering L
-    direct: EffectiveEmbedding = field(repr=False)  # E'_L, pi'_L (earlier terms removed)
-    token_model: TokenModel = field(repr=False)
+    # set by build_later once the earlier layers' terms are known (both are computed from this object)
+    direct: EffectiveEmbedding = field(init=False, repr=False)  # E'_L, pi'_L (earlier terms removed)
+    token_model: TokenModel = field(init=False, repr=False)
     scale: float = 1.0  # median scale of the norm in front of the MLP of L (true model, sample)
     n_min: int = 25
     approximation_direct: Approximation | None = None  # held-out error of E'_L + pi'_L + c_L
@@ -117,7 +119,9 @@ def mlp_map(w: ModelWeights, sa: SampleActivations, m: int) -> Tensor:
     if w.W_gate is None:
         D = W_in * sa.slope[m].double()[None]
     else:
-        D = w.W_gate[m].double().cpu() * sa.slope[m].double()[None] + W_in * sa.gate_mean[m].double()[None]
+        gate_mean = sa.gate_mean[m]
+        assert gate_mean is not None, "sample_activations records the gate mean of gated MLPs"
+        D = w.W_gate[m].double().cpu() * sa.slope[m].double()[None] + W_in * gate_mean.double()[None]
     return _centring(w) @ (w.ln2_w[m].double().cpu()[:, None] * D) @ W_out / sa.mlp_scale[m]
 
 
@@ -198,14 +202,15 @@ def fit_gains(w: ModelWeights, sa: SampleActivations, layer: int, terms: dict[in
     gain = {l: 1.0 for l in ls}
     R = sa.resid[layer][:, 1:].reshape(-1, w.d_model).double()
     X = torch.stack([terms[l][:, 1:].reshape(-1, w.d_model).double() for l in ls], -1)  # [N, d, n_l]
+
     for _ in range(rounds):
-        eff = estimate(w, layer, sa, offset=sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
+        eff = estimate(w, layer, sa, offset=tensor_sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
         y = R - (eff.E[sa.tokens] + eff.pi)[:, 1:].reshape(-1, w.d_model).double()
         A = torch.einsum("ndi,ndj->ij", X, X)
         b = torch.einsum("ndi,nd->i", X, y)
         g = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
         gain = {l: float(g[j]) for j, l in enumerate(ls)}
-    eff = estimate(w, layer, sa, offset=sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
+    eff = estimate(w, layer, sa, offset=tensor_sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
     return eff, gain
 
 
@@ -302,8 +307,7 @@ def build_later(w: ModelWeights, layer: int, cs: CircuitSettings | None = None, 
     s = s or LaterSettings()
     sh = shared or prepare(w, layer, cs, s)
     sa, n_min = sh.sa, sh.n_min
-    lc = LaterCircuit(layer, [], sh.windows, {}, {}, {}, {}, {}, None, None, sa.mlp_scale[layer], n_min,  # type: ignore[arg-type]
-                      scale_dim=w.d_model)
+    lc = LaterCircuit(layer, [], sh.windows, {}, {}, {}, {}, {}, sa.mlp_scale[layer], n_min, scale_dim=w.d_model)
     for l in range(layer + 1):
         lc.views[l], lc.circuits[l], lc.explainers[l], piece = _layer(w, l, sh, s)
         piece = replace(piece)

@@ -180,10 +180,10 @@ class LaterResult:
     def median_ceiling(self) -> float | None:
         return median(self.ceiling.values())
 
-    def median_spearman(self, predictor: str) -> float:
+    def median_spearman(self, predictor: str) -> float | None:
         """Median over the one-vs-rest contrasts of the Spearman of ``predictor``
-        (:func:`attnscope.core.stats.median`)."""
-        return median(s.spearman for s in self.scores[predictor].values())  # type: ignore[return-value]
+        (:func:`attnscope.core.stats.median`; ``None`` when no contrast has a finite one)."""
+        return median(s.spearman for s in self.scores[predictor].values())
 
     def to_json(self) -> dict:
         return {"schema_version": self.schema_version, "model": self.model, "layer": self.layer,

@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tokenizers
@@ -35,6 +36,9 @@ from attnscope.training.corpora import (
     train_tokenizer,
 )
 from attnscope.training.evaluate import heldout_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["TrainConfig", "train_demo", "checkpoint_dir"]
 
@@ -88,8 +92,8 @@ class _Data:
     labels: list[str]
     corpora: dict[str, tuple[str, str]]
     shas: dict[str, str]
-    tokenizer: object  # tokenizers.Tokenizer
-    hf_tokenizer: object  # PreTrainedTokenizerFast
+    tokenizer: tokenizers.Tokenizer
+    hf_tokenizer: PreTrainedTokenizerFast
     train_ids: dict[str, np.ndarray]
     eval_ids: dict[str, np.ndarray]
     usable: list[str]
