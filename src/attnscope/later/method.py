@@ -36,8 +36,8 @@ from torch import Tensor
 from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit, circuit_fidelity, mlp_input_weights
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
-from attnscope.core.texts import bundled_texts
 from attnscope.core.stats import tensor_sum
+from attnscope.core.texts import bundled_texts
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
 from attnscope.later.effective import (
