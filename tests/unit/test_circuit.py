@@ -37,7 +37,8 @@ def test_detects_the_contextual_head(hand_circuit):
 def test_summary_matches_true_head_output(hand_circuit):
     w, c = hand_circuit
     toks = text_tokens("bundled:code_python", w.tokenizer, max_tokens=128)
-    fid = circuit_fidelity(w, c, {"code": toks, "moby": text_tokens("bundled:en_moby_dick", w.tokenizer, max_tokens=128)})
+    moby = text_tokens("bundled:en_moby_dick", w.tokenizer, max_tokens=128)
+    fid = circuit_fidelity(w, c, {"code": toks, "moby": moby})
     assert fid["fvu"] < 0.01 and fid["median_r_per_dimension"] > 0.99
     y, _, _ = true_head_output(w, c.heads, toks)
     assert y.shape == (128, w.d_model)
@@ -122,7 +123,8 @@ def test_conditions_carry_their_group_and_heads_their_failed_criteria(hand_circu
     for d in c.decisions:
         expected = {Criterion.BROAD: d.n_eff < s.neff_min, Criterion.WEAK: d.logit_std > s.logit_std_max,
                     Criterion.SPLIT: d.decomposition_tv > s.decomposition_tv_max,
-                    Criterion.STABLE: d.denominator_cv > s.denominator_cv_max, Criterion.SHARED: d.share_tv > s.share_tv_max}
+                    Criterion.STABLE: d.denominator_cv > s.denominator_cv_max,
+                    Criterion.SHARED: d.share_tv > s.share_tv_max}
         assert set(d.failed) == {k for k, bad in expected.items() if bad}, d
         assert d.chosen == (not d.failed)  # detection: chosen exactly when every test passes
         assert [k for k, _, _ in d.checks()] == list(HEAD_CRITERIA)
