@@ -12,7 +12,7 @@ from attnscope.circuit.build import (
     denominator_stability,
     true_head_output,
 )
-from attnscope.core.errors import ConditionFailedError, IndexOutOfRangeError, TextTooShortError
+from attnscope.core.errors import ConditionFailedError, IndexOutOfRangeError, NoContextualHeadsError, TextTooShortError
 from attnscope.core.texts import text_tokens
 
 CAL = "tests/data/moby.txt"
@@ -70,8 +70,12 @@ def test_real_models_report_conditions(minilm, smollm2):
                             and d.denominator_cv <= 0.15 and d.share_tv <= 0.3)
     assert any(not d.chosen and "decomposition TV" in " ".join(d.reasons) for d in c2.decisions)
     # a stricter split requirement leaves no head, and the error names the failing measurement
-    with pytest.raises(ConditionFailedError, match=r"no contextual heads in layer 0 .*decomposition TV=\d"):
+    with pytest.raises(ConditionFailedError, match=r"no contextual heads in layer 0 .*decomposition TV=\d") as err:
         build_circuit(w2, CircuitSettings(calibration="bundled:en_moby_dick", n_ctx=128, decomposition_tv_max=0.01))
+    # typed: the closest head and its failed criteria, each with its measurement (no parsing of the message)
+    e = err.value
+    assert isinstance(e, NoContextualHeadsError) and 0 <= e.closest_head < w2.n_heads
+    assert e.reasons and e.limiting == f"head {e.closest_head}: {'; '.join(e.reasons)}" and e.limiting in str(e)
 
 
 def test_errors(tiny_gpt2, tmp_path):

@@ -55,7 +55,7 @@ from attnscope.circuit.result import (  # noqa: F401  (re-exported: the circuit'
     Criterion,
     HeadDecision,
 )
-from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
+from attnscope.core.errors import AttnscopeError, NoContextualHeadsError, check_index
 from attnscope.core.texts import open_source, text_tokens
 from attnscope.exact.decomposition import (
     apply_pair_weights,
@@ -367,10 +367,10 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     heads = [h for h in range(w.n_heads) if chosen[h]]
     if not heads:
         worst = min(decisions, key=lambda d: d.share_tv + (0 if d.n_eff >= s.neff_min else 1) + d.logit_std)
-        raise ConditionFailedError(
+        raise NoContextualHeadsError(
             f"no contextual heads in layer 0 of {w.name}: none has a broad kernel, weak content dependence, a "
             f"valid content/position split and a stable denominator (closest, head {worst.head}: "
-            f"{'; '.join(worst.reasons[:4])}); pass --heads to force some"
+            f"{'; '.join(worst.reasons[:4])}); pass --heads to force some", worst.head, list(worst.reasons[:4])
         )
     hs = torch.tensor(heads, device=w.device)
     ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask,

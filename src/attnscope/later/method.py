@@ -35,7 +35,7 @@ from torch import Tensor
 
 from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit, circuit_fidelity, mlp_input_weights
 from attnscope.circuit.query import circuit_output
-from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
+from attnscope.core.errors import AttnscopeError, ConditionFailedError, NoContextualHeadsError, check_index
 from attnscope.core.stats import tensor_sum
 from attnscope.core.texts import bundled_texts
 from attnscope.exact.decomposition import centre
@@ -160,15 +160,16 @@ def sources(w: ModelWeights, cs: CircuitSettings, s: LaterSettings, T: int) -> l
             for x in specs]
 
 
-def _layer_circuit(view: ModelWeights, cs: CircuitSettings) -> tuple[Circuit, str | None]:
+def _layer_circuit(view: ModelWeights, cs: CircuitSettings) -> tuple[Circuit, str | None, str | None]:
     """The layer's contextual circuit; when no head qualifies, an empty one (no bag: every head is then an
-    *other* head of the explanation) and the failed condition."""
+    *other* head of the explanation), the failed condition and its limiting measurement."""
     try:
-        return build_circuit(view, cs), None
+        return build_circuit(view, cs), None, None
     except ConditionFailedError as e:
+        limiting = e.limiting if isinstance(e, NoContextualHeadsError) else str(e)
         c = build_circuit(view, replace(cs, heads=[0]))
         return replace(c, heads=[], ext=torch.zeros_like(c.ext), positional=torch.zeros_like(c.positional),
-                       head_kernels=c.head_kernels[:0], f=c.f[:0], Z=c.Z[:0], conditions=[]), str(e)
+                       head_kernels=c.head_kernels[:0], f=c.f[:0], Z=c.Z[:0], conditions=[]), str(e), limiting
 
 
 @torch.no_grad()
@@ -285,11 +286,11 @@ def _layer(w: ModelWeights, l: int, sh: Shared, s: LaterSettings) -> tuple:
     if l not in sh.layers:
         eff = estimate(w, l, sh.sa, prior_count=s.prior_count)
         view = layer_view(w, eff)
-        circ, err = _layer_circuit(view, sh.cs)
+        circ, err, limiting = _layer_circuit(view, sh.cs)
         report = torch.cat([x.report for x in sh.windows])
         err_l = approximation_error(w, eff, report, n_min=sh.n_min, resid=sh.held[l])
         piece = LayerPiece(l, EffectiveSummary(**eff.to_json()), Approximation(**err_l), circ.heads,
-                           list(circ.conditions), err, None, None, None)
+                           list(circ.conditions), err, None, None, None, limiting=limiting)
         if circ.heads:
             texts = {x.name: x.report[0] for x in sh.windows}
             piece.circuit_fvu_effective, piece.circuit_fvu_true = _circuit_fvus(w, l, view, circ, texts)

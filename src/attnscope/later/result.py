@@ -65,11 +65,13 @@ class LayerPiece:
     circuit_fvu_true: float | None  # linear summary vs the heads' TRUE output in the model
     propagation_norm: float | None  # ||G_l||_2 (l < L): gain of the path to the MLP of L
     propagation_gain: float | None = None  # fitted scalar on G_l (1: the linearisation is calibrated)
+    limiting: str | None = None  # the failed condition's measurement: the closest head and what it fails
 
     @property
     def limiting_condition(self) -> str:
-        """The failed condition's measurement (the part of ``circuit_error`` naming the closest head)."""
-        return (self.circuit_error or "").split("(closest, ")[-1].split("; pass --heads")[0].rstrip(")")
+        """The failed condition's measurement (typed, from :class:`~attnscope.core.errors.NoContextualHeadsError`;
+        results saved before it was recorded show the whole ``circuit_error``)."""
+        return self.limiting if self.limiting is not None else (self.circuit_error or "")
 
     @classmethod
     def from_json(cls, d: dict) -> LayerPiece:
