@@ -191,10 +191,9 @@ def test_info_neurons_and_static_files(served):
     card = c.get(f"/api/neuron/{saved['index']}").json()
     n = len(saved["top_positive_tokens"])
     assert [t for t, _ in card["top_positive_scores"][:n]] == [t for t, _ in saved["top_positive_tokens"]]
-    assert [v for _, v in card["top_positive_scores"][:n]] == pytest.approx([v for _, v in saved["top_positive_tokens"]],
-                                                                             abs=1e-3)
-    assert [v for _, v in card["top_negative_scores"][:n]] == pytest.approx([v for _, v in saved["top_negative_tokens"]],
-                                                                             abs=1e-3)
+    for key in ("positive", "negative"):
+        shown = [v for _, v in card[f"top_{key}_scores"][:n]]
+        assert shown == pytest.approx([v for _, v in saved[f"top_{key}_tokens"]], abs=1e-3)
     assert card["score_definition"].startswith("token score: how far one more occurrence")
     page = c.get("/")
     assert page.status_code == 200 and "attnscope serve" in page.text

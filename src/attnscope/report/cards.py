@@ -166,6 +166,7 @@ are scored on the reporting half against their true pre-activation, with random 
 <button type="button" id="cards-open">open all</button> <button type="button" id="cards-close">close all</button>
 <span id="card-count" class="small">{len(recs)} of {len(recs)} shown</span></div>
 <p class="hint">Tokens are shown as the tokenizer writes them, with whitespace made visible (␣ space, ↵ newline,
-⇥ tab); the number is the {esc(TOKEN_SCORE_DEFINITION)}. The page (<code>attnscope serve</code>) shows the same numbers.</p>
+⇥ tab); the number is the {esc(TOKEN_SCORE_DEFINITION)}.
+The page (<code>attnscope serve</code>) shows the same numbers.</p>
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""

@@ -246,7 +246,8 @@ def full_ranking(rows: list[NeuronRow], cards: list[NeuronCard], verdicts: Scope
         link = f'<a href="#neuron-0-{r.index}">{name}</a>' if c else name
         toks = " ".join(f"<code class=tok>{token_html(t)}</code>" for t in r.top_positive_tokens[:3])
         search = name.lower()  # the script adds the row's text (context, label, tokens)
-        body.append(f'<tr data-search="{esc(search)}" data-index="{r.index}"><td>{r.rank}</td><td data-value="{r.index}">{link}</td>'
+        body.append(f'<tr data-search="{esc(search)}" data-index="{r.index}"><td>{r.rank}</td>'
+                    f'<td data-value="{r.index}">{link}</td>'
                     f'<td>{fmt(r.sensitivity)}</td><td>{esc(r.best_contrast)}</td><td>{fmt(r.predicted_d)}</td>'
                     f'<td data-value="{_short(r.true_d)}">{fmt(r.true_d)}</td><td>{"yes" if r.passed else "no"}</td>'
                     f'<td>{esc(label)}</td><td>{verdicts.mark([r.best_contrast])}</td>'
@@ -301,6 +302,7 @@ def d_scatter(rows: list[NeuronRow], threshold: float, random_idx: list[int] | N
 <text x="12" y="{(mt + H - mb) / 2}" class="axis-label" text-anchor="middle"
  transform="rotate(-90 12 {(mt + H - mb) / 2})">true d (reporting half)</text></svg>
 <figcaption>Predicted against true one-vs-rest effect size d of all {len(pts)} neurons, each in its best
-contrast (hover: name, context, predicted d, true d). Filled: the {n_pass} passing neurons ({sign} with the true sign). Baselines: the diagonal is a perfect
+contrast (hover: name, context, predicted d, true d). Filled: the {n_pass} passing neurons ({sign} with the
+true sign). Baselines: the diagonal is a perfect
 prediction, the shaded band |true d| &lt; 1 is "not validated", the dashed lines the pass threshold
 ±{fmt(threshold)}.</figcaption></figure>"""

@@ -261,7 +261,8 @@ class Analyser:
             rep = torch.arange(win.report_from - win.start, win.stop - win.start) + off  # window positions reported
             if mom is None:
                 p_rep = self.explanation.predict(wt, sub)[rep].float().cpu()
-                t_rep = acts.mlp_pre[0, rep].float().cpu() if sub is None else acts.mlp_pre[0][rep][:, sub].float().cpu()
+                t_all = acts.mlp_pre[0, rep]
+                t_rep = (t_all if sub is None else t_all[:, sub]).float().cpu()
             else:
                 p_all = self.explanation.predict(wt)[rep].float().cpu()
                 t_all = acts.mlp_pre[0, rep].float().cpu()
