@@ -438,28 +438,10 @@ def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path
 
 
 def main() -> None:
-    """Console entry point: see the module docstring for the error path."""
-    from typer._click import exceptions as click_exc
+    """Run the CLI through the one error boundary (:mod:`attnscope.cli_boundary`); exits with its status."""
+    from .cli_boundary import run
 
-    _log_to_stderr()
-    try:
-        rc = app(standalone_mode=False)
-    except AttnscopeError as err:
-        _fail(" ".join(str(err).split()))
-    except click_exc.NoArgsIsHelpError as err:
-        typer.echo(err.ctx.get_help() if err.ctx else "")
-        _fail(f"no command given; pick one of the commands above (`{_prog(err)} --help`)")
-    except click_exc.UsageError as err:
-        _fail(f"{' '.join(err.format_message().split()).rstrip('.')}; see `{_prog(err)} --help`")
-    except click_exc.ClickException as err:
-        _fail(" ".join(err.format_message().split()))
-    except (click_exc.Abort, KeyboardInterrupt):
-        rc = 130
-    except OSError as err:  # disk full, permission denied while writing...
-        _fail(f"{err.filename or ''}: {err.strerror or err}; check the path, its permissions and free space")
-    if rc == 130:
-        typer.echo("interrupted: nothing was written (partial outputs are discarded)", err=True)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    run(app, setup=_log_to_stderr)
 
 
 class _StderrHandler(logging.Handler):
@@ -473,15 +455,6 @@ def _log_to_stderr() -> None:
     log = logging.getLogger("attnscope")
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler(logging.WARNING))
-
-
-def _prog(err) -> str:
-    return err.ctx.command_path if getattr(err, "ctx", None) is not None else "attnscope"
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,45 @@
+"""The console entry point (``attnscope``, ``python -m attnscope``): tiny on purpose.
+
+This module imports only the standard library, so the first thing the process does is install the
+Ctrl-C handling: a SIGINT while torch and the CLI are still being imported (a few seconds on a cold
+machine) prints the one ``interrupted`` line and exits 130, with no ``KeyboardInterrupt`` traceback.
+Once the CLI is imported, Ctrl-C raises ``KeyboardInterrupt`` again, so that staged outputs are
+discarded on the way out, and :func:`attnscope.cli.main` turns it into the same line and status.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+INTERRUPTED = "interrupted: nothing was written (partial outputs are discarded)"
+STANDALONE = False  # True in a process started by main(): the boundary may then ignore a second Ctrl-C
+
+
+def _exit_interrupted(signum=None, frame=None) -> None:  # noqa: ARG001 - a signal handler's signature
+    """Print the one line and leave at once: nothing has been written yet (start-up) or the user insists."""
+    try:
+        os.write(2, (INTERRUPTED + "\n").encode())
+    finally:
+        os._exit(130)
+
+
+def main() -> None:
+    """Install the start-up Ctrl-C handler, import the CLI, then run it (see the module docstring)."""
+    global STANDALONE
+    STANDALONE = True
+    ignored = signal.getsignal(signal.SIGINT) is signal.SIG_IGN  # a background job: keep ignoring Ctrl-C
+    if not ignored:
+        signal.signal(signal.SIGINT, _exit_interrupted)
+    try:
+        from .cli import main as cli_main  # lazy: start-up speed / clean Ctrl-C
+    except KeyboardInterrupt:  # raised by a library that installed its own handler while importing
+        _exit_interrupted()
+    if not ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    cli_main()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
