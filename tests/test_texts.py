@@ -127,6 +127,6 @@ def test_unreadable_input_is_one_line(tmp_path, monkeypatch):
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(T, "is_binary", denied)  # chmod 000 does not stop root, who runs these tests here
+    monkeypatch.setattr(T.Path, "read_bytes", denied)  # chmod 000 does not stop root, who runs these tests here
     with pytest.raises(AttnscopeError, match="cannot read .*locked.txt \\(permission denied\\)"):
         open_source(p)

@@ -45,7 +45,7 @@ from .forward import (LayerActivations, apply_rotary, attn_norm_params, iter_lay
                       rotary_cos_sin, static_positions)
 from .models import ModelWeights
 from .sinks import SINK_SHOW, drop_sink, sink_term, split_sink
-from .texts import text_tokens
+from .texts import require_diverse, text_tokens
 
 
 # --------------------------------------------------------------------------------------------------
@@ -172,6 +172,7 @@ def load_calibration(w: ModelWeights, s: CircuitSettings) -> Calibration:
     bos = w.analysis_bos
     need = max(s.window + 1, 2 * (s.min_position or s.window // 4) + 1)
     cal = text_tokens(s.calibration, w.tokenizer, max_tokens=T, min_tokens=need, bos_token_id=bos).to(w.device)
+    require_diverse(cal[1:] if bos is not None else cal, s.calibration, "calibration")
     T = len(cal)
     n_min = s.min_position if s.min_position is not None else s.window // 4
     return Calibration(cal, open_source(s.calibration).sha256, bos, n_min, min(T - 1, max(n_min, T // 2)))

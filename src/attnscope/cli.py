@@ -62,14 +62,15 @@ def _load(rt: A.Runtime, model: str, keep_hf: bool = False, bos: bool | None = N
 
 
 @contextlib.contextmanager
-def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None):
-    """Cache and decoding choices for the duration of one command; every text source is opened first."""
-    from .cache import caching
-    from .texts import decoding
+def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None, force: bool = False):
+    """Cache, decoding and overwrite choices for the duration of one command; every text source is read first,
+    once (a FIFO or ``<(cat f)`` can be read only once: later uses get the same documents)."""
+    from .cache import caching, overwriting
+    from .texts import decoding, reading_once
 
     if not no_cache:
         A.check_cache()
-    with caching(not no_cache), decoding(decode_errors):
+    with caching(not no_cache), decoding(decode_errors), overwriting(force), reading_once():
         A.check_sources(*sources)
         yield
 
@@ -125,17 +126,19 @@ _MODEL_FIELDS = (A.ModelChoice, ("bos",))
              f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
 @A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS)
 def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
-            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
     from .cache import staged_output
     from .kernels import analyse_kernels
     from .plots import kernel_figures
 
     s = A.build(KernelSettings, kw)
-    A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
+    A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx, batch_size=s.batch_size)
+    A.check_ref_norm(s.ref_norm)
+    A.check_seed(s.seed)
     rt = _runtime(ctx, device, dtype, revision)
-    A.check_out(out)
-    with _session(no_cache, decode_errors, s.samples):
+    A.check_out(out, writes=("kernels.json", "kernels.safetensors"), force=force)
+    with _session(no_cache, decode_errors, s.samples, force=force):
         w = _load(rt, model, bos=kw["bos"])
         A.check_kernel_settings(s, w)
         res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
@@ -155,7 +158,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
              f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
 @A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
-            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
             layer: Annotated[int, typer.Option(metavar="LAYER", help="MLP layer, numbered from 0; > 0 uses the "
                                                "effective-embedding method (docs/later-layers.md)")] = 0,
@@ -168,8 +171,8 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     cs, ns = A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
     A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
     rt = _runtime(ctx, device, dtype, revision)
-    A.check_out(out)
-    with _session(no_cache, decode_errors, cs.calibration, ns.eval):
+    A.check_out(out, writes=("neurons.json", "neurons.csv"), force=force)
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval, force=force):
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         if layer != 0:
@@ -193,18 +196,21 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
 
 
 def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
-            kw: dict[str, Any], later_layers: str | None = None) -> None:
+            kw: dict[str, Any], later_layers: str | None = None, force: bool = False) -> None:
     from .cache import staged_output
     from .pipeline import run_report
 
     ks, cs, ns = A.build(KernelSettings, kw), A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
     A.check_positive(n_samples=ks.n_samples, n_heldout=ks.n_heldout, n_ctx=ks.n_ctx, window=cs.window,
-                     max_neurons=ns.max_neurons)
+                     max_neurons=ns.max_neurons, batch_size=ks.batch_size)
+    A.check_ref_norm(ks.ref_norm)
+    A.check_seed(ks.seed)
     later = A.parse_index_list(later_layers, "--later-layers") if later_layers else None
     if later is not None and 0 in later:
         raise AttnscopeError("--later-layers holds 0: layer 0 is the report's main analysis; list layers from 1")
-    A.check_out(out)
-    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
+    A.check_out(out, writes=("report.html", "kernels/kernels.json", "neurons/neurons.json", "neurons/neurons.csv"),
+                force=force)
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval, force=force):
         w = _load(rt, model, bos=kw.get("bos"))
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
@@ -221,20 +227,20 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
              f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
 @A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
-           no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
+           force: A.ForceOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
            dtype: DtypeOpt = None, revision: RevisionOpt = None,
            later_layers: Annotated[Optional[str], typer.Option(
                metavar="LAYERS", help="also the context neurons of these later MLP layers, numbered from 1: 1,2 or 1-3 "
                "(effective-embedding method, docs/later-layers.md; OUT/later/L{L}/) [default: none]")] = None,
            **kw) -> None:
-    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw, later_layers)
+    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw, later_layers, force)
 
 
 @app.command()
-def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), no_cache: NoCacheOpt = False,
-         device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
+def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), force: A.ForceOpt = False,
+         no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
     """The whole method on the bundled demo model (offline, a few minutes on 2 cores); prints the report path."""
-    _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {})
+    _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {}, force=force)
 
 
 @app.command(help="Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall). Each "
@@ -282,15 +288,21 @@ def train_demo_cmd(
     n_embd: Annotated[int, typer.Option(metavar="N", help="model width")] = 192,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="torch threads for this run [default: leave "
                                                    "torch's setting]")] = None,
+    force: A.ForceOpt = False,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
     from .training import TrainConfig, train_demo
 
+    from dataclasses import replace
+
+    from .cache import overwriting, staged_output
+
     _check_corpora(corpora)
-    A.check_out(out)
-    cfg = TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps, save_every=save_every,
-                      batch_size=batch_size, lr=lr, n_ctx=n_ctx, n_embd=n_embd, threads=threads)
-    info = train_demo(cfg)
+    cfg = TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps,
+                      save_every=save_every, batch_size=batch_size, lr=lr, n_ctx=n_ctx, n_embd=n_embd, threads=threads)
+    A.check_out(out, writes=("config.json", "model.safetensors", "training.json"), force=force)
+    with overwriting(force), staged_output(out, "train-demo") as tmp:  # a failed run leaves no half-written model
+        info = train_demo(replace(cfg, out=tmp, publish_to=out))
     ov = info["eval"]["overall"]
     typer.echo(json.dumps({"steps": info["steps"], "tokens_seen": info["tokens_seen"],
                            "wall_time_s": round(info["wall_time_s"], 1), "heldout_loss": round(ov["loss"], 4),
@@ -317,7 +329,7 @@ def evolution(
     checkpoints: Annotated[list[str], typer.Argument(metavar="CHECKPOINT...", show_default=False,
                                                      help="model folders, a folder of checkpoint folders, or "
                                                           "hub-id@revision")],
-    out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"),
+    out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"), force: A.ForceOpt = False,
     n_samples: Annotated[int, typer.Option(metavar="N", help="kernel sample windows per checkpoint")] = 16,
     top_k: Annotated[int, typer.Option(metavar="K", help="top neurons followed across steps")] = 10,
     layer: Annotated[int, typer.Option(metavar="L", help="MLP layer whose neurons are tracked (0: the layer-0 "
@@ -336,10 +348,10 @@ def evolution(
     if layer < 0:
         raise AttnscopeError(f"--layer must be 0 or more, got {layer}")
     rt = _runtime(ctx, device, dtype, None)
-    A.check_out(out)
+    A.check_out(out, writes=("evolution.json", "evolution.html"), force=force)
     s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k, layer=layer)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    with _session(no_cache, "strict"):
+    with _session(no_cache, "strict", force=force):
         res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log)
         with staged_output(out, "evolution") as tmp:
             res.save(tmp)
@@ -359,23 +371,45 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
 
     d = cache_info()
     _emit(d, as_json, lambda d: print_table(
-        {"path ($ATTNSCOPE_CACHE)": d["path"], **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB"
-                                                   for k, v in d["kinds"].items()},
-         "total": f"{d['total_bytes'] / 1e6:.1f} MB"}, "attnscope cache"))
+        {"path ($ATTNSCOPE_CACHE)": d["path"], "marked as attnscope's": "yes" if d["marked"] else "no",
+         **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB" for k, v in d["kinds"].items()},
+         "total": f"{d['total_bytes'] / 1e6:.1f} MB", "files attnscope did not write (kept)": d["not_attnscope"]},
+        "attnscope cache"))
 
 
 @cache_app.command("clear")
 def cache_clear_cmd(
     kinds: Annotated[Optional[list[str]], typer.Argument(metavar="[PART]...", show_default=False,
                                                          help="kernels, tokens, gguf, filehash or evolution [default: all]")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation (needed when stdin is not a "
+                                      "terminal)")] = False,
 ) -> None:
-    """Remove the cache (or the named parts); everything in it is recomputed when next needed."""
-    from .cache import KINDS, cache_clear, cache_dir
+    """Remove attnscope's cache entries (or those of the named parts); they are recomputed when next needed.
+
+    Only a folder marked as attnscope's cache (CACHEDIR.TAG) is cleared, and only entries in the form
+    attnscope writes; other files are kept. Asks for confirmation unless --yes is given."""
+    from .cache import KINDS, cache_clear, cache_dir, clear_plan
 
     bad = [k for k in kinds or [] if k not in KINDS]
     if bad:
         raise AttnscopeError(f"no cache part {bad[0]!r}; the parts are {', '.join(KINDS)}")
+    entries, size = clear_plan(kinds)
+    if not entries:
+        typer.echo(f"nothing to clear in {cache_dir()}")
+        return
+    what = f"{len(entries)} cache entries ({size / 1e6:.1f} MB) from {cache_dir()}"
+    if not yes:
+        if not _stdin_is_terminal():
+            raise AttnscopeError(f"cache clear would remove {what} and asks for confirmation, but stdin is not a "
+                                 "terminal; pass --yes")
+        if not typer.confirm(f"remove {what}?", default=False):
+            typer.echo("nothing removed")
+            raise typer.Exit(1)
     typer.echo(f"freed {cache_clear(kinds) / 1e6:.1f} MB in {cache_dir()}")
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 # --- contrast (owner: truth helper; one self-contained block) -------------------------------------
@@ -395,8 +429,9 @@ def contrast(
     top: Annotated[int, typer.Option(metavar="N", help="neurons printed each way")] = 10,
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", show_default=False,
                                                 help="folder for contrast.json")] = None,
-    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    from .cache import staged_output
     from .circuit import build_circuit
     from .contrast import run_contrast
 
@@ -406,13 +441,15 @@ def contrast(
         raise AttnscopeError(f"--max-windows {max_windows}: at least 2 windows per source are needed")
     rt = _runtime(ctx, device, dtype, revision)
     if out is not None:
-        A.check_out(out)
-    with _session(no_cache, decode_errors, cs.calibration, a, b):
+        A.check_out(out, writes=("contrast.json",), force=force)
+    with _session(no_cache, decode_errors, cs.calibration, a, b, force=force):
+        A.check_distinct_sources(a, b)
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows)
-    if out is not None:
-        res.save(out)
+        if out is not None:
+            with staged_output(out, "contrast") as tmp:
+                res.save(tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), default=str))
         return
@@ -434,6 +471,7 @@ def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path
           device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     from .serve import serve_command
 
+    A.check_analysis(analysis)
     serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo)
 
 

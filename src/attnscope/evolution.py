@@ -117,9 +117,32 @@ def discover_checkpoints(specs: list[str]) -> list[CheckpointRef]:
             _, rev = split_revision(spec)
             digits = re.findall(r"\d+", rev or "")
             refs.append(CheckpointRef(spec, int(digits[-1]) if digits else None))
+    _refuse_duplicates(refs)
     if all(r.step is not None for r in refs):
         refs.sort(key=lambda r: r.step)
     return refs
+
+
+def _refuse_duplicates(refs: list[CheckpointRef]) -> None:
+    """The same checkpoint twice (one folder by two paths, or two folders with identical weight files) would
+    report a step that did not change anything; refused."""
+    import os
+
+    from .cache import file_sha256
+
+    seen: dict[str, str] = {}
+    for r in refs:
+        p = Path(r.spec).expanduser()
+        keys = [f"path:{os.path.realpath(p)}" if p.is_dir() else f"hub:{r.spec}"]
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+            if files:
+                keys.append("weights:" + "|".join(file_sha256(f) for f in files))
+        for k in keys:
+            if k in seen:
+                what = "the same checkpoint" if k.startswith(("path:", "hub:")) else "identical weights"
+                raise AttnscopeError(f"checkpoints {seen[k]} and {r.spec} are {what}; pass each checkpoint once")
+            seen[k] = r.spec
 
 
 # --------------------------------------------------------------------------------------------------

@@ -43,7 +43,7 @@ from .explain import Explainer, build_explainer, other_heads_output
 from .forward import iter_layers
 from .later_result import Approximation, EffectiveSummary, LaterCircuitRecord, LayerPiece
 from .models import ModelWeights
-from .texts import bundled_texts
+from .texts import bundled_texts, require_diverse
 
 
 @dataclass
@@ -144,8 +144,11 @@ def sources(w: ModelWeights, cs: CircuitSettings, s: LaterSettings, T: int) -> l
     if len(specs) < 2:
         raise AttnscopeError("later-layer neurons need at least two sources for one-vs-rest contrasts; pass --eval twice or more")
     skip = T - (1 if w.prepend_bos else 0)
-    return [source_windows(w, x, T, max_windows=s.max_windows, skip_tokens=skip if x == cs.calibration else 0)
-            for x in specs]
+    out = [source_windows(w, x, T, max_windows=s.max_windows, skip_tokens=skip if x == cs.calibration else 0)
+           for x in specs]
+    for sw in out:  # a degenerate held-out text would make every neuron "pass"
+        require_diverse(torch.cat([sw.tune, sw.report])[:, 1 if w.prepend_bos else 0:], sw.spec, "evaluation")
+    return out
 
 
 def _layer_circuit(view: ModelWeights, cs: CircuitSettings) -> tuple[Circuit, str | None]:

@@ -42,7 +42,7 @@ from .explain import (Explainer, TextDenominators, build_explainer, contextual_f
 from .labels import auto_label
 from .models import ModelWeights
 from .stats import median as _median
-from .texts import bundled_texts
+from .texts import bundled_texts, require_diverse
 
 D_MIN = 1.0
 ROW_TERMS = ("contextual bag", "direct", "other heads")  # the order of NeuronRow.d_bag, d_direct, d_other_heads
@@ -265,8 +265,11 @@ def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None,
         raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; "
                              "pass --eval twice or more")
     skip = len(circ.calibration_tokens) - (1 if w.prepend_bos else 0)
-    return [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
-            for s in dict.fromkeys(specs)]
+    out = [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
+           for s in dict.fromkeys(specs)]
+    for sw in out:  # a degenerate held-out text would make every neuron "pass" with r = 1
+        require_diverse(torch.cat([sw.tune, sw.report])[:, 1 if w.prepend_bos else 0:], sw.spec, "evaluation")
+    return out
 
 
 def one_vs_rest_effects(stats: list[PreStats]) -> Tensor:
