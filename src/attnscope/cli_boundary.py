@@ -122,8 +122,12 @@ def internal_error(err: BaseException) -> int:
     """A bug: one line naming a log file with the traceback; exit 1."""
     log = _write_log(err)
     where = f"the traceback is in {log}" if log else "no log file could be written"
-    return fail(f"internal error: {type(err).__name__}: {_one_line(str(err))[:300]}; this is a bug in attnscope: "
-                f"{where} (please include it in a bug report)", code=1)
+    try:
+        what = _one_line(str(err))[:300]
+    except Exception:  # noqa: BLE001 - an exception whose message cannot be printed
+        what = "(its message cannot be printed)"
+    return fail(f"internal error: {type(err).__name__}: {what}; this is a bug in attnscope: {where} (please include "
+                "it in a bug report)", code=1)
 
 
 def _write_log(err: BaseException) -> str | None:
@@ -153,8 +157,7 @@ def _interrupted() -> int:
 
 def _last_resort(err: BaseException) -> int:
     try:
-        line = f"error: internal error: {type(err).__name__} while reporting an error; this is a bug in attnscope\n"
-        os.write(2, line.encode("utf-8", "backslashreplace"))
+        _say(f"error: internal error: {type(err).__name__} while reporting an error; this is a bug in attnscope")
     except BaseException:  # noqa: BLE001
         pass
     return 1

@@ -299,8 +299,10 @@ def _context_neuron(context: str, row: Tensor, rank: Tensor | None, n_selected: 
 
 
 def _summary_key(w: ModelWeights, s: EvolutionSettings) -> str:
+    from .texts import tokenizer_sha256
+
     blob = json.dumps({"model": w.fingerprint(), "settings": s.to_json(), "dtype": str(w.dtype),
-                       "v": SCHEMA_VERSION}, sort_keys=True, default=str)
+                       "tokenizer": tokenizer_sha256(w.tokenizer), "v": SCHEMA_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

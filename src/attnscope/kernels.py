@@ -207,8 +207,11 @@ class KernelResult:
 
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
+    from .texts import tokenizer_sha256
+
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "bos": w.analysis_bos, "v": 4}, sort_keys=True)  # --bos/--no-bos: its own entry
+                       "bos": w.analysis_bos, "tokenizer": tokenizer_sha256(w.tokenizer), "v": 4},
+                      sort_keys=True)  # --bos/--no-bos: its own entry; an edited tokenizer.json: its own entry
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -232,15 +232,15 @@ def _hf_dataset(spec: str) -> TextSource:
     parts = spec[3:].split(":")
     name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
     split = parts[2] if len(parts) > 2 else "train"
-    try:
-        import datasets  # type: ignore[import-not-found]
-    except ImportError:
-        raise AttnscopeError("hf: text sources need the `datasets` package: pip install 'attnscope[hub]'") from None
     from .models.resolve import _hub_reachable
 
     if not _hub_reachable(timeout=2.0):  # streaming needs the hub: fail in seconds, not after 30 s of retries
         raise AttnscopeError(f"could not read Hugging Face dataset {name!r}: the hub cannot be reached (offline, or "
                              "HF_HUB_OFFLINE is set); pass a local text file or folder instead")
+    try:
+        import datasets  # type: ignore[import-not-found]
+    except ImportError:
+        raise AttnscopeError("hf: text sources need the `datasets` package: pip install 'attnscope[hub]'") from None
     try:
         ds = datasets.load_dataset(name, config, split=split, streaming=True)
         docs = []
@@ -347,7 +347,7 @@ def require_diverse(ids, spec: str, role: str) -> None:
     if n < MIN_DISTINCT_TOKENS or top > MAX_TOP_TOKEN_SHARE:
         raise ConditionFailedError(
             f"the {role} text {spec} has {n} distinct tokens and its most frequent token fills {top:.0%} of it; the "
-            f"method needs a {role} text with at least {MIN_DISTINCT_TOKENS} distinct tokens and none above "
+            f"method needs {'an' if role[0] in 'aeiou' else 'a'} {role} text with at least {MIN_DISTINCT_TOKENS} distinct tokens and none above "
             f"{MAX_TOP_TOKEN_SHARE:.0%} (a degenerate text would score as perfect); pass ordinary running text")
 
 
