@@ -17,15 +17,15 @@ import torch
 
 
 def spearman_median(P: torch.Tensor, D: torch.Tensor) -> float:
-    from attnscope.groundtruth import spearman
-    from attnscope.stats import median
+    from attnscope.core.stats import median
+    from attnscope.neurons.groundtruth import spearman
 
     return median(spearman(P[c], D[c]) for c in range(P.shape[0]))
 
 
 def _effects(S: torch.Tensor, lc, td, V: int) -> torch.Tensor:
     """One-vs-rest predicted effects ``[C, d_mlp]`` of token scores ``S [V, d_mlp]`` (tuning counts)."""
-    from attnscope.contrast import token_frequencies
+    from attnscope.neurons.contrast import token_frequencies
 
     counts = torch.stack([token_frequencies(x.tune, V) * x.tune.numel() for x in lc.windows])
     out = []
@@ -39,7 +39,7 @@ def _effects(S: torch.Tensor, lc, td, V: int) -> torch.Tensor:
 @torch.no_grad()
 def _position_ctx(w, lc) -> dict[str, torch.Tensor]:
     """Each context term's per-position prediction on the sample windows, ``[N, T, d_mlp]``."""
-    from attnscope.later_eval import position_prediction
+    from attnscope.later.evaluate import position_prediction
 
     allk = torch.arange(w.d_mlp, device=w.device)
     per = [position_prediction(w, lc, t, allk) for t in torch.cat([x.tune for x in lc.windows])]
@@ -47,7 +47,7 @@ def _position_ctx(w, lc) -> dict[str, torch.Tensor]:
 
 
 def _token_means(X: torch.Tensor, toks: torch.Tensor, n_min: int, V: int) -> torch.Tensor:
-    from attnscope.later_eval import token_mean
+    from attnscope.later.evaluate import token_mean
 
     return token_mean([X], [toks], n_min, V)
 
@@ -60,8 +60,8 @@ def _neff(K: torch.Tensor, n: int) -> float:
 def head_terms(w, lc):
     """Per head of every layer <= L, at the MLP input of L: token vectors [V, d] and a function of the tokens
     giving its per-position output [pos, d]; with each head's kernel width N_eff at the reference position."""
-    from attnscope.decomposition import centre
-    from attnscope.explain import other_heads_output  # noqa: F401  (same computation, per head below)
+    from attnscope.exact.decomposition import centre
+    from attnscope.neurons.explain import other_heads_output  # noqa: F401  (same computation, per head below)
 
     I = torch.eye(w.d_model)
     out = {}
@@ -98,7 +98,7 @@ def variant_predictors(w, lc, td) -> dict[str, torch.Tensor]:
     for k in terms:
         out[f"hybrid, {k} only"] = _effects(td.M + S[k] - Cm[k], lc, td, V)
     # per head: token scores S_h and per-token means of its per-position prediction C_h
-    from attnscope.decomposition import centre
+    from attnscope.exact.decomposition import centre
 
     W = tm.W_in.float().cpu()
     hs = head_terms(w, lc)
@@ -129,7 +129,7 @@ def variant_predictors(w, lc, td) -> dict[str, torch.Tensor]:
 
 def _effects_ratio(S: torch.Tensor, f: torch.Tensor, lc, td, V: int) -> torch.Tensor:
     """One-vs-rest effects of a head whose attention weights tokens by ``f``: mean output p.(f S) / p.f."""
-    from attnscope.contrast import token_frequencies
+    from attnscope.neurons.contrast import token_frequencies
 
     counts = torch.stack([token_frequencies(x.tune, V) * x.tune.numel() for x in lc.windows])
     fS = f[:, None] * S
@@ -145,7 +145,7 @@ def ceilings(w, lc, td) -> dict[str, torch.Tensor]:
     """Not predictors: what any predictor of this form can reach.  The true one-vs-rest mean differences
     divided by the calibration std (the predictors' normalisation) of each half, and the true d of the
     tuning half (the noise of a finite sample of windows)."""
-    from attnscope.later_eval import layer_pre
+    from attnscope.later.truth import layer_pre
 
     out = {}
     for half in ("tune", "report"):
@@ -172,8 +172,9 @@ def main() -> None:
     ap.add_argument("--ceilings-only", action="store_true", help="only the shipped predictors and the ceilings "
                     "(the per-head variants hold [vocab, d_mlp] tables per head: too large for a 49k vocabulary)")
     a = ap.parse_args()
-    from attnscope.later import LaterSettings, build_later, prepare
-    from attnscope.later_eval import predictors, truth_data
+    from attnscope.later.evaluate import predictors
+    from attnscope.later.method import LaterSettings, build_later, prepare
+    from attnscope.later.truth import truth_data
     from attnscope.models import load_model
 
     w = load_model(a.model)

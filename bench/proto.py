@@ -19,7 +19,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common as B  # noqa: E402
 
-
 FOREIGN = []  # share of the CPUs other processes used during each timing (noted in the report line)
 
 
@@ -60,8 +59,8 @@ def layer0_positional_only(w, query, n_ctx, ref_norm):
     q_n . pi_n W~_K / sigma_ref(i) term is *not* constant in i (sigma_ref depends on i), so it is kept, but
     the content scores (QE), the [n, i] sigma matrix and the bias that learned_score_parts also builds are
     skipped."""
-    from attnscope.decomposition import centre
-    from attnscope.forward import attn_norm_params, embed_raw, norm
+    from attnscope.exact.decomposition import centre
+    from attnscope.exact.forward import attn_norm_params, embed_raw, norm
 
     T = n_ctx
     pi = embed_raw(w, torch.zeros(1, T, dtype=torch.long, device=w.device))[0] - w.W_E[0]
@@ -81,8 +80,8 @@ def layer0_positional_only(w, query, n_ctx, ref_norm):
 def layer0_rows(w, query, n_ctx, ref_norm, rows):
     """Kernel rows ``[H, len(rows), T]`` at the query positions ``rows`` only (what analyse_kernels keeps):
     positional keys for all T positions, queries for ``rows`` only."""
-    from attnscope.decomposition import centre
-    from attnscope.forward import attn_norm_params, embed_raw, norm
+    from attnscope.exact.decomposition import centre
+    from attnscope.exact.forward import attn_norm_params, embed_raw, norm
 
     T = n_ctx
     r = torch.as_tensor(rows, device=w.device)
@@ -101,7 +100,7 @@ def layer0_rows(w, query, n_ctx, ref_norm, rows):
 
 
 def proto_layer0(w, T):
-    from attnscope.decomposition import layer0_weight_kernels, reference_norm
+    from attnscope.exact.decomposition import layer0_weight_kernels, reference_norm
 
     g = torch.Generator().manual_seed(0)
     query = w.W_E[torch.randint(0, w.d_vocab - 1, (T,), generator=g)].mean(0)
@@ -110,7 +109,7 @@ def proto_layer0(w, T):
         t0, a = best(lambda: layer0_weight_kernels(w, query, T, ref))
         t1, b = best(lambda: layer0_positional_only(w, query, T, ref))
     report("layer0_weight_kernels: positional part only", t0, t1, float((a - b).abs().max()))
-    from attnscope.kernels import query_positions
+    from attnscope.kernels.analysis import query_positions
 
     qp = query_positions(T, w.causal)
     with torch.no_grad():
@@ -130,7 +129,7 @@ def layers_sdpa(w, tokens):
     torch's fused causal attention (scaled_dot_product_attention) does Q.K^T, mask, softmax and @ V."""
     import torch.nn.functional as F
 
-    from attnscope.forward import activation, embed, norm, qkv
+    from attnscope.exact.forward import activation, embed, norm, qkv
 
     x = embed(w, tokens)
     for l in range(w.n_layers):
@@ -144,7 +143,7 @@ def layers_sdpa(w, tokens):
 
 
 def proto_forward(w, T):
-    from attnscope.forward import iter_layers
+    from attnscope.exact.forward import iter_layers
 
     tok = torch.randint(0, w.d_vocab - 1, (B.BATCH, T), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -173,9 +172,9 @@ def proto_forward(w, T):
 
 def proto_circuit(w, cfg):
     """The two [V, d] x [d, d] products of build_circuit, as written and refactored."""
-    from attnscope.circuit import LAYER, _content_inputs, layer0_kernels_and_queries
-    from attnscope.decomposition import reference_norm
-    from attnscope.texts import text_tokens
+    from attnscope.circuit.build import LAYER, content_inputs, layer0_kernels_and_queries
+    from attnscope.core.texts import text_tokens
+    from attnscope.exact.decomposition import reference_norm
 
     T = cfg["n_ctx"]
     cal = text_tokens(cfg["texts"]["calibration"], w.tokenizer, max_tokens=T)
@@ -183,7 +182,7 @@ def proto_circuit(w, cfg):
     heads = B._heads(cfg)
     hs = torch.tensor(heads)
     with torch.no_grad():
-        e_val, _, key_content = _content_inputs(w, T, n_star, reference_norm(w))
+        e_val, _, key_content = content_inputs(w, T, n_star, reference_norm(w))
         _, q = layer0_kernels_and_queries(w, cal)
         scale = w.attn_scale[LAYER]
 
@@ -224,9 +223,9 @@ def proto_circuit(w, cfg):
 
 
 def proto_scoring(w, cfg):
-    from attnscope.circuit import mlp_input_weights
-    from attnscope.decomposition import centre
-    from attnscope.neurons import NeuronSettings
+    from attnscope.circuit.build import mlp_input_weights
+    from attnscope.exact.decomposition import centre
+    from attnscope.neurons.find import NeuronSettings
 
     circ = B._circuit(cfg, w)
     s = NeuronSettings()
@@ -269,8 +268,8 @@ def proto_scoring(w, cfg):
 
 
 def proto_verify(w, cfg):
-    from attnscope.circuit import mlp_input_weights
-    from attnscope.decomposition import centre
+    from attnscope.circuit.build import mlp_input_weights
+    from attnscope.exact.decomposition import centre
 
     circ = B._circuit(cfg, w)
     kept = list(range(B.N_VERIFY))

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 
-from attnscope.decomposition import tv_distance
-from attnscope.kernels import KernelSettings, analyse_kernels
+from attnscope.exact.decomposition import tv_distance
+from attnscope.exact.sinks import split_sink
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 from attnscope.models import load_model
-from attnscope.sinks import split_sink
 
 ap = argparse.ArgumentParser()
 ap.add_argument("model")

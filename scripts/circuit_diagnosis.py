@@ -19,12 +19,11 @@ import argparse
 
 import torch
 
-from attnscope.circuit import CircuitSettings, _content_inputs, _value_bias, build_circuit, true_head_output
-from attnscope.decomposition import approximate_pattern, centre, reference_norm
-from attnscope.forward import embed_raw, iter_layers
+from attnscope.circuit.build import CircuitSettings, build_circuit, content_inputs, true_head_output, value_bias
+from attnscope.core.texts import bundled_texts, text_tokens
+from attnscope.exact.decomposition import approximate_pattern, centre, reference_norm
+from attnscope.exact.forward import embed_raw, iter_layers
 from attnscope.models import load_model
-from attnscope.texts import bundled_texts
-from attnscope.texts import text_tokens
 
 
 def fvu(y: torch.Tensor, yh: torch.Tensor) -> float:
@@ -42,9 +41,9 @@ def main() -> None:
     circ = build_circuit(w, CircuitSettings(heads=a.heads))
     hs = torch.tensor(circ.heads)
     T, n_min = circ.T, circ.settings["min_position"]
-    e_val, p_val, key_content = _content_inputs(w, T, circ.settings["reference_position"], reference_norm(w))
+    e_val, p_val, key_content = content_inputs(w, T, circ.settings["reference_position"], reference_norm(w))
     WOV = torch.einsum("hde,hef->hdf", w.W_V[0][hs], w.W_O[0][hs])
-    const = torch.einsum("he,hed->d", _value_bias(w)[hs], w.W_O[0][hs])
+    const = torch.einsum("he,hed->d", value_bias(w)[hs], w.W_O[0][hs])
     bos = w.bos_token_id if w.prepend_bos else None
     rows: dict[str, list] = {k: [] for k in ("true", "values", "own kernels", "bag, own K", "circuit", "+ true sink",
                                              "own K, exact Z", "exact-query split")}
@@ -53,7 +52,7 @@ def main() -> None:
     if w.positional == "rotary":
         cal = circ.calibration_tokens[None]
         kk = next(iter_layers(w, cal, stop_layer=0)).k
-        from attnscope.decomposition import apply_pair_weights, pre_rotation
+        from attnscope.exact.decomposition import apply_pair_weights, pre_rotation
         kk = pre_rotation(w, kk)[0]
         kk_cal = next(iter_layers(w, cal, stop_layer=0)).k
         circ_static = kk[:, 1 if bos is not None else 0:].mean(1, keepdim=True).expand(-1, T, -1).clone()
@@ -88,8 +87,12 @@ def main() -> None:
             "exact-query split": torch.einsum("hni,hid->nd", split[0, hs], exact_v),
         }
         if w.positional == "rotary":
-            from attnscope.decomposition import pair_weights_of_kernel, pooled_static_keys, separable_rotary_score_parts
-            from attnscope.forward import mask_scores
+            from attnscope.exact.decomposition import (
+                pair_weights_of_kernel,
+                pooled_static_keys,
+                separable_rotary_score_parts,
+            )
+            from attnscope.exact.forward import mask_scores
             c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos is not None)
             qp, kp = pre_rotation(w, act.q)[:, hs], pre_rotation(w, act.k)[:, hs]
             stat = pooled_static_keys(pre_rotation(w, kk_cal)[0][hs], bos is not None)[:, :n]
@@ -113,7 +116,7 @@ def main() -> None:
             for k in ("q-cond separable, self-normalised", "typical K, q-cond f, self-norm", "typical K, q-cond f, cal Z_q"):
                 rows.setdefault(k, [])
         if w.positional == "learned":
-            from attnscope.decomposition import learned_score_parts
+            from attnscope.exact.decomposition import learned_score_parts
             cont, posi, _ = learned_score_parts(w, 0, act.norm_in, p_static[:n], act.q, reference_norm(w))
             sc = float(w.attn_scale[0])
             kq = (posi[0, hs] / sc).softmax(-1) * circ.f[:, toks][:, None, :]

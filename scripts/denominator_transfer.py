@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-from attnscope.circuit import CircuitSettings, build_circuit
-from attnscope.explain import denominator_transfer
+from attnscope.circuit.build import CircuitSettings, build_circuit
 from attnscope.models import load_model
-from attnscope.neurons import NeuronSettings, held_out_windows
+from attnscope.neurons.explain import denominator_transfer
+from attnscope.neurons.find import NeuronSettings, held_out_windows
 
 for spec in sys.argv[1:]:
     w = load_model(spec)

@@ -1,5 +1,5 @@
 """Circuit fidelity (FVU on held-out bundled texts) of the typical-query circuit and of the query-conditioned
-form (attnscope.circuit_query), with the heads detected by the default criteria (issue 10); also which form
+form (attnscope.circuit.query), with the heads detected by the default criteria (issue 10); also which form
 ``--query-conditioned auto`` picks and both forms' FVU on the calibration text.
 
     PYTHONPATH=src python scripts/query_conditioned_fidelity.py smollm2 all-MiniLM-L6-v2
@@ -10,10 +10,10 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from attnscope.circuit import CircuitSettings, build_circuit, circuit_fidelity
-from attnscope.circuit_query import choose_query_form
+from attnscope.circuit.build import CircuitSettings, build_circuit, circuit_fidelity
+from attnscope.circuit.query import choose_query_form
+from attnscope.core.texts import bundled_texts, text_tokens
 from attnscope.models import load_model
-from attnscope.texts import bundled_texts, text_tokens
 
 for spec in sys.argv[1:]:
     w = load_model(spec)

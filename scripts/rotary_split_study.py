@@ -28,17 +28,17 @@ import time
 
 import torch
 
-from attnscope.decomposition import (
+from attnscope.core.texts import load_windows
+from attnscope.exact.decomposition import (
     pair_weights_from_profile,
-    rotary_frequencies,
     pre_rotation,
+    rotary_frequencies,
     separable_rotary_score_parts,
     tv_distance,
 )
-from attnscope.forward import apply_rotary, iter_layers, rotary_cos_sin
-from attnscope.kernels import offset_profile
+from attnscope.exact.forward import apply_rotary, iter_layers, rotary_cos_sin
+from attnscope.kernels.analysis import offset_profile
 from attnscope.models import load_model
-from attnscope.texts import load_windows
 
 
 def masked_log_softmax(s: torch.Tensor, scale: float) -> torch.Tensor:

@@ -32,11 +32,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--top", type=int, default=12)
     a = ap.parse_args()
+    from attnscope.core.texts import bundled_texts, open_source, tokenize
     from attnscope.models import load_model
     from attnscope.serve import load_serve_model
     from attnscope.serve.analysis import plan_windows
     from attnscope.serve.explanation import BagExplanation
-    from attnscope.texts import bundled_texts, open_source, tokenize
 
     w = load_model(a.model)
     m = load_serve_model(w, log=lambda *_: None)

@@ -2,11 +2,13 @@
 import tempfile
 import time
 from pathlib import Path
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
+
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 from attnscope.models import extract_weights, load_model
-from attnscope.kernels import KernelSettings, analyse_kernels
-from attnscope.plots import kernel_figures
+from attnscope.report.plots import kernel_figures
 
 torch.manual_seed(0)
 w = load_model("demo")  # tokenizer only

@@ -218,10 +218,10 @@ def context_neuron_gpt2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hand_results(context_neuron_gpt2, tmp_path_factory):
     """Kernels, circuit, neurons and figures of the hand-built context-neuron model (for the report tests)."""
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.kernels import KernelSettings, analyse_kernels
-    from attnscope.neurons import NeuronSettings, find_neurons
-    from attnscope.plots import kernel_figures, neuron_figures
+    from attnscope.circuit.build import CircuitSettings, build_circuit
+    from attnscope.kernels.analysis import KernelSettings, analyse_kernels
+    from attnscope.neurons.find import NeuronSettings, find_neurons
+    from attnscope.report.plots import kernel_figures, neuron_figures
 
     (w, _), _ = context_neuron_gpt2
     k = analyse_kernels(w, KernelSettings(samples=str(DATA), n_ctx=64, n_samples=4, n_heldout=2), cache=False,

@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import torch
 
-from attnscope import cache
-from attnscope.kernels import KernelSettings, analyse_kernels
+from attnscope.core import cache
+from attnscope.core.texts import _cache_path, open_source, tokenize
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 from attnscope.models import load_model
-from attnscope.texts import _cache_path, open_source, tokenize
 
 DATA = "tests/data"
 S = KernelSettings(samples=DATA, n_ctx=32, n_samples=2, n_heldout=2)
@@ -89,7 +89,7 @@ def test_file_hash_memo_follows_size_and_mtime(tmp_path, cdir):
 KILL = """
 import os, signal, sys
 import safetensors.torch
-from attnscope.kernels import KernelSettings, analyse_kernels
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 from attnscope.models import load_model
 
 def killed(*a, **k):  # SIGKILL in the middle of writing the entry: kernels.json is written, the arrays are not
@@ -102,7 +102,7 @@ analyse_kernels(load_model(sys.argv[1]), KernelSettings(samples="tests/data", n_
 
 RUN = """
 import sys
-from attnscope.kernels import KernelSettings, analyse_kernels
+from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 from attnscope.models import load_model
 r = analyse_kernels(load_model(sys.argv[1]), KernelSettings(samples="tests/data", n_ctx=32, n_samples=2, n_heldout=2),
                     progress=False)
@@ -124,7 +124,7 @@ def test_kill_while_writing_then_resume(tiny_gpt2_dir, cdir, monkeypatch):
     w = load_model(str(tiny_gpt2_dir))
     res = analyse_kernels(w, S, progress=False)  # resumes: computes and stores a complete entry
     assert len(_entries(cdir / "kernels")) == 1
-    import attnscope.kernels as K
+    import attnscope.kernels.analysis as K
 
     monkeypatch.setattr(K, "_stream_layers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     _same(analyse_kernels(w, S, progress=False), res)  # a hit now

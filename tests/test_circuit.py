@@ -5,9 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnscope.circuit import CircuitSettings, build_circuit, circuit_fidelity, denominator_stability, true_head_output
-from attnscope.errors import ConditionFailedError, IndexOutOfRangeError, TextTooShortError
-from attnscope.texts import text_tokens
+from attnscope.circuit.build import (
+    CircuitSettings,
+    build_circuit,
+    circuit_fidelity,
+    denominator_stability,
+    true_head_output,
+)
+from attnscope.core.errors import ConditionFailedError, IndexOutOfRangeError, TextTooShortError
+from attnscope.core.texts import text_tokens
 
 CAL = "tests/data/moby.txt"
 
@@ -80,7 +86,7 @@ def test_errors(tiny_gpt2, tmp_path):
 def test_circuit_save_load_round_trip(hand_circuit, tmp_path):
     import json
 
-    from attnscope.circuit import Circuit, Criterion
+    from attnscope.circuit.build import Circuit, Criterion
 
     w, c = hand_circuit
     c.save(tmp_path / "circ")
@@ -96,14 +102,14 @@ def test_circuit_save_load_round_trip(hand_circuit, tmp_path):
     # a file from another schema version is refused with a clear error
     d = json.loads((tmp_path / "circ" / "circuit.json").read_text())
     (tmp_path / "circ" / "circuit.json").write_text(json.dumps({**d, "schema_version": 99}))
-    from attnscope.errors import AttnscopeError
+    from attnscope.core.errors import AttnscopeError
 
     with pytest.raises(AttnscopeError, match="schema version 99"):
         Circuit.load(tmp_path / "circ")
 
 
 def test_conditions_carry_their_group_and_heads_their_failed_criteria(hand_circuit):
-    from attnscope.circuit import HEAD_CRITERIA, Criterion
+    from attnscope.circuit.build import HEAD_CRITERIA, Criterion
 
     _, c = hand_circuit
     assert {x.name: x.group for x in c.conditions} == {
@@ -125,7 +131,7 @@ def test_conditions_carry_their_group_and_heads_their_failed_criteria(hand_circu
 
 
 def test_forced_heads_record_the_user_choice(context_neuron_gpt2):
-    from attnscope.circuit import Criterion
+    from attnscope.circuit.build import Criterion
 
     (w, _), _ = context_neuron_gpt2
     c = build_circuit(w, CircuitSettings(calibration=CAL, n_ctx=128, heads=[0, 1]))

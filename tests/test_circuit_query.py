@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from attnscope.circuit import CircuitSettings, build_circuit, circuit_fidelity, true_head_output
-from attnscope.circuit_query import query_averaged_factors, query_conditioned_summary, summary_fvu
-from attnscope.decomposition import centre
-from attnscope.texts import text_tokens
+from attnscope.circuit.build import CircuitSettings, build_circuit, circuit_fidelity, true_head_output
+from attnscope.circuit.query import circuit_output, query_averaged_factors, query_conditioned_summary, summary_fvu
+from attnscope.core.texts import text_tokens
+from attnscope.exact.decomposition import centre
 
 CAL = str(Path(__file__).parent / "data" / "moby.txt")
 HELD_OUT = ("code_python", "es_fortunes", "en_speeches_1900_2016")
@@ -96,8 +96,8 @@ def test_query_denominator_transfer_is_the_ratio_of_predicted_to_true_attention(
     """Where the form is exact up to its denominator, Z_text(q_n, n) / Z_cal(q_n, n) = A_pred(n, i) / A_true(n, i)
     for every key i <= n (A_true from the model's own output_attentions): the transfer ratio the neuron stage
     reports per text is the median of that over positions; on the calibration text it is 1."""
-    from attnscope.circuit import denominator_stability
-    from attnscope.circuit_query import query_conditioned_pattern
+    from attnscope.circuit.build import denominator_stability
+    from attnscope.circuit.query import query_conditioned_pattern
 
     w, hf = norotation_llama
     c = build_circuit(w, _settings(query_conditioned="on", f_clip=1e9))
@@ -135,7 +135,7 @@ def test_query_conditioned_beats_one_typical_query_on_held_out_text(query_llama)
 
 
 def test_off_keeps_the_typical_circuit_and_save_load_keeps_the_form(query_llama, tmp_path):
-    from attnscope.circuit import Circuit
+    from attnscope.circuit.build import Circuit
 
     w, _ = query_llama
     off = build_circuit(w, _settings(query_conditioned="off"))
@@ -144,21 +144,21 @@ def test_off_keeps_the_typical_circuit_and_save_load_keeps_the_form(query_llama,
     assert off.calibration_fvu == pytest.approx(on.calibration_fvu)
     assert off.condition("summary fidelity").measured == off.calibration_fvu["typical query"]
     cal = off.calibration_tokens
-    assert summary_fvu(w, off, true_head_output(w, off.heads, cal)[0], off.output(w, cal)) == pytest.approx(
+    assert summary_fvu(w, off, true_head_output(w, off.heads, cal)[0], circuit_output(w, off, cal)) == pytest.approx(
         off.calibration_fvu["typical query"])
     assert not torch.equal(off.ext, on.ext)  # on: the query-averaged extended embeddings
     on.save(tmp_path / "c")
     back = Circuit.load(tmp_path / "c")
     assert back.query_conditioned and back.calibration_fvu == on.calibration_fvu
-    torch.testing.assert_close(back.output(w, cal[:40]), on.output(w, cal[:40]))
+    torch.testing.assert_close(circuit_output(w, back, cal[:40]), circuit_output(w, on, cal[:40]))
 
 
 def test_the_neuron_explanation_reads_the_query_conditioned_summary(query_llama):
     """The full explanation's contextual-bag term and the contextual-heads fidelity use the form the circuit uses;
     the token model (scores, contrasts) reads the query-averaged extended embeddings."""
-    from attnscope.circuit import mlp_input_weights
-    from attnscope.contrast import build_token_model
-    from attnscope.explain import build_explainer, contextual_fidelity, explain_terms, fit_scores
+    from attnscope.circuit.build import mlp_input_weights
+    from attnscope.neurons.contrast import build_token_model
+    from attnscope.neurons.explain import build_explainer, contextual_fidelity, explain_terms, fit_scores
 
     w, _ = query_llama
     c = build_circuit(w, _settings(query_conditioned="on"))
@@ -178,8 +178,8 @@ def test_the_neuron_explanation_reads_the_query_conditioned_summary(query_llama)
 def test_served_scope_uses_each_querys_denominator(query_llama):
     """The page's per-input denominator condition of a query-conditioned circuit is the neuron stage's transfer
     ratio (each query's Z over the window against its calibrated Z)."""
-    from attnscope.circuit import denominator_stability
-    from attnscope.forward import iter_layers
+    from attnscope.circuit.build import denominator_stability
+    from attnscope.exact.forward import iter_layers
     from attnscope.serve.scope import window_stats
 
     w, _ = query_llama

@@ -20,11 +20,11 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from attnscope import cli
-from attnscope.cli import app
+from attnscope.cli import app as cli
+from attnscope.cli.app import app
 
 runner = CliRunner()
-PY = [sys.executable, "-m", "attnscope.cli"]
+PY = [sys.executable, "-m", "attnscope.cli.app"]
 K = ["--samples", "tests/data", "--n-ctx", "32", "--n-samples", "2", "--n-heldout", "2"]  # a fast kernels run
 
 # (id, arguments, words the one line must contain, extra environment)
@@ -155,7 +155,7 @@ def bad(tmp_path_factory, tiny_gpt2_dir) -> dict[str, Path]:
 
 
 def run_main(args: list[str], monkeypatch, capsys, env: dict[str, str] | None = None) -> tuple[int, str, str]:
-    """Run ``attnscope ARGS`` in this process through :func:`attnscope.cli.main` (the console entry point)."""
+    """Run ``attnscope ARGS`` in this process through :func:`attnscope.cli.app.main` (the console entry point)."""
     for k, v in (env or {}).items():
         monkeypatch.setenv(k, v)
     monkeypatch.setattr(sys, "argv", ["attnscope", *args])
@@ -203,12 +203,12 @@ def test_errors_through_the_console_script(args, words, tiny_gpt2_dir):
 
 
 def test_interrupt_exits_130_in_one_line(monkeypatch, capsys, tiny_gpt2_dir, tmp_path):
-    import attnscope.kernels
+    import attnscope.kernels.analysis
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(attnscope.kernels, "analyse_kernels", interrupted)
+    monkeypatch.setattr(attnscope.kernels.analysis, "analyse_kernels", interrupted)
     code, _, err = run_main(["kernels", str(tiny_gpt2_dir), "--out", str(tmp_path / "k"), *K], monkeypatch, capsys)
     assert code == 130 and err.strip().splitlines() == ["interrupted: nothing was written (partial outputs are discarded)"]
     assert not (tmp_path / "k" / "kernels.json").exists()
@@ -271,7 +271,7 @@ def test_report_has_the_options_of_kernels_and_neurons():
 
 
 def test_options_default_to_the_settings_dataclasses():
-    from attnscope.kernels import KernelSettings
+    from attnscope.kernels.analysis import KernelSettings
 
     h = " ".join(runner.invoke(app, ["kernels", "--help"]).output.split())
     assert f"estimation windows (the method uses 500); at least 1 [default: {KernelSettings().n_samples}]" in h

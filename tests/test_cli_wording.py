@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import csv
 
+from conftest import make_context_neuron_gpt2
 from typer.testing import CliRunner
 
-from attnscope.cli import app
-from conftest import make_context_neuron_gpt2
+from attnscope.cli.app import app
 
 runner = CliRunner()
 

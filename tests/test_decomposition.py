@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import torch
 
-from attnscope.decomposition import (
+from attnscope.exact.decomposition import (
     approximate_pattern,
     learned_score_parts,
     reference_norm,
     tv_distance,
 )
-from attnscope.forward import embed_raw, run
+from attnscope.exact.forward import embed_raw, run
 
 
 def _pi(w, T):
@@ -51,7 +51,7 @@ def test_zero_positional_part_reproduces_attention(minilm, moby_text):
 
 def test_minilm_layer0_tv_small(minilm):
     # the method reports TV ~ 0.05 for GPT-2's contextual heads; MiniLM's layer 0 is in that range
-    from attnscope.texts import load_windows
+    from attnscope.core.texts import load_windows
 
     w, _ = minilm
     win, _ = load_windows("bundled:en_moby_dick", w.tokenizer, 128, 4, seed=0, bos_token_id=w.bos_token_id)

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from attnscope.cli_show import print_kernel_summary
-from attnscope.kernels import KernelResult, KernelSettings, analyse_kernels
-from attnscope.plots import tv_per_head
+from attnscope.cli.show import print_kernel_summary
+from attnscope.kernels.analysis import KernelResult, KernelSettings, analyse_kernels
 from attnscope.report import write_report
+from attnscope.report.plots import tv_per_head
 
 HELD_OUT = ("query_consistency", "tv_decomposition", "tv_kernel_vs_attention")
 

@@ -9,13 +9,12 @@ import sys
 
 import pytest
 import torch
-
-import attnscope.evolution as E
-from attnscope.errors import AttnscopeError
-from attnscope.kernels import KernelSettings
-from attnscope.neurons import NeuronSettings
-
 from conftest import make_tiny_gpt2
+
+import attnscope.evolution.run as E
+from attnscope.core.errors import AttnscopeError
+from attnscope.kernels.analysis import KernelSettings
+from attnscope.neurons.find import NeuronSettings
 
 
 def _fast() -> E.EvolutionSettings:
@@ -54,8 +53,8 @@ def test_discover_orders_by_recorded_step(series, tmp_path):
 def test_ground_truth_matches_the_models_own_activations(tiny_gpt2):
     """d from the recompute equals d from the Hugging Face model's own c_fc outputs (hooks) on the same
     reporting windows."""
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.forward import hf_activations
+    from attnscope.circuit.build import CircuitSettings, build_circuit
+    from attnscope.exact.forward import hf_activations
 
     w, hf = tiny_gpt2
     circ = build_circuit(w, CircuitSettings(heads=[0, 1]))
@@ -85,8 +84,8 @@ def monkeypatch_module():
 
 
 def test_summary_numbers_are_the_analyses(result, series):
-    from attnscope.circuit import build_circuit
-    from attnscope.kernels import analyse_kernels
+    from attnscope.circuit.build import build_circuit
+    from attnscope.kernels.analysis import analyse_kernels
     from attnscope.models import load_model
 
     c = result.checkpoints[0]
@@ -137,7 +136,7 @@ def test_cache_adding_a_checkpoint_recomputes_only_that_one(result, series, tmp_
 
 
 def test_corrupt_summary_is_dropped_and_recomputed(result, series, monkeypatch, caplog):
-    from attnscope.cache import cache_dir, cache_info
+    from attnscope.core.cache import cache_dir, cache_info
 
     entries = sorted((cache_dir() / "evolution").glob("*.json"))
     assert len(entries) >= 2 and cache_info()["kinds"]["evolution"]["entries"] == len(entries)
@@ -207,7 +206,7 @@ def test_timeline_on_known_summaries():
 
 
 def test_outputs_and_reload(result, tmp_path):
-    from attnscope.evolution_report import evolution_figures, write_evolution_page
+    from attnscope.evolution.page import evolution_figures, write_evolution_page
 
     path = result.save(tmp_path)
     back = E.EvolutionResult.load(path)
@@ -225,7 +224,7 @@ def test_outputs_and_reload(result, tmp_path):
     (["{series}", "--top-k", "0"], "--top-k 0 must be at least 1"),
 ])
 def test_cli_bad_inputs_are_one_line(args, msg, series, tmp_path, monkeypatch, capsys):
-    from attnscope import cli
+    from attnscope.cli import app as cli
 
     args = [a.format(empty=tmp_path, series=series) for a in args]
     monkeypatch.setattr(sys, "argv", ["attnscope", "evolution", *args, "--out", str(tmp_path / "o")])
@@ -242,7 +241,7 @@ def test_cli_bad_inputs_are_one_line(args, msg, series, tmp_path, monkeypatch, c
     (["--corpora", "/no/such/corpora"], "is not a folder"),
 ])
 def test_train_demo_bad_inputs_are_one_line(args, msg, tmp_path, monkeypatch, capsys):
-    from attnscope import cli
+    from attnscope.cli import app as cli
 
     (tmp_path / "en.txt").write_text("some text\n" * 50)
     corpora = ["--corpora", str(tmp_path)] if "--corpora" not in args else []
@@ -254,7 +253,7 @@ def test_train_demo_bad_inputs_are_one_line(args, msg, tmp_path, monkeypatch, ca
 
 
 def test_train_demo_command_prints_heldout_loss_and_keeps_checkpoints(tmp_path, monkeypatch, capsys):
-    from attnscope import cli
+    from attnscope.cli import app as cli
 
     src = tmp_path / "corpora"
     src.mkdir()

@@ -7,8 +7,8 @@ import importlib.util
 import pytest
 import torch
 
-from attnscope.forward import compare_with_model, run
-from attnscope.texts import text_tokens
+from attnscope.core.texts import text_tokens
+from attnscope.exact.forward import compare_with_model, run
 
 TOL = 1e-4
 
@@ -96,7 +96,7 @@ def test_against_transformer_lens(tiny_gpt2_dir, tiny_gpt2, moby_text):
 
 
 def test_shared_mask_scores_and_static_positions(tiny_gpt2):
-    from attnscope.forward import causal_mask, mask_scores, qk_scores, static_positions
+    from attnscope.exact.forward import causal_mask, mask_scores, qk_scores, static_positions
 
     w, _ = tiny_gpt2
     assert torch.equal(causal_mask(3, 5), torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 1]]).bool())
@@ -116,7 +116,7 @@ def test_shapes_are_checked_at_run_time():
     broadcast a single-position cos/sin over every position; the shape check refuses it."""
     from jaxtyping import TypeCheckError
 
-    from attnscope.forward import apply_rotary
+    from attnscope.exact.forward import apply_rotary
 
     x, cos = torch.randn(2, 5, 8), torch.ones(1, 8)
     assert apply_rotary(x, cos.expand(5, 8), 0 * cos.expand(5, 8)).shape == x.shape

@@ -11,8 +11,8 @@ import statistics as st
 
 import pytest
 
-from attnscope.circuit import build_circuit
-from attnscope.evaluation import evaluate_ground_truth
+from attnscope.circuit.build import build_circuit
+from attnscope.neurons.evaluation import evaluate_ground_truth
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
-
-from attnscope.errors import IndexOutOfRangeError
-from attnscope.kernels import KernelSettings, KernelResult, analyse_kernels, categorise, fit_decay
 from conftest import HAND_NCTX, HAND_TAU
+
+from attnscope.core.errors import IndexOutOfRangeError
+from attnscope.kernels.analysis import KernelResult, KernelSettings, analyse_kernels, categorise, fit_decay
 
 S = dict(samples="tests/data", n_samples=8, n_heldout=4, batch_size=4)
 

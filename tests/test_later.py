@@ -8,12 +8,11 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from attnscope.effective import approximation_error, estimate, layer_view, sample_activations
-from attnscope.forward import iter_layers
-from attnscope.texts import load_windows
-
 from conftest import DATA
+
+from attnscope.core.texts import load_windows
+from attnscope.exact.forward import iter_layers
+from attnscope.later.effective import approximation_error, estimate, layer_view, sample_activations
 
 
 def _zeroed(w, upto: int):
@@ -26,9 +25,9 @@ def _zeroed(w, upto: int):
 
 @pytest.fixture(scope="module")
 def tiny3(tmp_path_factory):
-    from attnscope.models import load_model
-
     from conftest import make_tiny_gpt2
+
+    from attnscope.models import load_model
 
     return load_model(str(make_tiny_gpt2(tmp_path_factory.mktemp("tiny3"), n_layer=3, n_ctx=64, seed=3)))
 
@@ -85,7 +84,7 @@ def test_layer_view_runs_layer_l_on_effective_inputs(tiny3):
 
 
 def test_propagation_is_identity_through_silent_layers(tiny3):
-    from attnscope.later import propagation
+    from attnscope.later.method import propagation
 
     w = _zeroed(tiny3, 3)
     sa = sample_activations(w, _windows(w, 2), [0, 1, 2])
@@ -96,9 +95,9 @@ def test_propagation_is_identity_through_silent_layers(tiny3):
 
 
 def test_later_path_at_layer0_reproduces_the_layer0_circuit(demo):
-    from attnscope.circuit import build_circuit
-    from attnscope.decomposition import centre
-    from attnscope.later import LaterSettings, build_later
+    from attnscope.circuit.build import build_circuit
+    from attnscope.exact.decomposition import centre
+    from attnscope.later.method import LaterSettings, build_later
 
     w, _ = demo
     circ = build_circuit(w)
@@ -111,8 +110,8 @@ def test_later_path_at_layer0_reproduces_the_layer0_circuit(demo):
 
 @pytest.fixture(scope="module")
 def later1(demo):
-    from attnscope.later import LaterSettings
-    from attnscope.later_eval import find_later_neurons
+    from attnscope.later.evaluate import find_later_neurons
+    from attnscope.later.method import LaterSettings
 
     return find_later_neurons(demo[0], 1, s=LaterSettings(max_windows=2, n_cards=2, n_random=8))
 
@@ -129,8 +128,8 @@ def test_later_layer_scores_beat_the_null(demo, later1):
 
 
 def test_later_result_round_trip(later1, tmp_path):
-    from attnscope.circuit_result import Condition
-    from attnscope.later_result import LaterCircuitRecord, LaterResult
+    from attnscope.circuit.result import Condition
+    from attnscope.later.result import LaterCircuitRecord, LaterResult
 
     res = later1
     assert isinstance(res.circuit, LaterCircuitRecord) and res.circuit.layer == 1
@@ -149,9 +148,9 @@ def test_later_result_round_trip(later1, tmp_path):
 def test_report_renders_a_saved_later_result(later1, tmp_path):
     from html.parser import HTMLParser
 
-    from attnscope.later_result import LaterResult
+    from attnscope.later.result import LaterResult
     from attnscope.report import write_report
-    from attnscope.report.html import _fmt
+    from attnscope.report.html import fmt
 
     back = LaterResult.load(later1.save(tmp_path / "L1"))  # what `neurons --layer 1 --out DIR` writes
     page = write_report(tmp_path / "rep", later=[back]).read_text(encoding="utf-8")
@@ -167,27 +166,27 @@ def test_report_renders_a_saved_later_result(later1, tmp_path):
     assert later1.cards and len(later1.cards) == 2
     summary = page[page.index('id="later-summary"'):page.index("</table>", page.index('id="later-summary"'))]
     for p in ("full", "token_mean", "shuffled"):
-        assert f"<td>{_fmt(later1.median_spearman(p))}</td>" in summary
+        assert f"<td>{fmt(later1.median_spearman(p))}</td>" in summary
     assert f"<td>{later1.verification.n_passed}</td>" in summary
     assert "0, 1, 4, 5, 7" in page  # layer 0's contextual heads, in the layer table
     c = later1.cards[0]
     card = page[page.index(f'id="neuron-1-{c.index}"'):]
     s0 = next(iter(c.true_d))
-    assert f"<td>{s0}</td><td>{_fmt(c.predicted_d[s0])}</td><td>{_fmt(c.true_d[s0])}</td>" in card
+    assert f"<td>{s0}</td><td>{fmt(c.predicted_d[s0])}</td><td>{fmt(c.true_d[s0])}</td>" in card
     assert 'id="neurons"' not in page and "later layers only" in page
 
 
 @pytest.fixture(scope="module")
 def lc1(demo):
-    from attnscope.later import LaterSettings, build_later
-    from attnscope.later_eval import truth_data
+    from attnscope.later.method import LaterSettings, build_later
+    from attnscope.later.truth import truth_data
 
     lc = build_later(demo[0], 1, s=LaterSettings(max_windows=2))
     return lc, truth_data(demo[0], lc, "bundled:en_moby_dick")
 
 
 def test_hybrid_is_the_token_mean_without_broad_heads(demo, lc1):
-    from attnscope.later_eval import predictors
+    from attnscope.later.evaluate import predictors
 
     lc, td = lc1
     none, _ = predictors(demo[0], lc, td, neff_min=float("inf"))
@@ -198,8 +197,8 @@ def test_hybrid_is_the_token_mean_without_broad_heads(demo, lc1):
 
 
 def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
-    from attnscope.decomposition import centre
-    from attnscope.later_context import broad_heads
+    from attnscope.exact.decomposition import centre
+    from attnscope.later.context import broad_heads
 
     w, (lc, _) = demo[0], lc1
     sample = torch.cat([x.tune for x in lc.windows])
@@ -226,7 +225,7 @@ def test_broad_heads_token_means_match_a_direct_average(demo, lc1):
 
 
 def test_hybrid_per_position_is_token_mean_plus_broad_deviation(demo, lc1):
-    from attnscope.later_eval import predictors
+    from attnscope.later.evaluate import predictors
 
     w, (lc, td) = demo[0], lc1
     _, parts = predictors(w, lc, td, neff_min=16.0)
@@ -252,8 +251,8 @@ def test_hybrid_per_position_is_token_mean_plus_broad_deviation(demo, lc1):
 
 
 def test_later_result_load_rejects_other_files(tmp_path):
-    from attnscope.errors import AttnscopeError
-    from attnscope.later_result import LaterResult
+    from attnscope.core.errors import AttnscopeError
+    from attnscope.later.result import LaterResult
 
     with pytest.raises(AttnscopeError, match="does not exist"):
         LaterResult.load(tmp_path)
@@ -269,7 +268,7 @@ def test_later_result_load_rejects_other_files(tmp_path):
                                       (["--layer", "-1"], "layer index -1 is out of range"),
                                       (["--layer", "2", "--eval", "bundled:es_fortunes"], "at least two sources")])
 def test_cli_later_bad_inputs(args, msg, monkeypatch, capsys, tmp_path):
-    from attnscope.cli import main
+    from attnscope.cli.app import main
 
     monkeypatch.setattr("sys.argv", ["attnscope", "neurons", "demo", "--out", str(tmp_path), *args])
     with pytest.raises(SystemExit) as e:
@@ -280,7 +279,7 @@ def test_cli_later_bad_inputs(args, msg, monkeypatch, capsys, tmp_path):
 
 
 def test_cached_direct_path_matches_a_fresh_one(tiny3):
-    from attnscope.effective import cached_direct_path, direct_path
+    from attnscope.later.effective import cached_direct_path, direct_path
 
     sa = sample_activations(tiny3, _windows(tiny3, 2), [0, 1, 2])
     cached_direct_path(tiny3, 1, sa)
@@ -288,9 +287,9 @@ def test_cached_direct_path_matches_a_fresh_one(tiny3):
 
 
 def test_unknown_ranking_predictor_is_refused_before_any_work(demo):
-    from attnscope.errors import AttnscopeError
-    from attnscope.later import LaterSettings
-    from attnscope.later_eval import find_later_neurons
+    from attnscope.core.errors import AttnscopeError
+    from attnscope.later.evaluate import find_later_neurons
+    from attnscope.later.method import LaterSettings
 
     with pytest.raises(AttnscopeError, match="rank_by 'token_mean' is not a ranking predictor"):
         find_later_neurons(demo[0], 1, s=LaterSettings(rank_by="token_mean"))

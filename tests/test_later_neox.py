@@ -9,15 +9,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from attnscope.decomposition import centre
-from attnscope.effective import sample_activations
-from attnscope.errors import AttnscopeError
-from attnscope.later import propagation
-from attnscope.models import load_model
-from attnscope.texts import load_windows
-
 from conftest import DATA, make_tiny_neox
+
+from attnscope.core.errors import AttnscopeError
+from attnscope.core.texts import load_windows
+from attnscope.exact.decomposition import centre
+from attnscope.later.effective import sample_activations
+from attnscope.later.method import propagation
+from attnscope.models import load_model
 
 
 def _neox(path, tok_dir, parallel: bool):
@@ -64,7 +63,7 @@ def test_propagation_matches_finite_differences(neox3):
         else:  # the MLP of l reads the deviation too (a second linearisation): cos 0.98-0.99, ratio 1.09-1.27
             assert cos > 0.95 and 0.75 < ratio < 1.4, (cos, ratio)
         if w.parallel_attn_mlp:  # the sequential formula would be measurably wrong on a parallel model
-            from attnscope.later import attention_map, mlp_map
+            from attnscope.later.method import attention_map, mlp_map
 
             I = torch.eye(w.d_model, dtype=torch.float64)
             seq = ((I + mlp_map(w, sa, 0)) @ (I + attention_map(w, sa, 1)) @ (I + mlp_map(w, sa, 1))
@@ -74,7 +73,7 @@ def test_propagation_matches_finite_differences(neox3):
 
 
 def test_layer0_neurons_refused_on_parallel_models(tiny_gpt2_dir, tmp_path):
-    from attnscope.neurons import find_neurons
+    from attnscope.neurons.find import find_neurons
 
     w, _ = _neox(tmp_path / "par", tiny_gpt2_dir, parallel=True)
     with pytest.raises(AttnscopeError, match="does not read layer-0 attention.*--layer 1"):
@@ -89,8 +88,8 @@ def test_direct_path_is_exact_without_attention(neox3):
     parallel block ``x + attn(ln1 x) + mlp(ln2 x)`` and the sequential one."""
     from dataclasses import replace
 
-    from attnscope.effective import direct_path
-    from attnscope.forward import iter_layers
+    from attnscope.exact.forward import iter_layers
+    from attnscope.later.effective import direct_path
 
     w, _ = neox3
     b_O = torch.randn(w.b_O.shape, generator=torch.Generator().manual_seed(0)) * w.W_E.std()
@@ -111,11 +110,11 @@ def _neox_ckpt(path, tok_dir, step: int, seed: int):
 def test_evolution_tracks_a_later_layer_on_parallel_models(tiny_gpt2_dir, tmp_path, monkeypatch):
     """Pythia-style series: the layer-0 neuron method does not apply, ``layer=1`` tracks the MLP of layer 1 by
     the later-layer method; the ground truth is checked against transformers' own forward pass (hooks)."""
-    import attnscope.evolution as E
-    from attnscope.circuit import CircuitSettings
-    from attnscope.kernels import KernelSettings
-    from attnscope.later import LaterSettings, sources
-    from attnscope.neurons import NeuronSettings
+    import attnscope.evolution.run as E
+    from attnscope.circuit.build import CircuitSettings
+    from attnscope.kernels.analysis import KernelSettings
+    from attnscope.later.method import LaterSettings, sources
+    from attnscope.neurons.find import NeuronSettings
 
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path / "cache"))
     for step, seed in ((0, 0), (10, 1)):

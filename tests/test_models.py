@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnscope.errors import IndexOutOfRangeError, ModelNotFoundError, check_index
+from attnscope.core.errors import IndexOutOfRangeError, ModelNotFoundError, check_index
 from attnscope.models import load_model, resolve
 
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import make_tiny_neox
 
-from attnscope.errors import ModelNotFoundError
-from attnscope.forward import compare_with_model, run
+from attnscope.core.errors import ModelNotFoundError
+from attnscope.exact.forward import compare_with_model, run
 from attnscope.models import load_model, resolve
 from attnscope.models.resolve import split_revision
-
-from conftest import make_tiny_neox
 
 TOL = 1e-4  # as tests/test_forward.py
 
@@ -86,12 +85,12 @@ def test_revision_offline_is_one_line(monkeypatch):
 def test_evolution_on_parallel_neox_reports_kernels_but_not_layer0_neurons(neox, tmp_path, monkeypatch):
     """With parallel attention + MLP the layer-0 neuron method does not apply: evolution says so and
     reports kernels, head criteria and the ground truth only."""
-    import attnscope.evolution as E
-    from attnscope.kernels import KernelSettings
+    import attnscope.evolution.run as E
+    from attnscope.kernels.analysis import KernelSettings
 
     (w, _), parallel = neox
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
-    from attnscope.neurons import NeuronSettings
+    from attnscope.neurons.find import NeuronSettings
 
     s = E.EvolutionSettings(kernel=KernelSettings(n_samples=2, n_heldout=1), neuron=NeuronSettings(max_windows=2),
                             top_k=3)

@@ -10,11 +10,11 @@ import sys
 
 import pytest
 import torch
-
-from attnscope.circuit import CircuitSettings, build_circuit
-from attnscope.labels import BRITISH, AMERICAN, auto_label, dialect
-from attnscope.neurons import NeuronSettings, find_neurons
 from conftest import NEURON
+
+from attnscope.circuit.build import CircuitSettings, build_circuit
+from attnscope.neurons.find import NeuronSettings, find_neurons
+from attnscope.neurons.labels import AMERICAN, BRITISH, auto_label, dialect
 
 CAL = "tests/data/moby.txt"
 
@@ -68,8 +68,8 @@ def test_random_neurons_beside_the_reported(hand_result):
 
 def test_full_explanation_on_demo(demo):
     """The full explanation's terms sum to a prediction close to the true pre-activation."""
-    from attnscope.explain import build_explainer, score_explanation
-    from attnscope.texts import open_source, tokenize
+    from attnscope.core.texts import open_source, tokenize
+    from attnscope.neurons.explain import build_explainer, score_explanation
 
     w, _ = demo
     c = build_circuit(w)
@@ -84,7 +84,7 @@ def test_full_explanation_on_demo(demo):
 
 
 def test_contrast_on_demo_beats_the_null(demo):
-    from attnscope.contrast import run_contrast
+    from attnscope.neurons.contrast import run_contrast
 
     w, _ = demo
     res = run_contrast(w, build_circuit(w), "bundled:code_python", "bundled:en_moby_dick", verify=True, max_windows=4)
@@ -116,6 +116,6 @@ def test_labels_need_evidence():
     ["demo", "--a", "bundled:es_fortunes"],
 ])
 def test_contrast_bad_input(args):
-    p = subprocess.run([sys.executable, "-m", "attnscope.cli", "contrast", *args], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "attnscope.cli.app", "contrast", *args], capture_output=True, text=True)
     assert p.returncode == 2, p.stderr
     assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1 and p.stderr.startswith("error:")

@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import pytest
 
-from attnscope.circuit import CircuitSettings
-from attnscope.kernels import KernelSettings
-from attnscope.neurons import NeuronSettings
-from attnscope.pipeline import run_report
+from attnscope.circuit.build import CircuitSettings
+from attnscope.kernels.analysis import KernelSettings
+from attnscope.neurons.find import NeuronSettings
+from attnscope.report.pipeline import run_report
 
 LABEL_TO_TEXTS = {
     "Python code": {"code_python"},
@@ -37,7 +37,7 @@ def test_demo_report_written(demo_report):
 
 
 def test_demo_report_has_the_later_layer_section(demo_report):
-    from attnscope.later_result import LaterResult
+    from attnscope.later.result import LaterResult
 
     r = demo_report
     assert [x.layer for x in r.later] == [1] and "later_layers" in r.timings

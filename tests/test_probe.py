@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from attnscope.probe import context_probe
+from attnscope.neurons.probe import context_probe
 
 
 def test_probe_separates_code_from_prose(context_neuron_gpt2):

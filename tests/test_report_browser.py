@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
 
 DATA = Path(__file__).parent / "data"

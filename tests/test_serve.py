@@ -12,10 +12,10 @@ import torch
 pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient  # noqa: E402
 
-from attnscope.circuit import mlp_input_weights, true_head_output  # noqa: E402
-from attnscope.decomposition import centre  # noqa: E402
-from attnscope.forward import iter_layers  # noqa: E402
-from attnscope.texts import text_tokens  # noqa: E402
+from attnscope.circuit.build import mlp_input_weights, true_head_output  # noqa: E402
+from attnscope.core.texts import text_tokens  # noqa: E402
+from attnscope.exact.decomposition import centre  # noqa: E402
+from attnscope.exact.forward import iter_layers  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -47,8 +47,8 @@ def _reference_bag(m, ids: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _reference_pred(m, ids: torch.Tensor, k: int) -> torch.Tensor:
-    """What the page must show as "predicted": the full explanation's terms summed (attnscope.explain)."""
-    from attnscope.explain import build_explainer, explain_terms
+    """What the page must show as "predicted": the full explanation's terms summed (attnscope.neurons.explain)."""
+    from attnscope.neurons.explain import build_explainer, explain_terms
 
     terms = explain_terms(m.w, m.circ, build_explainer(m.w, m.circ), ids, torch.tensor([k]))
     return sum(terms.values())[:, 0]
@@ -74,12 +74,12 @@ def test_analyse_true_and_predicted_match_references(served):
 def test_prediction_matches_find_neurons_traces(served):
     """serve's prediction equals the full explanation's ``predicted_pre`` trace that find_neurons wrote for
     the same neuron on a source's first reporting window."""
-    from attnscope.neurons import NeuronSettings, find_neurons
+    from attnscope.neurons.find import NeuronSettings, find_neurons
 
     m, _ = served
     res = find_neurons(m.w, m.circ, progress=False)
     n_min = m.circ.settings["min_position"]
-    from attnscope.neurons import held_out_windows
+    from attnscope.neurons.find import held_out_windows
 
     assert m.explanation.kind == "full layer-0 explanation"
     tr = res.traces[0]
@@ -234,7 +234,7 @@ def test_internal_errors_hide_the_traceback(served, monkeypatch):
 
 
 def test_saved_analysis_is_reused(served, tmp_path):
-    from attnscope.errors import AttnscopeError
+    from attnscope.core.errors import AttnscopeError
     from attnscope.serve import load_serve_model
 
     m, _ = served

@@ -44,8 +44,8 @@ SPANISH = ("El pueblo estaba en silencio cuando llegó la noche, y los niños do
 def spanish_neuron(m) -> tuple[int, float]:
     """The neuron with the highest true one-vs-rest effect d for bundled:es_fortunes (method §15): means and
     variances of the model's own layer-0 pre-activations over positions n >= min_position of 256-token windows."""
-    from attnscope.forward import iter_layers
-    from attnscope.texts import bundled_texts, open_source, tokenize
+    from attnscope.core.texts import bundled_texts, open_source, tokenize
+    from attnscope.exact.forward import iter_layers
 
     T, n_min = m.circ.T, m.circ.settings["min_position"]
     acts: dict[str, torch.Tensor] = {}

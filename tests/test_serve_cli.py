@@ -42,7 +42,7 @@ CASES = [  # (arguments after `serve`, start of the error line)
 @pytest.mark.parametrize("args,start", CASES, ids=[f"case{i}" for i in range(len(CASES))])
 def test_bad_inputs_are_one_line(args, start, tmp_path, demo, monkeypatch, capsys):
     """The console entry point in-process (the same `main()` the `attnscope` command runs)."""
-    from attnscope.cli import main
+    from attnscope.cli.app import main
 
     busy = _busy_port()
     port = busy.getsockname()[1]
@@ -63,7 +63,7 @@ def test_serve_starts_on_localhost_and_stops(demo):
     from attnscope.serve import free_port
 
     port = free_port()
-    p = subprocess.Popen([sys.executable, "-m", "attnscope.cli", "serve", "demo", "--port", str(port)],
+    p = subprocess.Popen([sys.executable, "-m", "attnscope.cli.app", "serve", "demo", "--port", str(port)],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         url = None

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
 
-from attnscope.decomposition import (
+from attnscope.exact.decomposition import (
     apply_pair_weights,
     pair_weights_from_profile,
     pre_rotation,
@@ -14,7 +13,7 @@ from attnscope.decomposition import (
     rotary_score_parts,
     separable_rotary_score_parts,
 )
-from attnscope.forward import run
+from attnscope.exact.forward import run
 
 
 @pytest.fixture(scope="session")
@@ -54,7 +53,7 @@ def test_pair_weights_of_one_offset_is_the_rotation(tiny_llama):
 def test_per_row_pair_weights_are_the_closed_form_over_each_rows_offsets(tiny_llama):
     """Row n of the per-row weights is the closed form of the profile cut to the offsets that exist at n (the
     sink's offset left out); the last row is the whole-profile weights."""
-    from attnscope.decomposition import pair_weights_of_kernel
+    from attnscope.exact.decomposition import pair_weights_of_kernel
 
     w, _ = tiny_llama
     T = 30
@@ -134,10 +133,10 @@ def test_bos_choice_recorded_and_sink_excluded_kernels_agree(tmp_path):
     position dropped, renormalised) with and without BOS agree within TV 0.05 in every layer."""
     from conftest import make_positional_gpt2
 
-    from attnscope.decomposition import tv_distance
-    from attnscope.kernels import KernelSettings, analyse_kernels
+    from attnscope.exact.decomposition import tv_distance
+    from attnscope.exact.sinks import split_sink
+    from attnscope.kernels.analysis import KernelSettings, analyse_kernels
     from attnscope.models import load_model
-    from attnscope.sinks import split_sink
 
     path = make_positional_gpt2(tmp_path / "m")
     res = {}
@@ -156,8 +155,8 @@ def test_bos_choice_recorded_and_sink_excluded_kernels_agree(tmp_path):
 def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
     """Every head's sink_mass / sink_mass_cv equal the statistics of the model's own output_attentions on the
     held-out windows; the category comes from the kernel without the first position."""
-    from attnscope.kernels import KernelSettings, _samples_spec, analyse_kernels
-    from attnscope.texts import load_windows
+    from attnscope.core.texts import load_windows
+    from attnscope.kernels.analysis import KernelSettings, _samples_spec, analyse_kernels
 
     w, hf = tiny_llama
     assert w.analysis_bos == 0
@@ -176,7 +175,7 @@ def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
     # the category figure writes each head's sink mass (>= 0.05) in its cell and hatches sink-dominated heads
     import matplotlib.pyplot as plt
 
-    from attnscope.plots import _grid, _sink_marks
+    from attnscope.report.plots import _grid, _sink_marks
 
     r.record(1, 2).sink_mass, r.record(0, 1).sink_mass = 0.71, 0.12  # this tiny model's own masses are < 0.05
     fig, ax = plt.subplots()
@@ -193,7 +192,7 @@ def bos_circuit(tmp_path_factory):
     """The hand-built context-neuron GPT-2 (head 0: zero query, uniform) analysed WITH a BOS in front."""
     from conftest import make_context_neuron_gpt2
 
-    from attnscope.circuit import CircuitSettings, build_circuit
+    from attnscope.circuit.build import CircuitSettings, build_circuit
     from attnscope.models import load_model
 
     path, _ = make_context_neuron_gpt2(tmp_path_factory.mktemp("cn_bos"))
@@ -225,9 +224,9 @@ def test_circuit_splits_off_the_sink(bos_circuit):
 def test_circuit_with_sink_and_query_conditioned_variant_match_truth(bos_circuit):
     import dataclasses
 
-    from attnscope.circuit import circuit_fidelity
-    from attnscope.circuit_query import choose_query_form
-    from attnscope.texts import text_tokens
+    from attnscope.circuit.build import circuit_fidelity
+    from attnscope.circuit.query import choose_query_form
+    from attnscope.core.texts import text_tokens
 
     w, _, c = bos_circuit
     on = choose_query_form(w, dataclasses.replace(c, settings={**c.settings, "query_conditioned": "on"},

@@ -12,11 +12,11 @@ from dataclasses import asdict, fields
 import pytest
 import torch
 
-import attnscope.circuit as C
-import attnscope.kernels as K
-from attnscope.decomposition import (
-    approximate_pattern,
+import attnscope.circuit.build as C
+import attnscope.kernels.analysis as K
+from attnscope.exact.decomposition import (
     apply_pair_weights,
+    approximate_pattern,
     approximate_tv,
     layer0_weight_kernels,
     learned_score_parts,
@@ -24,7 +24,7 @@ from attnscope.decomposition import (
     reference_norm,
     tv_distance,
 )
-from attnscope.forward import attn_norm_params, iter_layers, norm, project, static_positions
+from attnscope.exact.forward import attn_norm_params, iter_layers, norm, project, static_positions
 
 TOL = 1e-5
 CAL = "tests/data/moby.txt"
@@ -71,7 +71,7 @@ def exact_extended_embeddings(w, hs, f, Z, e_val, p_val, Kh, mask, sink=None, bo
     ext = torch.zeros(w.d_vocab, w.d_model, dtype=w.dtype, device=w.device)
     for j in range(len(hs)):
         ext += (f[hs][j] / Z[hs][j] * keep[j])[:, None] * (e_val @ WOV[j])
-    const = torch.einsum("he,hed->d", C._value_bias(w)[hs], w.W_O[0][hs])
+    const = torch.einsum("he,hed->d", C.value_bias(w)[hs], w.W_O[0][hs])
     posit = torch.einsum("hni,id,hdf->nf", Kh[hs] * keep[:, None, None], p_val, WOV) + const
     if sink is not None and bos is not None:
         posit = posit + torch.einsum("h,hf->f", sink[hs].to(w.dtype), (e_val[bos] + p_val[0]) @ WOV)
@@ -184,8 +184,8 @@ def test_circuit_fast_path_matches_exact_path(context_neuron_gpt2, monkeypatch):
 
 def exact_swings(w, circ, top_m, chunk):
     """The swings as computed before fix 7: ``[V', chunk]`` products, top-m down the strided dimension."""
-    from attnscope.circuit import mlp_input_weights
-    from attnscope.decomposition import centre
+    from attnscope.circuit.build import mlp_input_weights
+    from attnscope.exact.decomposition import centre
 
     W, _ = mlp_input_weights(w)
     ext = centre(circ.ext, w) / circ.mlp_scale
@@ -204,7 +204,7 @@ def exact_swings(w, circ, top_m, chunk):
 
 @pytest.mark.parametrize("top_m,chunk", [(100, 1024), (7, 48)])  # one chunk; several, the last one partial
 def test_transposed_swings_match_the_previous_formula(context_neuron_gpt2, top_m, chunk):
-    from attnscope.neurons import swings
+    from attnscope.neurons.find import swings
 
     (w, _), _ = context_neuron_gpt2
     circ = C.build_circuit(w, C.CircuitSettings(calibration=CAL, n_ctx=128))

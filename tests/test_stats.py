@@ -4,7 +4,7 @@ import math
 
 import torch
 
-from attnscope.stats import median
+from attnscope.core.stats import median
 
 
 def test_median_skips_missing_values_and_returns_none_when_empty():

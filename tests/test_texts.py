@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnscope.errors import AttnscopeError, TextTooShortError
-from attnscope.texts import bundled_texts, load_windows, open_source, sample_windows, text_tokens, tokenize
+from attnscope.core.errors import AttnscopeError, TextTooShortError
+from attnscope.core.texts import bundled_texts, load_windows, open_source, sample_windows, text_tokens, tokenize
 
 DATA = "tests/data"
 
@@ -70,7 +70,7 @@ def test_hf_dataset_offline_is_one_line(monkeypatch):
 
 # --- input hygiene (issue 13) ----------------------------------------------------------------------
 def test_strict_utf8_names_file_and_byte(tmp_path):
-    from attnscope.texts import decoding
+    from attnscope.core.texts import decoding
 
     p = tmp_path / "latin1.txt"
     p.write_bytes("na\xefve caf\xe9".encode("latin-1"))
@@ -109,7 +109,7 @@ def test_jsonl_rejects_non_text(tmp_path, line, words):
 def test_bundled_all_and_names(tiny_gpt2):
     w, _ = tiny_gpt2
     names = bundled_texts()
-    from attnscope.texts import bundled_dir
+    from attnscope.core.texts import bundled_dir
 
     # bundled: is the bundled folder, the same documents as `kernels --samples bundled:` reads
     assert open_source("bundled:").sha256 == open_source(bundled_dir()).sha256
@@ -119,7 +119,7 @@ def test_bundled_all_and_names(tiny_gpt2):
 
 
 def test_unreadable_input_is_one_line(tmp_path, monkeypatch):
-    import attnscope.texts as T
+    import attnscope.core.texts as T
 
     p = tmp_path / "locked.txt"
     p.write_text("x")

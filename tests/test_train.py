@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import attnscope.training as T
-from attnscope.training import corpora as C
 from attnscope.training import TrainConfig
+from attnscope.training import corpora as C
 
 CORPORA = Path("/work/shared/corpora")
 
@@ -185,7 +185,7 @@ def test_threads_option_is_used_and_restored(tiny_run, tmp_path):
     ({"amp": "fp8"}, "amp must be"),
 ])
 def test_config_rejects_bad_values(tmp_path, kw, msg):
-    from attnscope.errors import AttnscopeError
+    from attnscope.core.errors import AttnscopeError
 
     base = {"corpora": tmp_path, "out": tmp_path / "o"}
     with pytest.raises(AttnscopeError, match=msg):

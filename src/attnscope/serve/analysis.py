@@ -15,12 +15,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..circuit import Circuit
-from ..errors import AttnscopeError, TextTooShortError, check_index
-from ..forward import iter_layers
-from ..models import ModelWeights
-from .explanation import Evidence, Explanation
-from .scope import CalibrationReference, InputCondition, ScopeSettings, WindowStats, evaluate_scope, window_stats
+from attnscope.circuit.build import Circuit
+from attnscope.core.errors import AttnscopeError, TextTooShortError, check_index
+from attnscope.exact.forward import iter_layers
+from attnscope.models import ModelWeights
+from attnscope.serve.explanation import Evidence, Explanation
+from attnscope.serve.scope import (
+    CalibrationReference,
+    InputCondition,
+    ScopeSettings,
+    WindowStats,
+    evaluate_scope,
+    window_stats,
+)
 
 MAX_CHARS = 200_000  # longer texts are refused (413): the page is for reading one text, not corpora
 

@@ -26,11 +26,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ..errors import AttnscopeError, IndexOutOfRangeError
-from .analysis import MAX_CHARS, EmptyTextError, contrast
-from .scope import ScopeSettings
-from .state import ServeModel
-from .table import SCORE_NAMES
+from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError
+from attnscope.serve.analysis import MAX_CHARS, EmptyTextError, contrast
+from attnscope.serve.scope import ScopeSettings
+from attnscope.serve.state import ServeModel
+from attnscope.serve.table import SCORE_NAMES
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("attnscope.serve")

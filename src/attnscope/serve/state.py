@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..circuit import Circuit, CircuitSettings, build_circuit
-from ..errors import AttnscopeError, ConditionFailedError
-from ..models import ModelWeights
-from ..neurons import find_neurons
-from .analysis import Analyser
-from .explanation import Explanation, make_explanation
-from .scope import calibration_reference
-from .table import NeuronRow, build_table
+from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit
+from attnscope.core.errors import AttnscopeError, ConditionFailedError
+from attnscope.models import ModelWeights
+from attnscope.neurons.find import find_neurons
+from attnscope.serve.analysis import Analyser
+from attnscope.serve.explanation import Explanation, make_explanation
+from attnscope.serve.scope import calibration_reference
+from attnscope.serve.table import NeuronRow, build_table
 
 
 @dataclass

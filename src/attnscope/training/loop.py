@@ -21,11 +21,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 
-from ..errors import AttnscopeError
-from .corpora import EOT_TOKEN, EVAL_FRACTION, _prefix_at_line, corpus_sha256, encode_text, load_corpora, train_tokenizer
-from .evaluate import heldout_loss
+from attnscope.core.errors import AttnscopeError
+from attnscope.training.corpora import (
+    EOT_TOKEN,
+    EVAL_FRACTION,
+    corpus_sha256,
+    encode_text,
+    load_corpora,
+    prefix_at_line,
+    train_tokenizer,
+)
+from attnscope.training.evaluate import heldout_loss
 
 __all__ = ["TrainConfig", "train_demo", "checkpoint_dir"]
 
@@ -72,8 +81,6 @@ class TrainConfig:
 
     def _check_numbers(self) -> None:
         """Finite, bounded settings only: nan, inf or 0 would train nothing, crash mid-run or save garbage."""
-        import math
-
         bounds = {"lr": (0.0, 1.0), "max_minutes": (0.0, 7 * 24 * 60.0)}
         for name, (lo, hi) in bounds.items():
             v = getattr(self, name)
@@ -149,7 +156,7 @@ def _prepare_data(cfg: TrainConfig, log) -> _Data:
     corpora = load_corpora(cfg.corpora)
     labels = list(corpora)
     log(f"{len(labels)} corpora: {', '.join(labels)}")
-    tok = train_tokenizer([_prefix_at_line(tr, cfg.tokenizer_max_chars) for tr, _ in corpora.values()], cfg.vocab_size)
+    tok = train_tokenizer([prefix_at_line(tr, cfg.tokenizer_max_chars) for tr, _ in corpora.values()], cfg.vocab_size)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT_TOKEN, eos_token=EOT_TOKEN,
                                      unk_token=EOT_TOKEN, model_max_length=cfg.n_ctx,
                                      clean_up_tokenization_spaces=False)
@@ -322,7 +329,6 @@ def _train_demo(cfg: TrainConfig) -> dict:
 
 def _info(cfg: TrainConfig, data: _Data, st: _State, model, ev: dict, times: dict) -> dict:
     """The ``training.json`` record of the model in ``st`` after ``st.step`` steps."""
-    import tokenizers
     import transformers
 
     wall = time.time() - st.t0

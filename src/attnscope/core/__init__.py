@@ -1,0 +1,1 @@
+"""core: stage package of attnscope."""

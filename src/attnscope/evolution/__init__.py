@@ -1,0 +1,1 @@
+"""evolution: stage package of attnscope."""

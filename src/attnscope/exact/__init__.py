@@ -1,0 +1,1 @@
+"""exact: stage package of attnscope."""

@@ -1,0 +1,1 @@
+"""kernels: stage package of attnscope."""

@@ -1,0 +1,1 @@
+"""later: stage package of attnscope."""

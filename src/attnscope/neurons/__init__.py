@@ -1,0 +1,1 @@
+"""neurons: stage package of attnscope."""
