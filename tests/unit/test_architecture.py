@@ -71,7 +71,16 @@ def _imports(path: Path, mod: str):
                 return True
         return False
 
+    def type_checking_only(node) -> bool:
+        while node in parents:
+            node = parents[node]
+            if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+                return True
+        return False
+
     for node in ast.walk(tree):
+        if isinstance(node, (ast.Import, ast.ImportFrom)) and type_checking_only(node):
+            continue  # annotations only: never executed
         if isinstance(node, ast.ImportFrom):
             if node.level:
                 base = mod.split(".") if is_pkg else mod.split(".")[:-1]

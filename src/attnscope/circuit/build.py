@@ -43,6 +43,7 @@ from attnscope.circuit.parts import (  # noqa: F401  (re-exported)
 )
 from attnscope.circuit.query import choose_query_form, circuit_output, query_denominator_stability
 from attnscope.circuit.result import (  # noqa: F401  (re-exported: the circuit's types live with it)
+    CircuitRecord,
     CONDITION_GROUP,
     HEAD_CRITERIA,
     LAYER,
@@ -374,10 +375,10 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     mid_scale = mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
     mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
     conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
-    circ = Circuit(settings={**asdict(s), "n_ctx": cal.T, "reference_position": cal.n_star, "reference_norm": ref,
-                             "min_position": cal.n_min, "bos": cal.bos, "prepend_bos": w.prepend_bos,
-                             "sink_handling": "BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
-                             "rotary_pair_weights_abs": None if c is None else c[:, -1].abs().float().cpu().tolist()},
+    circ = Circuit(settings=CircuitRecord(**{**asdict(s), "n_ctx": cal.T, "min_position": cal.n_min}, reference_position=cal.n_star,
+                                          reference_norm=ref, bos=cal.bos, prepend_bos=w.prepend_bos,
+                                          sink_handling="BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
+                                          rotary_pair_weights_abs=None if c is None else c[:, -1].abs().float().cpu().tolist()),
                    heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
                    Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,
@@ -395,7 +396,7 @@ def circuit_fidelity(w: ModelWeights, circ: Circuit, texts: dict[str, Int[Tensor
 
     ``true_outputs``: the heads' true summed outputs per text, if already computed (:func:`true_head_output`)."""
     ys, yh = [], []
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     for name, toks in texts.items():
         toks = toks[: circ.T].to(w.device)
         y = true_outputs[name] if true_outputs is not None else true_head_output(w, circ.heads, toks)[0]
@@ -414,7 +415,7 @@ def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[T
     circuit compares each query's own Z (:func:`attnscope.circuit.query.query_denominator_stability`)."""
     if circ.query_conditioned:
         return query_denominator_stability(w, circ, texts)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     out: dict[str, dict] = {}
     for name, toks in texts.items():
         toks = toks[: circ.T].to(w.device)

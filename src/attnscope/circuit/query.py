@@ -59,7 +59,7 @@ def _log(K: Tensor) -> Tensor:
 
 
 def _key_content(w: ModelWeights, circ: Circuit) -> Float[Tensor, "vocab d_model"]:
-    return content_inputs(w, circ.T, circ.settings["reference_position"], circ.settings["reference_norm"])[2]
+    return content_inputs(w, circ.T, circ.settings.reference_position, circ.settings.reference_norm)[2]
 
 
 def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
@@ -73,7 +73,7 @@ def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " p
 def query_parts(w: ModelWeights, circ: Circuit) -> QueryParts:
     """:class:`QueryParts` of ``circ`` (weights and the calibration text)."""
     hs = torch.tensor(circ.heads, device=w.device)
-    bos = circ.settings["bos"] is not None
+    bos = circ.settings.bos is not None
     cal = circ.calibration_tokens.to(w.device)
     key_content = _key_content(w, circ)
     W_K = w.W_K[LAYER][hs]
@@ -83,7 +83,7 @@ def query_parts(w: ModelWeights, circ: Circuit) -> QueryParts:
         c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos, per_row=True)
     else:
         b_K, c = torch.zeros_like(w.b_K[LAYER][hs]), None
-    parts = QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c, None, 1 if bos else 0, float(circ.settings["f_clip"]))  # type: ignore[arg-type]
+    parts = QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c, None, 1 if bos else 0, float(circ.settings.f_clip))  # type: ignore[arg-type]
     parts.k_cal = content_keys(parts, key_content, cal)
     return parts
 
@@ -131,13 +131,13 @@ def query_conditioned_summary(w: ModelWeights, circ: Circuit, tokens: Int[Tensor
     tokens = tokens.to(w.device)
     n, hs = tokens.shape[-1], parts.hs
     A = query_conditioned_pattern(w, circ, tokens, parts)
-    e_val, p_val, _ = content_inputs(w, circ.T, circ.settings["reference_position"], circ.settings["reference_norm"])
+    e_val, p_val, _ = content_inputs(w, circ.T, circ.settings.reference_position, circ.settings.reference_norm)
     WOV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs]).double()
     sink = torch.tensor([d.sink_mass for d in circ.decisions if d.chosen], dtype=torch.float64, device=w.device)
     vals = e_val[tokens].double() + p_val[:n].double()  # [n, d] value inputs at each key position
     out = torch.einsum("hni,id,hdf->nf", A * (1 - sink)[:, None, None], vals, WOV)
     out = out + torch.einsum("he,hed->d", value_bias(w)[hs], w.W_O[LAYER][hs]).double()
-    bos = circ.settings["bos"]
+    bos = circ.settings.bos
     if bos is not None:
         out = out + torch.einsum("h,hf->f", sink, (e_val[bos].double() + p_val[0].double()) @ WOV)
     return out.to(w.dtype)
@@ -150,7 +150,7 @@ def query_denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str,
     calibrated ``Z(q_n, n)`` the summary divides by; per head the median over positions of that ratio (and of
     ``Z_text``).  Exact model: the ratio is the predicted over the true attention at any key."""
     parts = query_parts(w, circ)
-    n_min, out = circ.settings["min_position"], {}
+    n_min, out = circ.settings.min_position, {}
     for name, toks in texts.items():
         logZ, logZ_cal = query_log_denominators(w, circ, toks[: circ.T], parts)
         logZ, ratio = logZ[:, n_min:], torch.exp(logZ - logZ_cal)[:, n_min:]
@@ -180,7 +180,7 @@ def query_averaged_factors(w: ModelWeights, circ: Circuit, parts: QueryParts | N
     ``n >= min_position``, for every vocabulary item (clipped as in the summary)."""
     parts = parts or query_parts(w, circ)
     cal = circ.calibration_tokens.to(w.device)
-    pos = torch.arange(circ.settings["min_position"], len(cal), device=w.device)
+    pos = torch.arange(circ.settings.min_position, len(cal), device=w.device)
     q = exact_queries(w, parts, cal)[:, pos]
     cap, logZ = query_normalisers(parts, q, pos)
     key_content = _key_content(w, circ)
@@ -201,9 +201,9 @@ def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen 
     Kh = torch.zeros(H, circ.T, circ.T, dtype=w.dtype, device=w.device)
     Kh[hs] = circ.head_kernels.to(w.device)
     sink = torch.tensor([d.sink_mass for d in circ.decisions], dtype=w.dtype, device=w.device)
-    e_val, p_val, _ = content_inputs(w, circ.T, circ.settings["reference_position"], circ.settings["reference_norm"])
+    e_val, p_val, _ = content_inputs(w, circ.T, circ.settings.reference_position, circ.settings.reference_norm)
     ones = torch.ones(H, dtype=w.dtype, device=w.device)
-    bos = circ.settings["bos"]
+    bos = circ.settings.bos
     return extended_embeddings(w, hs, F, ones, e_val, p_val, Kh, circ.token_mask.to(w.device),
                                sink if bos is not None else None, bos)[0]
 
@@ -211,7 +211,7 @@ def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen 
 def summary_fvu(w: ModelWeights, circ: Circuit, y: Float[Tensor, "pos d_model"], yhat: Float[Tensor, "pos d_model"]) -> float:
     """FVU of a per-position summary against the true summed output (centred, positions >= min_position), as
     :func:`attnscope.circuit.build.circuit_fidelity` measures it."""
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     y, yhat = centre(y, w)[n_min:].double(), centre(yhat, w)[n_min:].double()
     return float(((y - yhat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum().clamp_min(1e-30))
 
@@ -229,7 +229,7 @@ def choose_query_form(w: ModelWeights, circ: Circuit) -> Circuit:
     calibration text, pick one (``auto``: query-conditioned when the typical-query FVU exceeds
     :data:`SUMMARY_FVU_MAX` and the query-conditioned FVU is lower), and state the summary-fidelity condition
     of the form used.  A query-conditioned circuit's ``ext`` becomes the query-averaged one."""
-    choice = circ.settings["query_conditioned"]
+    choice = circ.settings.query_conditioned
     if choice not in QUERY_CONDITIONED_CHOICES:
         raise AttnscopeError(f"--query-conditioned {choice!r} is not one of {', '.join(QUERY_CONDITIONED_CHOICES)}")
     cal = circ.calibration_tokens.to(w.device)

@@ -6,7 +6,7 @@ their failed criteria, the stated conditions with their group, and :class:`Circu
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Literal
@@ -42,6 +42,24 @@ class CircuitSettings:
     decomposition_tv_max: float = 0.2  # the content/position split holds: median TV <= this
     f_clip: float = 3.0  # f is clipped at f_clip * median f (the method clips f at 3)
     query_conditioned: str = "auto"  # auto | on | off: content factors per query token (circuit_query.py)
+
+
+@dataclass
+class CircuitRecord(CircuitSettings):
+    """The settings as a built circuit used them: the user's :class:`CircuitSettings` with ``n_ctx`` and
+    ``min_position`` resolved, plus what was derived from the model and the calibration text."""
+
+    reference_position: int = 0  # n*: the position whose content the content factors are measured at
+    reference_norm: float = 0.0  # norm of the typical residual used to normalise positional value inputs
+    bos: int | None = None  # the BOS token id split off as a sink, None without a BOS
+    prepend_bos: bool = False  # the model's analysis texts start with a BOS
+    sink_handling: str = "none (no BOS)"
+    rotary_pair_weights_abs: list | None = None  # rotary: |complex weight| of the last frequency pair, per head
+
+    @classmethod
+    def from_json(cls, d: dict) -> CircuitRecord:
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 class Criterion(str, Enum):
@@ -130,7 +148,7 @@ _TENSORS = ("kernel", "head_kernels", "f", "Z", "ext", "positional", "calibratio
 class Circuit:
     """The contextual circuit of layer 0 (a saved, typed result; tensors' shapes in comments)."""
 
-    settings: dict
+    settings: CircuitRecord
     heads: list[int]
     decisions: list[HeadDecision]
     conditions: list[Condition]
@@ -168,7 +186,7 @@ class Circuit:
         raise KeyError(criterion)
 
     def to_json(self) -> dict:
-        return {"schema_version": self.schema_version, "settings": self.settings, "heads": self.heads,
+        return {"schema_version": self.schema_version, "settings": asdict(self.settings), "heads": self.heads,
                 "decisions": [asdict(d) for d in self.decisions], "conditions": [asdict(c) for c in self.conditions],
                 "mlp_scale": self.mlp_scale, "mlp_scale_cv": self.mlp_scale_cv,
                 "calibration_sha256": self.calibration_sha,
@@ -196,7 +214,7 @@ class Circuit:
             raise AttnscopeError(f"{out / 'circuit.json'} has schema version {d.get('schema_version')}, this attnscope "
                                  f"reads {SCHEMA_VERSION}; recompute the circuit")
         t = load_file(str(out / "circuit.safetensors"))
-        return cls(settings=d["settings"], heads=d["heads"], decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
+        return cls(settings=CircuitRecord.from_json(d["settings"]), heads=d["heads"], decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
                    conditions=[Condition(**c) for c in d["conditions"]], mlp_scale=d["mlp_scale"],
                    mlp_scale_cv=d["mlp_scale_cv"], calibration_sha=d["calibration_sha256"],
                    denominators_windowed=d["denominators_windowed"], query_conditioned=d["query_conditioned"],

@@ -188,6 +188,7 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
         res = find_neurons(w, circ, ns, progress=not as_json)
         with staged_output(out, "neurons") as tmp:
             res.save(tmp)
+            circ.save(tmp / "circuit")  # NeuronResult.load reads it back
             figs = neuron_figures(res, circ, tmp)
     if as_json:
         typer.echo(json.dumps(res.to_json(), indent=1, default=str))

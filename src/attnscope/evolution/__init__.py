@@ -1,1 +1,2 @@
-"""evolution: stage package of attnscope."""
+"""Training dynamics over checkpoints: per-checkpoint summaries and the timeline (``run``: ``run_evolution``),
+and the figures and page (``page``)."""

@@ -252,7 +252,7 @@ def ground_truth(w: ModelWeights, circ: Circuit, s: EvolutionSettings) -> tuple[
     neuron on the held-out windows of each bundled text (the tuning and the reporting half), exactly as
     :func:`~attnscope.neurons.find.find_neurons` measures them."""
     windows = held_out_windows(w, circ, s.neuron.eval, s.neuron.max_windows)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
     d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
     return windows, d_tune, d_report

@@ -55,7 +55,7 @@ def _candidates(w: ModelWeights, lc: LaterCircuit):
     """``(layer, name, n_eff, token vectors [V, d], per-position output fn, f)`` of every head of ``l < L``."""
     for l in range(lc.layer):
         circ, ex, M = lc.circuits[l], lc.explainers[l], lc.gain.get(l, 1.0) * lc.G[l]
-        n_star = circ.settings["reference_position"]
+        n_star = circ.settings.reference_position
         if circ.heads:
             yield (l, "bag", _neff(circ.kernel.cpu(), n_star), centre(circ.ext.float().cpu(), w) @ M,
                    lambda t, c=circ, M=M: c.summary(t.to(c.kernel.device)).float().cpu() @ M, None)

@@ -222,7 +222,7 @@ def _true_heads(w: ModelWeights, l: int, heads: list[int], toks: Tensor) -> Tens
 def _circuit_fvus(w: ModelWeights, l: int, view: ModelWeights, circ: Circuit, texts: dict[str, Tensor]):
     """The circuit's FVU against the heads on effective inputs and against the model's true heads."""
     eff_fvu = circuit_fidelity(view, circ, texts)["fvu"]
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     ys, yh = [], []
     for t in texts.values():
         t = t[: circ.T]

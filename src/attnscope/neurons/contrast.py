@@ -110,7 +110,7 @@ class TokenModel:
 @torch.no_grad()
 def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None) -> TokenModel:
     ex = ex or build_explainer(w, circ)
-    n_star = circ.settings["reference_position"]
+    n_star = circ.settings.reference_position
     raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
     if w.ln_emb_w is not None:
         raw = torch.nn.functional.layer_norm(raw, raw.shape[-1:], w.ln_emb_w, w.ln_emb_b, w.eps)
@@ -124,7 +124,7 @@ def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = Non
 @torch.no_grad()
 def calibration_std(w: ModelWeights, circ: Circuit) -> Tensor:
     """Std ``[d_mlp]`` of each neuron's true pre-activation over the calibration text (n >= min_position)."""
-    return true_pre(w, circ.calibration_tokens)[circ.settings["min_position"]:].double().std(0).clamp_min(1e-6)
+    return true_pre(w, circ.calibration_tokens)[circ.settings.min_position:].double().std(0).clamp_min(1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -266,11 +266,11 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
     recs = [NeuronContrast(k, float(diff[k]), float(pd[k]), {t: float(v[k]) for t, v in parts.items()},
                            *(ev.get(k, ([], [])))) for k in order]
     res = ContrastResult(w.info(), a, b, len(ids[a]), len(ids[b]), recs,
-                         settings={"max_windows": max_windows, "calibration": circ.settings["calibration"],
-                                   "min_position": circ.settings["min_position"], "n_ctx": circ.T,
+                         settings={"max_windows": max_windows, "calibration": circ.settings.calibration,
+                                   "min_position": circ.settings.min_position, "n_ctx": circ.T,
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
     if verify:
-        n_min = circ.settings["min_position"]
+        n_min = circ.settings.min_position
         wa, wb = (source_windows(w, s, circ.T, max_windows=max_windows) for s in (a, b))
         sa = pre_stats(w, torch.cat([wa.tune, wa.report]), n_min)
         sb = pre_stats(w, torch.cat([wb.tune, wb.report]), n_min)

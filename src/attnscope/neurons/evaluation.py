@@ -137,7 +137,7 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
     s = NeuronSettings(max_windows=max_windows, precision_target=precision_target, n_random=n_random, max_neurons=10**6)
     windows = held_out_windows(w, circ, None, max_windows)
     names = [x.name for x in windows]
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     ex = build_explainer(w, circ)
     tm = build_token_model(w, circ, ex)
     sc = score(w, circ, windows, s, tm)

@@ -76,8 +76,8 @@ def build_explainer(w: ModelWeights, circ: Circuit) -> Explainer:
     calibration text (the same typical query and reference position the circuit used)."""
     cal = circ.calibration_tokens.to(w.device)
     T = len(cal)
-    n_star = circ.settings["reference_position"]
-    e_val, p_val, key_content = content_inputs(w, T, n_star, circ.settings["reference_norm"])
+    n_star = circ.settings.reference_position
+    e_val, p_val, key_content = content_inputs(w, T, n_star, circ.settings.reference_norm)
     Kh, q = layer0_kernels_and_queries(w, cal)  # [H, T, T], [H, T, dh]
     others = [h for h in range(w.n_heads) if h not in circ.heads]
     hs = torch.tensor(others, dtype=torch.long, device=w.device)
@@ -154,7 +154,7 @@ def score_explanation(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list
                       neurons: list[int]) -> ExplanationScores:
     """Score the full explanation of ``neurons`` against their true pre-activation on ``texts``
     (token windows ``[pos]``), over positions ``n >= min_position``."""
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     idx = torch.tensor(neurons, dtype=torch.long, device=w.device)
     ys, terms, rw, fw = [], {t: [] for t in TERMS}, [], []
     for toks in texts:
@@ -185,7 +185,7 @@ def contextual_fidelity(w: ModelWeights, circ: Circuit, texts: list[Tensor],
                         neurons: list[int]) -> tuple[Tensor, Tensor]:
     """Per neuron, r and FVU of the contextual bag against the contextual heads' TRUE contribution."""
     W = mlp_input_weights(w)[0][:, neurons]
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     ys, yh = [], []
     for t in texts:
         t = t[: circ.T].to(w.device)

@@ -24,10 +24,7 @@ row per neuron) and ``traces.json``.
 
 from __future__ import annotations
 
-import csv
-import json
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import asdict, dataclass
 
 import torch
 from torch import Tensor
@@ -52,7 +49,6 @@ from attnscope.neurons.contrast import (
 )
 from attnscope.neurons.explain import (
     Explainer,
-    TextDenominators,
     build_explainer,
     contextual_fidelity,
     denominator_transfer,
@@ -61,43 +57,25 @@ from attnscope.neurons.explain import (
     true_pre,
 )
 from attnscope.neurons.labels import auto_label
-
-D_MIN = 1.0
-ROW_TERMS = ("contextual bag", "direct", "other heads")  # the order of NeuronRow.d_bag, d_direct, d_other_heads
-
-
-@dataclass
-class NeuronSettings:
-    eval: list[str] | None = None  # held-out sources (default: the bundled texts; the calibration window skipped)
-    max_windows: int = 8  # windows per source: first half tunes the threshold, second half reports
-    precision_target: float = 0.9  # the reported set: longest prefix of the ranking with tuning precision >= this
-    max_neurons: int = 64  # reported neurons given a card (explanation, traces), most sensitive first
-    n_random: int = 64  # random neurons for the baselines
-    n_top_tokens: int = 20
-    top_m: int = 100  # size of the token set that defines a neuron's swing
-    seed: int = 0
-    chunk: int = 1024  # neurons scored at a time (memory: d_vocab x chunk)
+from attnscope.neurons.result import (  # noqa: F401  (re-exported: the stage's types live with it)
+    D_MIN,
+    ROW_TERMS,
+    SCHEMA_VERSION,
+    CardHead,
+    FitSummary,
+    NeuronCard,
+    NeuronResult,
+    NeuronRow,
+    NeuronSettings,
+    NeuronTrace,
+    Threshold,
+    Verification,
+)
 
 
-@dataclass
-class NeuronRow:
-    """One neuron's row of the ranked table (every neuron has one)."""
 
-    index: int
-    rank: int  # 1 = most context-sensitive
-    sensitivity: float  # max over contrasts of |predicted d|
-    best_contrast: str  # the held-out source whose one-vs-rest contrast gives it
-    predicted_d: float  # signed, in that contrast
-    d_bag: float  # the part of predicted_d carried by the contextual bag (context evidence) ...
-    d_direct: float  # ... by the token at n itself (token evidence) ...
-    d_other_heads: float  # ... and by the other heads (mostly nearby tokens)
-    swing_positive: float  # contextual bag alone: mean(top-m S) - E_cal[S], pre-activation units
-    swing_negative: float
-    sigma_calibration: float  # std of the true pre-activation on the calibration text
-    passed: bool  # sensitivity >= the measured threshold
-    validated_tuning: bool  # |d| >= 1 with the predicted sign in some contrast, tuning half
-    top_positive_tokens: list[str]
-    top_negative_tokens: list[str]
+
+
 
 
 @dataclass
@@ -113,155 +91,18 @@ class NeuronScores:
     sigma: Tensor  # [d_mlp]
 
 
-@dataclass
-class Threshold:
-    value: float  # neurons with sensitivity >= value pass (inf: none)
-    precision_target: float
-    tuning_precision: float  # precision of the passed set on the tuning half
-    n_passed: int
-    base_rate_tuning: float  # share of all neurons validated on the tuning half
 
 
-@dataclass
-class FitSummary:
-    """Medians over a set of neurons of the full explanation's fit to the true pre-activation."""
-
-    n_neurons: int  # every median is None when there is no finite value (e.g. no neuron)
-    r: float | None
-    fvu: float | None
-    r_within: float | None
-    fvu_within: float | None
-    parts: dict[str, float | None]  # term -> median share of variance explained
-    contextual_r: float | None  # contextual-heads fidelity: predicted vs true contribution of those heads only
-    contextual_fvu: float | None
 
 
-@dataclass
-class Verification:
-    """Output of :func:`verify`, on the reporting half of the held-out windows."""
-
-    precision: float  # share of the reported set with |d| >= 1 and the predicted sign in some contrast
-    precision_random: float  # the same share for all neurons (the base rate)
-    recall20: dict[str, float]  # per contrast: share of its top-20 by |d| in the reported set
-    recall20_random: float  # expected for a random set of the same size
-    reported: FitSummary | None
-    random: FitSummary
-    circuit_fidelity: dict[str, float]  # linear summary vs the contextual heads' true summed output
-    n_positions: int
 
 
-@dataclass
-class CardHead:
-    """What every neuron card starts with (layer 0 and the later layers): rank, token evidence and labels."""
-
-    index: int
-    rank: int
-    sensitivity: float
-    top_positive_tokens: list[tuple[str, float]]
-    top_negative_tokens: list[tuple[str, float]]
-    label: str | None
-    label_evidence: str | None
-    label_negative: str | None
-    label_negative_evidence: str | None
 
 
-@dataclass
-class NeuronCard(CardHead):
-    fired_on_calibration: bool
-    r: float  # full explanation vs TRUE pre-activation, pooled over the reporting windows
-    fvu: float
-    r_within: float
-    fvu_within: float
-    parts: dict[str, float]
-    contextual_r: float  # contextual-heads fidelity
-    contextual_fvu: float
-    true_d: dict[str, float]  # one-vs-rest effect size per source, reporting half
-    positive_text: str
-    negative_text: str
-
-    @property
-    def effect(self) -> float:
-        return self.sensitivity
 
 
-@dataclass
-class NeuronTrace:
-    neuron: int
-    text: str
-    true_pre: list[float]
-    predicted_pre: list[float]  # the full explanation
-    true_contextual: list[float]  # the contextual heads' true contribution
-    predicted_contextual: list[float]  # the contextual bag
 
 
-@dataclass
-class NeuronResult:
-    model: dict
-    circuit: Circuit  # the contextual circuit the neurons were scored with (saved on its own by Circuit.save)
-    settings: dict
-    sources: list[str]
-    rows: list[NeuronRow]  # every neuron, by rank
-    threshold: Threshold
-    verification: Verification
-    cards: list[NeuronCard]  # the reported neurons with a card, by rank
-    denominators: list[TextDenominators]
-    traces: list[NeuronTrace] = field(repr=False, default_factory=list)
-
-    @property
-    def n_scored(self) -> int:
-        return len(self.rows)
-
-    @property
-    def n_selected(self) -> int:
-        return self.threshold.n_passed
-
-    @property
-    def records(self) -> list[NeuronCard]:
-        return self.cards
-
-    @property
-    def fidelity(self) -> dict[str, float]:
-        return self.verification.circuit_fidelity
-
-    def trace(self, neuron: int, text: str) -> NeuronTrace | None:
-        return next((t for t in self.traces if t.neuron == neuron and t.text == text), None)
-
-    def summary(self) -> dict:
-        v, rep = self.verification, self.verification.reported
-        return {"heads": self.circuit.heads, "n_heads": len(self.circuit.heads),
-                "query_conditioned": self.circuit.query_conditioned,
-                "n_neurons_scored": self.n_scored,
-                "n_neurons_found": self.n_selected,
-                "n_verified": len(self.cards), "median_r": rep.r if rep else None,
-                "threshold": self.threshold.value, "tuning_precision": self.threshold.tuning_precision,
-                "precision": v.precision, "precision_random": v.precision_random,
-                "median_recall20": _median(list(v.recall20.values())), "recall20_random": v.recall20_random,
-                "median_fvu": rep.fvu if rep else None, "median_fvu_within": rep.fvu_within if rep else None,
-                "median_fvu_random": v.random.fvu, "median_fvu_within_random": v.random.fvu_within,
-                "texts_out_of_scope": [d.text for d in self.denominators if not d.in_scope]}
-
-    def to_json(self) -> dict:
-        dens = [{**{k: v for k, v in asdict(d).items() if k != "Z_trace"}, "in_scope": d.in_scope}
-                for d in self.denominators]
-        return {"model": self.model, "circuit": self.circuit.to_json(), "settings": self.settings, "sources": self.sources,
-                "summary": self.summary(), "threshold": asdict(self.threshold),
-                "verification": asdict(self.verification), "denominators": dens,
-                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
-
-    def save(self, out: str | Path) -> Path:
-        """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron) and ``traces.json``."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        with (out / "neurons.csv").open("w", newline="") as f:
-            wr = csv.writer(f)
-            cols = [k for k in NeuronRow.__dataclass_fields__]
-            wr.writerow(cols)
-            for r in self.rows:
-                wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
-        (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
-                                                     "denominators": {d.text: d.Z_trace for d in self.denominators}}))
-        return out
 
 
 def decode_tokens(tok, ids: list[int]) -> list[str]:
@@ -277,7 +118,7 @@ def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None,
                      max_windows: int | None) -> list[SourceWindows]:
     """Windows of each held-out source (default: every bundled text); a source that holds the calibration
     text starts after the calibration window, so no held-out position was seen by the calibration."""
-    cal = circ.settings["calibration"]
+    cal = circ.settings.calibration
     specs = specs or [f"bundled:{n}" for n in bundled_texts()]
     if len(set(specs)) < 2:
         raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; "
@@ -425,7 +266,7 @@ def neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows,
     if not cards:
         return [], []
     _, sc, cr, cf = rep
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     pre_cal = true_pre(w, circ.calibration_tokens).cpu()[n_min:]
     ts = tm.token_scores(torch.tensor(cards, device=w.device)).cpu()
     keep = circ.token_mask.cpu().clone()
@@ -451,7 +292,7 @@ def neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows,
 
 @torch.no_grad()
 def _trace(w, circ, ex, k: int, name: str, toks: Tensor) -> NeuronTrace:
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     toks = toks.to(w.device)
     Wk = mlp_input_weights(w)[0][:, k]
     y, pre, _ = true_head_output(w, circ.heads, toks)
@@ -493,7 +334,7 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     ex = build_explainer(w, circ)
     tm = build_token_model(w, circ, ex)
     scores = score(w, circ, windows, s, tm)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
     d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
     thr = select(scores, d_tune, s.precision_target)

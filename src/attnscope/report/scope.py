@@ -88,7 +88,7 @@ def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) 
             f"over {fmt(fid.get('n_positions'))} positions", None)
     recs = neurons.records
     if recs:
-        mp = circ.settings.get("min_position") if circ is not None else None
+        mp = circ.settings.min_position if circ is not None else None
         add("neuron", "the full layer-0 explanation matches the true pre-activation on held-out texts"
                       + (f" (positions n ≥ {mp})" if mp is not None else ""),
             f"median r {fmt(median_of([r.r for r in recs]))}, median FVU "

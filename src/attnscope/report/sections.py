@@ -232,7 +232,7 @@ def circuit_section(circ: Circuit, neurons: NeuronResult | None, figures: dict[s
               f'scope there.</p>' if n_failed else
               '<p class="good">All stated conditions hold on the calibration text.</p>' if circ.conditions else "")
     summary = {"contextual heads": ", ".join(map(str, circ.heads)) or "none",
-               "calibration text": circ.settings.get("calibration"), "calibration sha256": circ.calibration_sha,
+               "calibration text": circ.settings.calibration, "calibration sha256": circ.calibration_sha,
                "calibration tokens": int(circ.calibration_tokens.numel()),
                "MLP-norm scale (CV)": f"{fmt(circ.mlp_scale)} ({fmt(circ.mlp_scale_cv)})",
                "masked outlier tokens": int((~circ.token_mask).sum())}

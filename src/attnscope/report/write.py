@@ -5,6 +5,7 @@ The page's CSS and JavaScript are package files (``report.css``, ``report.js``) 
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import asdict
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -41,9 +42,9 @@ def _provenance(provenance: dict | None, kernels: KernelResult | None, circuit: 
         if kernels.ref_norms:
             prov["kernel reference norms"] = {f"layer {k}": v for k, v in kernels.ref_norms.items()}
     if circuit is not None:
-        prov["calibration text"] = {"source": circuit.settings.get("calibration"), "sha256": circuit.calibration_sha,
+        prov["calibration text"] = {"source": circuit.settings.calibration, "sha256": circuit.calibration_sha,
                                     "tokens": int(circuit.calibration_tokens.numel())}
-        prov["circuit settings"] = dict(circuit.settings)
+        prov["circuit settings"] = asdict(circuit.settings)
     if neurons is not None:
         prov["neuron settings"] = dict(neurons.settings)
     return prov

@@ -164,7 +164,7 @@ class Analyser:
         self.w, self.circ, self.explanation, self.cal = w, circ, explanation, cal
         self.scope = scope or ScopeSettings()
         self.bos = w.bos_token_id if w.prepend_bos else None
-        self.n_min = circ.settings["min_position"]
+        self.n_min = circ.settings.min_position
         self.capacity = circ.T - (1 if self.bos is not None else 0)
         self.d_mlp = w.d_mlp
 

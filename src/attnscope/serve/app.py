@@ -90,8 +90,8 @@ def info_json(m: ServeModel) -> dict:
     kernels["shared"] = circ.kernel[n_ref, : n_ref + 1].flip(0).tolist()
     return {"model": m.w.info(), "source": m.source, "explanation": {"kind": m.explanation.kind,
             "description": m.explanation.description},
-            "circuit": {"heads": circ.heads, "context": T, "min_position": circ.settings["min_position"],
-                        "calibration": circ.settings["calibration"], "mlp_scale": circ.mlp_scale,
+            "circuit": {"heads": circ.heads, "context": T, "min_position": circ.settings.min_position,
+                        "calibration": circ.settings.calibration, "mlp_scale": circ.mlp_scale,
                         "kernel_query_position": n_ref, "kernels_by_offset": kernels,
                         "decisions": [asdict(d) for d in circ.decisions if d.chosen],
                         "conditions": [asdict(c) for c in circ.conditions],

@@ -77,7 +77,7 @@ class BagExplanation:
         self.W = W / circ.mlp_scale
         self.ext_c = centre(circ.ext, w)  # [V, d_model]
         self.pos_c = centre(circ.positional, w) @ self.W  # [T, d_mlp]
-        n_min = circ.settings["min_position"]
+        n_min = circ.settings.min_position
         cal = circ.calibration_tokens.to(w.device)
         y_cal, pre_cal, _ = true_head_output(w, circ.heads, cal)
         self.constant = (pre_cal - centre(y_cal, w) @ self.W)[n_min:].mean(0)  # [d_mlp]

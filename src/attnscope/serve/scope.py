@@ -102,10 +102,10 @@ class CalibrationReference:
 def calibration_reference(w: ModelWeights, circ: Circuit) -> CalibrationReference:
     cal = circ.calibration_tokens.to(w.device)
     acts = next(iter_layers(w, cal[None], stop_layer=0))
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     hs = torch.tensor(circ.heads, device=cal.device)
     body = cal[1:] if w.prepend_bos else cal
-    clip = circ.settings.get("f_clip", 3.0)
+    clip = circ.settings.f_clip
     return CalibrationReference(float(acts.pattern[0, hs, n_min:, 0].mean(0).median()),
                                 float((circ.f[:, body] >= clip * (1 - 1e-6)).float().mean()))
 
@@ -123,7 +123,7 @@ def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationRefe
                    s: ScopeSettings | None = None) -> list[InputCondition]:
     """The conditions of the bag explanation on one input (all its windows together)."""
     s = s or ScopeSettings()
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     Z = torch.cat([st.z_by_head for st in stats], 1)
     n_pos = Z.shape[1]
     if n_pos == 0:
@@ -134,7 +134,7 @@ def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationRefe
     per_head = ", ".join(f"H{h}: {r:.2f}" for h, r in zip(circ.heads, ratios))
     sink = float(torch.cat([st.sink for st in stats]).median())
     f = torch.cat([st.f_at_tokens for st in stats], 1)
-    clip = circ.settings.get("f_clip", 3.0)
+    clip = circ.settings.f_clip
     clipped = float((f >= clip * (1 - 1e-6)).float().mean()) if f.numel() else 0.0
     masked = float(torch.cat([st.masked for st in stats]).float().mean()) if f.numel() else 0.0
     clip_max = max(s.clipped_share_max, s.clipped_share_cal_factor * cal.clipped_share)

@@ -123,7 +123,7 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
                 raise ConditionFailedError(f"{err}; or run `attnscope neurons {w.name} --heads ... --out DIR` and "
                                            "pass --analysis DIR") from None
             result = find_neurons(w, circ, progress=False).to_json()
-            source = "computed at start-up (calibration " + circ.settings["calibration"] + ")"
+            source = "computed at start-up (calibration " + circ.settings.calibration + ")"
         t["circuit_and_neurons"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         expl = make_explanation(w, circ)

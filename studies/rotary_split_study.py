@@ -16,7 +16,7 @@ TV is measured per query position on the held-out windows (positions >= --n-min)
 first position (BOS) excluded and both rows renormalised ("sink-excluded").  Prints a table per layer and
 writes JSON.
 
-    PYTHONPATH=src python scripts/rotary_split_study.py smollm2 --layers 0 1 2 \
+    PYTHONPATH=src python studies/rotary_split_study.py smollm2 --layers 0 1 2 \
         --estimate bundled:en_moby_dick --evaluate bundled:en_speeches_1900_2016 bundled:code_python --out out/rotary_split.json
 """
 

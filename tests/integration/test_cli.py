@@ -203,12 +203,12 @@ def test_errors_through_the_console_script(args, words, tiny_gpt2_dir):
 
 
 def test_interrupt_exits_130_in_one_line(monkeypatch, capsys, tiny_gpt2_dir, tmp_path):
-    import attnscope.kernels.analysis
+    import attnscope.cli.app
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(attnscope.kernels.analysis, "analyse_kernels", interrupted)
+    monkeypatch.setattr(attnscope.cli.app, "analyse_kernels", interrupted)
     code, _, err = run_main(["kernels", str(tiny_gpt2_dir), "--out", str(tmp_path / "k"), *K], monkeypatch, capsys)
     assert code == 130 and err.strip().splitlines() == ["interrupted: nothing was written (partial outputs are discarded)"]
     assert not (tmp_path / "k" / "kernels.json").exists()

@@ -3,7 +3,7 @@
 same inputs and checked for equal results.  Nothing here is used by attnscope: these are the measured
 effects quoted in docs/benchmark.md ("Recommended fixes").
 
-    .venv/bin/python bench/proto.py [--model small|medium|quick] [--n-ctx 1024] [--only NAME,...]
+    .venv/bin/python studies/proto.py [--model small|medium|quick] [--n-ctx 1024] [--only NAME,...]
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import common as B  # noqa: E402
 
 FOREIGN = []  # share of the CPUs other processes used during each timing (noted in the report line)

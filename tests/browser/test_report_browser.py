@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
 
-DATA = Path(__file__).parent / "data"
-DOCS = Path(__file__).parent.parent / "docs"
+DATA = Path(__file__).resolve().parents[1] / "data"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 
 
 def _missing() -> str | None:

@@ -205,8 +205,8 @@ def test_circuit_splits_off_the_sink(bos_circuit):
     (checked against output_attentions), the kernel the circuit uses has no mass on the BOS, and the BOS choice
     is recorded."""
     w, hf, c = bos_circuit
-    assert c.heads == [0] and c.settings["bos"] == 0 and c.settings["prepend_bos"] is True
-    n_min, T = c.settings["min_position"], c.T
+    assert c.heads == [0] and c.settings.bos == 0 and c.settings.prepend_bos is True
+    n_min, T = c.settings.min_position, c.T
     n = torch.arange(n_min, T, dtype=torch.float64)
     d0 = c.decisions[0]
     assert abs(d0.sink_mass - float((1 / (n + 1)).median())) < 1e-5
@@ -229,7 +229,7 @@ def test_circuit_with_sink_and_query_conditioned_variant_match_truth(bos_circuit
     from attnscope.core.texts import text_tokens
 
     w, _, c = bos_circuit
-    on = choose_query_form(w, dataclasses.replace(c, settings={**c.settings, "query_conditioned": "on"},
+    on = choose_query_form(w, dataclasses.replace(c, settings=dataclasses.replace(c.settings, query_conditioned="on"),
                                                   conditions=list(c.conditions)))
     texts = {s: text_tokens(f"bundled:{s}", w.tokenizer, max_tokens=128, bos_token_id=0) for s in ("code_python", "es_fortunes")}
     typ = circuit_fidelity(w, c, texts)

@@ -9,8 +9,8 @@ summed output with approximations that each replace one piece (FVU of the centre
 * ``circuit``       the circuit's summary (one shared kernel), what the neurons read;
 * ``+ true sink``   the ``own K`` bag on positions >= 1 renormalised to the true 1 - s_n, plus the true sink term.
 
-    PYTHONPATH=src python scripts/circuit_diagnosis.py all-MiniLM-L6-v2
-    PYTHONPATH=src python scripts/circuit_diagnosis.py smollm2 --heads 0 1 2 4 5 6 7 8
+    PYTHONPATH=src python studies/circuit_diagnosis.py all-MiniLM-L6-v2
+    PYTHONPATH=src python studies/circuit_diagnosis.py smollm2 --heads 0 1 2 4 5 6 7 8
 """
 
 from __future__ import annotations
@@ -40,8 +40,8 @@ def main() -> None:
     w = load_model(a.model)
     circ = build_circuit(w, CircuitSettings(heads=a.heads))
     hs = torch.tensor(circ.heads)
-    T, n_min = circ.T, circ.settings["min_position"]
-    e_val, p_val, key_content = content_inputs(w, T, circ.settings["reference_position"], reference_norm(w))
+    T, n_min = circ.T, circ.settings.min_position
+    e_val, p_val, key_content = content_inputs(w, T, circ.settings.reference_position, reference_norm(w))
     WOV = torch.einsum("hde,hef->hdf", w.W_V[0][hs], w.W_O[0][hs])
     const = torch.einsum("he,hed->d", value_bias(w)[hs], w.W_O[0][hs])
     bos = w.bos_token_id if w.prepend_bos else None
@@ -60,7 +60,7 @@ def main() -> None:
             circ_static[:, 0] = kk[:, 0]
     sinks = []
     tvs, ph = [], {}
-    for spec in [f"bundled:{t}" for t in bundled_texts() if f"bundled:{t}" != circ.settings["calibration"]]:
+    for spec in [f"bundled:{t}" for t in bundled_texts() if f"bundled:{t}" != circ.settings.calibration]:
         toks = text_tokens(spec, w.tokenizer, max_tokens=T, min_tokens=n_min + 2, bos_token_id=bos).to(w.device)
         n = len(toks)
         act = next(iter_layers(w, toks[None], stop_layer=0))

@@ -116,6 +116,7 @@ def _py(code: str, *args: str, cdir: Path) -> subprocess.Popen:
                             stderr=subprocess.PIPE, text=True)
 
 
+@pytest.mark.integration  # subprocess runs of the CLI
 def test_kill_while_writing_then_resume(tiny_gpt2_dir, cdir, monkeypatch):
     p = _py(KILL, str(tiny_gpt2_dir), cdir=cdir)
     p.communicate(timeout=300)
@@ -130,6 +131,7 @@ def test_kill_while_writing_then_resume(tiny_gpt2_dir, cdir, monkeypatch):
     _same(analyse_kernels(w, S, progress=False), res)  # a hit now
 
 
+@pytest.mark.integration  # subprocess runs of the CLI
 def test_concurrent_runs_share_the_cache(tiny_gpt2_dir, cdir):
     procs = [_py(RUN, str(tiny_gpt2_dir), cdir=cdir) for _ in range(3)]
     outs = [p.communicate(timeout=300) for p in procs]

@@ -1,7 +1,7 @@
 """Sink-excluded kernels with and without BOS on a GPT-2-architecture model, beside the sampling noise floor
 (issue 10; numbers in docs/kernels.md).
 
-    PYTHONPATH=src python scripts/bos_agreement.py demo --n-ctx 64 --n-samples 96
+    PYTHONPATH=src python studies/bos_agreement.py demo --n-ctx 64 --n-samples 96
 """
 
 from __future__ import annotations

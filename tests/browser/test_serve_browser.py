@@ -35,7 +35,7 @@ def _missing() -> str | None:
 
 MISSING = _missing()
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
-DOCS = Path(__file__).parent.parent / "docs"
+DOCS = Path(__file__).resolve().parents[2] / "docs"
 SPANISH = ("El pueblo estaba en silencio cuando llegó la noche, y los niños dormían mientras sus padres hablaban de "
            "la cosecha, del tiempo y de los viajes que nunca harían juntos por el mundo. Nadie sabía qué pasaría "
            "mañana, pero todos esperaban que la lluvia volviera pronto a los campos.")
@@ -47,7 +47,7 @@ def spanish_neuron(m) -> tuple[int, float]:
     from attnscope.core.texts import bundled_texts, open_source, tokenize
     from attnscope.exact.forward import iter_layers
 
-    T, n_min = m.circ.T, m.circ.settings["min_position"]
+    T, n_min = m.circ.T, m.circ.settings.min_position
     acts: dict[str, torch.Tensor] = {}
     for name in bundled_texts():
         ids = torch.as_tensor(tokenize(open_source(f"bundled:{name}"), m.w.tokenizer))[: 4 * T]
@@ -118,7 +118,7 @@ def test_spanish_neuron_true_activation_is_plotted(page):
     api = _post(url + "/api/analyse", {"text": SPANISH, "neuron": k})
     shown = _plotted(drv, "plot-true")
     span = max(api["true"] + api["pred"]) - min(api["true"] + api["pred"] + [0.0])
-    assert len(shown) == api["n_tokens"] > m.circ.settings["min_position"]
+    assert len(shown) == api["n_tokens"] > m.circ.settings.min_position
     assert max(abs(a - b) for a, b in zip(shown, api["true"])) < 1e-3 * span + 1e-4
     pred = _plotted(drv, "plot-pred")
     assert max(abs(a - b) for a, b in zip(pred, api["pred"])) < 1e-3 * span + 1e-4

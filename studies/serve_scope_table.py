@@ -7,7 +7,7 @@ true pre-activation at positions n >= min_position: median Pearson r over the 12
 it the bag + constant (the baseline the full explanation replaced) for the same neurons, and the page's
 prediction for 12 random neurons ranked below them.
 
-    .venv/bin/python scripts/serve_scope_table.py [--model demo] [--tokens 1024] [--seed 0] [--top 12]
+    .venv/bin/python studies/serve_scope_table.py [--model demo] [--tokens 1024] [--seed 0] [--top 12]
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def main() -> None:
     rest = [r.index for r in m.table[a.top :]]
     g = torch.Generator().manual_seed(a.seed)
     rnd = [rest[i] for i in torch.randperm(len(rest), generator=g)[: a.top].tolist()]
-    print(f"model {a.model}; the page's prediction: {m.explanation.kind}; calibration {m.circ.settings['calibration']}; "
+    print(f"model {a.model}; the page's prediction: {m.explanation.kind}; calibration {m.circ.settings.calibration}; "
           f"{a.top} top-ranked neurons vs {a.top} random lower-ranked (seed {a.seed})\n")
     names = ["denominators", "sink", "clipped", "glitch", "norm CV", "norm ratio"]
     print("| text | tokens | " + " | ".join(names) + " | in scope | median r, top | bag + constant, top | median r, random |")

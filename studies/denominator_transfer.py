@@ -1,7 +1,7 @@
 """Denominator transfer of the circuit as the neuron stage checks it (the first reporting window of each held-out
 source), for the circuit's own form and for the typical-query form beside it.
 
-    PYTHONPATH=src python scripts/denominator_transfer.py smollm2 all-MiniLM-L6-v2
+    PYTHONPATH=src python studies/denominator_transfer.py smollm2 all-MiniLM-L6-v2
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Later-layer predictor variants side by side (issue 11, accuracy experiments), scored on BOTH halves.
 
-    python bench/later_variants.py demo --layers 1,2,3
-    python bench/later_variants.py smollm2 --layers 1,2,3,4,5 --max-windows 4 --ceilings-only
+    python studies/later_variants.py demo --layers 1,2,3
+    python studies/later_variants.py smollm2 --layers 1,2,3,4,5 --max-windows 4 --ceilings-only
 
 Choices are made on the tuning half (``tune``: the sample's own windows, so in-sample for the token-mean
 parts) and reported on the reporting half (``report``).  Median over the one-vs-rest contrasts of the
@@ -67,7 +67,7 @@ def head_terms(w, lc):
     out = {}
     for l, circ in lc.circuits.items():
         M = lc.gain.get(l, 1.0) * lc.G[l] if l < lc.layer else I
-        n_star = circ.settings["reference_position"]
+        n_star = circ.settings.reference_position
         if circ.heads:
             out[(l, "bag")] = (centre(circ.ext.float().cpu(), w) @ M, lambda t, c=circ, M=M: c.summary(t).float().cpu() @ M,
                                _neff(circ.kernel.float().cpu(), n_star), None)

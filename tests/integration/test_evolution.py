@@ -59,7 +59,7 @@ def test_ground_truth_matches_the_models_own_activations(tiny_gpt2):
     w, hf = tiny_gpt2
     circ = build_circuit(w, CircuitSettings(heads=[0, 1]))
     windows, d_tune, d_report = E.ground_truth(w, circ, _fast())
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     acts = [hf_activations(hf, x.report)[1][0][:, n_min:].reshape(-1, w.d_mlp).double() for x in windows]
     c = [x.name for x in windows].index("de_fortunes")
     a, rest = acts[c], torch.cat([b for j, b in enumerate(acts) if j != c])

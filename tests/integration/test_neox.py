@@ -12,7 +12,7 @@ from attnscope.exact.forward import compare_with_model, run
 from attnscope.models import load_model, resolve
 from attnscope.models.resolve import split_revision
 
-TOL = 1e-4  # as tests/test_forward.py
+TOL = 1e-4  # as tests/unit/test_forward.py
 
 
 @pytest.fixture(scope="module", params=[True, False], ids=["parallel", "sequential"])

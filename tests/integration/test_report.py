@@ -11,7 +11,7 @@ import pytest
 
 from attnscope.report import write_report
 
-DATA = Path(__file__).parent / "data"
+DATA = Path(__file__).resolve().parents[1] / "data"
 
 
 @pytest.fixture(scope="module")

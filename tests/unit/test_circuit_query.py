@@ -13,7 +13,7 @@ from attnscope.circuit.query import circuit_output, query_averaged_factors, quer
 from attnscope.core.texts import text_tokens
 from attnscope.exact.decomposition import centre
 
-CAL = str(Path(__file__).parent / "data" / "moby.txt")
+CAL = str(Path(__file__).resolve().parents[1] / "data" / "moby.txt")
 HELD_OUT = ("code_python", "es_fortunes", "en_speeches_1900_2016")
 
 
@@ -83,7 +83,7 @@ def test_query_averaged_factors_match_the_models_attention(norotation_llama):
     w, hf = norotation_llama
     c = build_circuit(w, _settings(query_conditioned="on", f_clip=1e9))
     cal = c.calibration_tokens
-    n_min = c.settings["min_position"]
+    n_min = c.settings.min_position
     with torch.no_grad():
         att = hf(cal[None], output_attentions=True).attentions[0][0].double()  # [H, n, i]
     n = torch.arange(n_min, len(cal), dtype=torch.float64)
@@ -102,7 +102,7 @@ def test_query_denominator_transfer_is_the_ratio_of_predicted_to_true_attention(
     w, hf = norotation_llama
     c = build_circuit(w, _settings(query_conditioned="on", f_clip=1e9))
     toks = text_tokens("bundled:code_python", w.tokenizer, max_tokens=64)
-    n_min = c.settings["min_position"]
+    n_min = c.settings.min_position
     with torch.no_grad():
         att = hf(toks[None], output_attentions=True).attentions[0][0].double()
     ratio = (query_conditioned_pattern(w, c, toks) / att)[:, n_min:, :n_min + 1]  # keys every query sees
@@ -128,7 +128,7 @@ def test_query_conditioned_beats_one_typical_query_on_held_out_text(query_llama)
     # the reported fidelity is that of the form used: recomputed here from the model's own forward pass
     ys = [true_head_output(w, auto.heads, t)[0] for t in texts.values()]
     yh = [query_conditioned_summary(w, auto, t) for t in texts.values()]
-    n_min = auto.settings["min_position"]
+    n_min = auto.settings.min_position
     y = torch.cat([centre(v, w)[n_min:] for v in ys]).double()
     yhat = torch.cat([centre(v, w)[n_min:] for v in yh]).double()
     assert abs(f_qc - float(((y - yhat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())) < 1e-6
@@ -166,7 +166,7 @@ def test_the_neuron_explanation_reads_the_query_conditioned_summary(query_llama)
     W = mlp_input_weights(w)[0]
     terms = explain_terms(w, c, build_explainer(w, c), toks)
     torch.testing.assert_close(terms["contextual bag"], centre(query_conditioned_summary(w, c, toks), w) @ W / c.mlp_scale)
-    n_min, k = c.settings["min_position"], [0, 5, 9]
+    n_min, k = c.settings.min_position, [0, 5, 9]
     r, fvu = contextual_fidelity(w, c, [toks], k)
     y = centre(true_head_output(w, c.heads, toks)[0], w) @ W[:, k] / c.mlp_scale
     r2, fvu2 = fit_scores(y[n_min:], terms["contextual bag"][n_min:, k])
@@ -185,7 +185,7 @@ def test_served_scope_uses_each_querys_denominator(query_llama):
     w, _ = query_llama
     c = build_circuit(w, _settings(query_conditioned="on"))
     toks = text_tokens("bundled:es_fortunes", w.tokenizer, max_tokens=64, bos_token_id=w.analysis_bos)
-    n_min = c.settings["min_position"]
+    n_min = c.settings.min_position
     acts = next(iter_layers(w, toks[None], stop_layer=0))
     st = window_stats(w, c, toks, acts, torch.arange(n_min, len(toks)), torch.arange(1, len(toks)))
     want = denominator_stability(w, c, {"es": toks})["es"]["ratio_to_calibration"]

@@ -40,7 +40,7 @@ def _reference_bag(m, ids: torch.Tensor, k: int) -> torch.Tensor:
     """The bag + constant written out from the Circuit API (method §7-8), not through serve's class."""
     w, circ = m.w, m.circ
     W, _ = mlp_input_weights(w)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     y_cal, pre_cal, _ = true_head_output(w, circ.heads, circ.calibration_tokens)
     other = (pre_cal[:, k] - centre(y_cal, w) @ W[:, k] / circ.mlp_scale)[n_min:].mean()
     return centre(circ.summary(ids), w) @ W[:, k] / circ.mlp_scale + other
@@ -66,7 +66,7 @@ def test_analyse_true_and_predicted_match_references(served):
     assert torch.allclose(torch.tensor(d["true"]), true, atol=1e-4)
     assert torch.allclose(torch.tensor(d["pred"]), _reference_pred(m, ids, k), atol=1e-4)
     assert d["window_note"] is None and d["explanation"] == m.explanation.kind
-    n_min = m.circ.settings["min_position"]
+    n_min = m.circ.settings.min_position
     assert d["early"] == [i < n_min for i in range(200)]
     assert d["fit"]["n"] == 200 - n_min
 
@@ -78,7 +78,7 @@ def test_prediction_matches_find_neurons_traces(served):
 
     m, _ = served
     res = find_neurons(m.w, m.circ, progress=False)
-    n_min = m.circ.settings["min_position"]
+    n_min = m.circ.settings.min_position
     from attnscope.neurons.find import held_out_windows
 
     assert m.explanation.kind == "full layer-0 explanation"
@@ -128,7 +128,7 @@ def test_long_text_is_analysed_in_windows(served):
     m, c = served
     text, ids = _text(m.w, "bundled:en_moby_dick", 600)
     d = c.post("/api/analyse", json={"text": text, "neuron": 5}).json()
-    T, n_min = m.circ.T, m.circ.settings["min_position"]
+    T, n_min = m.circ.T, m.circ.settings.min_position
     assert d["n_tokens"] == 600 and len(d["true"]) == 600 and "windows" in d["window_note"]
     wins = d["windows"]
     assert [w["report_from"] for w in wins] == [0, T, 2 * T - n_min] and wins[-1]["stop"] == 600
@@ -142,7 +142,7 @@ def test_long_text_is_analysed_in_windows(served):
 
 def test_scope_on_calibration_and_on_a_degenerate_text(served):
     m, c = served
-    text, _ = _text(m.w, m.circ.settings["calibration"], m.circ.T)
+    text, _ = _text(m.w, m.circ.settings.calibration, m.circ.T)
     d = c.post("/api/analyse", json={"text": text, "neuron": 0}).json()
     cond = {x["name"]: x for x in d["conditions"]}
     assert cond["denominators as on calibration"]["measured"] == pytest.approx(1.0, abs=1e-4)
@@ -164,7 +164,7 @@ def test_contrast_against_forward_pass(served):
     b, ib = _text(m.w, "bundled:en_moby_dick", 150)
     k = m.table[0].index
     d = c.post("/api/contrast", json={"text_a": a, "text_b": b, "neuron": k, "top": 5}).json()
-    n_min = m.circ.settings["min_position"]
+    n_min = m.circ.settings.min_position
     ta = next(iter_layers(m.w, ia[None], stop_layer=0)).mlp_pre[0, n_min:].double()
     tb = next(iter_layers(m.w, ib[None], stop_layer=0)).mlp_pre[0, n_min:].double()
     eff = (ta.mean(0) - tb.mean(0)) / ((ta.var(0) + tb.var(0)) / 2).sqrt()

@@ -57,6 +57,24 @@ def test_every_neuron_ranked_and_saved(hand_result, tmp_path):
     assert all(len(z) == len(res.circuit.heads) for z in tr["denominators"].values())
 
 
+def test_saved_result_loads_back_identical(hand_result, tmp_path):
+    from attnscope.core.errors import AttnscopeError
+    from attnscope.neurons.find import NeuronResult
+
+    _, _, res = hand_result
+    res.save(tmp_path)
+    with pytest.raises(AttnscopeError, match="no circuit/ folder"):
+        NeuronResult.load(tmp_path)
+    res.circuit.save(tmp_path / "circuit")
+    back = NeuronResult.load(tmp_path)
+    assert json.dumps(back.to_json(), sort_keys=True) == json.dumps(res.to_json(), sort_keys=True)  # every field
+    assert back.rows[0] == res.rows[0] and back.cards[0].top_positive_tokens == res.cards[0].top_positive_tokens
+    assert back.denominators[0].Z_trace == res.denominators[0].Z_trace and back.traces == res.traces
+    (tmp_path / "neurons.json").write_text(json.dumps({**res.to_json(), "schema_version": 0}))
+    with pytest.raises(AttnscopeError, match="schema version 0"):
+        NeuronResult.load(tmp_path)
+
+
 def test_random_neurons_beside_the_reported(hand_result):
     _, _, res = hand_result
     v = res.verification

@@ -1,7 +1,7 @@
 """The found neurons of a `neurons` run in a verified `contrast` run: each neuron's predicted and true effect size
 d between the two sources, and the contrast's ranking scores with the token-shuffled null beside them.
 
-    python scripts/contrast_found_neurons.py OUT/neurons.json CONTRAST/contrast.json [N]
+    python studies/contrast_found_neurons.py OUT/neurons.json CONTRAST/contrast.json [N]
 """
 
 from __future__ import annotations

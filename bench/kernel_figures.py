@@ -1,4 +1,4 @@
-"""Time kernel_figures on a GPT-2-Small-shaped random model's kernels (12 x 12 heads, n_ctx 1024): `python scripts/time_kernel_figures.py`."""
+"""Time kernel_figures on a GPT-2-Small-shaped random model's kernels (12 x 12 heads, n_ctx 1024): `python bench/kernel_figures.py`."""
 import tempfile
 import time
 from pathlib import Path
