@@ -39,6 +39,11 @@ def main() -> None:
         from attnscope.cli.app import main as run  # lazy: start-up speed / clean Ctrl-C before torch is imported
     except KeyboardInterrupt:  # raised by a library that installed its own handler while importing
         _exit_interrupted()
+    except Exception as err:  # noqa: BLE001 - a broken installation (a missing dependency): one line, not a traceback
+        os.write(2, f"error: internal error: attnscope's command line cannot be imported ({type(err).__name__}: "
+                    f"{' '.join(str(err).split())[:200]}); reinstall attnscope and its dependencies\n"
+                 .encode("utf-8", "backslashreplace"))
+        raise SystemExit(1) from None
     if not ignored:
         signal.signal(signal.SIGINT, signal.default_int_handler)
     run()

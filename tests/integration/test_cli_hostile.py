@@ -31,11 +31,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from attnscope.cli import app
+import attnscope.cli.app as cli_app
+from attnscope.cli.app import app
 from test_cli import run_main
 
-PY = [sys.executable, "-m", "attnscope"]
-DATA = Path("tests/data").resolve()
+PY = [sys.executable, "-m", "attnscope.cli"]  # the console entry point (attnscope.cli:main)
+DATA = (Path(__file__).parents[1] / "data").resolve()
 K = ("--samples", str(DATA), "--n-ctx", "32", "--n-samples", "2", "--n-heldout", "2")  # a fast kernels run
 runner = CliRunner()
 
@@ -90,7 +91,7 @@ def _decoy_cache(marked: bool):
         for rel, text in DECOY_CACHE.items():
             _write(tmp / "D" / rel, text)
         if marked:
-            from attnscope.cache import MARKER, MARKER_TEXT
+            from attnscope.core.cache import MARKER, MARKER_TEXT
 
             _write(tmp / "D" / MARKER, MARKER_TEXT)
             ctx["entry"] = _write(tmp / "D" / "tokens" / f"{'a' * 16}-{'b' * 24}.npy", b"x" * 100)
@@ -198,7 +199,7 @@ def _oov_token_cache(tmp, ctx):
     """A well-formed token .npy whose ids are outside the vocabulary, at the cache path of the text."""
     from transformers import AutoTokenizer
 
-    from attnscope.texts import _cache_path, open_source
+    from attnscope.core.texts import _cache_path, open_source
 
     ctx["monkeypatch"].setenv("ATTNSCOPE_CACHE", str(tmp / "cache"))
     p = _cache_path(AutoTokenizer.from_pretrained(ctx["tiny"]), open_source(DATA / "moby.txt"))
@@ -256,11 +257,9 @@ def _fifo(tmp, ctx):
 
 def _planted(exc: BaseException):
     def patch(mp):
-        import attnscope.kernels
-
         def boom(*a, **k):
             raise exc
-        mp.setattr(attnscope.kernels, "analyse_kernels", boom)
+        mp.setattr(cli_app, "analyse_kernels", boom)
     return patch
 
 
@@ -411,9 +410,7 @@ def run_case(case: Case, tmp: Path, ctx: dict, monkeypatch, capsys) -> tuple[int
         if "patch" in env:
             PATCHES[env["patch"]](monkeypatch)
         if "stdin" in env:
-            import attnscope.cli
-
-            monkeypatch.setattr(attnscope.cli, "_stdin_is_terminal", lambda: True)
+            monkeypatch.setattr(cli_app, "_stdin_is_terminal", lambda: True)
             monkeypatch.setattr(sys, "stdin", io.StringIO(env["stdin"]))
         t0 = time.perf_counter()
         res = run_main(args, monkeypatch, capsys)
