@@ -33,7 +33,7 @@ from attnscope.circuit.build import Circuit, circuit_fidelity, mlp_input_weights
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.stats import median as _median
-from attnscope.core.texts import bundled_texts, require_diverse
+from attnscope.core.texts import bundled_texts, decode_tokens, require_diverse  # noqa: F401  (re-exported)
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import (
@@ -73,11 +73,6 @@ from attnscope.neurons.result import (  # noqa: F401  (re-exported: the stage's 
 )
 
 
-
-
-
-
-
 @dataclass
 class NeuronScores:
     """Output of :func:`score` (tensors over neurons)."""
@@ -105,8 +100,6 @@ class NeuronScores:
 
 
 
-def decode_tokens(tok, ids: list[int]) -> list[str]:
-    return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
 
 
 # --------------------------------------------------------------------------------------------------
