@@ -29,11 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_cli import run_main
 from typer.testing import CliRunner
 
 import attnscope.cli.app as cli_app
 from attnscope.cli.app import app
-from test_cli import run_main
 
 PY = [sys.executable, "-m", "attnscope.cli"]  # the console entry point (attnscope.cli:main)
 DATA = (Path(__file__).parents[1] / "data").resolve()

@@ -33,7 +33,16 @@ from attnscope.cli.show import (
     print_table,
     print_timeline,
 )
-from attnscope.core.cache import KINDS, cache_clear, cache_dir, cache_info, caching, clear_plan, overwriting, staged_output
+from attnscope.core.cache import (
+    KINDS,
+    cache_clear,
+    cache_dir,
+    cache_info,
+    caching,
+    clear_plan,
+    overwriting,
+    staged_output,
+)
 from attnscope.core.errors import AttnscopeError, check_index
 from attnscope.core.texts import bundled_texts, decoding, open_source, reading_once, text_tokens
 from attnscope.evolution.page import evolution_figures, write_evolution_page
