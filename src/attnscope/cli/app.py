@@ -299,7 +299,7 @@ def train_demo_cmd(
     force: A.ForceOpt = False,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
-    _check_corpora(corpora)
+    corpora = _check_corpora(corpora)
     cfg = TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps,
                       save_every=save_every, batch_size=batch_size, lr=lr, n_ctx=n_ctx, n_embd=n_embd, threads=threads)
     A.check_out(out, writes=("config.json", "model.safetensors", "training.json"), force=force)
@@ -312,7 +312,8 @@ def train_demo_cmd(
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
-def _check_corpora(corpora: Path | None) -> None:
+def _check_corpora(corpora: Path | None) -> Path:
+    """The --corpora folder, checked (one-line errors otherwise)."""
     if corpora is None:
         raise AttnscopeError("train-demo needs --corpora DIR, a folder of labelled .txt files (docs/demo-model.md "
                              "lists the sources used for the bundled demo)")
@@ -321,6 +322,7 @@ def _check_corpora(corpora: Path | None) -> None:
     if not sorted(corpora.glob("*.txt")):
         raise AttnscopeError(f"--corpora {corpora} holds no .txt files; pass a folder of labelled .txt corpora")
     open_source(corpora)  # every file strict UTF-8, some text in it (one-line errors otherwise)
+    return corpora
 
 
 @app.command()

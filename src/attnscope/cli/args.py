@@ -265,7 +265,9 @@ MAX_COUNT = 2**31 - 1  # no count option needs more; a larger one would only ove
 def check_analysis(analysis: Path | None) -> None:
     """``serve --analysis DIR``: a neurons.json in it must be the JSON object attnscope writes (``[]`` or a
     number used to fail deep in start-up)."""
-    for p in (analysis / "neurons.json", analysis / "neurons" / "neurons.json") if analysis is not None else ():
+    if analysis is None:
+        return
+    for p in (analysis / "neurons.json", analysis / "neurons" / "neurons.json"):
         if not p.is_file():
             continue
         try:
