@@ -40,7 +40,7 @@ VOLATILE = {"wall_time_s", "elapsed_s", "seconds", "time_s", "timings", "timings
 _HTML_VOLATILE = re.compile(r"(<th>cache_key</th><td>)[0-9a-f]+|(<th>timings_s</th><td>)<table.*?</table>")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC")
 # keys that a refactor is allowed to add (listed here with the commit that added them)
-NEW_KEYS: set[str] = {"schema_version"}  # neurons.json is versioned and loadable (issue 20)
+NEW_KEYS: set[str] = {"schema_version", "limiting"}  # neurons.json versioned; LayerPiece.limiting typed (issue 20)
 
 
 def run(src: Path, out: Path) -> None:
