@@ -20,7 +20,8 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import cli_args as A
-from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
+from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, ExecutorOpt, JsonOpt, ModelArg, NoCacheOpt, RayAddressOpt, RevisionOpt
+from .cli_args import WorkersOpt
 from .cli_args import out_option as _out
 from .cli_show import print_kernel_summary, print_table, print_timeline
 from .circuit import CircuitSettings
@@ -72,6 +73,22 @@ def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | Non
     with caching(not no_cache), decoding(decode_errors):
         A.check_sources(*sources)
         yield
+
+
+@contextlib.contextmanager
+def _executor(kind: str, address: str | None, workers: int | None, device: str):
+    """The executor of ``--executor`` (checked before anything is loaded); closed, with its actors and any local
+    cluster it started, when the command ends or is interrupted.  Under Ray, one line on stderr says how many
+    shards ran and what merging them cost."""
+    from .executor import make_executor
+
+    ex = make_executor(kind, address=address, workers=workers, device=device)
+    try:
+        yield ex
+    finally:
+        ex.close()
+    if kind == "ray" and (line := ex.summary()):
+        typer.echo(line, err=True)
 
 
 def _emit(obj, as_json: bool, human) -> None:
@@ -126,7 +143,9 @@ _MODEL_FIELDS = (A.ModelChoice, ("bos",))
 @A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS)
 def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
-            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+            device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
+            executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
+            **kw) -> None:
     from .cache import staged_output
     from .kernels import analyse_kernels
     from .plots import kernel_figures
@@ -135,10 +154,10 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
-    with _session(no_cache, decode_errors, s.samples):
+    with _session(no_cache, decode_errors, s.samples), _executor(executor, ray_address, workers, rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_kernel_settings(s, w)
-        res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
+        res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json, executor=ex)
         with staged_output(out, "kernels") as tmp:
             res.save(tmp)
             figs = kernel_figures(res, tmp)
@@ -159,6 +178,7 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
             layer: Annotated[int, typer.Option(metavar="LAYER", help="MLP layer, numbered from 0; > 0 uses the "
                                                "effective-embedding method (docs/later-layers.md)")] = 0,
+            executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
             **kw) -> None:
     from .cache import staged_output
     from .circuit import build_circuit
@@ -169,7 +189,11 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
-    with _session(no_cache, decode_errors, cs.calibration, ns.eval):
+    if layer != 0 and executor != "local":
+        raise AttnscopeError(f"--executor {executor} covers the layer-0 neurons only; pass --executor local with "
+                             f"--layer {layer}")
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval), \
+            _executor(executor, ray_address, workers, rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         if layer != 0:
@@ -178,7 +202,7 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
             return run_later(w, layer, cs, ns.eval, n_cards=ns.max_neurons, out=out, as_json=as_json,
                              command="attnscope " + " ".join(sys.argv[1:]))
         circ = build_circuit(w, cs)
-        res = find_neurons(w, circ, ns, progress=not as_json)
+        res = find_neurons(w, circ, ns, progress=not as_json, executor=ex)
         with staged_output(out, "neurons") as tmp:
             res.save(tmp)
             figs = neuron_figures(res, circ, tmp)
@@ -324,8 +348,10 @@ def evolution(
                                                         "circuit; 1 or deeper: the later-layer method, which "
                                                         "GPT-NeoX/Pythia needs)")] = 0,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None,
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
 ) -> None:
-    """How kernels, contextual heads and context neurons form over training checkpoints.
+    """How kernels, contextual heads and context neurons form over training checkpoints (--executor ray: one job
+    per checkpoint; every checkpoint path must be readable on every node).
 
     Writes OUT/evolution.json, OUT/evolution.html and three figures; see docs/evolution.md."""
     from .cache import staged_output
@@ -339,8 +365,8 @@ def evolution(
     A.check_out(out)
     s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k, layer=layer)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    with _session(no_cache, "strict"):
-        res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log)
+    with _session(no_cache, "strict"), _executor(executor, ray_address, workers, rt.device) as ex:
+        res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log, executor=ex)
         with staged_output(out, "evolution") as tmp:
             res.save(tmp)
             figs = evolution_figures(res, tmp)
@@ -396,7 +422,8 @@ def contrast(
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", show_default=False,
                                                 help="folder for contrast.json")] = None,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
-    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
+    device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
+    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None, **kw) -> None:
     from .circuit import build_circuit
     from .contrast import run_contrast
 
@@ -407,10 +434,14 @@ def contrast(
     rt = _runtime(ctx, device, dtype, revision)
     if out is not None:
         A.check_out(out)
-    with _session(no_cache, decode_errors, cs.calibration, a, b):
+    if executor != "local" and not verify:
+        raise AttnscopeError(f"--executor {executor} shards the --verify pass, and --verify was not given; add "
+                             "--verify or leave --executor out")
+    with _session(no_cache, decode_errors, cs.calibration, a, b), \
+            _executor(executor, ray_address, workers, rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
-        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows)
+        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows, executor=ex)
     if out is not None:
         res.save(out)
     if as_json:

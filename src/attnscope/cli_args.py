@@ -49,6 +49,15 @@ DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
                                                     help="hub models only: branch, tag or commit of the weights")]
 
+ExecutorOpt = Annotated[str, typer.Option("--executor", metavar="local|ray",
+                                          help="where the passes over the windows run: this process (local) or a Ray "
+                                               "cluster (ray; docs/distributed.md)")]
+RayAddressOpt = Annotated[Optional[str], typer.Option(
+    "--ray-address", metavar="auto|ADDR", help="with --executor ray: auto (the cluster this node belongs to) or the "
+    "head's HOST:PORT [default: start a local cluster]")]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", metavar="N", help="with --executor ray: worker actors, "
+                                                   "each holding the model once [default: one per cluster CPU]")]
+
 
 def out_option(default: str) -> Any:
     """``--out DIR`` with the command's default shown in the help."""

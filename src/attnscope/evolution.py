@@ -29,6 +29,7 @@ from .circuit import Circuit, CircuitSettings, build_circuit
 from .circuit_result import HEAD_CRITERIA
 from .errors import AttnscopeError, ConditionFailedError, check_index
 from .evolution_later import later_neurons
+from .executor import LOCAL, Executor
 from .kernels import KernelSettings, analyse_kernels
 from .models import ModelWeights, cache_dir, load_model
 from .models.resolve import split_revision
@@ -281,17 +282,40 @@ def _summary_key(w: ModelWeights, s: EvolutionSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-@torch.no_grad()
-def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: bool = True,
-                         device: str = "cpu", dtype: str = "float32") -> CheckpointSummary:
-    """Analyse one checkpoint (or read its cached summary); nothing but the summary is kept."""
+def _lookup(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
+            ) -> tuple[ModelWeights, Path, CheckpointSummary | None]:
+    """The checkpoint's weights, its summary's cache path, and the cached summary (``None``: not cached)."""
     w = load_model(ref.spec, device=device, dtype=dtype)
     check_index("layer", s.layer, w.n_layers)  # before any analysis: one line, exit 2
     path = cache_dir() / "evolution" / f"{_summary_key(w, s)}.json"
     out = read_or_drop(path, lambda p: CheckpointSummary.from_json(json.loads(p.read_text()))) if cache else None
-    if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed below
+    if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed
         out.spec, out.step, out.tokens_seen, out.heldout_loss = ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss
+    return w, path, out
+
+
+@torch.no_grad()
+def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: bool = True,
+                         device: str = "cpu", dtype: str = "float32") -> CheckpointSummary:
+    """Analyse one checkpoint (or read its cached summary); nothing but the summary is kept."""
+    w, path, out = _lookup(ref, s, cache, device, dtype)
+    if out is not None:
         return out
+    out = _summarise(w, ref, s, cache)
+    if cache:
+        write_json(path, out.to_json(), indent=None)
+    return out
+
+
+@torch.no_grad()
+def summarise_remote(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
+                     ) -> CheckpointSummary:
+    """One checkpoint's summary on a worker (an independent job: it loads its own checkpoint once); the
+    driver, which looked the summary up in its cache before sending the job, writes it there."""
+    return _summarise(load_model(ref.spec, device=device, dtype=dtype), ref, s, cache)
+
+
+def _summarise(w: ModelWeights, ref: CheckpointRef, s: EvolutionSettings, cache: bool) -> CheckpointSummary:
     t0 = time.time()
     heads = _head_points(w, s, cache)
     circ, err = None, None
@@ -307,13 +331,9 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
                                      for c in circ.conditions]
     notes = [PARALLEL_NOTE] if w.parallel_attn_mlp and s.layer == 0 else []
     n_sel, top, ctx = _tracked_neurons(w, circ, circ or forced, s)
-    out = CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
-                            [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
-                            time.time() - t0, notes)
-    if cache:
-        write_json(path, out.to_json(), indent=None)
-    del w, circ
-    return out
+    return CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
+                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
+                             time.time() - t0, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -444,10 +464,15 @@ def _criteria_first_pass(cks: list[CheckpointSummary], steps: list) -> dict:
 
 
 def run_evolution(specs: list[str], settings: EvolutionSettings | None = None, *, cache: bool = True,
-                  device: str = "cpu", dtype: str = "float32", log=None) -> EvolutionResult:
-    """Summarise every checkpoint of ``specs`` (one at a time, cached) and derive the timeline."""
+                  device: str = "cpu", dtype: str = "float32", log=None,
+                  executor: Executor | None = None) -> EvolutionResult:
+    """Summarise every checkpoint of ``specs`` (cached) and derive the timeline: one at a time here, or, with a
+    distributed ``executor``, one job per checkpoint not found in the cache (the cache is read here first)."""
     s = settings or EvolutionSettings()
     refs = discover_checkpoints(specs)
+    if executor is not None and executor is not LOCAL:
+        out = _run_distributed(refs, s, cache, device, dtype, log, executor)
+        return EvolutionResult(s.to_json(), out, timeline(out))
     out = []
     for i, ref in enumerate(refs):
         t = time.time()
@@ -455,3 +480,30 @@ def run_evolution(specs: list[str], settings: EvolutionSettings | None = None, *
         if log:
             log(f"[{i + 1}/{len(refs)}] step {ref.step}: {ref.spec} ({time.time() - t:.1f}s)")
     return EvolutionResult(s.to_json(), out, timeline(out))
+
+
+def _run_distributed(refs: list[CheckpointRef], s: EvolutionSettings, cache: bool, device: str, dtype: str, log,
+                     executor: Executor) -> list[CheckpointSummary]:
+    out: list[CheckpointSummary | None] = [None] * len(refs)
+    todo: list[tuple[int, Path]] = []
+    for i, ref in enumerate(refs):
+        w, path, hit = _lookup(ref, s, cache, device, dtype)
+        del w
+        if hit is not None:
+            out[i] = hit
+            if log:
+                log(f"[{i + 1}/{len(refs)}] step {ref.step}: {ref.spec} (cached)")
+        else:
+            todo.append((i, path))
+
+    def done(j: int, seconds: float) -> None:
+        if log:
+            i = todo[j][0]
+            log(f"[{i + 1}/{len(refs)}] step {refs[i].step}: {refs[i].spec} ({seconds:.1f}s on a worker)")
+
+    got = executor.map(summarise_remote, [refs[i] for i, _ in todo], s, cache, device, dtype, log=done)
+    for (i, path), summary in zip(todo, got):
+        out[i] = summary
+        if cache:
+            write_json(path, summary.to_json(), indent=None)
+    return out  # type: ignore[return-value]
