@@ -36,6 +36,7 @@ from .executor import shards
 log = logging.getLogger("attnscope")
 
 MAX_RETRIES = 3  # restarts of a dead worker, and retries of its shard
+START_TIMEOUT = 300  # seconds for the workers to start (resources free, model loaded)
 
 
 def import_ray():
@@ -98,8 +99,11 @@ def _to_cpu(x: Any) -> Any:
 class _Worker:
     """One actor: the model, loaded once; runs window tasks on shards."""
 
-    def __init__(self, w: Any, device: str | None, threads: int) -> None:
+    def __init__(self, model: list, device: str | None, threads: int) -> None:
+        import ray
+
         torch.set_num_threads(max(1, threads))
+        w = ray.get(model[0])  # the weights' ref travels inside a list: fetched here, and again after a restart
         self.w = w if device is None or torch.device(device) == w.device else w.to(device)
 
     def run(self, task: Callable, windows: Tensor, first: int, args: tuple) -> Any:
@@ -119,9 +123,9 @@ class RayExecutor:
     """Window tasks on Ray actors (one pool per model), independent jobs as Ray tasks; see the module docstring."""
 
     def __init__(self, address: str | None = None, workers: int | None = None, device: str | None = None) -> None:
-        self._ray = import_ray()  # a missing Ray is reported before anything is computed
         if address not in (None, "auto"):
             _check_reachable(address)
+        self._ray = import_ray()  # a missing Ray is reported before anything is computed
         self.address, self.device, self._workers = address, device, workers
         self._started: bool | None = None  # None: not connected yet (a cache hit never connects)
         self._pools: dict[int, tuple[Any, Any, list]] = {}  # id(model) -> (model, its object ref, actors)
@@ -157,8 +161,16 @@ class RayExecutor:
         cls = ray.remote(_Worker).options(num_cpus=self.cpus_per_worker, num_gpus=1 if _is_gpu(self.device) else 0,
                                           max_restarts=MAX_RETRIES, max_task_retries=MAX_RETRIES,
                                           scheduling_strategy="SPREAD")
-        actors = [cls.remote(ref, self.device, self.threads) for _ in range(self.workers)]
-        self._wait([a.ready.remote() for a in actors])
+        actors = [cls.remote([ref], self.device, self.threads) for _ in range(self.workers)]
+        try:
+            self._wait([a.ready.remote() for a in actors], timeout=START_TIMEOUT)
+        except ray.exceptions.GetTimeoutError:
+            for a in actors:
+                ray.kill(a)
+            free = ray.available_resources().get("CPU", 0.0)
+            raise AttnscopeError(f"{self.workers} Ray workers of {self.cpus_per_worker:g} CPUs each did not start within "
+                                 f"{START_TIMEOUT} s ({free:g} CPUs of the cluster are free); pass fewer --workers or "
+                                 "free the cluster") from None
         self.stats["start_s"] += time.perf_counter() - t0
         self._pools[id(w)] = (w, ref, actors)
         return actors
@@ -169,9 +181,11 @@ class RayExecutor:
                 self._ray.kill(a)
         self._pools.clear()
 
-    def _wait(self, refs: list) -> list:
+    def _wait(self, refs: list, timeout: float | None = None) -> list:
         try:
-            return self._ray.get(refs)
+            return self._ray.get(refs, timeout=timeout)
+        except self._ray.exceptions.GetTimeoutError:
+            raise
         except self._ray.exceptions.RayError as err:
             raise AttnscopeError(_worker_error(err)) from None
 
@@ -215,6 +229,7 @@ class RayExecutor:
         if not items:
             return []
         self._connect()
+        self._drop_pools()  # jobs load their own models: free the actors' CPUs
         ray = self._ray
         job = ray.remote(_run_job).options(num_cpus=self.cpus_per_worker, num_gpus=1 if _is_gpu(self.device) else 0,
                                            max_retries=MAX_RETRIES, scheduling_strategy="SPREAD")

@@ -501,7 +501,8 @@ def _run_distributed(refs: list[CheckpointRef], s: EvolutionSettings, cache: boo
             i = todo[j][0]
             log(f"[{i + 1}/{len(refs)}] step {refs[i].step}: {refs[i].spec} ({seconds:.1f}s on a worker)")
 
-    got = executor.map(summarise_remote, [refs[i] for i, _ in todo], s, cache, device, dtype, log=done)
+    # cache=False on the workers: their nodes' caches are not the driver's (the summaries are cached here)
+    got = executor.map(summarise_remote, [refs[i] for i, _ in todo], s, False, device, dtype, log=done)
     for (i, path), summary in zip(todo, got):
         out[i] = summary
         if cache:

@@ -17,17 +17,16 @@ under Ray.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
 
 EXECUTORS = ("local", "ray")
 
 
+@runtime_checkable
 class Executor(Protocol):
     """Runs window tasks (sharded, merged) and independent jobs."""
-
-    workers: int
 
     def map_windows(self, w: Any, task: Callable, windows: Tensor, *args: Any, bar=None, shard_size: int = 4) -> Any:
         """The merged partial result of ``task`` over every shard of ``windows``."""
