@@ -148,7 +148,8 @@ class RayExecutor:
             return ""
         st = self.stats
         return (f"ray: {st['shards']} shards on {self.workers} workers ({self.threads} torch threads each); "
-                f"cluster and workers started in {st['start_s']:.1f} s, merging took {st['merge_s']:.2f} s")
+                f"cluster and workers started in {st['start_s']:.1f} s, shards ran for {st['wait_s']:.1f} s, "
+                f"merging took {st['merge_s']:.2f} s")
 
     # -- actors ------------------------------------------------------------------------------------
     def _actors(self, w: Any) -> list:
