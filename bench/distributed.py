@@ -39,12 +39,12 @@ def run_variant(name: str, model: Path, args: argparse.Namespace, samples: str, 
            str(args.n_ctx), "--n-samples", str(args.n_samples), "--n-heldout", str(args.n_heldout), "--no-cache",
            "--json", "--out", str(out), *extra]
     env = {**os.environ, **env_extra}
-    load0, (busy0, total0) = os.getloadavg()[0], cpu_jiffies()
+    load0, (busy0, _) = os.getloadavg()[0], cpu_jiffies()
     own0 = _children_jiffies()
     t0 = time.perf_counter()
     r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
-    (busy1, total1), own1 = cpu_jiffies(), _children_jiffies()
+    (busy1, _), own1 = cpu_jiffies(), _children_jiffies()
     if r.returncode != 0:
         raise SystemExit(f"{name} failed ({r.returncode}): {r.stderr[-2000:]}")
     hz, n = os.sysconf("SC_CLK_TCK"), os.cpu_count() or 1

@@ -8,6 +8,7 @@ tolerance (1e-6 relative + 1e-9 absolute), with identical categories, head decis
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 import pytest
@@ -153,3 +154,63 @@ def test_kernels_command_on_ray(tiny_gpt2_dir, ex, tmp_path, monkeypatch, capsys
         outs[kind] = KernelResult.load(tmp_path / kind)
     assert "ray: 2 shards on 2 workers" in err and "merging took" in err
     assert_same_kernels(outs["local"], outs["ray"])
+
+
+def test_cache_is_read_before_any_work_is_sent(tiny_gpt2, tmp_path, monkeypatch):
+    """A cached kernel analysis is returned by the driver: the executor never connects to a cluster."""
+    from attnscope.kernels import analyse_kernels
+
+    monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
+    w, _ = tiny_gpt2
+    s = kernel_settings(n_samples=2, n_heldout=1)
+    first = analyse_kernels(w, s, progress=False)
+    lazy = RayExecutor(workers=2)
+    again = analyse_kernels(w, s, progress=False, executor=lazy)
+    assert lazy._started is None and lazy.stats["shards"] == 0 and lazy.summary() == ""
+    assert_same_kernels(first, again)
+
+
+def test_sigint_stops_the_driver_and_its_cluster(tiny_gpt2_dir, tmp_path):
+    """A real Ctrl-C while shards run on a local cluster the command started: exit 130 in one line, and no Ray
+    process of that cluster (raylet, GCS, workers) is left."""
+    import shutil
+    import signal
+    import subprocess
+    import tempfile
+    import time
+
+    from test_cli import PY
+
+    ray_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # short: Ray's socket paths must fit 107 characters
+    env = {**os.environ, "RAY_TMPDIR": ray_dir, "ATTNSCOPE_CACHE": str(tmp_path / "cache")}
+    p = subprocess.Popen([*PY, "kernels", str(tiny_gpt2_dir), "--samples", "tests/data", "--n-ctx", "32", "--n-samples",
+                          "20000", "--n-heldout", "2", "--batch-size", "2", "--out", str(tmp_path / "k"), "--no-cache",
+                          "--executor", "ray", "--workers", "1"],
+                         stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        deadline, buf = time.time() + 240, ""
+        while not re.search(r"estimate:\s+\d+%.*\| [1-9]\d*/", buf) and time.time() < deadline:  # shards done
+            buf += p.stderr.read(1)
+        p.send_signal(signal.SIGINT)
+        _, rest = p.communicate(timeout=120)
+        time.sleep(2)
+        left = [c for c in _cmdlines() if ray_dir in c]
+    finally:
+        p.kill()
+        shutil.rmtree(ray_dir, ignore_errors=True)
+    assert p.returncode == 130, buf + rest
+    assert (buf + rest).strip().endswith("interrupted: nothing was written (partial outputs are discarded)")
+    assert "Traceback" not in buf + rest and not (tmp_path / "k" / "kernels.json").exists()
+    assert left == [], left
+
+
+def _cmdlines() -> list[str]:
+    out = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                out.append(open(f"/proc/{d}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace"))
+            except OSError:
+                pass
+    return out

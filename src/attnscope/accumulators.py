@@ -80,14 +80,14 @@ class Moments(Mergeable):
     """Count, sum and sum of squares per feature over rows (e.g. a neuron's pre-activation over positions)."""
 
     n: int
-    s1: Float[Tensor, "*feature"]  # float64 sum
-    s2: Float[Tensor, "*feature"]  # float64 sum of squares
+    s1: Float[Tensor, " feature"]  # float64 sum
+    s2: Float[Tensor, " feature"]  # float64 sum of squares
 
     @classmethod
     def zeros(cls, *shape: int) -> Moments:
         return cls(0, torch.zeros(shape, dtype=F64), torch.zeros(shape, dtype=F64))
 
-    def add(self, y: Float[Tensor, "rows *feature"]) -> Moments:
+    def add(self, y: Float[Tensor, "rows feature"]) -> Moments:
         y = y.double().cpu()
         self.s1 += y.sum(0)
         self.s2 += (y**2).sum(0)

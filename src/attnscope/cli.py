@@ -20,12 +20,12 @@ from typing import Annotated, Any, Optional
 import typer
 
 from . import cli_args as A
-from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, ExecutorOpt, JsonOpt, ModelArg, NoCacheOpt, RayAddressOpt, RevisionOpt
-from .cli_args import WorkersOpt
+from .cli_args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
 from .cli_args import out_option as _out
 from .cli_show import print_kernel_summary, print_table, print_timeline
 from .circuit import CircuitSettings
 from .errors import AttnscopeError, check_index
+from .executor import running as _executor
 from .kernels import KernelSettings
 from .neurons import NeuronSettings
 from .texts import bundled_texts
@@ -75,22 +75,6 @@ def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | Non
         yield
 
 
-@contextlib.contextmanager
-def _executor(kind: str, address: str | None, workers: int | None, device: str):
-    """The executor of ``--executor`` (checked before anything is loaded); closed, with its actors and any local
-    cluster it started, when the command ends or is interrupted.  Under Ray, one line on stderr says how many
-    shards ran and what merging them cost."""
-    from .executor import make_executor
-
-    ex = make_executor(kind, address=address, workers=workers, device=device)
-    try:
-        yield ex
-    finally:
-        ex.close()
-    if kind == "ray" and (line := ex.summary()):
-        typer.echo(line, err=True)
-
-
 def _emit(obj, as_json: bool, human) -> None:
     if as_json:
         typer.echo(json.dumps(obj, indent=2, default=str))
@@ -136,15 +120,15 @@ _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout",
 _CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads", "query_conditioned"))
 _NEURON_FIELDS = (NeuronSettings, ("eval", "max_neurons"))
 _MODEL_FIELDS = (A.ModelChoice, ("bos",))
+_EXECUTOR_FIELDS = (A.ExecutorChoice, ("executor", "ray_address", "workers"))
 
 
 @app.command(help="Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks."
              f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
-@A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS)
+@A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
 def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
-            executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
             **kw) -> None:
     from .cache import staged_output
     from .kernels import analyse_kernels
@@ -154,7 +138,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
-    with _session(no_cache, decode_errors, s.samples), _executor(executor, ray_address, workers, rt.device) as ex:
+    with _session(no_cache, decode_errors, s.samples), _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_kernel_settings(s, w)
         res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json, executor=ex)
@@ -172,13 +156,12 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
              "found from the weights and one calibration text, explained and verified on held-out texts."
              "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
              f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
-@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
+@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
             as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
             layer: Annotated[int, typer.Option(metavar="LAYER", help="MLP layer, numbered from 0; > 0 uses the "
                                                "effective-embedding method (docs/later-layers.md)")] = 0,
-            executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
             **kw) -> None:
     from .cache import staged_output
     from .circuit import build_circuit
@@ -189,11 +172,9 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out)
-    if layer != 0 and executor != "local":
-        raise AttnscopeError(f"--executor {executor} covers the layer-0 neurons only; pass --executor local with "
-                             f"--layer {layer}")
+    A.check_executor_use(kw["executor"], layer=layer)
     with _session(no_cache, decode_errors, cs.calibration, ns.eval), \
-            _executor(executor, ray_address, workers, rt.device) as ex:
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         if layer != 0:
@@ -228,7 +209,8 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
     if later is not None and 0 in later:
         raise AttnscopeError("--later-layers holds 0: layer 0 is the report's main analysis; list layers from 1")
     A.check_out(out)
-    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval), \
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw.get("bos"))
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
@@ -237,13 +219,13 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
         with staged_output(out, "report") as tmp:
             run_report(w, tmp, kernel_settings=ks, circuit_settings=cs, neuron_settings=ns,
                        command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo, later_layers=later,
-                       shown_out=out)
+                       shown_out=out, executor=ex)
     typer.echo(f"report: {(out / 'report.html').resolve()}")
 
 
 @app.command(help="Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html "
              f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
-@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
+@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
 def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
            no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
            dtype: DtypeOpt = None, revision: RevisionOpt = None,
@@ -336,6 +318,7 @@ def _check_corpora(corpora: Path | None) -> None:
 
 
 @app.command()
+@A.settings_options(_EXECUTOR_FIELDS)
 def evolution(
     ctx: typer.Context,
     checkpoints: Annotated[list[str], typer.Argument(metavar="CHECKPOINT...", show_default=False,
@@ -348,8 +331,7 @@ def evolution(
                                                         "circuit; 1 or deeper: the later-layer method, which "
                                                         "GPT-NeoX/Pythia needs)")] = 0,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None,
-    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None,
-) -> None:
+    **kw) -> None:
     """How kernels, contextual heads and context neurons form over training checkpoints (--executor ray: one job
     per checkpoint; every checkpoint path must be readable on every node).
 
@@ -365,7 +347,7 @@ def evolution(
     A.check_out(out)
     s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k, layer=layer)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    with _session(no_cache, "strict"), _executor(executor, ray_address, workers, rt.device) as ex:
+    with _session(no_cache, "strict"), _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log, executor=ex)
         with staged_output(out, "evolution") as tmp:
             res.save(tmp)
@@ -411,7 +393,8 @@ def cache_clear_cmd(
              "from the weights and the two sources' token counts (no forward pass over them); --verify runs the "
              "model on windows of both and scores the prediction (true effect size d, Spearman, precision@k, "
              f"recall@k).\n\nWrites OUT/contrast.json (one record per neuron) with --out.\n\n{_TEXTS}")
-@A.settings_options((CircuitSettings, ("calibration", "n_ctx", "query_conditioned")), _MODEL_FIELDS)
+@A.settings_options((CircuitSettings, ("calibration", "n_ctx", "query_conditioned")), _MODEL_FIELDS,
+                    _EXECUTOR_FIELDS)
 def contrast(
     ctx: typer.Context, model: ModelArg,
     a: Annotated[str, typer.Option("--a", metavar="TEXT", help="text source A (see TEXT sources)")],
@@ -423,7 +406,7 @@ def contrast(
                                                 help="folder for contrast.json")] = None,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
-    executor: ExecutorOpt = "local", ray_address: RayAddressOpt = None, workers: WorkersOpt = None, **kw) -> None:
+    **kw) -> None:
     from .circuit import build_circuit
     from .contrast import run_contrast
 
@@ -434,11 +417,9 @@ def contrast(
     rt = _runtime(ctx, device, dtype, revision)
     if out is not None:
         A.check_out(out)
-    if executor != "local" and not verify:
-        raise AttnscopeError(f"--executor {executor} shards the --verify pass, and --verify was not given; add "
-                             "--verify or leave --executor out")
+    A.check_executor_use(kw["executor"], verify=verify)
     with _session(no_cache, decode_errors, cs.calibration, a, b), \
-            _executor(executor, ray_address, workers, rt.device) as ex:
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows, executor=ex)

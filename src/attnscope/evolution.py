@@ -282,7 +282,7 @@ def _summary_key(w: ModelWeights, s: EvolutionSettings) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def _lookup(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
+def cached_summary(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
             ) -> tuple[ModelWeights, Path, CheckpointSummary | None]:
     """The checkpoint's weights, its summary's cache path, and the cached summary (``None``: not cached)."""
     w = load_model(ref.spec, device=device, dtype=dtype)
@@ -298,24 +298,16 @@ def _lookup(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, 
 def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: bool = True,
                          device: str = "cpu", dtype: str = "float32") -> CheckpointSummary:
     """Analyse one checkpoint (or read its cached summary); nothing but the summary is kept."""
-    w, path, out = _lookup(ref, s, cache, device, dtype)
+    w, path, out = cached_summary(ref, s, cache, device, dtype)
     if out is not None:
         return out
-    out = _summarise(w, ref, s, cache)
+    out = summarise_weights(w, ref, s, cache)
     if cache:
         write_json(path, out.to_json(), indent=None)
     return out
 
 
-@torch.no_grad()
-def summarise_remote(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
-                     ) -> CheckpointSummary:
-    """One checkpoint's summary on a worker (an independent job: it loads its own checkpoint once); the
-    driver, which looked the summary up in its cache before sending the job, writes it there."""
-    return _summarise(load_model(ref.spec, device=device, dtype=dtype), ref, s, cache)
-
-
-def _summarise(w: ModelWeights, ref: CheckpointRef, s: EvolutionSettings, cache: bool) -> CheckpointSummary:
+def summarise_weights(w: ModelWeights, ref: CheckpointRef, s: EvolutionSettings, cache: bool) -> CheckpointSummary:
     t0 = time.time()
     heads = _head_points(w, s, cache)
     circ, err = None, None
@@ -471,7 +463,9 @@ def run_evolution(specs: list[str], settings: EvolutionSettings | None = None, *
     s = settings or EvolutionSettings()
     refs = discover_checkpoints(specs)
     if executor is not None and executor is not LOCAL:
-        out = _run_distributed(refs, s, cache, device, dtype, log, executor)
+        from .evolution_jobs import run_jobs
+
+        out = run_jobs(refs, s, cache, device, dtype, log, executor)
         return EvolutionResult(s.to_json(), out, timeline(out))
     out = []
     for i, ref in enumerate(refs):
@@ -480,31 +474,3 @@ def run_evolution(specs: list[str], settings: EvolutionSettings | None = None, *
         if log:
             log(f"[{i + 1}/{len(refs)}] step {ref.step}: {ref.spec} ({time.time() - t:.1f}s)")
     return EvolutionResult(s.to_json(), out, timeline(out))
-
-
-def _run_distributed(refs: list[CheckpointRef], s: EvolutionSettings, cache: bool, device: str, dtype: str, log,
-                     executor: Executor) -> list[CheckpointSummary]:
-    out: list[CheckpointSummary | None] = [None] * len(refs)
-    todo: list[tuple[int, Path]] = []
-    for i, ref in enumerate(refs):
-        w, path, hit = _lookup(ref, s, cache, device, dtype)
-        del w
-        if hit is not None:
-            out[i] = hit
-            if log:
-                log(f"[{i + 1}/{len(refs)}] step {ref.step}: {ref.spec} (cached)")
-        else:
-            todo.append((i, path))
-
-    def done(j: int, seconds: float) -> None:
-        if log:
-            i = todo[j][0]
-            log(f"[{i + 1}/{len(refs)}] step {refs[i].step}: {refs[i].spec} ({seconds:.1f}s on a worker)")
-
-    # cache=False on the workers: their nodes' caches are not the driver's (the summaries are cached here)
-    got = executor.map(summarise_remote, [refs[i] for i, _ in todo], s, False, device, dtype, log=done)
-    for (i, path), summary in zip(todo, got):
-        out[i] = summary
-        if cache:
-            write_json(path, summary.to_json(), indent=None)
-    return out  # type: ignore[return-value]

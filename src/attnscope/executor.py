@@ -16,7 +16,9 @@ under Ray.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 from torch import Tensor
@@ -90,3 +92,17 @@ def make_executor(kind: str = "local", *, address: str | None = None, workers: i
     from .distributed import RayExecutor
 
     return RayExecutor(address=address, workers=workers, device=device)
+
+
+@contextlib.contextmanager
+def running(choice: Any, device: str, report=None) -> Iterator[Executor]:
+    """The executor of ``choice`` (``cli_args.ExecutorChoice``, checked on entry, before anything is loaded), closed with its workers and
+    any local cluster it started when the block ends or is interrupted; then ``report(line)`` with the
+    executor's one-line summary (Ray: shards, start-up and merge time; default: on stderr), if it ran anything."""
+    ex = make_executor(choice.executor, address=choice.ray_address, workers=choice.workers, device=device)
+    try:
+        yield ex
+    finally:
+        ex.close()
+    if line := getattr(ex, "summary", lambda: "")():
+        (report or (lambda m: print(m, file=sys.stderr)))(line)

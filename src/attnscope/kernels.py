@@ -249,13 +249,12 @@ class KernelValidation:
 
 def estimation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_window: int, s: KernelSettings,
                      bar=None) -> EstimationSums:
-    """Partial sums over one shard of estimation ``windows`` (``first_window``: the index of its first
-    window; unused here, as every estimation statistic is a sum)."""
+    """Partial sums over one shard of estimation ``windows`` (every estimation statistic is a sum)."""
     li = {l: j for j, l in enumerate(s.layers)}
     sums = EstimationSums.zeros(len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, w.device)
-    for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar(), patterns=False,
-                               count=sums.count):  # fused attention
+    for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar(), patterns=False):  # fused attention
         sums.add(j, a.q, a.k, a.norm_in, (centre(a.norm_in.to(torch.float64), w) ** 2).sum())
+    sums.count(windows.shape[0])
     return sums
 
 
@@ -282,11 +281,6 @@ def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n
     """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``
     (sharded by ``executor``; default: this process)."""
     sums = (executor or LOCAL).map_windows(w, estimation_shard, windows, s, bar=bar, shard_size=s.batch_size)
-    return estimate_from_sums(w, s, sums)
-
-
-def estimate_from_sums(w: ModelWeights, s: KernelSettings, sums: EstimationSums) -> KernelEstimate:
-    """The :class:`KernelEstimate` from the merged estimation sums."""
     qpos = query_positions(s.n_ctx, w.causal)
     mean_q, mean_k, mean_resid, sum_sq = sums.finalise(w.dtype)
     pi, ref_norms = _static_part(w, s, mean_resid, sum_sq, sums.n)
@@ -302,8 +296,7 @@ def estimate_from_sums(w: ModelWeights, s: KernelSettings, sums: EstimationSums)
 @torch.no_grad()
 def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Int[Tensor, "n ctx"], *,
                      bar=None, executor: Executor | None = None) -> KernelValidation:
-    """Held-out checks on ``windows``: the decomposition's TV, the mean attention and query consistency
-    (sharded by ``executor``; default: this process)."""
+    """Held-out checks on ``windows`` (sharded by ``executor``): the decomposition's TV, mean attention, consistency."""
     sums = (executor or LOCAL).map_windows(w, validation_shard, windows, s, est, bar=bar, shard_size=s.batch_size)
     tvs, mean_attention, consistency, sinks = sums.finalise(w.dtype, w.n_heads)
     return KernelValidation(tvs, mean_attention, consistency, sinks, sums.n)
@@ -319,19 +312,16 @@ def validation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_windo
     n_sink = qpos[0]  # sink statistics from the first kept query position on (early rows see few keys)
     sums = ValidationSums.zeros(len(li), H, len(qpos), s.n_ctx, w.device)
     pairs, statics = _rotary_split_inputs(w, est)
-    seen = [first_window]  # the index of the current batch's first window
-
-    def count(b: int) -> None:
-        sums.count(b)
-        seen[0] += b
-
-    for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar(), count=count):
+    b0 = first_window - s.batch_size  # index of the current batch's first window (layers come in order: j = 0 first)
+    for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
+        b0 += s.batch_size if j == 0 else 0
         tv = approximate_tv(w, a.layer, a, statics[j], est.ref_norms[a.layer], pairs[j])  # [b, H, T], in row chunks
         # query consistency: each text's own query at n with the static keys
         per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
-        sums.add(j, seen[0], a.pattern[:, :, qp], tv_distance(per_text, est.data_kernel[j][None]).mean(-1),
+        sums.add(j, b0, a.pattern[:, :, qp], tv_distance(per_text, est.data_kernel[j][None]).mean(-1),
                  tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float(),
                  a.pattern[:, :, n_sink:, 0].permute(1, 0, 2).reshape(H, -1).float())
+    sums.count(windows.shape[0])
     return sums
 
 
@@ -481,19 +471,16 @@ class _NoBar:
 
 
 def _stream_layers(w: ModelWeights, windows: Int[Tensor, "n ctx"], batch_size: int, li: dict[int, int], bar,
-                   patterns: bool = True, count=None) -> Iterator[tuple[int, LayerActivations]]:
+                   patterns: bool = True) -> Iterator[tuple[int, LayerActivations]]:
     """Yield ``(index of the layer in the analysis, LayerActivations)`` for every batch of ``windows`` and every
     analysed layer, running each batch only up to the deepest analysed layer (memory: one batch, one layer).
-    ``patterns=False``: fused attention, no scores or patterns (the estimation needs only q, k and the input).
-    ``count(b)`` is called after each batch of ``b`` windows."""
+    ``patterns=False``: fused attention, no scores or patterns (the estimation needs only q, k and the input)."""
     last = max(li)
     for b0 in range(0, windows.shape[0], batch_size):
         batch = windows[b0 : b0 + batch_size]
         for a in iter_layers(w, batch, stop_layer=last, patterns=patterns):
             if a.layer in li:
                 yield li[a.layer], a
-        if count is not None:
-            count(batch.shape[0])
         bar.update(batch.shape[0])
 
 
