@@ -35,7 +35,8 @@ RAY_LINE = re.compile(r"ray: (\d+) shards on (\d+) workers.*started in ([\d.]+) 
 def run_variant(name: str, model: Path, args: argparse.Namespace, samples: str, extra: list[str],
                 env_extra: dict[str, str]) -> dict:
     out = work_dir() / "distributed" / name
-    cmd = [sys.executable, "-m", "attnscope.cli", "kernels", str(model), "--samples", samples, "--n-ctx",
+    # the console entry point, as `attnscope` runs it (also in a --baseline-src checkout of another layout)
+    cmd = [sys.executable, "-c", "import attnscope.cli as c; c.main()", "kernels", str(model), "--samples", samples, "--n-ctx",
            str(args.n_ctx), "--n-samples", str(args.n_samples), "--n-heldout", str(args.n_heldout), "--no-cache",
            "--json", "--out", str(out), *extra]
     env = {**os.environ, **env_extra}

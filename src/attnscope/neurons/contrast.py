@@ -1,0 +1,274 @@
+r"""Contrasts between two text sources: the predicted and the true difference of every MLP-0 neuron (method §15).
+
+**Predicted, from the weights and token counts only.**  Averaged over positions, the full layer-0
+explanation (:mod:`attnscope.neurons.explain`) of neuron ``k`` under i.i.d. tokens with frequencies ``p`` is
+
+    mu_k(p) = p^T U W_in'[:, k] / s + (terms that do not depend on p),
+    U(x) = centre(direct(x) + Ext(x) + sum_{h not contextual} e(x) W_V^h W_O^h)      [d_vocab, d_model]
+
+(direct path at the reference position; the contextual bag's expectation, calibrated denominators; each
+other head's value of a token, its attention averaging over the tokens it reads).  The predicted
+difference between sources ``A`` and ``B`` is ``Delta_k = mu_k(p_A) - mu_k(p_B)``: no forward pass over
+either source.  ``predicted_d = Delta / sigma_cal``, with ``sigma_cal`` the std of the neuron's true
+pre-activation over the calibration text, puts it on the scale of the effect size.
+
+**True (``--verify``).**  ``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` over positions
+``n >= min_position`` of windows of each source (:func:`effect_sizes`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attnscope.circuit.build import Circuit
+from attnscope.core.accumulators import Moments
+from attnscope.core.errors import AttnscopeError, TextTooShortError
+from attnscope.core.executor import LOCAL, Executor
+from attnscope.core.texts import open_source, tokenize
+from attnscope.exact.decomposition import centre
+from attnscope.models import ModelWeights
+from attnscope.neurons.explain import Explainer, build_explainer, true_pre
+from attnscope.neurons.groundtruth import discovery_scores, shuffled_null
+
+TOKEN_TERMS = ("direct", "contextual bag", "other heads")
+PRE_SHARD = 4  # windows per shard of the true pre-activations under a distributed executor
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows of a source
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceWindows:
+    """Consecutive, non-overlapping windows of one source, split in a tuning and a reporting half."""
+
+    name: str
+    spec: str
+    tune: Tensor  # [n_tune, T] the first half of the windows
+    report: Tensor  # [n_report, T] the second half
+    skipped_tokens: int  # tokens skipped at the start (the calibration window, when the source holds it)
+
+
+def source_name(spec: str) -> str:
+    return spec.split(":", 1)[1] if spec.startswith("bundled:") else Path(spec).stem
+
+
+def source_windows(w: ModelWeights, spec: str, T: int, *, max_windows: int | None = None,
+                   skip_tokens: int = 0) -> SourceWindows:
+    """Windows of ``T`` tokens (BOS first when the model takes one) from ``spec``, first half for tuning,
+    second half for reporting.  Needs at least two windows."""
+    stream = torch.as_tensor(tokenize(open_source(spec), w.tokenizer))[skip_tokens:]
+    bos = w.bos_token_id if w.prepend_bos else None
+    body = T - (1 if bos is not None else 0)
+    n = len(stream) // body if body > 0 else 0
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 2:
+        raise TextTooShortError(f"{spec} has {len(stream)} tokens; at least {2 * body} are needed for two "
+                                f"windows of {T} (one to tune, one to report); pass a longer text or a smaller --n-ctx")
+    win = stream[: n * body].reshape(n, body)
+    if bos is not None:
+        win = torch.cat([torch.full((n, 1), bos, dtype=win.dtype), win], 1)
+    h = (n + 1) // 2
+    return SourceWindows(source_name(spec), spec, win[:h], win[h:], skip_tokens)
+
+
+def token_frequencies(windows: Tensor, d_vocab: int) -> Tensor:
+    """Token frequencies ``[d_vocab]`` of a set of windows ``[n, T]`` (sums to 1)."""
+    c = torch.bincount(windows.reshape(-1), minlength=d_vocab)[:d_vocab].double()
+    return c / c.sum().clamp_min(1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Expected pre-activation under a token distribution, from the weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenModel:
+    """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout."""
+
+    parts: dict[str, Tensor]  # term -> [d_vocab, d_model], centred
+    W_in: Tensor  # [d_model, d_mlp]
+    scale: float
+
+    def expected_parts(self, p: Tensor) -> dict[str, Tensor]:
+        """Each term's expected contribution ``[d_mlp]`` under token frequencies ``p [d_vocab]``."""
+        return {t: (p.to(v.dtype) @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
+
+    def expected(self, p: Tensor) -> Tensor:
+        return sum(self.expected_parts(p).values())
+
+    def token_scores(self, neurons: Tensor) -> Tensor:
+        """Every token's total score ``[d_vocab, k]`` for ``neurons`` (how much one more occurrence moves the mean)."""
+        return sum(self.parts.values()) @ self.W_in[:, neurons] / self.scale
+
+
+@torch.no_grad()
+def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None) -> TokenModel:
+    ex = ex or build_explainer(w, circ)
+    n_star = circ.settings.reference_position
+    raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
+    if w.ln_emb_w is not None:
+        raw = torch.nn.functional.layer_norm(raw, raw.shape[-1:], w.ln_emb_w, w.ln_emb_b, w.eps)
+    other = torch.zeros_like(ex.e_val)
+    for j in range(len(ex.other_heads)):
+        other += ex.e_val @ ex.W_OV[j]
+    parts = {"direct": centre(raw, w), "contextual bag": centre(circ.ext, w), "other heads": centre(other, w)}
+    return TokenModel(parts, ex.W_in, ex.scale)
+
+
+@torch.no_grad()
+def calibration_std(w: ModelWeights, circ: Circuit) -> Tensor:
+    """Std ``[d_mlp]`` of each neuron's true pre-activation over the calibration text (n >= min_position)."""
+    return true_pre(w, circ.calibration_tokens)[circ.settings.min_position:].double().std(0).clamp_min(1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# True effect sizes
+# --------------------------------------------------------------------------------------------------
+
+
+#: Per-neuron count, sum and sum of squares over positions n >= min_position of a set of windows (mergeable).
+PreStats = Moments
+
+
+def pre_stats_shard(w: ModelWeights, windows: Tensor, first_window: int, n_min: int, bar=None) -> PreStats:
+    """:class:`PreStats` of one shard of ``windows [n, T]`` (a window task, :mod:`attnscope.executor`)."""
+    out = Moments.zeros(w.d_mlp)
+    for win in windows:
+        out.add(true_pre(w, win)[n_min:])
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+@torch.no_grad()
+def pre_stats(w: ModelWeights, windows: Tensor, n_min: int, executor: Executor | None = None) -> PreStats:
+    """Per-neuron moments of the true pre-activation over positions ``>= n_min`` of ``windows [n, T]``
+    (sharded by ``executor``; default: this process)."""
+    return (executor or LOCAL).map_windows(w, pre_stats_shard, windows, n_min, shard_size=PRE_SHARD)
+
+
+def effect_sizes(a: PreStats, b: PreStats) -> Tensor:
+    """``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` per neuron ``[d_mlp]``."""
+    return (a.mean - b.mean) / ((a.var + b.var) / 2).sqrt().clamp_min(1e-9)
+
+
+# --------------------------------------------------------------------------------------------------
+# The contrast query
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronContrast:
+    index: int
+    predicted_diff: float  # mu(p_A) - mu(p_B), pre-activation units
+    predicted_d: float  # predicted_diff / sigma_cal
+    parts: dict[str, float]  # term -> its share of predicted_diff
+    evidence_a: list[tuple[str, float]]  # tokens pushing towards A: (token, (p_A - p_B) x score)
+    evidence_b: list[tuple[str, float]]
+    true_d: float | None = None
+    true_diff: float | None = None
+
+
+@dataclass
+class ContrastVerification:
+    n_windows_a: int
+    n_windows_b: int
+    n_positions_a: int
+    n_positions_b: int
+    scores: dict  # DiscoveryScores.to_json() of predicted_d against true d
+    null_scores: dict  # the same for the token-shuffled null ranking
+    n_true: int  # neurons with |d| >= 1
+
+
+@dataclass
+class ContrastResult:
+    model: dict
+    a: str
+    b: str
+    n_tokens_a: int
+    n_tokens_b: int
+    records: list[NeuronContrast]  # every neuron, by |predicted_d| descending
+    verification: ContrastVerification | None = None
+    settings: dict = field(default_factory=dict)
+
+    def top(self, n: int, sign: int) -> list[NeuronContrast]:
+        return [r for r in self.records if sign * r.predicted_d > 0][:n]
+
+    def to_json(self) -> dict:
+        return {"model": self.model, "a": self.a, "b": self.b, "n_tokens_a": self.n_tokens_a,
+                "n_tokens_b": self.n_tokens_b, "settings": self.settings,
+                "verification": None if self.verification is None else asdict(self.verification),
+                "neurons": [asdict(r) for r in self.records]}
+
+    def save(self, out: str | Path) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "contrast.json").write_text(json.dumps(self.to_json(), indent=1))
+        return out
+
+
+def _decode(tok, ids: list[int]) -> list[str]:
+    return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
+
+
+def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int = 8):
+    """Top tokens each way for each neuron in ``idx``: ``q(x) * score(x)`` with ``q = p_A - p_B``."""
+    contrib = q[:, None].to(tm.W_in.dtype) * tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu().to(q.dtype)
+    out = []
+    for j in range(len(idx)):
+        c = contrib[:, j]
+        pos, neg = c.topk(n), (-c).topk(n)
+        out.append((list(zip(_decode(w.tokenizer, pos.indices.tolist()), [round(float(v), 5) for v in pos.values])),
+                    list(zip(_decode(w.tokenizer, neg.indices.tolist()), [round(-float(v), 5) for v in neg.values]))))
+    return out
+
+
+@torch.no_grad()
+def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
+                 max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None) -> ContrastResult:
+    """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
+    ``verify``, measure it on up to ``max_windows`` windows of each, sharded by ``executor``)."""
+    if a == b:
+        raise AttnscopeError(f"--a and --b are the same source ({a}); pass two different text sources")
+
+    tm = build_token_model(w, circ)
+    ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}
+    for s, t in ids.items():
+        if len(t) < 1:
+            raise TextTooShortError(f"{s} holds no tokens; pass a non-empty text")
+    p_a, p_b = (token_frequencies(ids[s][None], w.d_vocab) for s in (a, b))
+    e_a, e_b = tm.expected_parts(p_a), tm.expected_parts(p_b)
+    parts = {t: (e_a[t] - e_b[t]).cpu() for t in e_a}
+    diff = sum(parts.values())
+    sigma = calibration_std(w, circ).cpu()
+    pd = diff / sigma
+    order = pd.abs().argsort(descending=True).tolist()
+    ev = dict(zip(order[:n_evidence], _evidence(w, tm, (p_a - p_b), order[:n_evidence])))
+    recs = [NeuronContrast(k, float(diff[k]), float(pd[k]), {t: float(v[k]) for t, v in parts.items()},
+                           *(ev.get(k, ([], [])))) for k in order]
+    res = ContrastResult(w.info(), a, b, len(ids[a]), len(ids[b]), recs,
+                         settings={"max_windows": max_windows, "calibration": circ.settings.calibration,
+                                   "min_position": circ.settings.min_position, "n_ctx": circ.T,
+                                   "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
+    if verify:
+        n_min = circ.settings.min_position
+        wa, wb = (source_windows(w, s, circ.T, max_windows=max_windows) for s in (a, b))
+        sa = pre_stats(w, torch.cat([wa.tune, wa.report]), n_min, executor)
+        sb = pre_stats(w, torch.cat([wb.tune, wb.report]), n_min, executor)
+        d, true_diff = effect_sizes(sa, sb), sa.mean - sb.mean
+        for r in recs:
+            r.true_d, r.true_diff = float(d[r.index]), float(true_diff[r.index])
+        null = shuffled_null(lambda q: tm.expected(q.to(tm.W_in.device)).cpu().double(), p_a, p_b) / sigma
+        res.verification = ContrastVerification(
+            len(wa.tune) + len(wa.report), len(wb.tune) + len(wb.report), sa.n, sb.n,
+            discovery_scores(pd, d).to_json(), discovery_scores(null, d).to_json(), int((d.abs() >= 1).sum()))
+    return res
