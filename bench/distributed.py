@@ -76,22 +76,24 @@ def compare(a: str, b: str) -> dict:
 
 
 def projection(rows: list[dict], local: dict, n_nodes=(1, 2, 4, 8, 16, 32)) -> list[dict]:
-    """Time on N nodes (one worker each, as fast as this machine's 1-worker run): the driver's fixed part
-    (model load, tokenising, layer-0 weights kernel, figures: the local wall time minus the shards' time), the
-    cluster start-up, the two passes (each ceil(shards / N) shards long, the second waits for the first) and
-    the merge (per shard, as measured)."""
+    """Time on N nodes, one worker each as fast as this machine: the driver's own part (model load, tokenising,
+    layer-0 weights kernel, figures: the 1-worker run's wall time minus its start-up, shards and merge), the
+    cluster start-up (as measured), the two passes (each ceil(shards / N) shards; the held-out pass waits for
+    the estimation) at the local run's mean time per shard (its wall time minus the driver's part, over the
+    shards: the local run has no Ray overhead), and the merge (per shard, as measured)."""
     one = next((r for r in rows if r.get("workers") == 1), None)
     if one is None:
         return []
-    per_shard = one["shards_s"] / one["shards"]
-    fixed = max(0.0, local["wall_s"] - one["shards_s"])  # the local run minus its shards: the driver's own work
+    fixed = max(0.0, one["wall_s"] - one["start_s"] - one["shards_s"] - one["merge_s"])
+    per_shard = max(0.0, local["wall_s"] - fixed) / one["shards"]
     merge_per = one["merge_s"] / one["shards"]
-    n_est = math.ceil(one["shards"] * one["n_samples"] / (one["n_samples"] + one["n_heldout"]))
+    n_est = math.ceil(one["n_samples"] / one["batch_size"])  # shards of each pass: one batch each
     n_val = one["shards"] - n_est
     out = []
     for n in n_nodes:
         t = fixed + one["start_s"] + (math.ceil(n_est / n) + math.ceil(n_val / n)) * per_shard + merge_per * one["shards"]
-        out.append({"nodes": n, "projected_s": round(t, 1), "speed_up_vs_local": round(local["wall_s"] / t, 2)})
+        out.append({"nodes": n, "projected_s": round(t, 1), "speed_up_vs_local": round(local["wall_s"] / t, 2),
+                    "driver_s": round(fixed, 1), "per_shard_s": round(per_shard, 1)})
     return out
 
 
@@ -104,7 +106,13 @@ def main() -> None:
     ap.add_argument("--workers", default="1,2", help="Ray worker counts to time")
     ap.add_argument("--baseline-src", help="src/ folder of another checkout: also time its local path")
     ap.add_argument("--out", type=Path, default=RESULTS_DIR / "distributed.json")
+    ap.add_argument("--project", type=Path, help="only print the projection of an earlier run's JSON")
     args = ap.parse_args()
+    if args.project:
+        d = json.loads(args.project.read_text())
+        for p in projection(d["rows"], d["rows"][0]):
+            print(p)
+        return
     model = make_model(args.model)
     samples = make_texts(model, MODELS[args.model]["vocab_size"], args.n_ctx, args.n_samples + args.n_heldout + 4)
     samples = samples["samples"]
@@ -117,7 +125,7 @@ def main() -> None:
     for name, extra, env in variants:
         row = run_variant(name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", ""), model, args,
                           samples, extra, env)
-        row["variant"], row["n_samples"], row["n_heldout"] = name, args.n_samples, args.n_heldout
+        row.update(variant=name, n_samples=args.n_samples, n_heldout=args.n_heldout, batch_size=4)
         rows.append(row)
         print(json.dumps(row), flush=True)
     local = rows[0]
