@@ -101,7 +101,7 @@ class Runtime:
 
 @dataclass
 class ExecutorChoice:
-    """Where the passes over the sample windows run (``--executor``; :func:`attnscope.executor.make_executor`)."""
+    """Where the passes over the sample windows run (``--executor``; :func:`attnscope.core.executor.make_executor`)."""
 
     executor: str = "local"
     ray_address: str | None = None

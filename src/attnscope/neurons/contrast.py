@@ -140,7 +140,7 @@ PreStats = Moments
 
 
 def pre_stats_shard(w: ModelWeights, windows: Tensor, first_window: int, n_min: int, bar=None) -> PreStats:
-    """:class:`PreStats` of one shard of ``windows [n, T]`` (a window task, :mod:`attnscope.executor`)."""
+    """:class:`PreStats` of one shard of ``windows [n, T]`` (a window task, :mod:`attnscope.core.executor`)."""
     out = Moments.zeros(w.d_mlp)
     for win in windows:
         out.add(true_pre(w, win)[n_min:])
