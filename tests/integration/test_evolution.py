@@ -190,19 +190,21 @@ def test_timeline_on_known_summaries():
            _summary(200, ["slow decay", "uniform"], [False], 2.0, True, [3, 4]),
            _summary(300, ["sharp local decay", "uniform"], [True], 2.5, True, [3, 4])]
     tl = E.timeline(cks)
-    assert tl["layer0_heads"]["0"]["leaves_uniform_step"] == 100
-    assert tl["layer0_heads"]["1"]["leaves_uniform_step"] is None
-    assert tl["conditions_first_pass"] == {"a": 100, "never": None}
-    assert tl["never_passing_conditions"] == ["never"]
-    assert tl["all_conditions_first_pass"] is None and tl["conditions_hold_from"] == {"a": 300, "never": None}
-    assert tl["all_but_never_passing_first_pass"] == 100
-    es = tl["context_neurons"]["es_fortunes"]
-    assert (es["first_true_step"], es["first_found_step"], es["found_from_step"]) == (100, 200, 200)
-    p = tl["neuron_persistence"]
-    assert (p[0]["kept"], p[0]["appeared"], p[0]["disappeared"]) == ([2], [3], [1])
-    assert p[2]["kept"] == [3, 4] and p[2]["token_overlap_kept"] == 1.0
+    assert tl.layer0_heads["0"].leaves_uniform_step == 100
+    assert tl.layer0_heads["1"].leaves_uniform_step is None
+    assert tl.conditions_first_pass == {"a": 100, "never": None}
+    assert tl.never_passing_conditions == ["never"]
+    assert tl.all_conditions_first_pass is None and tl.conditions_hold_from == {"a": 300, "never": None}
+    assert tl.all_but_never_passing_first_pass == 100
+    es = tl.context_neurons["es_fortunes"]
+    assert (es.first_true_step, es.first_found_step, es.found_from_step) == (100, 200, 200)
+    p = tl.neuron_persistence
+    assert (p[0].kept, p[0].appeared, p[0].disappeared) == ([2], [3], [1])
+    assert p[2].kept == [3, 4] and p[2].token_overlap_kept == 1.0
     # top tokens ["x", "2"] vs ["x", "4"]: Jaccard 1/3 >= 0.3, so 4 (new) is matched to 2 (gone) by evidence
-    assert p[1]["matched_by_tokens"] == [{"appeared": 4, "disappeared": 2, "overlap": pytest.approx(1 / 3)}]
+    assert [(m.appeared, m.disappeared) for m in p[1].matched_by_tokens] == [(4, 2)]
+    assert p[1].matched_by_tokens[0].overlap == pytest.approx(1 / 3)
+    assert E.Timeline.from_json(json.loads(json.dumps(tl.to_json()))) == tl  # saved and loaded back, typed
 
 
 def test_outputs_and_reload(result, tmp_path):

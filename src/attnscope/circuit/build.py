@@ -43,12 +43,12 @@ from attnscope.circuit.parts import (  # noqa: F401  (re-exported)
 )
 from attnscope.circuit.query import choose_query_form, circuit_output, query_denominator_stability
 from attnscope.circuit.result import (  # noqa: F401  (re-exported: the circuit's types live with it)
-    CircuitRecord,
     CONDITION_GROUP,
     HEAD_CRITERIA,
     LAYER,
     SCHEMA_VERSION,
     Circuit,
+    CircuitRecord,
     CircuitSettings,
     Condition,
     ConditionGroup,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import TYPE_CHECKING
 
+from attnscope.evolution.timeline import Timeline
 from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
 from attnscope.later.result import LaterResult
 
@@ -119,16 +120,16 @@ def print_kernel_summary(res: KernelResult) -> None:
         print("note: the samples were too short for disjoint windows; held-out windows overlap estimation text")
 
 
-def print_timeline(tl: dict) -> None:
+def print_timeline(tl: Timeline) -> None:
     """The formation timeline of `attnscope evolution`, one line per head and context."""
-    for h, v in tl["layer0_heads"].items():
-        print(f"layer-0 head {h}: uniform at {v['first_uniform_step']}, leaves uniform at "
-                   f"{v['leaves_uniform_step']}, final {v['final_category']}")
-    print(f"all circuit conditions first pass at step {tl['all_conditions_first_pass']}, hold from "
-               f"{tl['all_conditions_hold_from']}; never passing: {', '.join(tl['never_passing_conditions']) or 'none'}")
-    for name, v in tl["context_neurons"].items():
-        print(f"{name}: true neuron from step {v['first_true_step']}, reported by the method from step "
-                   f"{v['first_found_step']}")
+    for h, v in tl.layer0_heads.items():
+        print(f"layer-0 head {h}: uniform at {v.first_uniform_step}, leaves uniform at "
+                   f"{v.leaves_uniform_step}, final {v.final_category}")
+    print(f"all circuit conditions first pass at step {tl.all_conditions_first_pass}, hold from "
+               f"{tl.all_conditions_hold_from}; never passing: {', '.join(tl.never_passing_conditions) or 'none'}")
+    for name, v in tl.context_neurons.items():
+        print(f"{name}: true neuron from step {v.first_true_step}, reported by the method from step "
+                   f"{v.first_found_step}")
 
 
 def print_later_summary(res: LaterResult) -> None:

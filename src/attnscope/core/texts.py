@@ -299,3 +299,9 @@ def text_tokens(spec: str | Path, tokenizer, *, max_tokens: int | None = None, m
             f"{spec} has {len(stream)} tokens but at least {min_tokens} are needed; pass a longer text"
         )
     return torch.as_tensor(stream, dtype=torch.long)
+
+
+def decode_tokens(tok, ids: list[int]) -> list[str]:
+    """Each token id as the text it stands for (one string per id, byte-level BPE pieces joined back into
+    characters, a leading space kept): the one token display used by cards, contrasts, evolution and the page."""
+    return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 from pathlib import Path
 
 import matplotlib
@@ -14,6 +12,8 @@ import numpy as np  # noqa: E402
 
 from attnscope.evolution.run import CRITERIA, D_MIN, TRACKED_CONTEXTS, EvolutionResult  # noqa: E402
 from attnscope.kernels.analysis import CAT_COLORS, CATEGORIES  # noqa: E402
+from attnscope.report.html import badge_html, data_table, data_uri
+from attnscope.report.html import esc as html_esc
 from attnscope.report.write import asset
 
 
@@ -107,7 +107,7 @@ def neuron_persistence(res: EvolutionResult, out: Path) -> Path:
     a1.set_title("top neurons: persist / appear / disappear")
     x, xl = _x(res)
     for name in TRACKED_CONTEXTS:
-        d = res.timeline["context_neurons"].get(name, {}).get("d", [])
+        d = (res.timeline.context_neurons[name].d if name in res.timeline.context_neurons else [])
         if d:
             a2.plot(x, [np.nan if v is None else v for v in d], "-o", ms=3, label=name)
     a2.axhline(D_MIN, color="grey", lw=0.8, ls="--")
@@ -136,30 +136,22 @@ def _report_css() -> str:
 
 
 def esc(x) -> str:
-    return html.escape("" if x is None else str(x))
+    """:func:`attnscope.report.html.esc`, with an empty cell for a missing value."""
+    return html_esc("" if x is None else x)
 
 
-def num_html(v, nd: int = 3) -> str:
+def _number(v, nd: int = 3) -> str:
     if v is None:
         return "–"
     return f"{v:.{nd}f}" if isinstance(v, float) else esc(v)
 
 
 def _mark(ok: bool | None) -> str:
-    if ok is None:
-        return '<span class="badge info">–</span>'
-    return '<span class="badge ok">pass</span>' if ok else '<span class="badge fail">fail</span>'
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    th = "".join(f"<th>{esc(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
-    return f'<div class="tablewrap"><table class="data"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
+    return badge_html(ok, "pass", "fail", "–")
 
 
 def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(Path(path).read_bytes()).decode("ascii")
-    return (f'<figure class="fig wide"><img alt="{esc(Path(path).stem)}" src="data:image/png;base64,{data}">'
+    return (f'<figure class="fig wide"><img alt="{esc(Path(path).stem)}" src="{data_uri(path)}">'
             f"<figcaption>{esc(caption)}</figcaption></figure>")
 
 
@@ -169,25 +161,25 @@ def _never(v):
 
 def _timeline_section(res: EvolutionResult) -> str:
     tl = res.timeline
-    heads = [[esc(h), esc(v["first_uniform_step"]), esc(v["leaves_uniform_step"] if v["leaves_uniform_step"]
-                                                            is not None else "stays uniform"), esc(v["final_category"])]
-             for h, v in tl["layer0_heads"].items()]
-    conds = [[esc(n), esc(_never(s)), esc(_never(tl["conditions_hold_from"][n]))]
-             for n, s in tl["conditions_first_pass"].items()]
-    conds.append(["<b>all conditions</b>", esc(_never(tl["all_conditions_first_pass"])),
-                  esc(_never(tl["all_conditions_hold_from"]))])
+    heads = [[esc(h), esc(v.first_uniform_step), esc(v.leaves_uniform_step if v.leaves_uniform_step
+                                                            is not None else "stays uniform"), esc(v.final_category)]
+             for h, v in tl.layer0_heads.items()]
+    conds = [[esc(n), esc(_never(s)), esc(_never(tl.conditions_hold_from[n]))]
+             for n, s in tl.conditions_first_pass.items()]
+    conds.append(["<b>all conditions</b>", esc(_never(tl.all_conditions_first_pass)),
+                  esc(_never(tl.all_conditions_hold_from))])
     ctx = []
-    for name, v in tl["context_neurons"].items():
-        ctx.append([esc(name), esc(_never(v["first_true_step"])), esc(_never(v["first_found_step"])),
+    for name, v in tl.context_neurons.items():
+        ctx.append([esc(name), esc(_never(v.first_true_step)), esc(_never(v.first_found_step)),
                     " ".join(f"{s}:{'n' if k is None else k}/{'–' if r is None else r}"
-                             for s, k, r in zip(tl["steps"], v["index"], v["rank"]))])
+                             for s, k, r in zip(tl.steps, v.index, v.rank))])
     return ("<section id='timeline'><h2>Formation timeline</h2>"
             "<h3>Layer-0 heads: when each leaves the uniform category</h3>"
-            + _table(["head", "uniform at step", "leaves uniform at step", "final category"], heads)
+            + data_table(["head", "uniform at step", "leaves uniform at step", "final category"], heads)
             + "<h3>Conditions of the contextual circuit over training</h3>"
-            + _table(["condition", "first passes at step", "holds from step to the last checkpoint"], conds)
+            + data_table(["condition", "first passes at step", "holds from step to the last checkpoint"], conds)
             + f"<h3>Context neurons (ground truth: one-vs-rest effect size d ≥ {D_MIN:g})</h3>"
-            + _table(["context", "a true neuron exists from step", "the method reports it from step",
+            + data_table(["context", "a true neuron exists from step", "the method reports it from step",
                       "step: neuron / its rank in the method's ranking"], ctx) + "</section>")
 
 
@@ -195,31 +187,31 @@ def _checkpoint_section(res: EvolutionResult) -> str:
     rows = []
     for c in res.checkpoints:
         ok = sum(x.ok for x in c.conditions)
-        rows.append([esc(c.step), esc(c.tokens_seen), num_html(c.heldout_loss), esc(c.contextual_heads or "none"),
+        rows.append([esc(c.step), esc(c.tokens_seen), _number(c.heldout_loss), esc(c.contextual_heads or "none"),
                      f"{ok}/{len(c.conditions)}" if c.conditions else "no circuit", esc(c.n_neurons_selected),
-                     num_html(c.seconds, 1), f"<code>{esc(c.spec)}</code>"])
+                     _number(c.seconds, 1), f"<code>{esc(c.spec)}</code>"])
     crit = []
     for c in res.checkpoints:
         for h in c.head_criteria:
             crit.append([esc(c.step), esc(h.head), _mark(h.chosen)]
-                        + [f"{_mark(h.criteria.get(k))} {num_html(h.measured.get(k), 3)}" for k in CRITERIA])
+                        + [f"{_mark(h.criteria.get(k))} {_number(h.measured.get(k), 3)}" for k in CRITERIA])
     notes = sorted({n for c in res.checkpoints for n in c.notes} | {c.circuit_error for c in res.checkpoints
                                                                      if c.circuit_error})
     note_html = "".join(f'<p class="note">{esc(n)}</p>' for n in notes)
     return ("<section id='checkpoints'><h2>Checkpoints</h2>" + note_html
-            + _table(["step", "tokens seen", "held-out loss", "contextual heads", "conditions passing",
+            + data_table(["step", "tokens seen", "held-out loss", "contextual heads", "conditions passing",
                       "neurons reported", "analysis s", "checkpoint"], rows)
             + "<details><summary>Every layer-0 head's detection criteria at every step</summary>"
-            + _table(["step", "head", "chosen"] + list(CRITERIA), crit) + "</details></section>")
+            + data_table(["step", "head", "chosen"] + list(CRITERIA), crit) + "</details></section>")
 
 
 def _persistence_section(res: EvolutionResult) -> str:
-    rows = [[f"{esc(p['from_step'])} → {esc(p['to_step'])}", esc(len(p["kept"])), esc(p["appeared"]),
-             esc(p["disappeared"]), num_html(p["token_overlap_kept"], 2),
-             esc(", ".join(f"{m['appeared']}≈{m['disappeared']}" for m in p.get("matched_by_tokens", [])) or "–")]
-            for p in res.timeline["neuron_persistence"]]
+    rows = [[f"{esc(p.from_step)} → {esc(p.to_step)}", esc(len(p.kept)), esc(p.appeared),
+             esc(p.disappeared), _number(p.token_overlap_kept, 2),
+             esc(", ".join(f"{m.appeared}≈{m.disappeared}" for m in p.matched_by_tokens) or "–")]
+            for p in res.timeline.neuron_persistence]
     return ("<section id='persistence'><h2>Top neurons between checkpoints</h2>"
-            + _table(["steps", "kept (same index)", "appeared", "disappeared", "top-token overlap of kept",
+            + data_table(["steps", "kept (same index)", "appeared", "disappeared", "top-token overlap of kept",
                       "appeared ≈ disappeared (same top tokens)"], rows)
             + "</section>")
 

@@ -29,7 +29,14 @@ from attnscope.circuit.result import HEAD_CRITERIA
 from attnscope.core.cache import read_or_drop, write_json
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
 from attnscope.core.executor import LOCAL, Executor
+from attnscope.core.texts import decode_tokens
 from attnscope.evolution.jobs import run_jobs
+from attnscope.evolution.timeline import (  # noqa: F401  (re-exported)
+    CRITERIA,
+    TRACKED_CONTEXTS,
+    Timeline,
+    timeline,
+)
 from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 from attnscope.later.evaluate import find_later_neurons
 from attnscope.later.method import LaterSettings
@@ -37,18 +44,15 @@ from attnscope.models import ModelWeights, cache_dir, load_model
 from attnscope.models.resolve import split_revision
 from attnscope.neurons.contrast import build_token_model, pre_stats
 from attnscope.neurons.find import NeuronSettings, held_out_windows, label, one_vs_rest_effects, score, select
+from attnscope.neurons.result import D_MIN
 
 __all__ = ["EvolutionSettings", "CheckpointRef", "CheckpointSummary", "EvolutionResult", "discover_checkpoints",
            "summarise_checkpoint", "run_evolution", "ground_truth", "timeline"]
 
 SCHEMA_VERSION = 5
-#: contexts whose neurons the timeline follows (bundled text names)
-TRACKED_CONTEXTS = ("es_fortunes", "de_fortunes", "code_python")
-D_MIN = 1.0  # a true context neuron: one-vs-rest effect size >= this (as the ground-truth evaluation)
 PARALLEL_NOTE = ("parallel attention + MLP (GPT-NeoX): the layer-0 MLP does not read layer-0 attention, so the "
                  "layer-0 neuron method does not apply; kernels, heads and the ground truth are reported, the "
                  "method's neurons are not (track a later MLP layer with --layer 1 or deeper)")
-CRITERIA = tuple(c.value for c in HEAD_CRITERIA)  # the per-head detection criteria
 
 
 @dataclass
@@ -252,8 +256,8 @@ def _neurons(w: ModelWeights, circ: Circuit, s: EvolutionSettings, windows: list
     ts = tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu()  # [d_vocab, k]
     top = []
     for j, k in enumerate(idx):
-        pos = [w.tokenizer.decode([t]) for t in ts[:, j].topk(8).indices.tolist()]
-        neg = [w.tokenizer.decode([t]) for t in (-ts[:, j]).topk(8).indices.tolist()]
+        pos = decode_tokens(w.tokenizer, ts[:, j].topk(8).indices.tolist())
+        neg = decode_tokens(w.tokenizer, (-ts[:, j]).topk(8).indices.tolist())
         top.append(NeuronPoint(k, j + 1, float(sc.sensitivity[k]), label(pos, neg)[0], pos))
     names = [x.name for x in windows]
     ctx = [_context_neuron(c, d_report[names.index(c)], rank, thr.n_passed) for c in TRACKED_CONTEXTS if c in names]
@@ -285,7 +289,7 @@ def _summary_key(w: ModelWeights, s: EvolutionSettings) -> str:
 
 
 def cached_summary(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
-            ) -> tuple[ModelWeights, Path, CheckpointSummary | None]:
+                   ) -> tuple[ModelWeights, Path, CheckpointSummary | None]:
     """The checkpoint's weights, its summary's cache path, and the cached summary (``None``: not cached)."""
     w = load_model(ref.spec, device=device, dtype=dtype)
     check_index("layer", s.layer, w.n_layers)  # before any analysis: one line, exit 2
@@ -310,6 +314,7 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
 
 
 def summarise_weights(w: ModelWeights, ref: CheckpointRef, s: EvolutionSettings, cache: bool) -> CheckpointSummary:
+    """The summary of one loaded checkpoint (``cache``: the kernels' cache; the summary's is the caller's)."""
     t0 = time.time()
     heads = _head_points(w, s, cache)
     circ, err = None, None
@@ -341,11 +346,11 @@ class EvolutionResult:
 
     settings: dict
     checkpoints: list[CheckpointSummary]
-    timeline: dict
+    timeline: Timeline
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> dict:
-        return {"schema_version": self.schema_version, "settings": self.settings, "timeline": self.timeline,
+        return {"schema_version": self.schema_version, "settings": self.settings, "timeline": self.timeline.to_json(),
                 "checkpoints": [c.to_json() for c in self.checkpoints]}
 
     def save(self, out: str | Path) -> Path:
@@ -362,99 +367,22 @@ class EvolutionResult:
         if d.get("schema_version") != SCHEMA_VERSION:
             raise AttnscopeError(f"{path} has evolution schema {d.get('schema_version')}, expected {SCHEMA_VERSION}; "
                                  "rerun `attnscope evolution`")
-        return cls(d["settings"], [CheckpointSummary.from_json(c) for c in d["checkpoints"]], d["timeline"],
+        return cls(d["settings"], [CheckpointSummary.from_json(c) for c in d["checkpoints"]], Timeline.from_json(d["timeline"]),
                    d["schema_version"])
 
 
-def _first(steps: list, flags: list[bool]):
-    return next((s for s, f in zip(steps, flags) if f), None)
 
 
-def _holds_from(steps: list, flags: list[bool]):
-    """First step from which ``flags`` stays true to the last checkpoint (None if false at the last)."""
-    i = len(flags)
-    while i > 0 and flags[i - 1]:
-        i -= 1
-    return steps[i] if i < len(flags) else None
 
 
-def _persistence(cks: list[CheckpointSummary]) -> list[dict]:
-    """Top neurons between consecutive checkpoints: kept (same index), appeared, disappeared, and how much
-    the token evidence of a kept neuron changed (Jaccard overlap of its top tokens)."""
-    out = []
-    for a, b in zip(cks, cks[1:]):
-        ia, ib = {n.index: n for n in a.top_neurons}, {n.index: n for n in b.top_neurons}
-        kept = sorted(set(ia) & set(ib))
-        jac = [_jaccard(ia[k].top_tokens, ib[k].top_tokens) for k in kept if ia[k].top_tokens and ib[k].top_tokens]
-        new, gone = sorted(set(ib) - set(ia)), sorted(set(ia) - set(ib))
-        out.append({"from_step": a.step, "to_step": b.step, "kept": kept, "appeared": new, "disappeared": gone,
-                    "token_overlap_kept": sum(jac) / len(jac) if jac else None,
-                    "matched_by_tokens": _token_matches([ib[k] for k in new], [ia[k] for k in gone])})
-    return out
 
 
-def _jaccard(a: list[str], b: list[str]) -> float:
-    return len(set(a) & set(b)) / max(1, len(set(a) | set(b)))
 
 
-def _token_matches(new: list[NeuronPoint], gone: list[NeuronPoint], min_overlap: float = 0.3) -> list[dict]:
-    """An appeared neuron whose top tokens overlap a disappeared one's (Jaccard >= ``min_overlap``): the same
-    feature under another index."""
-    out = []
-    for n in new:
-        best = max(gone, key=lambda g: _jaccard(n.top_tokens, g.top_tokens), default=None)
-        if best is not None and n.top_tokens and _jaccard(n.top_tokens, best.top_tokens) >= min_overlap:
-            out.append({"appeared": n.index, "disappeared": best.index,
-                        "overlap": _jaccard(n.top_tokens, best.top_tokens)})
-    return out
 
 
-def timeline(cks: list[CheckpointSummary]) -> dict:
-    """The formation timeline: when each layer-0 head leaves "uniform", when each criterion/condition first
-    passes, and each tracked context neuron's effect size and rank over the steps."""
-    steps = [c.step for c in cks]
-    heads0 = sorted({h.head for c in cks for h in c.heads if h.layer == 0})
-    leaves = {}
-    for h in heads0:
-        cats = [next((x.category for x in c.heads if x.layer == 0 and x.head == h), None) for c in cks]
-        was = [i for i, cat in enumerate(cats) if cat == "uniform"]
-        after = [i for i, cat in enumerate(cats) if cat != "uniform" and was and i > was[0]]
-        leaves[str(h)] = {"categories": cats, "first_uniform_step": steps[was[0]] if was else None,
-                          "leaves_uniform_step": steps[after[0]] if after else None,
-                          "final_category": cats[-1]}
-    names = [c.name for c in cks[-1].conditions] if cks and cks[-1].conditions else []
-    passes = {n: [any(x.name == n and x.ok for x in c.conditions) for c in cks] for n in names}
-    conds = {n: _first(steps, f) for n, f in passes.items()}
-    all_ok = [bool(c.conditions) and all(x.ok for x in c.conditions) for c in cks]
-    never = [n for n, s in conds.items() if s is None]
-    all_but_never = [bool(c.conditions) and all(x.ok for x in c.conditions if x.name not in never) for c in cks]
-    ctx = {}
-    for name in TRACKED_CONTEXTS:
-        pts = [next((x for x in c.context_neurons if x.context == name), None) for c in cks]
-        ctx[name] = {"index": [p.index if p else None for p in pts], "d": [p.d if p else None for p in pts],
-                     "rank": [p.rank if p else None for p in pts], "selected": [bool(p and p.selected) for p in pts],
-                     "first_true_step": _first(steps, [bool(p and p.d >= D_MIN) for p in pts]),
-                     "first_found_step": _first(steps, [bool(p and p.d >= D_MIN and p.selected) for p in pts]),
-                     "found_from_step": _holds_from(steps, [bool(p and p.d >= D_MIN and p.selected) for p in pts])}
-    return {"steps": steps, "heldout_loss": [c.heldout_loss for c in cks],
-            "contextual_heads": [c.contextual_heads for c in cks], "layer0_heads": leaves,
-            "conditions_first_pass": conds, "all_conditions_first_pass": _first(steps, all_ok),
-            "all_conditions_hold_from": _holds_from(steps, all_ok),
-            "conditions_hold_from": {n: _holds_from(steps, f) for n, f in passes.items()},
-            "never_passing_conditions": never, "all_but_never_passing_first_pass": _first(steps, all_but_never),
-            "criteria_first_pass": _criteria_first_pass(cks, steps),
-            "context_neurons": ctx, "neuron_persistence": _persistence(cks),
-            "n_neurons_selected": [c.n_neurons_selected for c in cks]}
 
 
-def _criteria_first_pass(cks: list[CheckpointSummary], steps: list) -> dict:
-    heads = sorted({h.head for c in cks for h in c.head_criteria})
-    out = {}
-    for h in heads:
-        per = [next((x for x in c.head_criteria if x.head == h), None) for c in cks]
-        out[str(h)] = {k: _first(steps, [bool(p and p.criteria.get(k)) for p in per]) for k in CRITERIA}
-        out[str(h)]["chosen"] = _first(steps, [bool(p and p.chosen) for p in per])
-    return out
 
 
 def run_evolution(specs: list[str], settings: EvolutionSettings | None = None, *, cache: bool = True,

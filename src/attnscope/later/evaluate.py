@@ -24,6 +24,7 @@ from torch import Tensor
 
 from attnscope.circuit.build import CircuitSettings
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.texts import decode_tokens
 from attnscope.exact.decomposition import centre
 from attnscope.later.context import hybrid_effects
 from attnscope.later.method import LaterCircuit, LaterSettings, build_later, earlier_terms, prepare
@@ -35,7 +36,6 @@ from attnscope.neurons.explain import fit_scores, other_heads_output
 from attnscope.neurons.find import (
     NeuronScores,
     Threshold,
-    decode_tokens,
     label,
     neuron_rows,
     predicted_effects,

@@ -34,7 +34,7 @@ from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.executor import Executor
 from attnscope.core.stats import median as _median
-from attnscope.core.texts import bundled_texts
+from attnscope.core.texts import bundled_texts, decode_tokens  # noqa: F401  (re-exported)
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import (
@@ -74,11 +74,6 @@ from attnscope.neurons.result import (  # noqa: F401  (re-exported: the stage's 
 )
 
 
-
-
-
-
-
 @dataclass
 class NeuronScores:
     """Output of :func:`score` (tensors over neurons)."""
@@ -106,8 +101,6 @@ class NeuronScores:
 
 
 
-def decode_tokens(tok, ids: list[int]) -> list[str]:
-    return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -14,10 +14,7 @@ from attnscope.core.errors import AttnscopeError
 from attnscope.core.serialize import from_dict, read_versioned
 from attnscope.core.stats import median
 from attnscope.neurons.explain import TextDenominators
-
-
-D_MIN = 1.0
-
+from attnscope.neurons.groundtruth import D_MIN  # noqa: F401  (re-exported: one definition)
 
 SCHEMA_VERSION = 1  # of neurons.json (1: first loadable version, with the circuit saved beside it)
 

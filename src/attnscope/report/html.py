@@ -7,9 +7,10 @@ import dataclasses
 import html
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
+
+from attnscope.core.stats import median
 
 FIGURE_CAPTIONS = {
     "kernel_curves": "Offset kernel κ(d) = K<sub>n</sub>(n − d) of every head at the reference query position, "
@@ -139,16 +140,27 @@ def badge_html(ok: bool | None, yes: str = "OK", no: str = "FAILED", none: str =
     return f'<span class="badge ok">{esc(yes)}</span>' if ok else f'<span class="badge fail">{esc(no)}</span>'
 
 
+def data_uri(path: Path | str) -> str:
+    """A figure file as a ``data:`` URI, so that the page holding it is self-contained."""
+    p = Path(path)
+    mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(
+        p.suffix.lower(), "image/png")
+    return f"data:{mime};base64,{base64.b64encode(p.read_bytes()).decode('ascii')}"
+
+
+def data_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain data table; ``rows`` hold HTML already escaped."""
+    th = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<div class="tablewrap"><table class="data"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
 def figure_html(name: str, path: Path | str | None) -> str:
     cap = FIGURE_CAPTIONS.get(name, esc(name.replace("_", " ")))
     if path is None or not Path(path).is_file():
         return f'<p class="note">Figure <code>{esc(name)}</code> is missing ({esc(path)}).</p>'
-    p = Path(path)
-    mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(
-        p.suffix.lower(), "image/png")
-    data = base64.b64encode(p.read_bytes()).decode("ascii")
     wide = " wide" if name in WIDE_FIGURES else ""
-    return (f'<figure class="fig{wide}" id="fig-{esc(name)}"><img alt="{esc(name)}" src="data:{mime};base64,{data}">'
+    return (f'<figure class="fig{wide}" id="fig-{esc(name)}"><img alt="{esc(name)}" src="{data_uri(path)}">'
             f"<figcaption>{cap}</figcaption></figure>")
 
 
@@ -162,8 +174,8 @@ def figures_html(names: tuple[str, ...], figures: dict[str, Path], used: set[str
 
 
 def median_of(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
-    return statistics.median(xs) if xs else None
+    """The finite values' median by the package's one convention (:func:`attnscope.core.stats.median`)."""
+    return median(x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x))
 
 
 def worst_of(recs: list, key) -> tuple[float | None, str]:
