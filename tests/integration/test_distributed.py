@@ -16,9 +16,9 @@ import torch
 
 ray = pytest.importorskip("ray", reason="Ray is not installed: pip install 'attnscope[distributed]' (scripts/setup.sh)")
 
-from attnscope.core.distributed import RayExecutor  # noqa: E402
-
 from conftest import ATOL, RTOL, assert_same_kernels, kernel_settings  # noqa: E402
+
+from attnscope.core.distributed import RayExecutor  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
@@ -85,8 +85,8 @@ class DieOnce:
 
 
 def test_killed_worker_is_retried_and_the_result_is_identical(tiny_gpt2, ex, tmp_path):
-    from attnscope.kernels.analysis import estimation_shard
     from attnscope.core.texts import load_windows
+    from attnscope.kernels.analysis import estimation_shard
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this test file
     w, _ = tiny_gpt2
@@ -104,10 +104,10 @@ def test_killed_worker_is_retried_and_the_result_is_identical(tiny_gpt2, ex, tmp
 
 
 def test_evolution_on_ray_one_job_per_checkpoint(ex, tmp_path, monkeypatch):
+    from conftest import make_tiny_gpt2
+
     import attnscope.evolution.run as E
     from attnscope.neurons.find import NeuronSettings
-
-    from conftest import make_tiny_gpt2
 
     for name, seed in (("step-0", 0), ("step-10", 1)):
         make_tiny_gpt2(tmp_path / "series" / name, seed=seed)

@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import assert_same_kernels, kernel_settings
 
 from attnscope.core.accumulators import EstimationSums, Gathered, Moments, ValidationSums, merge_all
 from attnscope.core.distributed import shards
-from attnscope.core.executor import LOCAL, make_executor
 from attnscope.core.errors import AttnscopeError
-
-from conftest import assert_same_kernels, kernel_settings
-
+from attnscope.core.executor import LOCAL, make_executor
 
 
 class ShardedHere:
@@ -104,8 +102,8 @@ def test_sharded_kernels_equal_one_pass(tiny_gpt2):
 
 
 def test_sharded_pre_stats_equal_one_pass(tiny_gpt2):
-    from attnscope.neurons.contrast import pre_stats
     from attnscope.core.texts import load_windows
+    from attnscope.neurons.contrast import pre_stats
 
     w, _ = tiny_gpt2
     windows, _ = load_windows("tests/data", w.tokenizer, 32, 5, seed=0)
