@@ -44,6 +44,7 @@ from attnscope.core.cache import (
     staged_output,
 )
 from attnscope.core.errors import AttnscopeError, check_index
+from attnscope.core.executor import running as _executor
 from attnscope.core.texts import bundled_texts, decoding, open_source, reading_once, text_tokens
 from attnscope.evolution.page import evolution_figures, write_evolution_page
 from attnscope.evolution.run import EvolutionSettings, run_evolution
@@ -144,11 +145,12 @@ _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout",
 _CIRCUIT_FIELDS = (CircuitSettings, ("calibration", "n_ctx", "window", "heads", "query_conditioned"))
 _NEURON_FIELDS = (NeuronSettings, ("eval", "max_neurons"))
 _MODEL_FIELDS = (A.ModelChoice, ("bos",))
+_EXECUTOR_FIELDS = (A.ExecutorChoice, ("executor", "ray_address", "workers"))
 
 
 @app.command(help="Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks."
              f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
-@A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS)
+@A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
 def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
             force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
@@ -158,10 +160,11 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
     A.check_seed(s.seed)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out, writes=("kernels.json", "kernels.safetensors"), force=force)
-    with _session(no_cache, decode_errors, s.samples, force=force):
+    with _session(no_cache, decode_errors, s.samples, force=force), \
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_kernel_settings(s, w)
-        res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
+        res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json, executor=ex)
         with staged_output(out, "kernels") as tmp:
             res.save(tmp)
             figs = kernel_figures(res, tmp)
@@ -176,7 +179,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
              "found from the weights and one calibration text, explained and verified on held-out texts."
              "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
              f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
-@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
+@A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
             force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
@@ -187,14 +190,16 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
     rt = _runtime(ctx, device, dtype, revision)
     A.check_out(out, writes=("neurons.json", "neurons.csv"), force=force)
-    with _session(no_cache, decode_errors, cs.calibration, ns.eval, force=force):
+    A.check_executor_use(kw["executor"], layer=layer)
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval, force=force), \
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         if layer != 0:
             return run_later(w, layer, cs, ns.eval, n_cards=ns.max_neurons, out=out, as_json=as_json,
                              command="attnscope " + " ".join(sys.argv[1:]))
         circ = build_circuit(w, cs)
-        res = find_neurons(w, circ, ns, progress=not as_json)
+        res = find_neurons(w, circ, ns, progress=not as_json, executor=ex)
         with staged_output(out, "neurons") as tmp:
             res.save(tmp)
             circ.save(tmp / "circuit")  # NeuronResult.load reads it back
@@ -220,7 +225,8 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
         raise AttnscopeError("--later-layers holds 0: layer 0 is the report's main analysis; list layers from 1")
     A.check_out(out, writes=("report.html", "kernels/kernels.json", "neurons/neurons.json", "neurons/neurons.csv"),
                 force=force)
-    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval, force=force):
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval, force=force), \
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         w = _load(rt, model, bos=kw.get("bos"))
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
@@ -229,13 +235,13 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
         with staged_output(out, "report") as tmp:
             run_report(w, tmp, kernel_settings=ks, circuit_settings=cs, neuron_settings=ns,
                        command="attnscope " + " ".join(sys.argv[1:]), log=typer.echo, later_layers=later,
-                       shown_out=out)
+                       shown_out=out, executor=ex)
     typer.echo(f"report: {(out / 'report.html').resolve()}")
 
 
 @app.command(help="Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html "
              f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
-@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
+@A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
 def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
            force: A.ForceOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
            dtype: DtypeOpt = None, revision: RevisionOpt = None,
@@ -326,6 +332,7 @@ def _check_corpora(corpora: Path | None) -> Path:
 
 
 @app.command()
+@A.settings_options(_EXECUTOR_FIELDS)
 def evolution(
     ctx: typer.Context,
     checkpoints: Annotated[list[str], typer.Argument(metavar="CHECKPOINT...", show_default=False,
@@ -338,8 +345,9 @@ def evolution(
                                                         "circuit; 1 or deeper: the later-layer method, which "
                                                         "GPT-NeoX/Pythia needs)")] = 0,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None,
-) -> None:
-    """How kernels, contextual heads and context neurons form over training checkpoints.
+    **kw) -> None:
+    """How kernels, contextual heads and context neurons form over training checkpoints (--executor ray: one job
+    per checkpoint; every checkpoint path must be readable on every node).
 
     Writes OUT/evolution.json, OUT/evolution.html and three figures; see docs/evolution.md."""
     A.check_positive(n_samples=n_samples, top_k=top_k)
@@ -349,8 +357,9 @@ def evolution(
     A.check_out(out, writes=("evolution.json", "evolution.html"), force=force)
     s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k, layer=layer)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    with _session(no_cache, "strict", force=force):
-        res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log)
+    with _session(no_cache, "strict", force=force), _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
+        res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log,
+                            executor=ex)
         with staged_output(out, "evolution") as tmp:
             res.save(tmp)
             figs = evolution_figures(res, tmp)
@@ -413,7 +422,8 @@ def _stdin_is_terminal() -> bool:
              "from the weights and the two sources' token counts (no forward pass over them); --verify runs the "
              "model on windows of both and scores the prediction (true effect size d, Spearman, precision@k, "
              f"recall@k).\n\nWrites OUT/contrast.json (one record per neuron) with --out.\n\n{_TEXTS}")
-@A.settings_options((CircuitSettings, ("calibration", "n_ctx", "query_conditioned")), _MODEL_FIELDS)
+@A.settings_options((CircuitSettings, ("calibration", "n_ctx", "query_conditioned")), _MODEL_FIELDS,
+                    _EXECUTOR_FIELDS)
 def contrast(
     ctx: typer.Context, model: ModelArg,
     a: Annotated[str, typer.Option("--a", metavar="TEXT", help="text source A (see TEXT sources)")],
@@ -432,11 +442,13 @@ def contrast(
     rt = _runtime(ctx, device, dtype, revision)
     if out is not None:
         A.check_out(out, writes=("contrast.json",), force=force)
-    with _session(no_cache, decode_errors, cs.calibration, a, b, force=force):
+    A.check_executor_use(kw["executor"], verify=verify)
+    with _session(no_cache, decode_errors, cs.calibration, a, b, force=force), \
+            _executor(A.build(A.ExecutorChoice, kw), rt.device) as ex:
         A.check_distinct_sources(a, b)
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
-        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows)
+        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows, executor=ex)
         if out is not None:
             with staged_output(out, "contrast") as tmp:
                 res.save(tmp)

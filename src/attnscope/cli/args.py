@@ -82,6 +82,11 @@ HELP: dict[str, tuple[str, str]] = {
     "max_neurons": ("N", "neurons to explain and verify"),
     "bos": ("", "analyse every text with (--bos) or without (--no-bos) the BOS token in front [default: the "
             "model's convention: hub GPT-2 and Llama-style models with, the demo without; BERT: [CLS]]"),
+    "executor": ("local|ray", "where the passes over the windows run: this process (local) or a Ray cluster (ray; "
+                 "docs/distributed.md)"),
+    "ray_address": ("auto|ADDR", "with --executor ray: auto (the cluster this node belongs to) or the head's "
+                    "HOST:PORT [default: start a local cluster]"),
+    "workers": ("N", "with --executor ray: worker actors, each holding the model once [default: one per cluster CPU]"),
     "query_conditioned": ("auto|on|off", "content factors per query token in the circuit's summary (on), one typical "
                           "query (off), or auto: on when the typical-query summary's FVU on the calibration text is "
                           "above 0.35 and the query-conditioned one is lower (docs/rotary-split.md)"),
@@ -96,6 +101,15 @@ class Runtime:
     device: str = "cpu"
     dtype: str = "float32"
     revision: str | None = None
+
+
+@dataclass
+class ExecutorChoice:
+    """Where the passes over the sample windows run (``--executor``; :func:`attnscope.core.executor.make_executor`)."""
+
+    executor: str = "local"
+    ray_address: str | None = None
+    workers: int | None = None
 
 
 @dataclass
@@ -341,3 +355,15 @@ def check_circuit_settings(cs, w) -> None:
                              f"--n-ctx of at least {need}, or pass a smaller --window")
     for h in cs.heads or []:
         check_index("head", h, w.n_heads)
+
+
+def check_executor_use(executor: str, *, layer: int = 0, verify: bool = True) -> None:
+    """``--executor ray`` where it has work: the layer-0 neurons, ``contrast --verify``."""
+    if executor == "local":
+        return
+    if layer != 0:
+        raise AttnscopeError(f"--executor {executor} covers the layer-0 neurons only; pass --executor local with "
+                             f"--layer {layer}")
+    if not verify:
+        raise AttnscopeError(f"--executor {executor} shards the --verify pass, and --verify was not given; add "
+                             "--verify or leave --executor out")

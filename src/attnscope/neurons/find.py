@@ -32,6 +32,7 @@ from torch import Tensor
 from attnscope.circuit.build import Circuit, circuit_fidelity, mlp_input_weights, true_head_output
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.executor import Executor
 from attnscope.core.stats import median as _median
 from attnscope.core.texts import bundled_texts, decode_tokens, require_diverse  # noqa: F401  (re-exported)
 from attnscope.exact.decomposition import centre
@@ -317,8 +318,9 @@ def neuron_rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, t
 
 @torch.no_grad()
 def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None = None, *,
-                 progress: bool = True) -> NeuronResult:
-    """Score, select, verify and label every neuron of the layer-0 MLP (see the module docstring)."""
+                 progress: bool = True, executor: Executor | None = None) -> NeuronResult:
+    """Score, select, verify and label every neuron of the layer-0 MLP (see the module docstring);
+    ``executor`` shards the ground truth's true pre-activations (default: this process)."""
     if w.parallel_attn_mlp:
         raise AttnscopeError(f"the layer-0 MLP of {w.name} does not read layer-0 attention (parallel attention + MLP, "
                              "GPT-NeoX), so it has no layer-0 context neurons; use the later-layer method: --layer 1 or deeper")
@@ -328,8 +330,8 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     tm = build_token_model(w, circ, ex)
     scores = score(w, circ, windows, s, tm)
     n_min = circ.settings.min_position
-    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
-    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
+    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min, executor) for x in windows])
     thr = select(scores, d_tune, s.precision_target)
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
     card_list, traces = neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
