@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 import shutil
 from pathlib import Path
 
@@ -245,3 +246,37 @@ def pytest_collection_modifyitems(config, items):
             tier = "integration"
         if tier in ("unit", "integration", "browser") and not item.get_closest_marker(tier):
             item.add_marker(getattr(pytest.mark, tier))
+
+
+# --- comparing two analyses (local and sharded or distributed: tests/unit/test_accumulators.py,
+# tests/integration/test_distributed.py) ------------------------------------------------------------
+RTOL, ATOL = 1e-6, 1e-9  # issue 23's tolerance: the order of summation is the only difference
+
+
+def assert_same_kernels(a, b) -> None:
+    """Two KernelResults equal within the issue's tolerance, with identical categories and decisions."""
+    assert a.arrays.keys() == b.arrays.keys()
+    for k in a.arrays:
+        torch.testing.assert_close(b.arrays[k], a.arrays[k], rtol=RTOL, atol=ATOL, msg=k)
+    assert a.ref_norms.keys() == b.ref_norms.keys()
+    for k in a.ref_norms:
+        assert math.isclose(a.ref_norms[k], b.ref_norms[k], rel_tol=RTOL, abs_tol=ATOL)
+    for ra, rb in zip(a.records, b.records, strict=True):
+        assert (ra.layer, ra.head, ra.category, ra.median_offset, ra.sink_dominated, ra.display()) == \
+               (rb.layer, rb.head, rb.category, rb.median_offset, rb.sink_dominated, rb.display())
+        for f in ("n_eff", "mass_first", "mass_self", "query_consistency", "equivariance", "tv_kernel_vs_attention",
+                  "tv_weights_vs_data", "sink_mass", "sink_mass_cv", "decay_length"):
+            x, y = getattr(ra, f), getattr(rb, f)
+            assert (x is None) == (y is None), f
+            if x is not None:
+                assert math.isclose(x, y, rel_tol=RTOL, abs_tol=ATOL), (f, x, y)
+        for q in ra.tv_decomposition or {}:
+            assert math.isclose(ra.tv_decomposition[q], rb.tv_decomposition[q], rel_tol=RTOL, abs_tol=ATOL)
+
+
+def kernel_settings(**kw):
+    """Small kernel settings on tests/data: 3 shards of 2 estimation windows, 2 held-out shards."""
+    from attnscope.kernels.analysis import KernelSettings
+
+    return KernelSettings(**{"samples": "tests/data", "n_ctx": 32, "n_samples": 6, "n_heldout": 3, "batch_size": 2,
+                             **kw})

@@ -55,6 +55,21 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("heads-99", ["neurons", "{tiny}", "--heads", "99"], ["head index 99"], {}),
     ("heads-not-numbers", ["neurons", "{tiny}", "--heads", "x"], ["--heads 'x'"], {}),
     ("report-window-negative", ["report", "{tiny}", "--window", "0", "--out", "{tmp}/r"], ["--window 0"], {}),
+    # executors (docs/distributed.md)
+    ("executor-bogus", ["kernels", "{tiny}", "--executor", "dask"], ["--executor 'dask'", "local or ray"], {}),
+    ("workers-without-ray", ["kernels", "{tiny}", "--workers", "2"], ["only with --executor ray"], {}),
+    ("ray-address-without-ray", ["neurons", "{tiny}", "--ray-address", "auto"], ["only with --executor ray"], {}),
+    ("workers-0", ["kernels", "{tiny}", "--executor", "ray", "--workers", "0"], ["--workers 0", "at least 1"], {}),
+    ("ray-address-unreachable", ["kernels", "{tiny}", "--executor", "ray", "--ray-address", "127.0.0.1:1"],
+     ["--ray-address 127.0.0.1:1", "no Ray cluster answers", "ray start --head"], {}),
+    ("ray-address-malformed", ["kernels", "{tiny}", "--executor", "ray", "--ray-address", "headnode"],
+     ["--ray-address 'headnode'", "HOST:PORT"], {}),
+    ("neurons-later-layer-ray", ["neurons", "{tiny}", "--layer", "1", "--executor", "ray"],
+     ["layer-0 neurons only", "--executor local"], {}),
+    ("contrast-ray-without-verify", ["contrast", "{tiny}", "--a", "bundled:es_fortunes", "--b", "bundled:de_fortunes",
+                                     "--executor", "ray"], ["--verify was not given"], {}),
+    ("evolution-workers-local", ["evolution", "{tiny}", "--workers", "2", "--out", "{tmp}/e"],
+     ["only with --executor ray"], {}),
     ("report-later-layers-0", ["report", "{tiny}", "--later-layers", "0,1", "--out", "{tmp}/r"],
      ["--later-layers holds 0", "from 1"], {}),
     ("report-later-layers-99", ["report", "{tiny}", "--later-layers", "1,99", "--out", "{tmp}/r"],
@@ -179,6 +194,18 @@ def test_error_table(case, bad, tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
     assert "Traceback" not in err
     for w in words:
         assert w in lines[0], (w, lines[0])
+
+
+@pytest.mark.parametrize("command", [["kernels", "{tiny}"], ["evolution", "{tiny}", "--out", "{tmp}/e"],
+                                     ["contrast", "{tiny}", "--a", "bundled:es_fortunes", "--b", "bundled:de_fortunes",
+                                      "--verify"]])
+def test_executor_ray_without_ray_is_one_line(command, tiny_gpt2_dir, tmp_path, monkeypatch, capsys):
+    """Ray not installed (its import fails): one line naming the extra, exit 2, before anything is computed."""
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    args = [a.format(tiny=tiny_gpt2_dir, tmp=tmp_path) for a in command]
+    code, _, err = run_main([*args, "--executor", "ray"], monkeypatch, capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert err.startswith("error: --executor ray needs Ray") and "attnscope[distributed]" in err
 
 
 @pytest.mark.parametrize("args", [["evolution", "./no/such/checkpoints"], ["kernels", "./no-such-model"]])
@@ -343,14 +370,21 @@ def test_windows_overlap_is_marked(tiny_gpt2_dir, tmp_path, caplog):
 
 
 def test_cache_info_and_clear(tmp_path, monkeypatch):
+    """A cache written before the marker existed (only attnscope's entry forms) is recognised and migrated;
+    clear removes attnscope's entries only, after --yes (stdin is not a terminal here)."""
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
     (tmp_path / "tokens").mkdir()
-    (tmp_path / "tokens" / "x.npy").write_bytes(b"1" * 1000)
-    (tmp_path / "mine.txt").write_text("not attnscope's")
+    entry = tmp_path / "tokens" / f"{'a' * 16}-{'b' * 24}.npy"
+    entry.write_bytes(b"1" * 1000)
     r = runner.invoke(app, ["cache", "info", "--json"])
     d = json.loads(r.stdout)
-    assert d["path"] == str(tmp_path) and d["kinds"]["tokens"] == {"entries": 1, "bytes": 1000, "temporary": 0}
+    assert d["path"] == str(tmp_path) and d["marked"] is True  # migrated: every entry has attnscope's form
+    assert d["kinds"]["tokens"] == {"entries": 1, "bytes": 1000, "temporary": 0, "not_attnscope": 0}
+    (tmp_path / "mine.txt").write_text("not attnscope's")
+    assert json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)["not_attnscope"] == 1
     r = runner.invoke(app, ["cache", "clear", "tokens"])
+    assert r.exit_code != 0 and "stdin is not a terminal; pass --yes" in str(r.exception) and entry.exists()
+    r = runner.invoke(app, ["cache", "clear", "tokens", "--yes"])
     assert r.exit_code == 0 and "freed 0.0 MB" in r.output
     assert not (tmp_path / "tokens").exists() and (tmp_path / "mine.txt").exists()
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,9 +27,11 @@ from torch import Tensor
 
 from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit
 from attnscope.circuit.result import HEAD_CRITERIA
-from attnscope.core.cache import read_or_drop, write_json
+from attnscope.core.cache import file_sha256, read_or_drop, write_json
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
-from attnscope.core.texts import decode_tokens
+from attnscope.core.executor import LOCAL, Executor
+from attnscope.core.texts import decode_tokens, tokenizer_sha256
+from attnscope.evolution.jobs import run_jobs
 from attnscope.evolution.timeline import (  # noqa: F401  (re-exported)
     CRITERIA,
     TRACKED_CONTEXTS,
@@ -122,9 +125,28 @@ def discover_checkpoints(specs: list[str]) -> list[CheckpointRef]:
             _, rev = split_revision(spec)
             digits = re.findall(r"\d+", rev or "")
             refs.append(CheckpointRef(spec, int(digits[-1]) if digits else None))
+    _refuse_duplicates(refs)
     if all(r.step is not None for r in refs):
         refs.sort(key=lambda r: r.step)
     return refs
+
+
+def _refuse_duplicates(refs: list[CheckpointRef]) -> None:
+    """The same checkpoint twice (one folder by two paths, or two folders with identical weight files) would
+    report a step that did not change anything; refused."""
+    seen: dict[str, str] = {}
+    for r in refs:
+        p = Path(r.spec).expanduser()
+        keys = [f"path:{os.path.realpath(p)}" if p.is_dir() else f"hub:{r.spec}"]
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+            if files:
+                keys.append("weights:" + "|".join(file_sha256(f) for f in files))
+        for k in keys:
+            if k in seen:
+                what = "the same checkpoint" if k.startswith(("path:", "hub:")) else "identical weights"
+                raise AttnscopeError(f"checkpoints {seen[k]} and {r.spec} are {what}; pass each checkpoint once")
+            seen[k] = r.spec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,21 +304,37 @@ def _context_neuron(context: str, row: Tensor, rank: Tensor | None, n_selected: 
 
 def _summary_key(w: ModelWeights, s: EvolutionSettings) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": s.to_json(), "dtype": str(w.dtype),
-                       "v": SCHEMA_VERSION}, sort_keys=True, default=str)
+                       "tokenizer": tokenizer_sha256(w.tokenizer), "v": SCHEMA_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def cached_summary(ref: CheckpointRef, s: EvolutionSettings, cache: bool, device: str, dtype: str
+                   ) -> tuple[ModelWeights, Path, CheckpointSummary | None]:
+    """The checkpoint's weights, its summary's cache path, and the cached summary (``None``: not cached)."""
+    w = load_model(ref.spec, device=device, dtype=dtype)
+    check_index("layer", s.layer, w.n_layers)  # before any analysis: one line, exit 2
+    path = cache_dir() / "evolution" / f"{_summary_key(w, s)}.json"
+    out = read_or_drop(path, lambda p: CheckpointSummary.from_json(json.loads(p.read_text()))) if cache else None
+    if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed
+        out.spec, out.step, out.tokens_seen, out.heldout_loss = ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss
+    return w, path, out
 
 
 @torch.no_grad()
 def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: bool = True,
                          device: str = "cpu", dtype: str = "float32") -> CheckpointSummary:
     """Analyse one checkpoint (or read its cached summary); nothing but the summary is kept."""
-    w = load_model(ref.spec, device=device, dtype=dtype)
-    check_index("layer", s.layer, w.n_layers)  # before any analysis: one line, exit 2
-    path = cache_dir() / "evolution" / f"{_summary_key(w, s)}.json"
-    out = read_or_drop(path, lambda p: CheckpointSummary.from_json(json.loads(p.read_text()))) if cache else None
-    if out is not None:  # a corrupt entry was dropped (one logged line) and is recomputed below
-        out.spec, out.step, out.tokens_seen, out.heldout_loss = ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss
+    w, path, out = cached_summary(ref, s, cache, device, dtype)
+    if out is not None:
         return out
+    out = summarise_weights(w, ref, s, cache)
+    if cache:
+        write_json(path, out.to_json(), indent=None)
+    return out
+
+
+def summarise_weights(w: ModelWeights, ref: CheckpointRef, s: EvolutionSettings, cache: bool) -> CheckpointSummary:
+    """The summary of one loaded checkpoint (``cache``: the kernels' cache; the summary's is the caller's)."""
     t0 = time.time()
     heads = _head_points(w, s, cache)
     circ, err = None, None
@@ -312,13 +350,9 @@ def summarise_checkpoint(ref: CheckpointRef, s: EvolutionSettings, *, cache: boo
                                      for c in circ.conditions]
     notes = [PARALLEL_NOTE] if w.parallel_attn_mlp and s.layer == 0 else []
     n_sel, top, ctx = _tracked_neurons(w, circ, circ or forced, s)
-    out = CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
-                            [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
-                            time.time() - t0, notes)
-    if cache:
-        write_json(path, out.to_json(), indent=None)
-    del w, circ
-    return out
+    return CheckpointSummary(ref.spec, ref.step, ref.tokens_seen, ref.heldout_loss, w.fingerprint(), heads,
+                             [] if circ is None else list(circ.heads), crit, conds, err, n_sel, top, ctx,
+                             time.time() - t0, notes)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -372,10 +406,15 @@ class EvolutionResult:
 
 
 def run_evolution(specs: list[str], settings: EvolutionSettings | None = None, *, cache: bool = True,
-                  device: str = "cpu", dtype: str = "float32", log=None) -> EvolutionResult:
-    """Summarise every checkpoint of ``specs`` (one at a time, cached) and derive the timeline."""
+                  device: str = "cpu", dtype: str = "float32", log=None,
+                  executor: Executor | None = None) -> EvolutionResult:
+    """Summarise every checkpoint of ``specs`` (cached) and derive the timeline: one at a time here, or, with a
+    distributed ``executor``, one job per checkpoint not found in the cache (the cache is read here first)."""
     s = settings or EvolutionSettings()
     refs = discover_checkpoints(specs)
+    if executor is not None and executor is not LOCAL:
+        out = run_jobs(refs, s, cache, device, dtype, log, executor, cached_summary, summarise_weights)
+        return EvolutionResult(s.to_json(), out, timeline(out))
     out = []
     for i, ref in enumerate(refs):
         t = time.time()

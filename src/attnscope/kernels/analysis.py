@@ -38,9 +38,11 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from attnscope.core.accumulators import EstimationSums, ValidationSums
 from attnscope.core.cache import atomic_dir, cache_dir, read_or_drop
 from attnscope.core.errors import AttnscopeError, check_index
-from attnscope.core.texts import bundled_dir, load_windows
+from attnscope.core.executor import LOCAL, Executor
+from attnscope.core.texts import bundled_dir, load_windows, tokenizer_sha256
 from attnscope.exact.decomposition import (
     approximate_tv,
     centre,
@@ -208,7 +210,8 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "bos": w.analysis_bos, "v": 4}, sort_keys=True)  # --bos/--no-bos: its own entry
+                       "bos": w.analysis_bos, "tokenizer": tokenizer_sha256(w.tokenizer), "v": 4},
+                      sort_keys=True)  # --bos/--no-bos: its own entry; an edited tokenizer.json: its own entry
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -243,23 +246,15 @@ class KernelValidation:
     n_windows: int = 0  # held-out windows analysed; 0: the validations were not run
 
 
-def _accumulate_means(w: ModelWeights, windows: Int[Tensor, "n ctx"], s: KernelSettings, li: dict[int, int], bar
-                      ) -> tuple[Float[Tensor, "layer head ctx d_head"], Float[Tensor, "layer head ctx d_head"],
-                                 Float[Tensor, "layer ctx d_model"], Float[Tensor, " layer"]]:
-    """Streaming means over ``windows`` of queries, keys and the (pre-norm) residual per position, and the
-    sum of the squared centred residual (``[L, H, T, dh]`` x2, ``[L, T, d]``, ``[L]``)."""
-    L, H, T, dh, d, f64 = len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, torch.float64
-    sum_q = torch.zeros(L, H, T, dh, dtype=f64, device=w.device)
-    sum_k = torch.zeros_like(sum_q)
-    sum_resid = torch.zeros(L, T, d, dtype=f64, device=w.device)
-    sum_sq = torch.zeros(L, dtype=f64, device=w.device)
-    for j, a in _stream_layers(w, windows, s.batch_size, li, bar, patterns=False):  # fused attention
-        sum_q[j] += a.q.sum(0).to(f64)
-        sum_k[j] += a.k.sum(0).to(f64)
-        sum_resid[j] += a.norm_in.sum(0).to(f64)
-        sum_sq[j] += (centre(a.norm_in.to(f64), w) ** 2).sum()
-    n = windows.shape[0]
-    return (sum_q / n).to(w.dtype), (sum_k / n).to(w.dtype), sum_resid / n, sum_sq
+def estimation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_window: int, s: KernelSettings,
+                     bar=None) -> EstimationSums:
+    """Partial sums over one shard of estimation ``windows`` (every estimation statistic is a sum)."""
+    li = {l: j for j, l in enumerate(s.layers)}
+    sums = EstimationSums.zeros(len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, w.device)
+    for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar(), patterns=False):  # fused attention
+        sums.add(j, a.q, a.k, a.norm_in, (centre(a.norm_in.to(torch.float64), w) ** 2).sum())
+    sums.count(windows.shape[0])
+    return sums
 
 
 def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Float[Tensor, "layer ctx d_model"],
@@ -280,12 +275,14 @@ def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Float[Tensor, "
 
 
 @torch.no_grad()
-def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], *, bar=None) -> KernelEstimate:
-    """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``."""
-    li = {l: j for j, l in enumerate(s.layers)}
+def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n ctx"], *, bar=None,
+                     executor: Executor | None = None) -> KernelEstimate:
+    """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``
+    (sharded by ``executor``; default: this process)."""
+    sums = (executor or LOCAL).map_windows(w, estimation_shard, windows, s, bar=bar, shard_size=s.batch_size)
     qpos = query_positions(s.n_ctx, w.causal)
-    mean_q, mean_k, mean_resid, sum_sq = _accumulate_means(w, windows, s, li, bar or _NoBar())
-    pi, ref_norms = _static_part(w, s, mean_resid, sum_sq, windows.shape[0])
+    mean_q, mean_k, mean_resid, sum_sq = sums.finalise(w.dtype)
+    pi, ref_norms = _static_part(w, s, mean_resid, sum_sq, sums.n)
     qp = torch.tensor(qpos, device=w.device)
     data_kernel = positional_kernel_rows_batch(w, s.layers, mean_q[:, :, qp], mean_k)  # [L, H, nq, T]
     static = pi
@@ -297,30 +294,34 @@ def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n
 
 @torch.no_grad()
 def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, windows: Int[Tensor, "n ctx"], *,
-                     bar=None) -> KernelValidation:
-    """Held-out checks on ``windows``: the decomposition's TV, the mean attention and query consistency."""
+                     bar=None, executor: Executor | None = None) -> KernelValidation:
+    """Held-out checks on ``windows`` (sharded by ``executor``): the decomposition's TV, mean attention, consistency."""
+    sums = (executor or LOCAL).map_windows(w, validation_shard, windows, s, est, bar=bar, shard_size=s.batch_size)
+    tvs, mean_attention, consistency, sinks = sums.finalise(w.dtype, w.n_heads)
+    return KernelValidation(tvs, mean_attention, consistency, sinks, sums.n)
+
+
+@torch.no_grad()
+def validation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_window: int, s: KernelSettings,
+                     est: KernelEstimate, bar=None) -> ValidationSums:
+    """Partial held-out sums over one shard of ``windows`` whose first is held-out window ``first_window``."""
     li = {l: j for j, l in enumerate(est.layers)}
-    L, H, T, qpos, f64 = len(li), w.n_heads, s.n_ctx, est.query_positions, torch.float64
+    H, qpos = w.n_heads, est.query_positions
     qp = torch.tensor(qpos, device=w.device)
-    tvs: list[list[Tensor]] = [[] for _ in li]
-    sinks: list[list[Tensor]] = [[] for _ in li]
     n_sink = qpos[0]  # sink statistics from the first kept query position on (early rows see few keys)
-    sum_attn = torch.zeros(L, H, len(qpos), T, dtype=f64, device=w.device)
-    cons = torch.zeros(L, H, dtype=f64, device=w.device)
+    sums = ValidationSums.zeros(len(li), H, len(qpos), s.n_ctx, w.device)
     pairs, statics = _rotary_split_inputs(w, est)
+    b0 = first_window - s.batch_size  # index of the current batch's first window (layers come in order: j = 0 first)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
+        b0 += s.batch_size if j == 0 else 0
         tv = approximate_tv(w, a.layer, a, statics[j], est.ref_norms[a.layer], pairs[j])  # [b, H, T], in row chunks
-        tvs[j].append(tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float())
-        sinks[j].append(a.pattern[:, :, n_sink:, 0].permute(1, 0, 2).reshape(H, -1).float())
-        sum_attn[j] += a.pattern[:, :, qp].sum(0).to(f64)
         # query consistency: each text's own query at n with the static keys
         per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
-        cons[j] += tv_distance(per_text, est.data_kernel[j][None]).mean(-1).sum(0).to(f64)
-    n_held = max(1, windows.shape[0])
-    return KernelValidation([torch.cat(t, 1) if t else torch.zeros(H, 1, device=w.device) for t in tvs],
-                            (sum_attn / n_held).to(w.dtype), cons / n_held,
-                            [torch.cat(t, 1) if t else torch.zeros(H, 1, device=w.device) for t in sinks],
-                            windows.shape[0])
+        sums.add(j, b0, a.pattern[:, :, qp], tv_distance(per_text, est.data_kernel[j][None]).mean(-1),
+                 tv[:, :, 1:].permute(1, 0, 2).reshape(H, -1).float(),
+                 a.pattern[:, :, n_sink:, 0].permute(1, 0, 2).reshape(H, -1).float())
+    sums.count(windows.shape[0])
+    return sums
 
 
 def _rotary_split_inputs(w: ModelWeights, est: KernelEstimate) -> tuple[list, list]:
@@ -428,9 +429,10 @@ def kernel_arrays(w: ModelWeights, s: KernelSettings, est: KernelEstimate, val: 
 
 @torch.no_grad()
 def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, cache: bool = True,
-                    progress: bool = True) -> KernelResult:
+                    progress: bool = True, executor: Executor | None = None) -> KernelResult:
     """Positional kernels and their properties for the chosen layers (see module docstring):
-    :func:`estimate_kernels`, :func:`validate_kernels`, :func:`kernel_arrays`, :func:`head_records`."""
+    :func:`estimate_kernels`, :func:`validate_kernels`, :func:`kernel_arrays`, :func:`head_records`.
+    ``executor`` shards the two passes over the windows (default: this process); the cache is read first."""
     from tqdm.auto import tqdm
 
     s = (settings or KernelSettings()).resolved(w)
@@ -444,9 +446,9 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
     windows = windows.to(w.device)
     est_windows, held = windows[: s.n_samples], windows[s.n_samples :]
     bar = tqdm(total=s.n_samples + s.n_heldout, desc="kernels: estimate", unit="text", disable=not progress)
-    est = estimate_kernels(w, s, est_windows, bar=bar)
+    est = estimate_kernels(w, s, est_windows, bar=bar, executor=executor)
     bar.set_description("kernels: validate")
-    val = validate_kernels(w, s, est, held, bar=bar)
+    val = validate_kernels(w, s, est, held, bar=bar, executor=executor)
     bar.close()
     arrays, weights_consistency = kernel_arrays(w, s, est, val, est_windows)
     records = head_records(w, est, val, arrays, weights_consistency)

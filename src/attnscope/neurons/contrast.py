@@ -26,7 +26,9 @@ import torch
 from torch import Tensor
 
 from attnscope.circuit.build import Circuit
+from attnscope.core.accumulators import Moments
 from attnscope.core.errors import AttnscopeError, TextTooShortError
+from attnscope.core.executor import LOCAL, Executor
 from attnscope.core.texts import open_source, tokenize
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
@@ -34,6 +36,7 @@ from attnscope.neurons.explain import Explainer, build_explainer, true_pre
 from attnscope.neurons.groundtruth import discovery_scores, shuffled_null
 
 TOKEN_TERMS = ("direct", "contextual bag", "other heads")
+PRE_SHARD = 4  # windows per shard of the true pre-activations under a distributed executor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,37 +141,25 @@ def calibration_std(w: ModelWeights, circ: Circuit) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass
-class PreStats:
-    """Per-neuron sums over positions n >= min_position of a set of windows (mergeable)."""
+#: Per-neuron count, sum and sum of squares over positions n >= min_position of a set of windows (mergeable).
+PreStats = Moments
 
-    n: int
-    s1: Tensor  # [d_mlp] sum of pre
-    s2: Tensor  # [d_mlp] sum of pre^2
 
-    @property
-    def mean(self) -> Tensor:
-        return self.s1 / self.n
-
-    @property
-    def var(self) -> Tensor:
-        return (self.s2 / self.n - self.mean**2).clamp_min(0)
-
-    def __add__(self, o: PreStats) -> PreStats:
-        return PreStats(self.n + o.n, self.s1 + o.s1, self.s2 + o.s2)
+def pre_stats_shard(w: ModelWeights, windows: Tensor, first_window: int, n_min: int, bar=None) -> PreStats:
+    """:class:`PreStats` of one shard of ``windows [n, T]`` (a window task, :mod:`attnscope.core.executor`)."""
+    out = Moments.zeros(w.d_mlp)
+    for win in windows:
+        out.add(true_pre(w, win)[n_min:])
+        if bar is not None:
+            bar.update(1)
+    return out
 
 
 @torch.no_grad()
-def pre_stats(w: ModelWeights, windows: Tensor, n_min: int) -> PreStats:
-    s1 = torch.zeros(w.d_mlp, dtype=torch.float64)
-    s2 = torch.zeros_like(s1)
-    n = 0
-    for win in windows:
-        y = true_pre(w, win)[n_min:].double().cpu()
-        s1 += y.sum(0)
-        s2 += (y**2).sum(0)
-        n += y.shape[0]
-    return PreStats(n, s1, s2)
+def pre_stats(w: ModelWeights, windows: Tensor, n_min: int, executor: Executor | None = None) -> PreStats:
+    """Per-neuron moments of the true pre-activation over positions ``>= n_min`` of ``windows [n, T]``
+    (sharded by ``executor``; default: this process)."""
+    return (executor or LOCAL).map_windows(w, pre_stats_shard, windows, n_min, shard_size=PRE_SHARD)
 
 
 def effect_sizes(a: PreStats, b: PreStats) -> Tensor:
@@ -249,11 +240,12 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
 
 @torch.no_grad()
 def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
-                 max_windows: int = 16, n_evidence: int = 40) -> ContrastResult:
+                 max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
-    ``verify``, measure it on up to ``max_windows`` windows of each)."""
-    if a == b:
-        raise AttnscopeError(f"--a and --b are the same source ({a}); pass two different text sources")
+    ``verify``, measure it on up to ``max_windows`` windows of each, sharded by ``executor``)."""
+    if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
+        raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
+                             "sources")
 
     tm = build_token_model(w, circ)
     ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}
@@ -277,8 +269,8 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
     if verify:
         n_min = circ.settings.min_position
         wa, wb = (source_windows(w, s, circ.T, max_windows=max_windows) for s in (a, b))
-        sa = pre_stats(w, torch.cat([wa.tune, wa.report]), n_min)
-        sb = pre_stats(w, torch.cat([wb.tune, wb.report]), n_min)
+        sa = pre_stats(w, torch.cat([wa.tune, wa.report]), n_min, executor)
+        sb = pre_stats(w, torch.cat([wb.tune, wb.report]), n_min, executor)
         d, true_diff = effect_sizes(sa, sb), sa.mean - sb.mean
         for r in recs:
             r.true_d, r.true_diff = float(d[r.index]), float(true_diff[r.index])

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from attnscope.circuit.build import Circuit, mlp_input_weights
+from attnscope.core.executor import Executor
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import SourceWindows, build_token_model, pre_stats, token_frequencies
@@ -132,8 +133,10 @@ def _label_precision(cards, names: list[str], d: Tensor) -> dict:
 
 @torch.no_grad()
 def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | None = None,
-                          precision_target: float = 0.9, n_random: int = 64) -> GroundTruthResult:
-    """The evaluation of the module docstring (every bundled text a context)."""
+                          precision_target: float = 0.9, n_random: int = 64,
+                          executor: Executor | None = None) -> GroundTruthResult:
+    """The evaluation of the module docstring (every bundled text a context); ``executor`` shards the true
+    pre-activations (default: this process)."""
     s = NeuronSettings(max_windows=max_windows, precision_target=precision_target, n_random=n_random, max_neurons=10**6)
     windows = held_out_windows(w, circ, None, max_windows)
     names = [x.name for x in windows]
@@ -141,8 +144,8 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
     ex = build_explainer(w, circ)
     tm = build_token_model(w, circ, ex)
     sc = score(w, circ, windows, s, tm)
-    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
-    d_rep = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
+    d_rep = one_vs_rest_effects([pre_stats(w, x.report, n_min, executor) for x in windows])
     thr = select(sc, d_tune, precision_target)
     ver, cards, rep = verify(w, circ, sc, thr, d_rep, windows, s, ex)
     preds = _predictors(w, circ, windows, sc, n_min)

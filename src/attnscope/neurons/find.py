@@ -32,8 +32,9 @@ from torch import Tensor
 from attnscope.circuit.build import Circuit, circuit_fidelity, mlp_input_weights, true_head_output
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.executor import Executor
 from attnscope.core.stats import median as _median
-from attnscope.core.texts import bundled_texts, decode_tokens  # noqa: F401  (re-exported)
+from attnscope.core.texts import bundled_texts, decode_tokens, require_diverse  # noqa: F401  (re-exported)
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import (
@@ -117,8 +118,11 @@ def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None,
         raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; "
                              "pass --eval twice or more")
     skip = len(circ.calibration_tokens) - (1 if w.prepend_bos else 0)
-    return [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
-            for s in dict.fromkeys(specs)]
+    out = [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
+           for s in dict.fromkeys(specs)]
+    for sw in out:  # a degenerate held-out text would make every neuron "pass" with r = 1
+        require_diverse(torch.cat([sw.tune, sw.report])[:, 1 if w.prepend_bos else 0:], sw.spec, "evaluation")
+    return out
 
 
 def one_vs_rest_effects(stats: list[PreStats]) -> Tensor:
@@ -314,8 +318,9 @@ def neuron_rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, t
 
 @torch.no_grad()
 def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None = None, *,
-                 progress: bool = True) -> NeuronResult:
-    """Score, select, verify and label every neuron of the layer-0 MLP (see the module docstring)."""
+                 progress: bool = True, executor: Executor | None = None) -> NeuronResult:
+    """Score, select, verify and label every neuron of the layer-0 MLP (see the module docstring);
+    ``executor`` shards the ground truth's true pre-activations (default: this process)."""
     if w.parallel_attn_mlp:
         raise AttnscopeError(f"the layer-0 MLP of {w.name} does not read layer-0 attention (parallel attention + MLP, "
                              "GPT-NeoX), so it has no layer-0 context neurons; use the later-layer method: --layer 1 or deeper")
@@ -325,8 +330,8 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     tm = build_token_model(w, circ, ex)
     scores = score(w, circ, windows, s, tm)
     n_min = circ.settings.min_position
-    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
-    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
+    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min, executor) for x in windows])
     thr = select(scores, d_tune, s.precision_target)
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
     card_list, traces = neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)

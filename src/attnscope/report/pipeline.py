@@ -34,17 +34,19 @@ class ReportResult:
 def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSettings | None = None,
                circuit_settings: CircuitSettings | None = None, neuron_settings: NeuronSettings | None = None,
                command: str = "", progress: bool = True, log=print,
-               later_layers: list[int] | None = None, shown_out: str | Path | None = None) -> ReportResult:
+               later_layers: list[int] | None = None, shown_out: str | Path | None = None,
+               executor=None) -> ReportResult:
     """Run every stage on ``w`` and write ``out/report.html`` (plus each stage's JSON, arrays and figures:
     ``out/kernels``, ``out/circuit``, ``out/neurons``; ``later_layers``: also the context neurons of those
     MLP layers, ``out/later/L{L}``, in their own report section).  ``shown_out``: the folder named in the log
-    lines (the final one, when ``out`` is a staging folder renamed into place afterwards)."""
+    lines (the final one, when ``out`` is a staging folder renamed into place afterwards).  ``executor``: where
+    the kernels' and the ground truth's passes over the windows run (default: this process)."""
     out = Path(out)
     shown = Path(shown_out) if shown_out is not None else out
     out.mkdir(parents=True, exist_ok=True)
     t: dict[str, float] = {}
     t0 = time.perf_counter()
-    kres = analyse_kernels(w, kernel_settings or KernelSettings(), progress=progress)
+    kres = analyse_kernels(w, kernel_settings or KernelSettings(), progress=progress, executor=executor)
     kres.save(out / "kernels")
     figs = {k: p for k, p in kernel_figures(kres, out / "kernels").items()}
     t["kernels"] = time.perf_counter() - t0
@@ -54,7 +56,7 @@ def run_report(w: ModelWeights, out: str | Path, *, kernel_settings: KernelSetti
     try:
         circ = build_circuit(w, circuit_settings or CircuitSettings())
         circ.save(out / "circuit")
-        nres = find_neurons(w, circ, neuron_settings or NeuronSettings(), progress=progress)
+        nres = find_neurons(w, circ, neuron_settings or NeuronSettings(), progress=progress, executor=executor)
         nres.save(out / "neurons")
         figs.update(neuron_figures(nres, circ, out / "neurons"))
         s = nres.summary()
