@@ -36,7 +36,7 @@ CASES = [  # (arguments after `serve`, start of the error line)
     (lambda t, p: ["demo", "--analysis", str(t / "nowhere")], "error: --analysis {tmp}/nowhere is not a folder"),
     (lambda t, p: ["demo", "--analysis", _empty_dir(t)], "error: no circuit or neurons.json in"),
     (lambda t, p: ["./missing-model-folder"], "error: no such file or folder"),
-    (lambda t, p: ["demo", "--allow-host", ""], "error: --allow-host '' is not a host name"),
+    (lambda t, p: ["demo", "--allow-host", ""], "error: --allow-host was given an empty string"),
     (lambda t, p: ["demo", "--allow-host", "http://proxy.example.org/"],
      "error: --allow-host 'http://proxy.example.org/' is not a host name"),
 ]
