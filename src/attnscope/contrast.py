@@ -13,7 +13,9 @@ either source.  ``predicted_d = Delta / sigma_cal``, with ``sigma_cal`` the std 
 pre-activation over the calibration text, puts it on the scale of the effect size.
 
 **True (``--verify``).**  ``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` over positions
-``n >= min_position`` of windows of each source (:func:`effect_sizes`).
+``n >= min_position`` of windows spread over each whole source (:func:`effect_sizes`); the headline score
+predicts from those windows' own token counts, the whole-source prediction is scored beside it, with the
+noise ceiling and the baselines (:mod:`attnscope.verification`).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -31,6 +34,9 @@ from .errors import AttnscopeError, TextTooShortError
 from .explain import Explainer, build_explainer, true_pre
 from .models import ModelWeights
 from .texts import open_source, tokenize
+
+if TYPE_CHECKING:
+    from .verification import ContrastVerification
 
 TOKEN_TERMS = ("direct", "contextual bag", "other heads")
 
@@ -187,17 +193,6 @@ class NeuronContrast:
 
 
 @dataclass
-class ContrastVerification:
-    n_windows_a: int
-    n_windows_b: int
-    n_positions_a: int
-    n_positions_b: int
-    scores: dict  # DiscoveryScores.to_json() of predicted_d against true d
-    null_scores: dict  # the same for the token-shuffled null ranking
-    n_true: int  # neurons with |d| >= 1
-
-
-@dataclass
 class ContrastResult:
     model: dict
     a: str
@@ -247,8 +242,6 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
     ``verify``, measure it on up to ``max_windows`` windows of each)."""
     if a == b:
         raise AttnscopeError(f"--a and --b are the same source ({a}); pass two different text sources")
-    from .groundtruth import discovery_scores, shuffled_null
-
     tm = build_token_model(w, circ)
     ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}
     for s, t in ids.items():
@@ -269,15 +262,19 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                                    "min_position": circ.settings["min_position"], "n_ctx": circ.T,
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
     if verify:
+        from .verification import fit_token_mean, spread_windows, verify_contrast
+
         n_min = circ.settings["min_position"]
-        wa, wb = (source_windows(w, s, circ.T, max_windows=max_windows) for s in (a, b))
-        sa = pre_stats(w, torch.cat([wa.tune, wa.report]), n_min)
-        sb = pre_stats(w, torch.cat([wb.tune, wb.report]), n_min)
-        d, true_diff = effect_sizes(sa, sb), sa.mean - sb.mean
+        wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
+        if min(len(wa), len(wb)) < 2:
+            short = a if len(wa) < 2 else b
+            raise TextTooShortError(f"{short} has {len(ids[short])} tokens: fewer than two windows of {circ.T} to "
+                                    "verify on; pass a longer text or a smaller --n-ctx")
+        tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
+        v, d, diff_true, _ = verify_contrast(w, tm, sigma, n_min, wa, wb, p_a, p_b, tmean,
+                                  windows_note=f"up to {max_windows} windows of {circ.T} tokens per source, evenly "
+                                               "spread over the whole source")
         for r in recs:
-            r.true_d, r.true_diff = float(d[r.index]), float(true_diff[r.index])
-        null = shuffled_null(lambda q: tm.expected(q.to(tm.W_in.device)).cpu().double(), p_a, p_b) / sigma
-        res.verification = ContrastVerification(
-            len(wa.tune) + len(wa.report), len(wb.tune) + len(wb.report), sa.n, sb.n,
-            discovery_scores(pd, d).to_json(), discovery_scores(null, d).to_json(), int((d.abs() >= 1).sum()))
+            r.true_d, r.true_diff = float(d[r.index]), float(diff_true[r.index])
+        res.verification = v
     return res

@@ -1,0 +1,212 @@
+r"""Like-for-like verification of a two-source contrast, with its noise ceiling and baselines (issue 19).
+
+A contrast predicts every MLP-0 neuron's effect size ``d`` between sources A and B from token counts
+(:mod:`attnscope.contrast`).  Verifying it takes the true ``d`` on windows of each source.  Comparing a
+prediction made from the *whole* sources' token counts with a truth measured on a *few* windows mixes two
+things: how well the circuit predicts, and how far those windows' token mix is from the whole source's.
+So every verification here reports
+
+* **like for like** (the headline): the prediction from the token counts of exactly the windows the truth
+  was measured on;
+* **whole source** (what a user of ``contrast`` without ``--verify`` gets), scored separately against the
+  same truth, the windows being spread over each whole source;
+* the **noise ceiling**: Spearman between the true ``d`` of two equal, disjoint draws of those windows
+  (even and odd windows), corrected to the full sample by Spearman-Brown ``2r / (1 + r)``;
+* the **token-shuffled null** (the prediction with token scores permuted over the vocabulary);
+* the **token-mean predictor** (each token's mean true pre-activation, fitted on texts other than the two
+  compared: the bundled texts, the compared ones left out), a circuit-free baseline;
+* beside each Spearman, precision@k, recall@k (k = 10, 20, 50) and **R-precision** (precision at
+  ``k =`` the number of neurons with true ``|d| >= 1``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Float, Int
+from torch import Tensor
+
+from .contrast import PreStats, TokenModel, effect_sizes, pre_stats, token_frequencies
+from .errors import TextTooShortError
+from .explain import true_pre
+from .groundtruth import D_MIN, KS, precision_at, recall_at, shuffled_null, spearman
+from .models import ModelWeights
+from .texts import bundled_texts, open_source, tokenize
+
+LIKE_FOR_LIKE = "like for like"  # the prediction from the verified windows' own token counts
+WHOLE_SOURCE = "whole source"  # the prediction from all of each source's tokens, scored on the same truth
+SHUFFLED = "token-shuffled null"
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows spread over a whole source
+# --------------------------------------------------------------------------------------------------
+
+
+def spread_windows(w: ModelWeights, ids: Int[Tensor, " n_tokens"], T: int, n: int) -> list[Int[Tensor, " T"]]:
+    """Up to ``n`` non-overlapping windows of ``T`` tokens (BOS first when the model takes one), evenly spread
+    over the whole token stream ``ids``; a stream shorter than one window gives one window of all of it."""
+    bos = w.bos_token_id if w.prepend_bos else None
+    body = T - (1 if bos is not None else 0)
+    n_all = len(ids) // body
+    if n_all == 0:
+        if len(ids) == 0:
+            raise TextTooShortError("the text holds no tokens; pass a non-empty text")
+        chunks = [ids]
+    else:
+        idx = torch.linspace(0, n_all - 1, min(n, n_all)).round().long().unique().tolist()
+        chunks = [ids[i * body : (i + 1) * body] for i in idx]
+    if bos is None:
+        return list(chunks)
+    return [torch.cat([torch.tensor([bos], dtype=c.dtype), c]) for c in chunks]
+
+
+def window_stats(w: ModelWeights, windows: list[Tensor], n_min: int) -> list[PreStats]:
+    """True pre-activation sums per window (positions ``n >= n_min``), kept apart for the split halves."""
+    return [pre_stats(w, win[None], n_min) for win in windows]
+
+
+def _sum(stats: list[PreStats]) -> PreStats:
+    return sum(stats[1:], stats[0])
+
+
+# --------------------------------------------------------------------------------------------------
+# The token-mean predictor (circuit-free baseline)
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenMean:
+    """Each seen token's mean true pre-activation (positions ``n >= n_min``) over the fitting texts."""
+
+    fitted_on: list[str]
+    ids: Int[Tensor, " n_seen"]
+    mean: Float[Tensor, "n_seen d_mlp"]
+    overall: Float[Tensor, " d_mlp"]  # for tokens the fitting texts never hold
+
+    def expected(self, q: Float[Tensor, " d_vocab"]) -> Float[Tensor, " d_mlp"]:
+        """``q^T M`` for a token-frequency difference ``q`` (unseen tokens take the overall mean)."""
+        q = q.double()
+        seen = q[self.ids]
+        return seen @ self.mean + (q.sum() - seen.sum()) * self.overall
+
+
+@torch.no_grad()
+def fit_token_mean(w: ModelWeights, n_min: int, T: int, exclude: tuple[str, ...] = (),
+                   windows_per_text: int = 4) -> TokenMean:
+    """The token-mean predictor fitted on the bundled texts other than ``exclude`` (``bundled:NAME`` specs),
+    ``windows_per_text`` windows spread over each."""
+    names = [n for n in bundled_texts() if f"bundled:{n}" not in exclude]
+    sums = torch.zeros(w.d_vocab, w.d_mlp, dtype=torch.float32)
+    cnt = torch.zeros(w.d_vocab, dtype=torch.float64)
+    for n in names:
+        ids = torch.as_tensor(tokenize(open_source(f"bundled:{n}"), w.tokenizer))
+        for win in spread_windows(w, ids, T, windows_per_text):
+            y = true_pre(w, win)[n_min:].float().cpu()
+            t = win[n_min:]
+            sums.index_add_(0, t, y)
+            cnt.index_add_(0, t, torch.ones(len(t), dtype=torch.float64))
+    seen = torch.nonzero(cnt > 0).squeeze(1)
+    overall = sums.sum(0).double() / cnt.sum()
+    return TokenMean([f"bundled:{n}" for n in names], seen, sums[seen].double() / cnt[seen, None], overall)
+
+
+def position_frequencies(windows: list[Tensor], n_min: int, d_vocab: int) -> Float[Tensor, " d_vocab"]:
+    """Token frequencies at the verified positions ``n >= n_min`` (what the token-mean predictor sums over)."""
+    return token_frequencies(torch.cat([win[n_min:] for win in windows])[None], d_vocab)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scores
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictorScores:
+    """One predictor's predicted ``d`` against the true ``d`` of one contrast, over all neurons."""
+
+    predictor: str
+    spearman: float
+    precision: dict[int, float]  # k -> share of the top-k by |pred| with |d| >= 1 and the predicted sign
+    recall: dict[int, float]  # k -> share of the top-k by |d| among the top-k by |pred|
+    r_precision: float | None  # precision at k = n_true (None when no neuron has |d| >= 1)
+
+
+def score_predictor(name: str, pred: Tensor, d: Tensor) -> PredictorScores:
+    k = int((d.abs() >= D_MIN).sum())
+    return PredictorScores(name, spearman(pred, d), {k_: precision_at(pred, d, k_) for k_ in KS},
+                           {k_: recall_at(pred, d, k_) for k_ in KS}, precision_at(pred, d, k) if k else None)
+
+
+@dataclass
+class NoiseCeiling:
+    """How well the truth agrees with itself: two equal, disjoint draws of the verified windows."""
+
+    split_half: float  # Spearman(true d on the even windows, true d on the odd windows)
+    spearman_brown: float  # 2r / (1 + r): the split-half agreement corrected to the full sample
+    n_windows_per_draw: int  # windows per source in each draw
+
+    @property
+    def value(self) -> float:
+        return self.spearman_brown
+
+
+def noise_ceiling(stats_a: list[PreStats], stats_b: list[PreStats]) -> NoiseCeiling | None:
+    """``None`` when either source has fewer than two windows."""
+    m = min(len(stats_a), len(stats_b)) // 2
+    if m < 1:
+        return None
+    d1 = effect_sizes(_sum(stats_a[0::2][:m]), _sum(stats_b[0::2][:m]))
+    d2 = effect_sizes(_sum(stats_a[1::2][:m]), _sum(stats_b[1::2][:m]))
+    r = spearman(d1, d2)
+    return NoiseCeiling(r, 2 * r / (1 + r) if r > -1 else float("nan"), m)
+
+
+@dataclass
+class ContrastVerification:
+    """``contrast --verify``: the prediction against the true effect sizes, with the noise ceiling and baselines."""
+
+    n_windows_a: int
+    n_windows_b: int
+    n_positions_a: int
+    n_positions_b: int
+    windows: str  # how the verified windows were drawn
+    like_for_like: PredictorScores  # the headline
+    whole_source: PredictorScores  # what contrast without --verify predicts, scored on the same truth
+    shuffled_null: PredictorScores
+    token_mean: PredictorScores
+    token_mean_fitted_on: list[str]
+    noise_ceiling: NoiseCeiling | None
+    n_true: int  # neurons with true |d| >= 1
+
+    @property
+    def headline(self) -> float:
+        return self.like_for_like.spearman
+
+
+@torch.no_grad()
+def verify_contrast(w: ModelWeights, tm: TokenModel, sigma: Tensor, n_min: int, wins_a: list[Tensor],
+                    wins_b: list[Tensor], p_whole_a: Tensor, p_whole_b: Tensor, tmean: TokenMean,
+                    stats_a: list[PreStats] | None = None, stats_b: list[PreStats] | None = None,
+                    windows_note: str = "") -> tuple[ContrastVerification, Tensor, Tensor, Tensor]:
+    """Score the contrast A vs B on the given windows.  Returns the verification, the true ``d``, the true
+    difference of means and the like-for-like predicted ``d`` (each ``[d_mlp]``)."""
+    sa = stats_a if stats_a is not None else window_stats(w, wins_a, n_min)
+    sb = stats_b if stats_b is not None else window_stats(w, wins_b, n_min)
+    A, B = _sum(sa), _sum(sb)
+    d = effect_sizes(A, B)
+    V = w.d_vocab
+    expect = lambda q: tm.expected(q.to(tm.W_in.device)).cpu().double()  # noqa: E731
+    p_a, p_b = (token_frequencies(torch.cat([x.reshape(-1) for x in ws])[None], V) for ws in (wins_a, wins_b))
+    lfl = expect(p_a - p_b) / sigma
+    whole = expect(p_whole_a - p_whole_b) / sigma
+    null = shuffled_null(expect, p_a, p_b) / sigma
+    q_pos = position_frequencies(wins_a, n_min, V) - position_frequencies(wins_b, n_min, V)
+    tmp = tmean.expected(q_pos) / sigma
+    v = ContrastVerification(len(wins_a), len(wins_b), A.n, B.n, windows_note,
+                             score_predictor(LIKE_FOR_LIKE, lfl, d), score_predictor(WHOLE_SOURCE, whole, d),
+                             score_predictor(SHUFFLED, null, d),
+                             score_predictor("token-mean", tmp, d),
+                             tmean.fitted_on, noise_ceiling(sa, sb), int((d.abs() >= D_MIN).sum()))
+    return v, d, A.mean - B.mean, lfl
