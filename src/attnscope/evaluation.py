@@ -31,7 +31,9 @@ from .explain import build_explainer, true_pre
 from .groundtruth import KS, discovery_scores, random_precision
 from .labels import LABEL_CONTEXTS
 from .models import ModelWeights
-from .neurons import NeuronSettings, held_out_windows, one_vs_rest_effects, score, select, validated, verify
+from .neurons import (NeuronSettings, held_out_windows, like_for_like, one_vs_rest_effects, score, select, validated,
+                      verify)
+from .verification import ContrastVerification, window_stats
 
 
 @dataclass
@@ -45,6 +47,9 @@ class GroundTruthResult:
     reported: dict  # precision, recall20 per context, random baselines, FVU (reported and random)
     labels: dict  # label precision
     tradeoff: list[dict]  # fixed thresholds: n passed, reporting-half precision and recall@20 per context
+    # per context, the one-vs-rest contrast verified like for like on the reporting half (noise ceiling,
+    # token-mean fitted on the calibration text, null, R-precision; the tuning-count prediction beside it)
+    like_for_like: dict[str, ContrastVerification]
 
     def median_spearman(self, predictor: str) -> float:
         return float(torch.tensor([v["spearman"] for v in self.scores[predictor].values()]).median())
@@ -137,7 +142,8 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
     tm = build_token_model(w, circ, ex)
     sc = score(w, circ, windows, s, tm)
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
-    d_rep = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    rep_stats = [window_stats(w, list(x.report), n_min) for x in windows]
+    d_rep = one_vs_rest_effects([sum(st[1:], st[0]) for st in rep_stats])
     thr = select(sc, d_tune, precision_target)
     ver, cards, rep = verify(w, circ, sc, thr, d_rep, windows, s, ex)
     preds = _predictors(w, circ, windows, sc, n_min)
@@ -157,4 +163,4 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
                 "dominant_term": _dominant_terms(sc, passed)}
     return GroundTruthResult(w.info(), names, {x.name: [len(x.tune), len(x.report)] for x in windows}, scores, rnd,
                              asdict(thr), reported, _label_precision(card_list, names, d_rep),
-                             _tradeoff(sc, d_rep, names))
+                             _tradeoff(sc, d_rep, names), like_for_like(w, circ, tm, sc, windows, rep_stats))

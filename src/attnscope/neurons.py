@@ -43,6 +43,10 @@ from .labels import auto_label
 from .models import ModelWeights
 from .stats import median as _median
 from .texts import bundled_texts
+from .verification import (ContrastVerification, one_vs_rest_verification, token_mean_on_calibration,
+                           window_stats)
+
+TUNING_COUNTS = "tuning-half counts (the ranking's prediction)"
 
 D_MIN = 1.0
 ROW_TERMS = ("contextual bag", "direct", "other heads")  # the order of NeuronRow.d_bag, d_direct, d_other_heads
@@ -130,6 +134,9 @@ class Verification:
     random: FitSummary
     circuit_fidelity: dict[str, float]  # linear summary vs the contextual heads' true summed output
     n_positions: int
+    # per source, its one-vs-rest contrast verified like for like on the reporting half (prediction from those
+    # windows' counts; the tuning-half prediction the ranking uses beside it; noise ceiling, token-mean, null)
+    like_for_like: dict[str, ContrastVerification] = field(default_factory=dict)
 
 
 @dataclass
@@ -220,6 +227,7 @@ class NeuronResult:
                 "median_recall20": _median(list(v.recall20.values())), "recall20_random": v.recall20_random,
                 "median_fvu": rep.fvu if rep else None, "median_fvu_within": rep.fvu_within if rep else None,
                 "median_fvu_random": v.random.fvu, "median_fvu_within_random": v.random.fvu_within,
+                **like_for_like_summary(v.like_for_like),
                 "texts_out_of_scope": [d.text for d in self.denominators if not d.in_scope]}
 
     def to_json(self) -> dict:
@@ -248,6 +256,20 @@ class NeuronResult:
 
 def _decode(tok, ids: list[int]) -> list[str]:
     return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
+
+
+def like_for_like_summary(lfl: dict[str, ContrastVerification]) -> dict:
+    """Medians over the one-vs-rest contrasts: like for like, the ranking's prediction, the noise ceiling and
+    the baselines (empty when the verification was not run)."""
+    if not lfl:
+        return {}
+    vs = list(lfl.values())
+    nc = [v.noise_ceiling.spearman_brown for v in vs if v.noise_ceiling is not None]
+    return {"median_spearman_like_for_like": _median([v.like_for_like.spearman for v in vs]),
+            "median_spearman_tuning_counts": _median([v.whole_source.spearman for v in vs]),
+            "median_noise_ceiling": _median(nc) if nc else None,
+            "median_spearman_token_mean": _median([v.token_mean.spearman for v in vs]),
+            "median_spearman_shuffled": _median([v.shuffled_null.spearman for v in vs])}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -464,6 +486,16 @@ def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: Tok
     return rows
 
 
+def like_for_like(w: ModelWeights, circ: Circuit, tm: TokenModel, scores: NeuronScores, windows: list[SourceWindows],
+                  rep_stats: list[list[PreStats]]) -> dict[str, ContrastVerification]:
+    """Each source's one-vs-rest contrast on the reporting half, predicted from those windows' own counts."""
+    n_min = circ.settings["min_position"]
+    tmean = token_mean_on_calibration(w, circ.calibration_tokens, n_min, circ.settings["calibration"] + " (calibration)")
+    counts = [token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in windows]
+    return one_vs_rest_verification(w, tm, scores.sigma, n_min, [list(x.report) for x in windows], scores.sources,
+                                    tmean, counts, TUNING_COUNTS, rep_stats)
+
+
 @torch.no_grad()
 def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None = None, *,
                  progress: bool = True) -> NeuronResult:
@@ -478,9 +510,11 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     scores = score(w, circ, windows, s, tm)
     n_min = circ.settings["min_position"]
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
-    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
+    rep_stats = [window_stats(w, list(x.report), n_min) for x in windows]
+    d_report = one_vs_rest_effects([sum(st[1:], st[0]) for st in rep_stats])
     thr = select(scores, d_tune, s.precision_target)
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
+    ver.like_for_like = like_for_like(w, circ, tm, scores, windows, rep_stats)
     card_list, traces = _cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
     dens = denominator_transfer(w, circ, {x.name: x.report[0] for x in windows})
     return NeuronResult(w.info(), circ, asdict(s), [x.spec for x in windows],

@@ -187,7 +187,7 @@ class ContrastVerification:
 
 @torch.no_grad()
 def verify_contrast(w: ModelWeights, tm: TokenModel, sigma: Tensor, n_min: int, wins_a: list[Tensor],
-                    wins_b: list[Tensor], p_whole_a: Tensor, p_whole_b: Tensor, tmean: TokenMean,
+                    wins_b: list[Tensor], p_whole_a: Tensor | None, p_whole_b: Tensor | None, tmean: TokenMean,
                     stats_a: list[PreStats] | None = None, stats_b: list[PreStats] | None = None,
                     windows_note: str = "") -> tuple[ContrastVerification, Tensor, Tensor, Tensor]:
     """Score the contrast A vs B on the given windows.  Returns the verification, the true ``d``, the true
@@ -200,7 +200,7 @@ def verify_contrast(w: ModelWeights, tm: TokenModel, sigma: Tensor, n_min: int, 
     expect = lambda q: tm.expected(q.to(tm.W_in.device)).cpu().double()  # noqa: E731
     p_a, p_b = (token_frequencies(torch.cat([x.reshape(-1) for x in ws])[None], V) for ws in (wins_a, wins_b))
     lfl = expect(p_a - p_b) / sigma
-    whole = expect(p_whole_a - p_whole_b) / sigma
+    whole = lfl if p_whole_a is None else expect(p_whole_a - p_whole_b) / sigma
     null = shuffled_null(expect, p_a, p_b) / sigma
     q_pos = position_frequencies(wins_a, n_min, V) - position_frequencies(wins_b, n_min, V)
     tmp = tmean.expected(q_pos) / sigma
@@ -210,3 +210,49 @@ def verify_contrast(w: ModelWeights, tm: TokenModel, sigma: Tensor, n_min: int, 
                              score_predictor("token-mean", tmp, d),
                              tmean.fitted_on, noise_ceiling(sa, sb), int((d.abs() >= D_MIN).sum()))
     return v, d, A.mean - B.mean, lfl
+
+
+# --------------------------------------------------------------------------------------------------
+# One source against the pooled others (the neuron stage and the ground-truth bench)
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_mean_on_calibration(w: ModelWeights, cal_tokens: Tensor, n_min: int, name: str) -> TokenMean:
+    """The token-mean predictor fitted on the calibration text alone (for one-vs-rest contrasts, where
+    every held-out text is one of the compared)."""
+    y = true_pre(w, cal_tokens)[n_min:].float().cpu()
+    t = cal_tokens[n_min:].cpu()
+    ids, inv = t.unique(return_inverse=True)
+    sums = torch.zeros(len(ids), y.shape[1], dtype=torch.float64).index_add_(0, inv, y.double())
+    cnt = torch.bincount(inv, minlength=len(ids)).double()
+    return TokenMean([name], ids, sums / cnt[:, None], y.double().mean(0))
+
+
+@torch.no_grad()
+def one_vs_rest_verification(w: ModelWeights, tm: TokenModel, sigma: Tensor, n_min: int,
+                             windows: list[list[Tensor]], names: list[str], tmean: TokenMean,
+                             other_counts: list[Tensor] | None = None, other_name: str = WHOLE_SOURCE,
+                             stats: list[list[PreStats]] | None = None) -> dict[str, ContrastVerification]:
+    """Each source's windows against the pooled windows of the others, verified like for like.
+    ``other_counts`` (token counts ``[d_vocab]`` per source) give the second prediction scored beside it,
+    named ``other_name`` (the neuron stage: the tuning half's counts, which its ranking uses)."""
+    stats = stats or [window_stats(w, ws, n_min) for ws in windows]
+    V = w.d_vocab
+    out = {}
+    for c, name in enumerate(names):
+        rest_w = [x for j, ws in enumerate(windows) if j != c for x in ws]
+        rest_s = [x for j, ss in enumerate(stats) if j != c for x in ss]
+        if other_counts is not None:
+            pa = other_counts[c] / other_counts[c].sum()
+            rest = sum(x for j, x in enumerate(other_counts) if j != c)
+            pb = rest / rest.sum()
+        else:
+            pa = pb = None
+        v, _, _, _ = verify_contrast(w, tm, sigma, n_min, windows[c], rest_w, pa, pb, tmean, stats[c], rest_s)
+        if other_counts is None:
+            v.whole_source = v.like_for_like
+        else:
+            v.whole_source.predictor = other_name
+        out[name] = v
+    return out
