@@ -85,7 +85,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from attnscope.circuit import build_circuit
     from attnscope.contrast import build_token_model, calibration_std
-    from attnscope.contrast_scope import ScopeRule, pair_scope, text_scope
+    from attnscope.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
     from attnscope.models import load_model
     from attnscope.verification import fit_token_mean, verify_contrast
 
@@ -109,16 +109,16 @@ def main() -> None:
                                        A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
         sc = pair_scope(A["m"], B["m"], lfl, rule)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
-                     "scope": [c.to_json() for c in sc], "out_of_scope": any(not c.ok for c in sc),
-                     "failed": not (v.like_for_like.spearman >= 0.8)})
+                     "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
+                     "rms_predicted_d": float(lfl.pow(2).mean().sqrt()), "failed": not (v.like_for_like.spearman >= 0.8)})
     trows = []
     for n, T in texts.items():
         sc = text_scope(T["m"], rule)
         trows.append({"text": n, "kind": "adversarial" if n in adv else "natural", "n_tokens": T["m"].n_tokens,
                       "n_windows": T["m"].n_windows, "fvu_within": T["m"].fvu_within,
                       "distinct_share": T["m"].distinct_share, "top_token_share": T["m"].top_token_share,
-                      "unseen_share": T["m"].unseen_share, "scope": [c.to_json() for c in sc],
-                      "out_of_scope": any(not c.ok for c in sc),
+                      "unseen_share": T["m"].unseen_share, "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc],
+                      "out_of_scope": out_of_scope(sc),
                       "failed": not (T["m"].fvu_within is not None and T["m"].fvu_within <= 0.5)})
     dt = time.perf_counter() - t0
     res = {"model": w.info(), "half": a.half, "windows": a.windows, "circuit_heads": circ.heads,
@@ -178,7 +178,7 @@ def print_tables(res: dict) -> None:
             continue
         v = r["verification"]
         nc = (v["noise_ceiling"] or {}).get("spearman_brown")
-        fails = [c["name"] for c in r["scope"] if not c["ok"]]
+        fails = [c["name"] for c in r["scope"] if not c["ok"] and c["in_flag"]]
         print(f"| {r['a']} vs {r['b']} | {r['tags']} | {_fmt(v['like_for_like']['spearman'])} | "
               f"{_fmt(v['whole_source']['spearman'])} | {_fmt(nc)} | {_fmt(v['token_mean']['spearman'])} | "
               f"{_fmt(v['shuffled_null']['spearman'])} | {_fmt(v['like_for_like']['r_precision'], 2)} | {v['n_true']} | "
@@ -193,7 +193,8 @@ def print_tables(res: dict) -> None:
     print("| text | kind | tokens | windows | within-text FVU | distinct | top token | unseen by calibration | scope |"
           "\n|---|---|---|---|---|---|---|---|---|")
     for t in res["texts"]:
-        fails = [f"{c['name']} {_fmt(c['measured'])} (threshold {_fmt(c['threshold'])})" for c in t["scope"] if not c["ok"]]
+        fails = [f"{c['name']} {_fmt(c['measured'])} (threshold {_fmt(c['threshold'])})" for c in t["scope"]
+                 if not c["ok"] and c["in_flag"]]
         print(f"| {t['text']} | {t['kind']} | {t['n_tokens']} | {t['n_windows']} | {_fmt(t['fvu_within'])} | "
               f"{_fmt(t['distinct_share'], 2)} | {_fmt(t['top_token_share'], 2)} | {_fmt(t['unseen_share'], 2)} | "
               f"{'out: ' + '; '.join(fails) if fails else 'in'} |")

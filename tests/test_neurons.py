@@ -31,7 +31,7 @@ def test_finds_the_hand_built_neuron(hand_result):
     assert res.rows[0].index == NEURON and res.rows[0].passed  # ranked first, and passes the measured threshold
     row = res.rows[0]
     assert row.best_contrast == "code_python" and row.predicted_d > 1
-    assert abs(row.d_bag + row.d_direct + row.d_other_heads - row.predicted_d) < 1e-6
+    assert abs(row.d_bag + row.d_direct + row.d_other_heads + row.d_norm_scale - row.predicted_d) < 1e-6
     assert row.d_bag > 0.9 * row.predicted_d  # built by hand to read the bag of code tokens only
     card = res.cards[0]
     assert card.index == NEURON and card.true_d["code_python"] > 1  # true effect on held-out code windows

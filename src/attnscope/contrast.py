@@ -94,15 +94,43 @@ def token_frequencies(windows: Tensor, d_vocab: int) -> Tensor:
 
 @dataclass
 class TokenModel:
-    """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout."""
+    """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout.
+
+    With ``norm_const`` set (what :func:`build_token_model` does), the norm in front of the MLP is not one
+    calibration constant: each token ``x`` at the position read gets the scale of its own predicted residual,
+    ``s_p(x) = norm scale(direct(x) + E_p[context] + c)``, where ``E_p[context]`` is the other terms' mean under
+    the source's token frequencies ``p`` and ``c`` the calibration residual's mean minus its token terms' (so
+    ``s`` matches the measured scale on calibration).  Then ``mu(p) = sum_x p(x) (direct(x) + E_p[context] + c)
+    W / s_p(x)``: still token counts only, no forward pass (issue 19: a source whose tokens shift the norm's
+    scale, e.g. Czech fortunes on the demo, was mispredicted with one constant).  The part ``c W sum_x
+    p(x)/s_p(x)`` is reported as the term ``"norm scale"``."""
 
     parts: dict[str, Tensor]  # term -> [d_vocab, d_model], centred
     W_in: Tensor  # [d_model, d_mlp]
     scale: float
+    norm_const: Tensor | None = None  # [d_model] c above; None: one constant scale (the method's, §8.1)
+    norm: str = "layernorm"
+    eps: float = 1e-5
+
+    def token_scales(self, p: Tensor) -> Tensor:
+        """``s_p(x)`` for every token ``[d_vocab]`` under frequencies ``p``."""
+        ctx = sum(p @ v for t, v in self.parts.items() if t != "direct") + self.norm_const
+        x = self.parts["direct"] + ctx
+        if self.norm == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
 
     def expected_parts(self, p: Tensor) -> dict[str, Tensor]:
         """Each term's expected contribution ``[d_mlp]`` under token frequencies ``p [d_vocab]``."""
-        return {t: (p.to(v.dtype) @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
+        p = p.to(self.W_in.device, self.W_in.dtype)
+        if self.norm_const is None:
+            return {t: (p @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
+        ps = p / self.token_scales(p)
+        tot = ps.sum()
+        out = {t: tot * ((p @ v) @ self.W_in) for t, v in self.parts.items() if t != "direct"}
+        out["direct"] = (ps @ self.parts["direct"]) @ self.W_in
+        out["norm scale"] = tot * (self.norm_const @ self.W_in)
+        return out
 
     def expected(self, p: Tensor) -> Tensor:
         return sum(self.expected_parts(p).values())
@@ -113,7 +141,8 @@ class TokenModel:
 
 
 @torch.no_grad()
-def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None) -> TokenModel:
+def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None,
+                      per_token_scale: bool = True) -> TokenModel:
     ex = ex or build_explainer(w, circ)
     n_star = circ.settings["reference_position"]
     raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
@@ -123,7 +152,25 @@ def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = Non
     for j in range(len(ex.other_heads)):
         other += ex.e_val @ ex.W_OV[j]
     parts = {"direct": centre(raw, w), "contextual bag": centre(circ.ext, w), "other heads": centre(other, w)}
-    return TokenModel(parts, ex.W_in, ex.scale)
+    tm = TokenModel(parts, ex.W_in, ex.scale, norm=w.norm, eps=w.eps)
+    if per_token_scale:
+        tm.norm_const = _calibration_residual_const(w, circ, parts)
+    return tm
+
+
+@torch.no_grad()
+def _calibration_residual_const(w: ModelWeights, circ: Circuit, parts: dict[str, Tensor]) -> Tensor:
+    """The calibration residual before the MLP norm (mean over n >= min_position) minus its token terms'
+    expectation under the calibration text's frequencies: what the token model leaves out (positions, biases)."""
+    from .forward import iter_layers
+
+    cal = circ.calibration_tokens.to(w.device)
+    acts = next(iter_layers(w, cal[None], stop_layer=0, patterns=False))
+    n_min = circ.settings["min_position"]
+    mid = centre((acts.resid_pre + acts.attn_out)[0, n_min:].to(parts["direct"].dtype), w).mean(0)
+    body = cal[1:] if w.prepend_bos else cal
+    p = token_frequencies(body[None].cpu(), w.d_vocab).to(mid.device, mid.dtype)
+    return mid - sum(p @ v for v in parts.values())
 
 
 @torch.no_grad()

@@ -89,7 +89,9 @@ def _predictors(w, circ, windows, scores, n_min) -> dict[str, Tensor]:
         q = counts[c] / counts[c].sum() - counts[rest].sum(0) / counts[rest].sum()
         out["contextual"].append(q @ S / scores.sigma)
         out["token_mean"].append(q @ M / scores.sigma)
-        out["shuffled"].append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / scores.sigma)
+        pa, pb = counts[c] / counts[c].sum(), counts[rest].sum(0) / counts[rest].sum()
+        null = tm.expected(pa[perm].to(tm.W_in.device)) - tm.expected(pb[perm].to(tm.W_in.device))  # not linear in p
+        out["shuffled"].append(null.cpu().double() / scores.sigma)
     return {k: v if isinstance(v, Tensor) else torch.stack(v) for k, v in out.items()}
 
 

@@ -84,6 +84,7 @@ class NeuronRow:
     validated_tuning: bool  # |d| >= 1 with the predicted sign in some contrast, tuning half
     top_positive_tokens: list[str]
     top_negative_tokens: list[str]
+    d_norm_scale: float = 0.0  # ... and by the norm's per-token scale (the token model's "norm scale" term)
 
 
 @dataclass
@@ -482,7 +483,8 @@ def _rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, tm: Tok
                                   *(float(scores.parts[t][best[k], k]) for t in ROW_TERMS), float(scores.swing_pos[k]),
                                   float(scores.swing_neg[k]), float(scores.sigma[k]),
                                   bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
-                                  _decode(w.tokenizer, top[:, j].tolist()), _decode(w.tokenizer, bot[:, j].tolist())))
+                                  _decode(w.tokenizer, top[:, j].tolist()), _decode(w.tokenizer, bot[:, j].tolist()),
+                                  float(scores.parts["norm scale"][best[k], k]) if "norm scale" in scores.parts else 0.0))
     return rows
 
 
