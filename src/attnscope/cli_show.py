@@ -80,6 +80,18 @@ def print_contrast(res: ContrastResult, top: int) -> None:
         con.print(t)
     if res.verification:
         print_verification(res.verification)
+    print_scope(res.scope)
+
+
+def print_scope(conds) -> None:
+    """Each scope condition with its measured value and threshold; the flag's verdict (attnscope.contrast_scope)."""
+    from .contrast_scope import in_flag, out_of_scope
+
+    print(("OUT OF SCOPE" if out_of_scope(conds) else "in scope") + " (the flag's conditions: any failing one puts "
+          "the input out of scope; the others are measured only)")
+    for c in conds:
+        status = ("ok" if c.ok else "FAILED") if in_flag(c) else ("measured: ok" if c.ok else "measured: outside")
+        print(f"  {c.name}: {c.measured:.3g} (threshold {c.threshold:.3g}) {status}; {c.holds_when}")
 
 
 def print_verification(v) -> None:

@@ -36,6 +36,7 @@ from .models import ModelWeights
 from .texts import open_source, tokenize
 
 if TYPE_CHECKING:
+    from .serve.scope import InputCondition
     from .verification import ContrastVerification
 
 TOKEN_TERMS = ("direct", "contextual bag", "other heads")
@@ -249,6 +250,13 @@ class ContrastResult:
     records: list[NeuronContrast]  # every neuron, by |predicted_d| descending
     verification: ContrastVerification | None = None
     settings: dict = field(default_factory=dict)
+    scope: list[InputCondition] = field(default_factory=list)  # attnscope.contrast_scope: value, threshold, ok
+
+    @property
+    def out_of_scope(self) -> bool:
+        from .contrast_scope import out_of_scope
+
+        return out_of_scope(self.scope)
 
     def top(self, n: int, sign: int) -> list[NeuronContrast]:
         return [r for r in self.records if sign * r.predicted_d > 0][:n]
@@ -257,6 +265,7 @@ class ContrastResult:
         return {"model": self.model, "a": self.a, "b": self.b, "n_tokens_a": self.n_tokens_a,
                 "n_tokens_b": self.n_tokens_b, "settings": self.settings,
                 "verification": None if self.verification is None else asdict(self.verification),
+                "scope": [c.to_json() for c in self.scope], "out_of_scope": self.out_of_scope,
                 "neurons": [asdict(r) for r in self.records]}
 
     def save(self, out: str | Path) -> Path:
@@ -308,20 +317,38 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                          settings={"max_windows": max_windows, "calibration": circ.settings["calibration"],
                                    "min_position": circ.settings["min_position"], "n_ctx": circ.T,
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
-    if verify:
-        from .verification import fit_token_mean, spread_windows, verify_contrast
+    from .contrast_scope import ScopeRule, judged_positions, pair_conditions, pair_scope, text_scope
 
-        n_min = circ.settings["min_position"]
-        wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
-        if min(len(wa), len(wb)) < 2:
-            short = a if len(wa) < 2 else b
-            raise TextTooShortError(f"{short} has {len(ids[short])} tokens: fewer than two windows of {circ.T} to "
-                                    "verify on; pass a longer text or a smaller --n-ctx")
-        tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
-        v, d, diff_true, _ = verify_contrast(w, tm, sigma, n_min, wa, wb, p_a, p_b, tmean,
-                                  windows_note=f"up to {max_windows} windows of {circ.T} tokens per source, evenly "
-                                               "spread over the whole source")
-        for r in recs:
-            r.true_d, r.true_diff = float(d[r.index]), float(diff_true[r.index])
-        res.verification = v
+    rule = ScopeRule()
+    n_min = circ.settings["min_position"]
+    if not verify:
+        res.scope = pair_conditions(*(judged_positions(len(ids[s]), circ.T, n_min, w.prepend_bos) for s in (a, b)),
+                                    pd, rule)
+        return res
+    from .input_scope import measure_text
+    from .serve.scope import calibration_reference
+    from .verification import fit_token_mean, spread_windows, verify_contrast
+
+    wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
+    if min(len(wa), len(wb)) < 2:
+        short = a if len(wa) < 2 else b
+        raise TextTooShortError(f"{short} has {len(ids[short])} tokens: fewer than two windows of {circ.T} to "
+                                "verify on; pass a longer text or a smaller --n-ctx")
+    ex, cal = build_explainer(w, circ), calibration_reference(w, circ)
+    ma, mb = measure_text(w, circ, ex, cal, wa, len(ids[a])), measure_text(w, circ, ex, cal, wb, len(ids[b]))
+    tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
+    v, d, diff_true, lfl = verify_contrast(w, tm, sigma, n_min, wa, wb, p_a, p_b, tmean, ma.stats, mb.stats,
+                                           f"up to {max_windows} windows of {circ.T} tokens per source, evenly "
+                                           "spread over the whole source")
+    for r in recs:
+        r.true_d, r.true_diff = float(d[r.index]), float(diff_true[r.index])
+    res.verification = v
+    res.scope = pair_scope(ma, mb, lfl, rule) + [_side(c, "A") for c in text_scope(ma, rule)] \
+        + [_side(c, "B") for c in text_scope(mb, rule)]
     return res
+
+
+def _side(c: InputCondition, side: str) -> InputCondition:
+    from .serve.scope import InputCondition
+
+    return InputCondition(f"{side}: {c.name}", c.holds_when, c.measured, c.threshold, c.ok, c.detail)

@@ -95,6 +95,14 @@ def pair_conditions(n_pos_a: int, n_pos_b: int, pred_d: Tensor, rule: ScopeRule)
     return out
 
 
+def judged_positions(n_tokens: int, T: int, n_min: int, bos: bool) -> int:
+    """Positions ``n >= n_min`` in the consecutive windows of ``T`` (BOS first when the model takes one) that a
+    stream of ``n_tokens`` fills (the last, partial window included)."""
+    body = T - int(bos)
+    full, rest = divmod(n_tokens, body)
+    return full * max(T - n_min, 0) + max(rest + int(bos) - n_min, 0)
+
+
 def pair_scope(a: TextMeasure, b: TextMeasure, pred_d: Tensor, rule: ScopeRule) -> list[InputCondition]:
     """The conditions of a contrast measured on the verified windows."""
     return pair_conditions(a.n_positions, b.n_positions, pred_d, rule)
