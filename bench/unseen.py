@@ -43,6 +43,25 @@ def _key(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
+def to_plain(m) -> dict:
+    """A TextMeasure as tensors and plain values (the cache outlives module moves)."""
+    d = {k: getattr(m, k) for k in ("n_tokens", "n_windows", "n_positions", "distinct_share", "top_token_share",
+                                    "unseen_share", "fvu_within")}
+    d["conditions"] = [asdict(c) for c in m.conditions]
+    d["stats"] = [(s.n, s.s1, s.s2) for s in m.stats]
+    return d
+
+
+def from_plain(d: dict):
+    from attnscope.contrast import PreStats
+    from attnscope.input_scope import TextMeasure
+    from attnscope.serve.scope import InputCondition
+
+    kw = {k: v for k, v in d.items() if k not in ("conditions", "stats")}
+    return TextMeasure(**kw, conditions=[InputCondition(**c) for c in d["conditions"]],
+                       stats=[PreStats(*x) for x in d["stats"]])
+
+
 def measure_all(w, circ, names: list[str], n_windows: int, cache: Path) -> dict:
     """Each text measured once (cached): windows, token frequencies of the whole text, TextMeasure."""
     from attnscope.cache import atomic_path, read_or_drop, weights_fingerprint
@@ -63,12 +82,12 @@ def measure_all(w, circ, names: list[str], n_windows: int, cache: Path) -> dict:
         wins = spread_windows(w, ids, circ.T, n_windows)
         key = _key(fp, circ.settings, circ.heads, hashlib.sha256(text.encode()).hexdigest(), n_windows, "v1")
         path = cache / f"{n}-{key}.pt"
-        m = read_or_drop(path, lambda p: torch.load(p, weights_only=False)) if path.exists() else None
+        m = read_or_drop(path, lambda p: from_plain(torch.load(p))) if path.exists() else None
         if m is None:
             t0 = time.perf_counter()
             m = measure_text(w, circ, ex, cal, wins, len(ids))
             with atomic_path(path) as tmp:
-                torch.save(m, tmp)
+                torch.save(to_plain(m), tmp)
             print(f"  measured {n}: {len(wins)} windows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
         out[n] = {"windows": wins, "p": token_frequencies(ids[None], w.d_vocab), "m": m}
     return out
