@@ -100,7 +100,12 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--token-mean-windows", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/unseen"))
+    ap.add_argument("--rescore", action="store_true", help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
+                    "(every condition's measured value is saved) and print the tables, without running the model")
     a = ap.parse_args()
+    if a.rescore:
+        rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}.json")
+        return
     torch.set_num_threads(2)
     from attnscope.circuit import build_circuit
     from attnscope.contrast import build_token_model, calibration_std
@@ -147,6 +152,21 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     name = a.model.replace("/", "_")
     (a.out / f"{name}_{a.half}.json").write_text(json.dumps(res, indent=1, default=str))
+    print_tables(res)
+
+
+def rescore(path: Path) -> None:
+    """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
+    from attnscope.contrast_scope import ScopeRule, recheck
+
+    res = json.loads(path.read_text())
+    rule = ScopeRule()
+    for r in res["pairs"] + res["texts"]:
+        r["scope"] = [recheck(c, rule) for c in r["scope"]]
+        r["out_of_scope"] = any(c["in_flag"] and not c["ok"] for c in r["scope"])
+    res["scope_rule"] = asdict(rule)
+    res["summary"] = summarise(res["pairs"], res["texts"])
+    path.write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)
 
 

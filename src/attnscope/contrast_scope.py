@@ -106,3 +106,18 @@ def judged_positions(n_tokens: int, T: int, n_min: int, bos: bool) -> int:
 def pair_scope(a: TextMeasure, b: TextMeasure, pred_d: Tensor, rule: ScopeRule) -> list[InputCondition]:
     """The conditions of a contrast measured on the verified windows."""
     return pair_conditions(a.n_positions, b.n_positions, pred_d, rule)
+
+
+def recheck(c: dict, rule: ScopeRule) -> dict:
+    """A saved condition (``InputCondition.to_json()`` plus ``in_flag``) judged again under ``rule`` from its
+    measured value (the benchmark's thresholds are set on saved development-half measurements)."""
+    name, x = c["name"].split(": ", 1)[-1], c["measured"]
+    lo, hi = rule.norm_ratio_range
+    limits = {"enough positions": (rule.min_positions, x is not None and x >= rule.min_positions),
+              "contrast strong enough": (rule.min_rms_predicted_d, x is not None and x >= rule.min_rms_predicted_d),
+              "varied tokens": (rule.max_top_token_share, x is not None and x <= rule.max_top_token_share),
+              "norm scale as on calibration": (hi if (x or 1) >= 1 else lo, x is not None and lo <= x <= hi)}
+    out = {**c, "in_flag": in_flag(InputCondition(c["name"], "", 0.0, 0.0, True, ""))}
+    if name in limits:
+        out["threshold"], out["ok"] = float(limits[name][0]), bool(limits[name][1])
+    return out
