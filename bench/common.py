@@ -89,7 +89,7 @@ def warm_token_caches(cfg: dict) -> None:
     """Tokenise every text once (attnscope caches token streams on disk): stages time analysis, not tokenising."""
     from transformers import AutoTokenizer
 
-    from attnscope.texts import open_source, tokenize
+    from attnscope.core.texts import open_source, tokenize
 
     tok = AutoTokenizer.from_pretrained(cfg["folder"])
     for p in [cfg["texts"]["samples"], cfg["texts"]["calibration"], *cfg["texts"]["eval"]]:
@@ -248,7 +248,7 @@ def _heads(cfg) -> list[int]:
 
 
 def _circuit(cfg, w):
-    from attnscope.circuit import CircuitSettings, build_circuit
+    from attnscope.circuit.build import CircuitSettings, build_circuit
 
     return build_circuit(w, CircuitSettings(calibration=cfg["texts"]["calibration"], n_ctx=cfg["n_ctx"],
                                             heads=_heads(cfg)))
@@ -257,7 +257,7 @@ def _circuit(cfg, w):
 def _windows(cfg, tok, n):
     """The exact token windows ``analyse_kernels`` reads for ``n`` windows in all (same source, seed, count and
     BOS token: the bench models' config has a BOS token, so attnscope prepends it)."""
-    from attnscope.texts import load_windows
+    from attnscope.core.texts import load_windows
 
     win, _ = load_windows(cfg["texts"]["samples"], tok, cfg["n_ctx"], n, seed=0, bos_token_id=tok.bos_token_id)
     return win.to(cfg["device"])

@@ -37,9 +37,9 @@ def like_for_like_table(lfl) -> None:
 
 
 def demo(out: Path, max_windows: int | None) -> None:
-    from attnscope.circuit import build_circuit
-    from attnscope.evaluation import evaluate_ground_truth
+    from attnscope.circuit.build import build_circuit
     from attnscope.models import load_model
+    from attnscope.neurons.evaluation import evaluate_ground_truth
 
     w = load_model("demo")
     circ = build_circuit(w)
@@ -89,10 +89,10 @@ def demo(out: Path, max_windows: int | None) -> None:
 def count(model: str, random_gpt2: bool, max_windows: int) -> None:
     import torch
 
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.contrast import pre_stats
+    from attnscope.circuit.build import CircuitSettings, build_circuit
     from attnscope.models import load_model
-    from attnscope.neurons import NeuronSettings, held_out_windows, one_vs_rest_effects, score, select, validated
+    from attnscope.neurons.contrast import pre_stats
+    from attnscope.neurons.find import NeuronSettings, held_out_windows, one_vs_rest_effects, score, select, validated
 
     if random_gpt2:
         import tempfile
@@ -113,7 +113,7 @@ def count(model: str, random_gpt2: bool, max_windows: int) -> None:
         return
     s = NeuronSettings(max_windows=max_windows)
     win = held_out_windows(w, circ, None, max_windows)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     sc = score(w, circ, win, s)
     d_t = one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in win])
     d_r = one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in win])

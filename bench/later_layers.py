@@ -26,9 +26,8 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true")
     ap.add_argument("--out", type=Path, default=Path("bench/results/later"))
     a = ap.parse_args()
-    from attnscope.later import LaterSettings
-    from attnscope.later import prepare
-    from attnscope.later_eval import PREDICTORS, find_later_neurons
+    from attnscope.later.evaluate import PREDICTORS, find_later_neurons
+    from attnscope.later.method import LaterSettings, prepare
     from attnscope.models import load_model
 
     w = load_model(a.model)
@@ -60,7 +59,7 @@ def main() -> None:
                   f"{q.limiting_condition[:90]} | ||G||={q.propagation_norm:.2f}, gain {q.propagation_gain:.2f} |",
                   flush=True)
         if a.probe:
-            from attnscope.probe import context_probe
+            from attnscope.neurons.probe import context_probe
 
             pr = context_probe(w, layer=L)
             print(f"probe layer {L}: test accuracy {pr.test_accuracy:.3f}; separated {len(pr.separated)}/8: "

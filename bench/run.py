@@ -24,7 +24,17 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    BATCH, MODELS, NOISY, RESULTS_DIR, SEED, BENCH, make_model, make_texts, wait_quiet, warm_token_caches, work_dir,
+    BATCH,
+    BENCH,
+    MODELS,
+    NOISY,
+    RESULTS_DIR,
+    SEED,
+    make_model,
+    make_texts,
+    wait_quiet,
+    warm_token_caches,
+    work_dir,
 )
 from stages import run_child  # noqa: E402
 from tables import build_rows, markdown, print_table, targets, update_docs  # noqa: E402

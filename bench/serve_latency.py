@@ -36,7 +36,7 @@ def _post(url: str, body: dict) -> dict:
 
 def _text(w, spec: str, n: int) -> str:
     """A string of exactly ``n`` tokens: the start of a bundled text, decoded, trimmed until it re-tokenises to n."""
-    from attnscope.texts import open_source, tokenize
+    from attnscope.core.texts import open_source, tokenize
 
     ids = torch.as_tensor(tokenize(open_source(spec), w.tokenizer))
     k = n
@@ -85,8 +85,8 @@ def _without_table(w, circ):
 
 
 def _serve_model(w, heads: str | None, n_ctx: int | None, skip_neurons: bool):
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.neurons import find_neurons
+    from attnscope.circuit.build import CircuitSettings, build_circuit
+    from attnscope.neurons.find import find_neurons
     from attnscope.serve import load_serve_model
 
     if heads is None and n_ctx is None and not skip_neurons:

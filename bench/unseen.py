@@ -11,7 +11,7 @@ each natural source of the half) it prints and saves:
 * like-for-like Spearman (prediction from the verified windows' counts), the whole-source prediction's,
   the noise ceiling (Spearman-Brown), the token-mean predictor (fitted on the bundled texts), the shuffled
   null, R-precision (k = neurons with true |d| >= 1) and that k;
-* the scope flag (:mod:`attnscope.contrast_scope`) with the conditions that fail;
+* the scope flag (:mod:`attnscope.serve.contrast_scope`) with the conditions that fail;
 * per text, the within-text FVU of the full explanation and its scope verdict;
 * the scope flag's AUROC and false-alarm rate against the failure definitions (contrast Spearman < 0.8,
   within-text FVU > 0.5), separately on the natural pairs, the natural texts and the adversarial inputs.
@@ -53,8 +53,8 @@ def to_plain(m) -> dict:
 
 
 def from_plain(d: dict):
-    from attnscope.contrast import PreStats
-    from attnscope.input_scope import TextMeasure
+    from attnscope.neurons.verification import PreStats
+    from attnscope.serve.input_scope import TextMeasure
     from attnscope.serve.scope import InputCondition
 
     kw = {k: v for k, v in d.items() if k not in ("conditions", "stats")}
@@ -64,13 +64,12 @@ def from_plain(d: dict):
 
 def measure_all(w, circ, names: list[str], n_windows: int, cache: Path) -> dict:
     """Each text measured once (cached): windows, token frequencies of the whole text, TextMeasure."""
-    from attnscope.cache import atomic_path, read_or_drop, weights_fingerprint
-    from attnscope.contrast import token_frequencies
-    from attnscope.explain import build_explainer
-    from attnscope.input_scope import measure_text
+    from attnscope.core.cache import atomic_path, read_or_drop, weights_fingerprint
+    from attnscope.core.texts import open_source, tokenize
+    from attnscope.neurons.explain import build_explainer
+    from attnscope.neurons.verification import spread_windows, token_frequencies
+    from attnscope.serve.input_scope import measure_text
     from attnscope.serve.scope import calibration_reference
-    from attnscope.texts import open_source, tokenize
-    from attnscope.verification import spread_windows
 
     ex, cal = build_explainer(w, circ), calibration_reference(w, circ)
     fp = weights_fingerprint(w)
@@ -80,7 +79,7 @@ def measure_all(w, circ, names: list[str], n_windows: int, cache: Path) -> dict:
         text = (BENCH / "texts" / f"{n}.txt").read_text(encoding="utf-8")
         ids = torch.as_tensor(tokenize(open_source(str(BENCH / "texts" / f"{n}.txt")), w.tokenizer))
         wins = spread_windows(w, ids, circ.T, n_windows)
-        key = _key(fp, circ.settings, circ.heads, hashlib.sha256(text.encode()).hexdigest(), n_windows, "v1")
+        key = _key(fp, asdict(circ.settings), circ.heads, hashlib.sha256(text.encode()).hexdigest(), n_windows, "v1")
         path = cache / f"{n}-{key}.pt"
         m = read_or_drop(path, lambda p: from_plain(torch.load(p))) if path.exists() else None
         if m is None:
@@ -107,18 +106,18 @@ def main() -> None:
         rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}.json")
         return
     torch.set_num_threads(2)
-    from attnscope.circuit import build_circuit
-    from attnscope.contrast import build_token_model, calibration_std
-    from attnscope.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
+    from attnscope.circuit.build import build_circuit
     from attnscope.models import load_model
-    from attnscope.verification import fit_token_mean, verify_contrast
+    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.verification import fit_token_mean, verify_contrast
+    from attnscope.serve.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
 
     split = json.loads((BENCH / "split.json").read_text())
     natural = split["halves"][a.half]
     adv = split["adversarial"][a.half]
     w = load_model(a.model)
     circ = build_circuit(w)
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     tm, sigma = build_token_model(w, circ), calibration_std(w, circ).cpu()
     t0 = time.perf_counter()
     tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
@@ -129,7 +128,7 @@ def main() -> None:
     rows = []
     for x, y, tag, kind in pairs:
         A, B = texts[x], texts[y]
-        v, d, _, lfl = verify_contrast(w, tm, sigma, n_min, A["windows"], B["windows"], A["p"], B["p"], tmean,
+        v, d, _, lfl = verify_contrast(w, tm.expected, sigma, n_min, A["windows"], B["windows"], A["p"], B["p"], tmean,
                                        A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
         sc = pair_scope(A["m"], B["m"], lfl, rule)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
@@ -157,7 +156,7 @@ def main() -> None:
 
 def rescore(path: Path) -> None:
     """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
-    from attnscope.contrast_scope import ScopeRule, recheck
+    from attnscope.serve.contrast_scope import ScopeRule, recheck
 
     res = json.loads(path.read_text())
     rule = ScopeRule()

@@ -8,8 +8,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from attnscope.evolution import EvolutionResult
-from attnscope.evolution_report import evolution_figures, write_evolution_page
+from attnscope.evolution.page import evolution_figures, write_evolution_page
+from attnscope.evolution.run import EvolutionResult
 
 
 def main(argv: list[str]) -> None:

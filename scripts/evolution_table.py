@@ -13,6 +13,8 @@ import json
 import sys
 from collections import Counter
 
+from attnscope.evolution.timeline import Timeline
+
 
 def _tokens(n: int | None) -> str:
     if n is None:
@@ -57,14 +59,14 @@ def main(path: str) -> None:
     print("|" + "---:|" * 3 + "---|" * 4 + "---:|" + "---|" * len(contexts))
     for c in d["checkpoints"]:
         print(row(c, contexts))
-    tl = d["timeline"]
+    tl = Timeline.from_json(d["timeline"])
     print()
-    for h, x in tl["layer0_heads"].items():
-        print(f"layer-0 head {h}: categories {x['categories']}, leaves uniform at step {x['leaves_uniform_step']}")
-    print("all conditions first pass:", tl["all_conditions_first_pass"], "; hold from:", tl["all_conditions_hold_from"])
-    for k, x in tl["context_neurons"].items():
-        print(f"{k}: first true (d >= 1) {x['first_true_step']}, first found {x['first_found_step']}, "
-              f"found from {x['found_from_step']}, ranks {x['rank']}")
+    for h, x in tl.layer0_heads.items():
+        print(f"layer-0 head {h}: categories {x.categories}, leaves uniform at step {x.leaves_uniform_step}")
+    print("all conditions first pass:", tl.all_conditions_first_pass, "; hold from:", tl.all_conditions_hold_from)
+    for k, x in tl.context_neurons.items():
+        print(f"{k}: first true (d >= 1) {x.first_true_step}, first found {x.first_found_step}, "
+              f"found from {x.found_from_step}, ranks {x.rank}")
 
 
 if __name__ == "__main__":

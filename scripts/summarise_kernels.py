@@ -11,7 +11,7 @@ import statistics as st
 import sys
 from collections import Counter
 
-from attnscope.categories import CATEGORIES, CATEGORY_SHORT
+from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
 
 d = json.load(open(sys.argv[1]))
 short = [CATEGORY_SHORT[c] for c in CATEGORIES]

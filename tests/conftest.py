@@ -218,10 +218,10 @@ def context_neuron_gpt2(tmp_path_factory):
 @pytest.fixture(scope="session")
 def hand_results(context_neuron_gpt2, tmp_path_factory):
     """Kernels, circuit, neurons and figures of the hand-built context-neuron model (for the report tests)."""
-    from attnscope.circuit import CircuitSettings, build_circuit
-    from attnscope.kernels import KernelSettings, analyse_kernels
-    from attnscope.neurons import NeuronSettings, find_neurons
-    from attnscope.plots import kernel_figures, neuron_figures
+    from attnscope.circuit.build import CircuitSettings, build_circuit
+    from attnscope.kernels.analysis import KernelSettings, analyse_kernels
+    from attnscope.neurons.find import NeuronSettings, find_neurons
+    from attnscope.report.plots import kernel_figures, neuron_figures
 
     (w, _), _ = context_neuron_gpt2
     k = analyse_kernels(w, KernelSettings(samples=str(DATA), n_ctx=64, n_samples=4, n_heldout=2), cache=False,
@@ -230,3 +230,18 @@ def hand_results(context_neuron_gpt2, tmp_path_factory):
     n = find_neurons(w, c, NeuronSettings(), progress=False)
     figdir = tmp_path_factory.mktemp("hand_figs")
     return w, k, c, n, {**kernel_figures(k, figdir), **neuron_figures(n, c, figdir)}
+
+
+REAL_MODEL_FIXTURES = {"smollm2", "minilm", "demo"}  # packaged or bundled real models: the integration tier
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with its tier (``-m unit``, ``-m integration``, ``-m browser``): the folder it lives in,
+    except that a test in tests/unit that loads a real model or is marked ``integration`` (a subprocess run of
+    the CLI) belongs to the integration tier."""
+    for item in items:
+        tier = Path(str(item.fspath)).parent.name
+        if tier == "unit" and (item.get_closest_marker("integration") or REAL_MODEL_FIXTURES & set(item.fixturenames)):
+            tier = "integration"
+        if tier in ("unit", "integration", "browser") and not item.get_closest_marker(tier):
+            item.add_marker(getattr(pytest.mark, tier))

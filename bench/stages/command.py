@@ -77,7 +77,7 @@ def stage_command(cfg, n: int):
     import torch
 
     from attnscope import kernels as K
-    from attnscope.plots import kernel_figures
+    from attnscope.report.plots import kernel_figures
 
     dev = cfg["device"]
     w = _load(cfg)
@@ -140,7 +140,7 @@ def _analyse(K, w, s, steps: dict):
 def _summary(res) -> None:
     """The CLI's summary table (printed to a buffer: the table is built and rendered, not shown)."""
     try:
-        from attnscope.cli_show import print_kernel_summary
+        from attnscope.cli.show import print_kernel_summary
     except ImportError:  # the CLI was reorganised: the summary is a few ms either way
         return
     with redirect_stdout(io.StringIO()):

@@ -9,7 +9,7 @@ from common import BATCH, _bridge, _load, _windows, assert_device, measure, rate
 
 
 def stage_kernels(cfg, n: int):
-    from attnscope.kernels import KernelSettings, analyse_kernels
+    from attnscope.kernels.analysis import KernelSettings, analyse_kernels
 
     dev = cfg["device"]
     w = _load(cfg)

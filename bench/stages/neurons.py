@@ -1,4 +1,4 @@
-"""Neuron stages, through the public steps of ``attnscope.neurons`` (score / select / verify / label):
+"""Neuron stages, through the public steps of ``attnscope.neurons.find`` (score / select / verify / label):
 scoring (and the naive one-product way), verification (and the TransformerLens way)."""
 
 from __future__ import annotations
@@ -12,14 +12,14 @@ def _settings(cfg):
     """The bench's settings: its held-out texts (two windows each: one tunes, one reports), and
     ``precision_target=0`` so every neuron passes the threshold and the 64 most sensitive get a card: on
     random weights the measured threshold passes ~none, and verification would do no work."""
-    from attnscope.neurons import NeuronSettings
+    from attnscope.neurons.find import NeuronSettings
 
     return NeuronSettings(eval=cfg["texts"]["eval"], precision_target=0.0, max_neurons=N_VERIFY)
 
 
 def _inputs(cfg):
     """Model, circuit, settings and held-out windows (tokenised before timing, as a user's run would)."""
-    from attnscope.neurons import held_out_windows
+    from attnscope.neurons.find import held_out_windows
 
     w = _load(cfg)
     circ = _circuit(cfg, w)
@@ -33,8 +33,8 @@ def stage_scoring(cfg):
     (calibration std, one-vs-rest contrasts) and the swings over the whole vocabulary."""
     import torch
 
-    from attnscope.contrast import build_token_model
-    from attnscope.neurons import score
+    from attnscope.neurons.contrast import build_token_model
+    from attnscope.neurons.find import score
 
     w, circ, s, windows = _inputs(cfg)
 
@@ -60,8 +60,8 @@ def naive_swings(w, circ, top_m: int):
     the vocabulary (what ``neurons.swings`` computes in transposed chunks of 1024 neurons)."""
     import torch
 
-    from attnscope.circuit import mlp_input_weights
-    from attnscope.decomposition import centre
+    from attnscope.circuit.build import mlp_input_weights
+    from attnscope.exact.decomposition import centre
 
     W, _ = mlp_input_weights(w)
     ext = centre(circ.ext, w) / circ.mlp_scale
@@ -78,8 +78,8 @@ def stage_scoring_naive(cfg):
     functions.  Checked to give ``neurons.swings``'s values."""
     import torch
 
-    from attnscope.contrast import build_token_model, calibration_std
-    from attnscope.neurons import predicted_effects, swings
+    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.find import predicted_effects, swings
 
     dev = cfg["device"]
     w, circ, s, windows = _inputs(cfg)
@@ -105,10 +105,10 @@ def verify_steps(w, circ, s, windows, scores, ex, tm):
     ``select``, ``verify`` (reported and random neurons), and ``label`` from each card's top-50 tokens."""
     import torch
 
-    import attnscope.neurons as nm
-    from attnscope.contrast import pre_stats
+    import attnscope.neurons.find as nm
+    from attnscope.neurons.contrast import pre_stats
 
-    t, n_min = {}, circ.settings["min_position"]
+    t, n_min = {}, circ.settings.min_position
     t0 = time.perf_counter()
     d_tune = nm.one_vs_rest_effects([pre_stats(w, x.tune, n_min) for x in windows])
     d_report = nm.one_vs_rest_effects([pre_stats(w, x.report, n_min) for x in windows])
@@ -133,9 +133,9 @@ def stage_verify(cfg):
     """find_neurons after scoring (see ``verify_steps``); scoring, explainer and token model are built untimed."""
     import torch
 
-    from attnscope.contrast import build_token_model
-    from attnscope.explain import build_explainer
-    from attnscope.neurons import score
+    from attnscope.neurons.contrast import build_token_model
+    from attnscope.neurons.explain import build_explainer
+    from attnscope.neurons.find import score
 
     dev = cfg["device"]
     w, circ, s, windows = _inputs(cfg)
@@ -167,8 +167,8 @@ def stage_verify_tl(cfg):
 
     import torch
 
-    from attnscope.contrast import source_windows
     from attnscope.models import load_hf
+    from attnscope.neurons.contrast import source_windows
 
     dev = cfg["device"]
     w = _load(cfg)

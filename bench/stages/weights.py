@@ -44,7 +44,7 @@ def stage_extract_tl(cfg):
 def stage_layer0(cfg):
     import torch
 
-    from attnscope.decomposition import layer0_weight_kernels, reference_norm
+    from attnscope.exact.decomposition import layer0_weight_kernels, reference_norm
 
     dev, T = cfg["device"], cfg["n_ctx"]
     w = _load(cfg)

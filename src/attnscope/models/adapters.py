@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..errors import UnsupportedModelError
-from .weights import ModelWeights
+from attnscope.core.errors import UnsupportedModelError
+from attnscope.models.weights import ModelWeights
 
 SUPPORTED_TYPES = ("gpt2", "llama", "bert", "gpt_neox")
 

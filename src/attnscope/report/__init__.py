@@ -12,7 +12,7 @@ Layout: ``write.py`` (page assembly), ``sections.py`` (header, kernels, circuit)
 ``scope.py`` (scope), ``html.py`` (small helpers and figure captions).
 """
 
-from .html import FIGURE_CAPTIONS
-from .write import write_report
+from attnscope.report.html import FIGURE_CAPTIONS
+from attnscope.report.write import write_report
 
 __all__ = ["FIGURE_CAPTIONS", "write_report"]

@@ -6,10 +6,10 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .html import NEURON_FIGURES, _badge, _esc, _figures, _fmt, _token
+from attnscope.report.html import NEURON_FIGURES, badge_html, esc, figures_html, fmt, token_html
 
 if TYPE_CHECKING:
-    from ..neurons import NeuronCard, NeuronResult, NeuronRow
+    from attnscope.neurons.find import NeuronCard, NeuronResult, NeuronRow
 
 
 def _trace_svg(tr: dict, name: str, kind: str) -> str:
@@ -18,7 +18,7 @@ def _trace_svg(tr: dict, name: str, kind: str) -> str:
     y, yh = list(t.get("true") or []), list(t.get("pred") or [])
     W, H, ml, mr, mt, mb = 300, 110, 34, 6, 16, 16
     vals = [v for v in y + yh if v is not None and math.isfinite(v)]
-    title = f'<text x="{ml}" y="11" class="svg-title">{_esc(name)} [{_esc(kind)}]</text>'
+    title = f'<text x="{ml}" y="11" class="svg-title">{esc(name)} [{esc(kind)}]</text>'
     if not vals:
         return (f'<svg class="trace" viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg">{title}'
                 f'<text x="{W / 2}" y="{H / 2}" text-anchor="middle" class="svg-note">no trace</text></svg>')
@@ -41,19 +41,19 @@ def _trace_svg(tr: dict, name: str, kind: str) -> str:
         zy = mt + (H - mt - mb) * hi / (hi - lo)
         zero = f'<line class="zero" x1="{ml}" x2="{W - mr}" y1="{zy:.1f}" y2="{zy:.1f}"/>'
     axes = (f'<line class="axis" x1="{ml}" x2="{ml}" y1="{mt}" y2="{H - mb}"/>'
-            f'<text x="{ml - 3}" y="{mt + 4}" class="tick" text-anchor="end">{_esc(_fmt(hi))}</text>'
-            f'<text x="{ml - 3}" y="{H - mb}" class="tick" text-anchor="end">{_esc(_fmt(lo))}</text>'
+            f'<text x="{ml - 3}" y="{mt + 4}" class="tick" text-anchor="end">{esc(fmt(hi))}</text>'
+            f'<text x="{ml - 3}" y="{H - mb}" class="tick" text-anchor="end">{esc(fmt(lo))}</text>'
             f'<text x="{W - mr}" y="{H - 3}" class="tick" text-anchor="end">position →</text>')
     return (f'<svg class="trace" viewBox="0 0 {W} {H}" xmlns="http://www.w3.org/2000/svg" role="img" '
-            f'aria-label="true vs predicted contribution on {_esc(name)}">{title}{axes}{zero}'
+            f'aria-label="true vs predicted contribution on {esc(name)}">{title}{axes}{zero}'
             f'{line(y, "true")}{line(yh, "pred")}</svg>')
 
 
-def _tokens_html(toks: list, sign: str) -> str:
+def tokens_html(toks: list, sign: str) -> str:
     items = []
     for t in toks or []:
         tok, score = (t[0], t[1]) if isinstance(t, (list, tuple)) else (t, None)
-        items.append(f'<li><code class="tok">{_token(str(tok))}</code><span class="score">{_esc(_fmt(score))}</span></li>')
+        items.append(f'<li><code class="tok">{token_html(str(tok))}</code><span class="score">{esc(fmt(score))}</span></li>')
     return f'<ol class="tokens {sign}">{"".join(items)}</ol>' if items else '<p class="note">none</p>'
 
 
@@ -73,26 +73,26 @@ def _neuron_card(r: NeuronCard, traces: dict) -> str:
     svgs = _trace_svg(tr, pos_t, "positive") if pos_t else ""
     if neg_t and neg_t != pos_t:
         svgs += _trace_svg(tr, neg_t, "negative")
-    d_html = ", ".join(f"{_esc(k)} {_esc(_fmt(v))}" for k, v in sorted(r.true_d.items(), key=lambda kv: -kv[1]))
-    lab = f"{_esc(r.label)} <i>({_esc(r.label_evidence)})</i>" if r.label else "<i>unlabelled</i>"
-    lab_neg = f"{_esc(r.label_negative)} <i>({_esc(r.label_negative_evidence)})</i>" if r.label_negative else \
+    d_html = ", ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in sorted(r.true_d.items(), key=lambda kv: -kv[1]))
+    lab = f"{esc(r.label)} <i>({esc(r.label_evidence)})</i>" if r.label else "<i>unlabelled</i>"
+    lab_neg = f"{esc(r.label_negative)} <i>({esc(r.label_negative_evidence)})</i>" if r.label_negative else \
         "<i>unlabelled</i>"
     return f"""
-<article class="neuron-card" id="neuron-0-{_esc(idx)}" data-index="{_esc(idx)}">
-<header><h3>Neuron 0.{_esc(idx)}</h3>
+<article class="neuron-card" id="neuron-0-{esc(idx)}" data-index="{esc(idx)}">
+<header><h3>Neuron 0.{esc(idx)}</h3>
 <p class="labels"><span class="lab pos" title="label of the positive token evidence">+ {lab}</span>
 <span class="lab neg" title="label of the negative token evidence">− {lab_neg}</span></p></header>
 <dl class="stats-inline">
-<div><dt>rank</dt><dd>{_fmt(r.rank)}</dd></div>
-<div><dt>predicted |d|</dt><dd>{_fmt(r.sensitivity)}</dd></div>
-<div><dt>r / FVU (full)</dt><dd>{_fmt(r.r)} / {_fmt(r.fvu)}</dd></div>
-<div><dt>within-text r / FVU</dt><dd>{_fmt(r.r_within)} / {_fmt(r.fvu_within)}</dd></div>
-<div><dt>contextual heads r</dt><dd>{_fmt(r.contextual_r)}</dd></div>
-<div><dt>fired on calibration</dt><dd>{_badge(r.fired_on_calibration, "yes", "no")}</dd></div>
+<div><dt>rank</dt><dd>{fmt(r.rank)}</dd></div>
+<div><dt>predicted |d|</dt><dd>{fmt(r.sensitivity)}</dd></div>
+<div><dt>r / FVU (full)</dt><dd>{fmt(r.r)} / {fmt(r.fvu)}</dd></div>
+<div><dt>within-text r / FVU</dt><dd>{fmt(r.r_within)} / {fmt(r.fvu_within)}</dd></div>
+<div><dt>contextual heads r</dt><dd>{fmt(r.contextual_r)}</dd></div>
+<div><dt>fired on calibration</dt><dd>{badge_html(r.fired_on_calibration, "yes", "no")}</dd></div>
 </dl>
 <div class="tok-cols">
-<div><h4>raises (+)</h4>{_tokens_html(r.top_positive_tokens, "pos")}</div>
-<div><h4>lowers (−)</h4>{_tokens_html(r.top_negative_tokens, "neg")}</div>
+<div><h4>raises (+)</h4>{tokens_html(r.top_positive_tokens, "pos")}</div>
+<div><h4>lowers (−)</h4>{tokens_html(r.top_negative_tokens, "neg")}</div>
 </div>
 <div class="traces">{svgs}</div>
 <p class="legend"><span class="sw true"></span>true pre-activation
@@ -101,12 +101,12 @@ def _neuron_card(r: NeuronCard, traces: dict) -> str:
 </article>"""
 
 
-def _ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15) -> str:
+def ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15) -> str:
     """The top ``n`` rows of a ranked neuron table (layer 0 and the later layers share it)."""
     rows = "".join(
-        f"<tr><td>{r.rank}</td><td>{r.index}</td><td>{_fmt(r.sensitivity)}</td><td>{_esc(r.best_contrast)}</td>"
-        f"<td>{_fmt(r.predicted_d)}</td><td>{_badge(r.passed, 'yes', 'no')}</td>"
-        f"<td>{' '.join(f'<code class=tok>{_token(t)}</code>' for t in r.top_positive_tokens)}</td></tr>"
+        f"<tr><td>{r.rank}</td><td>{r.index}</td><td>{fmt(r.sensitivity)}</td><td>{esc(r.best_contrast)}</td>"
+        f"<td>{fmt(r.predicted_d)}</td><td>{badge_html(r.passed, 'yes', 'no')}</td>"
+        f"<td>{' '.join(f'<code class=tok>{token_html(t)}</code>' for t in r.top_positive_tokens)}</td></tr>"
         for r in neuron_rows[:n])
     return (f'<div class="table-wrap"><table id="{table_id}" class="data"><thead><tr><th>rank</th><th>neuron</th>'
             f"<th>predicted |d|</th><th>contrast</th><th>predicted d</th><th>passes</th><th>top tokens</th></tr>"
@@ -118,12 +118,12 @@ def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[st
     recs = neurons.records
     s = neurons.summary()
     labels = sorted({r.label for r in recs if r.label} | {r.label_negative for r in recs if r.label_negative})
-    stats = [("pass / scored", f"{_fmt(neurons.n_selected)} / {_fmt(neurons.n_scored)}"),
-             ("precision (all neurons)", f"{_fmt(s['precision'])} ({_fmt(s['precision_random'])})"),
-             ("median FVU (random)", f"{_fmt(s['median_fvu'])} ({_fmt(s['median_fvu_random'])})"),
-             ("within-text FVU (random)", f"{_fmt(s['median_fvu_within'])} ({_fmt(s['median_fvu_within_random'])})"),
-             ("did not fire on calibration", _fmt(sum(not r.fired_on_calibration for r in recs)))]
-    stat_html = "".join(f'<div class="stat"><div class="v">{v}</div><div class="k">{_esc(k)}</div></div>'
+    stats = [("pass / scored", f"{fmt(neurons.n_selected)} / {fmt(neurons.n_scored)}"),
+             ("precision (all neurons)", f"{fmt(s['precision'])} ({fmt(s['precision_random'])})"),
+             ("median FVU (random)", f"{fmt(s['median_fvu'])} ({fmt(s['median_fvu_random'])})"),
+             ("within-text FVU (random)", f"{fmt(s['median_fvu_within'])} ({fmt(s['median_fvu_within_random'])})"),
+             ("did not fire on calibration", fmt(sum(not r.fired_on_calibration for r in recs)))]
+    stat_html = "".join(f'<div class="stat"><div class="v">{v}</div><div class="k">{esc(k)}</div></div>'
                         for k, v in stats)
     cards = "".join(_neuron_card(r, _trace_map(neurons)) for r in recs)
     return f"""
@@ -132,12 +132,12 @@ def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[st
 <p>Every neuron is ranked by its predicted context sensitivity: the largest predicted effect size over the
 one-vs-rest contrasts of the held-out sources, from the full layer-0 explanation and the sources' token counts
 (no forward pass over them). The threshold is measured: the longest prefix of the ranking whose precision on the
-tuning half of the held-out windows is at least {_esc(_fmt(neurons.threshold.precision_target))}. Reported neurons
+tuning half of the held-out windows is at least {esc(fmt(neurons.threshold.precision_target))}. Reported neurons
 are scored on the reporting half against their true pre-activation, with random neurons of the layer beside them.</p>
 <div class="stats" id="neuron-summary">{stat_html}</div>
-{_ranking_table(neurons.rows, "neuron-ranking")}
-{f'<p>Labels (token evidence): {", ".join(_esc(x) for x in labels)}</p>' if labels else ""}
-{_figures(NEURON_FIGURES, figures, used)}
+{ranking_table(neurons.rows, "neuron-ranking")}
+{f'<p>Labels (token evidence): {", ".join(esc(x) for x in labels)}</p>' if labels else ""}
+{figures_html(NEURON_FIGURES, figures, used)}
 <h3>Neurons</h3>
 <p class="hint">Tokens are shown as the tokenizer writes them, with whitespace made visible (␣ space, ↵ newline,
 ⇥ tab); the number is the token's score: how far one more occurrence moves the neuron's expected pre-activation.</p>

@@ -31,11 +31,11 @@ CIRCUIT_FIGURES = ("denominators",)
 WIDE_FIGURES = ("kernel_curves", "tv_per_head")
 
 
-def _esc(x: Any) -> str:
+def esc(x: Any) -> str:
     return html.escape(str(x), quote=True)
 
 
-def _fmt(v: Any) -> str:
+def fmt(v: Any) -> str:
     """Numbers to short text; ``None`` to an em dash."""
     if v is None:
         return "—"
@@ -63,7 +63,7 @@ def _fmt(v: Any) -> str:
     return str(v)
 
 
-def _num(v: Any) -> str:
+def num_html(v: Any) -> str:
     """``data-value`` of a table cell: a plain number, or empty for missing values (sorted last)."""
     if v is None or isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return ""
@@ -73,7 +73,7 @@ def _num(v: Any) -> str:
 _WS = {" ": "␣", "\n": "↵", "\t": "⇥", "\r": "␍", "\u00a0": "⍽"}
 
 
-def _token(tok: str) -> str:
+def token_html(tok: str) -> str:
     """A token as escaped HTML with its whitespace made visible (spaces as ␣, newlines as ↵, ...)."""
     if tok == "":
         return '<span class="ws">∅</span>'
@@ -84,89 +84,100 @@ def _token(tok: str) -> str:
         elif ord(ch) < 32 or 0x7F <= ord(ch) < 0xA0:
             out.append(f'<span class="ws">\\x{ord(ch):02x}</span>')
         else:
-            out.append(_esc(ch))
+            out.append(esc(ch))
     return "".join(out)
 
 
-def _plain(x: Any) -> Any:
+def plain_json(x: Any) -> Any:
     """JSON-safe copy: tensors/arrays to lists, non-finite floats to ``None``, paths to strings."""
     if hasattr(x, "tolist") and not isinstance(x, (str, bytes)):
         x = x.tolist()
     if isinstance(x, float):
         return x if math.isfinite(x) else None
     if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
+        return {str(k): plain_json(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
+        return [plain_json(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        return _plain(dataclasses.asdict(x))
+        return plain_json(dataclasses.asdict(x))
     return x
 
 
-def _json_script(el_id: str, obj: Any) -> str:
+def json_script(el_id: str, obj: Any) -> str:
     """Data embedded for the page's script; ``<``, ``>`` and ``&`` escaped so no text can close the tag."""
-    s = json.dumps(_plain(obj), separators=(",", ":"), allow_nan=False)
+    s = json.dumps(plain_json(obj), separators=(",", ":"), allow_nan=False)
     s = s.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
     return f'<script type="application/json" id="{el_id}">{s}</script>'
 
 
-def _value_html(v: Any) -> str:
+def value_html(v: Any) -> str:
     if isinstance(v, dict):
         if not v:
             return "—"
-        rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_value_html(x)}</td></tr>" for k, x in v.items())
+        rows = "".join(f"<tr><th>{esc(k)}</th><td>{value_html(x)}</td></tr>" for k, x in v.items())
         return f'<table class="kv nested">{rows}</table>'
     if isinstance(v, (list, tuple)):
         if all(isinstance(x, (int, float, str, bool)) or x is None for x in v) and len(v) <= 64:
-            return ", ".join(_esc(_fmt(x)) for x in v) if v else "—"
-        return f"<code>{_esc(json.dumps(_plain(v)))}</code>"
+            return ", ".join(esc(fmt(x)) for x in v) if v else "—"
+        return f"<code>{esc(json.dumps(plain_json(v)))}</code>"
     if isinstance(v, str) and len(v) >= 32 and all(c in "0123456789abcdef" for c in v):
-        return f'<code class="hash">{_esc(v)}</code>'  # hashes
-    return _esc(_fmt(v))
+        return f'<code class="hash">{esc(v)}</code>'  # hashes
+    return esc(fmt(v))
 
 
-def _kv_table(d: dict, el_id: str | None = None, cls: str = "kv") -> str:
+def kv_table(d: dict, el_id: str | None = None, cls: str = "kv") -> str:
     ident = f' id="{el_id}"' if el_id else ""
-    rows = "".join(f"<tr><th>{_esc(k)}</th><td>{_value_html(v)}</td></tr>" for k, v in d.items())
+    rows = "".join(f"<tr><th>{esc(k)}</th><td>{value_html(v)}</td></tr>" for k, v in d.items())
     return f'<table{ident} class="{cls}"><tbody>{rows}</tbody></table>'
 
 
-def _badge(ok: bool | None, yes: str = "OK", no: str = "FAILED", none: str = "info") -> str:
+def badge_html(ok: bool | None, yes: str = "OK", no: str = "FAILED", none: str = "info") -> str:
     if ok is None:
-        return f'<span class="badge info">{_esc(none)}</span>'
-    return f'<span class="badge ok">{_esc(yes)}</span>' if ok else f'<span class="badge fail">{_esc(no)}</span>'
+        return f'<span class="badge info">{esc(none)}</span>'
+    return f'<span class="badge ok">{esc(yes)}</span>' if ok else f'<span class="badge fail">{esc(no)}</span>'
 
 
-def _figure(name: str, path: Path | str | None) -> str:
-    cap = FIGURE_CAPTIONS.get(name, _esc(name.replace("_", " ")))
-    if path is None or not Path(path).is_file():
-        return f'<p class="note">Figure <code>{_esc(name)}</code> is missing ({_esc(path)}).</p>'
+def data_uri(path: Path | str) -> str:
+    """A figure file as a ``data:`` URI, so that the page holding it is self-contained."""
     p = Path(path)
     mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(
         p.suffix.lower(), "image/png")
-    data = base64.b64encode(p.read_bytes()).decode("ascii")
+    return f"data:{mime};base64,{base64.b64encode(p.read_bytes()).decode('ascii')}"
+
+
+def data_table(header: list[str], rows: list[list[str]]) -> str:
+    """A plain data table; ``rows`` hold HTML already escaped."""
+    th = "".join(f"<th>{esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<div class="tablewrap"><table class="data"><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table></div>'
+
+
+def figure_html(name: str, path: Path | str | None) -> str:
+    cap = FIGURE_CAPTIONS.get(name, esc(name.replace("_", " ")))
+    if path is None or not Path(path).is_file():
+        return f'<p class="note">Figure <code>{esc(name)}</code> is missing ({esc(path)}).</p>'
     wide = " wide" if name in WIDE_FIGURES else ""
-    return (f'<figure class="fig{wide}" id="fig-{_esc(name)}"><img alt="{_esc(name)}" src="data:{mime};base64,{data}">'
+    return (f'<figure class="fig{wide}" id="fig-{esc(name)}"><img alt="{esc(name)}" src="{data_uri(path)}">'
             f"<figcaption>{cap}</figcaption></figure>")
 
 
-def _figures(names: tuple[str, ...], figures: dict[str, Path], used: set[str]) -> str:
+def figures_html(names: tuple[str, ...], figures: dict[str, Path], used: set[str]) -> str:
     parts = []
     for n in names:
         if n in figures:
             used.add(n)
-            parts.append(_figure(n, figures[n]))
+            parts.append(figure_html(n, figures[n]))
     return f'<div class="figs">{"".join(parts)}</div>' if parts else ""
 
 
-def _median(xs: list[float]) -> float | None:
+def median_of(xs: list[float]) -> float | None:
     xs = [x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
     return statistics.median(xs) if xs else None
 
 
-def _worst(recs: list, key) -> tuple[float | None, str]:
+def worst_of(recs: list, key) -> tuple[float | None, str]:
     """Largest ``key(record)`` over head records and the head's label (``L0H3``)."""
     vals = [(key(r), r) for r in recs if key(r) is not None and math.isfinite(key(r))]
     if not vals:

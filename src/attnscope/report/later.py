@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .html import _badge, _esc, _fmt
-from .cards import _ranking_table, _tokens_html
+from attnscope.report.cards import ranking_table, tokens_html
+from attnscope.report.html import badge_html, esc, fmt
 
 if TYPE_CHECKING:
-    from ..later_result import LaterCard, LaterResult, LayerPiece
+    from attnscope.later.result import LaterCard, LaterResult, LayerPiece
 
 _PREDICTORS = {"hybrid": "hybrid (token mean + broad heads)", "full": "full composition", "heads": "heads only",
                "direct": "effective embedding only",
@@ -20,19 +20,19 @@ _PREDICTORS = {"hybrid": "hybrid (token mean + broad heads)", "full": "full comp
 
 def _summary_table(results: list[LaterResult]) -> str:
     preds = [p for p in _PREDICTORS if any(p in r.scores for r in results)]
-    head = "".join(f"<th>Spearman {_esc(_PREDICTORS[p])}</th>" for p in preds)
+    head = "".join(f"<th>Spearman {esc(_PREDICTORS[p])}</th>" for p in preds)
     rows = []
     for r in results:
         p, v = r.circuit.pieces[r.layer], r.verification
-        fv = "—" if p.circuit_fvu_effective is None else f"{_fmt(p.circuit_fvu_effective)} / {_fmt(p.circuit_fvu_true)}"
-        cells = "".join(f"<td>{_fmt(r.median_spearman(q) if q in r.scores else None)}</td>" for q in preds)
-        cells += f"<td>{_fmt(r.median_ceiling)}</td>"
+        fv = "—" if p.circuit_fvu_effective is None else f"{fmt(p.circuit_fvu_effective)} / {fmt(p.circuit_fvu_true)}"
+        cells = "".join(f"<td>{fmt(r.median_spearman(q) if q in r.scores else None)}</td>" for q in preds)
+        cells += f"<td>{fmt(r.median_ceiling)}</td>"
         fit = v.fit_cards
-        rows.append(f'<tr><td><a href="#later-L{r.layer}">{r.layer}</a></td><td>{_fmt(p.approximation.fvu)}</td>'
-                    f"<td>{_fmt(r.circuit.approximation_with_earlier_terms.fvu)}</td><td>{_fmt(p.approximation.unseen_share)}</td>"
-                    f"<td>{_esc(', '.join(map(str, p.heads)) or 'none')}</td><td>{fv}</td><td>{v.n_passed}</td>"
-                    f"<td>{_fmt(v.precision)} ({_fmt(v.precision_random)})</td>"
-                    f"<td>{_fmt(fit.median_r if fit else None)} ({_fmt(v.fit_random.median_r)})</td>{cells}</tr>")
+        rows.append(f'<tr><td><a href="#later-L{r.layer}">{r.layer}</a></td><td>{fmt(p.approximation.fvu)}</td>'
+                    f"<td>{fmt(r.circuit.approximation_with_earlier_terms.fvu)}</td><td>{fmt(p.approximation.unseen_share)}</td>"
+                    f"<td>{esc(', '.join(map(str, p.heads)) or 'none')}</td><td>{fv}</td><td>{v.n_passed}</td>"
+                    f"<td>{fmt(v.precision)} ({fmt(v.precision_random)})</td>"
+                    f"<td>{fmt(fit.median_r if fit else None)} ({fmt(v.fit_random.median_r)})</td>{cells}</tr>")
     return ('<div class="table-wrap"><table id="later-summary" class="data"><thead><tr><th>layer L</th>'
             "<th>approx. FVU (token + position)</th><th>FVU with earlier heads</th><th>unseen share</th>"
             "<th>contextual heads of L</th><th>circuit FVU eff. / true</th><th>neurons passed</th>"
@@ -43,41 +43,41 @@ def _summary_table(results: list[LaterResult]) -> str:
 def _piece_rows(pieces: list[LayerPiece]) -> str:
     rows = []
     for p in pieces:
-        fv = "—" if p.circuit_fvu_effective is None else f"{_fmt(p.circuit_fvu_effective)} / {_fmt(p.circuit_fvu_true)}"
-        gain = "—" if p.propagation_norm is None else f"{_fmt(p.propagation_norm)} (gain {_fmt(p.propagation_gain)})"
+        fv = "—" if p.circuit_fvu_effective is None else f"{fmt(p.circuit_fvu_effective)} / {fmt(p.circuit_fvu_true)}"
+        gain = "—" if p.propagation_norm is None else f"{fmt(p.propagation_norm)} (gain {fmt(p.propagation_gain)})"
         failed = [c.name for c in p.conditions if not c.ok]
-        cond = (f"{_badge(False, 'OK', 'no contextual head')} {_esc(p.limiting_condition)}" if p.circuit_error else
-                _badge(not failed, "all conditions hold", "fails: " + ", ".join(failed)))
-        rows.append(f"<tr><td>{p.layer}</td><td>{_fmt(p.approximation.fvu)}</td><td>{_fmt(p.effective.fallback_r2)}</td>"
-                    f"<td>{_esc(', '.join(map(str, p.heads)) or 'none')}</td><td>{fv}</td><td>{gain}</td><td>{cond}</td></tr>")
+        cond = (f"{badge_html(False, 'OK', 'no contextual head')} {esc(p.limiting_condition)}" if p.circuit_error else
+                badge_html(not failed, "all conditions hold", "fails: " + ", ".join(failed)))
+        rows.append(f"<tr><td>{p.layer}</td><td>{fmt(p.approximation.fvu)}</td><td>{fmt(p.effective.fallback_r2)}</td>"
+                    f"<td>{esc(', '.join(map(str, p.heads)) or 'none')}</td><td>{fv}</td><td>{gain}</td><td>{cond}</td></tr>")
     return ('<div class="table-wrap"><table class="data later-pieces"><thead><tr><th>layer l</th><th>approx. FVU</th>'
             "<th>fallback R²</th><th>contextual heads</th><th>circuit FVU eff. / true</th><th>‖G_l‖ to the MLP of L</th>"
             f"<th>conditions</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _d_table(c: LaterCard) -> str:
-    rows = "".join(f"<tr><td>{_esc(s)}</td><td>{_fmt(c.predicted_d[s])}</td><td>{_fmt(c.true_d[s])}</td></tr>"
+    rows = "".join(f"<tr><td>{esc(s)}</td><td>{fmt(c.predicted_d[s])}</td><td>{fmt(c.true_d[s])}</td></tr>"
                    for s in c.true_d)
     return (f'<table class="data small"><thead><tr><th>context</th><th>predicted d</th><th>true d</th></tr></thead>'
             f"<tbody>{rows}</tbody></table>")
 
 
 def _card(L: int, c: LaterCard) -> str:
-    lab = f"{_esc(c.label)} <i>({_esc(c.label_evidence)})</i>" if c.label else "<i>unlabelled</i>"
-    neg = f"{_esc(c.label_negative)} <i>({_esc(c.label_negative_evidence)})</i>" if c.label_negative else "<i>unlabelled</i>"
-    parts = ", ".join(f"{_esc(k)} {_esc(_fmt(v))}" for k, v in c.parts.items())
+    lab = f"{esc(c.label)} <i>({esc(c.label_evidence)})</i>" if c.label else "<i>unlabelled</i>"
+    neg = f"{esc(c.label_negative)} <i>({esc(c.label_negative_evidence)})</i>" if c.label_negative else "<i>unlabelled</i>"
+    parts = ", ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in c.parts.items())
     return f"""
 <article class="neuron-card" id="neuron-{L}-{c.index}" data-index="{c.index}">
 <header><h3>Neuron {L}.{c.index}</h3>
 <p class="labels"><span class="lab pos">+ {lab}</span> <span class="lab neg">− {neg}</span></p></header>
 <dl class="stats-inline">
-<div><dt>rank</dt><dd>{_fmt(c.rank)}</dd></div>
-<div><dt>predicted |d|</dt><dd>{_fmt(c.sensitivity)}</dd></div>
-<div><dt>r / FVU vs true pre-activation</dt><dd>{_fmt(c.r)} / {_fmt(c.fvu)}</dd></div>
+<div><dt>rank</dt><dd>{fmt(c.rank)}</dd></div>
+<div><dt>predicted |d|</dt><dd>{fmt(c.sensitivity)}</dd></div>
+<div><dt>r / FVU vs true pre-activation</dt><dd>{fmt(c.r)} / {fmt(c.fvu)}</dd></div>
 </dl>
 <div class="tok-cols">
-<div><h4>raises (+)</h4>{_tokens_html(c.top_positive_tokens, "pos")}</div>
-<div><h4>lowers (−)</h4>{_tokens_html(c.top_negative_tokens, "neg")}</div>
+<div><h4>raises (+)</h4>{tokens_html(c.top_positive_tokens, "pos")}</div>
+<div><h4>lowers (−)</h4>{tokens_html(c.top_negative_tokens, "neg")}</div>
 </div>
 {_d_table(c)}
 <p class="muted small">share of the true pre-activation's variance per term: {parts}</p>
@@ -88,7 +88,7 @@ def _full_fit(v) -> str:
     if v.fit_random_full is None:
         return ""
     c = v.fit_cards_full.median_r if v.fit_cards_full else None
-    return f"; the weights-only composition: {_fmt(c)} and {_fmt(v.fit_random_full.median_r)}"
+    return f"; the weights-only composition: {fmt(c)} and {fmt(v.fit_random_full.median_r)}"
 
 
 def _layer(r: LaterResult) -> str:
@@ -97,15 +97,15 @@ def _layer(r: LaterResult) -> str:
     return f"""
 <section class="later-layer" id="later-L{r.layer}">
 <h3>MLP of layer {r.layer}</h3>
-<p>Residual entering layer {r.layer}: token + position leave {_fmt(r.circuit.pieces[r.layer].approximation.fvu)} of its
-(normalised) variance unexplained on the reporting windows, {_fmt(a.fvu)} with the earlier layers' heads
-propagated. Ranked by the {_esc(v.fit_predictor)} predictor, {v.n_passed} neurons pass the measured threshold
-{_fmt(r.threshold.value)} (precision on the reporting
-half {_fmt(v.precision)}; all neurons {_fmt(v.precision_random)}). Per-position check of the {_esc(v.fit_predictor)}
-predictor against the true pre-activation (reporting windows): median r {_fmt(v.fit_cards.median_r if v.fit_cards else None)}
-over the cards, {_fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
+<p>Residual entering layer {r.layer}: token + position leave {fmt(r.circuit.pieces[r.layer].approximation.fvu)} of its
+(normalised) variance unexplained on the reporting windows, {fmt(a.fvu)} with the earlier layers' heads
+propagated. Ranked by the {esc(v.fit_predictor)} predictor, {v.n_passed} neurons pass the measured threshold
+{fmt(r.threshold.value)} (precision on the reporting
+half {fmt(v.precision)}; all neurons {fmt(v.precision_random)}). Per-position check of the {esc(v.fit_predictor)}
+predictor against the true pre-activation (reporting windows): median r {fmt(v.fit_cards.median_r if v.fit_cards else None)}
+over the cards, {fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
 {_piece_rows(r.circuit.pieces)}
-{_ranking_table(r.rows, f"later-ranking-L{r.layer}")}
+{ranking_table(r.rows, f"later-ranking-L{r.layer}")}
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""
 

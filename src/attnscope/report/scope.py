@@ -6,14 +6,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from .html import _badge, _esc, _fmt, _median, _worst
+from attnscope.report.html import badge_html, esc, fmt, median_of, worst_of
 
 if TYPE_CHECKING:
-    from ..circuit import Circuit
-    from ..kernels import KernelResult
-    from ..neurons import NeuronResult
+    from attnscope.circuit.build import Circuit
+    from attnscope.kernels.analysis import KernelResult
+    from attnscope.neurons.find import NeuronResult
 
-#: the approximations, keyed by :data:`attnscope.circuit.ConditionGroup`: (title, claim)
+#: the approximations, keyed by :data:`attnscope.circuit.build.ConditionGroup`: (title, claim)
 SCOPE_GROUPS: dict[str, tuple[str, str]] = {
     "split": ("Content + position split of attention scores",
               "attention ≈ K<sub>n</sub>(i) f(x<sub>i</sub>) / Z, with keys split into a static positional "
@@ -43,14 +43,14 @@ def _held_out_rows(recs: list, add: Add) -> None:
             add(group, claim, "not run: no held-out windows (n_heldout=0)", None)
         return
     tvm = [r.tv_decomposition.get("median") for r in recs]
-    w, wh = _worst(recs, lambda r: r.tv_decomposition.get("p90"))
-    add(*rows[0], f"median over heads of the median TV {_fmt(_median(tvm))}; worst 90th percentile {_fmt(w)} ({wh})",
+    w, wh = worst_of(recs, lambda r: r.tv_decomposition.get("p90"))
+    add(*rows[0], f"median over heads of the median TV {fmt(median_of(tvm))}; worst 90th percentile {fmt(w)} ({wh})",
         None)
-    w, wh = _worst(recs, lambda r: r.tv_kernel_vs_attention)
-    add(*rows[1], f"TV median {_fmt(_median([r.tv_kernel_vs_attention for r in recs]))}, worst {_fmt(w)} ({wh})",
+    w, wh = worst_of(recs, lambda r: r.tv_kernel_vs_attention)
+    add(*rows[1], f"TV median {fmt(median_of([r.tv_kernel_vs_attention for r in recs]))}, worst {fmt(w)} ({wh})",
         None)
-    w, wh = _worst(recs, lambda r: r.query_consistency)
-    add(*rows[2], f"TV median {_fmt(_median([r.query_consistency for r in recs]))}, worst {_fmt(w)} ({wh})", None)
+    w, wh = worst_of(recs, lambda r: r.query_consistency)
+    add(*rows[2], f"TV median {fmt(median_of([r.query_consistency for r in recs]))}, worst {fmt(w)} ({wh})", None)
 
 
 def _kernel_rows(res: KernelResult, add: Add) -> None:
@@ -58,41 +58,41 @@ def _kernel_rows(res: KernelResult, add: Add) -> None:
     if not recs:
         return
     _held_out_rows(recs, add)
-    w, wh = _worst(recs, lambda r: r.equivariance)
+    w, wh = worst_of(recs, lambda r: r.equivariance)
     add("static", "translation equivariance: K<sub>n</sub>(n − d) depends on the offset d only",
-        f"TV median {_fmt(_median([r.equivariance for r in recs]))}, worst {_fmt(w)} ({wh})", None)
+        f"TV median {fmt(median_of([r.equivariance for r in recs]))}, worst {fmt(w)} ({wh})", None)
     wd = [r.tv_weights_vs_data for r in recs if r.tv_weights_vs_data is not None]
     if wd:
         add("static", "layer 0: the weights-only kernel agrees with the data kernel",
-            f"TV median {_fmt(_median(wd))}, worst {_fmt(max(wd))}", None)
+            f"TV median {fmt(median_of(wd))}, worst {fmt(max(wd))}", None)
     slow = [r.decay_fit_r2 for r in recs if r.category == "slow decay"]
     if slow:
         add("static", "slowly decaying kernels are exponential (decay length τ is meaningful)",
-            f"fit R² median {_fmt(_median(slow))} over {len(slow)} slow-decay heads", None)
+            f"fit R² median {fmt(median_of(slow))} over {len(slow)} slow-decay heads", None)
 
 
 def _circuit_rows(circ: Circuit | None, neurons: NeuronResult | None, add: Add) -> None:
     for c in circ.conditions if circ is not None else []:
-        add(c.group, f"{_esc(c.name)}: {_esc(c.holds_when)} (threshold {_fmt(c.threshold)})", f"{_fmt(c.measured)}",
+        add(c.group, f"{esc(c.name)}: {esc(c.holds_when)} (threshold {fmt(c.threshold)})", f"{fmt(c.measured)}",
             c.ok)
     if neurons is None:
         return
     for d in neurons.denominators:  # the denominator-transfer condition, per held-out text
         c = d.condition
-        add(c.group, f"{_esc(c.name)}: {_esc(c.holds_when)}", f"{_fmt(c.measured)}"
+        add(c.group, f"{esc(c.name)}: {esc(c.holds_when)}", f"{fmt(c.measured)}"
             + ("" if c.ok else " (outside the explanation's scope)"), c.ok)
     fid = neurons.fidelity
     if fid:
         add("summary", "the summary reproduces the heads' summed output on held-out texts",
-            f"FVU {_fmt(fid.get('fvu'))}, median per-dimension r {_fmt(fid.get('median_r_per_dimension'))} "
-            f"over {_fmt(fid.get('n_positions'))} positions", None)
+            f"FVU {fmt(fid.get('fvu'))}, median per-dimension r {fmt(fid.get('median_r_per_dimension'))} "
+            f"over {fmt(fid.get('n_positions'))} positions", None)
     recs = neurons.records
     if recs:
-        mp = circ.settings.get("min_position") if circ is not None else None
+        mp = circ.settings.min_position if circ is not None else None
         add("neuron", "the full layer-0 explanation matches the true pre-activation on held-out texts"
                       + (f" (positions n ≥ {mp})" if mp is not None else ""),
-            f"median r {_fmt(_median([r.r for r in recs]))}, median FVU "
-            f"{_fmt(_median([r.fvu for r in recs]))} over {len(recs)} neurons", None)
+            f"median r {fmt(median_of([r.r for r in recs]))}, median FVU "
+            f"{fmt(median_of([r.fvu for r in recs]))} over {len(recs)} neurons", None)
 
 
 def scope_section(kernels: KernelResult | None, circuit: Circuit | None, neurons: NeuronResult | None) -> str:
@@ -109,9 +109,9 @@ def scope_section(kernels: KernelResult | None, circuit: Circuit | None, neurons
     for g, (name, claim) in SCOPE_GROUPS.items():
         if not rows[g]:
             continue
-        body = "".join(f"<tr><td>{cond}</td><td>{meas}</td><td>{_badge(ok, none='measured')}</td></tr>"
+        body = "".join(f"<tr><td>{cond}</td><td>{meas}</td><td>{badge_html(ok, none='measured')}</td></tr>"
                        for cond, meas, ok in rows[g])
-        blocks.append(f'<div class="scope-item"><h3>{_esc(name)}</h3><p class="claim">{claim}</p><table class="data">'
+        blocks.append(f'<div class="scope-item"><h3>{esc(name)}</h3><p class="claim">{claim}</p><table class="data">'
                       f"<thead><tr><th>stated condition</th><th>measured on this model</th><th>status</th></tr>"
                       f"</thead><tbody>{body}</tbody></table></div>")
     if not blocks:

@@ -1,7 +1,7 @@
 """Report sections for the model and provenance, the positional kernels and the contextual circuit.
 
-Each section takes typed results (:class:`~attnscope.kernels.KernelResult`,
-:class:`~attnscope.circuit.Circuit`, :class:`~attnscope.neurons.NeuronResult`) and returns HTML."""
+Each section takes typed results (:class:`~attnscope.kernels.analysis.KernelResult`,
+:class:`~attnscope.circuit.build.Circuit`, :class:`~attnscope.neurons.find.NeuronResult`) and returns HTML."""
 
 from __future__ import annotations
 
@@ -9,34 +9,34 @@ import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..categories import CAT_COLORS
-from .html import (
+from attnscope.kernels.categories import CAT_COLORS
+from attnscope.report.html import (
     CIRCUIT_FIGURES,
     KERNEL_FIGURES,
-    _badge,
-    _esc,
-    _figures,
-    _fmt,
-    _json_script,
-    _kv_table,
-    _num,
-    _plain,
-    _value_html,
+    badge_html,
+    esc,
+    figures_html,
+    fmt,
+    json_script,
+    kv_table,
+    num_html,
+    plain_json,
+    value_html,
 )
 
 if TYPE_CHECKING:
-    from ..circuit import Circuit
-    from ..kernels import HeadRecord, KernelResult
-    from ..neurons import NeuronResult
+    from attnscope.circuit.build import Circuit
+    from attnscope.kernels.analysis import HeadRecord, KernelResult
+    from attnscope.neurons.find import NeuronResult
 
 
 def header_section(model_info: dict, command: str, provenance: dict, date: str, version: str) -> str:
     """Model summary, date, version, command and provenance (hashes and seeds up front)."""
-    cmd = f'<pre id="command"><code>{_esc(command)}</code></pre>' if command else \
+    cmd = f'<pre id="command"><code>{esc(command)}</code></pre>' if command else \
         '<p class="note" id="command">No command recorded (the report was written from the Python API).</p>'
     if provenance:
-        boxes = "".join(f'<div class="prov-box"><h4>{_esc(k)}</h4>'
-                        f'{_kv_table(v) if isinstance(v, dict) else _value_html(v)}</div>'
+        boxes = "".join(f'<div class="prov-box"><h4>{esc(k)}</h4>'
+                        f'{kv_table(v) if isinstance(v, dict) else value_html(v)}</div>'
                         for k, v in provenance.items())
         keys = []
         for group, v in provenance.items():
@@ -44,10 +44,10 @@ def header_section(model_info: dict, command: str, provenance: dict, date: str, 
                 items = []
                 for k2, x in v.items():
                     if x is not None and (k2 == "sha256" or k2.endswith("_sha256") or k2 == "seed"):
-                        shown = f"{x[:12]}…" if isinstance(x, str) and len(x) > 16 else _fmt(x)
-                        items.append(f'{_esc(k2)} <code title="{_esc(x)}">{_esc(shown)}</code>')
+                        shown = f"{x[:12]}…" if isinstance(x, str) and len(x) > 16 else fmt(x)
+                        items.append(f'{esc(k2)} <code title="{esc(x)}">{esc(shown)}</code>')
                 if items:
-                    keys.append(f"<li><b>{_esc(group)}</b>: {', '.join(items)}</li>")
+                    keys.append(f"<li><b>{esc(group)}</b>: {', '.join(items)}</li>")
         key_line = f'<ul class="prov-keys">{"".join(keys)}</ul>' if keys else ""
         prov_html = (f'{key_line}<details id="provenance-details"><summary>All provenance: sample texts, hashes, '
                      f'seeds and settings</summary><div id="provenance" class="prov-grid">{boxes}</div></details>')
@@ -57,9 +57,9 @@ def header_section(model_info: dict, command: str, provenance: dict, date: str, 
 <section id="summary">
 <h2>Model and provenance</h2>
 <div class="two-col">
-<div><h3>Model</h3>{_kv_table(model_info, "model-summary")}</div>
+<div><h3>Model</h3>{kv_table(model_info, "model-summary")}</div>
 <div><h3>Run</h3>
-{_kv_table({"date (UTC)": date, "attnscope version": version})}
+{kv_table({"date (UTC)": date, "attnscope version": version})}
 <h4>Command</h4>{cmd}
 <h4>Provenance</h4>
 {prov_html}
@@ -92,7 +92,7 @@ HEAD_COLUMNS = [  # (key, header, tooltip, getter)
 def _kernel_table(recs: list[HeadRecord]) -> str:
     """The sortable head table (one row per head, columns :data:`HEAD_COLUMNS`)."""
     head = "".join(f'<th scope="col" data-key="{k}" data-type="{"text" if k == "category" else "num"}" '
-                   f'aria-sort="none" title="{_esc(tip)}"><button type="button">{label}</button></th>'
+                   f'aria-sort="none" title="{esc(tip)}"><button type="button">{label}</button></th>'
                    for k, label, tip, _ in HEAD_COLUMNS)
     rows = []
     for r in recs:
@@ -100,10 +100,10 @@ def _kernel_table(recs: list[HeadRecord]) -> str:
         for k, _, _, g in HEAD_COLUMNS:
             v = g(r)
             if k == "category":
-                cells.append(f'<td data-value="{_esc(v)}"><span class="dot" style="background:'
-                             f'{CAT_COLORS.get(v, "#999")}"></span>{_esc(v)}</td>')
+                cells.append(f'<td data-value="{esc(v)}"><span class="dot" style="background:'
+                             f'{CAT_COLORS.get(v, "#999")}"></span>{esc(v)}</td>')
             else:
-                cells.append(f'<td data-value="{_num(v)}">{_esc(_fmt(v))}</td>')
+                cells.append(f'<td data-value="{num_html(v)}">{esc(fmt(v))}</td>')
         rows.append(f'<tr data-layer="{r.layer}" data-head="{r.head}">{"".join(cells)}</tr>')
     return (f'<div class="table-wrap tall"><table id="head-table" class="sortable data">\n'
             f'<thead><tr>{head}</tr></thead><tbody>{"".join(rows)}</tbody></table></div>')
@@ -115,16 +115,16 @@ def _head_explorer(res: KernelResult, recs: list[HeadRecord], nref: int | None, 
     layers = res.arrays.get("layers")
     if ok is None or not recs:
         return ""
-    ok_list = _plain(ok.float())
+    ok_list = plain_json(ok.float())
     ok_list = [[[float(f"{v:.4g}") if v is not None else None for v in h] for h in l] for l in ok_list]
-    layer_list = _plain(layers) if layers is not None else sorted({r.layer for r in recs})
+    layer_list = plain_json(layers) if layers is not None else sorted({r.layer for r in recs})
     data = {"layers": layer_list, "n_ref": nref, "causal": causal, "offset_kernel": ok_list,
             "records": {f"{r.layer}-{r.head}": dataclasses.asdict(r) for r in recs}, "colors": CAT_COLORS}
     return f"""
 <section id="head-selector" class="interactive">
 <h3>Head explorer</h3>
 <p class="hint">Choose a layer and a head to draw its offset kernel κ(d) (kernel mass at distance d = |n − i|
-from the query n = {_esc(nref)}, log-log; the layer's other heads in grey) and show its record.
+from the query n = {esc(nref)}, log-log; the layer's other heads in grey) and show its record.
 Clicking a row of the table above selects that head.</p>
 <div class="controls">
 <label>layer <select id="sel-layer" aria-label="layer"></select></label>
@@ -136,7 +136,7 @@ Clicking a row of the table above selects that head.</p>
 <table id="head-record" class="kv"><tbody></tbody></table>
 </div>
 <noscript><p class="note">The head explorer needs JavaScript; the table above has the same numbers.</p></noscript>
-{_json_script("kernel-data", data)}
+{json_script("kernel-data", data)}
 </section>"""
 
 
@@ -149,7 +149,7 @@ def kernel_section(res: KernelResult, figures: dict[str, Path], used: set[str]) 
     counts: dict[str, int] = {}
     for r in recs:
         counts[r.category] = counts.get(r.category, 0) + 1
-    chips = "".join(f'<li><span class="dot" style="background:{CAT_COLORS.get(c, "#999")}"></span>{_esc(c)}: '
+    chips = "".join(f'<li><span class="dot" style="background:{CAT_COLORS.get(c, "#999")}"></span>{esc(c)}: '
                     f"<b>{n}</b></li>" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     n_sink = sum(getattr(r, "sink_dominated", False) for r in recs)
     chips += f"<li title='sink mass >= 0.5; their category describes the kernel without the sink'>sink-dominated: <b>{n_sink}</b></li>"
@@ -159,12 +159,12 @@ def kernel_section(res: KernelResult, figures: dict[str, Path], used: set[str]) 
 <h2>Positional kernels</h2>
 <p>The positional kernel K<sub>n</sub>(i) is how much attention query position n gives key position i
 independently of the content there (method §5). It is estimated from
-{_esc(prov.get("n_estimation", settings.get("n_samples", "?")))} sample windows of {_esc(settings.get("n_ctx", "?"))}
-tokens (mean queries and keys per position) and checked on {_esc(prov.get("n_heldout", settings.get("n_heldout", "?")))}
-held-out windows. Kernels are kept at query positions {_esc(", ".join(map(str, qpos)))}; properties and
-categories use the reference position n = {_esc(nref)}{"" if causal else " (bidirectional model: offsets on both sides are pooled)"}.</p>
+{esc(prov.get("n_estimation", settings.get("n_samples", "?")))} sample windows of {esc(settings.get("n_ctx", "?"))}
+tokens (mean queries and keys per position) and checked on {esc(prov.get("n_heldout", settings.get("n_heldout", "?")))}
+held-out windows. Kernels are kept at query positions {esc(", ".join(map(str, qpos)))}; properties and
+categories use the reference position n = {esc(nref)}{"" if causal else " (bidirectional model: offsets on both sides are pooled)"}.</p>
 <ul class="chips">{chips}</ul>
-{_figures(KERNEL_FIGURES, figures, used)}
+{figures_html(KERNEL_FIGURES, figures, used)}
 <h3>Heads</h3>
 <p class="hint">Click a column header to sort (again to reverse); hover over a header for its definition.
 TV = total-variation distance (0 = identical, 1 = disjoint); “split” = the content + position decomposition.</p>
@@ -177,21 +177,21 @@ def _decision_rows(circ: Circuit) -> str:
     """One row per head: the decision, its measurements and every test (unmet ones highlighted)."""
     drows = []
     for d in circ.decisions:
-        reasons = "".join(f'<li class="{"" if met else "unmet"}">{_esc(x)}</li>' for _, x, met in d.checks())
+        reasons = "".join(f'<li class="{"" if met else "unmet"}">{esc(x)}</li>' for _, x, met in d.checks())
         drows.append(
-            f'<tr class="{"taken" if d.chosen else "left"}"><td>{_esc(d.head)}</td>'
-            f'<td>{_badge(d.chosen, "taken", "left out")}</td>'
-            f'<td>{_fmt(d.n_eff)}</td><td>{_fmt(d.logit_std)}</td>'
-            f'<td>{_fmt(d.denominator_cv)} <span class="muted">({_fmt(d.denominator_cv_predicted)})</span></td>'
-            f'<td>{_fmt(d.share_tv)}</td><td>{_fmt(d.decomposition_tv)}</td>'
-            f'<td>{_fmt(d.denominator)}</td><td><ul class="reasons">{reasons}</ul></td></tr>')
+            f'<tr class="{"taken" if d.chosen else "left"}"><td>{esc(d.head)}</td>'
+            f'<td>{badge_html(d.chosen, "taken", "left out")}</td>'
+            f'<td>{fmt(d.n_eff)}</td><td>{fmt(d.logit_std)}</td>'
+            f'<td>{fmt(d.denominator_cv)} <span class="muted">({fmt(d.denominator_cv_predicted)})</span></td>'
+            f'<td>{fmt(d.share_tv)}</td><td>{fmt(d.decomposition_tv)}</td>'
+            f'<td>{fmt(d.denominator)}</td><td><ul class="reasons">{reasons}</ul></td></tr>')
     return "".join(drows)
 
 
 def _condition_rows(circ: Circuit) -> str:
-    return "".join(f'<tr class="{"ok" if c.ok else "failed"}"><td>{_esc(c.name)}</td>'
-                   f'<td>{_esc(c.holds_when)}</td><td>{_fmt(c.measured)}</td>'
-                   f'<td>{_fmt(c.threshold)}</td><td>{_badge(c.ok)}</td></tr>' for c in circ.conditions)
+    return "".join(f'<tr class="{"ok" if c.ok else "failed"}"><td>{esc(c.name)}</td>'
+                   f'<td>{esc(c.holds_when)}</td><td>{fmt(c.measured)}</td>'
+                   f'<td>{fmt(c.threshold)}</td><td>{badge_html(c.ok)}</td></tr>' for c in circ.conditions)
 
 
 def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -> str:
@@ -200,7 +200,7 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
         return '<p class="note">Fidelity on held-out texts: not measured (no neuron results given).</p>'
     fid = neurons.fidelity
     form = "query-conditioned" if neurons.circuit.query_conditioned else "typical query"
-    fid_html = _kv_table({"summary form (--query-conditioned)": form,
+    fid_html = kv_table({"summary form (--query-conditioned)": form,
                           **{f"FVU on the calibration text, {k}": v for k, v in neurons.circuit.calibration_fvu.items()},
                           "FVU of the summed head output (held-out texts)": fid.get("fvu"),
                           "median over dimensions of Pearson r": fid.get("median_r_per_dimension"),
@@ -213,8 +213,8 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
         hdr = "".join(f"<th>head {h}</th>" for h in heads)
         rws = []
         for d in den:
-            cells = "".join(f'<td class="{"warn" if x < 0.8 or x > 1.25 else ""}">{_fmt(x)}</td>' for x in d.ratio)
-            rws.append(f"<tr><th>{_esc(d.text)}</th>{cells}</tr>")
+            cells = "".join(f'<td class="{"warn" if x < 0.8 or x > 1.25 else ""}">{fmt(x)}</td>' for x in d.ratio)
+            rws.append(f"<tr><th>{esc(d.text)}</th>{cells}</tr>")
         den_html = (f'<h3>Denominator stability</h3><p class="hint">Median over positions of Z<sub>n</sub> on each '
                     f'held-out text divided by the calibration denominator: the per-head scale error of reusing the '
                     f'calibration value (outside 0.8–1.25 highlighted).</p><div class="table-wrap">'
@@ -232,9 +232,9 @@ def circuit_section(circ: Circuit, neurons: NeuronResult | None, figures: dict[s
               f'scope there.</p>' if n_failed else
               '<p class="good">All stated conditions hold on the calibration text.</p>' if circ.conditions else "")
     summary = {"contextual heads": ", ".join(map(str, circ.heads)) or "none",
-               "calibration text": circ.settings.get("calibration"), "calibration sha256": circ.calibration_sha,
+               "calibration text": circ.settings.calibration, "calibration sha256": circ.calibration_sha,
                "calibration tokens": int(circ.calibration_tokens.numel()),
-               "MLP-norm scale (CV)": f"{_fmt(circ.mlp_scale)} ({_fmt(circ.mlp_scale_cv)})",
+               "MLP-norm scale (CV)": f"{fmt(circ.mlp_scale)} ({fmt(circ.mlp_scale_cv)})",
                "masked outlier tokens": int((~circ.token_mask).sum())}
     return f"""
 <section id="circuit">
@@ -242,7 +242,7 @@ def circuit_section(circ: Circuit, neurons: NeuronResult | None, figures: dict[s
 <p>Layer-0 heads whose kernel is broad and whose scores depend weakly on content have stable softmax
 denominators, which are sampled once on a calibration text and reused for any input (method §6–7).
 Their summed output is then a linear, kernel-weighted bag of extended token embeddings.</p>
-{_kv_table(summary, "circuit-summary")}
+{kv_table(summary, "circuit-summary")}
 <ul class="chips">{chips}</ul>
 <h3>Head decisions</h3>
 <div class="table-wrap"><table id="head-decisions" class="data">
@@ -257,5 +257,5 @@ Their summed output is then a linear, kernel-weighted bag of extended token embe
 <tbody>{_condition_rows(circ)}</tbody></table></div>
 <h3>Circuit fidelity</h3>
 {_fidelity_and_denominators(neurons, circ.heads)}
-{_figures(CIRCUIT_FIGURES, figures, used)}
+{figures_html(CIRCUIT_FIGURES, figures, used)}
 </section>"""

@@ -5,22 +5,24 @@ The page's CSS and JavaScript are package files (``report.css``, ``report.js``) 
 from __future__ import annotations
 
 import datetime as _dt
+from dataclasses import asdict
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .cards import neuron_section
-from .html import CIRCUIT_FIGURES, KERNEL_FIGURES, NEURON_FIGURES, _esc, _figure
-from .later import later_section
-from .scope import scope_section
-from .sections import circuit_section, header_section, kernel_section
+from attnscope import __version__
+from attnscope.report.cards import neuron_section
+from attnscope.report.html import CIRCUIT_FIGURES, KERNEL_FIGURES, NEURON_FIGURES, esc, figure_html
+from attnscope.report.later import later_section
+from attnscope.report.scope import scope_section
+from attnscope.report.sections import circuit_section, header_section, kernel_section
 
 if TYPE_CHECKING:
-    from ..circuit import Circuit
-    from ..kernels import KernelResult
-    from ..later_result import LaterResult
-    from ..neurons import NeuronResult
+    from attnscope.circuit.build import Circuit
+    from attnscope.kernels.analysis import KernelResult
+    from attnscope.later.result import LaterResult
+    from attnscope.neurons.find import NeuronResult
 
 
 @cache
@@ -40,9 +42,9 @@ def _provenance(provenance: dict | None, kernels: KernelResult | None, circuit: 
         if kernels.ref_norms:
             prov["kernel reference norms"] = {f"layer {k}": v for k, v in kernels.ref_norms.items()}
     if circuit is not None:
-        prov["calibration text"] = {"source": circuit.settings.get("calibration"), "sha256": circuit.calibration_sha,
+        prov["calibration text"] = {"source": circuit.settings.calibration, "sha256": circuit.calibration_sha,
                                     "tokens": int(circuit.calibration_tokens.numel())}
-        prov["circuit settings"] = dict(circuit.settings)
+        prov["circuit settings"] = asdict(circuit.settings)
     if neurons is not None:
         prov["neuron settings"] = dict(neurons.settings)
     return prov
@@ -74,7 +76,7 @@ def _sections(kernels: KernelResult | None, circuit: Circuit | None, neurons: Ne
                          'only).</p>')
         elif circuit_error:  # the pipeline stops before the circuit when one of the method's conditions fails
             parts.append(f'<p class="omitted" id="circuit-error">Contextual circuit and neurons: not computed, a '
-                         f'condition of the method fails: {_esc(circuit_error)}</p>')
+                         f'condition of the method fails: {esc(circuit_error)}</p>')
         else:
             parts.append('<p class="omitted">Contextual circuit and neurons: not part of this report (no neuron '
                          'results given).</p>')
@@ -85,32 +87,32 @@ def _sections(kernels: KernelResult | None, circuit: Circuit | None, neurons: Ne
     other = [k for k in figures if k not in used and k not in KERNEL_FIGURES + NEURON_FIGURES + CIRCUIT_FIGURES]
     if other:
         parts.append(f'<section id="other-figures"><h2>Other figures</h2>'
-                     f'<div class="figs">{"".join(_figure(k, figures[k]) for k in other)}</div></section>')
+                     f'<div class="figs">{"".join(figure_html(k, figures[k]) for k in other)}</div></section>')
         nav.append(("other-figures", "Other figures"))
     return parts, nav
 
 
 def _page(name: str, date: str, version: str, nav: list[tuple[str, str]], parts: list[str]) -> str:
-    nav_html = "".join(f'<li><a href="#{i}">{_esc(t)}</a></li>' for i, t in nav)
+    nav_html = "".join(f'<li><a href="#{i}">{esc(t)}</a></li>' for i, t in nav)
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>
 <meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
-<meta name="generator" content="attnscope {_esc(version)}">
-<title>attnscope report: {_esc(name)}</title>
+<meta name="generator" content="attnscope {esc(version)}">
+<title>attnscope report: {esc(name)}</title>
 <link rel="icon" href="data:,">
 <style>{asset("report.css")}</style>
 </head>
 <body>
-<header><h1>attnscope report: {_esc(name)}</h1>
-<p class="meta">positional kernels, contextual heads and context neurons · {_esc(date)} · attnscope {_esc(version)}</p>
+<header><h1>attnscope report: {esc(name)}</h1>
+<p class="meta">positional kernels, contextual heads and context neurons · {esc(date)} · attnscope {esc(version)}</p>
 </header>
 <nav aria-label="sections"><ul>{nav_html}</ul></nav>
 <main>
 {"".join(parts)}
 </main>
-<footer>Written by attnscope {_esc(version)}. Self-contained: figures and data are embedded, nothing is loaded
+<footer>Written by attnscope {esc(version)}. Self-contained: figures and data are embedded, nothing is loaded
 from the network.</footer>
 <script>{asset("report.js")}</script>
 </body>
@@ -126,15 +128,13 @@ def write_report(out_dir: str | Path, *, model_info: dict | None = None, kernels
 
     ``kernels``, ``circuit``, ``neurons``: the typed results of each stage; any may be ``None`` and its
     section is then left out (with a one-line note; ``circuit_error`` says why the circuit was not built).
-    ``later``: later-layer results (:class:`~attnscope.later_result.LaterResult`, one per layer), shown in
+    ``later``: later-layer results (:class:`~attnscope.later.result.LaterResult`, one per layer), shown in
     their own section.
-    ``figures``: name -> PNG path, as returned by :func:`~attnscope.plots.kernel_figures` /
-    :func:`~attnscope.plots.neuron_figures` (embedded as base64; unknown names go to an "other figures"
+    ``figures``: name -> PNG path, as returned by :func:`~attnscope.report.plots.kernel_figures` /
+    :func:`~attnscope.report.plots.neuron_figures` (embedded as base64; unknown names go to an "other figures"
     section).  ``command``: the command line that produced the results; ``provenance``: extra provenance
     (seeds, hashes, ...) shown next to what the results record.
     """
-    from .. import __version__
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = {k: Path(v) for k, v in (figures or {}).items()}

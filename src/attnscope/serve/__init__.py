@@ -1,7 +1,7 @@
 r"""``attnscope serve``: a local page where anyone tests a neuron's explanation on their own text.
 
 For the chosen layer-0 neuron and a typed, pasted or uploaded text the page shows, per token, the true
-pre-activation (the model's own forward pass, :func:`attnscope.forward.iter_layers`) beside the
+pre-activation (the model's own forward pass, :func:`attnscope.exact.forward.iter_layers`) beside the
 explanation's prediction (:mod:`.explanation`), the evidence behind the prediction at any position, and
 whether this input satisfies each condition the explanation states (:mod:`.scope`).  The model, circuit
 and neuron table are computed once (:mod:`.state`); the page and API live in :mod:`.app`.
@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from ..errors import AttnscopeError
-from ..models import ModelWeights
+from attnscope.core.errors import AttnscopeError
+from attnscope.models import ModelWeights
 
 __all__ = ["background_server", "check_port", "create_app", "free_port", "load_serve_model", "run_server",
            "serve_command"]
@@ -23,11 +25,11 @@ __all__ = ["background_server", "check_port", "create_app", "free_port", "load_s
 
 def __getattr__(name: str):  # FastAPI is imported only when the server is used
     if name == "create_app":
-        from .app import create_app
+        from attnscope.serve.app import create_app
 
         return create_app
     if name == "load_serve_model":
-        from .state import load_serve_model
+        from attnscope.serve.state import load_serve_model
 
         return load_serve_model
     raise AttributeError(name)
@@ -65,8 +67,8 @@ def run_server(w: ModelWeights, *, analysis: Path | None = None, host: str = "12
     """Load everything once, then serve until Ctrl+C."""
     import uvicorn
 
-    from .app import create_app
-    from .state import load_serve_model
+    from attnscope.serve.app import create_app
+    from attnscope.serve.state import load_serve_model
 
     check_port(host, port)
     m = load_serve_model(w, analysis, log=log)
@@ -87,9 +89,6 @@ def free_port(host: str = "127.0.0.1") -> int:
 @contextlib.contextmanager
 def background_server(app, host: str = "127.0.0.1", port: int | None = None, timeout_s: float = 20.0) -> Iterator[str]:
     """Serve ``app`` from a thread (tests, notebooks, the screenshot script); yields its base URL."""
-    import threading
-    import time
-
     import uvicorn
 
     port = port or free_port(host)

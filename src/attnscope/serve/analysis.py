@@ -15,12 +15,19 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..circuit import Circuit
-from ..errors import AttnscopeError, TextTooShortError, check_index
-from ..forward import iter_layers
-from ..models import ModelWeights
-from .explanation import Evidence, Explanation
-from .scope import CalibrationReference, InputCondition, ScopeSettings, WindowStats, evaluate_scope, window_stats
+from attnscope.circuit.build import Circuit
+from attnscope.core.errors import AttnscopeError, TextTooShortError, check_index
+from attnscope.exact.forward import iter_layers
+from attnscope.models import ModelWeights
+from attnscope.serve.explanation import Evidence, Explanation
+from attnscope.serve.scope import (
+    CalibrationReference,
+    InputCondition,
+    ScopeSettings,
+    WindowStats,
+    evaluate_scope,
+    window_stats,
+)
 
 MAX_CHARS = 200_000  # longer texts are refused (413): the page is for reading one text, not corpora
 
@@ -157,7 +164,7 @@ class Analyser:
         self.w, self.circ, self.explanation, self.cal = w, circ, explanation, cal
         self.scope = scope or ScopeSettings()
         self.bos = w.bos_token_id if w.prepend_bos else None
-        self.n_min = circ.settings["min_position"]
+        self.n_min = circ.settings.min_position
         self.capacity = circ.T - (1 if self.bos is not None else 0)
         self.d_mlp = w.d_mlp
 

@@ -26,11 +26,11 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import BaseModel, Field
 
-from ..errors import AttnscopeError, IndexOutOfRangeError
-from .analysis import MAX_CHARS, EmptyTextError, contrast
-from .scope import ScopeSettings
-from .state import ServeModel
-from .table import SCORE_NAMES
+from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError
+from attnscope.serve.analysis import MAX_CHARS, EmptyTextError, contrast
+from attnscope.serve.scope import ScopeSettings
+from attnscope.serve.state import ServeModel
+from attnscope.serve.table import SCORE_NAMES
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("attnscope.serve")
@@ -90,8 +90,8 @@ def info_json(m: ServeModel) -> dict:
     kernels["shared"] = circ.kernel[n_ref, : n_ref + 1].flip(0).tolist()
     return {"model": m.w.info(), "source": m.source, "explanation": {"kind": m.explanation.kind,
             "description": m.explanation.description},
-            "circuit": {"heads": circ.heads, "context": T, "min_position": circ.settings["min_position"],
-                        "calibration": circ.settings["calibration"], "mlp_scale": circ.mlp_scale,
+            "circuit": {"heads": circ.heads, "context": T, "min_position": circ.settings.min_position,
+                        "calibration": circ.settings.calibration, "mlp_scale": circ.mlp_scale,
                         "kernel_query_position": n_ref, "kernels_by_offset": kernels,
                         "decisions": [asdict(d) for d in circ.decisions if d.chosen],
                         "conditions": [asdict(c) for c in circ.conditions],

@@ -10,7 +10,7 @@ neuron's prediction at one position (each earlier token's contribution).  Today'
 with ``pi_k(n)`` the circuit's positional and bias term through the same weights and ``c_k`` the mean
 over calibration positions ``n >= min_position`` of (true pre-activation - the heads' true contribution),
 i.e. everything the bag does not model (direct path, other heads, biases) replaced by its calibration
-average.  :class:`FullExplanation` wraps the full layer-0 explanation (method §15, ``attnscope.explain``):
+average.  :class:`FullExplanation` wraps the full layer-0 explanation (method §15, ``attnscope.neurons.explain``):
 the same bag plus the direct path, every other head and the biases, computed per text instead of a constant;
 :func:`make_explanation` returns it, and the page shows ``kind``; the bag + constant stays as the
 baseline the tests compare it with.  In both, the
@@ -27,9 +27,10 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from ..circuit import Circuit, mlp_input_weights, true_head_output
-from ..decomposition import centre
-from ..models import ModelWeights
+from attnscope.circuit.build import Circuit, mlp_input_weights, true_head_output
+from attnscope.exact.decomposition import centre
+from attnscope.models import ModelWeights
+from attnscope.neurons.explain import build_explainer, explain_terms
 
 
 @dataclass
@@ -76,7 +77,7 @@ class BagExplanation:
         self.W = W / circ.mlp_scale
         self.ext_c = centre(circ.ext, w)  # [V, d_model]
         self.pos_c = centre(circ.positional, w) @ self.W  # [T, d_mlp]
-        n_min = circ.settings["min_position"]
+        n_min = circ.settings.min_position
         cal = circ.calibration_tokens.to(w.device)
         y_cal, pre_cal, _ = true_head_output(w, circ.heads, cal)
         self.constant = (pre_cal - centre(y_cal, w) @ self.W)[n_min:].mean(0)  # [d_mlp]
@@ -108,7 +109,7 @@ class BagExplanation:
 
 
 class FullExplanation(BagExplanation):
-    """The full layer-0 explanation (method §15, :mod:`attnscope.explain`): direct path + contextual bag +
+    """The full layer-0 explanation (method §15, :mod:`attnscope.neurons.explain`): direct path + contextual bag +
     every other head through its own kernel and content factor + biases, from token ids alone."""
 
     kind = "full layer-0 explanation"
@@ -139,7 +140,5 @@ class FullExplanation(BagExplanation):
 
 
 def make_explanation(w: ModelWeights, circ: Circuit) -> Explanation:
-    """The explanation the page serves: the full layer-0 explanation (:mod:`attnscope.explain`)."""
-    from ..explain import build_explainer, explain_terms
-
+    """The explanation the page serves: the full layer-0 explanation (:mod:`attnscope.neurons.explain`)."""
     return FullExplanation(w, circ, build_explainer, explain_terms)

@@ -5,7 +5,7 @@ input each is re-measured at the positions the explanation claims (window positi
 
 * **denominators**: per contextual head, the kernel-weighted denominator ``Z_n = sum_j K_n(j) f(x_j)`` on this
   text (median over positions) divided by the calibration value the circuit reuses; the per-head scale
-  error of the bag.  Holds when every ratio lies in :data:`attnscope.circuit.Z_RATIO_RANGE` (0.8-1.25), the
+  error of the bag.  Holds when every ratio lies in :data:`attnscope.circuit.build.Z_RATIO_RANGE` (0.8-1.25), the
   range the report's denominator-transfer condition uses, so page and report agree on a text.
 * **sink mass**: the contextual heads' true attention to the window's first position (median over positions,
   mean over heads), against the same number on the calibration text.
@@ -28,9 +28,10 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..circuit import Z_RATIO_RANGE, Circuit, _mlp_norm_scale
-from ..forward import LayerActivations
-from ..models import ModelWeights
+from attnscope.circuit.build import Z_RATIO_RANGE, Circuit, mlp_norm_scale
+from attnscope.circuit.query import query_log_denominators
+from attnscope.exact.forward import LayerActivations, iter_layers
+from attnscope.models import ModelWeights
 
 
 @dataclass
@@ -80,13 +81,12 @@ def window_stats(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], ac
     fx = circ.f[:, tokens]  # [h, n]
     Zn = torch.einsum("hnj,hj->hn", circ.head_kernels[:, :n, :n], fx)[:, positions]
     if circ.query_conditioned:  # each query's own Z over this window against its calibrated Z, in units of circ.Z
-        from ..circuit_query import query_log_denominators
 
         logZ, logZ_cal = query_log_denominators(w, circ, tokens)
         Zn = (torch.exp(logZ - logZ_cal)[:, positions] * circ.Z[:, None].double()).to(Zn.dtype)
     hs = torch.tensor(circ.heads, device=tokens.device)
     sink = acts.pattern[0, hs][:, positions, 0].mean(0)
-    scale = _mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, positions]
+    scale = mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, positions]
     return WindowStats(Zn, sink, scale, fx[:, text_positions], ~circ.token_mask[tokens[text_positions]])
 
 
@@ -100,21 +100,19 @@ class CalibrationReference:
 
 @torch.no_grad()
 def calibration_reference(w: ModelWeights, circ: Circuit) -> CalibrationReference:
-    from ..forward import iter_layers
-
     cal = circ.calibration_tokens.to(w.device)
     acts = next(iter_layers(w, cal[None], stop_layer=0))
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     hs = torch.tensor(circ.heads, device=cal.device)
     body = cal[1:] if w.prepend_bos else cal
-    clip = circ.settings.get("f_clip", 3.0)
+    clip = circ.settings.f_clip
     return CalibrationReference(float(acts.pattern[0, hs, n_min:, 0].mean(0).median()),
                                 float((circ.f[:, body] >= clip * (1 - 1e-6)).float().mean()))
 
 
 def _ratio_cond(name: str, holds: str, ratios: list[float], lo_hi: tuple[float, float], detail: str) -> InputCondition:
     """Holds when every ratio lies in ``lo_hi``; measured: the ratio farthest from 1 on a log scale, against
-    the bound on its side (as :func:`attnscope.circuit.denominator_transfer_condition` reports it)."""
+    the bound on its side (as :func:`attnscope.circuit.build.denominator_transfer_condition` reports it)."""
     lo, hi = lo_hi
     worst = max(ratios, key=lambda r: abs(math.log(max(r, 1e-12))))
     return InputCondition(name, f"{holds} ({lo:g}-{hi:g})", worst, hi if worst >= 1 else lo,
@@ -125,7 +123,7 @@ def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationRefe
                    s: ScopeSettings | None = None) -> list[InputCondition]:
     """The conditions of the bag explanation on one input (all its windows together)."""
     s = s or ScopeSettings()
-    n_min = circ.settings["min_position"]
+    n_min = circ.settings.min_position
     Z = torch.cat([st.z_by_head for st in stats], 1)
     n_pos = Z.shape[1]
     if n_pos == 0:
@@ -136,7 +134,7 @@ def evaluate_scope(circ: Circuit, stats: list[WindowStats], cal: CalibrationRefe
     per_head = ", ".join(f"H{h}: {r:.2f}" for h, r in zip(circ.heads, ratios))
     sink = float(torch.cat([st.sink for st in stats]).median())
     f = torch.cat([st.f_at_tokens for st in stats], 1)
-    clip = circ.settings.get("f_clip", 3.0)
+    clip = circ.settings.f_clip
     clipped = float((f >= clip * (1 - 1e-6)).float().mean()) if f.numel() else 0.0
     masked = float(torch.cat([st.masked for st in stats]).float().mean()) if f.numel() else 0.0
     clip_max = max(s.clipped_share_max, s.clipped_share_cal_factor * cal.clipped_share)

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import torch
 
-from ..circuit import Circuit, CircuitSettings, build_circuit
-from ..errors import AttnscopeError, ConditionFailedError
-from ..models import ModelWeights
-from ..neurons import find_neurons
-from .analysis import Analyser
-from .explanation import Explanation, make_explanation
-from .scope import calibration_reference
-from .table import NeuronRow, build_table
+from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit
+from attnscope.core.errors import AttnscopeError, ConditionFailedError
+from attnscope.models import ModelWeights
+from attnscope.neurons.find import find_neurons
+from attnscope.serve.analysis import Analyser
+from attnscope.serve.explanation import Explanation, make_explanation
+from attnscope.serve.scope import calibration_reference
+from attnscope.serve.table import NeuronRow, build_table
 
 
 @dataclass
@@ -123,7 +123,7 @@ def load_serve_model(w: ModelWeights, analysis: Path | None = None, log=print) -
                 raise ConditionFailedError(f"{err}; or run `attnscope neurons {w.name} --heads ... --out DIR` and "
                                            "pass --analysis DIR") from None
             result = find_neurons(w, circ, progress=False).to_json()
-            source = "computed at start-up (calibration " + circ.settings["calibration"] + ")"
+            source = "computed at start-up (calibration " + circ.settings.calibration + ")"
         t["circuit_and_neurons"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         expl = make_explanation(w, circ)

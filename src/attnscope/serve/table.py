@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import AttnscopeError
+from attnscope.core.errors import AttnscopeError
 
 N_TOP_TOKENS = 8
 SCORE_NAMES = {  # the ranking's score, as the page names it

@@ -1,7 +1,16 @@
 """Training the demo model: data preparation (:mod:`.corpora`), the loop (:mod:`.loop`), evaluation."""
 
-from .corpora import EOT_TOKEN, EVAL_FRACTION, corpus_sha256, encode_text, eval_windows, load_corpora, split_corpus, train_tokenizer
-from .loop import TrainConfig, checkpoint_dir, train_demo
+from attnscope.training.corpora import (
+    EOT_TOKEN,
+    EVAL_FRACTION,
+    corpus_sha256,
+    encode_text,
+    eval_windows,
+    load_corpora,
+    split_corpus,
+    train_tokenizer,
+)
+from attnscope.training.loop import TrainConfig, checkpoint_dir, train_demo
 
 __all__ = [
     "EOT_TOKEN",

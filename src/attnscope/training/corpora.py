@@ -13,8 +13,9 @@ import re
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from ..errors import AttnscopeError
+from attnscope.core.errors import AttnscopeError
 
 __all__ = [
     "EOT_TOKEN",
@@ -97,7 +98,7 @@ def _safe_chunks(text: str, target: int = 1 << 16) -> list[str]:
     return [c for c in chunks if c]
 
 
-def _prefix_at_line(text: str, max_chars: int | None) -> str:
+def prefix_at_line(text: str, max_chars: int | None) -> str:
     if max_chars is None or len(text) <= max_chars:
         return text
     nl = text.rfind("\n", 0, max_chars)
@@ -106,8 +107,6 @@ def _prefix_at_line(text: str, max_chars: int | None) -> str:
 
 def train_tokenizer(texts: list[str], vocab_size: int = 4096, min_frequency: int = 2):
     """Train a GPT-2 style byte-level BPE ``tokenizers.Tokenizer``; ``<|endoftext|>`` gets id 0."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()

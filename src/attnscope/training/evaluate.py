@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .corpora import eval_windows
+from attnscope.training.corpora import eval_windows
 
 __all__ = ["heldout_loss", "unigram_nll"]
 

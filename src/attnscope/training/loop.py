@@ -21,11 +21,20 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import tokenizers
 import torch
 
-from ..errors import AttnscopeError
-from .corpora import EOT_TOKEN, EVAL_FRACTION, _prefix_at_line, corpus_sha256, encode_text, load_corpora, train_tokenizer
-from .evaluate import heldout_loss
+from attnscope.core.errors import AttnscopeError
+from attnscope.training.corpora import (
+    EOT_TOKEN,
+    EVAL_FRACTION,
+    corpus_sha256,
+    encode_text,
+    load_corpora,
+    prefix_at_line,
+    train_tokenizer,
+)
+from attnscope.training.evaluate import heldout_loss
 
 __all__ = ["TrainConfig", "train_demo", "checkpoint_dir"]
 
@@ -128,7 +137,7 @@ def _prepare_data(cfg: TrainConfig, log) -> _Data:
     corpora = load_corpora(cfg.corpora)
     labels = list(corpora)
     log(f"{len(labels)} corpora: {', '.join(labels)}")
-    tok = train_tokenizer([_prefix_at_line(tr, cfg.tokenizer_max_chars) for tr, _ in corpora.values()], cfg.vocab_size)
+    tok = train_tokenizer([prefix_at_line(tr, cfg.tokenizer_max_chars) for tr, _ in corpora.values()], cfg.vocab_size)
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=EOT_TOKEN, eos_token=EOT_TOKEN,
                                      unk_token=EOT_TOKEN, model_max_length=cfg.n_ctx,
                                      clean_up_tokenization_spaces=False)
@@ -301,7 +310,6 @@ def _train_demo(cfg: TrainConfig) -> dict:
 
 def _info(cfg: TrainConfig, data: _Data, st: _State, model, ev: dict, times: dict) -> dict:
     """The ``training.json`` record of the model in ``st`` after ``st.step`` steps."""
-    import tokenizers
     import transformers
 
     wall = time.time() - st.t0

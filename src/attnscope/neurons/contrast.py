@@ -1,0 +1,290 @@
+r"""Contrasts between two text sources: the predicted and the true difference of every MLP-0 neuron (method §15).
+
+**Predicted, from the weights and token counts only.**  Averaged over positions, the full layer-0
+explanation (:mod:`attnscope.neurons.explain`) of neuron ``k`` under i.i.d. tokens with frequencies ``p`` is
+
+    mu_k(p) = p^T U W_in'[:, k] / s + (terms that do not depend on p),
+    U(x) = centre(direct(x) + Ext(x) + sum_{h not contextual} e(x) W_V^h W_O^h)      [d_vocab, d_model]
+
+(direct path at the reference position; the contextual bag's expectation, calibrated denominators; each
+other head's value of a token, its attention averaging over the tokens it reads).  The predicted
+difference between sources ``A`` and ``B`` is ``Delta_k = mu_k(p_A) - mu_k(p_B)``: no forward pass over
+either source.  ``predicted_d = Delta / sigma_cal``, with ``sigma_cal`` the std of the neuron's true
+pre-activation over the calibration text, puts it on the scale of the effect size.
+
+**True (``--verify``).**  ``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` over positions
+``n >= min_position`` of windows spread over each whole source (:func:`effect_sizes`); the headline score
+predicts from those windows' own token counts, the whole-source prediction is scored beside it, with the
+noise ceiling and the baselines (:mod:`attnscope.neurons.verification`).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from attnscope.circuit.build import Circuit
+from attnscope.core.errors import AttnscopeError, TextTooShortError
+from attnscope.core.texts import open_source, tokenize
+from attnscope.exact.decomposition import centre
+from attnscope.exact.forward import iter_layers
+from attnscope.models import ModelWeights
+from attnscope.neurons.explain import Explainer, build_explainer, true_pre
+from attnscope.neurons.verification import (  # noqa: F401  (PreStats, pre_stats, effect_sizes: re-exported)
+    ContrastVerification,
+    PreStats,
+    effect_sizes,
+    fit_token_mean,
+    pre_stats,
+    spread_windows,
+    token_frequencies,
+    verify_contrast,
+)
+
+TOKEN_TERMS = ("direct", "contextual bag", "other heads")
+
+
+# --------------------------------------------------------------------------------------------------
+# Windows of a source
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SourceWindows:
+    """Consecutive, non-overlapping windows of one source, split in a tuning and a reporting half."""
+
+    name: str
+    spec: str
+    tune: Tensor  # [n_tune, T] the first half of the windows
+    report: Tensor  # [n_report, T] the second half
+    skipped_tokens: int  # tokens skipped at the start (the calibration window, when the source holds it)
+
+
+def source_name(spec: str) -> str:
+    return spec.split(":", 1)[1] if spec.startswith("bundled:") else Path(spec).stem
+
+
+def source_windows(w: ModelWeights, spec: str, T: int, *, max_windows: int | None = None,
+                   skip_tokens: int = 0) -> SourceWindows:
+    """Windows of ``T`` tokens (BOS first when the model takes one) from ``spec``, first half for tuning,
+    second half for reporting.  Needs at least two windows."""
+    stream = torch.as_tensor(tokenize(open_source(spec), w.tokenizer))[skip_tokens:]
+    bos = w.bos_token_id if w.prepend_bos else None
+    body = T - (1 if bos is not None else 0)
+    n = len(stream) // body if body > 0 else 0
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 2:
+        raise TextTooShortError(f"{spec} has {len(stream)} tokens; at least {2 * body} are needed for two "
+                                f"windows of {T} (one to tune, one to report); pass a longer text or a smaller --n-ctx")
+    win = stream[: n * body].reshape(n, body)
+    if bos is not None:
+        win = torch.cat([torch.full((n, 1), bos, dtype=win.dtype), win], 1)
+    h = (n + 1) // 2
+    return SourceWindows(source_name(spec), spec, win[:h], win[h:], skip_tokens)
+
+
+# --------------------------------------------------------------------------------------------------
+# Expected pre-activation under a token distribution, from the weights
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenModel:
+    """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout.
+
+    With ``norm_const`` set (what :func:`build_token_model` does), the norm in front of the MLP is not one
+    calibration constant: each token ``x`` at the position read gets the scale of its own predicted residual,
+    ``s_p(x) = norm scale(direct(x) + E_p[context] + c)``, where ``E_p[context]`` is the other terms' mean under
+    the source's token frequencies ``p`` and ``c`` the calibration residual's mean minus its token terms' (so
+    ``s`` matches the measured scale on calibration).  Then ``mu(p) = sum_x p(x) (direct(x) + E_p[context] + c)
+    W / s_p(x)``: still token counts only, no forward pass (issue 19: a source whose tokens shift the norm's
+    scale, e.g. Czech fortunes on the demo, was mispredicted with one constant).  The part ``c W sum_x
+    p(x)/s_p(x)`` is reported as the term ``"norm scale"``."""
+
+    parts: dict[str, Tensor]  # term -> [d_vocab, d_model], centred
+    W_in: Tensor  # [d_model, d_mlp]
+    scale: float
+    norm_const: Tensor | None = None  # [d_model] c above; None: one constant scale (the method's, §8.1)
+    norm: str = "layernorm"
+    eps: float = 1e-5
+
+    def token_scales(self, p: Tensor) -> Tensor:
+        """``s_p(x)`` for every token ``[d_vocab]`` under frequencies ``p``."""
+        ctx = sum(p @ v for t, v in self.parts.items() if t != "direct") + self.norm_const
+        x = self.parts["direct"] + ctx
+        if self.norm == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
+
+    def expected_parts(self, p: Tensor) -> dict[str, Tensor]:
+        """Each term's expected contribution ``[d_mlp]`` under token frequencies ``p [d_vocab]``."""
+        p = p.to(self.W_in.device, self.W_in.dtype)
+        if self.norm_const is None:
+            return {t: (p @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
+        ps = p / self.token_scales(p)
+        tot = ps.sum()
+        out = {t: tot * ((p @ v) @ self.W_in) for t, v in self.parts.items() if t != "direct"}
+        out["direct"] = (ps @ self.parts["direct"]) @ self.W_in
+        out["norm scale"] = tot * (self.norm_const @ self.W_in)
+        return out
+
+    def expected(self, p: Tensor) -> Tensor:
+        return sum(self.expected_parts(p).values())
+
+    def token_scores(self, neurons: Tensor) -> Tensor:
+        """Every token's total score ``[d_vocab, k]`` for ``neurons`` (how much one more occurrence moves the mean)."""
+        return sum(self.parts.values()) @ self.W_in[:, neurons] / self.scale
+
+
+@torch.no_grad()
+def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None,
+                      per_token_scale: bool = True) -> TokenModel:
+    ex = ex or build_explainer(w, circ)
+    n_star = circ.settings.reference_position
+    raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
+    if w.ln_emb_w is not None:
+        raw = torch.nn.functional.layer_norm(raw, raw.shape[-1:], w.ln_emb_w, w.ln_emb_b, w.eps)
+    other = torch.zeros_like(ex.e_val)
+    for j in range(len(ex.other_heads)):
+        other += ex.e_val @ ex.W_OV[j]
+    parts = {"direct": centre(raw, w), "contextual bag": centre(circ.ext, w), "other heads": centre(other, w)}
+    tm = TokenModel(parts, ex.W_in, ex.scale, norm=w.norm, eps=w.eps)
+    if per_token_scale:
+        tm.norm_const = _calibration_residual_const(w, circ, parts)
+    return tm
+
+
+@torch.no_grad()
+def _calibration_residual_const(w: ModelWeights, circ: Circuit, parts: dict[str, Tensor]) -> Tensor:
+    """The calibration residual before the MLP norm (mean over n >= min_position) minus its token terms'
+    expectation under the calibration text's frequencies: what the token model leaves out (positions, biases)."""
+    cal = circ.calibration_tokens.to(w.device)
+    acts = next(iter_layers(w, cal[None], stop_layer=0, patterns=False))
+    n_min = circ.settings.min_position
+    mid = centre((acts.resid_pre + acts.attn_out)[0, n_min:].to(parts["direct"].dtype), w).mean(0)
+    body = cal[1:] if w.prepend_bos else cal
+    p = token_frequencies(body[None].cpu(), w.d_vocab).to(mid.device, mid.dtype)
+    return mid - sum(p @ v for v in parts.values())
+
+
+@torch.no_grad()
+def calibration_std(w: ModelWeights, circ: Circuit) -> Tensor:
+    """Std ``[d_mlp]`` of each neuron's true pre-activation over the calibration text (n >= min_position)."""
+    return true_pre(w, circ.calibration_tokens)[circ.settings.min_position:].double().std(0).clamp_min(1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# True effect sizes
+# --------------------------------------------------------------------------------------------------
+
+
+# --------------------------------------------------------------------------------------------------
+# The contrast query
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class NeuronContrast:
+    index: int
+    predicted_diff: float  # mu(p_A) - mu(p_B), pre-activation units
+    predicted_d: float  # predicted_diff / sigma_cal
+    parts: dict[str, float]  # term -> its share of predicted_diff
+    evidence_a: list[tuple[str, float]]  # tokens pushing towards A: (token, (p_A - p_B) x score)
+    evidence_b: list[tuple[str, float]]
+    true_d: float | None = None
+    true_diff: float | None = None
+    predicted_d_windows: float | None = None  # --verify: predicted from the verified windows' own counts
+
+
+@dataclass
+class ContrastResult:
+    model: dict
+    a: str
+    b: str
+    n_tokens_a: int
+    n_tokens_b: int
+    records: list[NeuronContrast]  # every neuron, by |predicted_d| descending
+    verification: ContrastVerification | None = None
+    settings: dict = field(default_factory=dict)
+
+    def top(self, n: int, sign: int) -> list[NeuronContrast]:
+        return [r for r in self.records if sign * r.predicted_d > 0][:n]
+
+    def to_json(self, extra: dict | None = None) -> dict:
+        """Everything; ``extra`` (e.g. the scope conditions the CLI adds) is merged in."""
+        return {**(extra or {}), "model": self.model, "a": self.a, "b": self.b, "n_tokens_a": self.n_tokens_a,
+                "n_tokens_b": self.n_tokens_b, "settings": self.settings,
+                "verification": None if self.verification is None else asdict(self.verification),
+                "neurons": [asdict(r) for r in self.records]}
+
+    def save(self, out: str | Path, extra: dict | None = None) -> Path:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "contrast.json").write_text(json.dumps(self.to_json(extra), indent=1))
+        return out
+
+
+def _decode(tok, ids: list[int]) -> list[str]:
+    return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
+
+
+def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int = 8):
+    """Top tokens each way for each neuron in ``idx``: ``q(x) * score(x)`` with ``q = p_A - p_B``."""
+    contrib = q[:, None].to(tm.W_in.dtype) * tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu().to(q.dtype)
+    out = []
+    for j in range(len(idx)):
+        c = contrib[:, j]
+        pos, neg = c.topk(n), (-c).topk(n)
+        out.append((list(zip(_decode(w.tokenizer, pos.indices.tolist()), [round(float(v), 5) for v in pos.values])),
+                    list(zip(_decode(w.tokenizer, neg.indices.tolist()), [round(-float(v), 5) for v in neg.values]))))
+    return out
+
+
+@torch.no_grad()
+def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
+                 max_windows: int = 16, n_evidence: int = 40) -> ContrastResult:
+    """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
+    ``verify``, measure it on up to ``max_windows`` windows of each)."""
+    if a == b:
+        raise AttnscopeError(f"--a and --b are the same source ({a}); pass two different text sources")
+
+    tm = build_token_model(w, circ)
+    ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}
+    for s, t in ids.items():
+        if len(t) < 1:
+            raise TextTooShortError(f"{s} holds no tokens; pass a non-empty text")
+    p_a, p_b = (token_frequencies(ids[s][None], w.d_vocab) for s in (a, b))
+    e_a, e_b = tm.expected_parts(p_a), tm.expected_parts(p_b)
+    parts = {t: (e_a[t] - e_b[t]).cpu() for t in e_a}
+    diff = sum(parts.values())
+    sigma = calibration_std(w, circ).cpu()
+    pd = diff / sigma
+    order = pd.abs().argsort(descending=True).tolist()
+    ev = dict(zip(order[:n_evidence], _evidence(w, tm, (p_a - p_b), order[:n_evidence])))
+    recs = [NeuronContrast(k, float(diff[k]), float(pd[k]), {t: float(v[k]) for t, v in parts.items()},
+                           *(ev.get(k, ([], [])))) for k in order]
+    res = ContrastResult(w.info(), a, b, len(ids[a]), len(ids[b]), recs,
+                         settings={"max_windows": max_windows, "calibration": circ.settings.calibration,
+                                   "min_position": circ.settings.min_position, "n_ctx": circ.T,
+                                   "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
+    if verify:
+        n_min = circ.settings.min_position
+        wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
+        if min(len(wa), len(wb)) < 2:
+            short = a if len(wa) < 2 else b
+            raise TextTooShortError(f"{short} has {len(ids[short])} tokens: fewer than two windows of {circ.T} to "
+                                    "verify on; pass a longer text or a smaller --n-ctx")
+        tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
+        v, d, diff_true, lfl = verify_contrast(w, tm.expected, sigma, n_min, wa, wb, p_a, p_b, tmean,
+                                               windows_note=f"up to {max_windows} windows of {circ.T} tokens per "
+                                                            "source, evenly spread over the whole source")
+        for r in recs:
+            r.true_d, r.true_diff = float(d[r.index]), float(diff_true[r.index])
+            r.predicted_d_windows = float(lfl[r.index])
+        res.verification = v
+    return res
