@@ -156,10 +156,17 @@ def main() -> None:
 
 def rescore(path: Path) -> None:
     """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
-    from attnscope.serve.contrast_scope import ScopeRule, recheck
+    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, in_flag, recheck
 
     res = json.loads(path.read_text())
     rule = ScopeRule()
+    z = {t["text"]: next((c["measured"] for c in t["scope"] if c["name"] == "denominators as on calibration"), None)
+         for t in res["texts"]}
+    for r in res["pairs"]:
+        r["scope"] = [c for c in r["scope"] if c["name"] not in ("contrast strong enough", "denominators alike on both sides")]
+        if z.get(r["a"]) is not None and z.get(r["b"]) is not None:
+            c = denominator_gap(z[r["a"]], z[r["b"]], r["rms_predicted_d"], rule)
+            r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
     for r in res["pairs"] + res["texts"]:
         r["scope"] = [recheck(c, rule) for c in r["scope"]]
         r["out_of_scope"] = any(c["in_flag"] and not c["ok"] for c in r["scope"])
