@@ -225,7 +225,7 @@ def fidelity_condition(fvu: float, form: str) -> Condition:
 
 @torch.no_grad()
 def choose_query_form(w: ModelWeights, circ: Circuit) -> Circuit:
-    """Apply ``settings["query_conditioned"]`` to a freshly built circuit: measure both forms' FVU on the
+    """Apply ``settings.query_conditioned`` to a freshly built circuit: measure both forms' FVU on the
     calibration text, pick one (``auto``: query-conditioned when the typical-query FVU exceeds
     :data:`SUMMARY_FVU_MAX` and the query-conditioned FVU is lower), and state the summary-fidelity condition
     of the form used.  A query-conditioned circuit's ``ext`` becomes the query-averaged one."""

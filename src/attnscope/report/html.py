@@ -7,9 +7,10 @@ import dataclasses
 import html
 import json
 import math
-import statistics
 from pathlib import Path
 from typing import Any
+
+from attnscope.core.stats import median
 
 FIGURE_CAPTIONS = {
     "kernel_curves": "Offset kernel κ(d) = K<sub>n</sub>(n − d) of every head at the reference query position, "
@@ -173,8 +174,8 @@ def figures_html(names: tuple[str, ...], figures: dict[str, Path], used: set[str
 
 
 def median_of(xs: list[float]) -> float | None:
-    xs = [x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x)]
-    return statistics.median(xs) if xs else None
+    """The finite values' median by the package's one convention (:func:`attnscope.core.stats.median`)."""
+    return median(x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x))
 
 
 def worst_of(recs: list, key) -> tuple[float | None, str]:
