@@ -160,9 +160,9 @@ def make_plan(a, cfg) -> list[tuple[str, str, int | None]]:
     for p in range(a.pairs):  # first, back to back: the comparison the targets are about
         sfx = "" if p == 0 else f"#{p + 1}"
         plan += [(f"hf_eager{sfx}", "hf_eager", n + cfg["n_heldout"]), (f"command{sfx}", "command", n)]
-    plan += [("kernels", "kernels", n), ("kernels_n", "kernels", nm), ("kernels_tl", "kernels_tl", n + cfg["n_heldout"]),
-             ("forward_tl", "forward_tl", n), ("extract", "extract", None), ("extract_tl", "extract_tl", None),
-             ("layer0", "layer0", None)]
+    plan += [("kernels", "kernels", n), ("kernels_n", "kernels", nm),
+             ("kernels_tl", "kernels_tl", n + cfg["n_heldout"]), ("forward_tl", "forward_tl", n),
+             ("extract", "extract", None), ("extract_tl", "extract_tl", None), ("layer0", "layer0", None)]
     plan += [(s, s, None) for s in ("circuit", "scoring", "scoring_naive", "verify", "verify_tl")]
     if a.stages:
         keep = set(a.stages.split(",")) | {"machine"}

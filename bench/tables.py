@@ -220,8 +220,9 @@ def markdown(results: list[tuple[dict, dict]]) -> str:
                   "neuron scoring = `score` with its swings from the whole `[V, d_mlp]` product in one go + the "
                   "same top-m reductions; verification = `run_with_cache(stop_at_layer=1)` on the same held-out "
                   "windows (both halves: MLP-0 pre-activation of every neuron) + on the reporting windows the "
-                  "heads' output projected on the reported and random neurons. Ratio = ours / baseline (< 1: ours faster). Peak memory = rise of peak RSS above "
-                  "the RSS before the stage (model and inputs already loaded). `(*x%)` after a stage: other "
+                  "heads' output projected on the reported and random neurons. Ratio = ours / baseline "
+                  "(< 1: ours faster). Peak memory = rise of peak RSS above the RSS before the stage (model and "
+                  "inputs already loaded). `(*x%)` after a stage: other "
                   "processes used x% of the CPUs while it ran (after retries), so its time is inflated.", "",
                   "Targets:", ""]
         for name, ok, detail in tg:

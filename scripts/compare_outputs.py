@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -32,14 +33,19 @@ COMMANDS: dict[str, list[str]] = {
     "later": ["neurons", "demo", "--layer", "1", "--out", "{out}/later", "--no-cache"],
 }
 # keys whose values legitimately differ between two runs of the same code (time, where it ran)
-VOLATILE = {"wall_time_s", "elapsed_s", "seconds", "time_s", "timings", "date", "created", "command", "out",
-            "started", "finished", "shown_out", "path"}
+VOLATILE = {"wall_time_s", "elapsed_s", "seconds", "time_s", "timings", "timings_s", "date", "created", "command",
+            "out", "started", "finished", "shown_out", "path",
+            "cache_key"}  # the kernels' cache key hashes the model's info, which holds its folder
+# the same keys in the report's provenance tables: <th>cache_key</th><td>...</td>, and the timings' nested table
+_HTML_VOLATILE = re.compile(r"(<th>cache_key</th><td>)[0-9a-f]+|(<th>timings_s</th><td>)<table.*?</table>")
+_DATE = re.compile(r"\d{4}-\d{2}-\d{2} \d{2}:\d{2}:\d{2} UTC")
 # keys that a refactor is allowed to add (listed here with the commit that added them)
-NEW_KEYS: set[str] = set()
+NEW_KEYS: set[str] = {"schema_version", "limiting"}  # neurons.json versioned; LayerPiece.limiting typed (issue 20)
 
 
 def run(src: Path, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.log").write_text(json.dumps({"src": str(src.resolve()), "out": str(out)}))
     env = {**os.environ, "PYTHONPATH": str(src.resolve())}
     for name, args in COMMANDS.items():
         cmd = [sys.executable, "-c", "from attnscope.cli import main; main()", *[a.format(out=out) for a in args]]
@@ -83,8 +89,23 @@ def _safetensors_diff(pa: Path, pb: Path, out: list[str]) -> None:
             out.append(f"{pb}:{k}: values differ")
 
 
+def _normaliser(d: Path):
+    """Replace the run's own source tree and output folder in every string (they differ between the runs)."""
+    meta = json.loads((d / "meta.log").read_text())
+    pairs = [(meta["src"], "<SRC>"), (str(Path(meta["src"]).parent), "<ROOT>"), (meta["out"], "<OUT>")]
+
+    def norm(t: str) -> str:
+        for a, b in pairs:
+            t = t.replace(a, b)
+        t = _HTML_VOLATILE.sub(lambda m: (m.group(1) or m.group(2)) + "<VOLATILE>", t)
+        return _DATE.sub("<DATE>", t)
+
+    return norm
+
+
 def diff(da: Path, db: Path) -> int:
     problems: list[str] = []
+    na, nb = _normaliser(da), _normaliser(db)
     fa = {p.relative_to(da) for p in da.rglob("*") if p.is_file() and p.suffix != ".log"}
     fb = {p.relative_to(db) for p in db.rglob("*") if p.is_file() and p.suffix != ".log"}
     for rel in sorted(fa ^ fb):
@@ -92,13 +113,14 @@ def diff(da: Path, db: Path) -> int:
     for rel in sorted(fa & fb):
         pa, pb = da / rel, db / rel
         if pa.suffix == ".json":
-            _json_diff(json.loads(pa.read_text()), json.loads(pb.read_text()), str(rel), problems)
+            _json_diff(json.loads(na(pa.read_text())), json.loads(nb(pb.read_text())), str(rel), problems)
         elif pa.suffix == ".safetensors":
             _safetensors_diff(pa, pb, problems)
         elif pa.suffix == ".html":
-            keep = lambda t: [ln for ln in t.splitlines() if not any(v in ln for v in ("attnscope-staging", "wall"))]  # noqa: E731
-            if keep(pa.read_text()) != keep(pb.read_text()):
-                problems.append(f"{rel}: html differs")
+            la, lb = na(pa.read_text()).splitlines(), nb(pb.read_text()).splitlines()
+            bad = [i for i, (x, y) in enumerate(zip(la, lb)) if x != y]
+            if bad or len(la) != len(lb):
+                problems.append(f"{rel}: html differs (lines {[i + 1 for i in bad[:5]]}, {len(la)} vs {len(lb)} lines)")
         elif pa.read_bytes() != pb.read_bytes():
             problems.append(f"{rel}: bytes differ")
     print(f"compared {len(fa & fb)} files: {len(problems)} differences")

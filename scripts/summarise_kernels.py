@@ -16,7 +16,8 @@ from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
 d = json.load(open(sys.argv[1]))
 short = [CATEGORY_SHORT[c] for c in CATEGORIES]
 print(f"model {d['model']['name']}: n_ctx {d['settings']['n_ctx']}, {d['settings']['n_samples']} estimation + "
-      f"{d['settings']['n_heldout']} held-out windows of {d['provenance']['source']} (sha256 {d['provenance']['sha256'][:12]})\n")
+      f"{d['settings']['n_heldout']} held-out windows of {d['provenance']['source']} "
+      f"(sha256 {d['provenance']['sha256'][:12]})\n")
 print("| layer | " + " | ".join(short) + " | median TV decomposition | median TV kernel vs attention |")
 print("|---" * (len(short) + 3) + "|")
 allv, allk = [], []
@@ -31,4 +32,5 @@ for l in sorted({h["layer"] for h in d["heads"]}):
     print(f"| {l} | " + " | ".join(str(c.get(k, "")) for k in CATEGORIES) + f" | {tv:.3f} | {tk:.3f} |")
 tot = Counter(h["category"] for h in d["heads"])
 tot["first-token sink"] = sum(h.get("sink_dominated", False) for h in d["heads"]) or ""
-print("| all | " + " | ".join(str(tot.get(k, "")) for k in CATEGORIES) + f" | {st.median(allv):.3f} | {st.median(allk):.3f} |")
+print("| all | " + " | ".join(str(tot.get(k, "")) for k in CATEGORIES)
+      + f" | {st.median(allv):.3f} | {st.median(allk):.3f} |")

@@ -28,7 +28,8 @@ print("- conditions: " + "; ".join(f"{x['name']} {x['measured']:.3f} ({'ok' if x
                                      for x in c["conditions"]))
 print(f"- denominator transfer out of scope (Z ratio outside 0.8-1.25): {', '.join(s['texts_out_of_scope']) or 'none'}")
 print()
-print("| rank | neuron | predicted \\|d\\| | highest true d on | label (evidence) | FVU | within-text FVU | top positive tokens |")
+print("| rank | neuron | predicted \\|d\\| | highest true d on | label (evidence) | FVU | within-text FVU "
+      "| top positive tokens |")
 print("|---|---|---|---|---|---|---|---|")
 for n in d["cards"][:n_top]:
     toks = " ".join(repr(t)[1:-1].replace("|", "\\|") for t, _ in n["top_positive_tokens"][:8])

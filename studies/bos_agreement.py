@@ -26,10 +26,12 @@ for bos, seed in ((False, 0), (True, 0), (False, 1)):
 
 
 def compare(x, y):
-    tv = tv_distance(split_sink(res[x].arrays["data_kernel"].double())[1], split_sink(res[y].arrays["data_kernel"].double())[1])
+    tv = tv_distance(split_sink(res[x].arrays["data_kernel"].double())[1],
+                     split_sink(res[y].arrays["data_kernel"].double())[1])
     return " ".join(f"{float(v):.3f}" for v in tv.amax((1, 2))), float(tv.median())
 
 
-for name, (x, y) in {"BOS vs no BOS": ((False, 0), (True, 0)), "noise (seed 0 vs 1, no BOS)": ((False, 0), (False, 1))}.items():
+pairs = {"BOS vs no BOS": ((False, 0), (True, 0)), "noise (seed 0 vs 1, no BOS)": ((False, 0), (False, 1))}
+for name, (x, y) in pairs.items():
     per_layer, med = compare(x, y)
     print(f"{name:30s} max TV per layer {per_layer}   median {med:.3f}")

@@ -113,7 +113,8 @@ def main() -> None:
             logZ = torch.logsumexp(torch.log(K.clamp(min=1e-300)) + lz, -1, keepdim=True)
             aq = torch.exp(torch.log(K.clamp(min=1e-300)) + lf - logZ) * (K > 0)
             got["typical K, q-cond f, cal Z_q"] = torch.einsum("hni,hid->nd", aq, exact_v)
-            for k in ("q-cond separable, self-normalised", "typical K, q-cond f, self-norm", "typical K, q-cond f, cal Z_q"):
+            for k in ("q-cond separable, self-normalised", "typical K, q-cond f, self-norm",
+                      "typical K, q-cond f, cal Z_q"):
                 rows.setdefault(k, [])
         if w.positional == "learned":
             from attnscope.exact.decomposition import learned_score_parts
@@ -135,7 +136,8 @@ def main() -> None:
             aq = Kh * (lf - m).exp() / Zq
             got["typical K, q-cond f, cal Z_q"] = torch.einsum("hni,hid->nd", aq, exact_v)
             got["bag: q-cond f, cal Z_q"] = torch.einsum("hni,hid->nd", aq, vals) + const
-            for k in ("exact-q K, typical f", "typical K, exact-q f", "typical K, q-cond f, cal Z_q", "bag: q-cond f, cal Z_q"):
+            for k in ("exact-q K, typical f", "typical K, exact-q f", "typical K, q-cond f, cal Z_q",
+                      "bag: q-cond f, cal Z_q"):
                 rows.setdefault(k, [])
         an = approx / approx.sum(-1, keepdim=True)
         tvs.append(0.5 * (an - pat).abs().sum(-1)[:, n_min:])

@@ -69,7 +69,8 @@ def head_terms(w, lc):
         M = lc.gain.get(l, 1.0) * lc.G[l] if l < lc.layer else I
         n_star = circ.settings.reference_position
         if circ.heads:
-            out[(l, "bag")] = (centre(circ.ext.float().cpu(), w) @ M, lambda t, c=circ, M=M: c.summary(t).float().cpu() @ M,
+            out[(l, "bag")] = (centre(circ.ext.float().cpu(), w) @ M,
+                               lambda t, c=circ, M=M: c.summary(t).float().cpu() @ M,
                                _neff(circ.kernel.float().cpu(), n_star), None)
         ex = lc.explainers[l]
         for j, h in enumerate(ex.other_heads):

@@ -17,7 +17,8 @@ first position (BOS) excluded and both rows renormalised ("sink-excluded").  Pri
 writes JSON.
 
     PYTHONPATH=src python studies/rotary_split_study.py smollm2 --layers 0 1 2 \
-        --estimate bundled:en_moby_dick --evaluate bundled:en_speeches_1900_2016 bundled:code_python --out out/rotary_split.json
+        --estimate bundled:en_moby_dick --evaluate bundled:en_speeches_1900_2016 bundled:code_python \
+        --out out/rotary_split.json
 """
 
 from __future__ import annotations
@@ -129,7 +130,8 @@ def main() -> None:
     w = load_model(a.model)
     bos = w.bos_token_id if w.prepend_bos else None
     est, _ = load_windows(a.estimate, w.tokenizer, a.n_ctx, a.n_estimate, seed=0, bos_token_id=bos)
-    ev = torch.cat([load_windows(s, w.tokenizer, a.n_ctx, a.n_evaluate, seed=1, bos_token_id=bos)[0] for s in a.evaluate])
+    ev = torch.cat([load_windows(s, w.tokenizer, a.n_ctx, a.n_evaluate, seed=1, bos_token_id=bos)[0]
+                    for s in a.evaluate])
     with torch.no_grad():
         E, V = collect(w, est, a.layers), collect(w, ev, a.layers)
     start = 1 if bos is not None else 0
@@ -149,7 +151,8 @@ def main() -> None:
             row = e["p"][:, :, n].mean(0).double().clone()  # [h, T]
             if start:
                 row[:, 0] = 0
-            prof += torch.stack([torch.nn.functional.pad(offset_profile(row[h], n, True), (0, T - n - 1)) for h in range(H)])
+            prof += torch.stack([torch.nn.functional.pad(offset_profile(row[h], n, True), (0, T - n - 1))
+                                 for h in range(H)])
         c_ls = pair_weights_from_profile(w, prof)  # [h, D/2]
         # weights-only alternative: the offset profile of the typical-query kernel itself (no attention data)
         cos, sin = rotary_cos_sin(w, torch.arange(T))
@@ -173,12 +176,15 @@ def main() -> None:
                                ("typical-fit-pairs", q_typ_v, c_fit_typ)]:
                 cont, pos = separable_rotary_score_parts(w, q, v["k"], k_static, c)
                 full, rest = tv_rows(masked_log_softmax(cont + pos, scale), v["p"], a.n_min)
-                rows[name] = {"full": [round(float(x), 4) for x in full], "sink_excluded": [round(float(x), 4) for x in rest]}
+                rows[name] = {"full": [round(float(x), 4) for x in full],
+                              "sink_excluded": [round(float(x), 4) for x in rest]}
             for name, q, c in [("ls-pairs-rows", v["q"], c_ls_rows), ("kernel-pairs-rows", v["q"], c_kern_rows),
                                ("typical-kernel-pairs-rows", q_typ_v, c_kern_rows)]:
                 pos = separable_rotary_score_parts(w, q, v["k"], k_static, ones)[1]
-                full, rest = tv_rows(masked_log_softmax(row_content(w, q, v["k"], k_static, c) + pos, scale), v["p"], a.n_min)
-                rows[name] = {"full": [round(float(x), 4) for x in full], "sink_excluded": [round(float(x), 4) for x in rest]}
+                scores = row_content(w, q, v["k"], k_static, c) + pos
+                full, rest = tv_rows(masked_log_softmax(scores, scale), v["p"], a.n_min)
+                rows[name] = {"full": [round(float(x), 4) for x in full],
+                              "sink_excluded": [round(float(x), 4) for x in rest]}
             sink = v["p"][:, :, a.n_min:, 0].mean((0, 2))
         results["layers"][l] = {"variants": rows, "sink_mass": [round(float(x), 4) for x in sink],
                                 "c_ls_abs": c_ls.abs().float().tolist(), "c_fit_abs": c_fit.abs().tolist()}

@@ -48,25 +48,29 @@ def main() -> None:
     print(f"model {a.model}; the page's prediction: {m.explanation.kind}; calibration {m.circ.settings.calibration}; "
           f"{a.top} top-ranked neurons vs {a.top} random lower-ranked (seed {a.seed})\n")
     names = ["denominators", "sink", "clipped", "glitch", "norm CV", "norm ratio"]
-    print("| text | tokens | " + " | ".join(names) + " | in scope | median r, top | bag + constant, top | median r, random |")
+    print("| text | tokens | " + " | ".join(names)
+          + " | in scope | median r, top | bag + constant, top | median r, random |")
     print("|---" * (len(names) + 6) + "|")
     for name in bundled_texts():
         ids = tokenize(open_source(f"bundled:{name}"), w.tokenizer)[: a.tokens]
         an = m.analyser.analyse(w.tokenizer.decode(ids))
         bag_pred = torch.empty_like(an.pred)
-        for win in plan_windows(len(an.tokens.strings), m.analyser.capacity, min(m.analyser.n_min, m.analyser.capacity // 2)):
+        windows = plan_windows(len(an.tokens.strings), m.analyser.capacity,
+                               min(m.analyser.n_min, m.analyser.capacity // 2))
+        for win in windows:
             wt = m.analyser.window_tokens(an.tokens.ids, win)
             off = win.report_from - win.start + (1 if m.analyser.bos is not None else 0)
             bag_pred[win.report_from : win.stop] = bag.predict(wt)[off:]
         cells = [f"{c.measured:.3f}{'' if c.ok else ' ✗'}" for c in an.conditions]
         print(f"| {name} | {len(an.tokens.strings)} | " + " | ".join(cells) + f" | {'yes' if an.in_scope else 'no'} | "
-              f"{_median_r(an, an.pred, top):.3f} | {_median_r(an, bag_pred, top):.3f} | {_median_r(an, an.pred, rnd):.3f} |")
+              f"{_median_r(an, an.pred, top):.3f} | {_median_r(an, bag_pred, top):.3f} | "
+              f"{_median_r(an, an.pred, rnd):.3f} |")
     th = m.analyser.scope
     (zl, zh), (nl, nh) = th.denominator_ratio_range, th.norm_ratio_range
     print(f"\nthresholds: denominator ratio within {zl:g}..{zh:g}; |sink - calibration| <= {th.sink_mass_delta_max:g}; "
           f"clipped share <= max({th.clipped_share_max:g}, {th.clipped_share_cal_factor:g} x calibration "
-          f"{m.analyser.cal.clipped_share:.3f}); glitch share <= {th.masked_share_max:g}; norm CV <= {th.norm_cv_max:g}; "
-          f"norm ratio within {nl:g}..{nh:g} (✗ = fails)")
+          f"{m.analyser.cal.clipped_share:.3f}); glitch share <= {th.masked_share_max:g}; "
+          f"norm CV <= {th.norm_cv_max:g}; norm ratio within {nl:g}..{nh:g} (✗ = fails)")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from attnscope.circuit.build import (
     denominator_stability,
     true_head_output,
 )
-from attnscope.core.errors import ConditionFailedError, IndexOutOfRangeError, TextTooShortError
+from attnscope.core.errors import ConditionFailedError, IndexOutOfRangeError, NoContextualHeadsError, TextTooShortError
 from attnscope.core.texts import text_tokens
 
 CAL = "tests/data/moby.txt"
@@ -37,7 +37,8 @@ def test_detects_the_contextual_head(hand_circuit):
 def test_summary_matches_true_head_output(hand_circuit):
     w, c = hand_circuit
     toks = text_tokens("bundled:code_python", w.tokenizer, max_tokens=128)
-    fid = circuit_fidelity(w, c, {"code": toks, "moby": text_tokens("bundled:en_moby_dick", w.tokenizer, max_tokens=128)})
+    moby = text_tokens("bundled:en_moby_dick", w.tokenizer, max_tokens=128)
+    fid = circuit_fidelity(w, c, {"code": toks, "moby": moby})
     assert fid["fvu"] < 0.01 and fid["median_r_per_dimension"] > 0.99
     y, _, _ = true_head_output(w, c.heads, toks)
     assert y.shape == (128, w.d_model)
@@ -69,8 +70,12 @@ def test_real_models_report_conditions(minilm, smollm2):
                             and d.denominator_cv <= 0.15 and d.share_tv <= 0.3)
     assert any(not d.chosen and "decomposition TV" in " ".join(d.reasons) for d in c2.decisions)
     # a stricter split requirement leaves no head, and the error names the failing measurement
-    with pytest.raises(ConditionFailedError, match=r"no contextual heads in layer 0 .*decomposition TV=\d"):
+    with pytest.raises(ConditionFailedError, match=r"no contextual heads in layer 0 .*decomposition TV=\d") as err:
         build_circuit(w2, CircuitSettings(calibration="bundled:en_moby_dick", n_ctx=128, decomposition_tv_max=0.01))
+    # typed: the closest head and its failed criteria, each with its measurement (no parsing of the message)
+    e = err.value
+    assert isinstance(e, NoContextualHeadsError) and 0 <= e.closest_head < w2.n_heads
+    assert e.reasons and e.limiting == f"head {e.closest_head}: {'; '.join(e.reasons)}" and e.limiting in str(e)
 
 
 def test_errors(tiny_gpt2, tmp_path):
@@ -122,7 +127,8 @@ def test_conditions_carry_their_group_and_heads_their_failed_criteria(hand_circu
     for d in c.decisions:
         expected = {Criterion.BROAD: d.n_eff < s.neff_min, Criterion.WEAK: d.logit_std > s.logit_std_max,
                     Criterion.SPLIT: d.decomposition_tv > s.decomposition_tv_max,
-                    Criterion.STABLE: d.denominator_cv > s.denominator_cv_max, Criterion.SHARED: d.share_tv > s.share_tv_max}
+                    Criterion.STABLE: d.denominator_cv > s.denominator_cv_max,
+                    Criterion.SHARED: d.share_tv > s.share_tv_max}
         assert set(d.failed) == {k for k, bad in expected.items() if bad}, d
         assert d.chosen == (not d.failed)  # detection: chosen exactly when every test passes
         assert [k for k, _, _ in d.checks()] == list(HEAD_CRITERIA)

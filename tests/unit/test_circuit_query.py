@@ -165,7 +165,8 @@ def test_the_neuron_explanation_reads_the_query_conditioned_summary(query_llama)
     toks = text_tokens("bundled:code_python", w.tokenizer, max_tokens=64)
     W = mlp_input_weights(w)[0]
     terms = explain_terms(w, c, build_explainer(w, c), toks)
-    torch.testing.assert_close(terms["contextual bag"], centre(query_conditioned_summary(w, c, toks), w) @ W / c.mlp_scale)
+    torch.testing.assert_close(terms["contextual bag"],
+                               centre(query_conditioned_summary(w, c, toks), w) @ W / c.mlp_scale)
     n_min, k = c.settings.min_position, [0, 5, 9]
     r, fvu = contextual_fidelity(w, c, [toks], k)
     y = centre(true_head_output(w, c.heads, toks)[0], w) @ W[:, k] / c.mlp_scale

@@ -24,7 +24,8 @@ def _check_diagonal_exact(w, ids):
     approx = (content + positional + bias[..., None]) / w.attn_scale[0]
     exact = torch.einsum("bhne,bhie->bhni", a.q, a.k) / w.attn_scale[0]
     # at i = n the method's split is exact (P[n, n] = 0, E[n, x_n] is the true key)
-    torch.testing.assert_close(approx.diagonal(dim1=-2, dim2=-1), exact.diagonal(dim1=-2, dim2=-1), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(approx.diagonal(dim1=-2, dim2=-1), exact.diagonal(dim1=-2, dim2=-1),
+                               atol=1e-4, rtol=1e-4)
     # off the diagonal it is an approximation: not exact
     assert (approx - exact).abs().max() > 1e-3
     return a

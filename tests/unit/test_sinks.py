@@ -91,7 +91,8 @@ def test_separable_split_exact_at_its_offset(tiny_llama, moby_text):
         # other offsets are not exact (the split is an approximation there)
         other = (cont + pos - exact).diagonal(offset=-(d + 3), dim1=-2, dim2=-1)
         assert other.abs().max() > 1e-2
-    cont1, pos1 = separable_rotary_score_parts(w, q, k, k_static, torch.ones(w.n_heads, len(theta), dtype=torch.complex128))
+    ones = torch.ones(w.n_heads, len(theta), dtype=torch.complex128)
+    cont1, pos1 = separable_rotary_score_parts(w, q, k, k_static, ones)
     cont0, pos0 = rotary_score_parts(w, 0, a.attn_in, k_static)
     torch.testing.assert_close(cont1 + pos1, cont0 + pos0, atol=1e-4, rtol=1e-4)
 
@@ -181,8 +182,8 @@ def test_kernel_sink_mass_matches_output_attentions(tiny_llama):
     fig, ax = plt.subplots()
     marks = _sink_marks(ax, r, *_grid(r))
     plt.close(fig)
-    assert marks == [(x.layer, x.head, f"{x.sink_mass:.2f}", x.sink_mass >= 0.5) for x in sorted(r.records, key=lambda x: (
-        x.layer, x.head)) if x.sink_mass >= 0.05]
+    assert marks == [(x.layer, x.head, f"{x.sink_mass:.2f}", x.sink_mass >= 0.5)
+                     for x in sorted(r.records, key=lambda x: (x.layer, x.head)) if x.sink_mass >= 0.05]
     assert (0, 1, "0.12", False) in marks and (1, 2, "0.71", True) in marks
     assert r.provenance["prepend_bos"] is True and "sink_handling" in r.provenance
 
@@ -231,7 +232,8 @@ def test_circuit_with_sink_and_query_conditioned_variant_match_truth(bos_circuit
     w, _, c = bos_circuit
     on = choose_query_form(w, dataclasses.replace(c, settings=dataclasses.replace(c.settings, query_conditioned="on"),
                                                   conditions=list(c.conditions)))
-    texts = {s: text_tokens(f"bundled:{s}", w.tokenizer, max_tokens=128, bos_token_id=0) for s in ("code_python", "es_fortunes")}
+    texts = {s: text_tokens(f"bundled:{s}", w.tokenizer, max_tokens=128, bos_token_id=0)
+             for s in ("code_python", "es_fortunes")}
     typ = circuit_fidelity(w, c, texts)
     qc = circuit_fidelity(w, on, texts)
     # head 0 is content-blind (f = 1 for every query), so both forms equal the true output up to the constant sink

@@ -155,7 +155,8 @@ def test_kernel_analysis_fast_path_matches_exact_path(tiny_gpt2, monkeypatch):
     fast = K.analyse_kernels(w, s, cache=False, progress=False)
     monkeypatch.setattr(K, "_stream_layers", exact_stream)
     monkeypatch.setattr(K, "approximate_tv", exact_tv)
-    monkeypatch.setattr(K, "layer0_weight_kernels", lambda w, q, T, r, rows: exact_layer0_weight_kernels(w, q, T, r)[:, rows])
+    monkeypatch.setattr(K, "layer0_weight_kernels",
+                        lambda w, q, T, r, rows: exact_layer0_weight_kernels(w, q, T, r)[:, rows])
     exact = K.analyse_kernels(w, s, cache=False, progress=False)
     _assert_close_tree([asdict(r) for r in fast.records], [asdict(r) for r in exact.records])
     assert set(fast.arrays) == set(exact.arrays)

@@ -55,7 +55,7 @@ from attnscope.circuit.result import (  # noqa: F401  (re-exported: the circuit'
     Criterion,
     HeadDecision,
 )
-from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
+from attnscope.core.errors import AttnscopeError, NoContextualHeadsError, check_index
 from attnscope.core.texts import open_source, text_tokens
 from attnscope.exact.decomposition import (
     apply_pair_weights,
@@ -202,6 +202,7 @@ def split_patterns(w: ModelWeights, cal: Calibration, acts: LayerActivations, re
         exact = approximate_pattern(w, LAYER, acts, static, ref)[0]
         cont, pos, bias = learned_score_parts(w, LAYER, acts.norm_in, static, q_typ[None], ref)
         return exact, mask_scores(w, (cont + pos + bias[..., None]) / scale).softmax(-1)[0]
+    assert pair_weights is not None, "rotary: build_circuit passes the kernel's pair weights"
     qp, kp = pre_rotation(w, acts.q), pre_rotation(w, acts.k)
     static = pooled_static_keys(kp[0], cal.bos is not None)
     out = []
@@ -219,8 +220,9 @@ def split_tv(approx: Tensor, true: Tensor, cal: Calibration) -> Tensor:
     return tv_distance(approx, true)[:, cal.n_min:].median(-1).values
 
 
-def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"], f: Float[Tensor, "head vocab"],
-                    dec_tv: Float[Tensor, " head"], cal: Calibration, window: int) -> HeadStatistics:
+def head_statistics(Kh: Float[Tensor, "head ctx ctx"], logf: Float[Tensor, "head vocab"],
+                    f: Float[Tensor, "head vocab"], dec_tv: Float[Tensor, " head"], cal: Calibration,
+                    window: int) -> HeadStatistics:
     """Denominators (kernel-weighted ``Z_n = sum_j K_n(j) f(x_j)`` and the windowed mean of ``f``), kernel
     widths and content dependence of every head."""
     n_min, T = cal.n_min, cal.T
@@ -277,8 +279,8 @@ def _reason(c: Criterion, label: str, value: float, threshold: float, ok: bool, 
     return f"{label}={value:.{digits}f} {sym} {threshold:g}"
 
 
-def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: Float[Tensor, " head"], s: CircuitSettings
-                   ) -> list[HeadDecision]:
+def head_decisions(st: HeadStatistics, chosen: Bool[Tensor, " head"], share_tv: Float[Tensor, " head"],
+                   s: CircuitSettings) -> list[HeadDecision]:
     """One :class:`HeadDecision` per head: every test with its measured value, and the failed ones."""
     tests = _head_tests(st, share_tv, s)
     decisions = []
@@ -311,15 +313,16 @@ _HOLDS_WHEN = {
 
 
 def circuit_conditions(st: HeadStatistics, hs: Int[Tensor, " chosen"], shared: Float[Tensor, "ctx ctx"],
-                       share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float, cal: Calibration,
-                       s: CircuitSettings, sink: tuple[Tensor, Tensor]) -> list[Condition]:
+                       share_tv: Float[Tensor, " head"], logf: Float[Tensor, "head vocab"], mlp_cv: float,
+                       cal: Calibration, s: CircuitSettings, sink: tuple[Tensor, Tensor]) -> list[Condition]:
     """The stated input conditions of the circuit over the chosen heads ``hs``, each measured once."""
     n_min = cal.n_min
     big = sink[0][hs] >= SINK_SHOW
     sink_cv = float(sink[1][hs][big].max()) if big.any() else 0.0
     neff_shared = (1.0 / shared[n_min:].pow(2).sum(-1)).median()
     clipped = (logf[hs][:, cal.body].exp() > s.f_clip).float().mean()
-    measured = [  # (criterion, value, threshold, holds)
+    # (criterion, value, threshold, holds): 0-d tensors or Python numbers
+    measured: list[tuple[Criterion, Tensor | float, float, Tensor | bool]] = [
         (Criterion.BROAD, neff_shared, s.neff_min, neff_shared >= s.neff_min),
         (Criterion.WEAK, st.logit_std[hs].max(), s.logit_std_max, st.logit_std[hs].max() <= s.logit_std_max),
         (Criterion.STABLE, st.denominator_cv[hs].max(), s.denominator_cv_max,
@@ -350,6 +353,7 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     mask = outlier_token_mask(w)
     # exact layer-0 pass on the calibration text: true attention (for the decomposition TV) and LN2 scales
     acts = next(iter_layers(w, cal.tokens[None], stop_layer=0))
+    assert acts.pattern is not None, "iter_layers keeps the patterns by default"
     exact_pat, typ_pat = split_patterns(w, cal, acts, ref, q, c)
     no_sink = (torch.zeros(w.n_heads, dtype=torch.float64, device=w.device),) * 2
     sink = sink_term(acts.pattern[0, :, :, 0], cal.n_min) if cal.bos is not None else no_sink
@@ -358,14 +362,15 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     decisions = head_decisions(st, chosen, share_tv, s)
     sep_tv = split_tv(typ_pat, acts.pattern[0], cal)
     for d in decisions:
-        d.sink_mass, d.sink_mass_cv, d.separable_tv = float(sink[0][d.head]), float(sink[1][d.head]), float(sep_tv[d.head])
+        d.sink_mass, d.sink_mass_cv = float(sink[0][d.head]), float(sink[1][d.head])
+        d.separable_tv = float(sep_tv[d.head])
     heads = [h for h in range(w.n_heads) if chosen[h]]
     if not heads:
         worst = min(decisions, key=lambda d: d.share_tv + (0 if d.n_eff >= s.neff_min else 1) + d.logit_std)
-        raise ConditionFailedError(
+        raise NoContextualHeadsError(
             f"no contextual heads in layer 0 of {w.name}: none has a broad kernel, weak content dependence, a "
             f"valid content/position split and a stable denominator (closest, head {worst.head}: "
-            f"{'; '.join(worst.reasons[:4])}); pass --heads to force some"
+            f"{'; '.join(worst.reasons[:4])}); pass --heads to force some", worst.head, list(worst.reasons[:4])
         )
     hs = torch.tensor(heads, device=w.device)
     ext, posit = extended_embeddings(w, hs, f, st.denominator, e_val, p_val, Kh, mask,
@@ -374,12 +379,13 @@ def build_circuit(w: ModelWeights, settings: CircuitSettings | None = None) -> C
     mid_scale = mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, cal.n_min:]
     mlp_scale, mlp_cv = float(mid_scale.median()), float(mid_scale.std() / mid_scale.mean())
     conds = circuit_conditions(st, hs, shared, share_tv, logf, mlp_cv, cal, s, sink)
-    circ = Circuit(settings=CircuitRecord(**{**asdict(s), "n_ctx": cal.T, "min_position": cal.n_min}, reference_position=cal.n_star,
-                                          reference_norm=ref, bos=cal.bos, prepend_bos=w.prepend_bos,
-                                          sink_handling="BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
-                                          rotary_pair_weights_abs=None if c is None else c[:, -1].abs().float().cpu().tolist()),
-                   heads=heads, decisions=decisions, conditions=conds, kernel=shared, head_kernels=Kh[hs], f=f[hs],
-                   Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale, mlp_scale_cv=mlp_cv,
+    record = CircuitRecord(**{**asdict(s), "n_ctx": cal.T, "min_position": cal.n_min},
+                           reference_position=cal.n_star, reference_norm=ref, bos=cal.bos, prepend_bos=w.prepend_bos,
+                           sink_handling="BOS split off as a constant" if cal.bos is not None else "none (no BOS)",
+                           rotary_pair_weights_abs=None if c is None else c[:, -1].abs().float().cpu().tolist())
+    circ = Circuit(settings=record, heads=heads, decisions=decisions, conditions=conds, kernel=shared,
+                   head_kernels=Kh[hs], f=f[hs], Z=st.denominator[hs], ext=ext, positional=posit, mlp_scale=mlp_scale,
+                   mlp_scale_cv=mlp_cv,
                    calibration_tokens=cal.tokens, calibration_sha=cal.sha256, token_mask=mask,
                    denominators_windowed=[float(st.denominator_windowed[h]) for h in heads])
     return choose_query_form(w, circ)
@@ -420,8 +426,8 @@ def denominator_stability(w: ModelWeights, circ: Circuit, texts: dict[str, Int[T
         toks = toks[: circ.T].to(w.device)
         n = len(toks)
         Zn = torch.einsum("hnj,hj->hn", circ.head_kernels[:, :n, :n], circ.f[:, toks])[:, n_min:]
-        out[name] = {"Z_median": Zn.median(-1).values.tolist(), "ratio_to_calibration": (Zn.median(-1).values / circ.Z).tolist(),
-                     "Z_trace": Zn.tolist()}
+        out[name] = {"Z_median": Zn.median(-1).values.tolist(),
+                     "ratio_to_calibration": (Zn.median(-1).values / circ.Z).tolist(), "Z_trace": Zn.tolist()}
     return out
 
 

@@ -14,8 +14,8 @@ from attnscope.exact.forward import attn_norm_params, iter_layers, norm, static_
 from attnscope.models import ModelWeights
 
 
-def content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float
-                    ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"], Float[Tensor, "vocab d_model"]]:
+def content_inputs(w: ModelWeights, T: int, n_star: int, ref_norm: float) -> tuple[
+        Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"], Float[Tensor, "vocab d_model"]]:
     """Normalised content and positional inputs of layer 0 (method §4.3), LN gain folded.
 
     Returns ``e_val [V, d]`` (value content part, normalised with the reference position),
@@ -65,12 +65,14 @@ def mlp_norm_scale(w: ModelWeights, mid: Float[Tensor, "*batch pos d_model"]) ->
     return (x.pow(2).mean(-1) + w.eps).sqrt()
 
 
-def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Float[Tensor, "d_model d_mlp"], Float[Tensor, " d_mlp"]]:
+def mlp_input_weights(w: ModelWeights, layer: int = LAYER
+                      ) -> tuple[Float[Tensor, "d_model d_mlp"], Float[Tensor, " d_mlp"]]:
     """``(W_in with the norm gain folded [d_model, d_mlp], bias [d_mlp])`` of the pre-activation attnscope
     predicts (the gate's for gated MLPs); the norm's beta is folded into the bias."""
     if w.norm_placement == "pre":
         g, b = w.ln2_w[layer], None if w.ln2_b is None else w.ln2_b[layer]
     else:
+        assert w.ln1_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
         g, b = w.ln1_w[layer], w.ln1_b[layer]
     W = w.W_gate[layer] if w.W_gate is not None else w.W_in[layer]
     bias = torch.zeros(W.shape[1], dtype=W.dtype, device=W.device) if w.W_gate is not None else w.b_in[layer].clone()
@@ -80,7 +82,8 @@ def mlp_input_weights(w: ModelWeights, layer: int = LAYER) -> tuple[Float[Tensor
 
 
 def extended_embeddings(w: ModelWeights, hs: Int[Tensor, " chosen"], f: Float[Tensor, "head vocab"],
-                        Z: Float[Tensor, " head"], e_val: Float[Tensor, "vocab d_model"], p_val: Float[Tensor, "ctx d_model"],
+                        Z: Float[Tensor, " head"], e_val: Float[Tensor, "vocab d_model"],
+                        p_val: Float[Tensor, "ctx d_model"],
                         Kh: Float[Tensor, "head ctx ctx"], mask: Bool[Tensor, " vocab"],
                         sink: Float[Tensor, " head"] | None = None, bos: int | None = None
                         ) -> tuple[Float[Tensor, "vocab d_model"], Float[Tensor, "ctx d_model"]]:

@@ -62,11 +62,17 @@ def _key_content(w: ModelWeights, circ: Circuit) -> Float[Tensor, "vocab d_model
     return content_inputs(w, circ.T, circ.settings.reference_position, circ.settings.reference_norm)[2]
 
 
-def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
+def content_keys(parts: QueryParts, key_content: Tensor, tokens: Int[Tensor, " pos"]
+                 ) -> Float[Tensor, "chosen pos d_head"]:
     """Content keys ``[h, pos, d_head]`` of ``tokens``: rotary, the pre-rotation key minus the static key of the
     calibration text (at layer 0 a function of the token alone); learned, the key of the token's content placed
     at the reference position, without the bias (it cancels in the softmax)."""
-    return project(key_content[tokens][None], parts.W_K, parts.b_K)[0].double()
+    return _content_keys(parts.W_K, parts.b_K, key_content, tokens)
+
+
+def _content_keys(W_K: Float[Tensor, "chosen d_model d_head"], b_K: Float[Tensor, "chosen d_head"],
+                  key_content: Tensor, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
+    return project(key_content[tokens][None], W_K, b_K)[0].double()
 
 
 @torch.no_grad()
@@ -83,17 +89,18 @@ def query_parts(w: ModelWeights, circ: Circuit) -> QueryParts:
         c = pair_weights_of_kernel(w, circ.head_kernels[:, -1], bos, per_row=True)
     else:
         b_K, c = torch.zeros_like(w.b_K[LAYER][hs]), None
-    parts = QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c, None, 1 if bos else 0, float(circ.settings.f_clip))  # type: ignore[arg-type]
-    parts.k_cal = content_keys(parts, key_content, cal)
-    return parts
+    return QueryParts(hs, float(w.attn_scale[LAYER]), circ.head_kernels.double().to(w.device), W_K, b_K, c,
+                      _content_keys(W_K, b_K, key_content, cal), 1 if bos else 0, float(circ.settings.f_clip))
 
 
-def exact_queries(w: ModelWeights, parts: QueryParts, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "chosen pos d_head"]:
+def exact_queries(w: ModelWeights, parts: QueryParts, tokens: Int[Tensor, " pos"]
+                  ) -> Float[Tensor, "chosen pos d_head"]:
     """Each chosen head's exact layer-0 query at every position of ``tokens`` (rotary: pre-rotation, weighted
     by the pair weights of the separable split), float64."""
     a = next(iter_layers(w, tokens[None], stop_layer=0))
     if w.positional != "rotary":
         return a.q[0, parts.hs].double()
+    assert parts.pair_weights is not None, "query_parts sets the pair weights of rotary models"
     return apply_pair_weights(w, pre_rotation(w, a.q)[0, parts.hs], parts.pair_weights).double()
 
 
@@ -117,7 +124,8 @@ def query_conditioned_pattern(w: ModelWeights, circ: Circuit, tokens: Int[Tensor
     n = tokens.shape[-1]
     q = exact_queries(w, parts, tokens)
     cap, logZ = query_normalisers(parts, q, torch.arange(n, device=w.device))
-    lf = torch.minimum(torch.einsum("hne,hie->hni", q, content_keys(parts, _key_content(w, circ), tokens)) / parts.scale, cap)
+    k = content_keys(parts, _key_content(w, circ), tokens)
+    lf = torch.minimum(torch.einsum("hne,hie->hni", q, k) / parts.scale, cap)
     K = parts.K[:, :n, :n]
     return torch.exp(_log(K) + lf - logZ) * (K > 0)
 
@@ -192,7 +200,8 @@ def query_averaged_factors(w: ModelWeights, circ: Circuit, parts: QueryParts | N
     return torch.cat(out, -1)
 
 
-def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen vocab"]) -> Float[Tensor, "vocab d_model"]:
+def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen vocab"]
+                       ) -> Float[Tensor, "vocab d_model"]:
     """Query-averaged extended embeddings ``[V, d_model]`` from ``g`` (module docstring; sink and outlier mask
     as :func:`attnscope.circuit.build.extended_embeddings`)."""
     H, hs = w.n_heads, torch.tensor(circ.heads, device=w.device)
@@ -208,7 +217,8 @@ def query_averaged_ext(w: ModelWeights, circ: Circuit, g: Float[Tensor, "chosen 
                                sink if bos is not None else None, bos)[0]
 
 
-def summary_fvu(w: ModelWeights, circ: Circuit, y: Float[Tensor, "pos d_model"], yhat: Float[Tensor, "pos d_model"]) -> float:
+def summary_fvu(w: ModelWeights, circ: Circuit, y: Float[Tensor, "pos d_model"],
+                yhat: Float[Tensor, "pos d_model"]) -> float:
     """FVU of a per-position summary against the true summed output (centred, positions >= min_position), as
     :func:`attnscope.circuit.build.circuit_fidelity` measures it."""
     n_min = circ.settings.min_position

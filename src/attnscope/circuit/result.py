@@ -49,6 +49,10 @@ class CircuitRecord(CircuitSettings):
     """The settings as a built circuit used them: the user's :class:`CircuitSettings` with ``n_ctx`` and
     ``min_position`` resolved, plus what was derived from the model and the calibration text."""
 
+    # always resolved by the build; redeclared (not optional) so that use sites need no None check.  A
+    # redeclared dataclass field keeps its place in the field order, so circuit.json is unchanged.
+    n_ctx: int = 0
+    min_position: int = 0
     reference_position: int = 0  # n*: the position whose content the content factors are measured at
     reference_norm: float = 0.0  # norm of the typical residual used to normalise positional value inputs
     bos: int | None = None  # the BOS token id split off as a sink, None without a BOS
@@ -214,7 +218,8 @@ class Circuit:
             raise AttnscopeError(f"{out / 'circuit.json'} has schema version {d.get('schema_version')}, this attnscope "
                                  f"reads {SCHEMA_VERSION}; recompute the circuit")
         t = load_file(str(out / "circuit.safetensors"))
-        return cls(settings=CircuitRecord.from_json(d["settings"]), heads=d["heads"], decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
+        return cls(settings=CircuitRecord.from_json(d["settings"]), heads=d["heads"],
+                   decisions=[HeadDecision.from_json(x) for x in d["decisions"]],
                    conditions=[Condition(**c) for c in d["conditions"]], mlp_scale=d["mlp_scale"],
                    mlp_scale_cv=d["mlp_scale_cv"], calibration_sha=d["calibration_sha256"],
                    denominators_windowed=d["denominators_windowed"], query_conditioned=d["query_conditioned"],

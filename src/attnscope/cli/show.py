@@ -53,18 +53,19 @@ def print_neuron_summary(res: NeuronResult) -> None:
               f"{num(s['median_fvu_random'])}); circuit FVU = {res.fidelity['fvu']:.3f} on held-out text "
               f"({'query-conditioned' if res.circuit.query_conditioned else 'typical-query'} summary)")
     t = Table(title="conditions")
-    for c in ("condition", "measured", "threshold", "ok"):
-        t.add_column(c)
+    for col in ("condition", "measured", "threshold", "ok"):
+        t.add_column(col)
     for c in res.circuit.conditions:
         t.add_row(c.name, f"{c.measured:.3f}", f"{c.threshold:g}", "yes" if c.ok else "NO")
     con.print(t)
     t = Table(title="top neurons with an explanation card (predicted |d|: max over contrasts of the predicted "
                     "effect size)")
-    for c in ("neuron", "predicted |d|", "r", "FVU", "label", "top tokens", "fired on cal."):
-        t.add_column(c)
+    for col in ("neuron", "predicted |d|", "r", "FVU", "label", "top tokens", "fired on cal."):
+        t.add_column(col)
     for r in res.records[:15]:
-        t.add_row(str(r.index), f"{r.sensitivity:.2f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "",
-                  " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6]), "yes" if r.fired_on_calibration else "no")
+        top = " ".join(repr(tok)[1:-1] for tok, _ in r.top_positive_tokens[:6])
+        t.add_row(str(r.index), f"{r.sensitivity:.2f}", f"{r.r:.2f}", f"{r.fvu:.2f}", r.label or "", top,
+                  "yes" if r.fired_on_calibration else "no")
     con.print(t)
 
 
@@ -137,7 +138,7 @@ def print_kernel_summary(res: KernelResult) -> None:
     t.add_column("TV kern", justify="right")
     for l in sorted({r.layer for r in res.records}):
         recs = [r for r in res.records if r.layer == l]
-        cnt = Counter(r.category for r in recs)
+        cnt: dict[str, int | str] = dict(Counter(r.category for r in recs))
         cnt["first-token sink"] = sum(r.sink_dominated for r in recs) or ""
         sink = median_or_not_run([r.sink_mass for r in recs])
         tvd = median_or_not_run([None if r.tv_decomposition is None else r.tv_decomposition["median"] for r in recs])
@@ -154,12 +155,12 @@ def print_timeline(tl: Timeline) -> None:
     """The formation timeline of `attnscope evolution`, one line per head and context."""
     for h, v in tl.layer0_heads.items():
         print(f"layer-0 head {h}: uniform at {v.first_uniform_step}, leaves uniform at "
-                   f"{v.leaves_uniform_step}, final {v.final_category}")
+              f"{v.leaves_uniform_step}, final {v.final_category}")
     print(f"all circuit conditions first pass at step {tl.all_conditions_first_pass}, hold from "
-               f"{tl.all_conditions_hold_from}; never passing: {', '.join(tl.never_passing_conditions) or 'none'}")
-    for name, v in tl.context_neurons.items():
-        print(f"{name}: true neuron from step {v.first_true_step}, reported by the method from step "
-                   f"{v.first_found_step}")
+          f"{tl.all_conditions_hold_from}; never passing: {', '.join(tl.never_passing_conditions) or 'none'}")
+    for name, ct in tl.context_neurons.items():
+        print(f"{name}: true neuron from step {ct.first_true_step}, reported by the method from step "
+              f"{ct.first_found_step}")
 
 
 def print_later_summary(res: LaterResult) -> None:
@@ -169,9 +170,9 @@ def print_later_summary(res: LaterResult) -> None:
 
     con = Console()
     t = Table(title=f"layers <= {res.layer}: effective embeddings and contextual heads")
-    for c in ("layer", "approx. FVU (token+pos)", "unseen share", "contextual heads", "circuit FVU eff./true",
-              "||G_l||", "limiting condition"):
-        t.add_column(c)
+    for col in ("layer", "approx. FVU (token+pos)", "unseen share", "contextual heads", "circuit FVU eff./true",
+                "||G_l||", "limiting condition"):
+        t.add_column(col)
     for p in res.circuit.pieces:
         f = p.circuit_fvu_effective
         t.add_row(str(p.layer), f"{p.approximation.fvu:.3f}", f"{p.approximation.unseen_share:.3f}", str(p.heads),
@@ -179,13 +180,14 @@ def print_later_summary(res: LaterResult) -> None:
                   "-" if p.propagation_norm is None else f"{p.propagation_norm:.2f}", p.limiting_condition[:70])
     con.print(t)
     a = res.circuit.approximation_with_earlier_terms
+    spearman = ", ".join(f"{p} {num(res.median_spearman(p))}" for p in res.scores)
     con.print(f"residual entering layer {res.layer}: FVU {a.fvu:.3f} with the earlier heads' terms; median "
-              "Spearman vs the true per-context effects: " + ", ".join(f"{p} {res.median_spearman(p):.3f}" for p in res.scores))
+              "Spearman vs the true per-context effects: " + spearman)
     v = res.verification
     con.print(f"{v.n_passed} neurons pass (precision {num(v.precision)}, all neurons {v.precision_random:.3f})")
     t = Table(title="top neurons")
-    for c in ("neuron", "sensitivity", "r", "FVU", "label", "top tokens", "true d (best context)"):
-        t.add_column(c)
+    for col in ("neuron", "sensitivity", "r", "FVU", "label", "top tokens", "true d (best context)"):
+        t.add_column(col)
     for c in res.cards[:15]:
         t.add_row(str(c.index), f"{c.sensitivity:.2f}", f"{c.r:.2f}", f"{c.fvu:.2f}", c.label or "",
                   " ".join(repr(tok)[1:-1] for tok, _ in c.top_positive_tokens[:6]),

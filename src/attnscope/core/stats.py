@@ -5,6 +5,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from torch import Tensor
+
 
 def median(xs: Iterable[float | None]) -> float | None:
     """Median of the finite values of ``xs`` (``None`` and NaN are skipped); ``None`` when none is left.
@@ -13,3 +15,11 @@ def median(xs: Iterable[float | None]) -> float | None:
     summary has used), so a reported median is always one of the measured values."""
     vals = sorted(float(x) for x in xs if x is not None and not math.isnan(float(x)))
     return vals[(len(vals) - 1) // 2] if vals else None
+
+
+def tensor_sum(xs: Iterable[Tensor]) -> Tensor:
+    """``sum(xs)`` of a non-empty iterable of tensors (same numbers), typed as a tensor: the built-in ``sum``
+    starts from the int 0, so its declared result also allows ``0``."""
+    total = sum(xs)
+    assert isinstance(total, Tensor), "tensor_sum of no tensors"
+    return total

@@ -9,6 +9,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.artist import Artist  # noqa: E402
 
 from attnscope.evolution.run import CRITERIA, D_MIN, TRACKED_CONTEXTS, EvolutionResult  # noqa: E402
 from attnscope.kernels.analysis import CAT_COLORS, CATEGORIES  # noqa: E402
@@ -78,7 +79,7 @@ def categories_over_steps(res: EvolutionResult, out: Path) -> Path:
     ax.set_xticks(range(len(cks)), [str(c.step) for c in cks], rotation=90, fontsize=7)
     ax.set_xlabel("training step")
     ax.set_ylabel("layer.head")
-    handles = [matplotlib.patches.Patch(color=CAT_COLORS[k], label=k) for k in CATEGORIES]
+    handles: list[Artist] = [matplotlib.patches.Patch(color=CAT_COLORS[k], label=k) for k in CATEGORIES]
     handles.append(plt.Line2D([], [], marker="o", ls="", color="k", ms=3, label="contextual head (layer 0)"))
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=7)
     ax.set_title("kernel category of every head over training")
@@ -216,19 +217,25 @@ def _persistence_section(res: EvolutionResult) -> str:
             + "</section>")
 
 
-def write_evolution_page(res: EvolutionResult, out_dir: str | Path, figures: dict[str, Path], command: str = "") -> Path:
+def write_evolution_page(res: EvolutionResult, out_dir: str | Path, figures: dict[str, Path],
+                         command: str = "") -> Path:
     """One self-contained ``out_dir/evolution.html`` in the report's style."""
     out = Path(out_dir)
-    caps = {"neff": "N_eff of every head over training (log scale), coloured by its final category; right: held-out loss.",
-            "categories": "Kernel category of every head (rows) at every checkpoint (columns); dots: layer-0 contextual heads.",
-            "neurons": "Left: rank of each top neuron in the method's ranking (predicted sensitivity) over training (blank: outside the top list). "
+    caps = {"neff": "N_eff of every head over training (log scale), coloured by its final category; "
+                    "right: held-out loss.",
+            "categories": "Kernel category of every head (rows) at every checkpoint (columns); "
+                          "dots: layer-0 contextual heads.",
+            "neurons": "Left: rank of each top neuron in the method's ranking (predicted sensitivity) over training "
+                       "(blank: outside the top list). "
                        "Right: the largest ground-truth one-vs-rest effect size per tracked context."}
     figs = "".join(_img(p, caps.get(k, k)) for k, p in figures.items())
+    meta = ('<p class="meta">how positional kernels, contextual heads and context neurons form over training · '
+            f"<code>{esc(command)}</code></p>")
     page = f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>attnscope evolution</title><link rel="icon" href="data:,"><style>{_report_css()}</style></head>
 <body><header><h1>attnscope evolution: {len(res.checkpoints)} checkpoints</h1>
-<p class="meta">how positional kernels, contextual heads and context neurons form over training · <code>{esc(command)}</code></p></header>
+{meta}</header>
 <main>{_timeline_section(res)}<section id="figures"><h2>Figures</h2><div class="figs">{figs}</div></section>
 {_checkpoint_section(res)}{_persistence_section(res)}</main>
 <footer>Written by attnscope. Self-contained: figures and data are embedded.</footer></body></html>

@@ -128,7 +128,8 @@ def approximate_pattern(weights: ModelWeights, layer: int, acts: LayerActivation
 
     ``acts``: the layer's :class:`~attnscope.exact.forward.LayerActivations`; ``static``: ``pi [pos, d_model]``
     for learned positions, ``k_bar [head, pos, d_head]`` for rotary; ``pair_weights [head, D/2]`` (or per query
-    row, ``[head, pos, D/2]``): the separable rotary split (:func:`separable_rotary_score_parts`), else content at zero offset.
+    row, ``[head, pos, D/2]``): the separable rotary split (:func:`separable_rotary_score_parts`), else content at
+    zero offset.
     """
     scale = weights.attn_scale[layer]
     if weights.positional == "rotary" and pair_weights is not None:
@@ -179,12 +180,13 @@ def layer0_weight_kernels(weights: ModelWeights, query: Float[Tensor, " d_model"
 
 def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
                    static: Float[Tensor, "pos d_model"] | Float[Tensor, "head ctx d_head"], ref_norm: float,
-                   pair_weights: Complex[Tensor, "head pairs"] | Complex[Tensor, "head ctx pairs"] | None = None, chunk: int = 256
-                   ) -> Float[Tensor, "batch head pos"]:
+                   pair_weights: Complex[Tensor, "head pairs"] | Complex[Tensor, "head ctx pairs"] | None = None,
+                   chunk: int = 256) -> Float[Tensor, "batch head pos"]:
     """``TV(approximate pattern, true pattern)`` at every query position, ``[batch, head, n]``: the same
     numbers as ``tv_distance(approximate_pattern(...), acts.pattern)``, computed ``chunk`` query rows at a
     time (learned positions; causal models only over the visible keys), so that no ``[b, H, T, T]`` array
     is built beyond the true pattern.  Rotary models use :func:`approximate_pattern` directly."""
+    assert acts.pattern is not None, "the true pattern is needed: run the layer with patterns=True"
     if weights.positional == "rotary":
         return tv_distance(approximate_pattern(weights, layer, acts, static, ref_norm, pair_weights), acts.pattern)
     gamma, beta = attn_norm_params(weights, layer)
@@ -234,6 +236,7 @@ def approximate_tv(weights: ModelWeights, layer: int, acts: LayerActivations,
 
 def rotary_frequencies(weights: ModelWeights) -> Tensor:
     """``theta_j`` of each rotary frequency pair ``[D/2]`` (float64)."""
+    assert weights.rope_theta is not None, "rotary models record rope_theta"
     rd = weights.rotary_dim or weights.d_head
     return 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.float64) / rd))
 

@@ -60,8 +60,10 @@ def activation(name: str, x: Float[Tensor, "*shape"]) -> Float[Tensor, "*shape"]
 def rotary_cos_sin(weights: ModelWeights, positions: Int[Tensor, " pos"]
                    ) -> tuple[Float[Tensor, "pos rot"], Float[Tensor, "pos rot"]]:
     """``cos, sin``: ``[n_pos, rotary_dim]`` in the rotate-half layout Hugging Face Llama uses."""
+    assert weights.rope_theta is not None, "rotary models record rope_theta"
     rd = weights.rotary_dim or weights.d_head
-    inv_freq = 1.0 / (weights.rope_theta ** (torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float() / rd))
+    dims = torch.arange(0, rd, 2, dtype=torch.int64, device=positions.device).float()
+    inv_freq = 1.0 / (weights.rope_theta ** (dims / rd))
     freqs = positions.float()[:, None] * inv_freq[None, :]
     emb = torch.cat([freqs, freqs], dim=-1)
     return emb.cos(), emb.sin()
@@ -112,7 +114,8 @@ class LayerActivations:
     q: Float[Tensor, "batch head pos d_head"]  # after rotary
     k: Float[Tensor, "batch head pos d_head"]  # after rotary
     v: Float[Tensor, "batch head pos d_head"]
-    scores: Float[Tensor, "batch head pos pos"] | None  # [query_pos, key_pos] scaled, masked (-inf); None without patterns
+    # [query_pos, key_pos] scaled, masked (-inf); None without patterns
+    scores: Float[Tensor, "batch head pos pos"] | None
     pattern: Float[Tensor, "batch head pos pos"] | None  # [query_pos, key_pos]; None when run with patterns=False
     z: Float[Tensor, "batch head pos d_head"]  # pattern-weighted values
     attn_out: Float[Tensor, "batch pos d_model"]  # sum of head outputs + b_O
@@ -141,8 +144,8 @@ def mask_scores(weights: ModelWeights, scores: Float[Tensor, "*batch n_query n_k
     return scores.masked_fill(~causal_mask(Tq, Tk, scores.device, query_positions), float("-inf"))
 
 
-def project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"], b: Float[Tensor, "head d_head"]
-            ) -> Float[Tensor, "batch head pos d_head"]:
+def project(x: Float[Tensor, "batch pos d_model"], W: Float[Tensor, "head d_model d_head"],
+            b: Float[Tensor, "head d_head"]) -> Float[Tensor, "batch head pos d_head"]:
     """Per-head projection ``x W + b``: ``x [batch, pos, d_model]``, ``W [head, d_model, d_head]``,
     ``b [head, d_head]`` -> ``[batch, head, pos, d_head]`` (queries, keys or values before rotary)."""
     return torch.einsum("bpd,hde->bhpe", x, W) + b[None, :, None]
@@ -189,7 +192,8 @@ def qkv(weights: ModelWeights, layer: int, x: Float[Tensor, "batch pos d_model"]
     return q, k, v
 
 
-def attn_norm_params(weights: ModelWeights, layer: int) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"] | None]:
+def attn_norm_params(weights: ModelWeights, layer: int
+                     ) -> tuple[Float[Tensor, " d_model"], Float[Tensor, " d_model"] | None]:
     """``(gamma, beta)`` of the norm whose output the heads of ``layer`` read.
 
     Pre-LN: the layer's ``ln1``.  Post-LN (BERT): the embedding LayerNorm for layer 0, else the previous
@@ -198,7 +202,9 @@ def attn_norm_params(weights: ModelWeights, layer: int) -> tuple[Float[Tensor, "
     if weights.norm_placement == "pre":
         return weights.ln1_w[layer], None if weights.ln1_b is None else weights.ln1_b[layer]
     if layer == 0:
+        assert weights.ln_emb_w is not None, "post-LN (BERT) models have an embedding LayerNorm"
         return weights.ln_emb_w, weights.ln_emb_b
+    assert weights.ln2_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
     return weights.ln2_w[layer - 1], weights.ln2_b[layer - 1]
 
 
@@ -241,6 +247,7 @@ def iter_layers(weights: ModelWeights, tokens: Int[Tensor, "batch pos"] | Int[Te
             m_src = x if weights.parallel_attn_mlp else mid  # GPT-NeoX: attention and MLP read the same input
             m_in = norm(weights, m_src, weights.ln2_w[l], None if weights.ln2_b is None else weights.ln2_b[l])
         else:
+            assert weights.ln1_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
             mid = layer_norm(x + attn_out, weights.ln1_w[l], weights.ln1_b[l], weights.eps)
             m_in = mid
         if weights.W_gate is not None:
@@ -253,6 +260,7 @@ def iter_layers(weights: ModelWeights, tokens: Int[Tensor, "batch pos"] | Int[Te
         if pre:
             out = mid + mlp_out
         else:
+            assert weights.ln2_b is not None, "post-LN (BERT) norms are LayerNorms with a bias"
             out = layer_norm(mid + mlp_out, weights.ln2_w[l], weights.ln2_b[l], weights.eps)
         yield LayerActivations(l, x, raw, a_in, q, k, v, scores, pattern, z, attn_out, m_in, pre_act, post, out)
         raw = out if pre else mid + mlp_out
@@ -289,7 +297,7 @@ def hf_activations(hf_model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " po
     if tokens.dim() == 1:
         tokens = tokens[None]
     n_layers = hf_model.config.num_hidden_layers
-    mlp_pre: list[Tensor] = [None] * n_layers  # type: ignore[list-item]
+    mlp_pre: dict[int, Tensor] = {}  # layer -> its MLP pre-activation, filled by the hooks
     handles = []
     for l in range(n_layers):
         def hook(_m, _i, out, l=l):
@@ -300,7 +308,7 @@ def hf_activations(hf_model, tokens: Int[Tensor, "batch pos"] | Int[Tensor, " po
     finally:
         for h in handles:
             h.remove()
-    return [a.detach() for a in out.attentions], mlp_pre
+    return [a.detach() for a in out.attentions], [mlp_pre[l] for l in range(n_layers)]
 
 
 @torch.no_grad()
@@ -309,8 +317,12 @@ def compare_with_model(weights: ModelWeights, hf_model, tokens: Int[Tensor, "bat
     """Max abs difference per layer between :func:`run` and the model's own forward pass."""
     ours = run(weights, tokens.to(weights.device))
     pats, pres = hf_activations(hf_model, tokens)
+    pattern_diff = []
+    for a, p in zip(ours, pats):
+        assert a.pattern is not None, "run() keeps the patterns by default"
+        pattern_diff.append((a.pattern - p.to(a.pattern)).abs().max().item())
     return {
-        "pattern": [(a.pattern - p.to(a.pattern)).abs().max().item() for a, p in zip(ours, pats)],
+        "pattern": pattern_diff,
         "mlp_pre": [(a.mlp_pre - m.to(a.mlp_pre)).abs().max().item() for a, m in zip(ours, pres)],
         "mlp_pre_max_abs": [m.abs().max().item() for m in pres],  # the scale float32 rounding works at
     }

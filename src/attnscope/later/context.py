@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from attnscope.core.stats import tensor_sum
 from attnscope.exact.decomposition import centre
 from attnscope.later.method import LaterCircuit
 from attnscope.later.truth import TruthData, token_mean
@@ -96,7 +97,8 @@ class HybridPositions:
     outputs: list = field(repr=False, default_factory=list)  # each broad head's per-position output fn
 
     def parts(self, w: ModelWeights, tokens: Tensor, neurons: Tensor) -> dict[str, Tensor]:
-        """``{"token mean", "broad heads"}`` ``[pos, k]`` on ``tokens [pos]`` for ``neurons [k]`` (sum: the prediction)."""
+        """``{"token mean", "broad heads"}`` ``[pos, k]`` on ``tokens [pos]`` for ``neurons [k]`` (sum: the
+        prediction)."""
         t, k = tokens.cpu(), neurons.cpu()
         O = sum((centre(fn(t), w) for fn in self.outputs), torch.zeros(len(t), self.C.shape[1]))
         return {"token mean": self.M[t][:, k].float(), "broad heads": (O - self.C[t].float()) @ self.W[:, k].float()}
@@ -133,7 +135,8 @@ def hybrid_effects(w: ModelWeights, lc: LaterCircuit, td: TruthData,
     p = groups / groups.sum(1, keepdim=True)
     heads, fns, Cx = broad_heads(w, lc, neff_min, groups)
     W = lc.token_model.W_in.double().cpu() / lc.scale
-    mean = {"direct": p @ td.M.double() - sum((h.held for h in heads), torch.zeros(2 * C, w.d_model, dtype=torch.float64)) @ W,
+    held = sum((h.held for h in heads), torch.zeros(2 * C, w.d_model, dtype=torch.float64))
+    mean = {"direct": p @ td.M.double() - held @ W,
             "contextual bag": torch.zeros(2 * C, W.shape[1], dtype=torch.float64),
             "other heads": torch.zeros(2 * C, W.shape[1], dtype=torch.float64)}
     for h in heads:
@@ -155,6 +158,6 @@ def _with_fallback(w: ModelWeights, lc: LaterCircuit, M: Tensor) -> Tensor:
     cnt = torch.bincount(sample.reshape(-1), minlength=w.d_vocab).double()
     seen = cnt > 0
     tm = lc.token_model
-    S = (sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()  # [V, d_mlp]
+    S = (tensor_sum(tm.parts.values()) @ tm.W_in / tm.scale).double().cpu()  # [V, d_mlp]
     offset = (cnt[seen, None] * (M[seen].double() - S[seen])).sum(0) / cnt[seen].sum()
     return torch.where(seen[:, None], M.double(), S + offset)

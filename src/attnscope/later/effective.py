@@ -14,9 +14,10 @@ residual depends on the whole prefix.  attnscope approximates it as
 ``E`` and ``pi`` are the least-squares additive fit of ``r - c`` (alternating per-token and per-position
 means, which converge to it); both are exact when the earlier layers add nothing that depends on context
 (e.g. they are zeroed).  Each token's mean is shrunk towards (unseen tokens: replaced by)
-their *direct-path* embedding, with an empirical-Bayes weight (:func:`shrinkage_count`): the embedding passed through the earlier layers with each
-attention output replaced by its sample mean and each MLP applied to the token itself (plus the mean
-offset between the two over seen tokens).  How well that fallback predicts seen tokens is reported.
+their *direct-path* embedding, with an empirical-Bayes weight (:func:`shrinkage_count`): the embedding
+passed through the earlier layers with each attention output replaced by its sample mean and each MLP
+applied to the token itself (plus the mean offset between the two over seen tokens).  How well that
+fallback predicts seen tokens is reported.
 
 Layer 0 with learned positions is the model's own ``W_E`` and ``W_pos`` (no estimate).  Every estimate
 carries its approximation error (:func:`approximation_error`): the share of the residual's variance,
@@ -29,6 +30,7 @@ layer ``l`` and whose embeddings are the effective ones, so the layer-0 circuit 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import Any, TypedDict
 
 import torch
 from torch import Tensor
@@ -36,6 +38,15 @@ from torch import Tensor
 from attnscope.core.errors import AttnscopeError, check_index
 from attnscope.exact.forward import activation, iter_layers, norm
 from attnscope.models import ModelWeights
+
+
+class ApproximationError(TypedDict):
+    """What :func:`approximation_error` measures (the fields of :class:`attnscope.later.result.Approximation`)."""
+
+    fvu: float
+    fvu_token_only: float
+    unseen_share: float
+    n_positions: int
 
 
 @dataclass
@@ -116,7 +127,9 @@ def sample_activations(w: ModelWeights, windows: Tensor, layers: list[int], batc
     ``layers`` and, for every layer up to the deepest, the statistics the linear propagation needs."""
     top = max(layers)
     resid: dict[int, list[Tensor]] = {l: [] for l in layers}
-    sums: dict[str, dict[int, object]] = {k: {} for k in ("attn", "s1", "s2", "slope", "gate", "keep")}
+    # per layer: sums over positions >= 1 (gate: gated MLPs only; keep: with a BOS only), and the norm scales
+    sums: dict[str, dict[int, Tensor]] = {k: {} for k in ("attn", "slope", "gate", "keep")}
+    scales: dict[str, dict[int, list[Tensor]]] = {k: {} for k in ("s1", "s2")}
     n = 0
     for b0 in range(0, windows.shape[0], batch_size):
         batch = windows[b0 : b0 + batch_size].to(w.device)
@@ -125,20 +138,23 @@ def sample_activations(w: ModelWeights, windows: Tensor, layers: list[int], batc
             if l in resid:
                 resid[l].append(a.resid_pre.float().cpu())
             sl, gm = _act_slope(w, a, l)
+            assert a.pattern is not None, "iter_layers keeps the patterns by default"
             keep = (1 - a.pattern[:, :, 1:, 0]).double().sum((0, 2)).cpu() if w.prepend_bos else None
             for k, v in (("attn", a.attn_out[:, 1:].double().sum((0, 1)).cpu()), ("slope", sl), ("gate", gm),
                          ("keep", keep)):
-                sums[k][l] = v if sums[k].get(l) is None else sums[k][l] + v
+                if v is not None:
+                    sums[k][l] = sums[k][l] + v if l in sums[k] else v
             m_src = a.resid_pre if w.parallel_attn_mlp else a.resid_pre + a.attn_out  # what the MLP normalises
             for k, x in (("s1", a.resid_pre), ("s2", m_src)):
-                sums[k].setdefault(l, []).append(_scale(w, x[:, 1:]).reshape(-1).cpu())
+                scales[k].setdefault(l, []).append(_scale(w, x[:, 1:]).reshape(-1).cpu())
         n += batch.shape[0] * (batch.shape[1] - 1)
-    mean = {k: {l: (None if v is None else (v / max(n, 1)).float()) for l, v in sums[k].items()}
-            for k in ("attn", "slope", "gate", "keep")}
-    med = {k: {l: float(torch.cat(v).median()) for l, v in sums[k].items()} for k in ("s1", "s2")}
-    keep = {l: (v if v is not None else torch.ones(w.n_heads)) for l, v in mean["keep"].items()}
+    mean = {k: {l: (v / max(n, 1)).float() for l, v in sums[k].items()} for k in sums}
+    med = {k: {l: float(torch.cat(v).median()) for l, v in scales[k].items()} for k in scales}
+    layers_run = list(mean["attn"])  # 0 .. top
+    gate = {l: mean["gate"].get(l) for l in layers_run}  # None without a gated MLP
+    keep_mean = {l: mean["keep"][l] if l in mean["keep"] else torch.ones(w.n_heads) for l in layers_run}
     return SampleActivations(windows.cpu(), {l: torch.cat(v) for l, v in resid.items()}, mean["attn"], med["s1"],
-                             med["s2"], mean["slope"], mean["gate"], keep)
+                             med["s2"], mean["slope"], gate, keep_mean)
 
 
 @torch.no_grad()
@@ -171,8 +187,8 @@ def cached_direct_path(w: ModelWeights, layer: int, sample: SampleActivations) -
     if layer not in sample.direct:
         below = [l for l in sample.direct if l < layer]
         m = max(below) if below else None
-        sample.direct[layer] = direct_path(w, layer, sample.mean_attn_out, start=None if m is None else sample.direct[m],
-                                           start_layer=m or 0)
+        sample.direct[layer] = direct_path(w, layer, sample.mean_attn_out,
+                                           start=None if m is None else sample.direct[m], start_layer=m or 0)
     return sample.direct[layer]
 
 
@@ -240,6 +256,7 @@ def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: 
     T = sample.tokens.shape[1]
     if layer == 0 and w.positional == "learned" and w.ln_emb_w is None and not force_estimate and offset is None:
         E = (w.W_E + (0 if w.W_type is None else w.W_type)).float().cpu()
+        assert w.W_pos is not None, "learned positions"
         cnt = torch.bincount(sample.tokens.reshape(-1), minlength=w.d_vocab)[: w.d_vocab].double()
         return EffectiveEmbedding(0, E, w.W_pos[:T].float().cpu(), cnt, True, sample.tokens.numel(), 0.0, 1.0, 0, 0.0)
     R = sample.resid[layer] if offset is None else sample.resid[layer] - offset
@@ -261,7 +278,7 @@ def estimate(w: ModelWeights, layer: int, sample: SampleActivations, *, offset: 
 
 @torch.no_grad()
 def approximation_error(w: ModelWeights, eff: EffectiveEmbedding, windows: Tensor, *, n_min: int = 1,
-                        offset: Tensor | None = None, resid: Tensor | None = None) -> dict[str, float]:
+                        offset: Tensor | None = None, resid: Tensor | None = None) -> ApproximationError:
     """On held-out ``windows [N, T]``: FVU of the normalised residual entering ``eff.layer`` by token +
     position (+ ``offset [N, T, d]``), over positions ``>= n_min``; and the share of positions whose token the
     sample never saw (they use the direct-path fallback).  ``resid``: the true residual, if already run."""
@@ -287,7 +304,9 @@ def layer_view(w: ModelWeights, eff: EffectiveEmbedding) -> ModelWeights:
         return w
     per_layer = ("ln1_w", "ln1_b", "W_Q", "W_K", "W_V", "b_Q", "b_K", "b_V", "W_O", "b_O", "ln2_w", "ln2_b", "W_in",
                  "b_in", "W_gate", "W_out", "b_out", "attn_scale")
-    sliced = {k: (getattr(w, k)[l:] if getattr(w, k) is not None else None) for k in per_layer}
+    # each value has its ModelWeights field's type (the tensor from layer l on, or None where the field is None);
+    # the names are checked by dataclasses.replace at run time
+    sliced: dict[str, Any] = {k: (getattr(w, k)[l:] if getattr(w, k) is not None else None) for k in per_layer}
     learned = w.positional == "learned"
     return replace(w, name=f"{w.name}@layer{l}", W_E=eff.E.to(w.dtype).to(w.device),
                    W_pos=eff.pi.to(w.dtype).to(w.device) if learned else None, W_type=None, ln_emb_w=None,

@@ -18,15 +18,17 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
+from typing import TypedDict
 
 import torch
 from torch import Tensor
 
 from attnscope.circuit.build import CircuitSettings
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.stats import tensor_sum
 from attnscope.core.texts import decode_tokens
 from attnscope.exact.decomposition import centre
-from attnscope.later.context import hybrid_effects
+from attnscope.later.context import HybridPositions, hybrid_effects
 from attnscope.later.method import LaterCircuit, LaterSettings, build_later, earlier_terms, prepare
 from attnscope.later.result import FitMedians, LaterCard, LaterResult, LaterVerification
 from attnscope.later.truth import TruthData, layer_pre, truth_data
@@ -59,17 +61,26 @@ PREDICTORS = ("full", "heads", "direct", "hybrid", "token_mean", "shuffled")
 
 
 
+class PredictorParts(TypedDict):
+    """Each term's part of the ``full`` and the ``hybrid`` predictor, and the hybrid per position (layer 0: no
+    hybrid, so ``{}`` and ``None``)."""
+
+    full: dict[str, Tensor]
+    hybrid: dict[str, Tensor]
+    positions: HybridPositions | None
+
+
 def predictors(w: ModelWeights, lc: LaterCircuit, td: TruthData,
-               neff_min: float = 16.0) -> tuple[dict[str, Tensor], dict[str, dict[str, Tensor]]]:
+               neff_min: float = 16.0) -> tuple[dict[str, Tensor], PredictorParts]:
     """Predicted one-vs-rest effects ``[n_sources, d_mlp]`` of each predictor (module docstring), and each term's
     part of the ``full`` and the ``hybrid`` one (every such predictor is the sum of its parts)."""
     tm = lc.token_model
     parts = predicted_effects(tm, lc.windows, td.sigma, w.d_vocab)
     hyb, _, hp = hybrid_effects(w, lc, td, neff_min) if lc.layer > 0 else ({}, [], None)
-    out = {"full": sum(parts.values()), "heads": sum(v for k, v in parts.items() if k != "direct"),
+    out = {"full": tensor_sum(parts.values()), "heads": tensor_sum(v for k, v in parts.items() if k != "direct"),
            "direct": parts["direct"]}
     if hyb:
-        out["hybrid"] = sum(hyb.values())
+        out["hybrid"] = tensor_sum(hyb.values())
     counts = torch.stack([token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows])
     perm = torch.randperm(w.d_vocab, generator=torch.Generator().manual_seed(0))
     tmv, sh = [], []
@@ -102,7 +113,7 @@ def position_prediction(w: ModelWeights, lc: LaterCircuit, tokens: Tensor, neuro
 def _swings(lc: LaterCircuit, top_m: int) -> tuple[Tensor, Tensor]:
     """The heads-only terms' swings: mean of the top-m token scores minus the sample mean (and the negative)."""
     tm = lc.token_model
-    S = sum(v for k, v in tm.parts.items() if k != "direct") @ tm.W_in / tm.scale  # [V, d_mlp]
+    S = tensor_sum(v for k, v in tm.parts.items() if k != "direct") @ tm.W_in / tm.scale  # [V, d_mlp]
     sample = torch.cat([x.tune for x in lc.windows])
     p = token_frequencies(sample, S.shape[0]).to(S.dtype).to(S.device)
     mean = p @ S
@@ -152,12 +163,14 @@ def later_cards(w: ModelWeights, lc: LaterCircuit, sc: NeuronScores, td: TruthDa
         top, bot = ts[:, j].topk(50), (-ts[:, j]).topk(50)
         tp, tn = decode_tokens(w.tokenizer, top.indices.tolist()), decode_tokens(w.tokenizer, bot.indices.tolist())
         td_k = {s: float(td.d_report[c, k]) for c, s in enumerate(sc.sources)}
+        pos_label, pos_evidence, neg_label, neg_evidence = label(tp, tn)
         out.append(LaterCard(k, rank[k], float(sc.sensitivity[k]),
                              [(t, round(float(v), 4)) for t, v in zip(tp[:n_tok], top.values[:n_tok])],
-                             [(t, round(-float(v), 4)) for t, v in zip(tn[:n_tok], bot.values[:n_tok])], *label(tp, tn),
+                             [(t, round(-float(v), 4)) for t, v in zip(tn[:n_tok], bot.values[:n_tok])],
+                             pos_label, pos_evidence, neg_label, neg_evidence,
                              r[j], fv[j], {t: v[j] for t, v in share.items()}, td_k,
                              {s: float(sc.predicted_d[c, k]) for c, s in enumerate(sc.sources)},
-                             max(td_k, key=td_k.get), min(td_k, key=td_k.get)))
+                             max(td_k, key=td_k.__getitem__), min(td_k, key=td_k.__getitem__)))
     return out
 
 
@@ -170,9 +183,10 @@ def _verification(w, lc, sc: NeuronScores, thr: Threshold, td: TruthData, s, car
     hyb = (lambda t, k: hp.parts(w, t, k)) if rank == "hybrid" else None
     fr, fc = _fits(w, lc, rand, predict=hyb), _fits(w, lc, cards, predict=hyb) if cards else None
     full = (_fits(w, lc, rand), _fits(w, lc, cards) if cards else None) if hyb else (None, None)
+    top20 = {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean())
+             for c, x in enumerate(sc.sources)}
     return LaterVerification(
-        thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()),
-        {x: float(passed[td.d_report[c].abs().argsort(descending=True)[:20]].double().mean()) for c, x in enumerate(sc.sources)},
+        thr.n_passed, float(ok[passed].double().mean()) if passed.any() else None, float(ok.double().mean()), top20,
         thr.n_passed / len(passed), None if fc is None else FitMedians.of(*fc), FitMedians.of(*fr), rank,
         None if full[1] is None else FitMedians.of(*full[1]), None if full[0] is None else FitMedians.of(*full[0])), fc
 
@@ -194,8 +208,9 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     names = [x.name for x in lc.windows]
     sp, sn = _swings(lc, s.top_m)
     rank = s.rank_by if s.rank_by in preds else "full"  # layer 0 has no hybrid (nothing before it)
-    sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=parts[rank], sensitivity=preds[rank].abs().max(0).values,
-                      swing_pos=sp, swing_neg=sn, sigma=td.sigma)
+    rank_parts = parts["hybrid"] if rank == "hybrid" else parts["full"]  # rank_by is hybrid or full (checked above)
+    sc = NeuronScores(sources=names, predicted_d=preds[rank], parts=rank_parts,
+                      sensitivity=preds[rank].abs().max(0).values, swing_pos=sp, swing_neg=sn, sigma=td.sigma)
     thr = select(sc, td.d_tune, s.precision_target)
     passed = sc.sensitivity >= thr.value
     scores = {p: {n: discovery_scores(P[c], td.d_report[c], passed if p == rank else None)

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit, circuit_fidelity, mlp_input_weights
 from attnscope.circuit.query import circuit_output
-from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
+from attnscope.core.errors import AttnscopeError, ConditionFailedError, NoContextualHeadsError, check_index
+from attnscope.core.stats import tensor_sum
 from attnscope.core.texts import bundled_texts
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
@@ -78,8 +79,9 @@ class LaterCircuit:
     explainers: dict[int, Explainer] = field(repr=False)
     G: dict[int, Tensor] = field(repr=False)  # l < L -> [d_model, d_model], to the MLP input of L
     R: dict[int, Tensor] = field(repr=False)  # l < L -> [d_model, d_model], to the residual entering L
-    direct: EffectiveEmbedding = field(repr=False)  # E'_L, pi'_L (earlier terms removed)
-    token_model: TokenModel = field(repr=False)
+    # set by build_later once the earlier layers' terms are known (both are computed from this object)
+    direct: EffectiveEmbedding = field(init=False, repr=False)  # E'_L, pi'_L (earlier terms removed)
+    token_model: TokenModel = field(init=False, repr=False)
     scale: float = 1.0  # median scale of the norm in front of the MLP of L (true model, sample)
     n_min: int = 25
     approximation_direct: Approximation | None = None  # held-out error of E'_L + pi'_L + c_L
@@ -89,8 +91,8 @@ class LaterCircuit:
     def record(self) -> LaterCircuitRecord:
         """The measured numbers of the composition (the typed, saved part; tensors stay here)."""
         assert self.approximation_direct is not None
-        return LaterCircuitRecord(self.layer, self.scale, self.n_min, self.pieces, EffectiveSummary(**self.direct.to_json()),
-                                  self.approximation_direct)
+        return LaterCircuitRecord(self.layer, self.scale, self.n_min, self.pieces,
+                                  EffectiveSummary(**self.direct.to_json()), self.approximation_direct)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -117,7 +119,9 @@ def mlp_map(w: ModelWeights, sa: SampleActivations, m: int) -> Tensor:
     if w.W_gate is None:
         D = W_in * sa.slope[m].double()[None]
     else:
-        D = w.W_gate[m].double().cpu() * sa.slope[m].double()[None] + W_in * sa.gate_mean[m].double()[None]
+        gate_mean = sa.gate_mean[m]
+        assert gate_mean is not None, "sample_activations records the gate mean of gated MLPs"
+        D = w.W_gate[m].double().cpu() * sa.slope[m].double()[None] + W_in * gate_mean.double()[None]
     return _centring(w) @ (w.ln2_w[m].double().cpu()[:, None] * D) @ W_out / sa.mlp_scale[m]
 
 
@@ -149,21 +153,23 @@ def sources(w: ModelWeights, cs: CircuitSettings, s: LaterSettings, T: int) -> l
     """Windows of each labelled source; the calibration source starts after the calibration window."""
     specs = list(dict.fromkeys(s.eval or [f"bundled:{n}" for n in bundled_texts()]))
     if len(specs) < 2:
-        raise AttnscopeError("later-layer neurons need at least two sources for one-vs-rest contrasts; pass --eval twice or more")
+        raise AttnscopeError("later-layer neurons need at least two sources for one-vs-rest contrasts; "
+                             "pass --eval twice or more")
     skip = T - (1 if w.prepend_bos else 0)
     return [source_windows(w, x, T, max_windows=s.max_windows, skip_tokens=skip if x == cs.calibration else 0)
             for x in specs]
 
 
-def _layer_circuit(view: ModelWeights, cs: CircuitSettings) -> tuple[Circuit, str | None]:
+def _layer_circuit(view: ModelWeights, cs: CircuitSettings) -> tuple[Circuit, str | None, str | None]:
     """The layer's contextual circuit; when no head qualifies, an empty one (no bag: every head is then an
-    *other* head of the explanation) and the failed condition."""
+    *other* head of the explanation), the failed condition and its limiting measurement."""
     try:
-        return build_circuit(view, cs), None
+        return build_circuit(view, cs), None, None
     except ConditionFailedError as e:
+        limiting = e.limiting if isinstance(e, NoContextualHeadsError) else str(e)
         c = build_circuit(view, replace(cs, heads=[0]))
         return replace(c, heads=[], ext=torch.zeros_like(c.ext), positional=torch.zeros_like(c.positional),
-                       head_kernels=c.head_kernels[:0], f=c.f[:0], Z=c.Z[:0], conditions=[]), str(e)
+                       head_kernels=c.head_kernels[:0], f=c.f[:0], Z=c.Z[:0], conditions=[]), str(e), limiting
 
 
 @torch.no_grad()
@@ -197,14 +203,15 @@ def fit_gains(w: ModelWeights, sa: SampleActivations, layer: int, terms: dict[in
     gain = {l: 1.0 for l in ls}
     R = sa.resid[layer][:, 1:].reshape(-1, w.d_model).double()
     X = torch.stack([terms[l][:, 1:].reshape(-1, w.d_model).double() for l in ls], -1)  # [N, d, n_l]
+
     for _ in range(rounds):
-        eff = estimate(w, layer, sa, offset=sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
+        eff = estimate(w, layer, sa, offset=tensor_sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
         y = R - (eff.E[sa.tokens] + eff.pi)[:, 1:].reshape(-1, w.d_model).double()
         A = torch.einsum("ndi,ndj->ij", X, X)
         b = torch.einsum("ndi,nd->i", X, y)
         g = torch.linalg.lstsq(A, b[:, None]).solution[:, 0]
         gain = {l: float(g[j]) for j, l in enumerate(ls)}
-    eff = estimate(w, layer, sa, offset=sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
+    eff = estimate(w, layer, sa, offset=tensor_sum(gain[l] * terms[l] for l in ls), prior_count=prior_count)
     return eff, gain
 
 
@@ -224,7 +231,8 @@ def _circuit_fvus(w: ModelWeights, l: int, view: ModelWeights, circ: Circuit, te
     for t in texts.values():
         t = t[: circ.T]
         ys.append(centre(_true_heads(w, l, circ.heads, t), w)[n_min:].double().cpu())
-        yh.append(centre(circuit_output(view, circ, t.to(view.device)), w)[n_min:].double().cpu())  # the form circuit_fidelity scores
+        # the form circuit_fidelity scores
+        yh.append(centre(circuit_output(view, circ, t.to(view.device)), w)[n_min:].double().cpu())
     y, yhat = torch.cat(ys), torch.cat(yh)
     return eff_fvu, float(((y - yhat) ** 2).sum() / ((y - y.mean(0)) ** 2).sum())
 
@@ -278,11 +286,11 @@ def _layer(w: ModelWeights, l: int, sh: Shared, s: LaterSettings) -> tuple:
     if l not in sh.layers:
         eff = estimate(w, l, sh.sa, prior_count=s.prior_count)
         view = layer_view(w, eff)
-        circ, err = _layer_circuit(view, sh.cs)
+        circ, err, limiting = _layer_circuit(view, sh.cs)
         report = torch.cat([x.report for x in sh.windows])
         err_l = approximation_error(w, eff, report, n_min=sh.n_min, resid=sh.held[l])
         piece = LayerPiece(l, EffectiveSummary(**eff.to_json()), Approximation(**err_l), circ.heads,
-                           list(circ.conditions), err, None, None, None)
+                           list(circ.conditions), err, None, None, None, limiting=limiting)
         if circ.heads:
             texts = {x.name: x.report[0] for x in sh.windows}
             piece.circuit_fvu_effective, piece.circuit_fvu_true = _circuit_fvus(w, l, view, circ, texts)
@@ -300,8 +308,7 @@ def build_later(w: ModelWeights, layer: int, cs: CircuitSettings | None = None, 
     s = s or LaterSettings()
     sh = shared or prepare(w, layer, cs, s)
     sa, n_min = sh.sa, sh.n_min
-    lc = LaterCircuit(layer, [], sh.windows, {}, {}, {}, {}, {}, None, None, sa.mlp_scale[layer], n_min,  # type: ignore[arg-type]
-                      scale_dim=w.d_model)
+    lc = LaterCircuit(layer, [], sh.windows, {}, {}, {}, {}, {}, sa.mlp_scale[layer], n_min, scale_dim=w.d_model)
     for l in range(layer + 1):
         lc.views[l], lc.circuits[l], lc.explainers[l], piece = _layer(w, l, sh, s)
         piece = replace(piece)

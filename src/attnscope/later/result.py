@@ -65,15 +65,18 @@ class LayerPiece:
     circuit_fvu_true: float | None  # linear summary vs the heads' TRUE output in the model
     propagation_norm: float | None  # ||G_l||_2 (l < L): gain of the path to the MLP of L
     propagation_gain: float | None = None  # fitted scalar on G_l (1: the linearisation is calibrated)
+    limiting: str | None = None  # the failed condition's measurement: the closest head and what it fails
 
     @property
     def limiting_condition(self) -> str:
-        """The failed condition's measurement (the part of ``circuit_error`` naming the closest head)."""
-        return (self.circuit_error or "").split("(closest, ")[-1].split("; pass --heads")[0].rstrip(")")
+        """The failed condition's measurement (typed, from :class:`~attnscope.core.errors.NoContextualHeadsError`;
+        results saved before it was recorded show the whole ``circuit_error``)."""
+        return self.limiting if self.limiting is not None else (self.circuit_error or "")
 
     @classmethod
     def from_json(cls, d: dict) -> LayerPiece:
-        return cls(**{**d, "effective": EffectiveSummary(**d["effective"]), "approximation": Approximation(**d["approximation"]),
+        return cls(**{**d, "effective": EffectiveSummary(**d["effective"]),
+                      "approximation": Approximation(**d["approximation"]),
                       "conditions": [Condition(**c) for c in d["conditions"]]})
 
 
@@ -179,9 +182,10 @@ class LaterResult:
     def median_ceiling(self) -> float | None:
         return median(self.ceiling.values())
 
-    def median_spearman(self, predictor: str) -> float:
-        """Median over the one-vs-rest contrasts of the Spearman of ``predictor`` (:func:`attnscope.core.stats.median`)."""
-        return median(s.spearman for s in self.scores[predictor].values())  # type: ignore[return-value]
+    def median_spearman(self, predictor: str) -> float | None:
+        """Median over the one-vs-rest contrasts of the Spearman of ``predictor``
+        (:func:`attnscope.core.stats.median`; ``None`` when no contrast has a finite one)."""
+        return median(s.spearman for s in self.scores[predictor].values())
 
     def to_json(self) -> dict:
         return {"schema_version": self.schema_version, "model": self.model, "layer": self.layer,

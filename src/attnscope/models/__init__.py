@@ -31,5 +31,5 @@ from attnscope.models.resolve import (
 )
 from attnscope.models.weights import ModelWeights, Positional, parse_dtype
 
-__all__ = ["MODEL_ALIASES", "MODEL_PACKAGES", "SUPPORTED_TYPES", "ModelWeights", "Positional", "ResolvedModel", "cache_dir",
-           "demo_model_path", "extract_weights", "load_hf", "load_model", "parse_dtype", "resolve"]
+__all__ = ["MODEL_ALIASES", "MODEL_PACKAGES", "SUPPORTED_TYPES", "ModelWeights", "Positional", "ResolvedModel",
+           "cache_dir", "demo_model_path", "extract_weights", "load_hf", "load_model", "parse_dtype", "resolve"]

@@ -170,7 +170,8 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
     r = resolve(spec)
     revision = revision or r.revision
     kwargs: dict[str, Any] = {"attn_implementation": "eager", "dtype": dtype}
-    path, tok_kwargs = r.path, {}
+    path = r.path
+    tok_kwargs: dict[str, Any] = {}
     try:
         if r.kind == "gguf":
             path = _dequantised_gguf(r)
@@ -179,8 +180,8 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
             tok_kwargs["revision"] = revision
             if not _hub_reachable():  # fail in a second from the local HF cache, not after 25 s of retries
                 kwargs["local_files_only"] = tok_kwargs["local_files_only"] = True
-        config = AutoConfig.from_pretrained(path, **({k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
-                                                     if r.kind == "hub" else {}))
+        hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
+        config = AutoConfig.from_pretrained(path, **(hub_kwargs if r.kind == "hub" else {}))
         tokenizer = AutoTokenizer.from_pretrained(path, **tok_kwargs)
     except (OSError, ValueError) as err:
         if r.kind == "hub":
@@ -247,8 +248,10 @@ def _dequantised_gguf(r: ResolvedModel) -> str:
     with atomic_dir(out) as tmp:
         # the tensors are already de-quantised floats: save them as a plain float32 checkpoint
         model.config.__dict__.pop("quantization_config", None)
-        model.hf_quantizer = None
-        model.is_quantized = False
+        # transformers' PreTrainedModel does not declare these attributes, so torch's Module.__getattr__ types
+        # them as Tensor | Module; they are plain attributes that from_pretrained sets
+        model.hf_quantizer = None  # type: ignore[assignment]
+        model.is_quantized = False  # type: ignore[assignment]
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         (tmp / "attnscope_source.json").write_text(json.dumps({"gguf": str(src.resolve()), "size": st.st_size}))

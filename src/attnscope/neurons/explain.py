@@ -43,6 +43,7 @@ from attnscope.circuit.build import (
     value_bias,
 )
 from attnscope.circuit.query import circuit_output
+from attnscope.core.stats import tensor_sum
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import embed, iter_layers
 from attnscope.models import ModelWeights
@@ -156,12 +157,15 @@ def score_explanation(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list
     (token windows ``[pos]``), over positions ``n >= min_position``."""
     n_min = circ.settings.min_position
     idx = torch.tensor(neurons, dtype=torch.long, device=w.device)
-    ys, terms, rw, fw = [], {t: [] for t in TERMS}, [], []
+    ys: list[Tensor] = []
+    terms: dict[str, list[Tensor]] = {t: [] for t in TERMS}
+    rw: list[Tensor] = []
+    fw: list[Tensor] = []
     for toks in texts:
         toks = toks[: circ.T]
         y = true_pre(w, toks)[n_min:, idx]
         parts = explain_terms(w, circ, ex, toks, idx)
-        yhat = sum(p[n_min:] for p in parts.values())
+        yhat = tensor_sum(p[n_min:] for p in parts.values())
         r, f = fit_scores(y, yhat)
         rw.append(r)
         fw.append(f)
@@ -170,7 +174,7 @@ def score_explanation(w: ModelWeights, circ: Circuit, ex: Explainer, texts: list
             terms[t].append(parts[t][n_min:])
     y = torch.cat(ys).double()
     tcat = {t: torch.cat(v).double() for t, v in terms.items()}
-    r, fvu = fit_scores(y, sum(tcat.values()))
+    r, fvu = fit_scores(y, tensor_sum(tcat.values()))
     yc = y - y.mean(0)
     var = (yc**2).sum(0).clamp_min(1e-30)
     share = {t: ((v - v.mean(0)) * yc).sum(0) / var for t, v in tcat.items()}

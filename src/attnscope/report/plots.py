@@ -74,16 +74,19 @@ def kernel_curves(res: K.KernelResult, out: Path, max_layers: int = 12) -> Path:
         j = all_layers.index(l)
         ys = np.log10(np.maximum(ok[j, heads], 1e-8))  # [heads, offsets]
         segs = np.stack([np.broadcast_to(x, ys.shape), ys], -1)
-        ax.add_collection(LineCollection(segs, colors=[CAT_COLORS[res.record(l, h).category] for h in heads],
-                                         linewidths=1, alpha=0.85))
+        # matplotlib's stubs declare a sequence of segments; a [n_segments, n_points, 2] array is what its
+        # documentation also accepts (and what it converts a sequence to)
+        colors = [CAT_COLORS[res.record(l, h).category] for h in heads]
+        ax.add_collection(LineCollection(segs, colors=colors, linewidths=1, alpha=0.85))  # type: ignore[arg-type]
         ax.set_title(f"layer {l}")
         ax.set_xlabel("|n - i| + 1")
     xmax = max(float(x[-1]), 1.0)
     for ax in axes.flat:
         ax.set_xlim(-0.05 * xmax, 1.05 * xmax)
         ax.set_ylim(ymin, np.log10(1.1))
-        ax.xaxis.set_major_locator(FixedLocator(np.arange(0, int(np.floor(xmax)) + 1)))
-        ax.yaxis.set_major_locator(FixedLocator(np.arange(ymin, 1)))
+        # matplotlib's stubs declare Sequence[float]; FixedLocator takes any array (it calls np.asarray)
+        ax.xaxis.set_major_locator(FixedLocator(np.arange(0, int(np.floor(xmax)) + 1)))  # type: ignore[arg-type]
+        ax.yaxis.set_major_locator(FixedLocator(np.arange(ymin, 1)))  # type: ignore[arg-type]
         ax.xaxis.set_minor_locator(NullLocator())
         ax.yaxis.set_minor_locator(NullLocator())
         ax.xaxis.set_major_formatter(_decade)
@@ -233,12 +236,14 @@ def r_fvu_distribution(res: NeuronResult, out: Path) -> Path:
     rnd = res.verification.random
     fig, (a, b) = plt.subplots(1, 2, figsize=(8, 2.8))
     a.hist(r, bins=20, range=(-0.2, 1), color="#1f77b4")
-    a.axvline(np.median(r) if len(r) else 0, color="k", ls="--", label=f"median {np.median(r) if len(r) else float('nan'):.2f}")
+    a.axvline(np.median(r) if len(r) else 0, color="k", ls="--",
+              label=f"median {np.median(r) if len(r) else float('nan'):.2f}")
     a.axvline(rnd.r, color="#7f7f7f", ls=":", label=f"random neurons {rnd.r:.2f}")
     a.set_xlabel("Pearson r (full explanation vs true pre-activation)")
     a.legend(fontsize=7)
     b.hist(np.clip(f, 0, 2), bins=20, range=(0, 2), color="#ff7f0e")
-    b.axvline(np.median(f) if len(f) else 0, color="k", ls="--", label=f"median {np.median(f) if len(f) else float('nan'):.2f}")
+    b.axvline(np.median(f) if len(f) else 0, color="k", ls="--",
+              label=f"median {np.median(f) if len(f) else float('nan'):.2f}")
     b.axvline(rnd.fvu, color="#7f7f7f", ls=":", label=f"random neurons {rnd.fvu:.2f}")
     b.set_xlabel("FVU (clipped at 2)")
     b.legend(fontsize=7)

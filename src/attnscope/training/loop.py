@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import tokenizers
@@ -35,6 +36,9 @@ from attnscope.training.corpora import (
     train_tokenizer,
 )
 from attnscope.training.evaluate import heldout_loss
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
 
 __all__ = ["TrainConfig", "train_demo", "checkpoint_dir"]
 
@@ -88,8 +92,8 @@ class _Data:
     labels: list[str]
     corpora: dict[str, tuple[str, str]]
     shas: dict[str, str]
-    tokenizer: object  # tokenizers.Tokenizer
-    hf_tokenizer: object  # PreTrainedTokenizerFast
+    tokenizer: tokenizers.Tokenizer
+    hf_tokenizer: PreTrainedTokenizerFast
     train_ids: dict[str, np.ndarray]
     eval_ids: dict[str, np.ndarray]
     usable: list[str]
@@ -354,7 +358,8 @@ def _config_record(cfg: TrainConfig, data: _Data, st: _State, model) -> dict:
                       "max_train_chars_per_corpus": cfg.tokenizer_max_chars},
         "training": {
             "optimizer": "AdamW", "betas": [0.9, 0.95], "weight_decay": cfg.weight_decay, "lr": cfg.lr,
-            "schedule": "linear warmup + cosine decay over " + ("steps" if cfg.steps is not None else "wall-clock budget"),
+            "schedule": "linear warmup + cosine decay over "
+                        + ("steps" if cfg.steps is not None else "wall-clock budget"),
             "warmup_steps": st.warmup, "min_lr_ratio": cfg.min_lr_ratio, "grad_clip": 1.0,
             "batch_size": cfg.batch_size, "seq_len": cfg.n_ctx, "bf16_autocast": st.use_bf16,
             "max_minutes": cfg.max_minutes, "steps_requested": cfg.steps, "save_every": cfg.save_every,
