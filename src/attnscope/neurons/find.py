@@ -316,7 +316,8 @@ def neuron_rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, t
                                   *(float(scores.parts[t][best[k], k]) for t in ROW_TERMS), float(scores.swing_pos[k]),
                                   float(scores.swing_neg[k]), float(scores.sigma[k]),
                                   bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
-                                  decode_tokens(w.tokenizer, top[:, j].tolist()), decode_tokens(w.tokenizer, bot[:, j].tolist()),
+                                  decode_tokens(w.tokenizer, top[:, j].tolist()),
+                                  decode_tokens(w.tokenizer, bot[:, j].tolist()),
                                   float(scores.parts["norm scale"][best[k], k]) if "norm scale" in scores.parts else 0.0))
     return rows
 

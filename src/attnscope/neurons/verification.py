@@ -235,13 +235,15 @@ class ContrastVerification:
 
 
 @torch.no_grad()
-def verify_contrast(w: ModelWeights, expected: Callable[[Tensor], Tensor], sigma: Tensor, n_min: int, wins_a: list[Tensor],
-                    wins_b: list[Tensor], p_whole_a: Tensor | None, p_whole_b: Tensor | None, tmean: TokenMean,
+def verify_contrast(w: ModelWeights, expected: Callable[[Tensor], Tensor], sigma: Tensor, n_min: int,
+                    wins_a: list[Tensor], wins_b: list[Tensor], p_whole_a: Tensor | None, p_whole_b: Tensor | None,
+                    tmean: TokenMean,
                     stats_a: list[PreStats] | None = None, stats_b: list[PreStats] | None = None,
                     windows_note: str = "") -> tuple[ContrastVerification, Tensor, Tensor, Tensor]:
     """Score the contrast A vs B on the given windows; ``expected`` maps token frequencies ``[d_vocab]`` to the
-    predicted mean pre-activations ``[d_mlp]`` (:meth:`attnscope.neurons.contrast.TokenModel.expected`).  Returns the verification, the true ``d``, the true
-    difference of means and the like-for-like predicted ``d`` (each ``[d_mlp]``)."""
+    predicted mean pre-activations ``[d_mlp]`` (:meth:`attnscope.neurons.contrast.TokenModel.expected`).
+    Returns the verification, the true ``d``, the true difference of means and the like-for-like predicted
+    ``d`` (each ``[d_mlp]``)."""
     sa = stats_a if stats_a is not None else window_stats(w, wins_a, n_min)
     sb = stats_b if stats_b is not None else window_stats(w, wins_b, n_min)
     A, B = _sum(sa), _sum(sb)
