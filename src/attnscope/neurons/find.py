@@ -318,7 +318,8 @@ def neuron_rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, t
                                   bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
                                   decode_tokens(w.tokenizer, top[:, j].tolist()),
                                   decode_tokens(w.tokenizer, bot[:, j].tolist()),
-                                  float(scores.parts["norm scale"][best[k], k]) if "norm scale" in scores.parts else 0.0))
+                                  float(scores.parts["norm scale"][best[k], k])
+                                  if "norm scale" in scores.parts else 0.0))
     return rows
 
 
