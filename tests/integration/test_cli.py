@@ -343,14 +343,21 @@ def test_windows_overlap_is_marked(tiny_gpt2_dir, tmp_path, caplog):
 
 
 def test_cache_info_and_clear(tmp_path, monkeypatch):
+    """A cache written before the marker existed (only attnscope's entry forms) is recognised and migrated;
+    clear removes attnscope's entries only, after --yes (stdin is not a terminal here)."""
     monkeypatch.setenv("ATTNSCOPE_CACHE", str(tmp_path))
     (tmp_path / "tokens").mkdir()
-    (tmp_path / "tokens" / "x.npy").write_bytes(b"1" * 1000)
-    (tmp_path / "mine.txt").write_text("not attnscope's")
+    entry = tmp_path / "tokens" / f"{'a' * 16}-{'b' * 24}.npy"
+    entry.write_bytes(b"1" * 1000)
     r = runner.invoke(app, ["cache", "info", "--json"])
     d = json.loads(r.stdout)
-    assert d["path"] == str(tmp_path) and d["kinds"]["tokens"] == {"entries": 1, "bytes": 1000, "temporary": 0}
+    assert d["path"] == str(tmp_path) and d["marked"] is True  # migrated: every entry has attnscope's form
+    assert d["kinds"]["tokens"] == {"entries": 1, "bytes": 1000, "temporary": 0, "not_attnscope": 0}
+    (tmp_path / "mine.txt").write_text("not attnscope's")
+    assert json.loads(runner.invoke(app, ["cache", "info", "--json"]).stdout)["not_attnscope"] == 1
     r = runner.invoke(app, ["cache", "clear", "tokens"])
+    assert r.exit_code != 0 and "stdin is not a terminal; pass --yes" in str(r.exception) and entry.exists()
+    r = runner.invoke(app, ["cache", "clear", "tokens", "--yes"])
     assert r.exit_code == 0 and "freed 0.0 MB" in r.output
     assert not (tmp_path / "tokens").exists() and (tmp_path / "mine.txt").exists()
 

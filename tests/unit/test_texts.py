@@ -127,6 +127,22 @@ def test_unreadable_input_is_one_line(tmp_path, monkeypatch):
     def denied(path):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(T, "is_binary", denied)  # chmod 000 does not stop root, who runs these tests here
+    monkeypatch.setattr(T.Path, "read_bytes", denied)  # chmod 000 does not stop root, who runs these tests here
     with pytest.raises(AttnscopeError, match="cannot read .*locked.txt \\(permission denied\\)"):
         open_source(p)
+
+
+def test_file_name_that_is_not_utf8(tmp_path):
+    """A Latin-1 file name (``caf\\xe9.txt``, decoded with surrogates): hashed as its bytes, and written into an
+    HTML page as an escape, not a UnicodeEncodeError (issue 22)."""
+    import os
+
+    from attnscope.report import write_report
+
+    with open(os.path.join(os.fsencode(tmp_path), b"caf\xe9.txt"), "wb") as f:
+        f.write(b"Call me Ishmael.")
+    name = os.fsdecode(b"caf\xe9.txt")
+    src = open_source(tmp_path / name)
+    assert src.documents[0][0] == name and len(src.sha256) == 64
+    page = write_report(tmp_path / "r", command=f"attnscope kernels m --samples {name}").read_bytes().decode("utf-8")
+    assert "caf\\udce9.txt" in page

@@ -56,7 +56,7 @@ from attnscope.circuit.result import (  # noqa: F401  (re-exported: the circuit'
     HeadDecision,
 )
 from attnscope.core.errors import AttnscopeError, NoContextualHeadsError, check_index
-from attnscope.core.texts import open_source, text_tokens
+from attnscope.core.texts import open_source, require_diverse, text_tokens
 from attnscope.exact.decomposition import (
     apply_pair_weights,
     approximate_pattern,
@@ -152,6 +152,7 @@ def load_calibration(w: ModelWeights, s: CircuitSettings) -> Calibration:
     bos = w.analysis_bos
     need = max(s.window + 1, 2 * (s.min_position or s.window // 4) + 1)
     cal = text_tokens(s.calibration, w.tokenizer, max_tokens=T, min_tokens=need, bos_token_id=bos).to(w.device)
+    require_diverse(cal[1:] if bos is not None else cal, s.calibration, "calibration")
     T = len(cal)
     n_min = s.min_position if s.min_position is not None else s.window // 4
     return Calibration(cal, open_source(s.calibration).sha256, bos, n_min, min(T - 1, max(n_min, T // 2)))

@@ -14,16 +14,17 @@ import contextlib
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from typer._click import exceptions as click_exc
 
 from attnscope.circuit.build import CircuitSettings, build_circuit
 from attnscope.cli import args as A
 from attnscope.cli.args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
 from attnscope.cli.args import out_option as _out
+from attnscope.cli.boundary import run as run_with_boundary
 from attnscope.cli.show import (
     print_contrast,
     print_kernel_summary,
@@ -32,9 +33,18 @@ from attnscope.cli.show import (
     print_table,
     print_timeline,
 )
-from attnscope.core.cache import KINDS, cache_clear, cache_dir, cache_info, caching, staged_output
+from attnscope.core.cache import (
+    KINDS,
+    cache_clear,
+    cache_dir,
+    cache_info,
+    caching,
+    clear_plan,
+    overwriting,
+    staged_output,
+)
 from attnscope.core.errors import AttnscopeError, check_index
-from attnscope.core.texts import bundled_texts, decoding, open_source, text_tokens
+from attnscope.core.texts import bundled_texts, decoding, open_source, reading_once, text_tokens
 from attnscope.evolution.page import evolution_figures, write_evolution_page
 from attnscope.evolution.run import EvolutionSettings, run_evolution
 from attnscope.exact.forward import compare_with_model
@@ -83,11 +93,12 @@ def _load(rt: A.Runtime, model: str, keep_hf: bool = False, bos: bool | None = N
 
 
 @contextlib.contextmanager
-def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None):
-    """Cache and decoding choices for the duration of one command; every text source is opened first."""
+def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | None, force: bool = False):
+    """Cache, decoding and overwrite choices for the duration of one command; every text source is read first,
+    once (a FIFO or ``<(cat f)`` can be read only once: later uses get the same documents)."""
     if not no_cache:
         A.check_cache()
-    with caching(not no_cache), decoding(decode_errors):
+    with caching(not no_cache), decoding(decode_errors), overwriting(force), reading_once():
         A.check_sources(*sources)
         yield
 
@@ -140,13 +151,15 @@ _MODEL_FIELDS = (A.ModelChoice, ("bos",))
              f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
 @A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS)
 def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
-            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
     s = A.build(KernelSettings, kw)
-    A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx)
+    A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx, batch_size=s.batch_size)
+    A.check_ref_norm(s.ref_norm)
+    A.check_seed(s.seed)
     rt = _runtime(ctx, device, dtype, revision)
-    A.check_out(out)
-    with _session(no_cache, decode_errors, s.samples):
+    A.check_out(out, writes=("kernels.json", "kernels.safetensors"), force=force)
+    with _session(no_cache, decode_errors, s.samples, force=force):
         w = _load(rt, model, bos=kw["bos"])
         A.check_kernel_settings(s, w)
         res = analyse_kernels(w, s, cache=not no_cache, progress=not as_json)
@@ -166,7 +179,7 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
              f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
 @A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
-            as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
             layer: Annotated[int, typer.Option(metavar="LAYER", help="MLP layer, numbered from 0; > 0 uses the "
                                                "effective-embedding method (docs/later-layers.md)")] = 0,
@@ -174,8 +187,8 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
     cs, ns = A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
     A.check_positive(n_ctx=cs.n_ctx, window=cs.window, max_neurons=ns.max_neurons)
     rt = _runtime(ctx, device, dtype, revision)
-    A.check_out(out)
-    with _session(no_cache, decode_errors, cs.calibration, ns.eval):
+    A.check_out(out, writes=("neurons.json", "neurons.csv"), force=force)
+    with _session(no_cache, decode_errors, cs.calibration, ns.eval, force=force):
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         if layer != 0:
@@ -197,15 +210,18 @@ def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neuron
 
 
 def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: bool, decode_errors: str,
-            kw: dict[str, Any], later_layers: str | None = None) -> None:
+            kw: dict[str, Any], later_layers: str | None = None, force: bool = False) -> None:
     ks, cs, ns = A.build(KernelSettings, kw), A.build(CircuitSettings, kw), A.build(NeuronSettings, kw)
     A.check_positive(n_samples=ks.n_samples, n_heldout=ks.n_heldout, n_ctx=ks.n_ctx, window=cs.window,
-                     max_neurons=ns.max_neurons)
+                     max_neurons=ns.max_neurons, batch_size=ks.batch_size)
+    A.check_ref_norm(ks.ref_norm)
+    A.check_seed(ks.seed)
     later = A.parse_index_list(later_layers, "--later-layers") if later_layers else None
     if later is not None and 0 in later:
         raise AttnscopeError("--later-layers holds 0: layer 0 is the report's main analysis; list layers from 1")
-    A.check_out(out)
-    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval):
+    A.check_out(out, writes=("report.html", "kernels/kernels.json", "neurons/neurons.json", "neurons/neurons.csv"),
+                force=force)
+    with _session(no_cache, decode_errors, ks.samples, cs.calibration, ns.eval, force=force):
         w = _load(rt, model, bos=kw.get("bos"))
         A.check_kernel_settings(ks, w)
         A.check_circuit_settings(cs, w)
@@ -222,20 +238,20 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
              f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
 @A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS)
 def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
-           no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
+           force: A.ForceOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
            dtype: DtypeOpt = None, revision: RevisionOpt = None,
            later_layers: Annotated[Optional[str], typer.Option(
                metavar="LAYERS", help="also the context neurons of these later MLP layers, numbered from 1: 1,2 or 1-3 "
                "(effective-embedding method, docs/later-layers.md; OUT/later/L{L}/) [default: none]")] = None,
            **kw) -> None:
-    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw, later_layers)
+    _report(ctx, model, out, _runtime(ctx, device, dtype, revision), no_cache, decode_errors, kw, later_layers, force)
 
 
 @app.command()
-def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), no_cache: NoCacheOpt = False,
-         device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
+def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), force: A.ForceOpt = False,
+         no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
     """The whole method on the bundled demo model (offline, a few minutes on 2 cores); prints the report path."""
-    _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {})
+    _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {}, force=force)
 
 
 @app.command(help="Which labelled contexts a layer's MLP activations separate (linear probe, held-out recall). Each "
@@ -281,13 +297,15 @@ def train_demo_cmd(
     n_embd: Annotated[int, typer.Option(metavar="N", help="model width")] = 192,
     threads: Annotated[Optional[int], typer.Option(metavar="N", help="torch threads for this run [default: leave "
                                                    "torch's setting]")] = None,
+    force: A.ForceOpt = False,
 ) -> None:
     """Retrain the demo model (a small GPT-2) on the labelled corpora; see docs/demo-model.md."""
-    _check_corpora(corpora)
-    A.check_out(out)
-    cfg = TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps, save_every=save_every,
-                      batch_size=batch_size, lr=lr, n_ctx=n_ctx, n_embd=n_embd, threads=threads)
-    info = train_demo(cfg)
+    corpora = _check_corpora(corpora)
+    cfg = TrainConfig(corpora=corpora, out=out, seed=seed, max_minutes=max_minutes, steps=steps,
+                      save_every=save_every, batch_size=batch_size, lr=lr, n_ctx=n_ctx, n_embd=n_embd, threads=threads)
+    A.check_out(out, writes=("config.json", "model.safetensors", "training.json"), force=force)
+    with overwriting(force), staged_output(out, "train-demo") as tmp:  # a failed run leaves no half-written model
+        info = train_demo(replace(cfg, out=tmp, publish_to=out))
     ov = info["eval"]["overall"]
     typer.echo(json.dumps({"steps": info["steps"], "tokens_seen": info["tokens_seen"],
                            "wall_time_s": round(info["wall_time_s"], 1), "heldout_loss": round(ov["loss"], 4),
@@ -295,7 +313,8 @@ def train_demo_cmd(
     typer.echo(f"model written to {out}; use it with `attnscope info {out}`")
 
 
-def _check_corpora(corpora: Path | None) -> None:
+def _check_corpora(corpora: Path | None) -> Path:
+    """The --corpora folder, checked (one-line errors otherwise)."""
     if corpora is None:
         raise AttnscopeError("train-demo needs --corpora DIR, a folder of labelled .txt files (docs/demo-model.md "
                              "lists the sources used for the bundled demo)")
@@ -304,6 +323,7 @@ def _check_corpora(corpora: Path | None) -> None:
     if not sorted(corpora.glob("*.txt")):
         raise AttnscopeError(f"--corpora {corpora} holds no .txt files; pass a folder of labelled .txt corpora")
     open_source(corpora)  # every file strict UTF-8, some text in it (one-line errors otherwise)
+    return corpora
 
 
 @app.command()
@@ -312,7 +332,7 @@ def evolution(
     checkpoints: Annotated[list[str], typer.Argument(metavar="CHECKPOINT...", show_default=False,
                                                      help="model folders, a folder of checkpoint folders, or "
                                                           "hub-id@revision")],
-    out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"),
+    out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"), force: A.ForceOpt = False,
     n_samples: Annotated[int, typer.Option(metavar="N", help="kernel sample windows per checkpoint")] = 16,
     top_k: Annotated[int, typer.Option(metavar="K", help="top neurons followed across steps")] = 10,
     layer: Annotated[int, typer.Option(metavar="L", help="MLP layer whose neurons are tracked (0: the layer-0 "
@@ -327,10 +347,10 @@ def evolution(
     if layer < 0:
         raise AttnscopeError(f"--layer must be 0 or more, got {layer}")
     rt = _runtime(ctx, device, dtype, None)
-    A.check_out(out)
+    A.check_out(out, writes=("evolution.json", "evolution.html"), force=force)
     s = EvolutionSettings(kernel=KernelSettings(n_samples=n_samples, n_heldout=4), top_k=top_k, layer=layer)
     log = (lambda m: None) if as_json else (lambda m: typer.echo(m, err=True))
-    with _session(no_cache, "strict"):
+    with _session(no_cache, "strict", force=force):
         res = run_evolution(checkpoints, s, cache=not no_cache, device=rt.device, dtype=rt.dtype, log=log)
         with staged_output(out, "evolution") as tmp:
             res.save(tmp)
@@ -348,21 +368,43 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
     """Where the cache is, and entries and size of each part (kernels, tokens, gguf, filehash, evolution)."""
     d = cache_info()
     _emit(d, as_json, lambda d: print_table(
-        {"path ($ATTNSCOPE_CACHE)": d["path"], **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB"
-                                                   for k, v in d["kinds"].items()},
-         "total": f"{d['total_bytes'] / 1e6:.1f} MB"}, "attnscope cache"))
+        {"path ($ATTNSCOPE_CACHE)": d["path"], "marked as attnscope's": "yes" if d["marked"] else "no",
+         **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB" for k, v in d["kinds"].items()},
+         "total": f"{d['total_bytes'] / 1e6:.1f} MB", "files attnscope did not write (kept)": d["not_attnscope"]},
+        "attnscope cache"))
 
 
 @cache_app.command("clear")
 def cache_clear_cmd(
     kinds: Annotated[Optional[list[str]], typer.Argument(metavar="[PART]...", show_default=False,
                                                          help="kernels, tokens, gguf, filehash or evolution [default: all]")] = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation (needed when stdin is not a "
+                                      "terminal)")] = False,
 ) -> None:
-    """Remove the cache (or the named parts); everything in it is recomputed when next needed."""
+    """Remove attnscope's cache entries (or those of the named parts); they are recomputed when next needed.
+
+    Only a folder marked as attnscope's cache (CACHEDIR.TAG) is cleared, and only entries in the form
+    attnscope writes; other files are kept. Asks for confirmation unless --yes is given."""
     bad = [k for k in kinds or [] if k not in KINDS]
     if bad:
         raise AttnscopeError(f"no cache part {bad[0]!r}; the parts are {', '.join(KINDS)}")
+    entries, size = clear_plan(kinds)
+    if not entries:
+        typer.echo(f"nothing to clear in {cache_dir()}")
+        return
+    what = f"{len(entries)} cache entries ({size / 1e6:.1f} MB) from {cache_dir()}"
+    if not yes:
+        if not _stdin_is_terminal():
+            raise AttnscopeError(f"cache clear would remove {what} and asks for confirmation, but stdin is not a "
+                                 "terminal; pass --yes")
+        if not typer.confirm(f"remove {what}?", default=False):
+            typer.echo("nothing removed")
+            raise typer.Exit(1)
     typer.echo(f"freed {cache_clear(kinds) / 1e6:.1f} MB in {cache_dir()}")
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
 
 
 # --- contrast (owner: truth helper; one self-contained block) -------------------------------------
@@ -382,7 +424,7 @@ def contrast(
     top: Annotated[int, typer.Option(metavar="N", help="neurons printed each way")] = 10,
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", show_default=False,
                                                 help="folder for contrast.json")] = None,
-    as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
     cs = A.build(CircuitSettings, kw)
     A.check_positive(n_ctx=cs.n_ctx, top=top)
@@ -390,15 +432,17 @@ def contrast(
         raise AttnscopeError(f"--max-windows {max_windows}: at least 2 windows per source are needed")
     rt = _runtime(ctx, device, dtype, revision)
     if out is not None:
-        A.check_out(out)
-    with _session(no_cache, decode_errors, cs.calibration, a, b):
+        A.check_out(out, writes=("contrast.json",), force=force)
+    with _session(no_cache, decode_errors, cs.calibration, a, b, force=force):
+        A.check_distinct_sources(a, b)
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
         circ = build_circuit(w, cs)
         res = run_contrast(w, circ, a, b, verify=verify, max_windows=max_windows)
         scope = contrast_scope(w, circ, res)
-    if out is not None:
-        res.save(out, scope.to_json())
+        if out is not None:
+            with staged_output(out, "contrast") as tmp:
+                res.save(tmp, scope.to_json())
     if as_json:
         typer.echo(json.dumps(res.to_json(scope.to_json()), default=str))
         return
@@ -417,30 +461,13 @@ def serve(ctx: typer.Context, model: ModelArg, analysis: Annotated[Optional[Path
           host: Annotated[str, typer.Option(metavar="HOST", help="address to listen on; give it to expose the page "
                                             "beyond this machine")] = "127.0.0.1",
           device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
+    A.check_analysis(analysis)
     serve_command(lambda: _load(_runtime(ctx, device, dtype, revision), model), analysis, host, port, typer.echo)
 
 
 def main() -> None:
-    """Console entry point: see the module docstring for the error path."""
-    _log_to_stderr()
-    try:
-        rc = app(standalone_mode=False)
-    except AttnscopeError as err:
-        _fail(" ".join(str(err).split()))
-    except click_exc.NoArgsIsHelpError as err:
-        typer.echo(err.ctx.get_help() if err.ctx else "")
-        _fail(f"no command given; pick one of the commands above (`{_prog(err)} --help`)")
-    except click_exc.UsageError as err:
-        _fail(f"{' '.join(err.format_message().split()).rstrip('.')}; see `{_prog(err)} --help`")
-    except click_exc.ClickException as err:
-        _fail(" ".join(err.format_message().split()))
-    except (click_exc.Abort, KeyboardInterrupt):
-        rc = 130
-    except OSError as err:  # disk full, permission denied while writing...
-        _fail(f"{err.filename or ''}: {err.strerror or err}; check the path, its permissions and free space")
-    if rc == 130:
-        typer.echo("interrupted: nothing was written (partial outputs are discarded)", err=True)
-    sys.exit(rc if isinstance(rc, int) else 0)
+    """Run the CLI through the one error boundary (:mod:`attnscope.cli.boundary`); exits with its status."""
+    run_with_boundary(app, setup=_log_to_stderr)
 
 
 class _StderrHandler(logging.Handler):
@@ -454,15 +481,6 @@ def _log_to_stderr() -> None:
     log = logging.getLogger("attnscope")
     if not any(isinstance(h, _StderrHandler) for h in log.handlers):
         log.addHandler(_StderrHandler(logging.WARNING))
-
-
-def _prog(err) -> str:
-    return err.ctx.command_path if getattr(err, "ctx", None) is not None else "attnscope"
-
-
-def _fail(msg: str) -> None:
-    typer.echo(f"error: {msg}", err=True)
-    sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import inspect
+import json
+import math
 import os
 import types
 import typing
@@ -23,7 +25,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnscope.circuit.result import QUERY_CONDITIONED_CHOICES
-from attnscope.core.cache import cache_dir
+from attnscope.core.cache import KINDS, cache_dir, mark_cache, refuse_foreign
 from attnscope.core.errors import AttnscopeError, check_index
 from attnscope.core.texts import open_source
 from attnscope.models import parse_dtype
@@ -50,6 +52,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="DEVICE",
                                                   help="torch device: cpu, cuda, cuda:N or mps [default: cpu]")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
                                                  help="float32 (default), float64, float16 or bfloat16")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="replace files in --out that attnscope did not write "
+                                        "(without it such a file is an error; attnscope's own files are always replaced)")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
                                                     help="hub models only: branch, tag or commit of the weights")]
 
@@ -210,8 +214,11 @@ def check_dtype(dtype: str) -> str:
     return dtype
 
 
-def check_out(out: Path, option: str = "--out") -> Path:
-    """The output folder exists or can be created, and a file can be written in it."""
+def check_out(out: Path, option: str = "--out", writes: tuple[str, ...] = (), force: bool = False) -> Path:
+    """The output folder exists or can be created, and a file can be written in it; none of the files it will
+    write (``writes``, relative to ``out``) replaces one that attnscope did not write, unless ``force``."""
+    if str(out) == "":
+        raise AttnscopeError(f"{option} is an empty path; pass a folder")
     if out.exists() and not out.is_dir():
         raise AttnscopeError(f"{option} {out} is an existing file, not a folder; pass a folder path")
     created = [p for p in (out, *out.parents) if not p.exists()]  # removed again: a failed run leaves no folder
@@ -226,15 +233,23 @@ def check_out(out: Path, option: str = "--out") -> Path:
         for p in created:  # deepest first
             with contextlib.suppress(OSError):
                 p.rmdir()
+    if writes and out.is_dir():
+        refuse_foreign(out, list(writes), force)
     return out
 
 
 def check_cache() -> None:
     """The cache folder can be written (``--no-cache`` skips this)."""
+    root = cache_dir()
     try:
-        check_out(cache_dir(), "the cache folder")
+        check_out(root, "the cache folder")
     except AttnscopeError as err:
         raise AttnscopeError(f"{err}: set ATTNSCOPE_CACHE to a writable folder or pass --no-cache") from None
+    for kind in KINDS:  # a file where a part's folder goes would fail the first write
+        if (root / kind).exists() and not (root / kind).is_dir():
+            raise AttnscopeError(f"{root / kind} is a file where attnscope keeps its {kind} cache folder; set "
+                                 "ATTNSCOPE_CACHE to another folder, move the file away, or pass --no-cache")
+    mark_cache(root, create=True)
 
 
 def check_sources(*specs: str | list[str] | None) -> None:
@@ -244,10 +259,59 @@ def check_sources(*specs: str | list[str] | None) -> None:
             open_source(one)
 
 
+MAX_COUNT = 2**31 - 1  # no count option needs more; a larger one would only overflow further on
+
+
+def check_analysis(analysis: Path | None) -> None:
+    """``serve --analysis DIR``: a neurons.json in it must be the JSON object attnscope writes (``[]`` or a
+    number used to fail deep in start-up)."""
+    if analysis is None:
+        return
+    for p in (analysis / "neurons.json", analysis / "neurons" / "neurons.json"):
+        if not p.is_file():
+            continue
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise AttnscopeError(f"{p} is not valid JSON ({getattr(err, 'msg', err)}); re-run `attnscope neurons`") from None
+        saved = any((f / "circuit.json").is_file() for f in (analysis, analysis / "circuit"))
+        ok = isinstance(d, dict) and isinstance(d.get("neurons"), list) and (saved or isinstance(d.get("circuit"), dict))
+        if not ok:
+            kind = {"list": "list", "str": "string", "int": "number", "float": "number", "bool": "boolean",
+                    "NoneType": "null"}.get(type(d).__name__, "object without the neurons and circuit records")
+            raise AttnscopeError(f"{p} is a JSON {kind}, not the neurons result attnscope writes; pass the output "
+                                 "folder of `attnscope report` or `attnscope neurons` (or re-run it)")
+        return
+
+
 def check_positive(**values: int | None) -> None:
     for name, v in values.items():
         if v is not None and v < 1:
             raise AttnscopeError(f"--{name.replace('_', '-')} {v} must be at least 1")
+        if v is not None and v > MAX_COUNT:
+            raise AttnscopeError(f"--{name.replace('_', '-')} {v} is too large; pass at most {MAX_COUNT}")
+
+
+MAX_REF_NORM = 1e6  # c enters as c^2 / d_model next to a position's squared norm; beyond this it only overflows
+
+
+def check_ref_norm(c: float | None) -> None:
+    """``--ref-norm``: a finite, positive, bounded number (inf, nan or 1e300 used to overflow or write Infinity)."""
+    if c is not None and not (math.isfinite(c) and 0 < c <= MAX_REF_NORM):
+        raise AttnscopeError(f"--ref-norm {c} must be a finite number above 0 and at most {MAX_REF_NORM:g} (GPT-2: "
+                             "3.5), or leave it out to measure it")
+
+
+def check_seed(seed: int) -> None:
+    if not 0 <= seed <= 2**63 - 1:
+        raise AttnscopeError(f"--seed {seed} must be 0 or more and below 2^63")
+
+
+def check_distinct_sources(a: str, b: str, names: tuple[str, str] = ("--a", "--b")) -> None:
+    """Two text sources to compare must differ in content (identical texts would score as a perfect contrast)."""
+    if open_source(a).content_sha256 == open_source(b).content_sha256:
+        raise AttnscopeError(f"{names[0]} {a} and {names[1]} {b} hold the same text (same content hash); pass two "
+                             "different text sources")
 
 
 def check_kernel_settings(s, w) -> None:
@@ -257,8 +321,8 @@ def check_kernel_settings(s, w) -> None:
         raise AttnscopeError(f"--n-ctx {s.n_ctx} is outside 8..{w.n_ctx} (the model's context); pass a value in it")
     for l in s.layers or []:
         check_index("layer", l, w.n_layers)
-    if s.ref_norm is not None and not s.ref_norm > 0:
-        raise AttnscopeError(f"--ref-norm {s.ref_norm} must be positive (GPT-2: 3.5), or leave it out to measure it")
+    check_ref_norm(s.ref_norm)
+    check_seed(s.seed)
 
 
 def check_circuit_settings(cs, w) -> None:

@@ -22,6 +22,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
+
+from attnscope.core.errors import AttnscopeError
 
 log = logging.getLogger("attnscope")
 T = TypeVar("T")
@@ -41,7 +44,16 @@ KINDS = ("kernels", "tokens", "gguf", "filehash", "evolution")
 
 
 def cache_dir() -> Path:
-    """Root of attnscope's on-disk cache (``$ATTNSCOPE_CACHE`` or ``~/.cache/attnscope``)."""
+    """Root of attnscope's on-disk cache (``$ATTNSCOPE_CACHE`` or ``~/.cache/attnscope``).
+
+    The first call per root in a process marks it as attnscope's (:func:`mark_cache`) when it exists and
+    holds only attnscope's entries."""
+    root = _cache_root()
+    _mark_once(root)
+    return root
+
+
+def _cache_root() -> Path:
     return Path(os.environ.get("ATTNSCOPE_CACHE") or Path.home() / ".cache" / "attnscope").expanduser()
 
 
@@ -64,6 +76,15 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
 
 
+def _mkdir_parent(path: Path) -> None:
+    """Create ``path``'s folder; a cache root created here is marked as attnscope's (:func:`mark_cache`)."""
+    root = _cache_root()
+    new_root = not root.exists() and root in path.parents
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if new_root:
+        mark_cache(root)
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a unique temporary file name next to ``path``; on success rename it onto ``path`` atomically.
@@ -71,7 +92,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     On an exception (or a kill) the destination is untouched and the temporary file is removed (or left
     as a hidden ``.NAME.PID-XXXX.tmp`` that no reader looks at)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir_parent(path)
     tmp = _tmp_name(path)
     try:
         yield tmp
@@ -99,7 +120,7 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     If another process published ``path`` first, its copy is kept and ours is discarded (both were
     computed from the same key, so they hold the same thing)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    _mkdir_parent(path)
     tmp = _tmp_name(path)
     tmp.mkdir()
     try:
@@ -208,43 +229,267 @@ def _size(p: Path) -> int:
     return sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
 
 
-def cache_info() -> dict[str, Any]:
-    """Location, and entries and bytes per sub-cache."""
-    root = cache_dir()
-    kinds = {}
+#: The marker at the cache root (the Cache Directory Tagging convention, so backup tools skip the folder);
+#: ``cache clear`` refuses a folder without it.  Its text names attnscope: another tool's tag is not ours.
+MARKER = "CACHEDIR.TAG"
+MARKER_TEXT = ("Signature: 8a477f597d28d172789f06886806bc55\n"
+               "# This file is a cache directory tag created by attnscope (attnscope cache info / clear).\n"
+               "# For information about cache directory tags, see https://bford.info/cachedir/\n")
+
+#: What attnscope writes in each part: an entry's name (and, for a folder, what it holds)
+_ENTRY = {
+    "kernels": re.compile(r"[0-9a-f]{16}"),
+    "tokens": re.compile(r"[0-9a-f]{16}-[0-9a-f]{12,64}\.npy"),
+    "gguf": re.compile(r".+-[0-9a-f]{16}"),
+    "filehash": re.compile(r"[0-9a-f]{24}"),
+    "evolution": re.compile(r"[0-9a-f]{16}\.json"),
+}
+_TEMPORARY = re.compile(r"\..+\.(\d+)-[0-9a-f]{8}\.tmp")
+_KERNEL_FILES = {"kernels.json", "kernels.safetensors"}
+
+
+def is_cache_entry(kind: str, p: Path) -> bool:
+    """Whether ``p`` (in part ``kind``) has the name and form of an entry attnscope writes (or a temporary of one)."""
+    if _TEMPORARY.fullmatch(p.name):
+        return True
+    if p.is_symlink() or not _ENTRY[kind].fullmatch(p.name):
+        return False
+    if kind == "kernels":
+        return p.is_dir() and {f.name for f in p.iterdir()} <= _KERNEL_FILES
+    if kind == "gguf":
+        return p.is_dir() and (p / "attnscope_source.json").is_file()
+    return p.is_file()
+
+
+def _parts(root: Path) -> dict[str, tuple[list[Path], list[Path]]]:
+    """Per part: (attnscope's entries, everything else)."""
+    out = {}
     for kind in KINDS:
         d = root / kind
-        entries = [e for e in d.iterdir() if not e.name.startswith(".")] if d.is_dir() else []
-        kinds[kind] = {"entries": len(entries), "bytes": sum(_size(e) for e in entries) if entries else 0,
-                       "temporary": len([e for e in d.iterdir() if e.name.endswith(".tmp")]) if d.is_dir() else 0}
-    return {"path": str(root), "env": "ATTNSCOPE_CACHE", "kinds": kinds,
-            "total_bytes": sum(k["bytes"] for k in kinds.values())}
+        items = sorted(d.iterdir()) if d.is_dir() and not d.is_symlink() else []
+        out[kind] = ([e for e in items if is_cache_entry(kind, e)], [e for e in items if not is_cache_entry(kind, e)])
+    return out
+
+
+def is_marked(root: Path) -> bool:
+    try:
+        return "attnscope" in (root / MARKER).read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def foreign_files(root: Path) -> list[Path]:
+    """What in ``root`` attnscope did not write: any top-level item other than the parts and the marker, and
+    anything in a part that is not an entry's form (``kernels/src/``, ``tokens/secrets.txt``)."""
+    if not root.is_dir():
+        return []
+    top = [p for p in sorted(root.iterdir()) if p.name not in (*KINDS, MARKER) or p.is_symlink()
+           or (p.name in KINDS and not p.is_dir())]
+    return top + [e for _, other in _parts(root).values() for e in other]
+
+
+_MARK_CHECKED: set[Path] = set()
+
+
+def mark_cache(root: Path | None = None, create: bool = False) -> bool:
+    """Write the marker in the cache root if attnscope owns it: the root is new or empty, or everything in it
+    has the form of attnscope's entries (a cache written before markers existed: migrated).  Returns whether
+    the root is marked.  A folder holding other files is never marked (``cache clear`` then refuses it)."""
+    root = root or cache_dir()
+    if is_marked(root):
+        return True
+    try:
+        if create:
+            root.mkdir(parents=True, exist_ok=True)
+        if not root.is_dir() or foreign_files(root):
+            return False
+        write_text(root / MARKER, MARKER_TEXT)
+    except OSError:
+        return False
+    return True
+
+
+def _mark_once(root: Path) -> None:
+    if root not in _MARK_CHECKED and root.is_dir():  # a root not created yet is checked again next time
+        _MARK_CHECKED.add(root)
+        mark_cache(root)
+
+
+def cache_info() -> dict[str, Any]:
+    """Location, marker, and per part: attnscope's entries, their bytes, temporaries, and other files (kept)."""
+    root = cache_dir()
+    kinds = {}
+    for kind, (entries, other) in _parts(root).items():
+        kept = [e for e in entries if not _TEMPORARY.fullmatch(e.name)]
+        kinds[kind] = {"entries": len(kept), "bytes": sum(_size(e) for e in kept),
+                       "temporary": len(entries) - len(kept), "not_attnscope": len(other)}
+    return {"path": str(root), "env": "ATTNSCOPE_CACHE", "marked": is_marked(root), "kinds": kinds,
+            "not_attnscope": len(foreign_files(root)), "total_bytes": sum(k["bytes"] for k in kinds.values())}
+
+
+def clear_plan(kinds: list[str] | None = None) -> tuple[list[Path], int]:
+    """The entries ``cache clear`` would remove (attnscope's entries of the named parts, and temporaries of
+    processes that no longer run) and their bytes.  Raises a one-line error if the root is not attnscope's."""
+    root = cache_dir()
+    if not root.is_dir():
+        return [], 0
+    if not mark_cache(root):
+        bad = foreign_files(root)
+        raise AttnscopeError(f"{root} has no attnscope cache marker ({MARKER}) and holds files attnscope did not write "
+                             f"(e.g. {bad[0].relative_to(root) if bad else '?'}); attnscope clears only a cache it "
+                             "created: check ATTNSCOPE_CACHE, or remove its entries by hand")
+    parts = _parts(root)
+    entries = []
+    for kind in kinds or KINDS:
+        for e in parts[kind][0]:
+            m = _TEMPORARY.fullmatch(e.name)
+            if m is None or not _pid_alive(int(m.group(1))):
+                entries.append(e)
+    return entries, sum(_size(e) for e in entries)
 
 
 def cache_clear(kinds: list[str] | None = None) -> int:
-    """Remove the named sub-caches (default all of them); returns the bytes freed."""
-    root = cache_dir()
-    freed = 0
-    for kind in kinds or KINDS:
-        d = root / kind
-        if d.is_dir():
-            freed += _size(d)
-            shutil.rmtree(d, ignore_errors=True)
+    """Remove attnscope's entries of the named parts (default all of them), nothing else; returns the bytes
+    freed.  Raises a one-line error if the cache root is not attnscope's (see :func:`clear_plan`)."""
+    entries, freed = clear_plan(kinds)
+    for e in entries:
+        if e.is_dir() and not e.is_symlink():
+            shutil.rmtree(e, ignore_errors=True)
+        else:
+            with contextlib.suppress(FileNotFoundError):
+                e.unlink()
+    for d in {e.parent for e in entries}:
+        with contextlib.suppress(OSError):  # the part's folder, only when this left it empty
+            d.rmdir()
     return freed
 
 
 # --- command outputs --------------------------------------------------------------------------------
+STAGING_PREFIX = ".attnscope-staging-"
+_FORCE: ContextVar[bool] = ContextVar("attnscope_force_overwrite", default=False)
+
+
+@contextlib.contextmanager
+def overwriting(force: bool) -> Iterator[None]:
+    """Within the block, let :func:`staged_output` replace files attnscope did not write (the CLI's ``--force``)."""
+    token = _FORCE.set(force)
+    try:
+        yield
+    finally:
+        _FORCE.reset(token)
+
+
 def _manifest(out: Path, command: str) -> Path:
     return out / f".attnscope-{command}-manifest.json"
 
 
-def publish(staging: Path, out: Path, command: str) -> list[Path]:
+def _abs(p: Path) -> Path:
+    return Path(os.path.abspath(p))
+
+
+def written_by_attnscope(out: str | Path) -> set[Path]:
+    """Every file that a manifest in ``out`` or in a folder above it lists (``report`` lists ``kernels/...``)."""
+    out = _abs(Path(out))
+    known: set[Path] = set()
+    for folder in (out, *out.parents):
+        for m in folder.glob(".attnscope-*-manifest.json") if folder.is_dir() else []:
+            files = read_or_drop(m, lambda p: json.loads(p.read_text())["files"]) or []
+            known |= {_abs(folder / f) for f in files if isinstance(f, str)}
+            known.add(m)
+    return known
+
+
+def foreign_outputs(out: str | Path, rels: list[str]) -> list[Path]:
+    """The paths among ``out/REL`` (and the folders above them, up to ``out``) that stand in the way and that no
+    attnscope manifest lists: a user's own files, never replaced without ``--force``."""
+    out = _abs(Path(out))
+    known = written_by_attnscope(out)
+    bad: set[Path] = set()
+    for rel in rels:
+        dst = out / rel
+        for par in list(reversed(Path(rel).parents))[1:]:  # the folders between out and the file
+            q = out / par
+            if not q.exists() and not q.is_symlink():
+                break
+            if not q.is_dir():  # a file where a folder goes
+                if q not in known:
+                    bad.add(q)
+                break
+        else:
+            if dst.is_dir():
+                bad.add(dst)
+            elif (dst.exists() or dst.is_symlink()) and dst not in known:
+                bad.add(dst)
+    return sorted(bad)
+
+
+def refuse_foreign(out: str | Path, rels: list[str], force: bool | None = None) -> None:
+    """Raise a one-line error if writing ``rels`` into ``out`` would replace something attnscope did not write."""
+    force = _FORCE.get() if force is None else force
+    bad = foreign_outputs(out, rels)
+    dirs = [p for p in bad if p.is_dir() and not p.is_symlink()]
+    if dirs:
+        raise AttnscopeError(f"{dirs[0]} is a folder where attnscope writes a file; move it away or pick another --out")
+    if bad and not force:
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise AttnscopeError(f"{bad[0]}{more} exists and was not written by attnscope (no attnscope manifest lists "
+                             "it); move it away, pick another --out, or pass --force to overwrite it")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def clean_leftovers(out: str | Path) -> list[Path]:
+    """Remove staging folders and temporary files in ``out`` left by attnscope processes that no longer run
+    (a ``kill -9``); those of a live process (a concurrent run) are kept."""
+    out = Path(out)
+    gone = []
+    for p in out.glob(".attnscope-staging-*") if out.is_dir() else []:
+        parts = p.name[len(STAGING_PREFIX):].split("-")
+        if parts and parts[0].isdigit() and not _pid_alive(int(parts[0])):
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    for p in out.glob(".*.tmp") if out.is_dir() else []:
+        pid = p.name.rsplit(".", 2)[-2].split("-")[0] if p.name.count(".") >= 2 else ""
+        if pid.isdigit() and not _pid_alive(int(pid)) and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+                gone.append(p)
+    if gone:
+        log.warning("removed %d leftover staging folder(s) or temporary file(s) of an interrupted run in %s",
+                    len(gone), out)
+    return gone
+
+
+def _remove_empty_parents(p: Path, stop: Path) -> None:
+    """Remove the folders above ``p`` that are empty, up to (not including) ``stop``."""
+    for d in p.parents:
+        if d == stop or stop not in d.parents:
+            break
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
+def publish(staging: Path, out: Path, command: str, force: bool | None = None) -> list[Path]:
     """Move every file of ``staging`` into ``out`` (one atomic rename each; JSON indexes last) and remove
-    the files that an older run of ``command`` wrote there and this run did not.  Other files are never
-    touched: only paths listed in the older run's manifest are removed."""
+    the files that an older run of ``command`` wrote there and this run did not.  A file that no attnscope
+    manifest lists is never replaced (an error, unless ``force``) and never removed."""
     new = sorted(str(p.relative_to(staging)) for p in staging.rglob("*") if p.is_file())
+    refuse_foreign(out, new, force)
     for rel in sorted(new, key=lambda r: (r.endswith(".json"), r)):  # data before index
         dst = out / rel
+        for parent in reversed(dst.relative_to(out).parents[:-1]):  # --force: a file where a folder goes
+            if (out / parent).is_file() or (out / parent).is_symlink():
+                (out / parent).unlink()
         dst.parent.mkdir(parents=True, exist_ok=True)
         os.replace(staging / rel, dst)
     old = read_or_drop(_manifest(out, command), lambda p: json.loads(p.read_text())["files"]) or []
@@ -252,23 +497,31 @@ def publish(staging: Path, out: Path, command: str) -> list[Path]:
         p = (out / rel).resolve()
         if out.resolve() in p.parents and p.is_file():
             p.unlink()
-            with contextlib.suppress(OSError):  # only folders this left empty
-                p.parent.rmdir()
+            _remove_empty_parents(p, out.resolve())  # only folders this left empty (later/L1 and later/)
     write_json(_manifest(out, command), {"command": command, "files": new})
     return [out / r for r in new]
 
 
 @contextlib.contextmanager
-def staged_output(out: str | Path, command: str) -> Iterator[Path]:
+def staged_output(out: str | Path, command: str, force: bool | None = None) -> Iterator[Path]:
     """Yield a hidden staging folder inside ``out``; on success :func:`publish` it into ``out``.
 
-    A failed or interrupted command leaves ``out`` as it was (the staging folder is removed)."""
+    A failed or interrupted command leaves ``out`` as it was: the staging folder is removed, and so are the
+    folders this call created (no new empty ``out``).  Leftovers of killed runs are removed first."""
     out = Path(out)
+    created = [p for p in (out, *out.parents) if not p.exists()]
     out.mkdir(parents=True, exist_ok=True)
-    staging = out / f".attnscope-staging-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
+    clean_leftovers(out)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    ok = False
     try:
+        staging.mkdir()
         yield staging
-        publish(staging, out, command)
+        publish(staging, out, command, force)
+        ok = True
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not ok:
+            for p in created:  # deepest first; only if still empty
+                with contextlib.suppress(OSError):
+                    p.rmdir()

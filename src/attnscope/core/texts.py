@@ -27,7 +27,8 @@ import torch
 from torch import Tensor
 
 from attnscope.core.cache import atomic_path, cache_dir, caching_enabled, read_or_drop
-from attnscope.core.errors import AttnscopeError, TextTooShortError
+from attnscope.core.errors import AttnscopeError, ConditionFailedError, TextTooShortError
+from attnscope.core.hub import hub_reachable
 
 log = logging.getLogger("attnscope")
 
@@ -44,16 +45,38 @@ class TextSource:
 
     @property
     def sha256(self) -> str:
+        """Hash of the documents' names and texts (a file name that is not UTF-8 is hashed as its bytes)."""
         if self._sha is None:
             h = hashlib.sha256()
             for name, text in self.documents:
-                h.update(name.encode() + b"\0" + text.encode() + b"\0")
+                h.update(_bytes(name) + b"\0" + _bytes(text) + b"\0")
             self._sha = h.hexdigest()
         return self._sha
 
     @property
+    def content_sha256(self) -> str:
+        """Hash of the texts alone, in order (two copies of one file under other names hash the same)."""
+        h = hashlib.sha256()
+        for _, text in self.documents:
+            h.update(_bytes(text) + b"\0")
+        return h.hexdigest()
+
+    @property
     def n_chars(self) -> int:
         return sum(len(t) for _, t in self.documents)
+
+
+def _bytes(s: str) -> bytes:
+    """UTF-8 bytes of ``s``; lone surrogates (undecodable bytes of a file name, os.fsdecode) as their bytes."""
+    return s.encode("utf-8", "surrogateescape") if _has_surrogates(s) else s.encode()
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 #: How undecodable bytes are handled: "strict" (default: a one-line error naming the file and byte offset)
@@ -89,6 +112,21 @@ def is_binary(path: Path) -> bool:
         return b"\0" in f.read(BINARY_PROBE)
 
 
+#: The sources read so far in this command (spec -> TextSource), while :func:`reading_once` is active.
+_READ: ContextVar[dict[str, TextSource] | None] = ContextVar("attnscope_sources_read", default=None)
+
+
+@contextlib.contextmanager
+def reading_once() -> Iterator[None]:
+    """Within the block, each text source is read once: later :func:`open_source` calls of the same spec get
+    the same documents (a FIFO or a shell's ``<(cat f)`` can only be read once)."""
+    token = _READ.set({})
+    try:
+        yield
+    finally:
+        _READ.reset(token)
+
+
 def _decode(path: Path, data: bytes) -> str:
     try:
         return data.decode("utf-8", errors=DECODE_ERRORS.get())
@@ -99,9 +137,9 @@ def _decode(path: Path, data: bytes) -> str:
         ) from None
 
 
-def _read_jsonl(path: Path, field_name: str = "text") -> list[tuple[str, str]]:
+def _read_jsonl(path: Path, data: bytes, field_name: str = "text") -> list[tuple[str, str]]:
     docs = []
-    for i, line in enumerate(_decode(path, path.read_bytes()).splitlines()):
+    for i, line in enumerate(_decode(path, data).splitlines()):
         if not line.strip():
             continue
         try:
@@ -120,13 +158,15 @@ def _read_jsonl(path: Path, field_name: str = "text") -> list[tuple[str, str]]:
     return docs
 
 
-def _read_file(path: Path) -> list[tuple[str, str]]:
+def _read_file(path: Path, data: bytes | None = None) -> list[tuple[str, str]]:
+    """The documents of one file, read once (``data``: its bytes, when already read)."""
     try:
-        if is_binary(path):
+        data = path.read_bytes() if data is None else data
+        if b"\0" in data[:BINARY_PROBE]:
             raise AttnscopeError(f"{path} is a binary file (it holds NUL bytes), not text; pass a UTF-8 text file")
         if path.suffix == ".jsonl":
-            return _read_jsonl(path)
-        return [(path.name, _decode(path, path.read_bytes()))]
+            return _read_jsonl(path, data)
+        return [(path.name, _decode(path, data))]
     except PermissionError:
         raise AttnscopeError(f"cannot read {path} (permission denied); check its permissions") from None
     except IsADirectoryError:
@@ -140,15 +180,35 @@ def _read_folder(p: Path, spec: str) -> list[tuple[str, str]]:
         raise AttnscopeError(f"cannot list {err.filename or spec} (permission denied); check its permissions") from None
     if not files:
         raise AttnscopeError(f"folder {spec} holds no text files ({', '.join(TEXT_SUFFIXES)})")
-    binary = [f for f in files if is_binary(f)]
+    data = {}
+    for f in files:
+        try:
+            data[f] = f.read_bytes()
+        except PermissionError:
+            raise AttnscopeError(f"cannot read {f} (permission denied); check its permissions") from None
+    binary = [f for f in files if b"\0" in data[f][:BINARY_PROBE]]
     if binary:
         log.warning("skipped %d binary file(s) in %s: %s", len(binary), spec, ", ".join(f.name for f in binary[:5]))
-    return [d for f in files if f not in binary for d in _read_file(f)]
+    return [d for f in files if f not in binary for d in _read_file(f, data[f])]
 
 
 def open_source(spec: str | Path) -> TextSource:
-    """Read a text source (see module docstring); raises a one-line error if it does not exist or is not text."""
+    """Read a text source (see module docstring); raises a one-line error if it does not exist or is not text.
+
+    Within :func:`reading_once` (every CLI command) a source is read once and its documents reused."""
     spec = str(spec)
+    read = _READ.get()
+    if read is not None and spec in read:
+        return read[spec]
+    src = _open_source(spec)
+    if read is not None:
+        read[spec] = src
+    return src
+
+
+def _open_source(spec: str) -> TextSource:
+    if not spec.strip():
+        raise AttnscopeError("an empty text source was given; pass a file, a folder, bundled:NAME or hf:DATASET")
     if spec.startswith("bundled:") or spec == "bundled":
         name = spec.split(":", 1)[1] if ":" in spec else ""
         if name in ("", "all"):
@@ -173,6 +233,9 @@ def _hf_dataset(spec: str) -> TextSource:
     parts = spec[3:].split(":")
     name, config = parts[0], (parts[1] or None) if len(parts) > 1 else None
     split = parts[2] if len(parts) > 2 else "train"
+    if not hub_reachable(timeout=2.0):  # streaming needs the hub: fail in seconds, not after 30 s of retries
+        raise AttnscopeError(f"could not read Hugging Face dataset {name!r}: the hub cannot be reached (offline, or "
+                             "HF_HUB_OFFLINE is set); pass a local text file or folder instead")
     try:
         import datasets  # type: ignore[import-not-found]
     except ImportError:
@@ -200,18 +263,35 @@ def _separator_id(tokenizer) -> int | None:
     return None
 
 
+def tokenizer_sha256(tokenizer) -> str:
+    """Full-content hash of a tokenizer: its whole serialised definition (vocabulary, merges, normaliser,
+    pre-tokeniser, added tokens), its class and the separator used between documents; memoised per object."""
+    memo = getattr(tokenizer, "_attnscope_sha256", None)
+    if memo is not None and memo[0] == len(tokenizer):  # tokens added since: hash again
+        return memo[1]
+    h = hashlib.sha256(f"{tokenizer.__class__.__name__}|{len(tokenizer)}|{_separator_id(tokenizer)}".encode())
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        h.update(backend.to_str().encode())
+    else:  # a slow tokenizer: its vocabulary with ids and its special tokens
+        h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
+        h.update(json.dumps(getattr(tokenizer, "special_tokens_map", {}), sort_keys=True, default=str).encode())
+    digest = h.hexdigest()
+    with contextlib.suppress(AttributeError, TypeError):
+        tokenizer._attnscope_sha256 = (len(tokenizer), digest)
+    return digest
+
+
 def _cache_path(tokenizer, source: TextSource) -> Path:
-    tok_id = hashlib.sha256(
-        (getattr(tokenizer, "name_or_path", "") + str(len(tokenizer)) + tokenizer.__class__.__name__).encode()
-        + json.dumps(tokenizer.convert_ids_to_tokens(list(range(min(len(tokenizer), 2000))))).encode()
-    ).hexdigest()[:12]
-    return cache_dir() / "tokens" / f"{source.sha256[:16]}-{tok_id}.npy"
+    return cache_dir() / "tokens" / f"{source.sha256[:16]}-{tokenizer_sha256(tokenizer)[:24]}.npy"
 
 
-def _load_tokens(path: Path) -> np.ndarray:
+def _load_tokens(path: Path, vocab_size: int | None = None) -> np.ndarray:
     arr = np.load(path, allow_pickle=False)
     if arr.dtype != np.int64 or arr.ndim != 1:
         raise ValueError(f"holds {arr.dtype} {arr.shape}, not a 1-d int64 token stream")
+    if vocab_size is not None and len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
+        raise ValueError(f"holds token ids {int(arr.min())}..{int(arr.max())}, outside this tokenizer's 0..{vocab_size - 1}")
     return arr
 
 
@@ -222,7 +302,7 @@ def tokenize(source: TextSource, tokenizer, *, cache: bool | None = None) -> np.
     on-disk token cache; an unreadable entry is dropped and recomputed."""
     use = caching_enabled() if cache is None else cache
     path = _cache_path(tokenizer, source)
-    if use and (hit := read_or_drop(path, _load_tokens)) is not None:
+    if use and (hit := read_or_drop(path, lambda p: _load_tokens(p, len(tokenizer)))) is not None:
         return hit
     sep = _separator_id(tokenizer)
     chunks: list[list[int]] = []
@@ -239,6 +319,33 @@ def tokenize(source: TextSource, tokenizer, *, cache: bool | None = None) -> np.
         except OSError as err:
             log.warning("could not write the token cache %s (%s); continuing without it", path, err.strerror)
     return out
+
+
+#: The stated condition on a calibration or evaluation text: at least this many distinct tokens, and no one
+#: token on more than this share of its positions.  A text of one repeated token makes every position alike:
+#: its "conditions" measure 0.000 and its contrasts are infinite, so numbers on it would look perfect.
+MIN_DISTINCT_TOKENS = 20
+MAX_TOP_TOKEN_SHARE = 0.5
+
+
+def token_diversity(ids) -> tuple[int, float]:
+    """``(distinct tokens, share of the positions held by the most frequent one)`` of a token sequence."""
+    t = torch.as_tensor(ids).reshape(-1)
+    if t.numel() == 0:
+        return 0, 1.0
+    counts = torch.bincount(t - t.min())
+    return int((counts > 0).sum()), float(counts.max()) / t.numel()
+
+
+def require_diverse(ids, spec: str, role: str) -> None:
+    """Refuse (``ConditionFailedError``) a ``role`` text ("calibration", "evaluation") that breaks the stated
+    token-diversity condition (:data:`MIN_DISTINCT_TOKENS`, :data:`MAX_TOP_TOKEN_SHARE`)."""
+    n, top = token_diversity(ids)
+    if n < MIN_DISTINCT_TOKENS or top > MAX_TOP_TOKEN_SHARE:
+        raise ConditionFailedError(
+            f"the {role} text {spec} has {n} distinct tokens and its most frequent token fills {top:.0%} of it; the "
+            f"method needs {'an' if role[0] in 'aeiou' else 'a'} {role} text with at least {MIN_DISTINCT_TOKENS} distinct tokens and none above "
+            f"{MAX_TOP_TOKEN_SHARE:.0%} (a degenerate text would score as perfect); pass ordinary running text")
 
 
 def sample_windows(stream: np.ndarray, n_ctx: int, n_samples: int, *, seed: int = 0,

@@ -241,5 +241,5 @@ def write_evolution_page(res: EvolutionResult, out_dir: str | Path, figures: dic
 <footer>Written by attnscope. Self-contained: figures and data are embedded.</footer></body></html>
 """
     path = out / "evolution.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8", errors="backslashreplace")  # a file name that is not UTF-8
     return path

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -26,9 +27,9 @@ from torch import Tensor
 
 from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit
 from attnscope.circuit.result import HEAD_CRITERIA
-from attnscope.core.cache import read_or_drop, write_json
+from attnscope.core.cache import file_sha256, read_or_drop, write_json
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, check_index
-from attnscope.core.texts import decode_tokens
+from attnscope.core.texts import decode_tokens, tokenizer_sha256
 from attnscope.evolution.timeline import (  # noqa: F401  (re-exported)
     CRITERIA,
     TRACKED_CONTEXTS,
@@ -122,9 +123,28 @@ def discover_checkpoints(specs: list[str]) -> list[CheckpointRef]:
             _, rev = split_revision(spec)
             digits = re.findall(r"\d+", rev or "")
             refs.append(CheckpointRef(spec, int(digits[-1]) if digits else None))
+    _refuse_duplicates(refs)
     if all(r.step is not None for r in refs):
         refs.sort(key=lambda r: r.step)
     return refs
+
+
+def _refuse_duplicates(refs: list[CheckpointRef]) -> None:
+    """The same checkpoint twice (one folder by two paths, or two folders with identical weight files) would
+    report a step that did not change anything; refused."""
+    seen: dict[str, str] = {}
+    for r in refs:
+        p = Path(r.spec).expanduser()
+        keys = [f"path:{os.path.realpath(p)}" if p.is_dir() else f"hub:{r.spec}"]
+        if p.is_dir():
+            files = sorted(f for f in p.iterdir() if f.suffix in (".safetensors", ".bin") and f.is_file())
+            if files:
+                keys.append("weights:" + "|".join(file_sha256(f) for f in files))
+        for k in keys:
+            if k in seen:
+                what = "the same checkpoint" if k.startswith(("path:", "hub:")) else "identical weights"
+                raise AttnscopeError(f"checkpoints {seen[k]} and {r.spec} are {what}; pass each checkpoint once")
+            seen[k] = r.spec
 
 
 # --------------------------------------------------------------------------------------------------
@@ -282,7 +302,7 @@ def _context_neuron(context: str, row: Tensor, rank: Tensor | None, n_selected: 
 
 def _summary_key(w: ModelWeights, s: EvolutionSettings) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": s.to_json(), "dtype": str(w.dtype),
-                       "v": SCHEMA_VERSION}, sort_keys=True, default=str)
+                       "tokenizer": tokenizer_sha256(w.tokenizer), "v": SCHEMA_VERSION}, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

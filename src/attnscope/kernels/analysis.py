@@ -40,7 +40,7 @@ from torch import Tensor
 
 from attnscope.core.cache import atomic_dir, cache_dir, read_or_drop
 from attnscope.core.errors import AttnscopeError, check_index
-from attnscope.core.texts import bundled_dir, load_windows
+from attnscope.core.texts import bundled_dir, load_windows, tokenizer_sha256
 from attnscope.exact.decomposition import (
     approximate_tv,
     centre,
@@ -208,7 +208,8 @@ class KernelResult:
 
 def _cache_key(w: ModelWeights, s: KernelSettings, sha: str) -> str:
     blob = json.dumps({"model": w.fingerprint(), "settings": asdict(s), "samples": sha, "dtype": str(w.dtype),
-                       "bos": w.analysis_bos, "v": 4}, sort_keys=True)  # --bos/--no-bos: its own entry
+                       "bos": w.analysis_bos, "tokenizer": tokenizer_sha256(w.tokenizer), "v": 4},
+                      sort_keys=True)  # --bos/--no-bos: its own entry; an edited tokenizer.json: its own entry
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

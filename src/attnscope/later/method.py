@@ -37,7 +37,7 @@ from attnscope.circuit.build import Circuit, CircuitSettings, build_circuit, cir
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError, ConditionFailedError, NoContextualHeadsError, check_index
 from attnscope.core.stats import tensor_sum
-from attnscope.core.texts import bundled_texts
+from attnscope.core.texts import bundled_texts, require_diverse
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
 from attnscope.later.effective import (
@@ -156,8 +156,11 @@ def sources(w: ModelWeights, cs: CircuitSettings, s: LaterSettings, T: int) -> l
         raise AttnscopeError("later-layer neurons need at least two sources for one-vs-rest contrasts; "
                              "pass --eval twice or more")
     skip = T - (1 if w.prepend_bos else 0)
-    return [source_windows(w, x, T, max_windows=s.max_windows, skip_tokens=skip if x == cs.calibration else 0)
-            for x in specs]
+    out = [source_windows(w, x, T, max_windows=s.max_windows, skip_tokens=skip if x == cs.calibration else 0)
+           for x in specs]
+    for sw in out:  # a degenerate held-out text would make every neuron "pass"
+        require_diverse(torch.cat([sw.tune, sw.report])[:, 1 if w.prepend_bos else 0:], sw.spec, "evaluation")
+    return out
 
 
 def _layer_circuit(view: ModelWeights, cs: CircuitSettings) -> tuple[Circuit, str | None, str | None]:

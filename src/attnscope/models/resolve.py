@@ -5,19 +5,17 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import shutil
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlparse
 
 import torch
 
 from attnscope.core.cache import atomic_dir, cache_dir, read_or_drop, remember_source_files
 from attnscope.core.errors import ModelNotFoundError, UnsupportedModelError
+from attnscope.core.hub import hub_reachable
 from attnscope.models.adapters import SUPPORTED_TYPES, extract_weights
 from attnscope.models.weights import parse_dtype
 
@@ -133,18 +131,6 @@ def resolve(spec: str) -> ResolvedModel:
     return ResolvedModel(spec, "hub", spec)
 
 
-def _hub_reachable(timeout: float = 3.0) -> bool:
-    """One quick probe of the hub (no retries): False when offline mode is set or the host does not answer."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
-        return False
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    try:
-        socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout).close()
-    except OSError:
-        return False
-    return True
-
-
 def _bad_weights(path: str, err: Exception) -> ModelNotFoundError:
     msg = " ".join(str(err).split())[:200] or type(err).__name__
     return ModelNotFoundError(f"could not read the weights in {path} ({msg}); the files are truncated, corrupt or do "
@@ -178,7 +164,7 @@ def load_hf(spec: str, *, revision: str | None = None, dtype: torch.dtype = torc
         elif r.kind == "hub":
             kwargs["revision"] = revision
             tok_kwargs["revision"] = revision
-            if not _hub_reachable():  # fail in a second from the local HF cache, not after 25 s of retries
+            if not hub_reachable():  # fail in a second from the local HF cache, not after 25 s of retries
                 kwargs["local_files_only"] = tok_kwargs["local_files_only"] = True
         hub_kwargs = {k: v for k, v in kwargs.items() if k in ("revision", "local_files_only")}
         config = AutoConfig.from_pretrained(path, **(hub_kwargs if r.kind == "hub" else {}))

@@ -250,8 +250,9 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                  max_windows: int = 16, n_evidence: int = 40) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
     ``verify``, measure it on up to ``max_windows`` windows of each)."""
-    if a == b:
-        raise AttnscopeError(f"--a and --b are the same source ({a}); pass two different text sources")
+    if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
+        raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
+                             "sources")
 
     tm = build_token_model(w, circ)
     ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}

@@ -33,7 +33,7 @@ from attnscope.circuit.build import Circuit, circuit_fidelity, mlp_input_weights
 from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.stats import median as _median
-from attnscope.core.texts import bundled_texts, decode_tokens  # noqa: F401  (re-exported)
+from attnscope.core.texts import bundled_texts, decode_tokens, require_diverse  # noqa: F401  (re-exported)
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import (
@@ -125,8 +125,11 @@ def held_out_windows(w: ModelWeights, circ: Circuit, specs: list[str] | None,
         raise AttnscopeError("neurons need at least two held-out sources for one-vs-rest contrasts; "
                              "pass --eval twice or more")
     skip = len(circ.calibration_tokens) - (1 if w.prepend_bos else 0)
-    return [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
-            for s in dict.fromkeys(specs)]
+    out = [source_windows(w, s, circ.T, max_windows=max_windows, skip_tokens=skip if s == cal else 0)
+           for s in dict.fromkeys(specs)]
+    for sw in out:  # a degenerate held-out text would make every neuron "pass" with r = 1
+        require_diverse(torch.cat([sw.tune, sw.report])[:, 1 if w.prepend_bos else 0:], sw.spec, "evaluation")
+    return out
 
 
 def one_vs_rest_effects(stats: list[PreStats]) -> Tensor:

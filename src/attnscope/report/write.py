@@ -147,5 +147,5 @@ def write_report(out_dir: str | Path, *, model_info: dict | None = None, kernels
     parts.insert(0, header_section(model_info, command, prov, date, __version__))
     page = _page(model_info.get("name") or "model", date, __version__, [("summary", "Model"), *nav], parts)
     path = out_dir / "report.html"
-    path.write_text(page, encoding="utf-8")
+    path.write_text(page, encoding="utf-8", errors="backslashreplace")  # a file name that is not UTF-8
     return path

@@ -69,6 +69,7 @@ class TrainConfig:
     tokenizer_max_chars: int | None = 2_000_000
     threads: int | None = None  # torch threads for this call (restored after); None = leave as is
     progress: bool = True
+    publish_to: Path | None = None  # the final folder, recorded in training.json, when ``out`` is a staging folder
 
     def __post_init__(self) -> None:
         self.corpora, self.out = Path(self.corpora), Path(self.out)
@@ -80,6 +81,24 @@ class TrainConfig:
                 raise AttnscopeError(f"--{name.replace('_', '-')} must be at least 1, got {v}")
         if self.save_every is not None and self.steps is None:
             raise AttnscopeError("--save-every needs --steps (checkpoints at fixed steps keep a series reproducible)")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        """Finite, bounded settings only: nan, inf or 0 would train nothing, crash mid-run or save garbage."""
+        bounds = {"lr": (0.0, 1.0), "max_minutes": (0.0, 7 * 24 * 60.0)}
+        for name, (lo, hi) in bounds.items():
+            v = getattr(self, name)
+            if not (math.isfinite(v) and lo < v <= hi):
+                raise AttnscopeError(f"--{name.replace('_', '-')} {v} must be a finite number above {lo:g} and at most "
+                                     f"{hi:g}")
+        ints = {"batch_size": (1, 4096), "n_ctx": (8, 8192), "n_embd": (self.n_head, 8192)}
+        for name, (lo, hi) in ints.items():
+            v = getattr(self, name)
+            if not lo <= v <= hi:
+                raise AttnscopeError(f"--{name.replace('_', '-')} {v} is outside {lo}..{hi}; pass a value in it")
+        if self.n_embd % self.n_head:
+            raise AttnscopeError(f"--n-embd {self.n_embd} is not divisible by the model's {self.n_head} attention heads; "
+                                 f"pass a multiple of {self.n_head} (e.g. {self.n_embd // self.n_head * self.n_head or self.n_head})")
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
@@ -308,7 +327,7 @@ def _train_demo(cfg: TrainConfig) -> dict:
     log(f"held-out loss {ev['overall']['loss']:.3f} nats/token vs unigram {ev['overall']['unigram']:.3f}")
     info = _info(cfg, data, st, model, ev, {"train_time_s": train_time, "eval_time_s": time.time() - t_eval})
     _save(model, data, cfg.out, info)
-    log(f"saved to {cfg.out} ({info['wall_time_s']:.0f}s total)")
+    log(f"saved to {cfg.publish_to or cfg.out} ({info['wall_time_s']:.0f}s total)")
     return info
 
 
@@ -347,7 +366,8 @@ def _info(cfg: TrainConfig, data: _Data, st: _State, model, ev: dict, times: dic
 
 def _config_record(cfg: TrainConfig, data: _Data, st: _State, model) -> dict:
     V = data.tokenizer.get_vocab_size()
-    run = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items()}
+    run = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(cfg).items() if k != "publish_to"}
+    run["out"] = str(cfg.publish_to or cfg.out)
     return {
         "model": {"architecture": "GPT2LMHeadModel", "vocab_size": V, "n_positions": cfg.n_ctx, "n_ctx": cfg.n_ctx,
                   "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "activation_function": "gelu_new",
