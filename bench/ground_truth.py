@@ -20,6 +20,22 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{x:.3f}" if isinstance(x, float) else str(x)
 
 
+def like_for_like_table(lfl) -> None:
+    """Each context's one-vs-rest contrast on the reporting half, like for like, with its ceiling and baselines."""
+    print("Like for like (prediction from the reporting windows' own token counts), reporting half:\n")
+    print("| context | like for like ρ | tuning-count ρ (the ranking's) | noise ceiling (Spearman-Brown) | token-mean ρ "
+          "(calibration text) | shuffled ρ | R-precision (token-mean) | neurons \\|d\\| ≥ 1 |\n|---|---|---|---|---|---|---|---|")
+    for n, v in lfl.items():
+        nc = v.noise_ceiling.spearman_brown if v.noise_ceiling else None
+        print(f"| {n} | {_fmt(v.like_for_like.spearman)} | {_fmt(v.whole_source.spearman)} | {_fmt(nc)} | "
+              f"{_fmt(v.token_mean.spearman)} | {_fmt(v.shuffled_null.spearman)} | {_fmt(v.like_for_like.r_precision)} "
+              f"({_fmt(v.token_mean.r_precision)}) | {v.n_true} |")
+    med = lambda f: _fmt(st.median([f(v) for v in lfl.values()]))  # noqa: E731
+    print(f"| **median** | {med(lambda v: v.like_for_like.spearman)} | {med(lambda v: v.whole_source.spearman)} | "
+          f"{med(lambda v: v.noise_ceiling.spearman_brown if v.noise_ceiling else float('nan'))} | "
+          f"{med(lambda v: v.token_mean.spearman)} | {med(lambda v: v.shuffled_null.spearman)} | | |\n")
+
+
 def demo(out: Path, max_windows: int | None) -> None:
     from attnscope.circuit.build import build_circuit
     from attnscope.models import load_model
@@ -43,6 +59,7 @@ def demo(out: Path, max_windows: int | None) -> None:
               f" | {_fmt(rep['recall20'][n])} |")
     print("| **median** | " + " | ".join(_fmt(res.median_spearman(p)) for p in sc) + " | | | | | "
           f"{_fmt(st.median(rep['recall20'].values()))} |\n")
+    like_for_like_table(res.like_for_like)
     print(f"neurons with |d| >= 1 per context (reporting half): {rep['n_true']}")
     print(f"passing neurons by the term carrying most of their predicted effect: {rep['dominant_term']}\n")
     for k in ("10", "50"):

@@ -43,3 +43,15 @@ def test_reported_set_and_explanation(gt):
 def test_label_precision(gt):
     lp = gt.labels
     assert lp["n_checked"] >= 5 and lp["precision"] >= 0.6  # measured 40 of 46
+
+
+def test_like_for_like_with_ceiling_and_baselines(gt):
+    lfl = gt.like_for_like
+    assert set(lfl) == set(gt.contexts)
+    med = st.median(v.like_for_like.spearman for v in lfl.values())
+    assert med > 0.85  # the prediction from the reporting windows' own counts
+    for v in lfl.values():
+        assert v.noise_ceiling is not None and -1 <= v.noise_ceiling.split_half <= v.noise_ceiling.spearman_brown <= 1
+        assert v.token_mean_fitted_on == ["bundled:en_moby_dick (calibration)"]
+    assert abs(st.median(v.shuffled_null.spearman for v in lfl.values())) < 0.4  # the null ranks nothing
+    assert med > st.median(v.token_mean.spearman for v in lfl.values())

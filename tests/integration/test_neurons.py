@@ -31,7 +31,7 @@ def test_finds_the_hand_built_neuron(hand_result):
     assert res.rows[0].index == NEURON and res.rows[0].passed  # ranked first, and passes the measured threshold
     row = res.rows[0]
     assert row.best_contrast == "code_python" and row.predicted_d > 1
-    assert abs(row.d_bag + row.d_direct + row.d_other_heads - row.predicted_d) < 1e-6
+    assert abs(row.d_bag + row.d_direct + row.d_other_heads + row.d_norm_scale - row.predicted_d) < 1e-6
     assert row.d_bag > 0.9 * row.predicted_d  # built by hand to read the bag of code tokens only
     card = res.cards[0]
     assert card.index == NEURON and card.true_d["code_python"] > 1  # true effect on held-out code windows
@@ -107,10 +107,16 @@ def test_contrast_on_demo_beats_the_null(demo):
     w, _ = demo
     res = run_contrast(w, build_circuit(w), "bundled:code_python", "bundled:en_moby_dick", verify=True, max_windows=4)
     v = res.verification
-    assert v.scores["spearman"] > 0.85 and v.null_scores["spearman"] < 0.3  # measured 0.98 / -0.03 (16 windows)
-    assert v.scores["precision"]["10"] >= 0.8
-    rec = res.to_json()["neurons"]
+    assert v.like_for_like.spearman > 0.85 and v.shuffled_null.spearman < 0.3  # measured 0.98 / -0.03 (16 windows)
+    assert v.like_for_like.precision["10"] >= 0.8
+    assert v.like_for_like.spearman > v.token_mean.spearman  # the circuit beats the circuit-free baseline
+    assert v.noise_ceiling is not None and 0.8 < v.noise_ceiling.spearman_brown <= 1
+    assert "bundled:code_python" not in v.token_mean_fitted_on and len(v.token_mean_fitted_on) == 6
+    assert v.like_for_like.r_precision is not None and v.like_for_like.r_precision > 0.5
+    js = res.to_json()
+    rec = js["neurons"]
     assert len(rec) == w.d_mlp and {"index", "predicted_diff", "true_d"} <= set(rec[0])
+    assert {"like_for_like", "whole_source", "noise_ceiling", "token_mean", "shuffled_null"} <= set(js["verification"])
 
 
 def test_labels_need_evidence():

@@ -60,6 +60,7 @@ from attnscope.report import write_report
 from attnscope.report.pipeline import run_report
 from attnscope.report.plots import kernel_figures, neuron_figures
 from attnscope.serve import serve_command
+from attnscope.serve.contrast_scope import contrast_scope
 from attnscope.training import TrainConfig, train_demo
 
 _TEXTS = A.TEXT_SOURCES.format(names=", ".join(bundled_texts()))
@@ -448,15 +449,17 @@ def contrast(
         A.check_distinct_sources(a, b)
         w = _load(rt, model, bos=kw["bos"])
         A.check_circuit_settings(cs, w)
-        res = run_contrast(w, build_circuit(w, cs), a, b, verify=verify, max_windows=max_windows, executor=ex)
+        circ = build_circuit(w, cs)
+        res = run_contrast(w, circ, a, b, verify=verify, max_windows=max_windows, executor=ex)
+        scope = contrast_scope(w, circ, res)
         if out is not None:
             with staged_output(out, "contrast") as tmp:
-                res.save(tmp)
+                res.save(tmp, scope.to_json())
     if as_json:
-        typer.echo(json.dumps(res.to_json(), default=str))
+        typer.echo(json.dumps(res.to_json(scope.to_json()), default=str))
         return
 
-    print_contrast(res, top)
+    print_contrast(res, top, scope)
     if out is not None:
         typer.echo(f"wrote {out / 'contrast.json'}")
 

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from attnscope.evolution.timeline import Timeline
 from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
 from attnscope.later.result import LaterResult
+from attnscope.serve.contrast_scope import ContrastScope, in_flag
 
 if TYPE_CHECKING:
     from attnscope.kernels.analysis import KernelResult
@@ -68,7 +69,7 @@ def print_neuron_summary(res: NeuronResult) -> None:
     con.print(t)
 
 
-def print_contrast(res: ContrastResult, top: int) -> None:
+def print_contrast(res: ContrastResult, top: int, scope: ContrastScope | None = None) -> None:
     """The ``top`` neurons each way of a two-source contrast, and its verification if one was run."""
     from rich.console import Console
     from rich.table import Table
@@ -85,11 +86,40 @@ def print_contrast(res: ContrastResult, top: int) -> None:
                       " ".join(repr(tok)[1:-1] for tok, _ in ev[:6]))
         con.print(t)
     if res.verification:
-        v = res.verification
-        con.print(f"verified on {v.n_positions_a} + {v.n_positions_b} positions: Spearman {v.scores['spearman']:.3f} "
-                  f"(token-shuffled null {v.null_scores['spearman']:.3f}); precision@10/20/50 "
-                  + "/".join(f"{x:.2f}" for x in v.scores["precision"].values()) + "; recall@10/20/50 "
-                  + "/".join(f"{x:.2f}" for x in v.scores["recall"].values()) + f"; {v.n_true} neurons with |d| >= 1")
+        print_verification(res.verification)
+    if scope is not None:
+        print_scope(scope)
+
+
+def print_scope(scope: ContrastScope) -> None:
+    """Each scope condition with its measured value and threshold; the flag's verdict (serve.contrast_scope)."""
+    print(("OUT OF SCOPE" if scope.out_of_scope else "in scope") + " (the flag's conditions: any failing one puts "
+          "the input out of scope; the others are measured only)")
+    for c in scope.conditions:
+        status = ("ok" if c.ok else "FAILED") if in_flag(c) else ("measured: ok" if c.ok else "measured: outside")
+        print(f"  {c.name}: {c.measured:.3g} (threshold {c.threshold:.3g}) {status}; {c.holds_when}")
+
+
+def print_verification(v) -> None:
+    """Every score of a verified contrast with its noise ceiling and baselines (:mod:`attnscope.neurons.verification`)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+    nc = v.noise_ceiling
+    t = Table(title=f"verified on {v.n_windows_a} + {v.n_windows_b} windows ({v.n_positions_a} + {v.n_positions_b} "
+                    f"positions; {v.windows}); {v.n_true} neurons with true |d| >= 1; noise ceiling (Spearman-Brown "
+                    f"corrected split-half Spearman of the true d) "
+                    + ("-" if nc is None else f"{nc.spearman_brown:.3f} (split half {nc.split_half:.3f})"))
+    for col in ("predictor", "Spearman", "R-precision", "precision@10/20/50", "recall@10/20/50"):
+        t.add_column(col)
+    for s in (v.like_for_like, v.whole_source, v.token_mean, v.shuffled_null):
+        t.add_row(s.predictor, f(s.spearman), f(s.r_precision), "/".join(f"{x:.2f}" for x in s.precision.values()),
+                  "/".join(f"{x:.2f}" for x in s.recall.values()))
+    Console().print(t)
+    print("like for like: predicted from the verified windows' own token counts (the headline); whole source: "
+          "predicted from all of each source's tokens (what contrast without --verify gives), same truth")
+    print(f"token-mean predictor (circuit-free) fitted on: {', '.join(v.token_mean_fitted_on)}")
 
 
 def print_kernel_summary(res: KernelResult) -> None:

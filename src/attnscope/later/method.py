@@ -246,7 +246,7 @@ def _token_parts(w: ModelWeights, lc: LaterCircuit) -> dict[str, Tensor]:
     earlier = torch.zeros(w.d_vocab, d)
     own = {"contextual bag": torch.zeros(w.d_vocab, d), "other heads": torch.zeros(w.d_vocab, d)}
     for l, circ in lc.circuits.items():
-        tm = build_token_model(lc.views[l], circ, lc.explainers[l])
+        tm = build_token_model(lc.views[l], circ, lc.explainers[l], per_token_scale=False)
         bag, oth = tm.parts["contextual bag"].float().cpu(), tm.parts["other heads"].float().cpu()
         if l < lc.layer:
             earlier += lc.gain.get(l, 1.0) * (bag + oth) @ lc.G[l]

@@ -13,7 +13,9 @@ either source.  ``predicted_d = Delta / sigma_cal``, with ``sigma_cal`` the std 
 pre-activation over the calibration text, puts it on the scale of the effect size.
 
 **True (``--verify``).**  ``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` over positions
-``n >= min_position`` of windows of each source (:func:`effect_sizes`).
+``n >= min_position`` of windows spread over each whole source (:func:`effect_sizes`); the headline score
+predicts from those windows' own token counts, the whole-source prediction is scored beside it, with the
+noise ceiling and the baselines (:mod:`attnscope.neurons.verification`).
 """
 
 from __future__ import annotations
@@ -26,17 +28,25 @@ import torch
 from torch import Tensor
 
 from attnscope.circuit.build import Circuit
-from attnscope.core.accumulators import Moments
 from attnscope.core.errors import AttnscopeError, TextTooShortError
-from attnscope.core.executor import LOCAL, Executor
+from attnscope.core.executor import Executor
 from attnscope.core.texts import open_source, tokenize
 from attnscope.exact.decomposition import centre
+from attnscope.exact.forward import iter_layers
 from attnscope.models import ModelWeights
 from attnscope.neurons.explain import Explainer, build_explainer, true_pre
-from attnscope.neurons.groundtruth import discovery_scores, shuffled_null
+from attnscope.neurons.verification import (  # noqa: F401  (PreStats, pre_stats, effect_sizes: re-exported)
+    ContrastVerification,
+    PreStats,
+    effect_sizes,
+    fit_token_mean,
+    pre_stats,
+    spread_windows,
+    token_frequencies,
+    verify_contrast,
+)
 
 TOKEN_TERMS = ("direct", "contextual bag", "other heads")
-PRE_SHARD = 4  # windows per shard of the true pre-activations under a distributed executor
 
 
 # --------------------------------------------------------------------------------------------------
@@ -79,12 +89,6 @@ def source_windows(w: ModelWeights, spec: str, T: int, *, max_windows: int | Non
     return SourceWindows(source_name(spec), spec, win[:h], win[h:], skip_tokens)
 
 
-def token_frequencies(windows: Tensor, d_vocab: int) -> Tensor:
-    """Token frequencies ``[d_vocab]`` of a set of windows ``[n, T]`` (sums to 1)."""
-    c = torch.bincount(windows.reshape(-1), minlength=d_vocab)[:d_vocab].double()
-    return c / c.sum().clamp_min(1)
-
-
 # --------------------------------------------------------------------------------------------------
 # Expected pre-activation under a token distribution, from the weights
 # --------------------------------------------------------------------------------------------------
@@ -98,15 +102,43 @@ TOKEN_SCORE_DEFINITION = ("token score: how far one more occurrence of the token
 
 @dataclass
 class TokenModel:
-    """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout."""
+    """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout.
+
+    With ``norm_const`` set (what :func:`build_token_model` does), the norm in front of the MLP is not one
+    calibration constant: each token ``x`` at the position read gets the scale of its own predicted residual,
+    ``s_p(x) = norm scale(direct(x) + E_p[context] + c)``, where ``E_p[context]`` is the other terms' mean under
+    the source's token frequencies ``p`` and ``c`` the calibration residual's mean minus its token terms' (so
+    ``s`` matches the measured scale on calibration).  Then ``mu(p) = sum_x p(x) (direct(x) + E_p[context] + c)
+    W / s_p(x)``: still token counts only, no forward pass (issue 19: a source whose tokens shift the norm's
+    scale, e.g. Czech fortunes on the demo, was mispredicted with one constant).  The part ``c W sum_x
+    p(x)/s_p(x)`` is reported as the term ``"norm scale"``."""
 
     parts: dict[str, Tensor]  # term -> [d_vocab, d_model], centred
     W_in: Tensor  # [d_model, d_mlp]
     scale: float
+    norm_const: Tensor | None = None  # [d_model] c above; None: one constant scale (the method's, §8.1)
+    norm: str = "layernorm"
+    eps: float = 1e-5
+
+    def token_scales(self, p: Tensor) -> Tensor:
+        """``s_p(x)`` for every token ``[d_vocab]`` under frequencies ``p``."""
+        ctx = sum(p @ v for t, v in self.parts.items() if t != "direct") + self.norm_const
+        x = self.parts["direct"] + ctx
+        if self.norm == "layernorm":
+            x = x - x.mean(-1, keepdim=True)
+        return (x.pow(2).mean(-1) + self.eps).sqrt()
 
     def expected_parts(self, p: Tensor) -> dict[str, Tensor]:
         """Each term's expected contribution ``[d_mlp]`` under token frequencies ``p [d_vocab]``."""
-        return {t: (p.to(v.dtype) @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
+        p = p.to(self.W_in.device, self.W_in.dtype)
+        if self.norm_const is None:
+            return {t: (p @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
+        ps = p / self.token_scales(p)
+        tot = ps.sum()
+        out = {t: tot * ((p @ v) @ self.W_in) for t, v in self.parts.items() if t != "direct"}
+        out["direct"] = (ps @ self.parts["direct"]) @ self.W_in
+        out["norm scale"] = tot * (self.norm_const @ self.W_in)
+        return out
 
     def expected(self, p: Tensor) -> Tensor:
         return sum(self.expected_parts(p).values())
@@ -117,7 +149,8 @@ class TokenModel:
 
 
 @torch.no_grad()
-def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None) -> TokenModel:
+def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None,
+                      per_token_scale: bool = True) -> TokenModel:
     ex = ex or build_explainer(w, circ)
     n_star = circ.settings.reference_position
     raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
@@ -127,7 +160,23 @@ def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = Non
     for j in range(len(ex.other_heads)):
         other += ex.e_val @ ex.W_OV[j]
     parts = {"direct": centre(raw, w), "contextual bag": centre(circ.ext, w), "other heads": centre(other, w)}
-    return TokenModel(parts, ex.W_in, ex.scale)
+    tm = TokenModel(parts, ex.W_in, ex.scale, norm=w.norm, eps=w.eps)
+    if per_token_scale:
+        tm.norm_const = _calibration_residual_const(w, circ, parts)
+    return tm
+
+
+@torch.no_grad()
+def _calibration_residual_const(w: ModelWeights, circ: Circuit, parts: dict[str, Tensor]) -> Tensor:
+    """The calibration residual before the MLP norm (mean over n >= min_position) minus its token terms'
+    expectation under the calibration text's frequencies: what the token model leaves out (positions, biases)."""
+    cal = circ.calibration_tokens.to(w.device)
+    acts = next(iter_layers(w, cal[None], stop_layer=0, patterns=False))
+    n_min = circ.settings.min_position
+    mid = centre((acts.resid_pre + acts.attn_out)[0, n_min:].to(parts["direct"].dtype), w).mean(0)
+    body = cal[1:] if w.prepend_bos else cal
+    p = token_frequencies(body[None].cpu(), w.d_vocab).to(mid.device, mid.dtype)
+    return mid - sum(p @ v for v in parts.values())
 
 
 @torch.no_grad()
@@ -139,32 +188,6 @@ def calibration_std(w: ModelWeights, circ: Circuit) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # True effect sizes
 # --------------------------------------------------------------------------------------------------
-
-
-#: Per-neuron count, sum and sum of squares over positions n >= min_position of a set of windows (mergeable).
-PreStats = Moments
-
-
-def pre_stats_shard(w: ModelWeights, windows: Tensor, first_window: int, n_min: int, bar=None) -> PreStats:
-    """:class:`PreStats` of one shard of ``windows [n, T]`` (a window task, :mod:`attnscope.core.executor`)."""
-    out = Moments.zeros(w.d_mlp)
-    for win in windows:
-        out.add(true_pre(w, win)[n_min:])
-        if bar is not None:
-            bar.update(1)
-    return out
-
-
-@torch.no_grad()
-def pre_stats(w: ModelWeights, windows: Tensor, n_min: int, executor: Executor | None = None) -> PreStats:
-    """Per-neuron moments of the true pre-activation over positions ``>= n_min`` of ``windows [n, T]``
-    (sharded by ``executor``; default: this process)."""
-    return (executor or LOCAL).map_windows(w, pre_stats_shard, windows, n_min, shard_size=PRE_SHARD)
-
-
-def effect_sizes(a: PreStats, b: PreStats) -> Tensor:
-    """``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` per neuron ``[d_mlp]``."""
-    return (a.mean - b.mean) / ((a.var + b.var) / 2).sqrt().clamp_min(1e-9)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -182,17 +205,7 @@ class NeuronContrast:
     evidence_b: list[tuple[str, float]]
     true_d: float | None = None
     true_diff: float | None = None
-
-
-@dataclass
-class ContrastVerification:
-    n_windows_a: int
-    n_windows_b: int
-    n_positions_a: int
-    n_positions_b: int
-    scores: dict  # DiscoveryScores.to_json() of predicted_d against true d
-    null_scores: dict  # the same for the token-shuffled null ranking
-    n_true: int  # neurons with |d| >= 1
+    predicted_d_windows: float | None = None  # --verify: predicted from the verified windows' own counts
 
 
 @dataclass
@@ -209,16 +222,17 @@ class ContrastResult:
     def top(self, n: int, sign: int) -> list[NeuronContrast]:
         return [r for r in self.records if sign * r.predicted_d > 0][:n]
 
-    def to_json(self) -> dict:
-        return {"model": self.model, "a": self.a, "b": self.b, "n_tokens_a": self.n_tokens_a,
+    def to_json(self, extra: dict | None = None) -> dict:
+        """Everything; ``extra`` (e.g. the scope conditions the CLI adds) is merged in."""
+        return {**(extra or {}), "model": self.model, "a": self.a, "b": self.b, "n_tokens_a": self.n_tokens_a,
                 "n_tokens_b": self.n_tokens_b, "settings": self.settings,
                 "verification": None if self.verification is None else asdict(self.verification),
                 "neurons": [asdict(r) for r in self.records]}
 
-    def save(self, out: str | Path) -> Path:
+    def save(self, out: str | Path, extra: dict | None = None) -> Path:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / "contrast.json").write_text(json.dumps(self.to_json(), indent=1))
+        (out / "contrast.json").write_text(json.dumps(self.to_json(extra), indent=1))
         return out
 
 
@@ -242,7 +256,8 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
 def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
                  max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
-    ``verify``, measure it on up to ``max_windows`` windows of each, sharded by ``executor``)."""
+    ``verify``, measure it on up to ``max_windows`` windows of each).  ``executor`` is accepted for a uniform
+    API; the verification's truth is kept per window (for the split-half noise ceiling) and runs in this process."""
     if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
         raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
                              "sources")
@@ -268,14 +283,18 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
     if verify:
         n_min = circ.settings.min_position
-        wa, wb = (source_windows(w, s, circ.T, max_windows=max_windows) for s in (a, b))
-        sa = pre_stats(w, torch.cat([wa.tune, wa.report]), n_min, executor)
-        sb = pre_stats(w, torch.cat([wb.tune, wb.report]), n_min, executor)
-        d, true_diff = effect_sizes(sa, sb), sa.mean - sb.mean
+        # the truth is kept per window (the split-half noise ceiling needs it), so it runs in this process
+        wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
+        if min(len(wa), len(wb)) < 2:
+            short = a if len(wa) < 2 else b
+            raise TextTooShortError(f"{short} has {len(ids[short])} tokens: fewer than two windows of {circ.T} to "
+                                    "verify on; pass a longer text or a smaller --n-ctx")
+        tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
+        v, d, diff_true, lfl = verify_contrast(w, tm.expected, sigma, n_min, wa, wb, p_a, p_b, tmean,
+                                               windows_note=f"up to {max_windows} windows of {circ.T} tokens per "
+                                                            "source, evenly spread over the whole source")
         for r in recs:
-            r.true_d, r.true_diff = float(d[r.index]), float(true_diff[r.index])
-        null = shuffled_null(lambda q: tm.expected(q.to(tm.W_in.device)).cpu().double(), p_a, p_b) / sigma
-        res.verification = ContrastVerification(
-            len(wa.tune) + len(wa.report), len(wb.tune) + len(wb.report), sa.n, sb.n,
-            discovery_scores(pd, d).to_json(), discovery_scores(null, d).to_json(), int((d.abs() >= 1).sum()))
+            r.true_d, r.true_diff = float(d[r.index]), float(diff_true[r.index])
+            r.predicted_d_windows = float(lfl[r.index])
+        res.verification = v
     return res

@@ -34,6 +34,7 @@ from attnscope.neurons.explain import build_explainer, true_pre
 from attnscope.neurons.find import (
     NeuronSettings,
     held_out_windows,
+    like_for_like,
     neuron_cards,
     one_vs_rest_effects,
     score,
@@ -43,6 +44,7 @@ from attnscope.neurons.find import (
 )
 from attnscope.neurons.groundtruth import KS, discovery_scores, random_precision
 from attnscope.neurons.labels import LABEL_CONTEXTS
+from attnscope.neurons.verification import ContrastVerification, window_stats
 
 
 @dataclass
@@ -56,6 +58,9 @@ class GroundTruthResult:
     reported: dict  # precision, recall20 per context, random baselines, FVU (reported and random)
     labels: dict  # label precision
     tradeoff: list[dict]  # fixed thresholds: n passed, reporting-half precision and recall@20 per context
+    # per context, the one-vs-rest contrast verified like for like on the reporting half (noise ceiling,
+    # token-mean fitted on the calibration text, null, R-precision; the tuning-count prediction beside it)
+    like_for_like: dict[str, ContrastVerification]
 
     def median_spearman(self, predictor: str) -> float:
         return float(torch.tensor([v["spearman"] for v in self.scores[predictor].values()]).median())
@@ -92,7 +97,9 @@ def _predictors(w, circ, windows, scores, n_min) -> dict[str, Tensor]:
         q = counts[c] / counts[c].sum() - counts[rest].sum(0) / counts[rest].sum()
         out["contextual"].append(q @ S / scores.sigma)
         out["token_mean"].append(q @ M / scores.sigma)
-        out["shuffled"].append(tm.expected(q[perm].to(tm.W_in.device)).cpu().double() / scores.sigma)
+        pa, pb = counts[c] / counts[c].sum(), counts[rest].sum(0) / counts[rest].sum()
+        null = tm.expected(pa[perm].to(tm.W_in.device)) - tm.expected(pb[perm].to(tm.W_in.device))  # not linear in p
+        out["shuffled"].append(null.cpu().double() / scores.sigma)
     return {k: v if isinstance(v, Tensor) else torch.stack(v) for k, v in out.items()}
 
 
@@ -145,7 +152,8 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
     tm = build_token_model(w, circ, ex)
     sc = score(w, circ, windows, s, tm)
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
-    d_rep = one_vs_rest_effects([pre_stats(w, x.report, n_min, executor) for x in windows])
+    rep_stats = [window_stats(w, list(x.report), n_min) for x in windows]  # per window: the split-half ceiling
+    d_rep = one_vs_rest_effects([sum(st[1:], st[0]) for st in rep_stats])
     thr = select(sc, d_tune, precision_target)
     ver, cards, rep = verify(w, circ, sc, thr, d_rep, windows, s, ex)
     preds = _predictors(w, circ, windows, sc, n_min)
@@ -165,4 +173,4 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
                 "dominant_term": _dominant_terms(sc, passed)}
     return GroundTruthResult(w.info(), names, {x.name: [len(x.tune), len(x.report)] for x in windows}, scores, rnd,
                              asdict(thr), reported, _label_precision(card_list, names, d_rep),
-                             _tradeoff(sc, d_rep, names))
+                             _tradeoff(sc, d_rep, names), like_for_like(w, circ, tm, sc, windows, rep_stats))

@@ -72,6 +72,14 @@ from attnscope.neurons.result import (  # noqa: F401  (re-exported: the stage's 
     Threshold,
     Verification,
 )
+from attnscope.neurons.verification import (
+    ContrastVerification,
+    one_vs_rest_verification,
+    token_mean_on_calibration,
+    window_stats,
+)
+
+TUNING_COUNTS = "tuning-half counts (the ranking's prediction)"
 
 
 @dataclass
@@ -312,8 +320,21 @@ def neuron_rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, t
                                   *(float(scores.parts[t][best[k], k]) for t in ROW_TERMS), float(scores.swing_pos[k]),
                                   float(scores.swing_neg[k]), float(scores.sigma[k]),
                                   bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
-                                  decode_tokens(w.tokenizer, top[:, j].tolist()), decode_tokens(w.tokenizer, bot[:, j].tolist())))
+                                  decode_tokens(w.tokenizer, top[:, j].tolist()),
+                                  decode_tokens(w.tokenizer, bot[:, j].tolist()),
+                                  float(scores.parts["norm scale"][best[k], k])
+                                  if "norm scale" in scores.parts else 0.0))
     return rows
+
+
+def like_for_like(w: ModelWeights, circ: Circuit, tm: TokenModel, scores: NeuronScores, windows: list[SourceWindows],
+                  rep_stats: list[list[PreStats]]) -> dict[str, ContrastVerification]:
+    """Each source's one-vs-rest contrast on the reporting half, predicted from those windows' own counts."""
+    n_min = circ.settings.min_position
+    tmean = token_mean_on_calibration(w, circ.calibration_tokens, n_min, circ.settings.calibration + " (calibration)")
+    counts = [token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in windows]
+    return one_vs_rest_verification(w, tm.expected, scores.sigma, n_min, [list(x.report) for x in windows],
+                                    scores.sources, tmean, counts, TUNING_COUNTS, rep_stats)
 
 
 @torch.no_grad()
@@ -331,9 +352,11 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     scores = score(w, circ, windows, s, tm)
     n_min = circ.settings.min_position
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
-    d_report = one_vs_rest_effects([pre_stats(w, x.report, n_min, executor) for x in windows])
+    rep_stats = [window_stats(w, list(x.report), n_min) for x in windows]  # per window: the split-half ceiling
+    d_report = one_vs_rest_effects([sum(st[1:], st[0]) for st in rep_stats])
     thr = select(scores, d_tune, s.precision_target)
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
+    ver.like_for_like = like_for_like(w, circ, tm, scores, windows, rep_stats)
     card_list, traces = neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
     dens = denominator_transfer(w, circ, {x.name: x.report[0] for x in windows})
     rows = neuron_rows(w, scores, thr, d_tune, tm)

@@ -15,6 +15,7 @@ from attnscope.core.serialize import from_dict, read_versioned
 from attnscope.core.stats import median
 from attnscope.neurons.explain import TextDenominators
 from attnscope.neurons.groundtruth import D_MIN  # noqa: F401  (re-exported: one definition)
+from attnscope.neurons.verification import ContrastVerification
 
 SCHEMA_VERSION = 1  # of neurons.json (1: first loadable version, with the circuit saved beside it)
 
@@ -54,6 +55,7 @@ class NeuronRow:
     validated_tuning: bool  # |d| >= 1 with the predicted sign in some contrast, tuning half
     top_positive_tokens: list[str]
     top_negative_tokens: list[str]
+    d_norm_scale: float = 0.0  # ... and by the norm's per-token scale (the token model's "norm scale" term)
     true_d: float | None = None  # the true effect size in best_contrast, reporting half (None: not measured)
 
 
@@ -92,6 +94,9 @@ class Verification:
     random: FitSummary
     circuit_fidelity: dict[str, float]  # linear summary vs the contextual heads' true summed output
     n_positions: int
+    # per source, its one-vs-rest contrast verified like for like on the reporting half (prediction from those
+    # windows' counts; the tuning-half prediction the ranking uses beside it; noise ceiling, token-mean, null)
+    like_for_like: dict[str, ContrastVerification] = field(default_factory=dict)
 
 
 @dataclass
@@ -182,6 +187,7 @@ class NeuronResult:
                 "median_recall20": median(list(v.recall20.values())), "recall20_random": v.recall20_random,
                 "median_fvu": rep.fvu if rep else None, "median_fvu_within": rep.fvu_within if rep else None,
                 "median_fvu_random": v.random.fvu, "median_fvu_within_random": v.random.fvu_within,
+                **like_for_like_summary(v.like_for_like),
                 "texts_out_of_scope": [d.text for d in self.denominators if not d.in_scope]}
 
     def to_json(self) -> dict:
@@ -226,3 +232,17 @@ class NeuronResult:
         (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
                                                      "denominators": {d.text: d.Z_trace for d in self.denominators}}))
         return out
+
+
+def like_for_like_summary(lfl: dict[str, ContrastVerification]) -> dict:
+    """Medians over the one-vs-rest contrasts: like for like, the ranking's prediction, the noise ceiling and
+    the baselines (empty when the verification was not run)."""
+    if not lfl:
+        return {}
+    vs = list(lfl.values())
+    nc = [v.noise_ceiling.spearman_brown for v in vs if v.noise_ceiling is not None]
+    return {"median_spearman_like_for_like": median([v.like_for_like.spearman for v in vs]),
+            "median_spearman_tuning_counts": median([v.whole_source.spearman for v in vs]),
+            "median_noise_ceiling": median(nc) if nc else None,
+            "median_spearman_token_mean": median([v.token_mean.spearman for v in vs]),
+            "median_spearman_shuffled": median([v.shuffled_null.spearman for v in vs])}

@@ -1,0 +1,262 @@
+"""The unseen-text benchmark (issue 19): like-for-like contrast verification and the scope flag, any model.
+
+    python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
+
+Sources, pairs and adversarial inputs: ``bench/unseen/`` (built and frozen by scripts/make_unseen_bench.py;
+the report half is never tuned on).  For every source of the half, up to ``--windows`` windows spread over
+the whole source are run once through layer 0 (cached under OUT/cache, keyed by the weights' fingerprint, the
+circuit settings and the text's sha256).  For every pair of the half (and every adversarial input against
+each natural source of the half) it prints and saves:
+
+* like-for-like Spearman (prediction from the verified windows' counts), the whole-source prediction's,
+  the noise ceiling (Spearman-Brown), the token-mean predictor (fitted on the bundled texts), the shuffled
+  null, R-precision (k = neurons with true |d| >= 1) and that k;
+* the scope flag (:mod:`attnscope.serve.contrast_scope`) with the conditions that fail;
+* per text, the within-text FVU of the full explanation and its scope verdict;
+* the scope flag's AUROC and false-alarm rate against the failure definitions (contrast Spearman < 0.8,
+  within-text FVU > 0.5), separately on the natural pairs, the natural texts and the adversarial inputs.
+
+Not a test: demo about 2 minutes, SmolLM2 about 20 minutes on 2 busy cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import statistics as st
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+BENCH = Path(__file__).resolve().parent / "unseen"
+
+
+def _fmt(x, nd: int = 3) -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else f"{x:.{nd}f}" if isinstance(x, float) else str(x)
+
+
+def _key(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+def to_plain(m) -> dict:
+    """A TextMeasure as tensors and plain values (the cache outlives module moves)."""
+    d = {k: getattr(m, k) for k in ("n_tokens", "n_windows", "n_positions", "distinct_share", "top_token_share",
+                                    "unseen_share", "fvu_within")}
+    d["conditions"] = [asdict(c) for c in m.conditions]
+    d["stats"] = [(s.n, s.s1, s.s2) for s in m.stats]
+    return d
+
+
+def from_plain(d: dict):
+    from attnscope.neurons.verification import PreStats
+    from attnscope.serve.input_scope import TextMeasure
+    from attnscope.serve.scope import InputCondition
+
+    kw = {k: v for k, v in d.items() if k not in ("conditions", "stats")}
+    return TextMeasure(**kw, conditions=[InputCondition(**c) for c in d["conditions"]],
+                       stats=[PreStats(*x) for x in d["stats"]])
+
+
+def measure_all(w, circ, names: list[str], n_windows: int, cache: Path) -> dict:
+    """Each text measured once (cached): windows, token frequencies of the whole text, TextMeasure."""
+    from attnscope.core.cache import atomic_path, read_or_drop, weights_fingerprint
+    from attnscope.core.texts import open_source, tokenize
+    from attnscope.neurons.explain import build_explainer
+    from attnscope.neurons.verification import spread_windows, token_frequencies
+    from attnscope.serve.input_scope import measure_text
+    from attnscope.serve.scope import calibration_reference
+
+    ex, cal = build_explainer(w, circ), calibration_reference(w, circ)
+    fp = weights_fingerprint(w)
+    out = {}
+    cache.mkdir(parents=True, exist_ok=True)
+    for n in names:
+        text = (BENCH / "texts" / f"{n}.txt").read_text(encoding="utf-8")
+        ids = torch.as_tensor(tokenize(open_source(str(BENCH / "texts" / f"{n}.txt")), w.tokenizer))
+        wins = spread_windows(w, ids, circ.T, n_windows)
+        key = _key(fp, asdict(circ.settings), circ.heads, hashlib.sha256(text.encode()).hexdigest(), n_windows, "v1")
+        path = cache / f"{n}-{key}.pt"
+        m = read_or_drop(path, lambda p: from_plain(torch.load(p))) if path.exists() else None
+        if m is None:
+            t0 = time.perf_counter()
+            m = measure_text(w, circ, ex, cal, wins, len(ids))
+            with atomic_path(path) as tmp:
+                torch.save(to_plain(m), tmp)
+            print(f"  measured {n}: {len(wins)} windows in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        out[n] = {"windows": wins, "p": token_frequencies(ids[None], w.d_vocab), "m": m}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model")
+    ap.add_argument("--half", choices=["dev", "report"], required=True)
+    ap.add_argument("--windows", type=int, default=16)
+    ap.add_argument("--token-mean-windows", type=int, default=4)
+    ap.add_argument("--out", type=Path, default=Path("bench/results/unseen"))
+    ap.add_argument("--rescore", action="store_true", help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
+                    "(every condition's measured value is saved) and print the tables, without running the model")
+    a = ap.parse_args()
+    if a.rescore:
+        rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}.json")
+        return
+    torch.set_num_threads(2)
+    from attnscope.circuit.build import build_circuit
+    from attnscope.models import load_model
+    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.verification import fit_token_mean, verify_contrast
+    from attnscope.serve.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
+
+    split = json.loads((BENCH / "split.json").read_text())
+    natural = split["halves"][a.half]
+    adv = split["adversarial"][a.half]
+    w = load_model(a.model)
+    circ = build_circuit(w)
+    n_min = circ.settings.min_position
+    tm, sigma = build_token_model(w, circ), calibration_std(w, circ).cpu()
+    t0 = time.perf_counter()
+    tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
+    texts = measure_all(w, circ, natural + list(adv), a.windows, a.out / "cache")
+    rule = ScopeRule()
+    pairs = [(p["a"], p["b"], ", ".join(p["tags"]), "natural") for p in split["pairs"][a.half]]
+    pairs += [(x, n, adv[x]["kind"], "adversarial") for x in adv for n in natural]
+    rows = []
+    for x, y, tag, kind in pairs:
+        A, B = texts[x], texts[y]
+        v, d, _, lfl = verify_contrast(w, tm.expected, sigma, n_min, A["windows"], B["windows"], A["p"], B["p"], tmean,
+                                       A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
+        sc = pair_scope(A["m"], B["m"], lfl, rule)
+        rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
+                     "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
+                     "rms_predicted_d": float(lfl.pow(2).mean().sqrt()), "failed": not (v.like_for_like.spearman >= 0.8)})
+    trows = []
+    for n, T in texts.items():
+        sc = text_scope(T["m"], rule)
+        trows.append({"text": n, "kind": "adversarial" if n in adv else "natural", "n_tokens": T["m"].n_tokens,
+                      "n_windows": T["m"].n_windows, "fvu_within": T["m"].fvu_within,
+                      "distinct_share": T["m"].distinct_share, "top_token_share": T["m"].top_token_share,
+                      "unseen_share": T["m"].unseen_share, "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc],
+                      "out_of_scope": out_of_scope(sc),
+                      "failed": not (T["m"].fvu_within is not None and T["m"].fvu_within <= 0.5)})
+    dt = time.perf_counter() - t0
+    res = {"model": w.info(), "half": a.half, "windows": a.windows, "circuit_heads": circ.heads,
+           "query_conditioned": circ.query_conditioned, "token_mean_fitted_on": tmean.fitted_on,
+           "scope_rule": asdict(rule), "pairs": rows, "texts": trows, "seconds": dt}
+    res["summary"] = summarise(rows, trows)
+    a.out.mkdir(parents=True, exist_ok=True)
+    name = a.model.replace("/", "_")
+    (a.out / f"{name}_{a.half}.json").write_text(json.dumps(res, indent=1, default=str))
+    print_tables(res)
+
+
+def rescore(path: Path) -> None:
+    """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
+    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, in_flag, recheck
+
+    res = json.loads(path.read_text())
+    rule = ScopeRule()
+    z = {t["text"]: next((c["measured"] for c in t["scope"] if c["name"] == "denominators as on calibration"), None)
+         for t in res["texts"]}
+    for r in res["pairs"]:
+        r["scope"] = [c for c in r["scope"] if c["name"] not in ("contrast strong enough", "denominators alike on both sides")]
+        if z.get(r["a"]) is not None and z.get(r["b"]) is not None:
+            c = denominator_gap(z[r["a"]], z[r["b"]], r["rms_predicted_d"], rule)
+            r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
+    for r in res["pairs"] + res["texts"]:
+        r["scope"] = [recheck(c, rule) for c in r["scope"]]
+        r["out_of_scope"] = any(c["in_flag"] and not c["ok"] for c in r["scope"])
+    res["scope_rule"] = asdict(rule)
+    res["summary"] = summarise(res["pairs"], res["texts"])
+    path.write_text(json.dumps(res, indent=1, default=str))
+    print_tables(res)
+
+
+def _auroc(score: list[float], bad: list[bool]) -> float | None:
+    pos = [s for s, b in zip(score, bad) if b]
+    neg = [s for s, b in zip(score, bad) if not b]
+    if not pos or not neg:
+        return None
+    return sum((p > q) + 0.5 * (p == q) for p in pos for q in neg) / (len(pos) * len(neg))
+
+
+def _flag_stats(items: list[dict]) -> dict:
+    """AUROC of the out-of-scope flag against failure, its false-alarm rate and its hit rate."""
+    bad = [r["failed"] for r in items]
+    flag = [float(r["out_of_scope"]) for r in items]
+    good = [f for f, b in zip(flag, bad) if not b]
+    hit = [f for f, b in zip(flag, bad) if b]
+    return {"n": len(items), "n_failed": sum(bad), "auroc": _auroc(flag, bad),
+            "false_alarm_rate": sum(good) / len(good) if good else None, "hit_rate": sum(hit) / len(hit) if hit else None}
+
+
+def summarise(rows: list[dict], trows: list[dict]) -> dict:
+    nat = [r for r in rows if r["kind"] == "natural"]
+    v = [r["verification"] for r in nat]
+    med = lambda f: st.median([f(x) for x in v]) if v else None  # noqa: E731
+    return {"median_like_for_like": med(lambda x: x["like_for_like"]["spearman"]),
+            "median_whole_source": med(lambda x: x["whole_source"]["spearman"]),
+            "median_noise_ceiling": med(lambda x: (x["noise_ceiling"] or {}).get("spearman_brown", float("nan"))),
+            "median_token_mean": med(lambda x: x["token_mean"]["spearman"]),
+            "median_shuffled": med(lambda x: x["shuffled_null"]["spearman"]),
+            "beats_token_mean": sum(x["like_for_like"]["spearman"] > x["token_mean"]["spearman"] for x in v),
+            "n_pairs": len(v),
+            "r_precision_pairs_10plus": [x["like_for_like"]["r_precision"] for x in v if x["n_true"] >= 10],
+            "scope_natural_pairs": _flag_stats(nat),
+            "scope_natural_texts": _flag_stats([t for t in trows if t["kind"] == "natural"]),
+            "scope_adversarial": _flag_stats([r for r in rows if r["kind"] == "adversarial"]
+                                             + [t for t in trows if t["kind"] == "adversarial"])}
+
+
+def print_tables(res: dict) -> None:
+    print(f"model {res['model']['name']}, {res['half']} half, up to {res['windows']} windows per source; contextual "
+          f"heads {res['circuit_heads']}; token-mean fitted on {len(res['token_mean_fitted_on'])} bundled texts; "
+          f"{res['seconds']:.0f} s\n")
+    print("| pair | tags | like for like ρ | whole source ρ | noise ceiling (S-B) | token-mean ρ | shuffled ρ | "
+          "R-precision | n \\|d\\|≥1 | scope |\n|---|---|---|---|---|---|---|---|---|---|")
+    for r in res["pairs"]:
+        if r["kind"] != "natural":
+            continue
+        v = r["verification"]
+        nc = (v["noise_ceiling"] or {}).get("spearman_brown")
+        fails = [c["name"] for c in r["scope"] if not c["ok"] and c["in_flag"]]
+        print(f"| {r['a']} vs {r['b']} | {r['tags']} | {_fmt(v['like_for_like']['spearman'])} | "
+              f"{_fmt(v['whole_source']['spearman'])} | {_fmt(nc)} | {_fmt(v['token_mean']['spearman'])} | "
+              f"{_fmt(v['shuffled_null']['spearman'])} | {_fmt(v['like_for_like']['r_precision'], 2)} | {v['n_true']} | "
+              f"{'out: ' + ', '.join(fails) if fails else 'in'} |")
+    s = res["summary"]
+    rp = s["r_precision_pairs_10plus"]
+    print(f"\nmedians over {s['n_pairs']} natural pairs: like for like {_fmt(s['median_like_for_like'])}, whole source "
+          f"{_fmt(s['median_whole_source'])}, noise ceiling {_fmt(s['median_noise_ceiling'])}, token-mean "
+          f"{_fmt(s['median_token_mean'])}, shuffled {_fmt(s['median_shuffled'])}; beats token-mean on "
+          f"{s['beats_token_mean']} of {s['n_pairs']}; R-precision on the {len(rp)} pairs with >= 10 neurons at "
+          f"|d| >= 1: min {_fmt(min(rp) if rp else None, 2)}, median {_fmt(st.median(rp) if rp else None, 2)}\n")
+    print("| text | kind | tokens | windows | within-text FVU | distinct | top token | unseen by calibration | scope |"
+          "\n|---|---|---|---|---|---|---|---|---|")
+    for t in res["texts"]:
+        fails = [f"{c['name']} {_fmt(c['measured'])} (threshold {_fmt(c['threshold'])})" for c in t["scope"]
+                 if not c["ok"] and c["in_flag"]]
+        print(f"| {t['text']} | {t['kind']} | {t['n_tokens']} | {t['n_windows']} | {_fmt(t['fvu_within'])} | "
+              f"{_fmt(t['distinct_share'], 2)} | {_fmt(t['top_token_share'], 2)} | {_fmt(t['unseen_share'], 2)} | "
+              f"{'out: ' + '; '.join(fails) if fails else 'in'} |")
+    print("\n| scope flag | inputs | failing | AUROC | false-alarm rate | hit rate |\n|---|---|---|---|---|---|")
+    for k in ("scope_natural_pairs", "scope_natural_texts", "scope_adversarial"):
+        f = s[k]
+        print(f"| {k[6:].replace('_', ' ')} | {f['n']} | {f['n_failed']} | {_fmt(f['auroc'])} | "
+              f"{_fmt(f['false_alarm_rate'], 2)} | {_fmt(f['hit_rate'], 2)} |")
+    adv = [r for r in res["pairs"] if r["kind"] == "adversarial"]
+    if adv:
+        print("\n| adversarial input | kind | median like for like ρ over its pairs | pairs failing | pairs flagged |"
+              "\n|---|---|---|---|---|")
+        for x in dict.fromkeys(r["a"] for r in adv):
+            rr = [r for r in adv if r["a"] == x]
+            print(f"| {x} | {rr[0]['tags']} | {_fmt(st.median(r['verification']['like_for_like']['spearman'] for r in rr))}"
+                  f" | {sum(r['failed'] for r in rr)} of {len(rr)} | {sum(r['out_of_scope'] for r in rr)} |")
+
+
+if __name__ == "__main__":
+    main()

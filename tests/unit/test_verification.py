@@ -1,0 +1,70 @@
+"""Like-for-like verification pieces and the contrast scope flag on synthetic numbers (issue 19)."""
+
+import math
+
+import pytest
+import torch
+
+from attnscope.neurons.verification import (
+    PreStats,
+    TokenMean,
+    noise_ceiling,
+    score_predictor,
+)
+from attnscope.serve.contrast_scope import (
+    ScopeRule,
+    denominator_gap,
+    judged_positions,
+    out_of_scope,
+    pair_conditions,
+    recheck,
+)
+
+
+def _stats(mean: torch.Tensor, n: int = 100, sd: float = 1.0) -> PreStats:
+    return PreStats(n, mean * n, (mean**2 + sd**2) * n)
+
+
+def test_noise_ceiling_is_spearman_brown_of_the_split_half():
+    g = torch.Generator().manual_seed(0)
+    signal = torch.randn(200, generator=g)
+    # four windows per side; the truth's noise differs between windows
+    a = [_stats(signal + 0.3 * torch.randn(200, generator=g)) for _ in range(4)]
+    b = [_stats(0.3 * torch.randn(200, generator=g)) for _ in range(4)]
+    nc = noise_ceiling(a, b)
+    assert nc.n_windows_per_draw == 2
+    assert nc.spearman_brown == pytest.approx(2 * nc.split_half / (1 + nc.split_half))
+    assert 0.8 < nc.split_half < nc.spearman_brown < 1
+    assert noise_ceiling(a[:1], b) is None  # one window: no two draws
+
+
+def test_r_precision_counts_the_neurons_with_large_true_d():
+    d = torch.tensor([3.0, -2.0, 1.5, 0.1, -0.2, 0.0])  # three neurons with |d| >= 1
+    pred = torch.tensor([2.0, -1.0, -0.5, 1.0, 0.0, 0.1])  # two of its top three right, with their sign
+    s = score_predictor("x", pred, d)
+    assert s.r_precision == pytest.approx(2 / 3)
+    assert score_predictor("x", pred, torch.zeros(6) + 0.1).r_precision is None
+    assert set(s.precision) == {"10", "20", "50"}
+
+
+def test_token_mean_gives_unseen_tokens_the_overall_mean():
+    tm = TokenMean(["t"], torch.tensor([1, 3]), torch.tensor([[1.0, 0.0], [3.0, 2.0]], dtype=torch.float64),
+                   torch.tensor([10.0, 20.0], dtype=torch.float64))
+    q = torch.tensor([0.0, 0.5, 0.25, 0.25])  # token 2 unseen
+    assert torch.allclose(tm.expected(q), torch.tensor([0.5 + 0.75 + 2.5, 0.5 + 5.0], dtype=torch.float64))
+
+
+def test_judged_positions():
+    assert judged_positions(1000, 256, 25, bos=True) == 3 * 231 + (1000 - 3 * 255 + 1 - 25)
+    assert judged_positions(20, 256, 25, bos=False) == 0
+
+
+def test_denominator_gap_condition_and_the_flag():
+    rule = ScopeRule()
+    c = denominator_gap(0.7, 1.25, 0.25, rule)
+    assert c.measured == pytest.approx(abs(math.log(0.7) - math.log(1.25)) / 0.25) and not c.ok
+    assert denominator_gap(0.74, 0.72, 0.25, rule).ok
+    short = pair_conditions(39, 4000, torch.ones(5), rule)
+    assert out_of_scope(short) and not out_of_scope(pair_conditions(4000, 4000, torch.ones(5), rule))
+    again = recheck({**c.to_json(), "in_flag": True}, ScopeRule(max_denominator_gap=10.0))
+    assert again["ok"] and again["threshold"] == 10.0
