@@ -338,6 +338,7 @@ def attention_check(an: Analyser, text: str | Tokens, head: int) -> AttentionChe
     wt = an.window_tokens(toks.ids, Window(0, min(N, cap), 0))
     n = wt.shape[0]
     acts = next(iter_layers(an.w, wt[None], stop_layer=0))
+    assert acts.pattern is not None, "iter_layers keeps the attention patterns by default"
     A = acts.pattern[0, head].double().cpu()
     j = circ.heads.index(head)
     R = (circ.head_kernels[j, :n, :n] * circ.f[j, wt][None, :]).double().cpu().tril()
@@ -355,6 +356,7 @@ def contrast(an: Analyser, text_a: str | Tokens, text_b: str | Tokens, neuron: i
     if not 1 <= top <= 100:
         raise AttnscopeError(f"top={top} is out of range; ask for 1 to 100 neurons")
     a, b = an.analyse(text_a, [neuron], moments=True), an.analyse(text_b, [neuron], moments=True)
+    assert a.moments is not None and b.moments is not None, "analyse(moments=True) fills them"
     ta, va, pa, vpa, na = a.moments.stats()
     tb, vb, pb, vpb, nb = b.moments.stats()
     d_true = (ta - tb) / ((va + vb) / 2).clamp_min(1e-12).sqrt()
