@@ -101,7 +101,7 @@ def test_full_explanation_on_demo(demo):
     assert abs(sum(sorted(v)[32] for v in sc.parts.values()) - 1) < 0.3  # the parts explain most of the variance
 
 
-def test_contrast_on_demo_beats_the_null(demo):
+def test_contrast_on_demo_beats_the_null(demo, tmp_path):
     from attnscope.neurons.contrast import run_contrast
 
     w, _ = demo
@@ -116,6 +116,11 @@ def test_contrast_on_demo_beats_the_null(demo):
     js = res.to_json()
     rec = js["neurons"]
     assert len(rec) == w.d_mlp and {"index", "predicted_diff", "true_d"} <= set(rec[0])
+    from attnscope.neurons.contrast import ContrastResult
+
+    back = ContrastResult.load(res.save(tmp_path))  # typed, nested verification included
+    assert json.dumps(back.to_json(), sort_keys=True) == json.dumps(js, sort_keys=True)
+    assert back.verification.like_for_like.spearman == v.like_for_like.spearman
     assert {"like_for_like", "whole_source", "noise_ceiling", "token_mean", "shuffled_null"} <= set(js["verification"])
 
 

@@ -30,7 +30,8 @@ from torch import Tensor
 from attnscope.circuit.build import Circuit
 from attnscope.core.errors import AttnscopeError, TextTooShortError
 from attnscope.core.executor import Executor
-from attnscope.core.texts import open_source, tokenize
+from attnscope.core.serialize import from_dict, read_versioned
+from attnscope.core.texts import decode_tokens, open_source, tokenize
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
 from attnscope.models import ModelWeights
@@ -47,6 +48,7 @@ from attnscope.neurons.verification import (  # noqa: F401  (PreStats, pre_stats
 )
 
 TOKEN_TERMS = ("direct", "contextual bag", "other heads")
+SCHEMA_VERSION = 1  # of contrast.json (1: first loadable version)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -224,7 +226,8 @@ class ContrastResult:
 
     def to_json(self, extra: dict | None = None) -> dict:
         """Everything; ``extra`` (e.g. the scope conditions the CLI adds) is merged in."""
-        return {**(extra or {}), "model": self.model, "a": self.a, "b": self.b, "n_tokens_a": self.n_tokens_a,
+        return {**(extra or {}), "schema_version": SCHEMA_VERSION, "model": self.model, "a": self.a, "b": self.b,
+                "n_tokens_a": self.n_tokens_a,
                 "n_tokens_b": self.n_tokens_b, "settings": self.settings,
                 "verification": None if self.verification is None else asdict(self.verification),
                 "neurons": [asdict(r) for r in self.records]}
@@ -235,9 +238,14 @@ class ContrastResult:
         (out / "contrast.json").write_text(json.dumps(self.to_json(extra), indent=1))
         return out
 
-
-def _decode(tok, ids: list[int]) -> list[str]:
-    return [tok.convert_tokens_to_string([t]) for t in tok.convert_ids_to_tokens(ids)]
+    @classmethod
+    def load(cls, out: str | Path) -> ContrastResult:
+        """The result :meth:`save` wrote to ``out`` (the scope conditions saved beside it are not part of it)."""
+        d = read_versioned(Path(out) / "contrast.json", SCHEMA_VERSION, "contrast.json (`attnscope contrast --out`)")
+        v = d["verification"]
+        return cls(d["model"], d["a"], d["b"], d["n_tokens_a"], d["n_tokens_b"],
+                   [from_dict(NeuronContrast, r) for r in d["neurons"]],
+                   None if v is None else from_dict(ContrastVerification, v), d["settings"])
 
 
 def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int = 8):
@@ -247,8 +255,10 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
     for j in range(len(idx)):
         c = contrib[:, j]
         pos, neg = c.topk(n), (-c).topk(n)
-        out.append((list(zip(_decode(w.tokenizer, pos.indices.tolist()), [round(float(v), 5) for v in pos.values])),
-                    list(zip(_decode(w.tokenizer, neg.indices.tolist()), [round(-float(v), 5) for v in neg.values]))))
+        toks_pos = decode_tokens(w.tokenizer, pos.indices.tolist())
+        toks_neg = decode_tokens(w.tokenizer, neg.indices.tolist())
+        out.append((list(zip(toks_pos, [round(float(v), 5) for v in pos.values])),
+                    list(zip(toks_neg, [round(-float(v), 5) for v in neg.values]))))
     return out
 
 
