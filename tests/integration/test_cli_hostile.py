@@ -33,6 +33,7 @@ from test_cli import run_main
 from typer.testing import CliRunner
 
 import attnscope.cli.app as cli_app
+import attnscope.cli.cache_cmds as cache_cmds
 from attnscope.cli.app import app
 
 PY = [sys.executable, "-m", "attnscope.cli"]  # the console entry point (attnscope.cli:main)
@@ -415,7 +416,7 @@ def run_case(case: Case, tmp: Path, ctx: dict, monkeypatch, capsys) -> tuple[int
         if "patch" in env:
             PATCHES[env["patch"]](monkeypatch)
         if "stdin" in env:
-            monkeypatch.setattr(cli_app, "_stdin_is_terminal", lambda: True)
+            monkeypatch.setattr(cache_cmds, "stdin_is_terminal", lambda: True)
             monkeypatch.setattr(sys, "stdin", io.StringIO(env["stdin"]))
         t0 = time.perf_counter()
         res = run_main(args, monkeypatch, capsys)

@@ -25,7 +25,9 @@ from attnscope.cli import args as A
 from attnscope.cli.args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
 from attnscope.cli.args import out_option as _out
 from attnscope.cli.boundary import run as run_with_boundary
+from attnscope.cli.cache_cmds import cache_app
 from attnscope.cli.show import (
+    emit,
     print_contrast,
     print_kernel_summary,
     print_later_summary,
@@ -34,17 +36,11 @@ from attnscope.cli.show import (
     print_timeline,
 )
 from attnscope.core.cache import (
-    KINDS,
-    cache_clear,
-    cache_dir,
-    cache_info,
     caching,
-    clear_plan,
-    overwriting,
-    staged_output,
 )
 from attnscope.core.errors import AttnscopeError, check_index
 from attnscope.core.executor import running as _executor
+from attnscope.core.outputs import overwriting, staged_output
 from attnscope.core.texts import bundled_texts, decoding, open_source, reading_once, text_tokens
 from attnscope.evolution.page import evolution_figures, write_evolution_page
 from attnscope.evolution.run import EvolutionSettings, run_evolution
@@ -70,8 +66,6 @@ app = typer.Typer(
     f"\n\nMODEL is {A.MODEL_HELP}.\n\n{_TEXTS}\n\nCaches live in $ATTNSCOPE_CACHE (default ~/.cache/attnscope); "
     "see `attnscope cache info`.",
 )
-cache_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
-                        help="Show or clear the on-disk cache ($ATTNSCOPE_CACHE, default ~/.cache/attnscope).")
 app.add_typer(cache_app, name="cache")
 
 @app.callback()
@@ -104,11 +98,6 @@ def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | Non
         yield
 
 
-def _emit(obj, as_json: bool, human) -> None:
-    if as_json:
-        typer.echo(json.dumps(obj, indent=2, default=str))
-    else:
-        human(obj)
 
 
 @app.command()
@@ -116,7 +105,7 @@ def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: 
          dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
     """Architecture, layers, heads, positional scheme, context length and parameter count."""
     w = _load(_runtime(ctx, device, dtype, revision), model)
-    _emit(w.info(), as_json, lambda d: print_table(d, f"attnscope info {model}"))
+    emit(w.info(), as_json, lambda d: print_table(d, f"attnscope info {model}"))
 
 
 @app.command(help="Recompute every head's attention and every MLP pre-activation from the weights and compare with "
@@ -138,7 +127,7 @@ def check(
         d = compare_with_model(w, hf.to(dtype=w.dtype), ids[None])
     out = {"model": model, "text": src, "n_tokens": n, "max_abs_diff_pattern": max(d["pattern"]),
            "max_abs_diff_mlp_pre": max(d["mlp_pre"]), "per_layer": d}
-    _emit(out, as_json, lambda o: print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
+    emit(out, as_json, lambda o: print_table({k: v for k, v in o.items() if k != "per_layer"}, "exact recomputation"))
 
 
 _KERNEL_FIELDS = (KernelSettings, ("samples", "n_ctx", "n_samples", "n_heldout", "layers", "ref_norm", "weights_query",
@@ -279,7 +268,7 @@ def probe(
         w = _load(rt, model)
         check_index("layer", layer, w.n_layers)
         r = context_probe(w, layer=layer, texts=text or None, n_ctx=n_ctx)
-    _emit(r.to_json(), as_json, lambda d: print_table(
+    emit(r.to_json(), as_json, lambda d: print_table(
         {**{f"recall {k}": f"{v:.3f}" for k, v in d["recall"].items()}, "test accuracy": f"{d['test_accuracy']:.3f}",
          "chance": f"{d['chance']:.3f}", f"separated (recall >= {d['recall_min']})": ", ".join(d["separated"])},
         f"linear probe on layer-{layer} MLP activations"))
@@ -372,48 +361,10 @@ def evolution(
     typer.echo(f"wrote {out / 'evolution.json'}, {out / 'evolution.html'} and {len(figs)} figures")
 
 
-@cache_app.command("info")
-def cache_info_cmd(as_json: JsonOpt = False) -> None:
-    """Where the cache is, and entries and size of each part (kernels, tokens, gguf, filehash, evolution)."""
-    d = cache_info()
-    _emit(d, as_json, lambda d: print_table(
-        {"path ($ATTNSCOPE_CACHE)": d["path"], "marked as attnscope's": "yes" if d["marked"] else "no",
-         **{k: f"{v['entries']} entries, {v['bytes'] / 1e6:.1f} MB" for k, v in d["kinds"].items()},
-         "total": f"{d['total_bytes'] / 1e6:.1f} MB", "files attnscope did not write (kept)": d["not_attnscope"]},
-        "attnscope cache"))
 
 
-@cache_app.command("clear")
-def cache_clear_cmd(
-    kinds: Annotated[Optional[list[str]], typer.Argument(metavar="[PART]...", show_default=False,
-                                                         help="kernels, tokens, gguf, filehash or evolution [default: all]")] = None,
-    yes: Annotated[bool, typer.Option("--yes", "-y", help="do not ask for confirmation (needed when stdin is not a "
-                                      "terminal)")] = False,
-) -> None:
-    """Remove attnscope's cache entries (or those of the named parts); they are recomputed when next needed.
-
-    Only a folder marked as attnscope's cache (CACHEDIR.TAG) is cleared, and only entries in the form
-    attnscope writes; other files are kept. Asks for confirmation unless --yes is given."""
-    bad = [k for k in kinds or [] if k not in KINDS]
-    if bad:
-        raise AttnscopeError(f"no cache part {bad[0]!r}; the parts are {', '.join(KINDS)}")
-    entries, size = clear_plan(kinds)
-    if not entries:
-        typer.echo(f"nothing to clear in {cache_dir()}")
-        return
-    what = f"{len(entries)} cache entries ({size / 1e6:.1f} MB) from {cache_dir()}"
-    if not yes:
-        if not _stdin_is_terminal():
-            raise AttnscopeError(f"cache clear would remove {what} and asks for confirmation, but stdin is not a "
-                                 "terminal; pass --yes")
-        if not typer.confirm(f"remove {what}?", default=False):
-            typer.echo("nothing removed")
-            raise typer.Exit(1)
-    typer.echo(f"freed {cache_clear(kinds) / 1e6:.1f} MB in {cache_dir()}")
 
 
-def _stdin_is_terminal() -> bool:
-    return sys.stdin is not None and sys.stdin.isatty()
 
 
 # --- contrast (owner: truth helper; one self-contained block) -------------------------------------

@@ -25,8 +25,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 from attnscope.circuit.result import QUERY_CONDITIONED_CHOICES
-from attnscope.core.cache import KINDS, cache_dir, mark_cache, refuse_foreign
+from attnscope.core.cache import KINDS, cache_dir, mark_cache
 from attnscope.core.errors import AttnscopeError, check_index
+from attnscope.core.outputs import refuse_foreign
 from attnscope.core.texts import open_source
 from attnscope.models import parse_dtype
 

@@ -3,8 +3,11 @@ JSON output is each result's ``to_json``."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from typing import TYPE_CHECKING
+
+import typer
 
 from attnscope.evolution.timeline import Timeline
 from attnscope.kernels.categories import CATEGORIES, CATEGORY_SHORT
@@ -193,3 +196,11 @@ def print_later_summary(res: LaterResult) -> None:
                   " ".join(repr(tok)[1:-1] for tok, _ in c.top_positive_tokens[:6]),
                   f"{c.positive_text} {c.true_d[c.positive_text]:+.2f}")
     con.print(t)
+
+
+def emit(obj, as_json: bool, human) -> None:
+    """``obj`` as JSON on stdout, or through ``human`` (a table printer)."""
+    if as_json:
+        typer.echo(json.dumps(obj, indent=2, default=str))
+    else:
+        human(obj)
