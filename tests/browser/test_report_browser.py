@@ -91,15 +91,18 @@ def test_key_elements_render(driver):
 
 def _column(driver, key: str) -> list[str]:
     i = driver.execute_script(
-        "return Array.from(document.querySelectorAll('#head-table thead th')).findIndex(t => t.dataset.key === arguments[0])",
+        "return Array.from(document.querySelectorAll('#head-table thead th'))"
+        ".findIndex(t => t.dataset.key === arguments[0])",
         key)
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll('#head-table tbody tr')).map(r => r.cells[arguments[0]].dataset.value)", i)
+        "return Array.from(document.querySelectorAll('#head-table tbody tr'))"
+        ".map(r => r.cells[arguments[0]].dataset.value)", i)
 
 
 def _order(driver) -> list[str]:
     return driver.execute_script(
-        "return Array.from(document.querySelectorAll('#head-table tbody tr')).map(r => r.dataset.layer + '-' + r.dataset.head)")
+        "return Array.from(document.querySelectorAll('#head-table tbody tr'))"
+        ".map(r => r.dataset.layer + '-' + r.dataset.head)")
 
 
 def test_sorting_reorders_rows(driver):

@@ -174,10 +174,10 @@ def _screenshot(drv, path: Path) -> None:
     from chromium import set_viewport
 
     drv.find_element(*_by("#text-a")).send_keys(SPANISH)
-    drv.find_element(*_by("#text-b")).send_keys("Call me Ishmael. Some years ago, never mind how long precisely, having "
-                                                "little or no money in my purse, and nothing particular to interest me on "
-                                                "shore, I thought I would sail about a little and see the watery part of "
-                                                "the world.")
+    drv.find_element(*_by("#text-b")).send_keys("Call me Ishmael. Some years ago, never mind how long precisely, "
+                                                "having little or no money in my purse, and nothing particular to "
+                                                "interest me on shore, I thought I would sail about a little and see "
+                                                "the watery part of the world.")
     drv.find_element(*_by("#contrast-btn")).click()
     _wait(drv, lambda dr: dr.find_element(*_by("#contrast-result")).is_displayed())
     time.sleep(0.3)

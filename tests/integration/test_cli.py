@@ -99,13 +99,18 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("cache-unwritable", ["kernels", "{tiny}"], ["cache folder", "ATTNSCOPE_CACHE"],
      {"ATTNSCOPE_CACHE": "/proc/attnscope-cache"}),
     # text inputs
-    ("latin1-text", ["kernels", "{tiny}", "--samples", "{bad}/latin1.txt"], ["latin1.txt is not valid UTF-8", "byte 3"], {}),
+    ("latin1-text", ["kernels", "{tiny}", "--samples", "{bad}/latin1.txt"],
+     ["latin1.txt is not valid UTF-8", "byte 3"], {}),
     ("binary-text", ["check", "{tiny}", "--text", "{bad}/binary.txt"], ["binary file"], {}),
     ("jsonl-not-object", ["kernels", "{tiny}", "--samples", "{bad}/list.jsonl"], ["list.jsonl:2", "not an object"], {}),
-    ("jsonl-null-text", ["kernels", "{tiny}", "--samples", "{bad}/null.jsonl"], ["null.jsonl:1", "not a string"], {}),
-    ("jsonl-number-text", ["neurons", "{tiny}", "--calibration", "{bad}/num.jsonl"], ["num.jsonl:1", "not a string"], {}),
-    ("jsonl-non-utf8", ["kernels", "{tiny}", "--samples", "{bad}/latin1.jsonl"], ["latin1.jsonl is not valid UTF-8", "byte 13"], {}),
-    ("jsonl-bad-json", ["kernels", "{tiny}", "--samples", "{bad}/broken.jsonl"], ["broken.jsonl:1", "not valid JSON"], {}),
+    ("jsonl-null-text", ["kernels", "{tiny}", "--samples", "{bad}/null.jsonl"],
+     ["null.jsonl:1", "not a string"], {}),
+    ("jsonl-number-text", ["neurons", "{tiny}", "--calibration", "{bad}/num.jsonl"],
+     ["num.jsonl:1", "not a string"], {}),
+    ("jsonl-non-utf8", ["kernels", "{tiny}", "--samples", "{bad}/latin1.jsonl"],
+     ["latin1.jsonl is not valid UTF-8", "byte 13"], {}),
+    ("jsonl-bad-json", ["kernels", "{tiny}", "--samples", "{bad}/broken.jsonl"],
+     ["broken.jsonl:1", "not valid JSON"], {}),
     ("bad-eval-text", ["neurons", "{tiny}", "--eval", "tests/data/moby.txt", "--eval", "{bad}/null.jsonl"],
      ["null.jsonl:1"], {}),
     ("missing-text", ["check", "{tiny}", "--text", "{bad}/nope.txt"], ["no such text file or folder"], {}),
@@ -124,7 +129,8 @@ ERROR_CASES: list[tuple[str, list[str], list[str], dict[str, str]]] = [
     ("contrast-unknown-bundled", ["contrast", "{tiny}", "--a", "bundled:es_fortunes", "--b", "bundled:klingon"],
      ["no bundled text 'klingon'"], {}),
     ("serve-port-out-of-range", ["serve", "{tiny}", "--port", "70000"], ["--port 70000 is out of range"], {}),
-    ("evolution-missing-folder", ["evolution", "./no/such/checkpoints"], ["no model folder at ./no/such/checkpoints"], {}),
+    ("evolution-missing-folder", ["evolution", "./no/such/checkpoints"],
+     ["no model folder at ./no/such/checkpoints"], {}),
     ("bos-without-bos-token", ["kernels", "{nobos}", "--bos"], ["has no BOS token id", "without BOS"], {}),
     ("query-conditioned-bogus", ["neurons", "{tiny}", "--query-conditioned", "maybe"],
      ["--query-conditioned 'maybe'", "auto, on or off"], {}),
@@ -237,7 +243,8 @@ def test_interrupt_exits_130_in_one_line(monkeypatch, capsys, tiny_gpt2_dir, tmp
 
     monkeypatch.setattr(attnscope.cli.app, "analyse_kernels", interrupted)
     code, _, err = run_main(["kernels", str(tiny_gpt2_dir), "--out", str(tmp_path / "k"), *K], monkeypatch, capsys)
-    assert code == 130 and err.strip().splitlines() == ["interrupted: nothing was written (partial outputs are discarded)"]
+    assert code == 130
+    assert err.strip().splitlines() == ["interrupted: nothing was written (partial outputs are discarded)"]
     assert not (tmp_path / "k" / "kernels.json").exists()
 
 

@@ -50,7 +50,8 @@ class Case:
     code: int = 2
     words: tuple[str, ...] = ()
     how: str = "inproc"  # inproc | proc | fsize | sigint | kill9 | shell
-    param: float = 0.0  # fsize: bytes (0: half the file `setup` stored as ctx["limit_file"]); sigint: seconds (0: at staging)
+    # fsize: bytes (0: half the file `setup` stored as ctx["limit_file"]); sigint: seconds (0: at staging)
+    param: float = 0.0
     setup: Callable[[Path, dict], None] | None = None
     check: Callable[[Path, dict, tuple[int, str, str]], None] | None = None
     env: dict[str, str] = field(default_factory=dict)

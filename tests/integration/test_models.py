@@ -63,7 +63,8 @@ def test_unknown_model_offline(monkeypatch):
 
 def test_check_index():
     assert check_index("head", 3, 4) == 3
-    with pytest.raises(IndexOutOfRangeError, match=r"head index 4 is out of range: this model has 4 heads, numbered 0..3"):
+    with pytest.raises(IndexOutOfRangeError,
+                       match=r"head index 4 is out of range: this model has 4 heads, numbered 0..3"):
         check_index("head", 4, 4)
     with pytest.raises(IndexOutOfRangeError):
         check_index("layer", -1, 2)

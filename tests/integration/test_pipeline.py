@@ -24,7 +24,8 @@ LABEL_TO_TEXTS = {
 def demo_report(demo, tmp_path_factory):
     w, _ = demo
     out = tmp_path_factory.mktemp("demo_report")
-    return run_report(w, out, kernel_settings=KernelSettings(n_samples=16, n_heldout=4), circuit_settings=CircuitSettings(),
+    return run_report(w, out, kernel_settings=KernelSettings(n_samples=16, n_heldout=4),
+                      circuit_settings=CircuitSettings(),
                       neuron_settings=NeuronSettings(max_neurons=32), progress=False, log=lambda *_: None,
                       later_layers=[1])
 

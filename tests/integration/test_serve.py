@@ -237,7 +237,8 @@ def test_internal_errors_hide_the_traceback(served, monkeypatch):
 
     monkeypatch.setattr(m.analyser, "analyse", boom)
     r = c.post("/api/analyse", json={"text": "hola", "neuron": 0})
-    assert r.status_code == 500 and r.json() == {"error": "internal error (RuntimeError); the server log has the details"}
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error (RuntimeError); the server log has the details"}
 
 
 def test_saved_analysis_is_reused(served, tmp_path):

@@ -23,7 +23,6 @@ import typer
 from attnscope.circuit.build import CircuitSettings, build_circuit
 from attnscope.cli import args as A
 from attnscope.cli.args import DecodeOpt, DeviceOpt, DtypeOpt, JsonOpt, ModelArg, NoCacheOpt, RevisionOpt
-from attnscope.cli.args import out_option as _out
 from attnscope.cli.boundary import run as run_with_boundary
 from attnscope.cli.cache_cmds import cache_app
 from attnscope.cli.show import (
@@ -98,8 +97,6 @@ def _session(no_cache: bool, decode_errors: str, *sources: str | list[str] | Non
         yield
 
 
-
-
 @app.command()
 def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: DeviceOpt = None,
          dtype: DtypeOpt = None, revision: RevisionOpt = None) -> None:
@@ -112,8 +109,10 @@ def info(ctx: typer.Context, model: ModelArg, as_json: JsonOpt = False, device: 
              f"the model's own forward pass (max abs difference per layer).\n\n{_TEXTS}")
 def check(
     ctx: typer.Context, model: ModelArg,
-    text: Annotated[Optional[str], typer.Option(metavar="TEXT", help="text to run [default: the first bundled text]")] = None,
-    n_tokens: Annotated[int, typer.Option(metavar="TOKENS", help="tokens of text to run (at most the model's context)")] = 128,
+    text: Annotated[Optional[str], typer.Option(metavar="TEXT",
+                                                help="text to run [default: the first bundled text]")] = None,
+    n_tokens: Annotated[int, typer.Option(metavar="TOKENS",
+                                          help="tokens of text to run (at most the model's context)")] = 128,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
 ) -> None:
@@ -141,8 +140,9 @@ _EXECUTOR_FIELDS = (A.ExecutorChoice, ("executor", "ray_address", "workers"))
 @app.command(help="Positional kernels of every head: categories, N_eff, decay, consistency, equivariance, TV checks."
              f"\n\nWrites OUT/kernels.json, OUT/kernels.safetensors and four figures.\n\n{_TEXTS}")
 @A.settings_options(_KERNEL_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
-def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernels") = Path("attnscope-out/kernels"),
-            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+def kernels(ctx: typer.Context, model: ModelArg, out: A.KernelsOutOpt = Path("attnscope-out/kernels"),
+            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False,
+            decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
     s = A.build(KernelSettings, kw)
     A.check_positive(n_samples=s.n_samples, n_heldout=s.n_heldout, n_ctx=s.n_ctx, batch_size=s.batch_size)
@@ -170,8 +170,9 @@ def kernels(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/kernel
              "\n\nWrites OUT/neurons.json (everything), OUT/neurons.csv (one row per neuron: rank, predicted |d|, "
              f"whether it passes the measured threshold), OUT/traces.json and figures.\n\n{_TEXTS}")
 @A.settings_options(_CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
-def neurons(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out/neurons") = Path("attnscope-out/neurons"),
-            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+def neurons(ctx: typer.Context, model: ModelArg, out: A.NeuronsOutOpt = Path("attnscope-out/neurons"),
+            force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False,
+            decode_errors: DecodeOpt = "strict",
             device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
             layer: Annotated[int, typer.Option(metavar="LAYER", help="MLP layer, numbered from 0; > 0 uses the "
                                                "effective-embedding method (docs/later-layers.md)")] = 0,
@@ -232,8 +233,9 @@ def _report(ctx: typer.Context, model: str, out: Path, rt: A.Runtime, no_cache: 
 @app.command(help="Everything: kernels, contextual circuit, neurons, figures and one self-contained OUT/report.html "
              f"(OUT/kernels/ and OUT/neurons/ hold each stage's files).\n\n{_TEXTS}")
 @A.settings_options(_KERNEL_FIELDS, _CIRCUIT_FIELDS, _NEURON_FIELDS, _MODEL_FIELDS, _EXECUTOR_FIELDS)
-def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Path("attnscope-out"),
-           force: A.ForceOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict", device: DeviceOpt = None,
+def report(ctx: typer.Context, model: ModelArg, out: A.OutOpt = Path("attnscope-out"),
+           force: A.ForceOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+           device: DeviceOpt = None,
            dtype: DtypeOpt = None, revision: RevisionOpt = None,
            later_layers: Annotated[Optional[str], typer.Option(
                metavar="LAYERS", help="also the context neurons of these later MLP layers, numbered from 1: 1,2 or 1-3 "
@@ -243,7 +245,7 @@ def report(ctx: typer.Context, model: ModelArg, out: _out("attnscope-out") = Pat
 
 
 @app.command()
-def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"), force: A.ForceOpt = False,
+def demo(ctx: typer.Context, out: A.OutOpt = Path("attnscope-out"), force: A.ForceOpt = False,
          no_cache: NoCacheOpt = False, device: DeviceOpt = None, dtype: DtypeOpt = None) -> None:
     """The whole method on the bundled demo model (offline, a few minutes on 2 cores); prints the report path."""
     _report(ctx, "demo", out, _runtime(ctx, device, dtype, None), no_cache, "strict", {}, force=force)
@@ -255,8 +257,8 @@ def demo(ctx: typer.Context, out: _out("attnscope-out") = Path("attnscope-out"),
 def probe(
     ctx: typer.Context, model: ModelArg,
     layer: Annotated[int, typer.Option(metavar="LAYER", help="layer whose MLP activations are probed (from 0)")] = 0,
-    text: Annotated[Optional[list[str]], typer.Option("--text", metavar="TEXT",
-                                                      help="labelled text (repeat) [default: every bundled text]")] = None,
+    text: Annotated[Optional[list[str]], typer.Option(
+        "--text", metavar="TEXT", help="labelled text (repeat) [default: every bundled text]")] = None,
     n_ctx: Annotated[Optional[int], typer.Option(metavar="TOKENS", help=A.HELP["n_ctx"][1])] = None,
     as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None,
@@ -284,8 +286,9 @@ def train_demo_cmd(
     seed: Annotated[int, typer.Option(metavar="INT", help="seed")] = 0,
     steps: Annotated[Optional[int], typer.Option(metavar="N", help="fixed number of steps (reproducible; overrides "
                                                  "--max-minutes)")] = None,
-    save_every: Annotated[Optional[int], typer.Option(metavar="N", help="also keep a checkpoint OUT/step-NNNNNN every "
-                                                      "N steps, at step 0 and at the last step (needs --steps)")] = None,
+    save_every: Annotated[Optional[int], typer.Option(
+        metavar="N", help="also keep a checkpoint OUT/step-NNNNNN every N steps, at step 0 and at the last step "
+                          "(needs --steps)")] = None,
     batch_size: Annotated[int, typer.Option(metavar="N", help="windows per step")] = 16,
     lr: Annotated[float, typer.Option(metavar="LR", help="peak learning rate")] = 3e-3,
     n_ctx: Annotated[int, typer.Option(metavar="TOKENS", help="context length (positions)")] = 256,
@@ -328,7 +331,7 @@ def evolution(
     checkpoints: Annotated[list[str], typer.Argument(metavar="CHECKPOINT...", show_default=False,
                                                      help="model folders, a folder of checkpoint folders, or "
                                                           "hub-id@revision")],
-    out: _out("attnscope-out/evolution") = Path("attnscope-out/evolution"), force: A.ForceOpt = False,
+    out: A.EvolutionOutOpt = Path("attnscope-out/evolution"), force: A.ForceOpt = False,
     n_samples: Annotated[int, typer.Option(metavar="N", help="kernel sample windows per checkpoint")] = 16,
     top_k: Annotated[int, typer.Option(metavar="K", help="top neurons followed across steps")] = 10,
     layer: Annotated[int, typer.Option(metavar="L", help="MLP layer whose neurons are tracked (0: the layer-0 "
@@ -361,12 +364,6 @@ def evolution(
     typer.echo(f"wrote {out / 'evolution.json'}, {out / 'evolution.html'} and {len(figs)} figures")
 
 
-
-
-
-
-
-
 # --- contrast (owner: truth helper; one self-contained block) -------------------------------------
 
 
@@ -385,7 +382,8 @@ def contrast(
     top: Annotated[int, typer.Option(metavar="N", help="neurons printed each way")] = 10,
     out: Annotated[Optional[Path], typer.Option("--out", metavar="DIR", show_default=False,
                                                 help="folder for contrast.json")] = None,
-    force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False, decode_errors: DecodeOpt = "strict",
+    force: A.ForceOpt = False, as_json: JsonOpt = False, no_cache: NoCacheOpt = False,
+    decode_errors: DecodeOpt = "strict",
     device: DeviceOpt = None, dtype: DtypeOpt = None, revision: RevisionOpt = None, **kw) -> None:
     cs = A.build(CircuitSettings, kw)
     A.check_positive(n_ctx=cs.n_ctx, top=top)

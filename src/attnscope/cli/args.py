@@ -54,15 +54,22 @@ DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="DEVICE",
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", metavar="DTYPE",
                                                  help="float32 (default), float64, float16 or bfloat16")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="replace files in --out that attnscope did not write "
-                                        "(without it such a file is an error; attnscope's own files are always replaced)")]
+                                        "(without it such a file is an error; attnscope's own files are always "
+                                        "replaced)")]
 RevisionOpt = Annotated[Optional[str], typer.Option("--revision", metavar="REV",
                                                     help="hub models only: branch, tag or commit of the weights")]
 
 
-def out_option(default: str) -> Any:
+def _out_option(default: str) -> Any:
     """``--out DIR`` with the command's default shown in the help."""
-    return Annotated[Path, typer.Option("--out", metavar="DIR", help="output folder (created; see --help of the "
-                                        f"command for what is written) [default: {default}]", show_default=False)]
+    return typer.Option("--out", metavar="DIR", help="output folder (created; see --help of the "
+                        f"command for what is written) [default: {default}]", show_default=False)
+
+
+OutOpt = Annotated[Path, _out_option("attnscope-out")]  # report, demo
+KernelsOutOpt = Annotated[Path, _out_option("attnscope-out/kernels")]
+NeuronsOutOpt = Annotated[Path, _out_option("attnscope-out/neurons")]
+EvolutionOutOpt = Annotated[Path, _out_option("attnscope-out/evolution")]
 
 
 #: field -> (metavar, help).  Defaults are shown from the dataclass.
@@ -121,7 +128,10 @@ class ModelChoice:
 
 
 def _default(f: dataclasses.Field) -> Any:
-    return f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    assert f.default_factory is not dataclasses.MISSING, f"setting {f.name} has a default or a default_factory"
+    return f.default_factory()
 
 
 def _cli_type(name: str, hint: Any) -> Any:
@@ -176,7 +186,8 @@ def parse_index_list(spec: str | None, option: str) -> list[int] | None:
                 a, b = part.split("-", 1)
                 lo, hi = int(a), int(b)
                 if hi < lo:
-                    raise AttnscopeError(f"{option} {spec!r}: the range {part} is empty; write low-high, e.g. {hi}-{lo}")
+                    raise AttnscopeError(f"{option} {spec!r}: the range {part} is empty; write low-high, "
+                                         f"e.g. {hi}-{lo}")
                 out.extend(range(lo, hi + 1))
             else:
                 out.append(int(part))
@@ -243,7 +254,8 @@ def check_out(out: Path, option: str = "--out", writes: tuple[str, ...] = (), fo
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as err:
-        raise AttnscopeError(f"{option} {out} is not writable ({err.strerror}); pass a folder you can write to") from None
+        raise AttnscopeError(f"{option} {out} is not writable ({err.strerror}); "
+                             "pass a folder you can write to") from None
     finally:
         for p in created:  # deepest first
             with contextlib.suppress(OSError):
@@ -288,9 +300,11 @@ def check_analysis(analysis: Path | None) -> None:
         try:
             d = json.loads(p.read_text(encoding="utf-8"))
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise AttnscopeError(f"{p} is not valid JSON ({getattr(err, 'msg', err)}); re-run `attnscope neurons`") from None
+            raise AttnscopeError(f"{p} is not valid JSON ({getattr(err, 'msg', err)}); "
+                                 "re-run `attnscope neurons`") from None
         saved = any((f / "circuit.json").is_file() for f in (analysis, analysis / "circuit"))
-        ok = isinstance(d, dict) and isinstance(d.get("neurons"), list) and (saved or isinstance(d.get("circuit"), dict))
+        ok = (isinstance(d, dict) and isinstance(d.get("neurons"), list)
+              and (saved or isinstance(d.get("circuit"), dict)))
         if not ok:
             kind = {"list": "list", "str": "string", "int": "number", "float": "number", "bool": "boolean",
                     "NoneType": "null"}.get(type(d).__name__, "object without the neurons and circuit records")

@@ -104,7 +104,8 @@ def print_scope(scope: ContrastScope) -> None:
 
 
 def print_verification(v) -> None:
-    """Every score of a verified contrast with its noise ceiling and baselines (:mod:`attnscope.neurons.verification`)."""
+    """Every score of a verified contrast with its noise ceiling and baselines
+    (:mod:`attnscope.neurons.verification`)."""
     from rich.console import Console
     from rich.table import Table
 

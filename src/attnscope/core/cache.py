@@ -138,7 +138,8 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
 def drop(path: str | Path, why: BaseException | str) -> None:
     """Remove a cache entry that failed to read, with one logged line."""
     path = Path(path)
-    reason = why if isinstance(why, str) else f"{type(why).__name__}: {str(why).splitlines()[0][:120] if str(why) else ''}"
+    reason = (why if isinstance(why, str)
+              else f"{type(why).__name__}: {str(why).splitlines()[0][:120] if str(why) else ''}")
     log.warning("dropped unreadable cache entry %s (%s); recomputing it", path, reason)
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)

@@ -1,6 +1,7 @@
 """The Ray executor: shards of windows on actors that hold the model, merged on the driver (docs/distributed.md).
 
-``import ray`` happens only in this module, inside its functions (an optional dependency: ``pip install 'attnscope[distributed]'``).
+``import ray`` happens only in this module, inside its functions (an optional dependency:
+``pip install 'attnscope[distributed]'``).
 
 * **Actors.** Each worker is an actor created once per model with the model's weights from the object
   store (so every worker has exactly the driver's weights, whatever ``MODEL`` was), moved to the workers'
@@ -174,9 +175,9 @@ class RayExecutor:
             for a in actors:
                 ray.kill(a)
             free = ray.available_resources().get("CPU", 0.0)
-            raise AttnscopeError(f"{self.workers} Ray workers of {self.cpus_per_worker:g} CPUs each did not start within "
-                                 f"{START_TIMEOUT} s ({free:g} CPUs of the cluster are free); pass fewer --workers or "
-                                 "free the cluster") from None
+            raise AttnscopeError(f"{self.workers} Ray workers of {self.cpus_per_worker:g} CPUs each did not start "
+                                 f"within {START_TIMEOUT} s ({free:g} CPUs of the cluster are free); pass fewer "
+                                 "--workers or free the cluster") from None
         self.stats["start_s"] += time.perf_counter() - t0
         self._pools[id(w)] = (w, ref, actors)
         return actors

@@ -89,9 +89,10 @@ def make_executor(kind: str = "local", *, address: str | None = None, workers: i
 
 @contextlib.contextmanager
 def running(choice: Any, device: str, report=None) -> Iterator[Executor]:
-    """The executor of ``choice`` (``cli_args.ExecutorChoice``, checked on entry, before anything is loaded), closed with its workers and
-    any local cluster it started when the block ends or is interrupted; then ``report(line)`` with the
-    executor's one-line summary (Ray: shards, start-up and merge time; default: on stderr), if it ran anything."""
+    """The executor of ``choice`` (``cli_args.ExecutorChoice``, checked on entry, before anything is loaded), closed
+    with its workers and any local cluster it started when the block ends or is interrupted; then ``report(line)``
+    with the executor's one-line summary (Ray: shards, start-up and merge time; default: on stderr), if it ran
+    anything."""
     ex = make_executor(choice.executor, address=choice.ray_address, workers=choice.workers, device=device)
     try:
         yield ex

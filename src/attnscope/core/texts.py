@@ -5,8 +5,8 @@ files are skipped with a note), a JSONL file whose lines are objects with a ``te
 ``bundled:NAME`` (texts shipped with attnscope; ``bundled:`` for all of them), or
 ``hf:DATASET[:CONFIG][:SPLIT]`` (a Hugging Face dataset, when online).  Files must be UTF-8: an
 undecodable byte is a one-line error naming the file and the byte offset, unless decoding is relaxed with
-:func:`decoding` (the CLI's ``--decode-errors replace``).  Documents are tokenised once (cached on disk, keyed by tokenizer
-and text hash) and joined with the tokenizer's end-of-text/separator token; windows are drawn from the
+:func:`decoding` (the CLI's ``--decode-errors replace``).  Documents are tokenised once (cached on disk, keyed by
+tokenizer and text hash) and joined with the tokenizer's end-of-text/separator token; windows are drawn from the
 joined stream with a seeded generator, so the same seed gives the same samples on any machine.
 """
 
@@ -145,15 +145,17 @@ def _read_jsonl(path: Path, data: bytes, field_name: str = "text") -> list[tuple
         try:
             rec = json.loads(line)
         except json.JSONDecodeError as err:
-            raise AttnscopeError(f"{path}:{i + 1} is not valid JSON ({err.msg}); JSONL needs one object per line") from None
+            raise AttnscopeError(f"{path}:{i + 1} is not valid JSON ({err.msg}); "
+                                 "JSONL needs one object per line") from None
         if not isinstance(rec, dict):
             raise AttnscopeError(f"{path}:{i + 1} is a JSON {type(rec).__name__}, not an object; each JSONL line needs "
                                  f'an object like {{"{field_name}": "..."}}')
         if field_name not in rec:
-            raise AttnscopeError(f"{path}:{i + 1} has no {field_name!r} field; each JSONL line needs a {field_name!r} string")
+            raise AttnscopeError(f"{path}:{i + 1} has no {field_name!r} field; "
+                                 f"each JSONL line needs a {field_name!r} string")
         if not isinstance(rec[field_name], str):
-            raise AttnscopeError(f"{path}:{i + 1} has a {field_name!r} that is {json.dumps(rec[field_name])[:20]}, not a "
-                                 f"string; give every line a {field_name!r} string (drop lines without text)")
+            raise AttnscopeError(f"{path}:{i + 1} has a {field_name!r} that is {json.dumps(rec[field_name])[:20]}, "
+                                 f"not a string; give every line a {field_name!r} string (drop lines without text)")
         docs.append((f"{path.name}:{i + 1}", rec[field_name]))
     return docs
 
@@ -215,7 +217,8 @@ def _open_source(spec: str) -> TextSource:
             return TextSource(spec, _read_folder(bundled_dir(), spec))
         p = bundled_dir() / f"{name.removesuffix('.txt')}.txt"
         if not p.exists():
-            raise AttnscopeError(f"no bundled text {name!r}; available: {', '.join(bundled_texts())} (or bundled: for all)")
+            raise AttnscopeError(f"no bundled text {name!r}; available: {', '.join(bundled_texts())} "
+                                 "(or bundled: for all)")
         return TextSource(spec, _read_file(p))
     if spec.startswith("hf:"):
         return _hf_dataset(spec)
@@ -291,7 +294,8 @@ def _load_tokens(path: Path, vocab_size: int | None = None) -> np.ndarray:
     if arr.dtype != np.int64 or arr.ndim != 1:
         raise ValueError(f"holds {arr.dtype} {arr.shape}, not a 1-d int64 token stream")
     if vocab_size is not None and len(arr) and (arr.min() < 0 or arr.max() >= vocab_size):
-        raise ValueError(f"holds token ids {int(arr.min())}..{int(arr.max())}, outside this tokenizer's 0..{vocab_size - 1}")
+        raise ValueError(f"holds token ids {int(arr.min())}..{int(arr.max())}, "
+                         f"outside this tokenizer's 0..{vocab_size - 1}")
     return arr
 
 
@@ -344,7 +348,8 @@ def require_diverse(ids, spec: str, role: str) -> None:
     if n < MIN_DISTINCT_TOKENS or top > MAX_TOP_TOKEN_SHARE:
         raise ConditionFailedError(
             f"the {role} text {spec} has {n} distinct tokens and its most frequent token fills {top:.0%} of it; the "
-            f"method needs {'an' if role[0] in 'aeiou' else 'a'} {role} text with at least {MIN_DISTINCT_TOKENS} distinct tokens and none above "
+            f"method needs {'an' if role[0] in 'aeiou' else 'a'} {role} text with at least {MIN_DISTINCT_TOKENS} "
+            "distinct tokens and none above "
             f"{MAX_TOP_TOKEN_SHARE:.0%} (a degenerate text would score as perfect); pass ordinary running text")
 
 

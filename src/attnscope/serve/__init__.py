@@ -50,7 +50,8 @@ def check_port(host: str, port: int) -> None:
         try:
             s.bind(addr)
         except OSError as err:
-            raise AttnscopeError(f"cannot listen on {host}:{port} ({err.strerror or err}); pass another --port") from None
+            raise AttnscopeError(f"cannot listen on {host}:{port} ({err.strerror or err}); "
+                                 "pass another --port") from None
 
 
 def serve_command(load_model_fn, analysis: Path | None, host: str, port: int, log=print,

@@ -130,7 +130,8 @@ def info_json(m: ServeModel) -> dict:
                         "calibration_clipped_share": m.analyser.cal.clipped_share},
             "scope_thresholds": asdict(m.analyser.scope if m.analyser.scope else ScopeSettings()),
             "max_chars": MAX_CHARS, "max_tokens": MAX_TOKENS, "max_attention_tokens": MAX_ATTENTION_TOKENS,
-            "max_body_bytes": MAX_BODY_BYTES, "n_neurons": len(m.table), "score": m.score_name, "score_name": SCORE_NAMES[m.score_name]}
+            "max_body_bytes": MAX_BODY_BYTES, "n_neurons": len(m.table), "score": m.score_name,
+            "score_name": SCORE_NAMES[m.score_name]}
 
 
 def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:

@@ -14,6 +14,7 @@ r"""What one text input, and one contrast of two inputs, measure against the exp
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -61,7 +62,7 @@ def measure_text(w: ModelWeights, circ: Circuit, ex: Explainer, cal: Calibration
         scope.append(window_stats(w, circ, win, acts, pos, torch.arange(bos, len(win), device=win.device)))
         judged.append(win[n_min:].cpu())
         if i < fvu_windows and y.shape[0] >= 2:
-            yhat = sum(explain_terms(w, circ, ex, win).values())[n_min:].double().cpu()
+            yhat = functools.reduce(torch.add, explain_terms(w, circ, ex, win).values())[n_min:].double().cpu()
             fvus.append(fit_scores(y, yhat)[1])
     t = torch.cat(judged) if judged else torch.zeros(0, dtype=torch.long)
     n = max(len(t), 1)

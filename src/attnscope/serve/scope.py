@@ -85,6 +85,7 @@ def window_stats(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], ac
         logZ, logZ_cal = query_log_denominators(w, circ, tokens)
         Zn = (torch.exp(logZ - logZ_cal)[:, positions] * circ.Z[:, None].double()).to(Zn.dtype)
     hs = torch.tensor(circ.heads, device=tokens.device)
+    assert acts.pattern is not None, "iter_layers keeps the patterns by default"
     sink = acts.pattern[0, hs][:, positions, 0].mean(0)
     scale = mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, positions]
     return WindowStats(Zn, sink, scale, fx[:, text_positions], ~circ.token_mask[tokens[text_positions]])
@@ -104,6 +105,7 @@ def calibration_reference(w: ModelWeights, circ: Circuit) -> CalibrationReferenc
     acts = next(iter_layers(w, cal[None], stop_layer=0))
     n_min = circ.settings.min_position
     hs = torch.tensor(circ.heads, device=cal.device)
+    assert acts.pattern is not None, "iter_layers keeps the patterns by default"
     body = cal[1:] if w.prepend_bos else cal
     clip = circ.settings.f_clip
     return CalibrationReference(float(acts.pattern[0, hs, n_min:, 0].mean(0).median()),

@@ -75,7 +75,8 @@ def _check_same_model(w: ModelWeights, saved: dict, circ: Circuit | None, analys
         saved = {**saved, "d_vocab, d_model": tuple(circ.ext.shape)}
         info = {**info, "d_vocab, d_model": (w.d_vocab, w.d_model)}
     if diff:
-        raise AttnscopeError(f"the analysis in {analysis} was made for model {saved.get('name')!r}, not {info['name']!r} "
+        raise AttnscopeError(f"the analysis in {analysis} was made for model {saved.get('name')!r}, "
+                             f"not {info['name']!r} "
                              f"({', '.join(f'{k} {saved[k]} != {info[k]}' for k in diff)}); pass that model")
 
 
@@ -102,6 +103,7 @@ def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, dic
         raise AttnscopeError(f"no circuit or neurons.json in {analysis}; pass the output folder of `attnscope report` "
                              "or `attnscope neurons`")
     if circ is None:
+        assert d is not None, "no circuit and no neurons.json raised above"
         circ = _rebuild(w, d["circuit"], analysis)
     return circ, d
 

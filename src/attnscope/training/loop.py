@@ -97,8 +97,9 @@ class TrainConfig:
             if not lo <= v <= hi:
                 raise AttnscopeError(f"--{name.replace('_', '-')} {v} is outside {lo}..{hi}; pass a value in it")
         if self.n_embd % self.n_head:
-            raise AttnscopeError(f"--n-embd {self.n_embd} is not divisible by the model's {self.n_head} attention heads; "
-                                 f"pass a multiple of {self.n_head} (e.g. {self.n_embd // self.n_head * self.n_head or self.n_head})")
+            raise AttnscopeError(f"--n-embd {self.n_embd} is not divisible by the model's {self.n_head} attention "
+                                 f"heads; pass a multiple of {self.n_head} "
+                                 f"(e.g. {self.n_embd // self.n_head * self.n_head or self.n_head})")
 
 
 def checkpoint_dir(out: Path, step: int) -> Path:
