@@ -135,9 +135,7 @@ class HeadRecord:
     tv_weights_vs_data: float | None = None  # layer 0, learned positions: weights kernel vs data kernel
     weights_query_consistency: float | None = None  # layer 0: TV of generic-token-query kernels to the mean one
     tv_rotary_offset_vs_data: float | None = None  # rotary: offset-only kernel vs the data kernel
-    # None when not measured (n_heldout=0); median over held-out query positions n >= n_sink of the true attention
-    # on position 0
-    sink_mass: float | None = 0.0
+    sink_mass: float | None = 0.0  # None when not measured (n_heldout=0); median over held-out query positions n >= n_sink of the true attention on position 0
     sink_mass_cv: float | None = 0.0  # its coefficient of variation over those positions (and texts)
     sink_dominated: bool = False  # sink_mass >= SINK_MASS: the head's attention is mostly on the sink
 
@@ -200,8 +198,7 @@ class KernelResult:
             raise AttnscopeError(f"{out / 'kernels.json'} has schema version {version}, this attnscope reads "
                                  f"{SCHEMA_VERSION}; recompute the kernels (attnscope kernels ... --no-cache)")
         return cls(model=d["model"], settings=d["settings"], provenance=d["provenance"],
-                   query_positions=d["query_positions"],
-                   records=[HeadRecord(**{k: v for k, v in h.items() if k != "display"}) for h in d["heads"]],
+                   query_positions=d["query_positions"], records=[HeadRecord(**{k: v for k, v in h.items() if k != "display"}) for h in d["heads"]],
                    arrays=load_file(str(out / "kernels.safetensors")),
                    ref_norms={int(k): v for k, v in d["reference_norms"].items()}, schema_version=version)
 
@@ -252,7 +249,6 @@ class KernelValidation:
 def estimation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_window: int, s: KernelSettings,
                      bar=None) -> EstimationSums:
     """Partial sums over one shard of estimation ``windows`` (every estimation statistic is a sum)."""
-    assert s.n_ctx is not None and s.layers is not None, "settings are resolved (KernelSettings.resolved)"
     li = {l: j for j, l in enumerate(s.layers)}
     sums = EstimationSums.zeros(len(li), w.n_heads, s.n_ctx, w.d_head, w.d_model, w.device)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar(), patterns=False):  # fused attention
@@ -262,11 +258,9 @@ def estimation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_windo
 
 
 def _static_part(w: ModelWeights, s: KernelSettings, mean_resid: Float[Tensor, "layer ctx d_model"],
-                 sum_sq: Float[Tensor, " layer"], n_seen: int
-                 ) -> tuple[Float[Tensor, "layer ctx d_model"], dict[int, float]]:
+                 sum_sq: Float[Tensor, " layer"], n_seen: int) -> tuple[Float[Tensor, "layer ctx d_model"], dict[int, float]]:
     """Static positional part of the residual (mean over texts, centred over positions; layer 0 with learned
     positions: the method's exact split ``W_pos`` (+ token type)) and the reference norm of each layer."""
-    assert s.n_ctx is not None and s.layers is not None, "settings are resolved (KernelSettings.resolved)"
     T = s.n_ctx
     pi = (mean_resid - mean_resid.mean(1, keepdim=True)).to(w.dtype)
     ref_norms: dict[int, float] = {}
@@ -285,7 +279,6 @@ def estimate_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n
                      executor: Executor | None = None) -> KernelEstimate:
     """Data kernels of the layers ``s.layers`` (resolved settings) from the estimation ``windows [n, T]``
     (sharded by ``executor``; default: this process)."""
-    assert s.n_ctx is not None and s.layers is not None, "settings are resolved (KernelSettings.resolved)"
     sums = (executor or LOCAL).map_windows(w, estimation_shard, windows, s, bar=bar, shard_size=s.batch_size)
     qpos = query_positions(s.n_ctx, w.causal)
     mean_q, mean_k, mean_resid, sum_sq = sums.finalise(w.dtype)
@@ -312,7 +305,6 @@ def validate_kernels(w: ModelWeights, s: KernelSettings, est: KernelEstimate, wi
 def validation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_window: int, s: KernelSettings,
                      est: KernelEstimate, bar=None) -> ValidationSums:
     """Partial held-out sums over one shard of ``windows`` whose first is held-out window ``first_window``."""
-    assert s.n_ctx is not None, "settings are resolved (KernelSettings.resolved)"
     li = {l: j for j, l in enumerate(est.layers)}
     H, qpos = w.n_heads, est.query_positions
     qp = torch.tensor(qpos, device=w.device)
@@ -322,7 +314,6 @@ def validation_shard(w: ModelWeights, windows: Int[Tensor, "n ctx"], first_windo
     b0 = first_window - s.batch_size  # index of the current batch's first window (layers come in order: j = 0 first)
     for j, a in _stream_layers(w, windows, s.batch_size, li, bar or _NoBar()):
         b0 += s.batch_size if j == 0 else 0
-        assert a.pattern is not None, "_stream_layers keeps the patterns by default"
         tv = approximate_tv(w, a.layer, a, statics[j], est.ref_norms[a.layer], pairs[j])  # [b, H, T], in row chunks
         # query consistency: each text's own query at n with the static keys
         per_text = kernel_softmax(w, a.layer, qk_scores(a.q[:, :, qp], est.mean_k[j]), qpos)
@@ -349,7 +340,6 @@ def weights_kernels(w: ModelWeights, s: KernelSettings, windows: Int[Tensor, "n 
                     ) -> tuple[Float[Tensor, "head n_query ctx"], Float[Tensor, " head"]]:
     """Layer-0 weights kernels ``[H, nq, T]`` (learned positions) with the query of ``s.weights_query``, and
     their consistency ``[H]`` across generic query tokens (the samples' most frequent tokens; method §5.2c)."""
-    assert s.n_ctx is not None, "settings are resolved (KernelSettings.resolved)"
     T, qp = s.n_ctx, torch.tensor(qpos, device=w.device)
     flat = windows.reshape(-1)
     if s.weights_query == "mean":
@@ -397,9 +387,8 @@ def head_records(w: ModelWeights, est: KernelEstimate, val: KernelValidation, ar
             sk = SinkStats.of(val.sink[j][h]) if val.sink is not None else SinkStats(0.0, 0.0, 0.0)
             records.append(HeadRecord(
                 layer=l, head=h, category=cat, n_eff=m["n_eff"], n_eff_fraction=m["n_eff_fraction"],
-                decay_length=tau, decay_fit_r2=r2, median_offset=int(m["median_offset"]), mass_first=float(full[0]),
-                mass_self=m["mass_self"], mass_prev=m["mass_prev"],
-                query_consistency=float(val.query_consistency[j, h]),
+                decay_length=tau, decay_fit_r2=r2, median_offset=m["median_offset"], mass_first=float(full[0]),
+                mass_self=m["mass_self"], mass_prev=m["mass_prev"], query_consistency=float(val.query_consistency[j, h]),
                 equivariance=equivariance(dk[j, h], est.query_positions, w.causal),
                 tv_decomposition={"mean": float(tvd.mean()), "median": float(tvd.median()),
                                   "p90": float(torch.quantile(tvd, 0.9))},
@@ -448,7 +437,6 @@ def analyse_kernels(w: ModelWeights, settings: KernelSettings | None = None, *, 
 
     s = (settings or KernelSettings()).resolved(w)
     bos = w.analysis_bos
-    assert s.n_ctx is not None and s.layers is not None, "settings are resolved (KernelSettings.resolved)"
     windows, prov = load_windows(_samples_spec(s.samples), w.tokenizer, s.n_ctx, s.n_samples + s.n_heldout,
                                  seed=s.seed, bos_token_id=bos)
     key = _cache_key(w, s, prov["sha256"])
