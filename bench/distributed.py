@@ -36,9 +36,9 @@ def run_variant(name: str, model: Path, args: argparse.Namespace, samples: str, 
                 env_extra: dict[str, str]) -> dict:
     out = work_dir() / "distributed" / name
     # the console entry point, as `attnscope` runs it (also in a --baseline-src checkout of another layout)
-    cmd = [sys.executable, "-c", "import attnscope.cli as c; c.main()", "kernels", str(model), "--samples", samples, "--n-ctx",
-           str(args.n_ctx), "--n-samples", str(args.n_samples), "--n-heldout", str(args.n_heldout), "--no-cache",
-           "--json", "--out", str(out), *extra]
+    cmd = [sys.executable, "-c", "import attnscope.cli as c; c.main()", "kernels", str(model), "--samples", samples,
+           "--n-ctx", str(args.n_ctx), "--n-samples", str(args.n_samples), "--n-heldout", str(args.n_heldout),
+           "--no-cache", "--json", "--out", str(out), *extra]
     env = {**os.environ, **env_extra}
     load0, (busy0, _) = os.getloadavg()[0], cpu_jiffies()
     own0 = _children_jiffies()
@@ -91,7 +91,8 @@ def projection(rows: list[dict], local: dict, n_nodes=(1, 2, 4, 8, 16, 32)) -> l
     n_val = one["shards"] - n_est
     out = []
     for n in n_nodes:
-        t = fixed + one["start_s"] + (math.ceil(n_est / n) + math.ceil(n_val / n)) * per_shard + merge_per * one["shards"]
+        t = (fixed + one["start_s"] + (math.ceil(n_est / n) + math.ceil(n_val / n)) * per_shard
+             + merge_per * one["shards"])
         out.append({"nodes": n, "projected_s": round(t, 1), "speed_up_vs_local": round(local["wall_s"] / t, 2),
                     "driver_s": round(fixed, 1), "per_shard_s": round(per_shard, 1)})
     return out

@@ -23,8 +23,9 @@ def _fmt(x) -> str:
 def like_for_like_table(lfl) -> None:
     """Each context's one-vs-rest contrast on the reporting half, like for like, with its ceiling and baselines."""
     print("Like for like (prediction from the reporting windows' own token counts), reporting half:\n")
-    print("| context | like for like ρ | tuning-count ρ (the ranking's) | noise ceiling (Spearman-Brown) | token-mean ρ "
-          "(calibration text) | shuffled ρ | R-precision (token-mean) | neurons \\|d\\| ≥ 1 |\n|---|---|---|---|---|---|---|---|")
+    print("| context | like for like ρ | tuning-count ρ (the ranking's) | noise ceiling (Spearman-Brown) "
+          "| token-mean ρ (calibration text) | shuffled ρ | R-precision (token-mean) | neurons \\|d\\| ≥ 1 |\n"
+          "|---|---|---|---|---|---|---|---|")
     for n, v in lfl.items():
         nc = v.noise_ceiling.spearman_brown if v.noise_ceiling else None
         print(f"| {n} | {_fmt(v.like_for_like.spearman)} | {_fmt(v.whole_source.spearman)} | {_fmt(nc)} | "
@@ -66,7 +67,8 @@ def demo(out: Path, max_windows: int | None) -> None:
         print(f"median P@{k}: " + ", ".join(f"{p} {_fmt(st.median(v[n]['precision'][k] for n in names))}"
                                            for p, v in sc.items())
               + f", random {_fmt(st.median(res.random_precision[n][k] for n in names))}; median R@{k} (top-{k} by "
-              "|pred|; full: the reported set): " + ", ".join(f"{p} {_fmt(st.median(v[n]['recall'][k] for n in names))}" for p, v in sc.items()))
+              "|pred|; full: the reported set): "
+              + ", ".join(f"{p} {_fmt(st.median(v[n]['recall'][k] for n in names))}" for p, v in sc.items()))
     fr, fx = rep["fvu_reported"], rep["fvu_random"]
     print(f"\nthreshold {res.threshold['value']:.3f} (tuning precision {res.threshold['tuning_precision']:.3f}); "
           f"{rep['n_passed']} of {res.model['d_mlp']} neurons pass")
@@ -75,15 +77,17 @@ def demo(out: Path, max_windows: int | None) -> None:
           f"{st.median(rep['recall20'].values()):.2f} (random set of that size {rep['recall20_random']:.2f})")
     for lab, f in (("reported", fr), ("random", fx)):
         if f:
-            print(f"full explanation, {lab} ({f['n_neurons']}): pooled r {f['r']:.3f} FVU {f['fvu']:.3f}; within-text r "
-                  f"{f['r_within']:.3f} FVU {f['fvu_within']:.3f}; parts {', '.join(f'{k} {v:.2f}' for k, v in f['parts'].items())}; "
+            parts = ", ".join(f"{k} {v:.2f}" for k, v in f["parts"].items())
+            print(f"full explanation, {lab} ({f['n_neurons']}): pooled r {f['r']:.3f} FVU {f['fvu']:.3f}; "
+                  f"within-text r {f['r_within']:.3f} FVU {f['fvu_within']:.3f}; parts {parts}; "
                   f"contextual-heads fidelity r {f['contextual_r']:.3f} FVU {f['contextual_fvu']:.3f}")
     print("\n| threshold | passing | precision | recall@20 min | recall@20 median |\n|---|---|---|---|---|")
     for t in res.tradeoff:
         print(f"| {t['threshold']} | {t['n_passed']} | {t['precision']:.3f} | {t['recall20_min']:.2f} | "
               f"{t['recall20_median']:.2f} |")
     lp = res.labels
-    print(f"labels: {lp['n_correct']} of {lp['n_checked']} checkable labels correct; not checkable: {lp['unchecked_labels']}")
+    print(f"labels: {lp['n_correct']} of {lp['n_checked']} checkable labels correct; "
+          f"not checkable: {lp['unchecked_labels']}")
 
 
 def count(model: str, random_gpt2: bool, max_windows: int) -> None:
@@ -122,7 +126,8 @@ def count(model: str, random_gpt2: bool, max_windows: int) -> None:
     passed = sc.sensitivity >= thr.value
     print(f"{'random-init GPT-2 Small' if random_gpt2 else model}: heads {circ.heads}; {thr.n_passed} of {w.d_mlp} "
           f"neurons pass (threshold {thr.value:.3f}); reporting-half precision "
-          f"{float(ok[passed].double().mean()) if passed.any() else float('nan'):.3f}, base rate {float(ok.double().mean()):.3f}")
+          f"{float(ok[passed].double().mean()) if passed.any() else float('nan'):.3f}, "
+          f"base rate {float(ok.double().mean()):.3f}")
 
 
 if __name__ == "__main__":

@@ -99,7 +99,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--token-mean-windows", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/unseen"))
-    ap.add_argument("--rescore", action="store_true", help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
+    ap.add_argument("--rescore", action="store_true",
+                    help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
                     "(every condition's measured value is saved) and print the tables, without running the model")
     a = ap.parse_args()
     if a.rescore:
@@ -133,14 +134,16 @@ def main() -> None:
         sc = pair_scope(A["m"], B["m"], lfl, rule)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
-                     "rms_predicted_d": float(lfl.pow(2).mean().sqrt()), "failed": not (v.like_for_like.spearman >= 0.8)})
+                     "rms_predicted_d": float(lfl.pow(2).mean().sqrt()),
+                     "failed": not (v.like_for_like.spearman >= 0.8)})
     trows = []
     for n, T in texts.items():
         sc = text_scope(T["m"], rule)
         trows.append({"text": n, "kind": "adversarial" if n in adv else "natural", "n_tokens": T["m"].n_tokens,
                       "n_windows": T["m"].n_windows, "fvu_within": T["m"].fvu_within,
                       "distinct_share": T["m"].distinct_share, "top_token_share": T["m"].top_token_share,
-                      "unseen_share": T["m"].unseen_share, "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc],
+                      "unseen_share": T["m"].unseen_share,
+                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc],
                       "out_of_scope": out_of_scope(sc),
                       "failed": not (T["m"].fvu_within is not None and T["m"].fvu_within <= 0.5)})
     dt = time.perf_counter() - t0
@@ -163,7 +166,8 @@ def rescore(path: Path) -> None:
     z = {t["text"]: next((c["measured"] for c in t["scope"] if c["name"] == "denominators as on calibration"), None)
          for t in res["texts"]}
     for r in res["pairs"]:
-        r["scope"] = [c for c in r["scope"] if c["name"] not in ("contrast strong enough", "denominators alike on both sides")]
+        r["scope"] = [c for c in r["scope"]
+                      if c["name"] not in ("contrast strong enough", "denominators alike on both sides")]
         if z.get(r["a"]) is not None and z.get(r["b"]) is not None:
             c = denominator_gap(z[r["a"]], z[r["b"]], r["rms_predicted_d"], rule)
             r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
@@ -191,7 +195,8 @@ def _flag_stats(items: list[dict]) -> dict:
     good = [f for f, b in zip(flag, bad) if not b]
     hit = [f for f, b in zip(flag, bad) if b]
     return {"n": len(items), "n_failed": sum(bad), "auroc": _auroc(flag, bad),
-            "false_alarm_rate": sum(good) / len(good) if good else None, "hit_rate": sum(hit) / len(hit) if hit else None}
+            "false_alarm_rate": sum(good) / len(good) if good else None,
+            "hit_rate": sum(hit) / len(hit) if hit else None}
 
 
 def summarise(rows: list[dict], trows: list[dict]) -> dict:
@@ -226,7 +231,8 @@ def print_tables(res: dict) -> None:
         fails = [c["name"] for c in r["scope"] if not c["ok"] and c["in_flag"]]
         print(f"| {r['a']} vs {r['b']} | {r['tags']} | {_fmt(v['like_for_like']['spearman'])} | "
               f"{_fmt(v['whole_source']['spearman'])} | {_fmt(nc)} | {_fmt(v['token_mean']['spearman'])} | "
-              f"{_fmt(v['shuffled_null']['spearman'])} | {_fmt(v['like_for_like']['r_precision'], 2)} | {v['n_true']} | "
+              f"{_fmt(v['shuffled_null']['spearman'])} | {_fmt(v['like_for_like']['r_precision'], 2)} | "
+              f"{v['n_true']} | "
               f"{'out: ' + ', '.join(fails) if fails else 'in'} |")
     s = res["summary"]
     rp = s["r_precision_pairs_10plus"]
@@ -254,7 +260,8 @@ def print_tables(res: dict) -> None:
               "\n|---|---|---|---|---|")
         for x in dict.fromkeys(r["a"] for r in adv):
             rr = [r for r in adv if r["a"] == x]
-            print(f"| {x} | {rr[0]['tags']} | {_fmt(st.median(r['verification']['like_for_like']['spearman'] for r in rr))}"
+            rho = _fmt(st.median(r["verification"]["like_for_like"]["spearman"] for r in rr))
+            print(f"| {x} | {rr[0]['tags']} | {rho}"
                   f" | {sum(r['failed'] for r in rr)} of {len(rr)} | {sum(r['out_of_scope'] for r in rr)} |")
 
 

@@ -55,19 +55,27 @@ class Source:
 
 
 SOURCES = [
-    Source("it_fortunes", "debian", "fortunes-it", "1.99-4.1", "usr/share/games/fortunes/it/*", "it", "fortunes", "fortune"),
-    Source("pt_fortunes", "debian", "fortunes-br", "20220821", "usr/share/games/fortunes/brasil", "pt", "fortunes", "fortune"),
-    Source("cs_fortunes", "debian", "fortunes-cs", "2.0.9-1.1", "usr/share/games/fortunes/cs/*", "cs", "fortunes", "fortune"),
+    Source("it_fortunes", "debian", "fortunes-it", "1.99-4.1", "usr/share/games/fortunes/it/*", "it",
+           "fortunes", "fortune"),
+    Source("pt_fortunes", "debian", "fortunes-br", "20220821", "usr/share/games/fortunes/brasil", "pt",
+           "fortunes", "fortune"),
+    Source("cs_fortunes", "debian", "fortunes-cs", "2.0.9-1.1", "usr/share/games/fortunes/cs/*", "cs",
+           "fortunes", "fortune"),
     Source("eo_fortunes", "debian", "fortunes-eo", "20020729b-1.1", "usr/share/games/fortunes/eo/*", "eo", "fortunes",
            "fortune"),
-    Source("ru_fortunes", "debian", "fortunes-ru", "1.52-3.1", "usr/share/games/fortunes/ru/*", "ru", "fortunes", "fortune"),
+    Source("ru_fortunes", "debian", "fortunes-ru", "1.52-3.1", "usr/share/games/fortunes/ru/*", "ru",
+           "fortunes", "fortune"),
     Source("en_fortunes", "debian", "fortunes-min", "1:1.99.1-7.3", "usr/share/games/fortunes/*", "en", "fortunes",
            "fortune"),
     Source("en_manpages", "debian", "manpages", "6.03-2", "usr/share/man/man[1-8]/*.gz", "en", "man pages", "roff"),
-    Source("de_manpages", "debian", "manpages-de", "4.18.1-1", "usr/share/man/de/man[1-8]/*.gz", "de", "man pages", "roff"),
-    Source("es_manpages", "debian", "manpages-es", "4.18.1-1", "usr/share/man/es/man[1-8]/*.gz", "es", "man pages", "roff"),
-    Source("fr_manpages", "debian", "manpages-fr", "4.18.1-1", "usr/share/man/fr/man[1-8]/*.gz", "fr", "man pages", "roff"),
-    Source("it_manpages", "debian", "manpages-it", "4.18.1-1", "usr/share/man/it/man[1-8]/*.gz", "it", "man pages", "roff"),
+    Source("de_manpages", "debian", "manpages-de", "4.18.1-1", "usr/share/man/de/man[1-8]/*.gz", "de",
+           "man pages", "roff"),
+    Source("es_manpages", "debian", "manpages-es", "4.18.1-1", "usr/share/man/es/man[1-8]/*.gz", "es",
+           "man pages", "roff"),
+    Source("fr_manpages", "debian", "manpages-fr", "4.18.1-1", "usr/share/man/fr/man[1-8]/*.gz", "fr",
+           "man pages", "roff"),
+    Source("it_manpages", "debian", "manpages-it", "4.18.1-1", "usr/share/man/it/man[1-8]/*.gz", "it",
+           "man pages", "roff"),
     Source("py_requests", "pypi-wheel", "requests", "2.32.3", "requests/*.py", "python", "code", "plain"),
     Source("py_sphinx", "pypi-wheel", "sphinx", "7.4.7", "sphinx/builders/*.py", "python", "code", "plain"),
     Source("js_sphinx", "pypi-wheel", "sphinx", "7.4.7", "sphinx/themes/*/static/*.js", "javascript", "code", "plain"),
@@ -124,7 +132,8 @@ def _extract(pkg: Path, into: Path) -> Path:
 _ROFF_ESC = [(re.compile(r"\\f(\[[^\]]*\]|\(..|.)"), ""), (re.compile(r"\\s[+-]?\d"), ""),
              (re.compile(r"\\\(em|\\\[em\]"), "—"), (re.compile(r"\\\(en|\\\[en\]"), "–"),
              (re.compile(r"\\\((aq|cq)|\\\[(aq|cq)\]"), "'"), (re.compile(r"\\\(dq|\\\[dq\]"), '"'),
-             (re.compile(r"\\\(bu|\\\[bu\]"), "•"), (re.compile(r"\\\*\((Lq|lq)"), '"'), (re.compile(r"\\\*\((Rq|rq)"), '"'),
+             (re.compile(r"\\\(bu|\\\[bu\]"), "•"), (re.compile(r"\\\*\((Lq|lq)"), '"'),
+             (re.compile(r"\\\*\((Rq|rq)"), '"'),
              (re.compile(r"\\\(..|\\\[[^\]]*\]"), ""), (re.compile(r"\\[&|^%:c,/]"), ""), (re.compile(r"\\e"), "\\\\"),
              (re.compile(r"\\-"), "-"), (re.compile(r"\\ "), " "), (re.compile(r'\\"'), "")]
 _TEXT_MACROS = {"SH", "SS", "B", "I", "BR", "BI", "IR", "IB", "RB", "RI", "TP", "IP", "SM", "SB", "UR", "MT", "OP",
@@ -282,7 +291,8 @@ def build(out: Path, dl: Path) -> dict:
         (out / "texts" / f"{s.name}.txt").write_bytes(data)
         sh = _shingles(text, 1)
         man.append({**{k: v for k, v in asdict(s).items() if k not in ("pattern", "fmt")},
-                    "pattern": s.pattern, "files": files, "n_files": len(files), "sha256": hashlib.sha256(data).hexdigest(),
+                    "pattern": s.pattern, "files": files, "n_files": len(files),
+                    "sha256": hashlib.sha256(data).hexdigest(),
                     "chars": len(text), "bytes": len(data),
                     "overlap_with_corpora": round(len(sh & refs) / max(len(sh), 1), 4),
                     "package_sha256": hashlib.sha256(pkg.read_bytes()).hexdigest()})
@@ -294,14 +304,16 @@ def build(out: Path, dl: Path) -> dict:
     cal_chars = set(cal)
     pairs, adv = {}, {}
     for h, names in split.items():
-        pairs[h] = [{"a": x, "b": y, "tags": pair_tags(by[x], by[y])} for i, x in enumerate(names) for y in names[i + 1 :]]
+        pairs[h] = [{"a": x, "b": y, "tags": pair_tags(by[x], by[y])}
+                    for i, x in enumerate(names) for y in names[i + 1 :]]
         adv_h = adversarial(names, texts, by, cal_chars, h)
         for name, v in adv_h.items():
             data = v.pop("text").encode("utf-8")
             (out / "texts" / f"{name}.txt").write_bytes(data)
             v.update(sha256=hashlib.sha256(data).hexdigest(), chars=len(data.decode("utf-8")))
         adv[h] = adv_h
-    meta = {"seed": SEED, "max_chars": MAX_CHARS, "shingle": SHINGLE, "calibration_for_unseen_chars": "bundled:en_moby_dick"}
+    meta = {"seed": SEED, "max_chars": MAX_CHARS, "shingle": SHINGLE,
+            "calibration_for_unseen_chars": "bundled:en_moby_dick"}
     (out / "manifest.json").write_text(json.dumps({**meta, "sources": man}, indent=1, ensure_ascii=False) + "\n")
     (out / "split.json").write_text(json.dumps({"seed": SEED, "halves": split, "pairs": pairs, "adversarial": adv},
                                                indent=1, ensure_ascii=False) + "\n")

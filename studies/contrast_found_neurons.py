@@ -20,7 +20,8 @@ print(f"{cj['a']} vs {cj['b']}: {len(found)} found neurons; Spearman(predicted d
       f"like {v['like_for_like']['spearman']:.3f} (whole source {v['whole_source']['spearman']:.3f}; noise ceiling "
       f"{'-' if nc is None else format(nc['spearman_brown'], '.3f')}; token-mean {v['token_mean']['spearman']:.3f}; "
       f"token-shuffled null {v['shuffled_null']['spearman']:.3f}); precision@10/20/50 "
-      + "/".join(f"{x:.2f}" for x in v["like_for_like"]["precision"].values()) + f"; {v['n_true']} neurons with |d| >= 1")
+      + "/".join(f"{x:.2f}" for x in v["like_for_like"]["precision"].values())
+      + f"; {v['n_true']} neurons with |d| >= 1")
 d = [rec[k]["true_d"] for k in found]
 agree = sum(1 for k in found if rec[k]["true_d"] * rec[k]["predicted_d"] > 0 and abs(rec[k]["true_d"]) >= 1)
 print(f"found neurons: median |true d| {statistics.median(abs(x) for x in d):.2f}; {agree} of {len(found)} with "

@@ -127,8 +127,13 @@ def discover_checkpoints(specs: list[str]) -> list[CheckpointRef]:
             refs.append(CheckpointRef(spec, int(digits[-1]) if digits else None))
     _refuse_duplicates(refs)
     if all(r.step is not None for r in refs):
-        refs.sort(key=lambda r: r.step)
+        refs.sort(key=_known_step)
     return refs
+
+
+def _known_step(r: CheckpointRef) -> int:
+    assert r.step is not None, "checkpoints are sorted by step only when every one has a step"
+    return r.step
 
 
 def _refuse_duplicates(refs: list[CheckpointRef]) -> None:
@@ -387,8 +392,8 @@ class EvolutionResult:
         if d.get("schema_version") != SCHEMA_VERSION:
             raise AttnscopeError(f"{path} has evolution schema {d.get('schema_version')}, expected {SCHEMA_VERSION}; "
                                  "rerun `attnscope evolution`")
-        return cls(d["settings"], [CheckpointSummary.from_json(c) for c in d["checkpoints"]], Timeline.from_json(d["timeline"]),
-                   d["schema_version"])
+        return cls(d["settings"], [CheckpointSummary.from_json(c) for c in d["checkpoints"]],
+                   Timeline.from_json(d["timeline"]), d["schema_version"])
 
 
 

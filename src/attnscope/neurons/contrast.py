@@ -31,6 +31,7 @@ from attnscope.circuit.build import Circuit
 from attnscope.core.errors import AttnscopeError, TextTooShortError
 from attnscope.core.executor import Executor
 from attnscope.core.serialize import from_dict, read_versioned
+from attnscope.core.stats import tensor_sum
 from attnscope.core.texts import decode_tokens, open_source, tokenize
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
@@ -124,7 +125,8 @@ class TokenModel:
 
     def token_scales(self, p: Tensor) -> Tensor:
         """``s_p(x)`` for every token ``[d_vocab]`` under frequencies ``p``."""
-        ctx = sum(p @ v for t, v in self.parts.items() if t != "direct") + self.norm_const
+        assert self.norm_const is not None, "token scales only with a per-token norm scale (expected_parts)"
+        ctx = tensor_sum(p @ v for t, v in self.parts.items() if t != "direct") + self.norm_const
         x = self.parts["direct"] + ctx
         if self.norm == "layernorm":
             x = x - x.mean(-1, keepdim=True)
@@ -143,11 +145,11 @@ class TokenModel:
         return out
 
     def expected(self, p: Tensor) -> Tensor:
-        return sum(self.expected_parts(p).values())
+        return tensor_sum(self.expected_parts(p).values())
 
     def token_scores(self, neurons: Tensor) -> Tensor:
         """Every token's total score ``[d_vocab, k]`` for ``neurons`` (how much one more occurrence moves the mean)."""
-        return sum(self.parts.values()) @ self.W_in[:, neurons] / self.scale
+        return tensor_sum(self.parts.values()) @ self.W_in[:, neurons] / self.scale
 
 
 @torch.no_grad()
@@ -280,7 +282,7 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
     p_a, p_b = (token_frequencies(ids[s][None], w.d_vocab) for s in (a, b))
     e_a, e_b = tm.expected_parts(p_a), tm.expected_parts(p_b)
     parts = {t: (e_a[t] - e_b[t]).cpu() for t in e_a}
-    diff = sum(parts.values())
+    diff = tensor_sum(parts.values())
     sigma = calibration_std(w, circ).cpu()
     pd = diff / sigma
     order = pd.abs().argsort(descending=True).tolist()

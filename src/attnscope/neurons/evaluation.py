@@ -144,7 +144,8 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
                           executor: Executor | None = None) -> GroundTruthResult:
     """The evaluation of the module docstring (every bundled text a context); ``executor`` shards the true
     pre-activations (default: this process)."""
-    s = NeuronSettings(max_windows=max_windows, precision_target=precision_target, n_random=n_random, max_neurons=10**6)
+    # the windows are chosen here (held_out_windows below, up to max_windows); the settings' own max_windows is unused
+    s = NeuronSettings(precision_target=precision_target, n_random=n_random, max_neurons=10**6)
     windows = held_out_windows(w, circ, None, max_windows)
     names = [x.name for x in windows]
     n_min = circ.settings.min_position

@@ -34,6 +34,7 @@ from attnscope.circuit.query import circuit_output
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.executor import Executor
 from attnscope.core.stats import median as _median
+from attnscope.core.stats import tensor_sum
 from attnscope.core.texts import bundled_texts, decode_tokens, require_diverse  # noqa: F401  (re-exported)
 from attnscope.exact.decomposition import centre
 from attnscope.models import ModelWeights
@@ -194,7 +195,7 @@ def score(w: ModelWeights, circ: Circuit, windows: list[SourceWindows], settings
     tm = tm or build_token_model(w, circ)
     sigma = calibration_std(w, circ).cpu()
     parts = predicted_effects(tm, windows, sigma, w.d_vocab)
-    pred = sum(parts.values())
+    pred = tensor_sum(parts.values())
     sp, sn = swings(w, circ, settings.top_m, settings.chunk)
     return NeuronScores([s.name for s in windows], pred, parts, pred.abs().max(0).values, sp, sn, sigma)
 
@@ -257,7 +258,7 @@ def verify(w: ModelWeights, circ: Circuit, scores: NeuronScores, threshold: Thre
 # --------------------------------------------------------------------------------------------------
 
 
-def label(tokens_pos: list[str], tokens_neg: list[str]) -> tuple:
+def label(tokens_pos: list[str], tokens_neg: list[str]) -> tuple[str | None, str | None, str | None, str | None]:
     """``(label, evidence, negative label, evidence)`` from the neuron's strongest tokens each way."""
     a, b = auto_label(tokens_pos), auto_label(tokens_neg)
     return (a.text if a else None, a.evidence if a else None, b.text if b else None, b.evidence if b else None)
@@ -280,12 +281,14 @@ def neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows,
         top, bot = ts[:, j].topk(50), (-ts[:, j]).topk(50)
         tp, tn = decode_tokens(w.tokenizer, top.indices.tolist()), decode_tokens(w.tokenizer, bot.indices.tolist())
         td = {s: float(d_report[c, k]) for c, s in enumerate(scores.sources)}
-        pos_t, neg_t = max(td, key=td.get), min(td, key=td.get)
+        pos_t, neg_t = max(td, key=td.__getitem__), min(td, key=td.__getitem__)
         n = settings.n_top_tokens
+        lab, lab_ev, lab_neg, lab_neg_ev = label(tp, tn)
         out.append(NeuronCard(k, rank[k], float(scores.sensitivity[k]),
                               [(t, round(float(v), 4)) for t, v in zip(tp[:n], top.values[:n])],
-                              [(t, round(-float(v), 4)) for t, v in zip(tn[:n], bot.values[:n])], *label(tp, tn),
-                              bool((pre_cal[:, k] > 0).any()), sc.r[j], sc.fvu[j], sc.r_within[j], sc.fvu_within[j],
+                              [(t, round(-float(v), 4)) for t, v in zip(tn[:n], bot.values[:n])],
+                              lab, lab_ev, lab_neg, lab_neg_ev, bool((pre_cal[:, k] > 0).any()),
+                              sc.r[j], sc.fvu[j], sc.r_within[j], sc.fvu_within[j],
                               {t: v[j] for t, v in sc.parts.items()}, cr[j], cf[j], td, pos_t, neg_t))
         if j < 8:
             traces += [_trace(w, circ, ex, k, s.name, s.report[0]) for s in windows if s.name in (pos_t, neg_t)]
@@ -299,7 +302,7 @@ def _trace(w, circ, ex, k: int, name: str, toks: Tensor) -> NeuronTrace:
     Wk = mlp_input_weights(w)[0][:, k]
     y, pre, _ = true_head_output(w, circ.heads, toks)
     parts = explain_terms(w, circ, ex, toks, torch.tensor([k], device=w.device))
-    return NeuronTrace(k, name, pre[n_min:, k].tolist(), sum(parts.values())[n_min:, 0].tolist(),
+    return NeuronTrace(k, name, pre[n_min:, k].tolist(), tensor_sum(parts.values())[n_min:, 0].tolist(),
                        (centre(y, w) @ Wk / circ.mlp_scale)[n_min:].tolist(),
                        (centre(circuit_output(w, circ, toks), w) @ Wk / circ.mlp_scale)[n_min:].tolist())
 
@@ -315,9 +318,10 @@ def neuron_rows(w, scores: NeuronScores, threshold: Threshold, d_tune: Tensor, t
         ts = tm.token_scores(torch.tensor(idx, device=tm.W_in.device)).cpu()
         top, bot = ts.topk(n_tok, dim=0).indices, (-ts).topk(n_tok, dim=0).indices
         for j, k in enumerate(idx):
+            d_bag, d_direct, d_other_heads = (float(scores.parts[t][best[k], k]) for t in ROW_TERMS)
             rows.append(NeuronRow(k, c0 + j + 1, float(scores.sensitivity[k]), scores.sources[int(best[k])],
-                                  float(scores.predicted_d[best[k], k]),
-                                  *(float(scores.parts[t][best[k], k]) for t in ROW_TERMS), float(scores.swing_pos[k]),
+                                  float(scores.predicted_d[best[k], k]), d_bag, d_direct, d_other_heads,
+                                  float(scores.swing_pos[k]),
                                   float(scores.swing_neg[k]), float(scores.sigma[k]),
                                   bool(scores.sensitivity[k] >= threshold.value), bool(ok[k]),
                                   decode_tokens(w.tokenizer, top[:, j].tolist()),
@@ -344,7 +348,8 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     ``executor`` shards the ground truth's true pre-activations (default: this process)."""
     if w.parallel_attn_mlp:
         raise AttnscopeError(f"the layer-0 MLP of {w.name} does not read layer-0 attention (parallel attention + MLP, "
-                             "GPT-NeoX), so it has no layer-0 context neurons; use the later-layer method: --layer 1 or deeper")
+                             "GPT-NeoX), so it has no layer-0 context neurons; use the later-layer method: "
+                             "--layer 1 or deeper")
     s = settings or NeuronSettings()
     windows = held_out_windows(w, circ, s.eval, s.max_windows)
     ex = build_explainer(w, circ)

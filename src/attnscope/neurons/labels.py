@@ -23,9 +23,10 @@ import unicodedata
 from dataclasses import dataclass
 
 LEXICONS: dict[str, set[str]] = {
-    "English function words": set("the and of to a in that is was he for it with as his on be at by i this had not are but "
-                                  "from or have an they which you were her she all would there their we him been has when "
-                                  "who will more no if out so said what up its about into than them can only".split()),
+    "English function words": set("the and of to a in that is was he for it with as his on be at by i this had not "
+                                  "are but from or have an they which you were her she all would there their we him "
+                                  "been has when who will more no if out so said what up its about into than them can "
+                                  "only".split()),
     "Spanish": set("de la que el en y los del se las por un para con no una su al lo como más pero sus le ya este sí "
                    "porque esta entre cuando muy sin sobre también me hasta hay donde quien desde todo nos durante "
                    "todos uno les ni contra otros ese eso ante ellos esto antes algunos qué unos yo otro otras otra él "
@@ -40,8 +41,8 @@ LEXICONS: dict[str, set[str]] = {
                        "dict list tuple object super".split()),
     "Early Modern English": set("thou thee thy thine hath doth art ye hast shalt wilt nay ay 'tis ere whence thence "
                                 "hither dost methinks".split()),
-    "government / politics": set("congress government states united nation national public people president federal law "
-                                 "country citizens policy treaty revenue department administration legislation act "
+    "government / politics": set("congress government states united nation national public people president federal "
+                                 "law country citizens policy treaty revenue department administration legislation act "
                                  "economic program tax constitution secretary military".split()),
     "sea / ships": set("whale ship sea captain deck boat sail sailors harpoon ocean crew voyage mast whales boats "
                        "sailor ships waves".split()),

@@ -70,7 +70,8 @@ def check_probe_texts(texts: list[str] | None) -> None:
 
 
 def context_probe(w: ModelWeights, *, layer: int = 0, texts: list[str] | None = None, n_ctx: int | None = None,
-                  skip: int = 32, stride: int = 2, recall_min: float = 0.8, epochs: int = 300, seed: int = 0) -> ProbeResult:
+                  skip: int = 32, stride: int = 2, recall_min: float = 0.8, epochs: int = 300, seed: int = 0
+                  ) -> ProbeResult:
     """Train and test the probe on the bundled texts (or ``texts``, source specs whose stem is the label)."""
     check_probe_texts(texts)
     specs = texts or [f"bundled:{n}" for n in bundled_texts()]

@@ -31,6 +31,7 @@ from torch import Tensor
 from attnscope.core.accumulators import Moments
 from attnscope.core.errors import TextTooShortError
 from attnscope.core.executor import LOCAL, Executor
+from attnscope.core.stats import tensor_sum
 from attnscope.core.texts import bundled_texts, open_source, tokenize
 from attnscope.models import ModelWeights
 from attnscope.neurons.explain import true_pre
@@ -286,12 +287,12 @@ def one_vs_rest_verification(w: ModelWeights, expected: Callable[[Tensor], Tenso
     for c, name in enumerate(names):
         rest_w = [x for j, ws in enumerate(windows) if j != c for x in ws]
         rest_s = [x for j, ss in enumerate(stats) if j != c for x in ss]
+        pa: Tensor | None = None
+        pb: Tensor | None = None
         if other_counts is not None:
             pa = other_counts[c] / other_counts[c].sum()
-            rest = sum(x for j, x in enumerate(other_counts) if j != c)
+            rest = tensor_sum(x for j, x in enumerate(other_counts) if j != c)
             pb = rest / rest.sum()
-        else:
-            pa = pb = None
         v, _, _, _ = verify_contrast(w, expected, sigma, n_min, windows[c], rest_w, pa, pb, tmean, stats[c], rest_s)
         if other_counts is None:
             v.whole_source = v.like_for_like

@@ -56,7 +56,8 @@ def tokens_html(toks: list, sign: str) -> str:
     items = []
     for t in toks or []:
         tok, score = (t[0], t[1]) if isinstance(t, (list, tuple)) else (t, None)
-        items.append(f'<li><code class="tok">{token_html(str(tok))}</code><span class="score">{esc(fmt(score))}</span></li>')
+        items.append(f'<li><code class="tok">{token_html(str(tok))}</code>'
+                     f'<span class="score">{esc(fmt(score))}</span></li>')
     return f'<ol class="tokens {sign}">{"".join(items)}</ol>' if items else '<p class="note">none</p>'
 
 

@@ -7,6 +7,7 @@ import dataclasses
 import html
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -174,7 +175,7 @@ def figures_html(names: tuple[str, ...], figures: dict[str, Path], used: set[str
     return f'<div class="figs">{"".join(parts)}</div>' if parts else ""
 
 
-def median_of(xs: list[float]) -> float | None:
+def median_of(xs: Sequence[float | None]) -> float | None:
     """The finite values' median by the package's one convention (:func:`attnscope.core.stats.median`)."""
     return median(x for x in xs if x is not None and isinstance(x, (int, float)) and math.isfinite(x))
 

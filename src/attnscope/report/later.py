@@ -37,7 +37,8 @@ def _summary_table(results: list[LaterResult]) -> str:
             "<th>approx. FVU (token + position)</th><th>FVU with earlier heads</th><th>unseen share</th>"
             "<th>contextual heads of L</th><th>circuit FVU eff. / true</th><th>neurons passed</th>"
             "<th>precision (all neurons)</th><th>card median r (random)</th>"
-            f"{head}<th>noise ceiling (tuning half's true d)</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
+            f"{head}<th>noise ceiling (tuning half's true d)</th></tr></thead>"
+            f"<tbody>{''.join(rows)}</tbody></table></div>")
 
 
 def _piece_rows(pieces: list[LayerPiece]) -> str:
@@ -49,9 +50,11 @@ def _piece_rows(pieces: list[LayerPiece]) -> str:
         cond = (f"{badge_html(False, 'OK', 'no contextual head')} {esc(p.limiting_condition)}" if p.circuit_error else
                 badge_html(not failed, "all conditions hold", "fails: " + ", ".join(failed)))
         rows.append(f"<tr><td>{p.layer}</td><td>{fmt(p.approximation.fvu)}</td><td>{fmt(p.effective.fallback_r2)}</td>"
-                    f"<td>{esc(', '.join(map(str, p.heads)) or 'none')}</td><td>{fv}</td><td>{gain}</td><td>{cond}</td></tr>")
-    return ('<div class="table-wrap"><table class="data later-pieces"><thead><tr><th>layer l</th><th>approx. FVU</th>'
-            "<th>fallback R²</th><th>contextual heads</th><th>circuit FVU eff. / true</th><th>‖G_l‖ to the MLP of L</th>"
+                    f"<td>{esc(', '.join(map(str, p.heads)) or 'none')}</td><td>{fv}</td><td>{gain}</td>"
+                    f"<td>{cond}</td></tr>")
+    return ('<div class="table-wrap"><table class="data later-pieces"><thead><tr><th>layer l</th>'
+            "<th>approx. FVU</th><th>fallback R²</th><th>contextual heads</th><th>circuit FVU eff. / true</th>"
+            "<th>‖G_l‖ to the MLP of L</th>"
             f"<th>conditions</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div>")
 
 
@@ -64,7 +67,8 @@ def _d_table(c: LaterCard) -> str:
 
 def _card(L: int, c: LaterCard) -> str:
     lab = f"{esc(c.label)} <i>({esc(c.label_evidence)})</i>" if c.label else "<i>unlabelled</i>"
-    neg = f"{esc(c.label_negative)} <i>({esc(c.label_negative_evidence)})</i>" if c.label_negative else "<i>unlabelled</i>"
+    neg = (f"{esc(c.label_negative)} <i>({esc(c.label_negative_evidence)})</i>" if c.label_negative
+           else "<i>unlabelled</i>")
     parts = ", ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in c.parts.items())
     return f"""
 <article class="neuron-card" id="neuron-{L}-{c.index}" data-index="{c.index}">
@@ -94,6 +98,7 @@ def _full_fit(v) -> str:
 def _layer(r: LaterResult) -> str:
     v, a = r.verification, r.circuit.approximation_with_earlier_terms
     cards = "".join(_card(r.layer, c) for c in r.cards)
+    card_r = fmt(v.fit_cards.median_r if v.fit_cards else None)
     return f"""
 <section class="later-layer" id="later-L{r.layer}">
 <h3>MLP of layer {r.layer}</h3>
@@ -102,7 +107,7 @@ def _layer(r: LaterResult) -> str:
 propagated. Ranked by the {esc(v.fit_predictor)} predictor, {v.n_passed} neurons pass the measured threshold
 {fmt(r.threshold.value)} (precision on the reporting
 half {fmt(v.precision)}; all neurons {fmt(v.precision_random)}). Per-position check of the {esc(v.fit_predictor)}
-predictor against the true pre-activation (reporting windows): median r {fmt(v.fit_cards.median_r if v.fit_cards else None)}
+predictor against the true pre-activation (reporting windows): median r {card_r}
 over the cards, {fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
 {_piece_rows(r.circuit.pieces)}
 {ranking_table(r.rows, f"later-ranking-L{r.layer}")}

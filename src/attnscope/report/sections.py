@@ -154,8 +154,10 @@ def kernel_section(res: KernelResult, figures: dict[str, Path], used: set[str]) 
     chips = "".join(f'<li><span class="dot" style="background:{CAT_COLORS.get(c, "#999")}"></span>{esc(c)}: '
                     f"<b>{n}</b></li>" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
     n_sink = sum(getattr(r, "sink_dominated", False) for r in recs)
-    chips += f"<li title='sink mass >= 0.5; their category describes the kernel without the sink'>sink-dominated: <b>{n_sink}</b></li>"
+    chips += (f"<li title='sink mass >= 0.5; their category describes the kernel without the sink'>"
+              f"sink-dominated: <b>{n_sink}</b></li>")
     prov, settings = res.provenance, res.settings
+    pooled = "" if causal else " (bidirectional model: offsets on both sides are pooled)"
     return f"""
 <section id="kernels">
 <h2>Positional kernels</h2>
@@ -164,7 +166,7 @@ independently of the content there (method §5). It is estimated from
 {esc(prov.get("n_estimation", settings.get("n_samples", "?")))} sample windows of {esc(settings.get("n_ctx", "?"))}
 tokens (mean queries and keys per position) and checked on {esc(prov.get("n_heldout", settings.get("n_heldout", "?")))}
 held-out windows. Kernels are kept at query positions {esc(", ".join(map(str, qpos)))}; properties and
-categories use the reference position n = {esc(nref)}{"" if causal else " (bidirectional model: offsets on both sides are pooled)"}.</p>
+categories use the reference position n = {esc(nref)}{pooled}.</p>
 <ul class="chips">{chips}</ul>
 {figures_html(KERNEL_FIGURES, figures, used)}
 <h3>Heads</h3>
@@ -203,11 +205,13 @@ def _fidelity_and_denominators(neurons: NeuronResult | None, heads: list[int]) -
     fid = neurons.fidelity
     form = "query-conditioned" if neurons.circuit.query_conditioned else "typical query"
     fid_html = kv_table({"summary form (--query-conditioned)": form,
-                          **{f"FVU on the calibration text, {k}": v for k, v in neurons.circuit.calibration_fvu.items()},
+                          **{f"FVU on the calibration text, {k}": v
+                             for k, v in neurons.circuit.calibration_fvu.items()},
                           "FVU of the summed head output (held-out texts)": fid.get("fvu"),
                           "median over dimensions of Pearson r": fid.get("median_r_per_dimension"),
                           "positions compared": fid.get("n_positions"),
-                          **{k: v for k, v in fid.items() if k not in ("fvu", "median_r_per_dimension", "n_positions")}},
+                          **{k: v for k, v in fid.items()
+                             if k not in ("fvu", "median_r_per_dimension", "n_positions")}},
                          "circuit-fidelity")
     den = neurons.denominators
     den_html = ""
