@@ -9,9 +9,8 @@ measured number the table, the cards and the report need."""
 
 from __future__ import annotations
 
-import csv
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from torch import Tensor
@@ -21,6 +20,7 @@ from attnscope.core.errors import AttnscopeError
 from attnscope.core.stats import median
 from attnscope.neurons.find import CardHead, NeuronRow, Threshold
 from attnscope.neurons.groundtruth import DiscoveryScores
+from attnscope.neurons.result import write_neuron_csv
 
 SCHEMA_VERSION = 1  # of a later-layer neurons.json
 
@@ -202,12 +202,7 @@ class LaterResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        with (out / "neurons.csv").open("w", newline="") as f:
-            wr = csv.writer(f)
-            cols = [x.name for x in fields(NeuronRow)]
-            wr.writerow(cols)
-            for r in self.rows:
-                wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
+        write_neuron_csv(self.rows, out / "neurons.csv")
         return out
 
     @classmethod

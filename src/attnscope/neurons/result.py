@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 from attnscope.circuit.result import Circuit
@@ -57,6 +57,17 @@ class NeuronRow:
     top_negative_tokens: list[str]
     d_norm_scale: float = 0.0  # ... and by the norm's per-token scale (the token model's "norm scale" term)
     true_d: float | None = None  # the true effect size in best_contrast, reporting half (None: not measured)
+
+
+def write_neuron_csv(rows: list[NeuronRow], path: Path) -> None:
+    """One CSV row per neuron, the columns of :class:`NeuronRow` (token lists joined by spaces); the layer-0 and
+    the later-layer results write the same table."""
+    cols = [f.name for f in fields(NeuronRow)]
+    with path.open("w", newline="") as f:
+        wr = csv.writer(f)
+        wr.writerow(cols)
+        for r in rows:
+            wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
 
 
 @dataclass
@@ -223,12 +234,7 @@ class NeuronResult:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        with (out / "neurons.csv").open("w", newline="") as f:
-            wr = csv.writer(f)
-            cols = [k for k in NeuronRow.__dataclass_fields__]
-            wr.writerow(cols)
-            for r in self.rows:
-                wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
+        write_neuron_csv(self.rows, out / "neurons.csv")
         (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
                                                      "denominators": {d.text: d.Z_trace for d in self.denominators}}))
         return out
