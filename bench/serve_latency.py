@@ -68,11 +68,8 @@ def _limits(url: str, w, k: int, repeats: int) -> dict:
     return out
 
 
-def _joined_text(w, n: int) -> str:
-    """A text of exactly ``n`` tokens from the bundled texts joined (longer than any one of them)."""
-    from attnscope.core.texts import bundled_texts, open_source, tokenize
-
-    ids = torch.cat([torch.as_tensor(tokenize(open_source(f"bundled:{b}"), w.tokenizer)) for b in bundled_texts()])
+def _exact_tokens(w, ids: torch.Tensor, n: int) -> str:
+    """The decoded prefix of ``ids`` that re-tokenises to exactly ``n`` tokens."""
     k = n
     while True:
         s = w.tokenizer.decode(ids[:k])
@@ -80,6 +77,14 @@ def _joined_text(w, n: int) -> str:
         if m == n:
             return s
         k += 1 if m < n else -1
+
+
+def _joined_text(w, n: int) -> str:
+    """A text of exactly ``n`` tokens from the bundled texts joined (longer than any one of them)."""
+    from attnscope.core.texts import bundled_texts, open_source, tokenize
+
+    ids = torch.cat([torch.as_tensor(tokenize(open_source(f"bundled:{b}"), w.tokenizer)) for b in bundled_texts()])
+    return _exact_tokens(w, ids, n)
 
 
 def _text(w, spec: str, n: int) -> str:
@@ -87,13 +92,7 @@ def _text(w, spec: str, n: int) -> str:
     from attnscope.core.texts import open_source, tokenize
 
     ids = torch.as_tensor(tokenize(open_source(spec), w.tokenizer))
-    k = n
-    while True:
-        s = w.tokenizer.decode(ids[:k])
-        m = len(w.tokenizer(s, add_special_tokens=False)["input_ids"])
-        if m == n:
-            return s
-        k += 1 if m < n else -1
+    return _exact_tokens(w, ids, n)
 
 
 def _time(fn, repeats: int) -> dict:
