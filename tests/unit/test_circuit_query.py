@@ -192,3 +192,31 @@ def test_served_scope_uses_each_querys_denominator(query_llama):
     want = denominator_stability(w, c, {"es": toks})["es"]["ratio_to_calibration"]
     torch.testing.assert_close((st.z_by_head.double().median(1).values / c.Z.double()),
                                torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("form", ["on", "off"])
+def test_served_windows_batched_equal_one_at_a_time(query_llama, form):
+    """`serve` analyses a long text's equal-length windows in batches (one forward pass and one prediction per
+    batch): true and predicted pre-activations, the moments and every scope condition are those of the windows
+    analysed one at a time, for the query-conditioned and the typical-query form."""
+    from attnscope.serve.analysis import Analyser
+    from attnscope.serve.explanation import make_explanation
+    from attnscope.serve.scope import calibration_reference
+
+    w, _ = query_llama
+    c = build_circuit(w, _settings(query_conditioned=form))
+    an = Analyser(w, c, make_explanation(w, c), calibration_reference(w, c))
+    toks = text_tokens("bundled:en_moby_dick", w.tokenizer, max_tokens=400)
+    text = an.tokens(w.tokenizer.decode(toks))
+    an.batch_windows = 1
+    one = an.analyse(text, moments=True)
+    an.batch_windows = 3
+    assert [len(g) for g in an.batches(one.windows)][:2] == [3, 3] and len(one.windows) >= 7
+    many = an.analyse(text, moments=True)
+    torch.testing.assert_close(many.true, one.true, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(many.pred, one.pred, atol=1e-5, rtol=1e-5)
+    assert one.moments is not None and many.moments is not None
+    torch.testing.assert_close(many.moments.sum_pred, one.moments.sum_pred, atol=1e-3, rtol=1e-5)
+    assert [(x.name, x.ok) for x in many.conditions] == [(x.name, x.ok) for x in one.conditions]
+    for a, b in zip(many.conditions, one.conditions):
+        assert a.measured == pytest.approx(b.measured, rel=1e-4, abs=1e-6)

@@ -258,9 +258,14 @@ def choose_query_form(w: ModelWeights, circ: Circuit) -> Circuit:
     return circ
 
 
-def circuit_output(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_model"]:
-    """The circuit's per-position prediction ``[pos, d_model]`` of its heads' summed output on ``tokens``:
-    the query-conditioned summary when ``circ.query_conditioned``, else :meth:`Circuit.summary`."""
+def circuit_output(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, "*batch pos"]
+                   ) -> Float[Tensor, "*batch pos d_model"]:
+    """The circuit's per-position prediction ``[*batch, pos, d_model]`` of its heads' summed output on ``tokens``
+    (one window ``[pos]`` or equal-length windows ``[batch, pos]``): the query-conditioned summary when
+    ``circ.query_conditioned``, else :meth:`Circuit.summary`."""
     if circ.query_conditioned:
+        if tokens.dim() > 1:
+            parts = query_parts(w, circ)
+            return torch.stack([query_conditioned_summary(w, circ, t, parts) for t in tokens])
         return query_conditioned_summary(w, circ, tokens)
     return circ.summary(tokens.to(circ.ext.device))

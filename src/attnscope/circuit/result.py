@@ -177,9 +177,10 @@ class Circuit:
     def T(self) -> int:
         return self.kernel.shape[0]
 
-    def summary(self, tokens: Int[Tensor, " pos"]) -> Float[Tensor, "pos d_model"]:
-        """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T); for a
-        query-conditioned circuit, the query-averaged bag (what the neuron scores read)."""
+    def summary(self, tokens: Int[Tensor, "*batch pos"]) -> Float[Tensor, "*batch pos d_model"]:
+        """Linear bag-of-tokens summary ``[pos, d_model]`` of a text ``tokens [pos]`` (pos <= T), or of each of a
+        batch of equal-length windows ``[batch, pos]``; for a query-conditioned circuit, the query-averaged bag
+        (what the neuron scores read)."""
         n = tokens.shape[-1]
         return self.kernel[:n, :n] @ self.ext[tokens] + self.positional[:n]
 

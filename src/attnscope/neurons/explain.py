@@ -28,6 +28,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from attnscope.circuit.build import (
@@ -92,22 +93,25 @@ def build_explainer(w: ModelWeights, circ: Circuit) -> Explainer:
 
 
 @torch.no_grad()
-def other_heads_output(ex: Explainer, tokens: Tensor) -> Tensor:
-    """Predicted summed output ``[pos, d_model]`` of the non-contextual heads on ``tokens [pos]`` (no bias)."""
+def other_heads_output(ex: Explainer, tokens: Int[Tensor, "*batch pos"]) -> Float[Tensor, "*batch pos d_model"]:
+    """Predicted summed output ``[*batch, pos, d_model]`` of the non-contextual heads on ``tokens [*batch, pos]``
+    (one window, or a batch of equal-length windows; no bias)."""
     n = tokens.shape[-1]
-    out = torch.zeros(n, ex.e_val.shape[1], dtype=ex.e_val.dtype, device=ex.e_val.device)
+    out = torch.zeros(*tokens.shape, ex.e_val.shape[1], dtype=ex.e_val.dtype, device=ex.e_val.device)
+    vals = ex.e_val[tokens] + ex.p_val[:n]  # [*batch, pos, d_model]
     for j in range(len(ex.other_heads)):
-        A = ex.kernels[j, :n, :n] * ex.f[j, tokens][None, :]
+        A = ex.kernels[j, :n, :n] * ex.f[j, tokens][..., None, :]
         A = A / A.sum(-1, keepdim=True).clamp_min(1e-30)
-        out += A @ ((ex.e_val[tokens] + ex.p_val[:n]) @ ex.W_OV[j])
+        out += A @ (vals @ ex.W_OV[j])
     return out
 
 
 @torch.no_grad()
-def explain_terms(w: ModelWeights, circ: Circuit, ex: Explainer, tokens: Tensor,
-                  neurons: Tensor | None = None) -> dict[str, Tensor]:
-    """Each term's contribution ``[pos, k]`` to the pre-activation of ``neurons`` (default: all) on
-    ``tokens [pos]`` (pos <= T).  The prediction is the sum of the terms."""
+def explain_terms(w: ModelWeights, circ: Circuit, ex: Explainer, tokens: Int[Tensor, "*batch pos"],
+                  neurons: Tensor | None = None) -> dict[str, Float[Tensor, "*batch pos k"]]:
+    """Each term's contribution ``[*batch, pos, k]`` to the pre-activation of ``neurons`` (default: all) on
+    ``tokens [pos]`` (pos <= T), or on a batch of equal-length windows ``[batch, pos]``.  The prediction is the
+    sum of the terms."""
     W = ex.W_in if neurons is None else ex.W_in[:, neurons]
     b = ex.b_in if neurons is None else ex.b_in[neurons]
     tokens = tokens.to(w.device)
@@ -116,10 +120,11 @@ def explain_terms(w: ModelWeights, circ: Circuit, ex: Explainer, tokens: Tensor,
     def read(v: Tensor) -> Tensor:
         return centre(v, w) @ W / ex.scale
 
-    return {"direct": read(embed(w, tokens[None])[0]),
+    x0 = embed(w, tokens.reshape(-1, n)).reshape(*tokens.shape, -1)
+    return {"direct": read(x0),
             "contextual bag": read(circuit_output(w, circ, tokens)),
             "other heads": read(other_heads_output(ex, tokens)),
-            "biases": (read(ex.value_bias[None]) + b).expand(n, -1)}
+            "biases": (read(ex.value_bias[None]) + b).expand(*tokens.shape, -1)}
 
 
 @torch.no_grad()

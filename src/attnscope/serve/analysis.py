@@ -25,6 +25,7 @@ from attnscope.serve.limits import (  # noqa: F401 (MAX_CHARS re-exported)
     MAX_ATTENTION_TOKENS,
     MAX_CHARS,
     MAX_TOKENS,
+    WINDOW_BATCH_BYTES,
     check_text,
     check_tokens,
     precheck_tokens,
@@ -213,6 +214,13 @@ def plan_windows(n_tokens: int, capacity: int, overlap: int) -> list[Window]:
         start = stop - overlap
 
 
+def window_bytes(w: ModelWeights, n: int) -> int:
+    """Rough float32 bytes one window of ``n`` positions holds during :meth:`Analyser.analyse`: scores and
+    patterns of every head, the MLP's pre- and post-activations and the explanation's four terms, the residual
+    stream's few copies."""
+    return 4 * (2 * w.n_heads * n * n + n * (6 * w.d_mlp + 8 * w.d_model))
+
+
 class Analyser:
     """Holds the model, circuit and explanation once; answers texts."""
 
@@ -224,6 +232,18 @@ class Analyser:
         self.n_min = circ.settings.min_position
         self.capacity = circ.T - (1 if self.bos is not None else 0)
         self.d_mlp = w.d_mlp
+        self.batch_windows = max(1, WINDOW_BATCH_BYTES // window_bytes(w, circ.T))
+
+    def batches(self, wins: list[Window]) -> list[list[Window]]:
+        """Consecutive windows of equal length, in groups whose activations fit :data:`WINDOW_BATCH_BYTES` (one
+        forward pass and one prediction per group instead of per window)."""
+        out: list[list[Window]] = []
+        for win in wins:
+            if out and len(out[-1]) < self.batch_windows and out[-1][0].stop - out[-1][0].start == win.stop - win.start:
+                out[-1].append(win)
+            else:
+                out.append([win])
+        return out
 
     def check_neuron(self, neuron: int) -> int:
         return check_index("neuron", neuron, self.d_mlp)
@@ -255,25 +275,26 @@ class Analyser:
         local = torch.empty(N, dtype=torch.long)
         mom = Moments.zeros(self.d_mlp) if moments else None
         stats: list[WindowStats] = []
-        for win in wins:
-            wt = self.window_tokens(toks.ids, win)
-            acts = next(iter_layers(self.w, wt[None], stop_layer=0))
-            rep = torch.arange(win.report_from - win.start, win.stop - win.start) + off  # window positions reported
-            if mom is None:
-                p_rep = self.explanation.predict(wt, sub)[rep].float().cpu()
-                t_all = acts.mlp_pre[0, rep]
-                t_rep = (t_all if sub is None else t_all[:, sub]).float().cpu()
-            else:
-                p_all = self.explanation.predict(wt)[rep].float().cpu()
-                t_all = acts.mlp_pre[0, rep].float().cpu()
-                mom.add(t_all, p_all, rep < self.n_min)
-                p_rep, t_rep = (p_all, t_all) if sub is None else (p_all[:, sub.cpu()], t_all[:, sub.cpu()])
-            true[win.report_from : win.stop] = t_rep
-            pred[win.report_from : win.stop] = p_rep
-            local[win.report_from : win.stop] = rep
-            judged = rep[rep >= self.n_min].to(wt.device)
-            stats.append(window_stats(self.w, self.circ, wt, acts, judged, rep.to(wt.device)))
-            del acts
+        for group in self.batches(wins):
+            wt = torch.stack([self.window_tokens(toks.ids, win) for win in group])  # [B, pos]
+            acts = next(iter_layers(self.w, wt, stop_layer=0))
+            preds = self.explanation.predict(wt, sub if mom is None else None)  # [B, pos, k or d_mlp]
+            for b, win in enumerate(group):
+                rep = torch.arange(win.report_from - win.start, win.stop - win.start) + off  # window positions reported
+                p_b = preds[b, rep].float().cpu()
+                t_all = acts.mlp_pre[b, rep]
+                if mom is None:
+                    p_rep, t_rep = p_b, (t_all if sub is None else t_all[:, sub]).float().cpu()
+                else:
+                    t_all = t_all.float().cpu()
+                    mom.add(t_all, p_b, rep < self.n_min)
+                    p_rep, t_rep = (p_b, t_all) if sub is None else (p_b[:, sub.cpu()], t_all[:, sub.cpu()])
+                true[win.report_from : win.stop] = t_rep
+                pred[win.report_from : win.stop] = p_rep
+                local[win.report_from : win.stop] = rep
+                judged = rep[rep >= self.n_min].to(wt.device)
+                stats.append(window_stats(self.w, self.circ, wt[b], acts, judged, rep.to(wt.device), b))
+            del acts, preds
         conds = evaluate_scope(self.circ, stats, self.cal, self.scope)
         return TextAnalysis(toks, wins, local, true, pred, conds, self.circ.T, self.n_min, cols, mom)
 

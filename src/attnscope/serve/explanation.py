@@ -49,9 +49,10 @@ class Explanation(Protocol):
     kind: str  # short name shown on the page
     description: str  # one sentence: what "predicted" means
 
-    def predict(self, tokens: Int[Tensor, " pos"], neurons: Int[Tensor, " k"] | None = None
-                ) -> Float[Tensor, "pos k"]:
-        """Predicted pre-activation of ``neurons`` (default: every layer-0 neuron) on one window of tokens."""
+    def predict(self, tokens: Int[Tensor, "*batch pos"], neurons: Int[Tensor, " k"] | None = None
+                ) -> Float[Tensor, "*batch pos k"]:
+        """Predicted pre-activation of ``neurons`` (default: every layer-0 neuron) on one window of tokens, or on
+        each of a batch of equal-length windows ``[batch, pos]``."""
         ...
 
     def evidence(self, tokens: Int[Tensor, " pos"], neuron: int, position: int) -> Evidence:
@@ -84,7 +85,8 @@ class BagExplanation:
         self.constant = (pre_cal - centre(y_cal, w) @ self.W)[n_min:].mean(0)  # [d_mlp]
 
     @torch.no_grad()
-    def predict(self, tokens: Int[Tensor, " pos"], neurons: Int[Tensor, " k"] | None = None) -> Float[Tensor, "pos k"]:
+    def predict(self, tokens: Int[Tensor, "*batch pos"], neurons: Int[Tensor, " k"] | None = None
+                ) -> Float[Tensor, "*batch pos k"]:
         n = tokens.shape[-1]
         sel = slice(None) if neurons is None else neurons
         bag = self.circ.kernel[:n, :n] @ (self.ext_c[tokens] @ self.W[:, sel])  # [n, k]
@@ -126,7 +128,8 @@ class FullExplanation(BagExplanation):
         self._terms = explain_terms
 
     @torch.no_grad()
-    def predict(self, tokens: Int[Tensor, " pos"], neurons: Int[Tensor, " k"] | None = None) -> Float[Tensor, "pos k"]:
+    def predict(self, tokens: Int[Tensor, "*batch pos"], neurons: Int[Tensor, " k"] | None = None
+                ) -> Float[Tensor, "*batch pos k"]:
         return sum(self._terms(self.w, self.circ, self.ex, tokens, neurons).values())
 
     @torch.no_grad()

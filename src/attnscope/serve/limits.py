@@ -29,6 +29,7 @@ MAX_CHARS = 200_000  # characters per text (a cheap first bound)
 MAX_TOKENS = 16_384  # tokens per text: what bounds the model work and the answer
 MAX_BODY_BYTES = 5_000_000  # a request body (two texts of MAX_CHARS characters, JSON-escaped, fit)
 MAX_ATTENTION_TOKENS = 256  # tokens of text whose attention patterns one request may ask for
+WINDOW_BATCH_BYTES = 64_000_000  # activations of the windows one forward pass analyses together (serve/analysis.py)
 QUEUE_DEPTH = 4  # requests running or waiting for the model; one more gets 429
 LOCAL_HOSTS = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")

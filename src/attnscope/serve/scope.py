@@ -74,9 +74,10 @@ class WindowStats:
 
 @torch.no_grad()
 def window_stats(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], acts: LayerActivations,
-                 positions: Int[Tensor, " n_pos"], text_positions: Int[Tensor, " n_text"]) -> WindowStats:
-    """``tokens [n]`` one window; ``positions``: window positions judged (``>= min_position``);
-    ``text_positions``: window positions of text tokens reported from this window (BOS excluded)."""
+                 positions: Int[Tensor, " n_pos"], text_positions: Int[Tensor, " n_text"], b: int = 0) -> WindowStats:
+    """``tokens [n]`` one window, whose activations are batch element ``b`` of ``acts``; ``positions``: window
+    positions judged (``>= min_position``); ``text_positions``: window positions of text tokens reported from this
+    window (BOS excluded)."""
     n = tokens.shape[0]
     fx = circ.f[:, tokens]  # [h, n]
     Zn = torch.einsum("hnj,hj->hn", circ.head_kernels[:, :n, :n], fx)[:, positions]
@@ -86,8 +87,8 @@ def window_stats(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], ac
         Zn = (torch.exp(logZ - logZ_cal)[:, positions] * circ.Z[:, None].double()).to(Zn.dtype)
     hs = torch.tensor(circ.heads, device=tokens.device)
     assert acts.pattern is not None, "iter_layers keeps the patterns by default"
-    sink = acts.pattern[0, hs][:, positions, 0].mean(0)
-    scale = mlp_norm_scale(w, acts.resid_pre + acts.attn_out)[0, positions]
+    sink = acts.pattern[b, hs][:, positions, 0].mean(0)
+    scale = mlp_norm_scale(w, acts.resid_pre[b] + acts.attn_out[b])[positions]
     return WindowStats(Zn, sink, scale, fx[:, text_positions], ~circ.token_mask[tokens[text_positions]])
 
 
