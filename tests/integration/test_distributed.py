@@ -64,11 +64,17 @@ def test_ground_truth_and_contrast_on_ray_equal_local(tiny_gpt2, ex):
     assert torch.equal(d_ray.abs() >= 1, d_local.abs() >= 1) and (d_local.abs() >= 1).any()
     a, b = "bundled:es_fortunes", "bundled:de_fortunes"
     one = run_contrast(w, circ, a, b, verify=True, max_windows=5)
+    before = ex.stats["shards"]
     two = run_contrast(w, circ, a, b, verify=True, max_windows=5, executor=ex)
+    assert ex.stats["shards"] - before == 2 * 2  # the per-window truth of 5 windows per side, in shards of 4
     assert [r.index for r in one.records] == [r.index for r in two.records]
     torch.testing.assert_close(torch.tensor([r.true_d for r in two.records]),
                                torch.tensor([r.true_d for r in one.records]), rtol=RTOL, atol=ATOL)
-    assert one.verification.n_true == two.verification.n_true
+    v1, v2 = one.verification, two.verification
+    assert v1 is not None and v2 is not None and v1.n_true == v2.n_true
+    assert v1.noise_ceiling is not None and v2.noise_ceiling is not None
+    assert v2.noise_ceiling.split_half == pytest.approx(v1.noise_ceiling.split_half, rel=1e-9)
+    assert v2.like_for_like.spearman == pytest.approx(v1.like_for_like.spearman, rel=1e-9)
 
 
 class DieOnce:

@@ -115,6 +115,26 @@ def test_sharded_pre_stats_equal_one_pass(tiny_gpt2):
     assert one.s1.abs().max() > 1  # not a comparison of zeros
 
 
+def test_sharded_per_window_stats_come_back_one_per_window_in_order(tiny_gpt2):
+    """The per-window truth (the split-half noise ceiling's input) sharded: one PreStats per window, in window
+    order, equal to the windows measured one at a time; a window merged twice is refused."""
+    from attnscope.core.accumulators import PerWindow
+    from attnscope.core.texts import load_windows
+    from attnscope.neurons.verification import window_stats
+
+    w, _ = tiny_gpt2
+    windows, _ = load_windows("tests/data", w.tokenizer, 32, 5, seed=0)
+    one = window_stats(w, list(windows), 4)
+    many = window_stats(w, list(windows), 4, ShardedHere(shard_size=2))
+    assert len(one) == len(many) == 5
+    for a, b in zip(one, many):
+        assert a.n == b.n == 28
+        torch.testing.assert_close(b.s1, a.s1, rtol=1e-12, atol=1e-9)
+    assert not torch.allclose(many[0].s1, many[1].s1)  # distinct windows, so the order is tested
+    with pytest.raises(ValueError, match="added twice"):
+        PerWindow().add(0, one[0]).merge(PerWindow().add(0, one[1]))
+
+
 def test_executor_choice_is_checked():
     assert make_executor("local") is LOCAL
     with pytest.raises(AttnscopeError, match="--executor 'dask'"):

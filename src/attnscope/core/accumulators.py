@@ -140,6 +140,33 @@ class Gathered(Mergeable):
         return torch.cat([self.chunks[k] for k in sorted(self.chunks)], self.dim)
 
 
+@dataclass
+class PerWindow(Mergeable):
+    """Per-window accumulators kept apart (e.g. one :class:`Moments` per window, for a split-half noise ceiling):
+    keyed by window index, listed in window order."""
+
+    items: dict[int, Mergeable] = field(default_factory=dict)
+
+    def add(self, window: int, value: Mergeable) -> PerWindow:
+        if window in self.items:
+            raise ValueError(f"window {window} was added twice")
+        self.items[window] = value
+        return self
+
+    def merge(self, other: Mergeable) -> PerWindow:
+        if not isinstance(other, PerWindow):
+            raise TypeError(f"cannot merge {type(other).__name__} into PerWindow")
+        for k, v in other.items.items():
+            self.add(k, v)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def finalise(self) -> list:
+        return [self.items[k] for k in sorted(self.items)]
+
+
 # --------------------------------------------------------------------------------------------------
 # Kernels (method §5): the estimation and the held-out pass
 # --------------------------------------------------------------------------------------------------

@@ -46,6 +46,7 @@ from attnscope.neurons.verification import (  # noqa: F401  (PreStats, pre_stats
     spread_windows,
     token_frequencies,
     verify_contrast,
+    window_stats,
 )
 
 TOKEN_TERMS = ("direct", "contextual bag", "other heads")
@@ -268,8 +269,8 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
 def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
                  max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
-    ``verify``, measure it on up to ``max_windows`` windows of each).  ``executor`` is accepted for a uniform
-    API; the verification's truth is kept per window (for the split-half noise ceiling) and runs in this process."""
+    ``verify``, measure it on up to ``max_windows`` windows of each).  ``executor`` shards the verification's
+    true pre-activations, kept per window for the split-half noise ceiling (default: this process)."""
     if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
         raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
                              "sources")
@@ -295,14 +296,14 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
     if verify:
         n_min = circ.settings.min_position
-        # the truth is kept per window (the split-half noise ceiling needs it), so it runs in this process
         wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
         if min(len(wa), len(wb)) < 2:
             short = a if len(wa) < 2 else b
             raise TextTooShortError(f"{short} has {len(ids[short])} tokens: fewer than two windows of {circ.T} to "
                                     "verify on; pass a longer text or a smaller --n-ctx")
         tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
-        v, d, diff_true, lfl = verify_contrast(w, tm.expected, sigma, n_min, wa, wb, p_a, p_b, tmean,
+        sa, sb = (window_stats(w, x, n_min, executor) for x in (wa, wb))  # per window: the split-half ceiling
+        v, d, diff_true, lfl = verify_contrast(w, tm.expected, sigma, n_min, wa, wb, p_a, p_b, tmean, sa, sb,
                                                windows_note=f"up to {max_windows} windows of {circ.T} tokens per "
                                                             "source, evenly spread over the whole source")
         for r in recs:

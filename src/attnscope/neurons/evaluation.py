@@ -153,7 +153,7 @@ def evaluate_ground_truth(w: ModelWeights, circ: Circuit, *, max_windows: int | 
     tm = build_token_model(w, circ, ex)
     sc = score(w, circ, windows, s, tm)
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
-    rep_stats = [window_stats(w, list(x.report), n_min) for x in windows]  # per window: the split-half ceiling
+    rep_stats = [window_stats(w, list(x.report), n_min, executor) for x in windows]  # per window: split-half ceiling
     d_rep = one_vs_rest_effects([sum(st[1:], st[0]) for st in rep_stats])
     thr = select(sc, d_tune, precision_target)
     ver, cards, rep = verify(w, circ, sc, thr, d_rep, windows, s, ex)

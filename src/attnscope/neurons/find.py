@@ -357,7 +357,7 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     scores = score(w, circ, windows, s, tm)
     n_min = circ.settings.min_position
     d_tune = one_vs_rest_effects([pre_stats(w, x.tune, n_min, executor) for x in windows])
-    rep_stats = [window_stats(w, list(x.report), n_min) for x in windows]  # per window: the split-half ceiling
+    rep_stats = [window_stats(w, list(x.report), n_min, executor) for x in windows]  # per window: split-half ceiling
     d_report = one_vs_rest_effects([sum(st[1:], st[0]) for st in rep_stats])
     thr = select(scores, d_tune, s.precision_target)
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)

@@ -28,7 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
-from attnscope.core.accumulators import Moments
+from attnscope.core.accumulators import Moments, PerWindow
 from attnscope.core.errors import TextTooShortError
 from attnscope.core.executor import LOCAL, Executor
 from attnscope.core.stats import tensor_sum
@@ -103,9 +103,25 @@ def spread_windows(w: ModelWeights, ids: Int[Tensor, " n_tokens"], T: int, n: in
     return [torch.cat([torch.tensor([bos], dtype=c.dtype), c]) for c in chunks]
 
 
-def window_stats(w: ModelWeights, windows: list[Tensor], n_min: int) -> list[PreStats]:
-    """True pre-activation sums per window (positions ``n >= n_min``), kept apart for the split halves."""
-    return [pre_stats(w, win[None], n_min) for win in windows]
+def per_window_shard(w: ModelWeights, windows: Tensor, first_window: int, n_min: int, bar=None) -> PerWindow:
+    """One :class:`PreStats` per window of one shard ``windows [n, T]`` (a window task), keyed by window index."""
+    out = PerWindow()
+    for i, win in enumerate(windows):
+        out.add(first_window + i, pre_stats_shard(w, win[None], 0, n_min))
+        if bar is not None:
+            bar.update(1)
+    return out
+
+
+def window_stats(w: ModelWeights, windows: list[Tensor], n_min: int, executor: Executor | None = None
+                 ) -> list[PreStats]:
+    """True pre-activation sums per window (positions ``n >= n_min``), kept apart for the split halves; sharded by
+    ``executor`` when the windows have one length (default: this process)."""
+    if not windows:
+        return []
+    if executor is None or executor is LOCAL or len({len(x) for x in windows}) > 1:
+        return [pre_stats(w, win[None], n_min) for win in windows]
+    return executor.map_windows(w, per_window_shard, torch.stack(windows), n_min, shard_size=PRE_SHARD).finalise()
 
 
 def _sum(stats: list[PreStats]) -> PreStats:
