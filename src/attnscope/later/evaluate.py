@@ -34,6 +34,7 @@ from attnscope.later.result import FitMedians, LaterCard, LaterResult, LaterVeri
 from attnscope.later.truth import TruthData, layer_pre, truth_data
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import token_frequencies
+from attnscope.neurons.evidence import direct_logits
 from attnscope.neurons.explain import fit_scores, other_heads_output
 from attnscope.neurons.find import (
     NeuronScores,
@@ -222,10 +223,12 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     ver, fc = _verification(w, lc, sc, thr, td, s, card_ids, rank, parts["positions"])
     cards = later_cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = neuron_rows(w, sc, thr, td.d_tune, lc.token_model)
+    logits = direct_logits(w, [c.index for c in cards], [x.tune[0] for x in lc.windows], lc.n_min,
+                           "the first tuning window of each held-out text", layer)
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
                        [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling,
-                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)})
+                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)}, logits=logits)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:

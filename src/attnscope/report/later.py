@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from attnscope.report.cards import ranking_table, tokens_html
+from attnscope.report.evidence import logits_html
 from attnscope.report.html import badge_html, esc, fmt
 
 if TYPE_CHECKING:
     from attnscope.later.result import LaterCard, LaterResult, LayerPiece
+    from attnscope.neurons.evidence import DirectLogits
 
 _PREDICTORS = {"hybrid": "hybrid (token mean + broad heads)", "full": "full composition", "heads": "heads only",
                "direct": "effective embedding only",
@@ -65,7 +67,7 @@ def _d_table(c: LaterCard) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
-def _card(L: int, c: LaterCard) -> str:
+def _card(L: int, c: LaterCard, logits: DirectLogits | None = None) -> str:
     lab = f"{esc(c.label)} <i>({esc(c.label_evidence)})</i>" if c.label else "<i>unlabelled</i>"
     neg = (f"{esc(c.label_negative)} <i>({esc(c.label_negative_evidence)})</i>" if c.label_negative
            else "<i>unlabelled</i>")
@@ -85,6 +87,7 @@ def _card(L: int, c: LaterCard) -> str:
 </div>
 {_d_table(c)}
 <p class="muted small">share of the true pre-activation's variance per term: {parts}</p>
+{logits_html(logits, next((e for e in logits.effects if e.neuron == c.index), None) if logits else None)}
 </article>"""
 
 
@@ -97,7 +100,7 @@ def _full_fit(v) -> str:
 
 def _layer(r: LaterResult) -> str:
     v, a = r.verification, r.circuit.approximation_with_earlier_terms
-    cards = "".join(_card(r.layer, c) for c in r.cards)
+    cards = "".join(_card(r.layer, c, r.logits) for c in r.cards)
     card_r = fmt(v.fit_cards.median_r if v.fit_cards else None)
     return f"""
 <section class="later-layer" id="later-L{r.layer}">
