@@ -63,3 +63,24 @@ def test_weight_labels_agree_with_true_activations(demo_report):
             checked += 1
             agree += rec.positive_text in LABEL_TO_TEXTS[rec.label]
     assert checked >= 3 and agree / checked >= 0.75, (agree, checked)
+
+
+def test_demo_report_cards_carry_their_evidence(demo_report):
+    """Issue 21: every card has its top windows, histograms and direct logit effect (saved and reloaded), the
+    later layer's cards their logit effect, and the report stays one file under 2 MB."""
+    from attnscope.later.result import LaterResult
+    from attnscope.neurons.result import NeuronResult
+
+    r = demo_report
+    ev = r.neurons.evidence
+    assert ev is not None and [e.neuron for e in ev.examples] == [c.index for c in r.neurons.cards]
+    assert all(len(e.examples) == 3 and len(e.histograms) == len(r.neurons.sources) for e in ev.examples)
+    assert ev.logits.available and all(len(e.top) == len(e.bottom) == 10 for e in ev.logits.effects)
+    assert NeuronResult.load(r.out / "neurons").evidence == ev
+    page = r.report.read_text(encoding="utf-8")
+    assert page.count('<div class="acts">') == len(r.neurons.cards) and 'id="precision-curve"' in page
+    assert "no output head" not in page and r.report.stat().st_size < 2_000_000
+    later = r.later[0]
+    assert later.logits is not None and later.logits.available
+    assert [e.neuron for e in later.logits.effects] == [c.index for c in later.cards]
+    assert LaterResult.load(r.out / "later" / "L1").logits == later.logits
