@@ -119,6 +119,7 @@ def test_logit_tables_first_token_is_the_argmax_from_the_weights(report_driver, 
         box = card.find_element(*css(".logits"))
         assert "direct effect only" in box.text and "later layers left out" in box.text
         assert "direct effect only" in box.find_element(*css("h4")).get_attribute("title")
+        assert "logits per unit" in box.find_element(*css("ol.lg.pos")).get_attribute("title")  # unit on hover
         first = box.find_element(*css("ol.lg.pos li"))
         tok = first.find_element(*css("code")).get_attribute("textContent")
         assert tok == _shown(decode_tokens(w.tokenizer, [int(eff.argmax())])[0])

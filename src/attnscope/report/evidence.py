@@ -116,7 +116,7 @@ def logits_html(lg: DirectLogits | None, e: LogitEffect | None) -> str:
 
     def col(items: list[tuple[str, float]], cls: str) -> str:
         li = "".join(f"<li><code>{_tok(t)}</code><i>{fmt(v)}</i></li>" for t, v in items)
-        return f'<ol class="lg {cls}">{li}</ol>'
+        return f'<ol class="lg {cls}" title="logits per unit of the neuron\'s activation (direct effect)">{li}</ol>'
 
     return (f'<div class="logits"><h4 title="{esc(lg.note)}">Direct effect on output tokens</h4><p class="legend">'
             f"logits per unit of activation through W<sub>U</sub>, final norm frozen at s = {fmt(lg.scale)}; "
