@@ -102,3 +102,16 @@ def test_bert_encoder_has_no_output_head():
     assert w.W_U is None
     with pytest.raises(AttnscopeError, match="no output head"):
         direct_logit_effect(w, torch.zeros(16))
+
+
+def test_a_tied_unembedding_leaves_the_fingerprint_as_it_was(tiny_gpt2_dir):
+    """A tied W_U is a view of W_E: it is not hashed again, so cache keys of tied models are unchanged."""
+    from attnscope.models import load_model
+
+    w = load_model(str(tiny_gpt2_dir))
+    with torch.no_grad():
+        w.b_in[0, 0] += 1.0  # edited in memory: the fingerprint hashes the tensors
+    assert "W_U" not in w.tensors()
+    fp = w.fingerprint()
+    w.W_U = None
+    assert w.fingerprint() == fp

@@ -110,7 +110,10 @@ class ModelWeights:
         return self.bos_token_id if self.prepend_bos else None
 
     def tensors(self) -> dict[str, Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+        """Every tensor by field name; a tied ``W_U`` (a view of ``W_E``, no data of its own) is left out, so the
+        fingerprint of a tied model is what it was before the unembedding was kept."""
+        tied = self.tied_unembedding
+        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor) and not (tied and k == "W_U")}
 
     @property
     def tied_unembedding(self) -> bool:
@@ -122,8 +125,7 @@ class ModelWeights:
         """Move/cast every tensor (in place) and return self (a tied unembedding stays a view of ``W_E``)."""
         tied = self.tied_unembedding
         for k, v in self.tensors().items():
-            if not (tied and k == "W_U"):
-                setattr(self, k, v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+            setattr(self, k, v.to(device=device, dtype=dtype if v.is_floating_point() else None))
         if tied:
             self.W_U = self.W_E.T
         return self
