@@ -14,7 +14,7 @@ pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reaso
 
 @pytest.fixture(scope="module")
 def report(hand_report, hand_results):
-    """The shared report of the hand-built model (tests/browser/conftest.py), its circuit and neurons."""
+    """The shared report of the hand-built model (tests/conftest.py: hand_report), its circuit and neurons."""
     _, _, c, n, _ = hand_results
     return hand_report, c, n
 
