@@ -163,8 +163,8 @@ def direct_logits(w: ModelWeights, neurons: list[int], texts: list[Tensor], n_mi
     (:mod:`attnscope.models.unembed`), the final norm frozen at its median scale over positions ``>= n_min`` of
     ``texts`` (token windows; ``where`` names them in the note)."""
     if w.W_U is None:
-        return DirectLogits(False, NO_OUTPUT_HEAD + " (the package ships the encoder only), so no direct effect "
-                            "on output tokens", None)
+        return DirectLogits(False, NO_OUTPUT_HEAD + " (an encoder read without a language-model head, as the MiniLM "
+                            "package ships it), so no direct effect on output tokens", None)
     if not neurons:
         return DirectLogits(True, LOGIT_NOTE.format(where=where, s="—"), None)
     scales = []
