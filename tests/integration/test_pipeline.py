@@ -78,9 +78,11 @@ def test_demo_report_cards_carry_their_evidence(demo_report):
     assert ev.logits.available and all(len(e.top) == len(e.bottom) == 10 for e in ev.logits.effects)
     assert NeuronResult.load(r.out / "neurons").evidence == ev
     page = r.report.read_text(encoding="utf-8")
-    assert page.count('<div class="acts">') == len(r.neurons.cards) and 'id="precision-curve"' in page
-    assert "no output head" not in page and r.report.stat().st_size < 2_000_000
     later = r.later[0]
-    assert later.logits is not None and later.logits.available
-    assert [e.neuron for e in later.logits.effects] == [c.index for c in later.cards]
-    assert LaterResult.load(r.out / "later" / "L1").logits == later.logits
+    lev = later.evidence
+    assert lev is not None and lev.logits.available and lev.curve is None
+    assert [e.neuron for e in lev.examples] == [e.neuron for e in lev.logits.effects] == [c.index for c in later.cards]
+    assert LaterResult.load(r.out / "later" / "L1").evidence == lev
+    assert page.count('<div class="acts">') == len(r.neurons.cards) + len(later.cards)
+    assert 'id="precision-curve"' in page and 'id="evidence-hint-L1"' in page
+    assert "no output head" not in page and r.report.stat().st_size < 2_000_000

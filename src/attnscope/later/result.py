@@ -19,7 +19,7 @@ from attnscope.circuit.result import Condition
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.serialize import from_dict
 from attnscope.core.stats import median
-from attnscope.neurons.evidence import DirectLogits
+from attnscope.neurons.evidence import NeuronEvidence
 from attnscope.neurons.find import CardHead, NeuronRow, Threshold
 from attnscope.neurons.groundtruth import DiscoveryScores
 from attnscope.neurons.result import write_neuron_csv
@@ -179,8 +179,9 @@ class LaterResult:
     # source -> every neuron's TRUE one-vs-rest effect size on the reporting half ([d_mlp]); kept from the run
     # for callers that track neurons (attnscope evolution --layer), not saved
     true_d_report: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
-    # the cards' direct effect on output tokens (logits.json; None for results saved before it existed)
-    logits: DirectLogits | None = field(default=None, repr=False)
+    # the cards' top windows, histograms and direct effect on output tokens (evidence.json; no precision curve;
+    # None for results saved before it existed)
+    evidence: NeuronEvidence | None = field(default=None, repr=False)
 
     @property
     def median_ceiling(self) -> float | None:
@@ -203,13 +204,13 @@ class LaterResult:
 
     def save(self, out: str | Path) -> Path:
         """``out/neurons.json`` (everything), ``out/neurons.csv`` (one row per neuron, as at layer 0) and
-        ``out/logits.json`` (the cards' direct effect on output tokens)."""
+        ``out/evidence.json`` (the cards' top windows, histograms and direct effect on output tokens)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
         write_neuron_csv(self.rows, out / "neurons.csv")
-        if self.logits is not None:
-            (out / "logits.json").write_text(json.dumps(asdict(self.logits)))
+        if self.evidence is not None:
+            (out / "evidence.json").write_text(json.dumps(asdict(self.evidence)))
         return out
 
     @classmethod
@@ -236,7 +237,7 @@ class LaterResult:
         if not isinstance(d, dict) or "layer" not in d:
             raise AttnscopeError(f"{p} is not a later-layer result (no 'layer'); it may be a layer-0 neurons.json")
         res = cls.from_json(d)
-        lg = Path(out) / "logits.json"
-        if lg.is_file():
-            res.logits = from_dict(DirectLogits, json.loads(lg.read_text()))
+        ev = Path(out) / "evidence.json"
+        if ev.is_file():
+            res.evidence = from_dict(NeuronEvidence, json.loads(ev.read_text()))
         return res

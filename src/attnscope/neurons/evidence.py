@@ -115,34 +115,50 @@ class NeuronEvidence:
         return ex, next((e for e in self.logits.effects if e.neuron == k), None)
 
 
+@dataclass
+class WindowRun:
+    """One held-out window with the true and the predicted pre-activation of the card neurons."""
+
+    text: str
+    window: int  # index in the text's reporting half
+    tokens: Tensor  # [T]
+    true: Tensor  # [T, k]
+    predicted: Tensor  # [T, k]
+
+
 @torch.no_grad()
 def activation_examples(w: ModelWeights, circ: Circuit, ex: Explainer, neurons: list[int],
                         windows: list[SourceWindows], n_examples: int = N_EXAMPLES) -> list[NeuronExamples]:
-    """Top windows and per-text histograms of ``neurons`` on the reporting windows (positions ``>= n_min``)."""
+    """Top windows and per-text histograms of the layer-0 ``neurons`` on the reporting windows (positions
+    ``>= n_min``), the prediction being the full layer-0 explanation."""
     if not neurons:
         return []
-    n_min = circ.settings.min_position
     idx = torch.tensor(neurons, device=w.device)
-    runs = []  # (text, window index, tokens, true [T, k], predicted [T, k])
-    for s in windows:
-        for j, win in enumerate(s.report):
-            y = true_pre(w, win)[:, idx].double().cpu()
-            yh = tensor_sum(explain_terms(w, circ, ex, win, idx).values()).double().cpu()
-            runs.append((s.name, j, win, y, yh))
+    runs = [WindowRun(s.name, j, win, true_pre(w, win)[:, idx].double().cpu(),
+                      tensor_sum(explain_terms(w, circ, ex, win, idx).values()).double().cpu())
+            for s in windows for j, win in enumerate(s.report)]
+    return examples_from_runs(w, neurons, runs, circ.settings.min_position, n_examples)
+
+
+def examples_from_runs(w: ModelWeights, neurons: list[int], runs: list[WindowRun], n_min: int,
+                       n_examples: int = N_EXAMPLES) -> list[NeuronExamples]:
+    """For each of ``neurons`` (column ``c`` of every run): the ``n_examples`` windows with the largest true
+    pre-activation at positions ``>= n_min`` (one example per window, the peak with up to ``BEFORE`` tokens before
+    it and ``AFTER`` after), and a histogram per text over those positions (bins shared by the neuron's texts)."""
     out = []
     for c, k in enumerate(neurons):
-        peaks = sorted(((float(r[3][n_min:, c].max()), i) for i, r in enumerate(runs)), reverse=True)[:n_examples]
+        peaks = sorted(((float(r.true[n_min:, c].max()), i) for i, r in enumerate(runs)), reverse=True)[:n_examples]
         exs = []
         for _, i in peaks:
-            name, j, win, y, yh = runs[i]
-            p = n_min + int(y[n_min:, c].argmax())
-            a, b = max(n_min, p - BEFORE), min(len(win), p + AFTER + 1)
-            exs.append(ActivationExample(name, j, a, decode_tokens(w.tokenizer, win[a:b].tolist()),
-                                         [round(float(v), 4) for v in y[a:b, c]],
-                                         [round(float(v), 4) for v in yh[a:b, c]], p - a))
+            r = runs[i]
+            p = n_min + int(r.true[n_min:, c].argmax())
+            a, b = max(n_min, p - BEFORE), min(len(r.tokens), p + AFTER + 1)
+            exs.append(ActivationExample(r.text, r.window, a, decode_tokens(w.tokenizer, r.tokens[a:b].tolist()),
+                                         [round(float(v), 4) for v in r.true[a:b, c]],
+                                         [round(float(v), 4) for v in r.predicted[a:b, c]], p - a))
         by_text: dict[str, list[Tensor]] = {}
-        for name, _, _, y, _ in runs:
-            by_text.setdefault(name, []).append(y[n_min:, c])
+        for r in runs:
+            by_text.setdefault(r.text, []).append(r.true[n_min:, c])
         allv = torch.cat([v for vs in by_text.values() for v in vs])
         lo, hi = float(allv.min()), float(allv.max())
         hi = hi if hi > lo else lo + 1.0

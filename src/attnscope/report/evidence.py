@@ -48,14 +48,21 @@ EXAMPLES_HINT = ("<b>Top activating windows</b> (each card): the three windows o
                  "height). <b>Direct effect on output tokens</b>: {logits}.")
 
 
-def evidence_hint(texts: list[str], half: str, logits_note: str) -> str:
-    """The one explanation of the cards' evidence (shown once above the cards)."""
+def evidence_hint(texts: list[str], half: str, logits_note: str, el_id: str = "evidence-hint",
+                  predicted: str = "") -> str:
+    """The one explanation of the cards' evidence (shown once above the cards); ``predicted``: what the
+    predicted row is, where it is not the layer-0 explanation."""
     names = ", ".join(esc(t.split(":", 1)[-1]) for t in texts)
-    return (f'<p class="hint" id="evidence-hint">{EXAMPLES_HINT.format(logits=esc(logits_note))} Windows and '
+    pred = f" Here the predicted value is {esc(predicted)}." if predicted else ""
+    return (f'<p class="hint" id="{el_id}">{EXAMPLES_HINT.format(logits=esc(logits_note))}{pred} Windows and '
             f"histograms come from {esc(half)}: {names}.</p>")
 
 
-def examples_html(ne: NeuronExamples | None, texts: list[str]) -> str:
+LAYER0_PREDICTION = "the full layer-0 explanation from the weights"
+
+
+def examples_html(ne: NeuronExamples | None, texts: list[str], hint: str = "evidence-hint",
+                  predicted: str = LAYER0_PREDICTION) -> str:
     """The neuron's top activating windows: true and predicted pre-activation side by side, one colour scale."""
     if ne is None or not ne.examples:
         return ""
@@ -65,12 +72,12 @@ def examples_html(ne: NeuronExamples | None, texts: list[str]) -> str:
         f'{_row(x.tokens, x.true, x.peak, "t")}{_row(x.tokens, x.predicted, x.peak, "p")}</tr>' for x in ne.examples)
     names = ", ".join(esc(t.split(":", 1)[-1]) for t in texts)
     return (f'<div class="acts"><h4>Top activating windows <span class="small">(held-out texts, reporting half: '
-            f'{names}; <a href="#evidence-hint">how to read</a>)</span></h4><div class="table-wrap">'
+            f'{names}; <a href="#{hint}">how to read</a>)</span></h4><div class="table-wrap">'
             f'<table class="data ex" style="--m:{scale:.3g}"><thead><tr><th title="the held-out text, the '
             'window\'s index in its reporting half, and the largest true pre-activation in the window">'
             "text #window, max</th>"
-            '<th title="the model\'s own pre-activation">true</th><th title="the full layer-0 explanation from the '
-            f'weights">predicted</th></tr></thead><tbody>{rows}</tbody></table></div></div>')
+            '<th title="the model\'s own pre-activation">true</th>'
+            f'<th title="{esc(predicted)}">predicted</th></tr></thead><tbody>{rows}</tbody></table></div></div>')
 
 
 def histograms_svg(ne: NeuronExamples | None) -> str:
