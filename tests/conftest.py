@@ -233,6 +233,32 @@ def hand_results(context_neuron_gpt2, tmp_path_factory):
     return w, k, c, n, {**kernel_figures(k, figdir), **neuron_figures(n, c, figdir)}
 
 
+@pytest.fixture(scope="session")
+def hand_report(hand_results, tmp_path_factory) -> Path:
+    """``report.html`` of the hand-built model's kernels, circuit and neurons, written once per session (the
+    report's browser tests share it)."""
+    from attnscope.report import write_report
+
+    w, k, c, n, figs = hand_results
+    return write_report(tmp_path_factory.mktemp("hand_report"), model_info=w.info(), kernels=k, circuit=c,
+                        neurons=n, figures=figs, command="attnscope report tiny", provenance={"seed": 0})
+
+
+@pytest.fixture(scope="module")
+def report_driver(hand_report):
+    """Headless Chromium at 1400 x 900 with ``hand_report`` open (tests/browser only: its ``chromium`` helper;
+    skips when Chromium cannot start)."""
+    from chromium import BrowserUnavailableError, chrome_driver, set_viewport
+
+    try:
+        with chrome_driver(1400, 900) as d:
+            set_viewport(d, 1400, 900)
+            d.get(hand_report.resolve().as_uri())
+            yield d
+    except BrowserUnavailableError as e:
+        pytest.skip(str(e))
+
+
 REAL_MODEL_FIXTURES = {"smollm2", "minilm", "demo"}  # packaged or bundled real models: the integration tier
 
 

@@ -95,3 +95,31 @@ def screenshot(html_path, png_path, *, width: int = 1280, height: int = 1600, fu
     if not driver.save_screenshot(str(png_path)):
         raise RuntimeError(f"could not save a screenshot to {png_path}")
     return png_path
+
+
+def browser_missing() -> str | None:
+    """Why a browser test cannot run (Chromium, its driver or Selenium missing), or ``None``."""
+    import importlib.util
+
+    try:
+        find_chromium()
+    except BrowserUnavailableError:
+        return CHROMIUM_INSTALL_HINT
+    if importlib.util.find_spec("selenium") is None:
+        return "selenium not installed: pip install selenium"
+    return None
+
+
+def css(selector: str) -> tuple[str, str]:
+    """A Selenium locator for a CSS selector: ``driver.find_element(*css("#id"))``."""
+    return "css selector", selector
+
+
+def js_click(driver: Any, el: Any) -> None:
+    """Click through the page's own handlers (the sticky navigation bar may cover the element)."""
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", el)
+
+
+def severe_logs(driver: Any) -> list:
+    """The console's error entries since the last call."""
+    return [e for e in driver.get_log("browser") if e.get("level") == "SEVERE"]

@@ -3,61 +3,28 @@ context-neuron model's report: every number shown is checked against the typed r
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
-from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
+from chromium import browser_missing, css, js_click, severe_logs
 
-
-def _missing() -> str | None:
-    try:
-        find_chromium()
-    except BrowserUnavailableError:
-        return CHROMIUM_INSTALL_HINT
-    if importlib.util.find_spec("selenium") is None:
-        return "selenium not installed: pip install selenium"
-    return None
-
-
-MISSING = _missing()
+MISSING = browser_missing()
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 
 
 @pytest.fixture(scope="module")
-def report(hand_results, tmp_path_factory):
-    from attnscope.report import write_report
-
-    w, k, c, n, figs = hand_results
-    out = tmp_path_factory.mktemp("findings_report")
-    path = write_report(out, model_info=w.info(), kernels=k, circuit=c, neurons=n, figures=figs,
-                        command="attnscope report tiny")
-    return path, c, n
+def report(hand_report, hand_results):
+    """The shared report of the hand-built model (tests/conftest.py: hand_report), its circuit and neurons."""
+    _, _, c, n, _ = hand_results
+    return hand_report, c, n
 
 
 @pytest.fixture(scope="module")
-def drv(report):
-    from chromium import chrome_driver, set_viewport
-
-    with chrome_driver(1400, 900) as d:
-        set_viewport(d, 1400, 900)
-        d.get(report[0].resolve().as_uri())
-        yield d
+def drv(report_driver):
+    return report_driver
 
 
-def _by(css: str):
-    from selenium.webdriver.common.by import By
-
-    return By.CSS_SELECTOR, css
-
-
-def _click(d, el) -> None:
-    """Click through the page's own handlers (the sticky navigation bar may cover the element)."""
-    d.execute_script("arguments[0].scrollIntoView({block: 'center'}); arguments[0].click()", el)
-
-
-def _severe(d) -> list:
-    return [e for e in d.get_log("browser") if e.get("level") == "SEVERE"]
+_by, _click, _severe = css, js_click, severe_logs
 
 
 def test_findings_fit_in_the_first_screen_and_name_the_baselines(drv, report):

@@ -145,6 +145,29 @@ def test_later_result_round_trip(later1, tmp_path):
     assert [int(r[0]) for r in rows[1:]] == [r.index for r in res.rows]
 
 
+def test_later_cards_evidence_is_the_true_pre_activation_beside_the_cards_fit(demo, later1):
+    """Issue 21: each later-layer card's top windows hold the TRUE pre-activation of the MLP of L (peak first),
+    its predicted row is the cards' per-position fit, and its logits are W_out[L][n] through W_U."""
+    from attnscope.later.method import LaterSettings, build_later
+    from attnscope.later.truth import layer_pre
+    from attnscope.models.unembed import direct_logit_effect
+
+    w, res = demo[0], later1
+    ev = res.evidence
+    assert ev is not None and [e.neuron for e in ev.examples] == [c.index for c in res.cards]
+    lc = build_later(w, 1, None, LaterSettings(max_windows=2, n_cards=2, n_random=8))
+    wins = {x.name: x for x in lc.windows}
+    for ne in ev.examples:
+        for x in ne.examples:
+            y = layer_pre(w, wins[x.text].report[x.window][None], 1)[0, x.start : x.start + len(x.tokens), ne.neuron]
+            torch.testing.assert_close(torch.tensor(x.true, dtype=torch.float64), y.double(), atol=1e-3, rtol=1e-4)
+            assert x.peak == int(torch.tensor(x.true).argmax()) and len(x.predicted) == len(x.true)
+        assert sum(sum(h.counts) for h in ne.histograms) == sum(h.n for h in ne.histograms)
+    for e in ev.logits.effects:
+        eff = direct_logit_effect(w, w.W_out[1][e.neuron], ev.logits.scale)
+        assert e.top[0][1] == pytest.approx(float(eff.max()), abs=1e-4)
+
+
 def test_report_renders_a_saved_later_result(later1, tmp_path):
     from html.parser import HTMLParser
 

@@ -38,6 +38,16 @@ def test_bert_adapter(minilm):
     assert w.W_type is not None and w.ln_emb_w is not None and w.n_ctx == 512
 
 
+def test_unembedding_of_the_packaged_models(smollm2, minilm, demo):
+    """SmolLM2 and the demo model tie their unembedding to the token embedding (a view, one storage); the MiniLM
+    package ships only the encoder: no output head (issue 21)."""
+    for w, hf in (smollm2, demo):
+        assert w.W_U is not None and w.W_U.shape == (w.d_model, w.d_vocab)
+        torch.testing.assert_close(w.W_U, hf.get_output_embeddings().weight.T)
+        assert w.tied_unembedding == bool(hf.config.tie_word_embeddings)
+    assert minilm[0].W_U is None
+
+
 def test_resolve_paths(tiny_gpt2_dir, tmp_path):
     assert resolve(str(tiny_gpt2_dir)).kind == "folder"
     (tmp_path / "x.txt").write_text("hi")

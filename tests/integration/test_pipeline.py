@@ -63,3 +63,26 @@ def test_weight_labels_agree_with_true_activations(demo_report):
             checked += 1
             agree += rec.positive_text in LABEL_TO_TEXTS[rec.label]
     assert checked >= 3 and agree / checked >= 0.75, (agree, checked)
+
+
+def test_demo_report_cards_carry_their_evidence(demo_report):
+    """Issue 21: every card has its top windows, histograms and direct logit effect (saved and reloaded), the
+    later layer's cards their logit effect, and the report stays one file under 2 MB."""
+    from attnscope.later.result import LaterResult
+    from attnscope.neurons.result import NeuronResult
+
+    r = demo_report
+    ev = r.neurons.evidence
+    assert ev is not None and [e.neuron for e in ev.examples] == [c.index for c in r.neurons.cards]
+    assert all(len(e.examples) == 3 and len(e.histograms) == len(r.neurons.sources) for e in ev.examples)
+    assert ev.logits.available and all(len(e.top) == len(e.bottom) == 10 for e in ev.logits.effects)
+    assert NeuronResult.load(r.out / "neurons").evidence == ev
+    page = r.report.read_text(encoding="utf-8")
+    later = r.later[0]
+    lev = later.evidence
+    assert lev is not None and lev.logits.available and lev.curve is None
+    assert [e.neuron for e in lev.examples] == [e.neuron for e in lev.logits.effects] == [c.index for c in later.cards]
+    assert LaterResult.load(r.out / "later" / "L1").evidence == lev
+    assert page.count('<div class="acts">') == len(r.neurons.cards) + len(later.cards)
+    assert 'id="precision-curve"' in page and 'id="evidence-hint-L1"' in page
+    assert "no output head" not in page and r.report.stat().st_size < 2_000_000

@@ -34,6 +34,13 @@ from attnscope.later.result import FitMedians, LaterCard, LaterResult, LaterVeri
 from attnscope.later.truth import TruthData, layer_pre, truth_data
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import token_frequencies
+from attnscope.neurons.evidence import (
+    EXAMPLES_FROM,
+    NeuronEvidence,
+    WindowRun,
+    direct_logits,
+    examples_from_runs,
+)
 from attnscope.neurons.explain import fit_scores, other_heads_output
 from attnscope.neurons.find import (
     NeuronScores,
@@ -122,32 +129,61 @@ def _swings(lc: LaterCircuit, top_m: int) -> tuple[Tensor, Tensor]:
             (mean - S.topk(m, 0, largest=False).values.mean(0)).cpu().double())
 
 
+def _collect(w: ModelWeights, lc: LaterCircuit, idx: Tensor, predict, attr: str, per_source: int | None):
+    """TRUE pre-activation ``[positions, k]`` and the per-term prediction at positions ``>= n_min`` of the first
+    ``per_source`` windows (``None``: all) of each source's ``attr`` half."""
+    n = lc.n_min
+    ys, ps = [], []
+    for x in lc.windows:
+        wins = getattr(x, attr)[:per_source]
+        pre = layer_pre(w, wins, lc.layer)[:, n:, idx]
+        for j, t in enumerate(wins):
+            ys.append(pre[j])
+            ps.append({k: v[n:].float().cpu() for k, v in predict(t, idx).items()})
+    return torch.cat(ys).double(), {k: torch.cat([p[k] for p in ps]).double() for k in ps[0]}
+
+
+def _predictor(w: ModelWeights, lc: LaterCircuit, predict=None):
+    """``predict(tokens, neurons)``: the per-term prediction (default: the weights-only composition)."""
+    return predict or (lambda t, k: position_prediction(w, lc, t, k.to(w.device)))
+
+
 @torch.no_grad()
 def _fits(w: ModelWeights, lc: LaterCircuit, neurons: list[int], per_source: int = 2, predict=None):
     """Per-position prediction vs TRUE pre-activation: (r, fvu, parts) per neuron; bias fitted on the sample.
     ``predict(tokens, neurons)``: the per-term prediction (default: the weights-only composition)."""
-    predict = predict or (lambda t, k: position_prediction(w, lc, t, k.to(w.device)))
+    predict = _predictor(w, lc, predict)
     idx = torch.tensor(neurons, dtype=torch.long)
-    n = lc.n_min
-
-    def collect(attr: str):
-        ys, ps = [], []
-        for x in lc.windows:
-            wins = getattr(x, attr)[:per_source]
-            pre = layer_pre(w, wins, lc.layer)[:, n:, idx]
-            for j, t in enumerate(wins):
-                ys.append(pre[j])
-                ps.append({k: v[n:].float().cpu() for k, v in predict(t, idx).items()})
-        return torch.cat(ys).double(), {k: torch.cat([p[k] for p in ps]).double() for k in ps[0]}
-
-    y_s, p_s = collect("tune")
+    y_s, p_s = _collect(w, lc, idx, predict, "tune", per_source)
     bias = (y_s - sum(p_s.values())).mean(0)
-    y, parts = collect("report")
+    y, parts = _collect(w, lc, idx, predict, "report", per_source)
     r, fv = fit_scores(y, sum(parts.values()) + bias)
     yc = y - y.mean(0)
     var = (yc**2).sum(0).clamp_min(1e-30)
     share = {k: (((v - v.mean(0)) * yc).sum(0) / var).tolist() for k, v in parts.items()}
     return r.tolist(), fv.tolist(), share
+
+
+@torch.no_grad()
+def card_evidence(w: ModelWeights, lc: LaterCircuit, neurons: list[int], predict=None,
+                  per_source: int = 2) -> NeuronEvidence:
+    """The cards' top windows and histograms on every reporting window (the prediction beside the truth is the
+    cards' fit: the per-term prediction plus the bias fitted on the tuning windows, as :func:`_fits`) and their
+    direct effect on output tokens."""
+    predict = _predictor(w, lc, predict)
+    idx = torch.tensor(neurons, dtype=torch.long)
+    runs: list[WindowRun] = []
+    if neurons:
+        y_s, p_s = _collect(w, lc, idx, predict, "tune", per_source)
+        bias = (y_s - sum(p_s.values())).mean(0)
+        for x in lc.windows:
+            pre = layer_pre(w, x.report, lc.layer)[:, :, idx].double()
+            runs += [WindowRun(x.name, j, t, pre[j], sum(v.float().cpu().double() for v in predict(t, idx).values())
+                               + bias) for j, t in enumerate(x.report)]
+    logits = direct_logits(w, neurons, [x.tune[0] for x in lc.windows], lc.n_min,
+                           "the first tuning window of each held-out text", lc.layer)
+    return NeuronEvidence([x.spec for x in lc.windows], EXAMPLES_FROM, examples_from_runs(w, neurons, runs, lc.n_min),
+                          logits, None)
 
 
 def later_cards(w: ModelWeights, lc: LaterCircuit, sc: NeuronScores, td: TruthData, neurons: list[int],
@@ -222,10 +258,13 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     ver, fc = _verification(w, lc, sc, thr, td, s, card_ids, rank, parts["positions"])
     cards = later_cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = neuron_rows(w, sc, thr, td.d_tune, lc.token_model)
+    hp = parts["positions"]
+    hyb = (lambda tok, k: hp.parts(w, tok, k)) if rank == "hybrid" and hp is not None else None
+    evidence = card_evidence(w, lc, [c.index for c in cards], hyb)
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
                        [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling,
-                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)})
+                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)}, evidence=evidence)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:

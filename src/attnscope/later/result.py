@@ -17,7 +17,9 @@ from torch import Tensor
 
 from attnscope.circuit.result import Condition
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.serialize import from_dict
 from attnscope.core.stats import median
+from attnscope.neurons.evidence import NeuronEvidence
 from attnscope.neurons.find import CardHead, NeuronRow, Threshold
 from attnscope.neurons.groundtruth import DiscoveryScores
 from attnscope.neurons.result import write_neuron_csv
@@ -177,6 +179,9 @@ class LaterResult:
     # source -> every neuron's TRUE one-vs-rest effect size on the reporting half ([d_mlp]); kept from the run
     # for callers that track neurons (attnscope evolution --layer), not saved
     true_d_report: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # the cards' top windows, histograms and direct effect on output tokens (evidence.json; no precision curve;
+    # None for results saved before it existed)
+    evidence: NeuronEvidence | None = field(default=None, repr=False)
 
     @property
     def median_ceiling(self) -> float | None:
@@ -198,11 +203,14 @@ class LaterResult:
                 "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
 
     def save(self, out: str | Path) -> Path:
-        """``out/neurons.json`` (everything) and ``out/neurons.csv`` (one row per neuron, as at layer 0)."""
+        """``out/neurons.json`` (everything), ``out/neurons.csv`` (one row per neuron, as at layer 0) and
+        ``out/evidence.json`` (the cards' top windows, histograms and direct effect on output tokens)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
         write_neuron_csv(self.rows, out / "neurons.csv")
+        if self.evidence is not None:
+            (out / "evidence.json").write_text(json.dumps(asdict(self.evidence)))
         return out
 
     @classmethod
@@ -228,4 +236,8 @@ class LaterResult:
             raise AttnscopeError(f"{p} is not valid JSON ({e.msg}, line {e.lineno}); rerun the analysis") from None
         if not isinstance(d, dict) or "layer" not in d:
             raise AttnscopeError(f"{p} is not a later-layer result (no 'layer'); it may be a layer-0 neurons.json")
-        return cls.from_json(d)
+        res = cls.from_json(d)
+        ev = Path(out) / "evidence.json"
+        if ev.is_file():
+            res.evidence = from_dict(NeuronEvidence, json.loads(ev.read_text()))
+        return res

@@ -243,6 +243,20 @@ def _from_gpt_neox(model, cfg) -> dict[str, Any]:
     )
 
 
+def _unembedding(model, W_E: Tensor) -> dict[str, Tensor | None]:
+    """``W_U [d_model, d_vocab]`` and ``b_U`` of the model's output head (``lm_head``, GPT-NeoX ``embed_out``):
+    a view of ``W_E`` where the checkpoint ties them.  An encoder loaded without a head (BERT / MiniLM: its
+    masked-LM head, where a checkpoint has one, is a transform + norm, not a plain unembedding) has none."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if get is not None else None
+    if head is None or getattr(head, "weight", None) is None or model.config.model_type == "bert":
+        return {"W_U": None, "b_U": None}
+    Wt = head.weight.detach()
+    W_U = W_E.T if Wt.data_ptr() == W_E.data_ptr() else Wt.T
+    b = getattr(head, "bias", None)
+    return {"W_U": W_U, "b_U": b.detach() if b is not None else None}
+
+
 _EXTRACTORS = {"gpt2": _from_gpt2, "llama": _from_llama, "bert": _from_bert, "gpt_neox": _from_gpt_neox}
 
 
@@ -259,6 +273,7 @@ def extract_weights(model, *, name: str = "", source: str = "", revision: str | 
         )
     with torch.no_grad():
         fields = fn(model, cfg)
+        fields.update(_unembedding(model, fields["W_E"]))
     if cfg.model_type == "bert" and tokenizer is not None:
         fields["bos_token_id"] = tokenizer.cls_token_id
     if prepend_bos is not None:

@@ -58,6 +58,8 @@ class ModelWeights:
     ln_f_w: Float[Tensor, " d_model"] | None  # final norm (decoders)
     ln_f_b: Float[Tensor, " d_model"] | None
     attn_scale: Float[Tensor, " n_layers"]  # scores are divided by this
+    W_U: Float[Tensor, "d_model d_vocab"] | None = None  # unembedding (None: no output head, e.g. BERT encoders)
+    b_U: Float[Tensor, " d_vocab"] | None = None  # its bias, where the head has one
     rope_theta: float | None = None
     rotary_dim: int | None = None
     n_kv_heads: int | None = None
@@ -108,12 +110,24 @@ class ModelWeights:
         return self.bos_token_id if self.prepend_bos else None
 
     def tensors(self) -> dict[str, Tensor]:
-        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor)}
+        """Every tensor by field name; a tied ``W_U`` (a view of ``W_E``, no data of its own) is left out, so the
+        fingerprint of a tied model is what it was before the unembedding was kept."""
+        tied = self.tied_unembedding
+        return {k: v for k, v in vars(self).items() if isinstance(v, Tensor) and not (tied and k == "W_U")}
+
+    @property
+    def tied_unembedding(self) -> bool:
+        """Whether ``W_U`` is the token embedding itself (``W_E.T``, tied weights: one storage)."""
+        U = self.W_U
+        return U is not None and U.data_ptr() == self.W_E.data_ptr() and U.shape == self.W_E.T.shape
 
     def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> ModelWeights:
-        """Move/cast every tensor (in place) and return self."""
+        """Move/cast every tensor (in place) and return self (a tied unembedding stays a view of ``W_E``)."""
+        tied = self.tied_unembedding
         for k, v in self.tensors().items():
             setattr(self, k, v.to(device=device, dtype=dtype if v.is_floating_point() else None))
+        if tied:
+            self.W_U = self.W_E.T
         return self
 
     def info(self) -> dict[str, Any]:

@@ -49,6 +49,13 @@ from attnscope.neurons.contrast import (
     source_windows,
     token_frequencies,
 )
+from attnscope.neurons.evidence import (
+    EXAMPLES_FROM,
+    NeuronEvidence,
+    activation_examples,
+    direct_logits,
+    precision_curve,
+)
 from attnscope.neurons.explain import (
     Explainer,
     build_explainer,
@@ -363,9 +370,16 @@ def find_neurons(w: ModelWeights, circ: Circuit, settings: NeuronSettings | None
     ver, cards, rep = verify(w, circ, scores, thr, d_report, windows, s, ex)
     ver.like_for_like = like_for_like(w, circ, tm, scores, windows, rep_stats)
     card_list, traces = neuron_cards(w, circ, ex, tm, scores, cards, rep, d_report, windows, s)
+    shown = [c.index for c in card_list]
+    evidence = NeuronEvidence([x.spec for x in windows], EXAMPLES_FROM,
+                              activation_examples(w, circ, ex, shown, windows),
+                              direct_logits(w, shown, [circ.calibration_tokens], circ.settings.min_position,
+                                            "the calibration text"),
+                              precision_curve(scores.sensitivity, validated(d_tune, scores.predicted_d),
+                                              validated(d_report, scores.predicted_d), thr.value, s.precision_target))
     dens = denominator_transfer(w, circ, {x.name: x.report[0] for x in windows})
     rows = neuron_rows(w, scores, thr, d_tune, tm)
     for r in rows:  # the truth beside each prediction (the report's ranking and scatter)
         r.true_d = float(d_report[scores.sources.index(r.best_contrast), r.index])
     return NeuronResult(w.info(), circ, asdict(s), [x.spec for x in windows], rows, thr, ver, card_list, dens,
-                        traces)
+                        traces, evidence)

@@ -13,6 +13,7 @@ from attnscope.circuit.result import Circuit
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.serialize import from_dict, read_versioned
 from attnscope.core.stats import median
+from attnscope.neurons.evidence import NeuronEvidence
 from attnscope.neurons.explain import TextDenominators
 from attnscope.neurons.groundtruth import D_MIN  # noqa: F401  (re-exported: one definition)
 from attnscope.neurons.verification import ContrastVerification
@@ -166,6 +167,9 @@ class NeuronResult:
     cards: list[NeuronCard]  # the reported neurons with a card, by rank
     denominators: list[TextDenominators]
     traces: list[NeuronTrace] = field(repr=False, default_factory=list)
+    # the cards' activation examples, histograms and direct logit effects, and the precision curve
+    # (evidence.json; None for results saved before it existed)
+    evidence: NeuronEvidence | None = field(repr=False, default=None)
 
     @property
     def n_scored(self) -> int:
@@ -221,22 +225,27 @@ class NeuronResult:
             raise AttnscopeError(f"no circuit/ folder beside {out / 'neurons.json'}; re-run `attnscope neurons` or "
                                  "`attnscope report`, which save it")
         tr = json.loads((out / "traces.json").read_text()) if (out / "traces.json").is_file() else {}
+        ev = out / "evidence.json"
+        evidence = from_dict(NeuronEvidence, json.loads(ev.read_text())) if ev.is_file() else None
         z = tr.get("denominators", {})
         dens = [from_dict(TextDenominators, {**x, "Z_trace": z.get(x["text"], [])}) for x in d["denominators"]]
         return cls(model=d["model"], circuit=Circuit.load(circ_dir), settings=d["settings"], sources=d["sources"],
                    rows=[from_dict(NeuronRow, r) for r in d["neurons"]], threshold=from_dict(Threshold, d["threshold"]),
                    verification=from_dict(Verification, d["verification"]),
                    cards=[from_dict(NeuronCard, c) for c in d["cards"]], denominators=dens,
-                   traces=[from_dict(NeuronTrace, t) for t in tr.get("traces", [])])
+                   traces=[from_dict(NeuronTrace, t) for t in tr.get("traces", [])], evidence=evidence)
 
     def save(self, out: str | Path) -> Path:
-        """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron) and ``traces.json``."""
+        """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron), ``traces.json`` and
+        ``evidence.json`` (the cards' activation examples, histograms, direct logit effects; the precision curve)."""
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
         write_neuron_csv(self.rows, out / "neurons.csv")
         (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
                                                      "denominators": {d.text: d.Z_trace for d in self.denominators}}))
+        if self.evidence is not None:
+            (out / "evidence.json").write_text(json.dumps(asdict(self.evidence), allow_nan=True))
         return out
 
 

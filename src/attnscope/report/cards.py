@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
 from attnscope.neurons.label_check import checked_labels
+from attnscope.report.evidence import evidence_hint, examples_html, histograms_svg, logits_html, precision_svg
 from attnscope.report.findings import ScopeVerdicts, d_scatter, full_ranking, neuron_name
 from attnscope.report.html import NEURON_FIGURES, badge_html, esc, figures_html, fmt, token_html
 
@@ -69,8 +70,18 @@ def _trace_map(neurons: NeuronResult) -> dict:
     return out
 
 
+def _evidence_html(neurons: NeuronResult, k: int) -> str:
+    """The card's activation examples, histograms and direct logit effect (none for results saved without them)."""
+    ev = neurons.evidence
+    if ev is None:
+        return ""
+    ne, lg = ev.for_neuron(k)
+    return (f'{examples_html(ne, ev.texts)}<div class="ev-cols">{histograms_svg(ne)}'
+            f"{logits_html(ev.logits, lg)}</div>")
+
+
 def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = None, best: str = "",
-                 open_: bool = False, predicted_d: float = 0.0) -> str:
+                 open_: bool = False, predicted_d: float = 0.0, evidence: str = "") -> str:
     """One card per reported neuron: labels (with their evidence), its scope verdict, fits, top tokens and the
     traces; collapsible (the first few open)."""
     idx = r.index
@@ -112,6 +123,7 @@ def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = N
 <p class="legend"><span class="sw true"></span>true pre-activation
 <span class="sw pred"></span>full layer-0 explanation from weights</p>
 {f'<p class="muted small">true one-vs-rest effect size d by text: {d_html}</p>' if d_html else ""}
+{evidence}
 </details></article>"""
 
 
@@ -147,7 +159,8 @@ def neuron_section(neurons: NeuronResult, figures: dict[str, Path], used: set[st
     rows = {r.index: r for r in neurons.rows}
     traces = _trace_map(neurons)
     cards = "".join(_neuron_card(r, traces, verdicts, rows[r.index].best_contrast if r.index in rows else "", j < 4,
-                                 rows[r.index].predicted_d if r.index in rows else 0.0) for j, r in enumerate(recs))
+                                 rows[r.index].predicted_d if r.index in rows else 0.0,
+                                 _evidence_html(neurons, r.index)) for j, r in enumerate(recs))
     return f"""
 <section id="neurons">
 <h2>Context neurons (layer-0 MLP)</h2>
@@ -158,7 +171,8 @@ tuning half of the held-out windows is at least {esc(fmt(neurons.threshold.preci
 are scored on the reporting half against their true pre-activation, with random neurons of the layer beside them.</p>
 <div class="stats" id="neuron-summary">{stat_html}</div>
 {full_ranking(neurons.rows, neurons.cards, verdicts)}
-<div class="figs">{d_scatter(neurons.rows, neurons.threshold.value)}</div>
+<div class="figs">{d_scatter(neurons.rows, neurons.threshold.value)}
+{precision_svg(neurons.evidence.curve if neurons.evidence is not None else None)}</div>
 {f'<p>Labels (token evidence): {", ".join(esc(x) for x in labels)}</p>' if labels else ""}
 {figures_html(NEURON_FIGURES, figures, used)}
 <h3 id="neuron-cards">Neuron cards ({len(recs)})</h3>
@@ -169,5 +183,7 @@ are scored on the reporting half against their true pre-activation, with random 
 <p class="hint">Tokens are shown as the tokenizer writes them, with whitespace made visible (␣ space, ↵ newline,
 ⇥ tab); the number is the {esc(TOKEN_SCORE_DEFINITION)}.
 The page (<code>attnscope serve</code>) shows the same numbers.</p>
+{evidence_hint(neurons.evidence.texts, neurons.evidence.half, neurons.evidence.logits.note)
+ if neurons.evidence is not None else ""}
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import html
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -141,12 +142,37 @@ def badge_html(ok: bool | None, yes: str = "OK", no: str = "FAILED", none: str =
     return f'<span class="badge ok">{esc(yes)}</span>' if ok else f'<span class="badge fail">{esc(no)}</span>'
 
 
+def embedded_png(data: bytes, colors: int = 256) -> bytes:
+    """A PNG made smaller for embedding: flattened onto white and reduced to a ``colors``-colour palette (no
+    dithering: the figures are line art and text, which a palette keeps sharp).  The original bytes when that
+    is not smaller, or when Pillow cannot read them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im: Image.Image = Image.open(io.BytesIO(data))
+        im.load()
+    except (UnidentifiedImageError, OSError):
+        return data
+    if im.mode in ("RGBA", "LA", "P"):
+        im = im.convert("RGBA")
+        bg = Image.new("RGBA", im.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(bg, im)
+    q = im.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE)
+    buf = io.BytesIO()
+    q.save(buf, "PNG", optimize=True)
+    return buf.getvalue() if buf.tell() < len(data) else data
+
+
 def data_uri(path: Path | str) -> str:
-    """A figure file as a ``data:`` URI, so that the page holding it is self-contained."""
+    """A figure file as a ``data:`` URI, so that the page holding it is self-contained (PNGs through
+    :func:`embedded_png`; the file on disk is left as it is)."""
     p = Path(path)
     mime = {".png": "image/png", ".svg": "image/svg+xml", ".jpg": "image/jpeg", ".jpeg": "image/jpeg"}.get(
         p.suffix.lower(), "image/png")
-    return f"data:{mime};base64,{base64.b64encode(p.read_bytes()).decode('ascii')}"
+    data = p.read_bytes()
+    if mime == "image/png":
+        data = embedded_png(data)
+    return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
 def data_table(header: list[str], rows: list[list[str]]) -> str:

@@ -8,10 +8,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from attnscope.report.cards import ranking_table, tokens_html
+from attnscope.report.evidence import evidence_hint, examples_html, histograms_svg, logits_html
 from attnscope.report.html import badge_html, esc, fmt
 
 if TYPE_CHECKING:
     from attnscope.later.result import LaterCard, LaterResult, LayerPiece
+    from attnscope.neurons.evidence import NeuronEvidence
 
 _PREDICTORS = {"hybrid": "hybrid (token mean + broad heads)", "full": "full composition", "heads": "heads only",
                "direct": "effective embedding only",
@@ -65,7 +67,7 @@ def _d_table(c: LaterCard) -> str:
             f"<tbody>{rows}</tbody></table>")
 
 
-def _card(L: int, c: LaterCard) -> str:
+def _card(L: int, c: LaterCard, ev: NeuronEvidence | None = None) -> str:
     lab = f"{esc(c.label)} <i>({esc(c.label_evidence)})</i>" if c.label else "<i>unlabelled</i>"
     neg = (f"{esc(c.label_negative)} <i>({esc(c.label_negative_evidence)})</i>" if c.label_negative
            else "<i>unlabelled</i>")
@@ -85,7 +87,20 @@ def _card(L: int, c: LaterCard) -> str:
 </div>
 {_d_table(c)}
 <p class="muted small">share of the true pre-activation's variance per term: {parts}</p>
+{_evidence(L, c.index, ev)}
 </article>"""
+
+
+LATER_PREDICTION = ("the cards' per-position prediction (the ranking predictor's terms plus a bias fitted on the "
+                    "tuning windows: the prediction their r / FVU score)")
+
+
+def _evidence(L: int, k: int, ev: NeuronEvidence | None) -> str:
+    if ev is None:
+        return ""
+    ne, lg = ev.for_neuron(k)
+    return (f'{examples_html(ne, ev.texts, f"evidence-hint-L{L}", LATER_PREDICTION)}<div class="ev-cols">'
+            f"{histograms_svg(ne)}{logits_html(ev.logits, lg)}</div>")
 
 
 def _full_fit(v) -> str:
@@ -97,7 +112,7 @@ def _full_fit(v) -> str:
 
 def _layer(r: LaterResult) -> str:
     v, a = r.verification, r.circuit.approximation_with_earlier_terms
-    cards = "".join(_card(r.layer, c) for c in r.cards)
+    cards = "".join(_card(r.layer, c, r.evidence) for c in r.cards)
     card_r = fmt(v.fit_cards.median_r if v.fit_cards else None)
     return f"""
 <section class="later-layer" id="later-L{r.layer}">
@@ -111,6 +126,8 @@ predictor against the true pre-activation (reporting windows): median r {card_r}
 over the cards, {fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
 {_piece_rows(r.circuit.pieces)}
 {ranking_table(r.rows, f"later-ranking-L{r.layer}")}
+{evidence_hint(r.evidence.texts, r.evidence.half, r.evidence.logits.note, f"evidence-hint-L{r.layer}",
+               LATER_PREDICTION) if r.evidence is not None and r.cards else ""}
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
 </section>"""
 

@@ -89,6 +89,15 @@
   window.addEventListener("hashchange", openTarget);
   openTarget();
 
+  // ---- activation examples: hover text of each highlighted token, from its --v ----
+  document.addEventListener("mouseover", function (e) {
+    var b = e.target && e.target.closest ? e.target.closest("table.ex b") : null;
+    if (!b || b.title) return;
+    var td = b.closest("td"), v = b.style.getPropertyValue("--v");
+    b.title = (td && td.classList.contains("ex-p") ? "predicted" : "true") + " pre-activation " + v +
+      " (pre-activation units)" + (b.classList.contains("pk") ? "; the peak of the true pre-activation" : "");
+  });
+
   // ---- head explorer ----
   var dataEl = document.getElementById("kernel-data");
   if (!dataEl) return;
