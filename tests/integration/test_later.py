@@ -194,6 +194,9 @@ def test_report_renders_a_saved_later_result(later1, tmp_path):
     assert "0, 1, 4, 5, 7" in page  # layer 0's contextual heads, in the layer table
     c = later1.cards[0]
     card = page[page.index(f'id="neuron-1-{c.index}"'):]
+    assert f"<h3>L1N{c.index}</h3>" in card  # one naming scheme: L{layer}N{index}, in the ranking too
+    rk = page[page.index('id="later-ranking-L1"'):]
+    assert f"<td>L1N{later1.rows[0].index}</td>" in rk[: rk.index("</table>")]
     s0 = next(iter(c.true_d))
     assert f"<td>{s0}</td><td>{fmt(c.predicted_d[s0])}</td><td>{fmt(c.true_d[s0])}</td>" in card
     assert 'id="neurons"' not in page and "later layers only" in page

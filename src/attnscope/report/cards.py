@@ -127,10 +127,11 @@ def _neuron_card(r: NeuronCard, traces: dict, verdicts: ScopeVerdicts | None = N
 </details></article>"""
 
 
-def ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15) -> str:
-    """The top ``n`` rows of a ranked neuron table (layer 0 and the later layers share it)."""
+def ranking_table(neuron_rows: list[NeuronRow], table_id: str, n: int = 15, layer: int = 0) -> str:
+    """The top ``n`` rows of a ranked neuron table of MLP ``layer`` (the later layers' sections use it)."""
     rows = "".join(
-        f"<tr><td>{r.rank}</td><td>{r.index}</td><td>{fmt(r.sensitivity)}</td><td>{esc(r.best_contrast)}</td>"
+        f"<tr><td>{r.rank}</td><td>{neuron_name(r.index, layer)}</td><td>{fmt(r.sensitivity)}</td>"
+        f"<td>{esc(r.best_contrast)}</td>"
         f"<td>{fmt(r.predicted_d)}</td><td>{badge_html(r.passed, 'yes', 'no')}</td>"
         f"<td>{' '.join(f'<code class=tok>{token_html(t)}</code>' for t in r.top_positive_tokens)}</td></tr>"
         for r in neuron_rows[:n])

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 from attnscope.report.cards import ranking_table, tokens_html
 from attnscope.report.evidence import evidence_hint, examples_html, histograms_svg, logits_html
+from attnscope.report.findings import neuron_name
 from attnscope.report.html import badge_html, esc, fmt
 
 if TYPE_CHECKING:
@@ -74,7 +75,7 @@ def _card(L: int, c: LaterCard, ev: NeuronEvidence | None = None) -> str:
     parts = ", ".join(f"{esc(k)} {esc(fmt(v))}" for k, v in c.parts.items())
     return f"""
 <article class="neuron-card" id="neuron-{L}-{c.index}" data-index="{c.index}">
-<header><h3>Neuron {L}.{c.index}</h3>
+<header><h3>{neuron_name(c.index, L)}</h3>
 <p class="labels"><span class="lab pos">+ {lab}</span> <span class="lab neg">− {neg}</span></p></header>
 <dl class="stats-inline">
 <div><dt>rank</dt><dd>{fmt(c.rank)}</dd></div>
@@ -125,7 +126,7 @@ half {fmt(v.precision)}; all neurons {fmt(v.precision_random)}). Per-position ch
 predictor against the true pre-activation (reporting windows): median r {card_r}
 over the cards, {fmt(v.fit_random.median_r)} over random neurons{_full_fit(v)}.</p>
 {_piece_rows(r.circuit.pieces)}
-{ranking_table(r.rows, f"later-ranking-L{r.layer}")}
+{ranking_table(r.rows, f"later-ranking-L{r.layer}", layer=r.layer)}
 {evidence_hint(r.evidence.texts, r.evidence.half, r.evidence.logits.note, f"evidence-hint-L{r.layer}",
                LATER_PREDICTION) if r.evidence is not None and r.cards else ""}
 <div class="cards">{cards or '<p class="note">No neuron passed the threshold.</p>'}</div>
