@@ -99,12 +99,16 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--token-mean-windows", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/unseen"))
+    ap.add_argument("--source-aware-denominators", action="store_true",
+                    help="predict with each contextual head's denominator estimated from the source's own token "
+                    "counts (TokenModel.bag); saved as OUT/MODEL_HALF_srcz.json")
     ap.add_argument("--rescore", action="store_true",
                     help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
                     "(every condition's measured value is saved) and print the tables, without running the model")
     a = ap.parse_args()
+    suffix = "_srcz" if a.source_aware_denominators else ""
     if a.rescore:
-        rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}.json")
+        rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}{suffix}.json")
         return
     torch.set_num_threads(2)
     from attnscope.circuit.build import build_circuit
@@ -119,7 +123,8 @@ def main() -> None:
     w = load_model(a.model)
     circ = build_circuit(w)
     n_min = circ.settings.min_position
-    tm, sigma = build_token_model(w, circ), calibration_std(w, circ).cpu()
+    tm = build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators)
+    sigma = calibration_std(w, circ).cpu()
     t0 = time.perf_counter()
     tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
     texts = measure_all(w, circ, natural + list(adv), a.windows, a.out / "cache")
@@ -148,12 +153,13 @@ def main() -> None:
                       "failed": not (T["m"].fvu_within is not None and T["m"].fvu_within <= 0.5)})
     dt = time.perf_counter() - t0
     res = {"model": w.info(), "half": a.half, "windows": a.windows, "circuit_heads": circ.heads,
-           "query_conditioned": circ.query_conditioned, "token_mean_fitted_on": tmean.fitted_on,
+           "query_conditioned": circ.query_conditioned,
+           "source_aware_denominators": a.source_aware_denominators, "token_mean_fitted_on": tmean.fitted_on,
            "scope_rule": asdict(rule), "pairs": rows, "texts": trows, "seconds": dt}
     res["summary"] = summarise(rows, trows)
     a.out.mkdir(parents=True, exist_ok=True)
     name = a.model.replace("/", "_")
-    (a.out / f"{name}_{a.half}.json").write_text(json.dumps(res, indent=1, default=str))
+    (a.out / f"{name}_{a.half}{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)
 
 
@@ -218,9 +224,10 @@ def summarise(rows: list[dict], trows: list[dict]) -> dict:
 
 
 def print_tables(res: dict) -> None:
-    print(f"model {res['model']['name']}, {res['half']} half, up to {res['windows']} windows per source; contextual "
-          f"heads {res['circuit_heads']}; token-mean fitted on {len(res['token_mean_fitted_on'])} bundled texts; "
-          f"{res['seconds']:.0f} s\n")
+    srcz = ", source-aware denominators" if res.get("source_aware_denominators") else ""
+    print(f"model {res['model']['name']}{srcz}, {res['half']} half, up to {res['windows']} windows per source; "
+          f"contextual heads {res['circuit_heads']}; token-mean fitted on {len(res['token_mean_fitted_on'])} "
+          f"bundled texts; {res['seconds']:.0f} s\n")
     print("| pair | tags | like for like ρ | whole source ρ | noise ceiling (S-B) | token-mean ρ | shuffled ρ | "
           "R-precision | n \\|d\\|≥1 | scope |\n|---|---|---|---|---|---|---|---|---|---|")
     for r in res["pairs"]:
