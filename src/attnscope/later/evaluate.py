@@ -45,6 +45,7 @@ from attnscope.neurons.find import (
     validated,
 )
 from attnscope.neurons.groundtruth import KS, discovery_scores, random_precision, spearman
+from attnscope.neurons.verification import one_vs_rest_verification
 
 PREDICTORS = ("full", "heads", "direct", "hybrid", "token_mean", "shuffled")
 
@@ -222,10 +223,14 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     ver, fc = _verification(w, lc, sc, thr, td, s, card_ids, rank, parts["positions"])
     cards = later_cards(w, lc, sc, td, card_ids, fc) if card_ids else []
     rows = neuron_rows(w, sc, thr, td.d_tune, lc.token_model)
+    lfl = one_vs_rest_verification(w, lc.token_model.expected, td.sigma, lc.n_min, [list(x.report) for x in lc.windows],
+                                   names, td.cal_token_mean,
+                                   [token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows],
+                                   "tuning-half counts (the ranking's)", td.report_stats)
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
                        [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling,
-                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)})
+                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)}, like_for_like=lfl)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:

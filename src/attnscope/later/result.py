@@ -17,10 +17,12 @@ from torch import Tensor
 
 from attnscope.circuit.result import Condition
 from attnscope.core.errors import AttnscopeError
+from attnscope.core.serialize import from_dict
 from attnscope.core.stats import median
 from attnscope.neurons.find import CardHead, NeuronRow, Threshold
 from attnscope.neurons.groundtruth import DiscoveryScores
 from attnscope.neurons.result import write_neuron_csv
+from attnscope.neurons.verification import ContrastVerification
 
 SCHEMA_VERSION = 1  # of a later-layer neurons.json
 
@@ -177,6 +179,9 @@ class LaterResult:
     # source -> every neuron's TRUE one-vs-rest effect size on the reporting half ([d_mlp]); kept from the run
     # for callers that track neurons (attnscope evolution --layer), not saved
     true_d_report: dict[str, Tensor] = field(default_factory=dict, repr=False, compare=False)
+    # source -> the one-vs-rest contrast verified like for like on the reporting half (issue 19: the prediction
+    # from those windows' own counts, the tuning-half prediction beside it, noise ceiling, token-mean, null)
+    like_for_like: dict[str, ContrastVerification] = field(default_factory=dict)
 
     @property
     def median_ceiling(self) -> float | None:
@@ -195,7 +200,8 @@ class LaterResult:
                 "scores": {p: {s: v.to_json() for s, v in d.items()} for p, d in self.scores.items()},
                 "random_precision": self.random_precision, "threshold": asdict(self.threshold),
                 "verification": asdict(self.verification), "timings": self.timings,
-                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
+                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows],
+                "like_for_like": {k: asdict(v) for k, v in self.like_for_like.items()}}
 
     def save(self, out: str | Path) -> Path:
         """``out/neurons.json`` (everything) and ``out/neurons.csv`` (one row per neuron, as at layer 0)."""
@@ -214,7 +220,8 @@ class LaterResult:
                    {p: {s: _scores_from_json(v) for s, v in x.items()} for p, x in d["scores"].items()},
                    d["random_precision"], Threshold(**d["threshold"]), LaterVerification.from_json(d["verification"]),
                    [LaterCard.from_json(c) for c in d["cards"]], [NeuronRow(**r) for r in d["neurons"]], d["timings"],
-                   d.get("ceiling", {}))
+                   d.get("ceiling", {}),
+                   like_for_like={k: from_dict(ContrastVerification, v) for k, v in d.get("like_for_like", {}).items()})
 
     @classmethod
     def load(cls, out: str | Path) -> LaterResult:

@@ -263,10 +263,12 @@ def verify_contrast(w: ModelWeights, expected: Callable[[Tensor], Tensor], sigma
 
 
 @torch.no_grad()
-def token_mean_on_calibration(w: ModelWeights, cal_tokens: Tensor, n_min: int, name: str) -> TokenMean:
+def token_mean_on_calibration(w: ModelWeights, cal_tokens: Tensor, n_min: int, name: str,
+                              pre: Callable[[Tensor], Tensor] | None = None) -> TokenMean:
     """The token-mean predictor fitted on the calibration text alone (for one-vs-rest contrasts, where
-    every held-out text is one of the compared)."""
-    y = true_pre(w, cal_tokens)[n_min:].float().cpu()
+    every held-out text is one of the compared).  ``pre`` maps a window ``[T]`` to the true pre-activations
+    ``[T, d_mlp]`` (default: MLP 0's, :func:`attnscope.neurons.explain.true_pre`; a later layer passes its own)."""
+    y = (pre(cal_tokens) if pre is not None else true_pre(w, cal_tokens))[n_min:].float().cpu()
     t = cal_tokens[n_min:].cpu()
     ids, inv = t.unique(return_inverse=True)
     sums = torch.zeros(len(ids), y.shape[1], dtype=torch.float64).index_add_(0, inv, y.double())
