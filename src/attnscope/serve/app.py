@@ -37,6 +37,7 @@ from attnscope.core.errors import AttnscopeError
 from attnscope.core.texts import decode_tokens
 from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
 from attnscope.serve.analysis import attention_check, contrast
+from attnscope.serve.contrast_scope import ServedVerifier, verification_json
 from attnscope.serve.limits import (
     MAX_ATTENTION_TOKENS,
     MAX_BODY_BYTES,
@@ -75,6 +76,7 @@ class ContrastRequest(BaseModel):
     text_b: str
     neuron: int
     top: int = Field(default=10)
+    verify: bool = False  # add the like-for-like verification of every neuron (ServedVerifier)
 
 
 def _error(status: int, msg: str) -> JSONResponse:
@@ -159,6 +161,7 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
     info = info_json(m)
     table = [r.to_json() for r in m.table]
     an = m.analyser
+    verifier = ServedVerifier(m.w, m.circ, m.token_model)
 
     @app.get("/api/info")
     def api_info() -> dict:
@@ -210,7 +213,14 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
         an.check_neuron(req.neuron)
         ta = await light.run(an.tokens, req.text_a)
         tb = await light.run(an.tokens, req.text_b)
-        return await work.run(lambda: JSONResponse(contrast(an, ta, tb, req.neuron, req.top)))
+
+        def job() -> JSONResponse:
+            d = contrast(an, ta, tb, req.neuron, req.top)
+            if req.verify:  # every neuron like for like, with the noise ceiling and the baselines (issue 19)
+                d["verification"] = verification_json(verifier.verify(ta.ids, tb.ids))
+            return JSONResponse(d)
+
+        return await work.run(job)
 
 
 def create_app(m: ServeModel, *, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (),

@@ -34,7 +34,7 @@ docs/verification.md); the report half is only measured.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,9 +42,16 @@ from torch import Tensor
 from attnscope.circuit.build import Circuit
 from attnscope.core.texts import open_source, tokenize
 from attnscope.models import ModelWeights
-from attnscope.neurons.contrast import ContrastResult
+from attnscope.neurons.contrast import ContrastResult, TokenModel, build_token_model, calibration_std
 from attnscope.neurons.explain import build_explainer
-from attnscope.neurons.verification import spread_windows
+from attnscope.neurons.verification import (
+    ContrastVerification,
+    TokenMean,
+    fit_token_mean,
+    spread_windows,
+    token_frequencies,
+    verify_contrast,
+)
 from attnscope.serve.input_scope import TextMeasure, measure_text
 from attnscope.serve.scope import InputCondition, calibration_reference
 
@@ -188,3 +195,52 @@ def contrast_scope(w: ModelWeights, circ: Circuit, res: ContrastResult, rule: Sc
     conds = pair_scope(m[res.a], m[res.b], lfl, rule)
     conds += [_side(c, "A") for c in text_scope(m[res.a], rule)] + [_side(c, "B") for c in text_scope(m[res.b], rule)]
     return ContrastScope(conds, rule)
+
+
+class ServedVerifier:
+    """The served contrast view's verification (``/api/contrast`` with ``verify``): the same headline as
+    ``contrast --verify`` (:func:`attnscope.neurons.verification.verify_contrast`, not a second copy): the
+    prediction from the token counts of the very windows the truth is measured on, every neuron's Spearman, with
+    the noise ceiling, the token-shuffled null and the token-mean predictor (fitted on the bundled texts, once,
+    at the first request) beside it.  The whole-source prediction is the served text's own (all of its tokens)."""
+
+    def __init__(self, w: ModelWeights, circ: Circuit, tm: TokenModel | None = None, max_windows: int = 16):
+        self.w, self.circ, self.max_windows = w, circ, max_windows
+        self._tm = tm
+        self._sigma: Tensor | None = None
+        self._tmean: TokenMean | None = None
+
+    def _pieces(self) -> tuple[TokenModel, Tensor, TokenMean]:
+        if self._tm is None:
+            self._tm = build_token_model(self.w, self.circ)
+        if self._sigma is None:
+            self._sigma = calibration_std(self.w, self.circ).cpu()
+        if self._tmean is None:
+            self._tmean = fit_token_mean(self.w, self.circ.settings.min_position, self.circ.T)
+        return self._tm, self._sigma, self._tmean
+
+    @torch.no_grad()
+    def verify(self, ids_a: Tensor, ids_b: Tensor) -> ContrastVerification:
+        """``ids_*``: each text's tokens (no BOS); up to ``max_windows`` windows spread over each."""
+        tm, sigma, tmean = self._pieces()
+        w, T = self.w, self.circ.T
+        wa, wb = (spread_windows(w, ids.cpu(), T, self.max_windows) for ids in (ids_a, ids_b))
+        pa, pb = (token_frequencies(ids.cpu()[None], w.d_vocab) for ids in (ids_a, ids_b))
+        v = verify_contrast(w, tm.expected, sigma, self.circ.settings.min_position, wa, wb, pa, pb, tmean,
+                            windows_note=f"up to {self.max_windows} windows of {T} tokens per text, evenly spread "
+                                         "over the whole text")[0]
+        return v
+
+
+def verification_json(v: ContrastVerification) -> dict:
+    """``asdict(v)`` with non-finite numbers as ``null`` (strict JSON)."""
+    def clean(x):
+        if isinstance(x, float):
+            return x if math.isfinite(x) else None
+        if isinstance(x, dict):
+            return {k: clean(y) for k, y in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(y) for y in x]
+        return x
+
+    return clean(asdict(v))
