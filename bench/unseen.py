@@ -229,7 +229,7 @@ def print_tables(res: dict) -> None:
           f"contextual heads {res['circuit_heads']}; token-mean fitted on {len(res['token_mean_fitted_on'])} "
           f"bundled texts; {res['seconds']:.0f} s\n")
     print("| pair | tags | like for like ρ | whole source ρ | noise ceiling (S-B) | token-mean ρ | shuffled ρ | "
-          "R-precision | n \\|d\\|≥1 | scope |\n|---|---|---|---|---|---|---|---|---|---|")
+          "R-precision | R-prec. split half | n \\|d\\|≥1 | scope |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["pairs"]:
         if r["kind"] != "natural":
             continue
@@ -239,7 +239,7 @@ def print_tables(res: dict) -> None:
         print(f"| {r['a']} vs {r['b']} | {r['tags']} | {_fmt(v['like_for_like']['spearman'])} | "
               f"{_fmt(v['whole_source']['spearman'])} | {_fmt(nc)} | {_fmt(v['token_mean']['spearman'])} | "
               f"{_fmt(v['shuffled_null']['spearman'])} | {_fmt(v['like_for_like']['r_precision'], 2)} | "
-              f"{v['n_true']} | "
+              f"{_fmt((v['noise_ceiling'] or {}).get('r_precision'), 2)} | {v['n_true']} | "
               f"{'out: ' + ', '.join(fails) if fails else 'in'} |")
     s = res["summary"]
     rp = s["r_precision_pairs_10plus"]

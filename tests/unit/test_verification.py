@@ -68,3 +68,13 @@ def test_denominator_gap_condition_and_the_flag():
     assert out_of_scope(short) and not out_of_scope(pair_conditions(4000, 4000, torch.ones(5), rule))
     again = recheck({**c.to_json(), "in_flag": True}, ScopeRule(max_denominator_gap=10.0))
     assert again["ok"] and again["threshold"] == 10.0
+
+
+def test_noise_ceiling_r_precision_is_one_when_the_halves_agree():
+    g = torch.Generator().manual_seed(1)
+    signal = 3 * torch.randn(200, generator=g)
+    a = [_stats(signal) for _ in range(4)]
+    b = [_stats(torch.zeros(200)) for _ in range(4)]
+    assert noise_ceiling(a, b).r_precision == pytest.approx(1.0)
+    flat = [_stats(torch.zeros(200)) for _ in range(4)]
+    assert noise_ceiling(flat, b).r_precision is None
