@@ -114,7 +114,8 @@ def main() -> None:
     from attnscope.circuit.build import build_circuit
     from attnscope.models import load_model
     from attnscope.neurons.contrast import build_token_model, calibration_std
-    from attnscope.neurons.verification import fit_token_mean, verify_contrast
+    from attnscope.neurons.groundtruth import spearman
+    from attnscope.neurons.verification import fit_token_mean, token_frequencies, verify_contrast
     from attnscope.serve.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
 
     split = json.loads((BENCH / "split.json").read_text())
@@ -124,6 +125,8 @@ def main() -> None:
     circ = build_circuit(w)
     n_min = circ.settings.min_position
     tm = build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators)
+    # the other denominator form, for the scope's robustness to the denominators (token counts only)
+    tm_other = build_token_model(w, circ, source_aware_denominators=not a.source_aware_denominators)
     sigma = calibration_std(w, circ).cpu()
     t0 = time.perf_counter()
     tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
@@ -136,10 +139,14 @@ def main() -> None:
         A, B = texts[x], texts[y]
         v, d, _, lfl = verify_contrast(w, tm.expected, sigma, n_min, A["windows"], B["windows"], A["p"], B["p"], tmean,
                                        A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
+        pa, pb = (token_frequencies(torch.cat([x.reshape(-1) for x in T["windows"]])[None], w.d_vocab) for T in (A, B))
+        other = (tm_other.expected(pa) - tm_other.expected(pb)).cpu().double() / sigma
         sc = pair_scope(A["m"], B["m"], lfl, rule)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
                      "rms_predicted_d": float(lfl.pow(2).mean().sqrt()),
+                     "denominator_robustness": spearman(lfl, other),
+                     "denominator_shift": float((other - lfl).pow(2).mean().sqrt() / lfl.pow(2).mean().sqrt()),
                      "failed": not (v.like_for_like.spearman >= 0.8)})
     trows = []
     for n, T in texts.items():
