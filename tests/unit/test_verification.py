@@ -78,3 +78,16 @@ def test_noise_ceiling_r_precision_is_one_when_the_halves_agree():
     assert noise_ceiling(a, b).r_precision == pytest.approx(1.0)
     flat = [_stats(torch.zeros(200)) for _ in range(4)]
     assert noise_ceiling(flat, b).r_precision is None
+
+
+def test_calibrate_threshold_keeps_false_alarms_within_the_limit():
+    from attnscope.serve.contrast_scope import calibrate_threshold
+
+    values = [0.1, 0.2, 0.3, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
+    failed = [True, True, True] + [False] * 8
+    assert calibrate_threshold(values, failed) == pytest.approx(0.6)  # between the worst holding and best failing
+    # one holding input among the failing ones: flagging it too costs 1/8 > 10% false alarms
+    failed2 = [True, False, True] + [False] * 8
+    t = calibrate_threshold(values, failed2)
+    assert t == pytest.approx(0.15)
+    assert calibrate_threshold(values, [False] * len(values)) < min(values)

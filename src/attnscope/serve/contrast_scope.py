@@ -68,6 +68,28 @@ class ScopeRule:
     norm_ratio_range: tuple[float, float] = (0.8, 1.25)  # median norm scale / the explanation's constant
 
 
+def calibrate_threshold(values: list[float], failed: list[bool], max_false_alarms: float = 0.1) -> float:
+    """The stated rule that sets a pair condition's threshold on the development half (issue 19): the condition
+    holds when its value is at least the threshold (pass ``-x`` for a measure where larger is worse).  Among the
+    midpoints between consecutive sorted values (and one beyond each end), take the threshold that maximises hit
+    rate minus false-alarm rate on the failing and holding inputs, subject to a false-alarm rate of at most
+    ``max_false_alarms``; ties go to the lower threshold (fewer flags).  With no failing input it flags nothing
+    (the threshold sits below every value)."""
+    xs = sorted(set(values))
+    cands = [xs[0] - 1.0] + [(a + b) / 2 for a, b in zip(xs, xs[1:])] + [xs[-1] + 1.0]
+    bad = [v for v, f in zip(values, failed) if f]
+    good = [v for v, f in zip(values, failed) if not f]
+    if not bad:
+        return cands[0]
+    best, best_j = cands[0], -1.0
+    for t in cands:
+        fa = sum(v < t for v in good) / len(good) if good else 0.0
+        hit = sum(v < t for v in bad) / len(bad)
+        if fa <= max_false_alarms and hit - fa > best_j + 1e-12:
+            best, best_j = t, hit - fa
+    return best
+
+
 def varied_tokens(top_share: float, rule: ScopeRule) -> InputCondition:
     return InputCondition("varied tokens", "share of the judged positions held by the most frequent token, at most",
                           top_share, rule.max_top_token_share, top_share <= rule.max_top_token_share,
