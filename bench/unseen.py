@@ -105,8 +105,14 @@ def main() -> None:
     ap.add_argument("--rescore", action="store_true",
                     help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
                     "(every condition's measured value is saved) and print the tables, without running the model")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="from the saved dev-half run: each candidate pair condition's AUROC against failure and "
+                    "its threshold by the stated rule (contrast_scope.calibrate_threshold)")
     a = ap.parse_args()
     suffix = "_srcz" if a.source_aware_denominators else ""
+    if a.calibrate:
+        calibrate(a.out / f"{a.model.replace('/', '_')}_dev{suffix}.json")
+        return
     if a.rescore:
         rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}{suffix}.json")
         return
@@ -191,6 +197,44 @@ def rescore(path: Path) -> None:
     res["summary"] = summarise(res["pairs"], res["texts"])
     path.write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)
+
+
+#: candidate pair conditions: name -> (value from a saved pair row, sign: +1 when larger is better)
+def _measured(name: str):
+    return lambda r: next((c["measured"] for c in r["scope"] if c["name"] == name), None)
+
+
+PAIR_FEATURES = {
+    "denominators alike on both sides": (_measured("denominators alike on both sides"), -1),
+    "robust to the denominators": (lambda r: r.get("denominator_robustness"), 1),
+    "denominator shift": (lambda r: r.get("denominator_shift"), -1),
+    "RMS predicted d": (lambda r: r.get("rms_predicted_d"), 1),
+    "enough positions": (_measured("enough positions"), 1),
+}
+
+
+def calibrate(path: Path) -> None:
+    """Each candidate pair condition on the dev half: AUROC of its value against failure (natural pairs;
+    adversarial pairs), and the threshold the stated rule gives on the natural pairs."""
+    from attnscope.serve.contrast_scope import calibrate_threshold
+
+    res = json.loads(path.read_text())
+    assert res["half"] == "dev", "thresholds are set on the development half only"
+    print(f"{res['model']['name']}, dev half ({path.name})\n\n| condition | AUROC natural | AUROC adversarial | "
+          "threshold (rule) | natural: flagged failing / holding | adversarial: flagged failing / holding |\n"
+          "|---|---|---|---|---|---|")
+    for name, (get, sign) in PAIR_FEATURES.items():
+        row = [name]
+        sets = {k: [(sign * get(r), r["failed"]) for r in res["pairs"] if r["kind"] == k and get(r) is not None]
+                for k in ("natural", "adversarial")}
+        row += [_fmt(_auroc([-x for x, _ in v], [f for _, f in v])) for v in sets.values()]
+        nat = sets["natural"]
+        t = calibrate_threshold([x for x, _ in nat], [f for _, f in nat]) if nat else float("nan")
+        row.append(f"{'≥' if sign > 0 else '≤'} {_fmt(sign * t, 4)}")
+        for v in sets.values():
+            row.append(f"{sum(x < t and f for x, f in v)} of {sum(f for _, f in v)} / "
+                       f"{sum(x < t and not f for x, f in v)} of {sum(not f for _, f in v)}")
+        print("| " + " | ".join(row) + " |")
 
 
 def _auroc(score: list[float], bad: list[bool]) -> float | None:
