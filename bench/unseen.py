@@ -110,8 +110,8 @@ def main() -> None:
                     "its threshold by the stated rule (contrast_scope.calibrate_threshold)")
     a = ap.parse_args()
     suffix = "_srcz" if a.source_aware_denominators else ""
-    if a.calibrate:
-        calibrate(a.out / f"{a.model.replace('/', '_')}_dev{suffix}.json")
+    if a.calibrate:  # MODEL may be a comma-separated list: each model, then all pooled
+        calibrate([a.out / f"{m.replace('/', '_')}_dev{suffix}.json" for m in a.model.split(",")])
         return
     if a.rescore:
         rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}{suffix}.json")
@@ -147,7 +147,7 @@ def main() -> None:
                                        A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
         pa, pb = (token_frequencies(torch.cat([x.reshape(-1) for x in T["windows"]])[None], w.d_vocab) for T in (A, B))
         other = (tm_other.expected(pa) - tm_other.expected(pb)).cpu().double() / sigma
-        sc = pair_scope(A["m"], B["m"], lfl, rule)
+        sc = pair_scope(A["m"], B["m"], lfl, rule, other)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
                      "rms_predicted_d": float(lfl.pow(2).mean().sqrt()),
@@ -178,15 +178,18 @@ def main() -> None:
 
 def rescore(path: Path) -> None:
     """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
-    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, in_flag, recheck
+    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, denominator_robustness, in_flag, recheck
 
     res = json.loads(path.read_text())
     rule = ScopeRule()
     z = {t["text"]: next((c["measured"] for c in t["scope"] if c["name"] == "denominators as on calibration"), None)
          for t in res["texts"]}
     for r in res["pairs"]:
-        r["scope"] = [c for c in r["scope"]
-                      if c["name"] not in ("contrast strong enough", "denominators alike on both sides")]
+        r["scope"] = [c for c in r["scope"] if c["name"] not in ("contrast strong enough", "robust to the denominators",
+                                                                   "denominators alike on both sides")]
+        if r.get("denominator_robustness") is not None:
+            c = denominator_robustness(r["denominator_robustness"], rule)
+            r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
         if z.get(r["a"]) is not None and z.get(r["b"]) is not None:
             c = denominator_gap(z[r["a"]], z[r["b"]], r["rms_predicted_d"], rule)
             r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
@@ -213,19 +216,26 @@ PAIR_FEATURES = {
 }
 
 
-def calibrate(path: Path) -> None:
+def calibrate(paths: list[Path]) -> None:
     """Each candidate pair condition on the dev half: AUROC of its value against failure (natural pairs;
-    adversarial pairs), and the threshold the stated rule gives on the natural pairs."""
+    adversarial pairs), and the threshold the stated rule gives on the natural pairs; per saved run, then pooled."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    assert all(r["half"] == "dev" for r in runs), "thresholds are set on the development half only"
+    for res in runs:
+        _calibrate_table(res["model"]["name"], res["pairs"])
+    if len(runs) > 1:
+        _calibrate_table(" + ".join(r["model"]["name"] for r in runs), [x for r in runs for x in r["pairs"]])
+
+
+def _calibrate_table(title: str, pairs: list[dict]) -> None:
     from attnscope.serve.contrast_scope import calibrate_threshold
 
-    res = json.loads(path.read_text())
-    assert res["half"] == "dev", "thresholds are set on the development half only"
-    print(f"{res['model']['name']}, dev half ({path.name})\n\n| condition | AUROC natural | AUROC adversarial | "
+    print(f"\n{title}, dev half\n\n| condition | AUROC natural | AUROC adversarial | "
           "threshold (rule) | natural: flagged failing / holding | adversarial: flagged failing / holding |\n"
           "|---|---|---|---|---|---|")
     for name, (get, sign) in PAIR_FEATURES.items():
         row = [name]
-        sets = {k: [(sign * get(r), r["failed"]) for r in res["pairs"] if r["kind"] == k and get(r) is not None]
+        sets = {k: [(sign * get(r), r["failed"]) for r in pairs if r["kind"] == k and get(r) is not None]
                 for k in ("natural", "adversarial")}
         row += [_fmt(_auroc([-x for x, _ in v], [f for _, f in v])) for v in sets.values()]
         nat = sets["natural"]

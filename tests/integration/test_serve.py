@@ -193,7 +193,8 @@ def test_contrast_verified_like_for_like(served):
     w, circ, n_min = m.w, m.circ, m.circ.settings.min_position
     ids = [ia, ib]  # the text's tokens, no BOS
     wa, wb = (spread_windows(w, x, circ.T, 16) for x in ids)
-    ref = verify_contrast(w, build_token_model(w, circ).expected, calibration_std(w, circ).cpu(), n_min, wa, wb,
+    tm = build_token_model(w, circ, source_aware_denominators=True)
+    ref = verify_contrast(w, tm.expected, calibration_std(w, circ).cpu(), n_min, wa, wb,
                           *(token_frequencies(x[None], w.d_vocab) for x in ids), fit_token_mean(w, n_min, circ.T))[0]
     assert v["like_for_like"]["spearman"] == pytest.approx(ref.like_for_like.spearman, abs=1e-6)
     assert "verification" not in c.post("/api/contrast", json={"text_a": a, "text_b": b, "neuron": 0}).json()

@@ -64,10 +64,23 @@ def test_denominator_gap_condition_and_the_flag():
     c = denominator_gap(0.7, 1.25, 0.25, rule)
     assert c.measured == pytest.approx(abs(math.log(0.7) - math.log(1.25)) / 0.25) and not c.ok
     assert denominator_gap(0.74, 0.72, 0.25, rule).ok
+    assert not out_of_scope([c])  # measured and shown only: it predicts nothing with source-aware denominators
     short = pair_conditions(39, 4000, torch.ones(5), rule)
     assert out_of_scope(short) and not out_of_scope(pair_conditions(4000, 4000, torch.ones(5), rule))
     again = recheck({**c.to_json(), "in_flag": True}, ScopeRule(max_denominator_gap=10.0))
     assert again["ok"] and again["threshold"] == 10.0
+
+
+def test_robustness_to_the_denominators_flags_a_prediction_that_rests_on_them():
+    rule = ScopeRule(min_denominator_robustness=0.9)
+    pred = torch.arange(10.0)
+    same = pair_conditions(4000, 4000, pred, rule, 2 * pred + 1)
+    assert same[-1].name == "robust to the denominators" and same[-1].measured == pytest.approx(1.0)
+    assert not out_of_scope(same)
+    flipped = pair_conditions(4000, 4000, pred, rule, -pred)
+    assert out_of_scope(flipped) and flipped[-1].measured == pytest.approx(-1.0)
+    again = recheck({**flipped[-1].to_json(), "in_flag": True}, ScopeRule(min_denominator_robustness=-2.0))
+    assert again["ok"] and again["threshold"] == -2.0
 
 
 def test_noise_ceiling_r_precision_is_one_when_the_halves_agree():

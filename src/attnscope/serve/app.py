@@ -161,7 +161,7 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
     info = info_json(m)
     table = [r.to_json() for r in m.table]
     an = m.analyser
-    verifier = ServedVerifier(m.w, m.circ, m.token_model)
+    verifier = ServedVerifier(m.w, m.circ)
 
     @app.get("/api/info")
     def api_info() -> dict:
