@@ -110,6 +110,10 @@ def main() -> None:
                     "its threshold by the stated rule (contrast_scope.calibrate_threshold)")
     a = ap.parse_args()
     suffix = "_srcz" if a.source_aware_denominators else ""
+    if a.model == "summary":  # one row per saved run in OUT
+        summary_table([x for h in ("dev", "report") for x in sorted(a.out.glob(f"*_{h}*.json"))
+                       if x.stem.endswith((f"_{h}", f"_{h}_srcz"))])
+        return
     if a.calibrate:  # MODEL may be a comma-separated list: each model, then all pooled
         calibrate([a.out / f"{m.replace('/', '_')}_dev{suffix}.json" for m in a.model.split(",")])
         return
@@ -245,6 +249,30 @@ def _calibrate_table(title: str, pairs: list[dict]) -> None:
             row.append(f"{sum(x < t and f for x, f in v)} of {sum(f for _, f in v)} / "
                        f"{sum(x < t and not f for x, f in v)} of {sum(not f for _, f in v)}")
         print("| " + " | ".join(row) + " |")
+
+
+def summary_table(paths: list[Path]) -> None:
+    """``bench/unseen.py summary``: the headline numbers of every saved run, one row each (scope as saved: rescore
+    a run first to apply the current rule)."""
+    print("| model | half | denominators | windows | s | like for like | whole source | noise ceiling | token-mean | "
+          "shuffled | beats token-mean | pairs < 0.8 | R-precision (pairs ≥ 10 at \\|d\\|≥1: n, median, min, ≥ 0.75) | "
+          "scope natural pairs: AUROC, false alarms | scope adversarial: AUROC, false alarms |\n" + "|---" * 15 + "|")
+    for p in paths:
+        r = json.loads(p.read_text())
+        if "summary" not in r or r["half"] not in ("dev", "report"):
+            continue
+        s = r["summary"]
+        rp = s["r_precision_pairs_10plus"]
+        nat = [x for x in r["pairs"] if x["kind"] == "natural"]
+        sn, sa = s["scope_natural_pairs"], s["scope_adversarial"]
+        print(f"| {r['model']['name']} | {r['half']} | "
+              f"{'source-aware' if r.get('source_aware_denominators') else 'calibrated'} | {r['windows']} | "
+              f"{r['seconds']:.0f} | {_fmt(s['median_like_for_like'])} | {_fmt(s['median_whole_source'])} | "
+              f"{_fmt(s['median_noise_ceiling'])} | {_fmt(s['median_token_mean'])} | {_fmt(s['median_shuffled'])} | "
+              f"{s['beats_token_mean']} of {s['n_pairs']} | {sum(x['failed'] for x in nat)} | "
+              f"{len(rp)}, {_fmt(st.median(rp) if rp else None, 2)}, {_fmt(min(rp) if rp else None, 2)}, "
+              f"{sum(x >= 0.75 for x in rp)} | {_fmt(sn['auroc'])}, {_fmt(sn['false_alarm_rate'], 2)} | "
+              f"{_fmt(sa['auroc'])}, {_fmt(sa['false_alarm_rate'], 2)} |")
 
 
 def _auroc(score: list[float], bad: list[bool]) -> float | None:
