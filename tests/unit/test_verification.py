@@ -104,3 +104,18 @@ def test_calibrate_threshold_keeps_false_alarms_within_the_limit():
     t = calibrate_threshold(values, failed2)
     assert t == pytest.approx(0.15)
     assert calibrate_threshold(values, [False] * len(values)) < min(values)
+
+
+def test_the_robustness_threshold_is_the_rule_on_the_saved_dev_runs():
+    """The flag's threshold is not set by hand: calibrate_threshold on the dev half's natural pairs of the three
+    models pooled (the saved bench/unseen.py runs, source-aware predictor) gives it."""
+    import json
+    from pathlib import Path
+
+    from attnscope.serve.contrast_scope import DENOMINATOR_ROBUSTNESS_MIN, calibrate_threshold
+
+    root = Path(__file__).resolve().parents[2] / "bench" / "results" / "unseen"
+    pairs = [p for m in ("demo", "smollm2", "all-MiniLM-L6-v2")
+             for p in json.loads((root / f"{m}_dev_srcz.json").read_text())["pairs"] if p["kind"] == "natural"]
+    t = calibrate_threshold([p["denominator_robustness"] for p in pairs], [p["failed"] for p in pairs])
+    assert DENOMINATOR_ROBUSTNESS_MIN == pytest.approx(t, abs=1e-4)

@@ -58,9 +58,9 @@ from attnscope.serve.scope import InputCondition, calibration_reference
 
 FLAG_TEXT = ("varied tokens", "norm scale as on calibration")
 FLAG_PAIR = ("long enough", "enough positions", "robust to the denominators")
-#: ``bench/unseen.py MODEL --half dev --calibrate --pooled``: calibrate_threshold on the dev half's natural pairs of
-#: demo, SmolLM2 and all-MiniLM-L6-v2 pooled (source-aware predictor); see docs/verification.md
-DENOMINATOR_ROBUSTNESS_MIN = 0.9
+#: ``bench/unseen.py demo,smollm2,all-MiniLM-L6-v2 --half dev --calibrate --source-aware-denominators``:
+#: calibrate_threshold on the dev half's natural pairs of the three models pooled; see docs/verification.md
+DENOMINATOR_ROBUSTNESS_MIN = 0.9017  # 0.90174: the rule's midpoint between 0.8988 (failing) and 0.9047
 
 
 @dataclass
