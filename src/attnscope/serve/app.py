@@ -36,7 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.texts import decode_tokens
 from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
-from attnscope.serve.analysis import attention_check, contrast
+from attnscope.serve.analysis import Analyser, Tokens, attention_check, contrast
 from attnscope.serve.contrast_scope import ServedVerifier, verification_json
 from attnscope.serve.limits import (
     MAX_ATTENTION_TOKENS,
@@ -155,6 +155,14 @@ def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
             "top_negative_scores": [[t, -float(v)] for t, v in zip(dn, tn.values)]}
 
 
+def _contrast_json(an: Analyser, verifier: ServedVerifier, ta: Tokens, tb: Tokens, req: ContrastRequest) -> dict:
+    """``/api/contrast``: the served contrast, and with ``verify`` every neuron like for like (issue 19)."""
+    d = contrast(an, ta, tb, req.neuron, req.top)
+    if req.verify:
+        d["verification"] = verification_json(verifier.verify(ta.ids, tb.ids))
+    return d
+
+
 def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> None:
     """Model work goes through ``work`` (one worker, bounded depth); tokenising and the limit checks through
     ``light`` (so a refused text does not wait behind model work)."""
@@ -213,14 +221,7 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
         an.check_neuron(req.neuron)
         ta = await light.run(an.tokens, req.text_a)
         tb = await light.run(an.tokens, req.text_b)
-
-        def job() -> JSONResponse:
-            d = contrast(an, ta, tb, req.neuron, req.top)
-            if req.verify:  # every neuron like for like, with the noise ceiling and the baselines (issue 19)
-                d["verification"] = verification_json(verifier.verify(ta.ids, tb.ids))
-            return JSONResponse(d)
-
-        return await work.run(job)
+        return await work.run(lambda: JSONResponse(_contrast_json(an, verifier, ta, tb, req)))
 
 
 def create_app(m: ServeModel, *, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (),
