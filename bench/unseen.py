@@ -1,6 +1,9 @@
 """The unseen-text benchmark (issue 19): like-for-like contrast verification and the scope flag, any model.
 
     python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
+                           [--source-aware-denominators]   # the predictor contrast uses (saved as *_srcz.json)
+    python bench/unseen.py MODEL[,MODEL...] --half dev --calibrate [--source-aware-denominators]
+    python bench/unseen.py summary --half dev                 # one row per saved run
 
 Sources, pairs and adversarial inputs: ``bench/unseen/`` (built and frozen by scripts/make_unseen_bench.py;
 the report half is never tuned on).  For every source of the half, up to ``--windows`` windows spread over
@@ -16,7 +19,8 @@ each natural source of the half) it prints and saves:
 * the scope flag's AUROC and false-alarm rate against the failure definitions (contrast Spearman < 0.8,
   within-text FVU > 0.5), separately on the natural pairs, the natural texts and the adversarial inputs.
 
-Not a test: demo about 2 minutes, SmolLM2 about 20 minutes on 2 busy cores.
+Not a test: demo under a minute, MiniLM about 10 minutes, SmolLM2 about 20-30 minutes (8 windows) on 2 busy
+cores; reruns reuse the cached layer-0 measurements.
 """
 
 from __future__ import annotations
