@@ -6,7 +6,10 @@
 For each layer L: the effective-embedding approximation error of every layer <= L (held-out FVU, unseen
 share), contextual heads, circuit FVU against the heads on effective inputs and against the true heads, the
 ground-truth scores (median over the one-vs-rest contrasts of the bundled texts: Spearman of each predictor,
-precision of the reported set) and timings.  ``--probe`` adds the linear context probe per layer.
+precision of the reported set) and timings; then, per layer, each one-vs-rest contrast verified like for like
+(issue 19: the prediction from the reporting windows' own token counts against their truth, with the tuning-half
+prediction, the Spearman-Brown noise ceiling, the token-mean predictor fitted on the calibration text and the
+shuffled null beside it).  ``--probe`` adds the linear context probe per layer.
 Writes DIR/later_L{L}.json.  Not a test: minutes on 2 cores.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics as st
 import time
 from pathlib import Path
 
@@ -58,6 +62,7 @@ def main() -> None:
             print(f"|   layer {q.layer} (<= L) | {q.approximation.fvu:.3f} | | | {q.heads or '-'} | "
                   f"{q.limiting_condition[:90]} | ||G||={q.propagation_norm:.2f}, gain {q.propagation_gain:.2f} |",
                   flush=True)
+        print_like_for_like(L, r.like_for_like)
         if a.probe:
             from attnscope.neurons.probe import context_probe
 
@@ -65,8 +70,30 @@ def main() -> None:
             print(f"probe layer {L}: test accuracy {pr.test_accuracy:.3f}; separated {len(pr.separated)}/8: "
                   + ", ".join(f"{k} {v:.2f}" for k, v in pr.recall.items()), flush=True)
         print(f"elapsed {time.perf_counter() - t_all:.1f} s", flush=True)
+        lfl = {k: v.headline for k, v in r.like_for_like.items()}
         (a.out / f"{a.model}_L{L}_table.json").write_text(json.dumps({"seconds": dt, "median_spearman": ms,
+                                                                      "like_for_like": lfl,
                                                                       "timings": r.timings}, indent=1))
+
+
+def print_like_for_like(layer: int, vs: dict) -> None:
+    """One row per one-vs-rest contrast (ContrastVerification), then the medians."""
+    def f(x) -> str:
+        return "-" if x is None or x != x else f"{x:.3f}"
+
+    print(f"\nlayer {layer}, like for like (reporting-half windows; token-mean fitted on "
+          f"{next(iter(vs.values())).token_mean_fitted_on if vs else '-'})")
+    print("| source vs rest | like for like ρ | tuning-half counts ρ | noise ceiling (S-B) | token-mean ρ | shuffled ρ "
+          "| R-precision | n \\|d\\|≥1 |\n|---|---|---|---|---|---|---|---|")
+    rows = []
+    for k, v in vs.items():
+        nc = v.noise_ceiling.spearman_brown if v.noise_ceiling is not None else None
+        rows.append((v.headline, v.whole_source.spearman, nc, v.token_mean.spearman, v.shuffled_null.spearman))
+        print(f"| {k} | {f(rows[-1][0])} | {f(rows[-1][1])} | {f(nc)} | {f(rows[-1][3])} | {f(rows[-1][4])} | "
+              f"{f(v.like_for_like.r_precision)} | {v.n_true} |")
+    med = [st.median(x for x in col if x is not None) if any(x is not None for x in col) else None
+           for col in zip(*rows)]
+    print("| **median** | " + " | ".join(f(x) for x in med) + " | | |\n", flush=True)
 
 
 if __name__ == "__main__":

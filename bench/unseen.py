@@ -1,6 +1,9 @@
 """The unseen-text benchmark (issue 19): like-for-like contrast verification and the scope flag, any model.
 
     python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
+                           [--source-aware-denominators]   # the predictor contrast uses (saved as *_srcz.json)
+    python bench/unseen.py MODEL[,MODEL...] --half dev --calibrate [--source-aware-denominators]
+    python bench/unseen.py summary --half dev                 # one row per saved run
 
 Sources, pairs and adversarial inputs: ``bench/unseen/`` (built and frozen by scripts/make_unseen_bench.py;
 the report half is never tuned on).  For every source of the half, up to ``--windows`` windows spread over
@@ -16,7 +19,8 @@ each natural source of the half) it prints and saves:
 * the scope flag's AUROC and false-alarm rate against the failure definitions (contrast Spearman < 0.8,
   within-text FVU > 0.5), separately on the natural pairs, the natural texts and the adversarial inputs.
 
-Not a test: demo about 2 minutes, SmolLM2 about 20 minutes on 2 busy cores.
+Not a test: demo under a minute, MiniLM about 10 minutes, SmolLM2 about 20-30 minutes (8 windows) on 2 busy
+cores; reruns reuse the cached layer-0 measurements.
 """
 
 from __future__ import annotations
@@ -99,18 +103,33 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16)
     ap.add_argument("--token-mean-windows", type=int, default=4)
     ap.add_argument("--out", type=Path, default=Path("bench/results/unseen"))
+    ap.add_argument("--source-aware-denominators", action="store_true",
+                    help="predict with each contextual head's denominator estimated from the source's own token "
+                    "counts (TokenModel.bag); saved as OUT/MODEL_HALF_srcz.json")
     ap.add_argument("--rescore", action="store_true",
                     help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
                     "(every condition's measured value is saved) and print the tables, without running the model")
+    ap.add_argument("--calibrate", action="store_true",
+                    help="from the saved dev-half run: each candidate pair condition's AUROC against failure and "
+                    "its threshold by the stated rule (contrast_scope.calibrate_threshold)")
     a = ap.parse_args()
+    suffix = "_srcz" if a.source_aware_denominators else ""
+    if a.model == "summary":  # one row per saved run in OUT
+        summary_table([x for h in ("dev", "report") for x in sorted(a.out.glob(f"*_{h}*.json"))
+                       if x.stem.endswith((f"_{h}", f"_{h}_srcz"))])
+        return
+    if a.calibrate:  # MODEL may be a comma-separated list: each model, then all pooled
+        calibrate([a.out / f"{m.replace('/', '_')}_dev{suffix}.json" for m in a.model.split(",")])
+        return
     if a.rescore:
-        rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}.json")
+        rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}{suffix}.json")
         return
     torch.set_num_threads(2)
     from attnscope.circuit.build import build_circuit
     from attnscope.models import load_model
     from attnscope.neurons.contrast import build_token_model, calibration_std
-    from attnscope.neurons.verification import fit_token_mean, verify_contrast
+    from attnscope.neurons.groundtruth import spearman
+    from attnscope.neurons.verification import fit_token_mean, token_frequencies, verify_contrast
     from attnscope.serve.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
 
     split = json.loads((BENCH / "split.json").read_text())
@@ -119,7 +138,10 @@ def main() -> None:
     w = load_model(a.model)
     circ = build_circuit(w)
     n_min = circ.settings.min_position
-    tm, sigma = build_token_model(w, circ), calibration_std(w, circ).cpu()
+    tm = build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators)
+    # the other denominator form, for the scope's robustness to the denominators (token counts only)
+    tm_other = build_token_model(w, circ, source_aware_denominators=not a.source_aware_denominators)
+    sigma = calibration_std(w, circ).cpu()
     t0 = time.perf_counter()
     tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
     texts = measure_all(w, circ, natural + list(adv), a.windows, a.out / "cache")
@@ -131,10 +153,14 @@ def main() -> None:
         A, B = texts[x], texts[y]
         v, d, _, lfl = verify_contrast(w, tm.expected, sigma, n_min, A["windows"], B["windows"], A["p"], B["p"], tmean,
                                        A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
-        sc = pair_scope(A["m"], B["m"], lfl, rule)
+        pa, pb = (token_frequencies(torch.cat([x.reshape(-1) for x in T["windows"]])[None], w.d_vocab) for T in (A, B))
+        other = (tm_other.expected(pa) - tm_other.expected(pb)).cpu().double() / sigma
+        sc = pair_scope(A["m"], B["m"], lfl, rule, other)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
                      "rms_predicted_d": float(lfl.pow(2).mean().sqrt()),
+                     "denominator_robustness": spearman(lfl, other),
+                     "denominator_shift": float((other - lfl).pow(2).mean().sqrt() / lfl.pow(2).mean().sqrt()),
                      "failed": not (v.like_for_like.spearman >= 0.8)})
     trows = []
     for n, T in texts.items():
@@ -148,26 +174,30 @@ def main() -> None:
                       "failed": not (T["m"].fvu_within is not None and T["m"].fvu_within <= 0.5)})
     dt = time.perf_counter() - t0
     res = {"model": w.info(), "half": a.half, "windows": a.windows, "circuit_heads": circ.heads,
-           "query_conditioned": circ.query_conditioned, "token_mean_fitted_on": tmean.fitted_on,
+           "query_conditioned": circ.query_conditioned,
+           "source_aware_denominators": a.source_aware_denominators, "token_mean_fitted_on": tmean.fitted_on,
            "scope_rule": asdict(rule), "pairs": rows, "texts": trows, "seconds": dt}
     res["summary"] = summarise(rows, trows)
     a.out.mkdir(parents=True, exist_ok=True)
     name = a.model.replace("/", "_")
-    (a.out / f"{name}_{a.half}.json").write_text(json.dumps(res, indent=1, default=str))
+    (a.out / f"{name}_{a.half}{suffix}.json").write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)
 
 
 def rescore(path: Path) -> None:
     """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
-    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, in_flag, recheck
+    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, denominator_robustness, in_flag, recheck
 
     res = json.loads(path.read_text())
     rule = ScopeRule()
     z = {t["text"]: next((c["measured"] for c in t["scope"] if c["name"] == "denominators as on calibration"), None)
          for t in res["texts"]}
     for r in res["pairs"]:
-        r["scope"] = [c for c in r["scope"]
-                      if c["name"] not in ("contrast strong enough", "denominators alike on both sides")]
+        r["scope"] = [c for c in r["scope"] if c["name"] not in ("contrast strong enough", "robust to the denominators",
+                                                                   "denominators alike on both sides")]
+        if r.get("denominator_robustness") is not None:
+            c = denominator_robustness(r["denominator_robustness"], rule)
+            r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
         if z.get(r["a"]) is not None and z.get(r["b"]) is not None:
             c = denominator_gap(z[r["a"]], z[r["b"]], r["rms_predicted_d"], rule)
             r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
@@ -178,6 +208,75 @@ def rescore(path: Path) -> None:
     res["summary"] = summarise(res["pairs"], res["texts"])
     path.write_text(json.dumps(res, indent=1, default=str))
     print_tables(res)
+
+
+#: candidate pair conditions: name -> (value from a saved pair row, sign: +1 when larger is better)
+def _measured(name: str):
+    return lambda r: next((c["measured"] for c in r["scope"] if c["name"] == name), None)
+
+
+PAIR_FEATURES = {
+    "denominators alike on both sides": (_measured("denominators alike on both sides"), -1),
+    "robust to the denominators": (lambda r: r.get("denominator_robustness"), 1),
+    "denominator shift": (lambda r: r.get("denominator_shift"), -1),
+    "RMS predicted d": (lambda r: r.get("rms_predicted_d"), 1),
+    "enough positions": (_measured("enough positions"), 1),
+}
+
+
+def calibrate(paths: list[Path]) -> None:
+    """Each candidate pair condition on the dev half: AUROC of its value against failure (natural pairs;
+    adversarial pairs), and the threshold the stated rule gives on the natural pairs; per saved run, then pooled."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    assert all(r["half"] == "dev" for r in runs), "thresholds are set on the development half only"
+    for res in runs:
+        _calibrate_table(res["model"]["name"], res["pairs"])
+    if len(runs) > 1:
+        _calibrate_table(" + ".join(r["model"]["name"] for r in runs), [x for r in runs for x in r["pairs"]])
+
+
+def _calibrate_table(title: str, pairs: list[dict]) -> None:
+    from attnscope.serve.contrast_scope import calibrate_threshold
+
+    print(f"\n{title}, dev half\n\n| condition | AUROC natural | AUROC adversarial | "
+          "threshold (rule) | natural: flagged failing / holding | adversarial: flagged failing / holding |\n"
+          "|---|---|---|---|---|---|")
+    for name, (get, sign) in PAIR_FEATURES.items():
+        row = [name]
+        sets = {k: [(sign * get(r), r["failed"]) for r in pairs if r["kind"] == k and get(r) is not None]
+                for k in ("natural", "adversarial")}
+        row += [_fmt(_auroc([-x for x, _ in v], [f for _, f in v])) for v in sets.values()]
+        nat = sets["natural"]
+        t = calibrate_threshold([x for x, _ in nat], [f for _, f in nat]) if nat else float("nan")
+        row.append(f"{'≥' if sign > 0 else '≤'} {_fmt(sign * t, 4)}")
+        for v in sets.values():
+            row.append(f"{sum(x < t and f for x, f in v)} of {sum(f for _, f in v)} / "
+                       f"{sum(x < t and not f for x, f in v)} of {sum(not f for _, f in v)}")
+        print("| " + " | ".join(row) + " |")
+
+
+def summary_table(paths: list[Path]) -> None:
+    """``bench/unseen.py summary``: the headline numbers of every saved run, one row each (scope as saved: rescore
+    a run first to apply the current rule)."""
+    print("| model | half | denominators | windows | s | like for like | whole source | noise ceiling | token-mean | "
+          "shuffled | beats token-mean | pairs < 0.8 | R-precision (pairs ≥ 10 at \\|d\\|≥1: n, median, min, ≥ 0.75) | "
+          "scope natural pairs: AUROC, false alarms | scope adversarial: AUROC, false alarms |\n" + "|---" * 15 + "|")
+    for p in paths:
+        r = json.loads(p.read_text())
+        if "summary" not in r or r["half"] not in ("dev", "report"):
+            continue
+        s = r["summary"]
+        rp = s["r_precision_pairs_10plus"]
+        nat = [x for x in r["pairs"] if x["kind"] == "natural"]
+        sn, sa = s["scope_natural_pairs"], s["scope_adversarial"]
+        print(f"| {r['model']['name']} | {r['half']} | "
+              f"{'source-aware' if r.get('source_aware_denominators') else 'calibrated'} | {r['windows']} | "
+              f"{r['seconds']:.0f} | {_fmt(s['median_like_for_like'])} | {_fmt(s['median_whole_source'])} | "
+              f"{_fmt(s['median_noise_ceiling'])} | {_fmt(s['median_token_mean'])} | {_fmt(s['median_shuffled'])} | "
+              f"{s['beats_token_mean']} of {s['n_pairs']} | {sum(x['failed'] for x in nat)} | "
+              f"{len(rp)}, {_fmt(st.median(rp) if rp else None, 2)}, {_fmt(min(rp) if rp else None, 2)}, "
+              f"{sum(x >= 0.75 for x in rp)} | {_fmt(sn['auroc'])}, {_fmt(sn['false_alarm_rate'], 2)} | "
+              f"{_fmt(sa['auroc'])}, {_fmt(sa['false_alarm_rate'], 2)} |")
 
 
 def _auroc(score: list[float], bad: list[bool]) -> float | None:
@@ -218,11 +317,12 @@ def summarise(rows: list[dict], trows: list[dict]) -> dict:
 
 
 def print_tables(res: dict) -> None:
-    print(f"model {res['model']['name']}, {res['half']} half, up to {res['windows']} windows per source; contextual "
-          f"heads {res['circuit_heads']}; token-mean fitted on {len(res['token_mean_fitted_on'])} bundled texts; "
-          f"{res['seconds']:.0f} s\n")
+    srcz = ", source-aware denominators" if res.get("source_aware_denominators") else ""
+    print(f"model {res['model']['name']}{srcz}, {res['half']} half, up to {res['windows']} windows per source; "
+          f"contextual heads {res['circuit_heads']}; token-mean fitted on {len(res['token_mean_fitted_on'])} "
+          f"bundled texts; {res['seconds']:.0f} s\n")
     print("| pair | tags | like for like ρ | whole source ρ | noise ceiling (S-B) | token-mean ρ | shuffled ρ | "
-          "R-precision | n \\|d\\|≥1 | scope |\n|---|---|---|---|---|---|---|---|---|---|")
+          "R-precision | R-prec. split half | n \\|d\\|≥1 | scope |\n|---|---|---|---|---|---|---|---|---|---|---|")
     for r in res["pairs"]:
         if r["kind"] != "natural":
             continue
@@ -232,7 +332,7 @@ def print_tables(res: dict) -> None:
         print(f"| {r['a']} vs {r['b']} | {r['tags']} | {_fmt(v['like_for_like']['spearman'])} | "
               f"{_fmt(v['whole_source']['spearman'])} | {_fmt(nc)} | {_fmt(v['token_mean']['spearman'])} | "
               f"{_fmt(v['shuffled_null']['spearman'])} | {_fmt(v['like_for_like']['r_precision'], 2)} | "
-              f"{v['n_true']} | "
+              f"{_fmt((v['noise_ceiling'] or {}).get('r_precision'), 2)} | {v['n_true']} | "
               f"{'out: ' + ', '.join(fails) if fails else 'in'} |")
     s = res["summary"]
     rp = s["r_precision_pairs_10plus"]

@@ -253,6 +253,10 @@ def test_every_panel_follows_the_chosen_neuron(page):
     c = _post(url + "/api/contrast", {"text_a": SPANISH, "text_b": ENGLISH, "neuron": k2, "top": 10})
     effect = drv.find_element(*_by("#contrast-effect")).text
     assert effect.startswith(f"L0N{k2}:") and f"true {c['d_true']:.2f}, predicted {c['d_pred']:.2f}" in effect
+    cv = _post(url + "/api/contrast", {"text_a": SPANISH, "text_b": ENGLISH, "neuron": k2, "top": 10,
+                                      "verify": True})["verification"]
+    verify = drv.find_element(*_by("#contrast-verify")).text  # issue 19: every neuron like for like, with baselines
+    assert f"Spearman {cv['like_for_like']['spearman']:.3f}" in verify and "token-shuffled null" in verify
     _wait(drv, lambda dr: f"L0N{k2}" in dr.find_element(*_by("#predicted-note")).text)
     assert drv.find_element(*_by("#neuron-card")).text.startswith(f"L0N{k2} ")
     api = _post(url + "/api/analyse", {"text": SPANISH, "neuron": k2})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 from dataclasses import replace
+from statistics import median
 
 import pytest
 import torch
@@ -127,6 +128,18 @@ def test_later_layer_scores_beat_the_null(demo, later1):
     assert len(res.rows) == w.d_mlp
 
 
+def test_later_layer_is_verified_like_for_like(later1):
+    """Issue 19: each one-vs-rest contrast of layer L, the prediction from the reporting windows' own counts
+    against their truth, with the tuning-half prediction, token-mean (calibration text) and null beside it."""
+    res = later1
+    assert set(res.like_for_like) == set(res.scores["full"]) and len(res.like_for_like) == len(res.sources)
+    for v in res.like_for_like.values():
+        assert v.whole_source.predictor.startswith("tuning-half counts")
+        assert v.token_mean_fitted_on == [res.settings["circuit"]["calibration"]]
+        assert v.like_for_like.spearman > v.shuffled_null.spearman + 0.3
+    assert median(v.headline for v in res.like_for_like.values()) > 0.6
+
+
 def test_later_result_round_trip(later1, tmp_path):
     from attnscope.circuit.result import Condition
     from attnscope.later.result import LaterCircuitRecord, LaterResult
@@ -138,6 +151,7 @@ def test_later_result_round_trip(later1, tmp_path):
     assert json.loads(json.dumps(back.to_json())) == json.loads(json.dumps(res.to_json()))  # floats survive exactly
     assert back.circuit == res.circuit and back.threshold == res.threshold and back.cards == res.cards
     assert back.ceiling == res.ceiling and back.verification == res.verification
+    assert back.like_for_like == res.like_for_like
     assert back.median_spearman("full") == res.median_spearman("full")
     with (tmp_path / "L1" / "neurons.csv").open(newline="") as f:
         rows = list(csv.reader(f))

@@ -174,6 +174,32 @@ def test_contrast_against_forward_pass(served):
     assert d["a"]["mean_pred"] == pytest.approx(float(_reference_pred(m, ia, k)[n_min:].mean()), abs=1e-4)
 
 
+def test_contrast_verified_like_for_like(served):
+    """Issue 19: ``verify`` adds every neuron's like-for-like verification (the prediction from the verified
+    windows' own counts) with the noise ceiling, the token-shuffled null and the token-mean predictor beside it,
+    the same numbers as verify_contrast on those windows."""
+    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.verification import fit_token_mean, spread_windows, token_frequencies, verify_contrast
+
+    m, c = served
+    a, ia = _text(m.w, "bundled:es_fortunes", 700)
+    b, ib = _text(m.w, "bundled:en_moby_dick", 700)
+    d = c.post("/api/contrast", json={"text_a": a, "text_b": b, "neuron": 0, "top": 3, "verify": True}).json()
+    v = d["verification"]
+    assert v["n_windows_a"] >= 2 and v["noise_ceiling"]["spearman_brown"] > 0.5
+    assert v["like_for_like"]["spearman"] > v["shuffled_null"]["spearman"] + 0.3
+    assert v["like_for_like"]["spearman"] > v["token_mean"]["spearman"]
+    assert len(v["token_mean_fitted_on"]) >= 2
+    w, circ, n_min = m.w, m.circ, m.circ.settings.min_position
+    ids = [ia, ib]  # the text's tokens, no BOS
+    wa, wb = (spread_windows(w, x, circ.T, 16) for x in ids)
+    tm = build_token_model(w, circ, source_aware_denominators=True)
+    ref = verify_contrast(w, tm.expected, calibration_std(w, circ).cpu(), n_min, wa, wb,
+                          *(token_frequencies(x[None], w.d_vocab) for x in ids), fit_token_mean(w, n_min, circ.T))[0]
+    assert v["like_for_like"]["spearman"] == pytest.approx(ref.like_for_like.spearman, abs=1e-6)
+    assert "verification" not in c.post("/api/contrast", json={"text_a": a, "text_b": b, "neuron": 0}).json()
+
+
 def test_info_neurons_and_static_files(served):
     m, c = served
     info = c.get("/api/info").json()

@@ -220,3 +220,30 @@ def test_served_windows_batched_equal_one_at_a_time(query_llama, form):
     assert [(x.name, x.ok) for x in many.conditions] == [(x.name, x.ok) for x in one.conditions]
     for a, b in zip(many.conditions, one.conditions):
         assert a.measured == pytest.approx(b.measured, rel=1e-4, abs=1e-6)
+
+
+@pytest.mark.parametrize("form", ["on", "off"])
+def test_source_aware_denominators_split_the_bag_by_head(query_llama, form):
+    """Source-aware denominators (issue 19): the per-head bag means sum to the bag the circuit uses; on the
+    calibration text's frequencies every head's ratio is 1 (the token model is unchanged there); a source whose
+    tokens carry twice the content factor gets each head's bag halved."""
+    from attnscope.neurons.contrast import build_token_model
+    from attnscope.neurons.verification import token_frequencies
+
+    w, _ = query_llama
+    c = build_circuit(w, _settings(query_conditioned=form))
+    tm = build_token_model(w, c, source_aware_denominators=True)
+    plain = build_token_model(w, c)
+    bag = tm.bag
+    assert bag is not None and plain.bag is None
+    p = token_frequencies(text_tokens("bundled:es_fortunes", w.tokenizer, max_tokens=64)[None], w.d_vocab)
+    torch.testing.assert_close(centre(bag.mean(p, source_aware=False), w).double(),
+                               (p.to(c.ext.dtype) @ centre(c.ext, w)).double(), atol=1e-5, rtol=1e-4)
+    body = c.calibration_tokens[1:] if w.prepend_bos else c.calibration_tokens
+    p_cal = token_frequencies(body[None].cpu(), w.d_vocab)
+    torch.testing.assert_close(bag.ratios(p_cal), torch.ones(len(c.heads), dtype=bag.g.dtype))
+    torch.testing.assert_close(tm.expected(p_cal), plain.expected(p_cal))
+    r = bag.ratios(p)
+    assert r.shape == (len(c.heads),) and bool((r > 0).all())
+    torch.testing.assert_close(bag.mean(p), (bag.head_means(p) / r[:, None].to(bag.e_val.dtype)).sum(0))
+    assert not torch.allclose(tm.expected(p), plain.expected(p))

@@ -64,7 +64,58 @@ def test_denominator_gap_condition_and_the_flag():
     c = denominator_gap(0.7, 1.25, 0.25, rule)
     assert c.measured == pytest.approx(abs(math.log(0.7) - math.log(1.25)) / 0.25) and not c.ok
     assert denominator_gap(0.74, 0.72, 0.25, rule).ok
+    assert not out_of_scope([c])  # measured and shown only: it predicts nothing with source-aware denominators
     short = pair_conditions(39, 4000, torch.ones(5), rule)
     assert out_of_scope(short) and not out_of_scope(pair_conditions(4000, 4000, torch.ones(5), rule))
     again = recheck({**c.to_json(), "in_flag": True}, ScopeRule(max_denominator_gap=10.0))
     assert again["ok"] and again["threshold"] == 10.0
+
+
+def test_robustness_to_the_denominators_flags_a_prediction_that_rests_on_them():
+    rule = ScopeRule(min_denominator_robustness=0.9)
+    pred = torch.arange(10.0)
+    same = pair_conditions(4000, 4000, pred, rule, 2 * pred + 1)
+    assert same[-1].name == "robust to the denominators" and same[-1].measured == pytest.approx(1.0)
+    assert not out_of_scope(same)
+    flipped = pair_conditions(4000, 4000, pred, rule, -pred)
+    assert out_of_scope(flipped) and flipped[-1].measured == pytest.approx(-1.0)
+    again = recheck({**flipped[-1].to_json(), "in_flag": True}, ScopeRule(min_denominator_robustness=-2.0))
+    assert again["ok"] and again["threshold"] == -2.0
+
+
+def test_noise_ceiling_r_precision_is_one_when_the_halves_agree():
+    g = torch.Generator().manual_seed(1)
+    signal = 3 * torch.randn(200, generator=g)
+    a = [_stats(signal) for _ in range(4)]
+    b = [_stats(torch.zeros(200)) for _ in range(4)]
+    assert noise_ceiling(a, b).r_precision == pytest.approx(1.0)
+    flat = [_stats(torch.zeros(200)) for _ in range(4)]
+    assert noise_ceiling(flat, b).r_precision is None
+
+
+def test_calibrate_threshold_keeps_false_alarms_within_the_limit():
+    from attnscope.serve.contrast_scope import calibrate_threshold
+
+    values = [0.1, 0.2, 0.3, 0.9, 0.95, 0.96, 0.97, 0.98, 0.99, 0.995, 0.999]
+    failed = [True, True, True] + [False] * 8
+    assert calibrate_threshold(values, failed) == pytest.approx(0.6)  # between the worst holding and best failing
+    # one holding input among the failing ones: flagging it too costs 1/8 > 10% false alarms
+    failed2 = [True, False, True] + [False] * 8
+    t = calibrate_threshold(values, failed2)
+    assert t == pytest.approx(0.15)
+    assert calibrate_threshold(values, [False] * len(values)) < min(values)
+
+
+def test_the_robustness_threshold_is_the_rule_on_the_saved_dev_runs():
+    """The flag's threshold is not set by hand: calibrate_threshold on the dev half's natural pairs of the three
+    models pooled (the saved bench/unseen.py runs, source-aware predictor) gives it."""
+    import json
+    from pathlib import Path
+
+    from attnscope.serve.contrast_scope import DENOMINATOR_ROBUSTNESS_MIN, calibrate_threshold
+
+    root = Path(__file__).resolve().parents[2] / "bench" / "results" / "unseen"
+    pairs = [p for m in ("demo", "smollm2", "all-MiniLM-L6-v2")
+             for p in json.loads((root / f"{m}_dev_srcz.json").read_text())["pairs"] if p["kind"] == "natural"]
+    t = calibrate_threshold([p["denominator_robustness"] for p in pairs], [p["failed"] for p in pairs])
+    assert DENOMINATOR_ROBUSTNESS_MIN == pytest.approx(t, abs=1e-4)

@@ -52,6 +52,7 @@ from attnscope.neurons.find import (
     validated,
 )
 from attnscope.neurons.groundtruth import KS, discovery_scores, random_precision, spearman
+from attnscope.neurons.verification import one_vs_rest_verification
 
 PREDICTORS = ("full", "heads", "direct", "hybrid", "token_mean", "shuffled")
 
@@ -261,10 +262,15 @@ def find_later_neurons(w: ModelWeights, layer: int, cs=None, s=None, *, shared=N
     hp = parts["positions"]
     hyb = (lambda tok, k: hp.parts(w, tok, k)) if rank == "hybrid" and hp is not None else None
     evidence = card_evidence(w, lc, [c.index for c in cards], hyb)
+    lfl = one_vs_rest_verification(w, lc.token_model.expected, td.sigma, lc.n_min, [list(x.report) for x in lc.windows],
+                                   names, td.cal_token_mean,
+                                   [token_frequencies(x.tune, w.d_vocab) * x.tune.numel() for x in lc.windows],
+                                   "tuning-half counts (the ranking's)", td.report_stats)
     t["total"] = time.perf_counter() - t0
     return LaterResult(w.info(), layer, lc.record(), {"circuit": asdict(cs), "later": asdict(s)},
                        [x.spec for x in lc.windows], scores, rnd, thr, ver, cards, rows, t, ceiling,
-                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)}, evidence=evidence)
+                       true_d_report={n: td.d_report[c] for c, n in enumerate(names)}, evidence=evidence,
+                       like_for_like=lfl)
 
 
 def find_later_layers(w: ModelWeights, layers: list[int], cs=None, s=None) -> list[LaterResult]:

@@ -23,6 +23,7 @@ from attnscope.neurons.evidence import NeuronEvidence
 from attnscope.neurons.find import CardHead, NeuronRow, Threshold
 from attnscope.neurons.groundtruth import DiscoveryScores
 from attnscope.neurons.result import write_neuron_csv
+from attnscope.neurons.verification import ContrastVerification
 
 SCHEMA_VERSION = 1  # of a later-layer neurons.json
 
@@ -182,6 +183,9 @@ class LaterResult:
     # the cards' top windows, histograms and direct effect on output tokens (evidence.json; no precision curve;
     # None for results saved before it existed)
     evidence: NeuronEvidence | None = field(default=None, repr=False)
+    # source -> the one-vs-rest contrast verified like for like on the reporting half (issue 19: the prediction
+    # from those windows' own counts, the tuning-half prediction beside it, noise ceiling, token-mean, null)
+    like_for_like: dict[str, ContrastVerification] = field(default_factory=dict)
 
     @property
     def median_ceiling(self) -> float | None:
@@ -200,7 +204,8 @@ class LaterResult:
                 "scores": {p: {s: v.to_json() for s, v in d.items()} for p, d in self.scores.items()},
                 "random_precision": self.random_precision, "threshold": asdict(self.threshold),
                 "verification": asdict(self.verification), "timings": self.timings,
-                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
+                "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows],
+                "like_for_like": {k: asdict(v) for k, v in self.like_for_like.items()}}
 
     def save(self, out: str | Path) -> Path:
         """``out/neurons.json`` (everything), ``out/neurons.csv`` (one row per neuron, as at layer 0) and
@@ -222,7 +227,8 @@ class LaterResult:
                    {p: {s: _scores_from_json(v) for s, v in x.items()} for p, x in d["scores"].items()},
                    d["random_precision"], Threshold(**d["threshold"]), LaterVerification.from_json(d["verification"]),
                    [LaterCard.from_json(c) for c in d["cards"]], [NeuronRow(**r) for r in d["neurons"]], d["timings"],
-                   d.get("ceiling", {}))
+                   d.get("ceiling", {}),
+                   like_for_like={k: from_dict(ContrastVerification, v) for k, v in d.get("like_for_like", {}).items()})
 
     @classmethod
     def load(cls, out: str | Path) -> LaterResult:

@@ -14,6 +14,7 @@ from attnscope.later.method import LaterCircuit
 from attnscope.models import ModelWeights
 from attnscope.neurons.contrast import PreStats
 from attnscope.neurons.find import one_vs_rest_effects
+from attnscope.neurons.verification import TokenMean, token_mean_on_calibration
 
 
 @torch.no_grad()
@@ -43,10 +44,14 @@ def token_mean(pres: list[Tensor], toks: list[Tensor], n_min: int, V: int) -> Te
     return torch.where(cnt[:, None] > 0, M / cnt.clamp_min(1)[:, None], (M.sum(0) / cnt.sum())[None])
 
 
-def calibration_sigma(w: ModelWeights, lc: LaterCircuit, calibration: str) -> Tensor:
+def calibration_tokens(w: ModelWeights, lc: LaterCircuit, calibration: str) -> Tensor:
     T = lc.windows[0].tune.shape[1]
     bos = w.bos_token_id if w.prepend_bos else None
-    cal = text_tokens(calibration, w.tokenizer, max_tokens=T, min_tokens=lc.n_min + 8, bos_token_id=bos)
+    return text_tokens(calibration, w.tokenizer, max_tokens=T, min_tokens=lc.n_min + 8, bos_token_id=bos)
+
+
+def calibration_sigma(w: ModelWeights, lc: LaterCircuit, calibration: str) -> Tensor:
+    cal = calibration_tokens(w, lc, calibration)
     return layer_pre(w, cal[None], lc.layer)[0, lc.n_min :].double().std(0).clamp_min(1e-6)
 
 
@@ -58,6 +63,8 @@ class TruthData:
     d_report: Tensor  # [n_sources, d_mlp] reporting half
     M: Tensor  # [d_vocab, d_mlp] token-mean predictor (tuning half)
     sigma: Tensor  # [d_mlp] calibration std
+    report_stats: list[list[PreStats]]  # per source, per reporting-half window (the like-for-like verification)
+    cal_token_mean: TokenMean  # the token-mean predictor fitted on the calibration text (like for like)
 
 
 @torch.no_grad()
@@ -65,7 +72,10 @@ def truth_data(w: ModelWeights, lc: LaterCircuit, calibration: str) -> TruthData
     n_min = lc.n_min
     tune = [layer_pre(w, x.tune, lc.layer) for x in lc.windows]
     rep = [layer_pre(w, x.report, lc.layer) for x in lc.windows]
+    cal = calibration_tokens(w, lc, calibration)
+    tmean = token_mean_on_calibration(w, cal, n_min, calibration, pre=lambda t: layer_pre(w, t[None], lc.layer)[0])
     return TruthData(one_vs_rest_effects([mlp_pre_stats(p, n_min) for p in tune]),
                      one_vs_rest_effects([mlp_pre_stats(p, n_min) for p in rep]),
                      token_mean(tune, [x.tune for x in lc.windows], n_min, w.d_vocab),
-                     calibration_sigma(w, lc, calibration))
+                     calibration_sigma(w, lc, calibration),
+                     [[mlp_pre_stats(p[i : i + 1], n_min) for i in range(len(p))] for p in rep], tmean)

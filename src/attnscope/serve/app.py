@@ -36,7 +36,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from attnscope.core.errors import AttnscopeError
 from attnscope.core.texts import decode_tokens
 from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
-from attnscope.serve.analysis import attention_check, contrast
+from attnscope.serve.analysis import Analyser, Tokens, attention_check, contrast
+from attnscope.serve.contrast_scope import ServedVerifier, verification_json
 from attnscope.serve.limits import (
     MAX_ATTENTION_TOKENS,
     MAX_BODY_BYTES,
@@ -75,6 +76,7 @@ class ContrastRequest(BaseModel):
     text_b: str
     neuron: int
     top: int = Field(default=10)
+    verify: bool = False  # add the like-for-like verification of every neuron (ServedVerifier)
 
 
 def _error(status: int, msg: str) -> JSONResponse:
@@ -153,12 +155,21 @@ def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
             "top_negative_scores": [[t, -float(v)] for t, v in zip(dn, tn.values)]}
 
 
+def _contrast_json(an: Analyser, verifier: ServedVerifier, ta: Tokens, tb: Tokens, req: ContrastRequest) -> dict:
+    """``/api/contrast``: the served contrast, and with ``verify`` every neuron like for like (issue 19)."""
+    d = contrast(an, ta, tb, req.neuron, req.top)
+    if req.verify:
+        d["verification"] = verification_json(verifier.verify(ta.ids, tb.ids))
+    return d
+
+
 def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> None:
     """Model work goes through ``work`` (one worker, bounded depth); tokenising and the limit checks through
     ``light`` (so a refused text does not wait behind model work)."""
     info = info_json(m)
     table = [r.to_json() for r in m.table]
     an = m.analyser
+    verifier = ServedVerifier(m.w, m.circ)
 
     @app.get("/api/info")
     def api_info() -> dict:
@@ -210,7 +221,7 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
         an.check_neuron(req.neuron)
         ta = await light.run(an.tokens, req.text_a)
         tb = await light.run(an.tokens, req.text_b)
-        return await work.run(lambda: JSONResponse(contrast(an, ta, tb, req.neuron, req.top)))
+        return await work.run(lambda: JSONResponse(_contrast_json(an, verifier, ta, tb, req)))
 
 
 def create_app(m: ServeModel, *, host: str = "127.0.0.1", allow_hosts: tuple[str, ...] = (),

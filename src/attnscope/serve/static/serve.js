@@ -419,7 +419,7 @@ async function runContrast() {
   message("#contrast-message", "");
   if (!A.trim() || !B.trim()) { message("#contrast-message", "Both texts are needed: fill text A and text B."); return; }
   try {
-    S.contrast = await api("/api/contrast", { text_a: A, text_b: B, neuron: S.neuron, top: 10 });
+    S.contrast = await api("/api/contrast", { text_a: A, text_b: B, neuron: S.neuron, top: 10, verify: true });
   } catch (e) { message("#contrast-message", e.message); return; }
   const c = S.contrast;
   $("#contrast-result").hidden = false;
@@ -432,6 +432,13 @@ async function runContrast() {
   $("#contrast-effect").textContent = `${nname(c.neuron)}: effect size d (A vs B, over positions n ≥ ` +
     `${S.info.circuit.min_position}) true ${fmt(c.d_true, 2)}, predicted ${fmt(c.d_pred, 2)}. Of the top ${c.top.length} ` +
     `separating neurons, the prediction has the true sign for ${c.top_same_sign}.`;
+  const v = c.verification, nc = v && v.noise_ceiling;
+  $("#contrast-verify").textContent = v ? `Every neuron, like for like (prediction from the token counts of the ` +
+    `${v.n_windows_a} + ${v.n_windows_b} windows the truth is measured on): Spearman ${fmt(v.like_for_like.spearman)}; ` +
+    `noise ceiling ${nc ? fmt(nc.spearman_brown) : "– (fewer than two windows a side)"}; token-mean predictor ` +
+    `${fmt(v.token_mean.spearman)}; token-shuffled null ${fmt(v.shuffled_null.spearman)}; R-precision ` +
+    `${v.like_for_like.r_precision === null ? "–" : fmt(v.like_for_like.r_precision, 2)} (${v.n_true} neurons ` +
+    `with true |d| ≥ 1).` : "";
   const top = $("#contrast-top tbody");
   top.replaceChildren();
   for (const r of c.top) {
