@@ -14,6 +14,7 @@ import torch
 
 import attnscope.circuit.build as C
 import attnscope.kernels.analysis as K
+import attnscope.kernels.estimation as KE
 from attnscope.exact.decomposition import (
     apply_pair_weights,
     approximate_pattern,
@@ -153,9 +154,9 @@ def test_kernel_analysis_fast_path_matches_exact_path(tiny_gpt2, monkeypatch):
     w, _ = tiny_gpt2
     s = K.KernelSettings(**KS)
     fast = K.analyse_kernels(w, s, cache=False, progress=False)
-    monkeypatch.setattr(K, "_stream_layers", exact_stream)
-    monkeypatch.setattr(K, "approximate_tv", exact_tv)
-    monkeypatch.setattr(K, "layer0_weight_kernels",
+    monkeypatch.setattr(KE, "_stream_layers", exact_stream)
+    monkeypatch.setattr(KE, "approximate_tv", exact_tv)
+    monkeypatch.setattr(KE, "layer0_weight_kernels",
                         lambda w, q, T, r, rows: exact_layer0_weight_kernels(w, q, T, r)[:, rows])
     exact = K.analyse_kernels(w, s, cache=False, progress=False)
     _assert_close_tree([asdict(r) for r in fast.records], [asdict(r) for r in exact.records])
