@@ -230,7 +230,8 @@ class NeuronResult:
         z = tr.get("denominators", {})
         dens = [from_dict(TextDenominators, {**x, "Z_trace": z.get(x["text"], [])}) for x in d["denominators"]]
         return cls(model=d["model"], circuit=Circuit.load(circ_dir), settings=d["settings"], sources=d["sources"],
-                   rows=[from_dict(NeuronRow, r) for r in d["neurons"]], threshold=from_dict(Threshold, d["threshold"]),
+                   rows=[NeuronRow(**r) for r in d["neurons"]],  # flat rows: direct, 3x faster than dacite (serve)
+                   threshold=from_dict(Threshold, d["threshold"]),
                    verification=from_dict(Verification, d["verification"]),
                    cards=[from_dict(NeuronCard, c) for c in d["cards"]], denominators=dens,
                    traces=[from_dict(NeuronTrace, t) for t in tr.get("traces", [])], evidence=evidence)
