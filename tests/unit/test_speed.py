@@ -186,14 +186,9 @@ def test_circuit_fast_path_matches_exact_path(context_neuron_gpt2, monkeypatch):
 
 def exact_swings(w, circ, top_m, chunk):
     """The swings as computed before fix 7: ``[V', chunk]`` products, top-m down the strided dimension."""
-    from attnscope.circuit.build import mlp_input_weights
-    from attnscope.exact.decomposition import centre
+    from attnscope.neurons.find import swing_inputs
 
-    W, _ = mlp_input_weights(w)
-    ext = centre(circ.ext, w) / circ.mlp_scale
-    body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
-    p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
-    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    W, ext, mean_cal = swing_inputs(w, circ)  # the same inputs; the products and the top-m as before fix 7
     ext_m = ext[circ.token_mask]
     m = min(top_m, int(circ.token_mask.sum()))
     pos, neg = [], []

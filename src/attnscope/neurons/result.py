@@ -71,6 +71,16 @@ def write_neuron_csv(rows: list[NeuronRow], path: Path) -> None:
             wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
 
 
+def save_neuron_files(out: str | Path, data: dict, rows: list[NeuronRow]) -> Path:
+    """``out/neurons.json`` (``data``, a result's JSON) and ``out/neurons.csv`` (:func:`write_neuron_csv`): what
+    the layer-0 and the later-layer results both write."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "neurons.json").write_text(json.dumps(data, indent=1))
+    write_neuron_csv(rows, out / "neurons.csv")
+    return out
+
+
 @dataclass
 class Threshold:
     value: float  # neurons with sensitivity >= value pass (inf: none)
@@ -239,10 +249,7 @@ class NeuronResult:
     def save(self, out: str | Path) -> Path:
         """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron), ``traces.json`` and
         ``evidence.json`` (the cards' activation examples, histograms, direct logit effects; the precision curve)."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        write_neuron_csv(self.rows, out / "neurons.csv")
+        out = save_neuron_files(out, self.to_json(), self.rows)
         (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
                                                      "denominators": {d.text: d.Z_trace for d in self.denominators}}))
         if self.evidence is not None:
