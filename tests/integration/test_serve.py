@@ -280,6 +280,7 @@ def test_saved_analysis_is_reused(served, tmp_path):
     assert [m2.row_json(r) for r in m2.table] == [m.row_json(r) for r in m.table]  # the same table, loaded
     assert sum(r.passed for r in m2.table) > 0 and any(m2.row_json(r)["label"] for r in m2.table)
     assert m2.source.startswith("saved analysis")
+    assert m2.neurons.traces == [] and m2.neurons.evidence is None  # NeuronResult.load(table_only=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(AttnscopeError, match="no circuit or neurons.json"):
         load_serve_model(m.w, tmp_path / "empty", log=lambda *_: None)

@@ -225,18 +225,19 @@ class NeuronResult:
                 "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
 
     @classmethod
-    def load(cls, out: str | Path) -> NeuronResult:
+    def load(cls, out: str | Path, *, table_only: bool = False) -> NeuronResult:
         """The result :meth:`save` wrote to ``out``; its circuit from ``out/circuit`` or, in a report folder,
-        from the sibling ``circuit/`` folder."""
+        from the sibling ``circuit/`` folder.  ``table_only``: neurons.json and the circuit alone (no traces,
+        denominator traces or evidence; what ``serve`` shows), about half the time on the demo."""
         out = Path(out)
         d = read_versioned(out / "neurons.json", SCHEMA_VERSION, "neurons.json (`attnscope neurons` or `report`)")
         circ_dir = next((p for p in (out / "circuit", out.parent / "circuit") if (p / "circuit.json").is_file()), None)
         if circ_dir is None:
             raise AttnscopeError(f"no circuit/ folder beside {out / 'neurons.json'}; re-run `attnscope neurons` or "
                                  "`attnscope report`, which save it")
-        tr = json.loads((out / "traces.json").read_text()) if (out / "traces.json").is_file() else {}
-        ev = out / "evidence.json"
-        evidence = from_dict(NeuronEvidence, json.loads(ev.read_text())) if ev.is_file() else None
+        trp, ev = out / "traces.json", out / "evidence.json"
+        tr = json.loads(trp.read_text()) if trp.is_file() and not table_only else {}
+        evidence = from_dict(NeuronEvidence, json.loads(ev.read_text())) if ev.is_file() and not table_only else None
         z = tr.get("denominators", {})
         dens = [from_dict(TextDenominators, {**x, "Z_trace": z.get(x["text"], [])}) for x in d["denominators"]]
         return cls(model=d["model"], circuit=Circuit.load(circ_dir), settings=d["settings"], sources=d["sources"],

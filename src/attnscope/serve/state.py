@@ -113,7 +113,7 @@ def circuit_from_analysis(w: ModelWeights, analysis: Path) -> tuple[Circuit, Neu
     (``DIR/circuit`` or ``DIR``; the neurons are then computed) and ``None``."""
     _check_folder(analysis)
     ndir = _neurons_dir(analysis)
-    res = NeuronResult.load(ndir) if ndir is not None else None
+    res = NeuronResult.load(ndir, table_only=True) if ndir is not None else None  # no traces or evidence
     circ = res.circuit if res is not None else _saved_circuit(analysis)
     if circ is None:
         raise AttnscopeError(f"no circuit or neurons.json in {analysis}; pass the output folder of `attnscope report` "
