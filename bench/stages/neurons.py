@@ -58,16 +58,9 @@ def stage_scoring(cfg):
 def naive_swings(w, circ, top_m: int):
     """The swings with the whole ``[V', d_mlp]`` score matrix ``Ext' @ W_in'`` in one product, then top-m down
     the vocabulary (what ``neurons.swings`` computes in transposed chunks of 1024 neurons)."""
-    import torch
+    from attnscope.neurons.find import swing_inputs
 
-    from attnscope.circuit.build import mlp_input_weights
-    from attnscope.exact.decomposition import centre
-
-    W, _ = mlp_input_weights(w)
-    ext = centre(circ.ext, w) / circ.mlp_scale
-    body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
-    p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
-    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    W, ext, mean_cal = swing_inputs(w, circ)
     S = ext[circ.token_mask] @ W  # [V', d_mlp] in one go
     m = min(top_m, int(circ.token_mask.sum()))
     return S.topk(m, dim=0).values.mean(0) - mean_cal, (-S).topk(m, dim=0).values.mean(0) + mean_cal

@@ -26,8 +26,8 @@ _API: dict[str, tuple[str, str]] = {
     "AttnscopeError": ("attnscope.core.errors", "AttnscopeError"),
     "ModelWeights": ("attnscope.models", "ModelWeights"),
     "load_model": ("attnscope.models", "load_model"),
-    "KernelSettings": ("attnscope.kernels.analysis", "KernelSettings"),
-    "KernelResult": ("attnscope.kernels.analysis", "KernelResult"),
+    "KernelSettings": ("attnscope.kernels.result", "KernelSettings"),
+    "KernelResult": ("attnscope.kernels.result", "KernelResult"),
     "analyse_kernels": ("attnscope.kernels.analysis", "analyse_kernels"),
     "CircuitSettings": ("attnscope.circuit.result", "CircuitSettings"),
     "Circuit": ("attnscope.circuit.result", "Circuit"),
@@ -75,7 +75,8 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazi
     from attnscope.circuit.result import Circuit, CircuitSettings
     from attnscope.core.errors import AttnscopeError
     from attnscope.evolution.run import EvolutionResult, EvolutionSettings, run_evolution
-    from attnscope.kernels.analysis import KernelResult, KernelSettings, analyse_kernels
+    from attnscope.kernels.analysis import analyse_kernels
+    from attnscope.kernels.result import KernelResult, KernelSettings
     from attnscope.later.evaluate import find_later_neurons
     from attnscope.later.method import LaterSettings
     from attnscope.later.result import LaterResult

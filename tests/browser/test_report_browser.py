@@ -7,60 +7,24 @@ Selenium is absent.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 from pathlib import Path
 
 import pytest
-from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
+from chromium import browser_missing
+from chromium import css as _by
 
+MISSING = browser_missing()
+pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 DATA = Path(__file__).resolve().parents[1] / "data"
 DOCS = Path(__file__).resolve().parents[2] / "docs"
-
-
-def _missing() -> str | None:
-    """Why the browser test cannot run, or ``None``."""
-    try:
-        find_chromium()
-    except BrowserUnavailableError:
-        return CHROMIUM_INSTALL_HINT
-    if importlib.util.find_spec("selenium") is None:
-        return "selenium not installed: pip install selenium"
-    return None
-
-
-MISSING = _missing()
-pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
+VIEWPORT = (1280, 1600)  # of tests/conftest.py's report_driver (the shared hand-built report)
 
 
 @pytest.fixture(scope="module")
-def report_path(hand_results, tmp_path_factory) -> Path:
-    from attnscope.report import write_report
-
-    w, k, c, n, figs = hand_results
-    out = tmp_path_factory.mktemp("browser_report")
-    return write_report(out, model_info=w.info(), kernels=k, circuit=c, neurons=n, figures=figs,
-                        command="attnscope report tiny", provenance={"seed": 0})
-
-
-@pytest.fixture(scope="module")
-def driver(report_path):
-    from chromium import chrome_driver, set_viewport
-
-    try:
-        with chrome_driver(1280, 1600) as drv:
-            set_viewport(drv, 1280, 1600)
-            drv.get(report_path.resolve().as_uri())
-            yield drv
-    except BrowserUnavailableError as e:
-        pytest.skip(str(e))
-
-
-def _by(css: str):
-    from selenium.webdriver.common.by import By
-
-    return By.CSS_SELECTOR, css
+def driver(report_driver):
+    return report_driver
 
 
 def _visible(el) -> bool:
@@ -169,15 +133,15 @@ def test_print_layout(driver):
     assert driver.find_element(*_by("#head-selector")).is_displayed()
 
 
-def test_no_console_errors_and_screenshot(driver, report_path, tmp_path):
+def test_no_console_errors_and_screenshot(driver, hand_report, tmp_path):
     from chromium import screenshot
 
-    driver.get(report_path.resolve().as_uri())  # fresh load: its own console log
+    driver.get(hand_report.resolve().as_uri())  # fresh load: its own console log
     driver.find_element(*_by('#head-table th[data-key="n_eff"]')).click()
     logs = driver.get_log("browser")
     severe = [e for e in logs if e.get("level") == "SEVERE"]
     assert not severe, severe
-    png = screenshot(report_path, tmp_path / "report.png", width=1280, height=1600, full_page=True, driver=driver)
+    png = screenshot(hand_report, tmp_path / "report.png", width=1280, height=1600, full_page=True, driver=driver)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
     if os.environ.get("ATTNSCOPE_SAVE_SCREENSHOT") == "1":

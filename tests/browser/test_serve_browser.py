@@ -17,23 +17,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from chromium import browser_missing
+from chromium import css as _by
 
-
-def _missing() -> str | None:
-    """Why the browser test cannot run, or ``None``."""
-    from chromium import CHROMIUM_INSTALL_HINT, BrowserUnavailableError, find_chromium
-
-    try:
-        find_chromium()
-    except BrowserUnavailableError:
-        return CHROMIUM_INSTALL_HINT
-    for mod, pkg in (("selenium", "selenium"), ("fastapi", "fastapi uvicorn")):
-        if importlib.util.find_spec(mod) is None:
-            return f"{mod} not installed: pip install {pkg}"
-    return None
-
-
-MISSING = _missing()
+MISSING = browser_missing() or (None if importlib.util.find_spec("fastapi") else
+                                "fastapi not installed: pip install fastapi uvicorn")
 pytestmark = [pytest.mark.browser, pytest.mark.skipif(MISSING is not None, reason=MISSING or "")]
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 SPANISH = ("El pueblo estaba en silencio cuando llegó la noche, y los niños dormían mientras sus padres hablaban de "
@@ -70,12 +58,6 @@ def page(demo):
     with background_server(create_app(m)) as url, chrome_driver(1280, 1500) as drv:
         set_viewport(drv, 1280, 1500)
         yield m, url, drv
-
-
-def _by(css: str):
-    from selenium.webdriver.common.by import By
-
-    return By.CSS_SELECTOR, css
 
 
 def _wait(drv, cond, timeout: float = 30.0):

@@ -63,12 +63,14 @@ def test_missing_file_is_one_line():
     assert "no such file or folder" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_unknown_model_offline(monkeypatch):
+@pytest.mark.parametrize("spec,words", [("no-such-org-xyz/definitely-not-a-model", "hub"),
+                                        ("EleutherAI/pythia-70m@step1000", "pythia-70m@step1000")])  # a revision
+def test_unknown_model_offline_is_one_line(monkeypatch, spec, words):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelNotFoundError) as e:
-        load_model("no-such-org-xyz/definitely-not-a-model")
+        load_model(spec)
     msg = str(e.value)
-    assert "\n" not in msg and "hub" in msg and "pass its folder" in msg
+    assert "\n" not in msg and words in msg and "pass its folder" in msg
 
 
 def test_check_index():

@@ -74,14 +74,6 @@ def test_bad_revision_spec_is_one_line(spec):
     assert "\n" not in str(e.value)
 
 
-def test_revision_offline_is_one_line(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(ModelNotFoundError) as e:
-        load_model("EleutherAI/pythia-70m@step1000")
-    msg = str(e.value)
-    assert "\n" not in msg and "pythia-70m@step1000" in msg and "pass its folder" in msg
-
-
 def test_evolution_on_parallel_neox_reports_kernels_but_not_layer0_neurons(neox, tmp_path, monkeypatch):
     """With parallel attention + MLP the layer-0 neuron method does not apply: evolution says so and
     reports kernels, head criteria and the ground truth only."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 
 import pytest
 import torch
@@ -213,13 +214,13 @@ def test_info_neurons_and_static_files(served):
     assert [r["rank"] for r in rows] == list(range(1, len(rows) + 1)) and info["score"] in info["score_name"]
     assert 0 < sum(r["selected"] for r in rows) < len(rows)
     # one token-score quantity (issue 21): the page's card shows the report card's tokens and scores
-    saved = m.neurons_json["cards"][0]
-    card = c.get(f"/api/neuron/{saved['index']}").json()
-    n = len(saved["top_positive_tokens"])
-    assert [t for t, _ in card["top_positive_scores"][:n]] == [t for t, _ in saved["top_positive_tokens"]]
+    saved = m.neurons.cards[0]
+    card = c.get(f"/api/neuron/{saved.index}").json()
+    n = len(saved.top_positive_tokens)
+    assert [t for t, _ in card["top_positive_scores"][:n]] == [t for t, _ in saved.top_positive_tokens]
     for key in ("positive", "negative"):
         shown = [v for _, v in card[f"top_{key}_scores"][:n]]
-        assert shown == pytest.approx([v for _, v in saved[f"top_{key}_tokens"]], abs=1e-3)
+        assert shown == pytest.approx([v for _, v in getattr(saved, f"top_{key}_tokens")], abs=1e-3)
     assert card["score_definition"].startswith("token score: how far one more occurrence")
     page = c.get("/")
     assert page.status_code == 200 and "attnscope serve" in page.text
@@ -272,12 +273,14 @@ def test_saved_analysis_is_reused(served, tmp_path):
     from attnscope.serve import load_serve_model
 
     m, _ = served
-    (tmp_path / "neurons").mkdir()
-    (tmp_path / "neurons" / "neurons.json").write_text(json.dumps(m.neurons_json))  # as NeuronResult.save writes it
+    m.neurons.save(tmp_path / "neurons")  # as `attnscope report` writes it: DIR/neurons beside DIR/circuit
+    m.circ.save(tmp_path / "circuit")
     m2 = load_serve_model(m.w, tmp_path, log=lambda *_: None)
     assert m2.circ.heads == m.circ.heads and torch.equal(m2.circ.kernel, m.circ.kernel)
-    assert [(r.index, r.label, r.selected) for r in m2.table] == [(r.index, r.label, r.selected) for r in m.table]
+    assert [m2.row_json(r) for r in m2.table] == [m.row_json(r) for r in m.table]  # the same table, loaded
+    assert sum(r.passed for r in m2.table) > 0 and any(m2.row_json(r)["label"] for r in m2.table)
     assert m2.source.startswith("saved analysis")
+    assert m2.neurons.traces == [] and m2.neurons.evidence is None  # NeuronResult.load(table_only=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(AttnscopeError, match="no circuit or neurons.json"):
         load_serve_model(m.w, tmp_path / "empty", log=lambda *_: None)
@@ -289,6 +292,9 @@ def test_saved_analysis_is_reused(served, tmp_path):
     p.write_text(json.dumps(d))
     with pytest.raises(AttnscopeError, match="was made for model 'other', not 'demo'"):
         load_serve_model(m.w, tmp_path, log=lambda *_: None)
+    shutil.rmtree(tmp_path / "circuit")  # a neurons.json without its circuit: refused, not rebuilt
+    with pytest.raises(AttnscopeError, match="no circuit/ folder beside"):
+        load_serve_model(m.w, tmp_path, log=lambda *_: None)
 
 
 def test_saved_circuit_is_loaded_not_rebuilt(served, tmp_path, monkeypatch):
@@ -297,8 +303,7 @@ def test_saved_circuit_is_loaded_not_rebuilt(served, tmp_path, monkeypatch):
 
     m, _ = served
     m.circ.save(tmp_path / "circuit")
-    (tmp_path / "neurons").mkdir()
-    (tmp_path / "neurons" / "neurons.json").write_text(json.dumps(m.neurons_json))
+    m.neurons.save(tmp_path / "neurons")
 
     def no_rebuild(*_a, **_k):
         raise AssertionError("the saved circuit should have been loaded")

@@ -125,9 +125,9 @@ def test_kill_while_writing_then_resume(tiny_gpt2_dir, cdir, monkeypatch):
     w = load_model(str(tiny_gpt2_dir))
     res = analyse_kernels(w, S, progress=False)  # resumes: computes and stores a complete entry
     assert len(_entries(cdir / "kernels")) == 1
-    import attnscope.kernels.analysis as K
+    import attnscope.kernels.estimation as E
 
-    monkeypatch.setattr(K, "_stream_layers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
+    monkeypatch.setattr(E, "_stream_layers", lambda *a, **k: (_ for _ in ()).throw(AssertionError("recomputed")))
     _same(analyse_kernels(w, S, progress=False), res)  # a hit now
 
 

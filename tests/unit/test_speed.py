@@ -14,6 +14,7 @@ import torch
 
 import attnscope.circuit.build as C
 import attnscope.kernels.analysis as K
+import attnscope.kernels.estimation as KE
 from attnscope.exact.decomposition import (
     apply_pair_weights,
     approximate_pattern,
@@ -153,9 +154,9 @@ def test_kernel_analysis_fast_path_matches_exact_path(tiny_gpt2, monkeypatch):
     w, _ = tiny_gpt2
     s = K.KernelSettings(**KS)
     fast = K.analyse_kernels(w, s, cache=False, progress=False)
-    monkeypatch.setattr(K, "_stream_layers", exact_stream)
-    monkeypatch.setattr(K, "approximate_tv", exact_tv)
-    monkeypatch.setattr(K, "layer0_weight_kernels",
+    monkeypatch.setattr(KE, "_stream_layers", exact_stream)
+    monkeypatch.setattr(KE, "approximate_tv", exact_tv)
+    monkeypatch.setattr(KE, "layer0_weight_kernels",
                         lambda w, q, T, r, rows: exact_layer0_weight_kernels(w, q, T, r)[:, rows])
     exact = K.analyse_kernels(w, s, cache=False, progress=False)
     _assert_close_tree([asdict(r) for r in fast.records], [asdict(r) for r in exact.records])
@@ -185,14 +186,9 @@ def test_circuit_fast_path_matches_exact_path(context_neuron_gpt2, monkeypatch):
 
 def exact_swings(w, circ, top_m, chunk):
     """The swings as computed before fix 7: ``[V', chunk]`` products, top-m down the strided dimension."""
-    from attnscope.circuit.build import mlp_input_weights
-    from attnscope.exact.decomposition import centre
+    from attnscope.neurons.find import swing_inputs
 
-    W, _ = mlp_input_weights(w)
-    ext = centre(circ.ext, w) / circ.mlp_scale
-    body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
-    p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
-    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    W, ext, mean_cal = swing_inputs(w, circ)  # the same inputs; the products and the top-m as before fix 7
     ext_m = ext[circ.token_mask]
     m = min(top_m, int(circ.token_mask.sum()))
     pos, neg = [], []

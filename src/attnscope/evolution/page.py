@@ -12,7 +12,7 @@ import numpy as np  # noqa: E402
 from matplotlib.artist import Artist  # noqa: E402
 
 from attnscope.evolution.run import CRITERIA, D_MIN, TRACKED_CONTEXTS, EvolutionResult  # noqa: E402
-from attnscope.kernels.analysis import CAT_COLORS, CATEGORIES  # noqa: E402
+from attnscope.kernels.categories import CAT_COLORS, CATEGORIES  # noqa: E402
 from attnscope.report.html import badge_html, data_table, data_uri
 from attnscope.report.html import esc as html_esc
 from attnscope.report.write import asset

@@ -22,7 +22,7 @@ from attnscope.core.stats import median
 from attnscope.neurons.evidence import NeuronEvidence
 from attnscope.neurons.find import CardHead, NeuronRow, Threshold
 from attnscope.neurons.groundtruth import DiscoveryScores
-from attnscope.neurons.result import write_neuron_csv
+from attnscope.neurons.result import save_neuron_files
 from attnscope.neurons.verification import ContrastVerification
 
 SCHEMA_VERSION = 1  # of a later-layer neurons.json
@@ -210,10 +210,7 @@ class LaterResult:
     def save(self, out: str | Path) -> Path:
         """``out/neurons.json`` (everything), ``out/neurons.csv`` (one row per neuron, as at layer 0) and
         ``out/evidence.json`` (the cards' top windows, histograms and direct effect on output tokens)."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        write_neuron_csv(self.rows, out / "neurons.csv")
+        out = save_neuron_files(out, self.to_json(), self.rows)
         if self.evidence is not None:
             (out / "evidence.json").write_text(json.dumps(asdict(self.evidence)))
         return out

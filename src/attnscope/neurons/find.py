@@ -179,13 +179,21 @@ def predicted_effects(tm: TokenModel, windows: list[SourceWindows], sigma: Tenso
 
 
 @torch.no_grad()
-def swings(w: ModelWeights, circ: Circuit, top_m: int, chunk: int) -> tuple[Tensor, Tensor]:
-    """The method's swings of the contextual bag alone: ``mean(top-m S_k) - E_cal[S_k]`` and the negative."""
+def swing_inputs(w: ModelWeights, circ: Circuit) -> tuple[Tensor, Tensor, Tensor]:
+    """What the swings compare: ``W_in [d_model, d_mlp]``, the centred extended embeddings over the MLP scale
+    ``[d_vocab, d_model]`` (token ``x``'s score for neuron ``k`` is ``(ext @ W_in)[x, k]``) and the scores'
+    mean over the calibration text's tokens, ``E_cal[S_k]`` ``[d_mlp]``."""
     W, _ = mlp_input_weights(w)
     ext = centre(circ.ext, w) / circ.mlp_scale
     body = circ.calibration_tokens[1:] if w.prepend_bos else circ.calibration_tokens
     p_cal = torch.bincount(body.to(w.device), minlength=w.d_vocab).to(ext.dtype)
-    mean_cal = ((p_cal / p_cal.sum()) @ ext) @ W
+    return W, ext, ((p_cal / p_cal.sum()) @ ext) @ W
+
+
+@torch.no_grad()
+def swings(w: ModelWeights, circ: Circuit, top_m: int, chunk: int) -> tuple[Tensor, Tensor]:
+    """The method's swings of the contextual bag alone: ``mean(top-m S_k) - E_cal[S_k]`` and the negative."""
+    W, ext, mean_cal = swing_inputs(w, circ)
     ext_mT = ext[circ.token_mask].T.contiguous()  # [d_model, V'], so each chunk's top-m runs along its rows
     m = min(top_m, int(circ.token_mask.sum()))
     pos, neg = [], []

@@ -71,6 +71,16 @@ def write_neuron_csv(rows: list[NeuronRow], path: Path) -> None:
             wr.writerow([" ".join(v) if isinstance(v, list) else v for v in (getattr(r, c) for c in cols)])
 
 
+def save_neuron_files(out: str | Path, data: dict, rows: list[NeuronRow]) -> Path:
+    """``out/neurons.json`` (``data``, a result's JSON) and ``out/neurons.csv`` (:func:`write_neuron_csv`): what
+    the layer-0 and the later-layer results both write."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "neurons.json").write_text(json.dumps(data, indent=1))
+    write_neuron_csv(rows, out / "neurons.csv")
+    return out
+
+
 @dataclass
 class Threshold:
     value: float  # neurons with sensitivity >= value pass (inf: none)
@@ -215,22 +225,24 @@ class NeuronResult:
                 "cards": [asdict(c) for c in self.cards], "neurons": [asdict(r) for r in self.rows]}
 
     @classmethod
-    def load(cls, out: str | Path) -> NeuronResult:
+    def load(cls, out: str | Path, *, table_only: bool = False) -> NeuronResult:
         """The result :meth:`save` wrote to ``out``; its circuit from ``out/circuit`` or, in a report folder,
-        from the sibling ``circuit/`` folder."""
+        from the sibling ``circuit/`` folder.  ``table_only``: neurons.json and the circuit alone (no traces,
+        denominator traces or evidence; what ``serve`` shows), about half the time on the demo."""
         out = Path(out)
         d = read_versioned(out / "neurons.json", SCHEMA_VERSION, "neurons.json (`attnscope neurons` or `report`)")
         circ_dir = next((p for p in (out / "circuit", out.parent / "circuit") if (p / "circuit.json").is_file()), None)
         if circ_dir is None:
             raise AttnscopeError(f"no circuit/ folder beside {out / 'neurons.json'}; re-run `attnscope neurons` or "
                                  "`attnscope report`, which save it")
-        tr = json.loads((out / "traces.json").read_text()) if (out / "traces.json").is_file() else {}
-        ev = out / "evidence.json"
-        evidence = from_dict(NeuronEvidence, json.loads(ev.read_text())) if ev.is_file() else None
+        trp, ev = out / "traces.json", out / "evidence.json"
+        tr = json.loads(trp.read_text()) if trp.is_file() and not table_only else {}
+        evidence = from_dict(NeuronEvidence, json.loads(ev.read_text())) if ev.is_file() and not table_only else None
         z = tr.get("denominators", {})
         dens = [from_dict(TextDenominators, {**x, "Z_trace": z.get(x["text"], [])}) for x in d["denominators"]]
         return cls(model=d["model"], circuit=Circuit.load(circ_dir), settings=d["settings"], sources=d["sources"],
-                   rows=[from_dict(NeuronRow, r) for r in d["neurons"]], threshold=from_dict(Threshold, d["threshold"]),
+                   rows=[NeuronRow(**r) for r in d["neurons"]],  # flat rows: direct, 3x faster than dacite (serve)
+                   threshold=from_dict(Threshold, d["threshold"]),
                    verification=from_dict(Verification, d["verification"]),
                    cards=[from_dict(NeuronCard, c) for c in d["cards"]], denominators=dens,
                    traces=[from_dict(NeuronTrace, t) for t in tr.get("traces", [])], evidence=evidence)
@@ -238,10 +250,7 @@ class NeuronResult:
     def save(self, out: str | Path) -> Path:
         """``neurons.json`` (everything), ``neurons.csv`` (one row per neuron), ``traces.json`` and
         ``evidence.json`` (the cards' activation examples, histograms, direct logit effects; the precision curve)."""
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "neurons.json").write_text(json.dumps(self.to_json(), indent=1))
-        write_neuron_csv(self.rows, out / "neurons.csv")
+        out = save_neuron_files(out, self.to_json(), self.rows)
         (out / "traces.json").write_text(json.dumps({"traces": [asdict(t) for t in self.traces],
                                                      "denominators": {d.text: d.Z_trace for d in self.denominators}}))
         if self.evidence is not None:

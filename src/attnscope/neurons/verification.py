@@ -31,7 +31,7 @@ from torch import Tensor
 from attnscope.core.accumulators import Moments, PerWindow
 from attnscope.core.errors import TextTooShortError
 from attnscope.core.executor import LOCAL, Executor
-from attnscope.core.stats import tensor_sum
+from attnscope.core.stats import cohens_d, tensor_sum
 from attnscope.core.texts import bundled_texts, open_source, tokenize
 from attnscope.models import ModelWeights
 from attnscope.neurons.explain import true_pre
@@ -76,8 +76,8 @@ def pre_stats(w: ModelWeights, windows: Tensor, n_min: int, executor: Executor |
 
 
 def effect_sizes(a: PreStats, b: PreStats) -> Tensor:
-    """``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` per neuron ``[d_mlp]``."""
-    return (a.mean - b.mean) / ((a.var + b.var) / 2).sqrt().clamp_min(1e-9)
+    """``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` per neuron ``[d_mlp]`` (``core.stats.cohens_d``)."""
+    return cohens_d(a.mean, a.var, b.mean, b.var)
 
 
 # --------------------------------------------------------------------------------------------------

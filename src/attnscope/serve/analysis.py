@@ -18,6 +18,7 @@ from torch import Tensor
 
 from attnscope.circuit.build import Circuit
 from attnscope.core.errors import AttnscopeError, IndexOutOfRangeError, TextTooShortError, check_index
+from attnscope.core.stats import cohens_d
 from attnscope.exact.forward import iter_layers
 from attnscope.models import ModelWeights
 from attnscope.serve.explanation import Evidence, Explanation
@@ -380,8 +381,8 @@ def contrast(an: Analyser, text_a: str | Tokens, text_b: str | Tokens, neuron: i
     assert a.moments is not None and b.moments is not None, "analyse(moments=True) fills them"
     ta, va, pa, vpa, na = a.moments.stats()
     tb, vb, pb, vpb, nb = b.moments.stats()
-    d_true = (ta - tb) / ((va + vb) / 2).clamp_min(1e-12).sqrt()
-    d_pred = (pa - pb) / ((vpa + vpb) / 2).clamp_min(1e-12).sqrt()
+    d_true = cohens_d(ta, va, tb, vb, min_std=1e-6)  # the pooled variance floored at 1e-12, as before
+    d_pred = cohens_d(pa, vpa, pb, vpb, min_std=1e-6)
     order = d_true.abs().argsort(descending=True)[:top]
     rows = [{"neuron": int(k), "d_true": float(d_true[k]), "d_pred": float(d_pred[k]), "mean_true_a": float(ta[k]),
              "mean_true_b": float(tb[k]), "mean_pred_a": float(pa[k]), "mean_pred_b": float(pb[k])} for k in order]

@@ -50,8 +50,7 @@ from attnscope.serve.limits import (
     http_status,
 )
 from attnscope.serve.scope import ScopeSettings
-from attnscope.serve.state import ServeModel
-from attnscope.serve.table import SCORE_NAMES
+from attnscope.serve.state import SCORE_NAMES, ServeModel
 
 STATIC = Path(__file__).parent / "static"
 log = logging.getLogger("attnscope.serve")
@@ -150,7 +149,7 @@ def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
     tp, tn = S.topk(n), (-S).topk(n)
     dp, dn = decode_tokens(m.w.tokenizer, tp.indices.tolist()), decode_tokens(m.w.tokenizer, tn.indices.tolist())
     row = next(r for r in m.table if r.index == k)
-    return {**row.to_json(), "score_definition": TOKEN_SCORE_DEFINITION,
+    return {**m.row_json(row), "score_definition": TOKEN_SCORE_DEFINITION,
             "top_positive_scores": [[t, float(v)] for t, v in zip(dp, tp.values)],
             "top_negative_scores": [[t, -float(v)] for t, v in zip(dn, tn.values)]}
 
@@ -167,7 +166,7 @@ def _add_api(app: FastAPI, m: ServeModel, work: WorkQueue, light: WorkQueue) -> 
     """Model work goes through ``work`` (one worker, bounded depth); tokenising and the limit checks through
     ``light`` (so a refused text does not wait behind model work)."""
     info = info_json(m)
-    table = [r.to_json() for r in m.table]
+    table = [m.row_json(r) for r in m.table]
     an = m.analyser
     verifier = ServedVerifier(m.w, m.circ)
 
