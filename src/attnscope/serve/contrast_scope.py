@@ -299,14 +299,30 @@ class ServedVerifier:
         self._sigma: Tensor | None = None
         self._tmean: TokenMean | None = None
 
-    def _pieces(self) -> tuple[TokenModel, Tensor, TokenMean]:
+    def _model(self) -> tuple[TokenModel, Tensor]:
         if self._tm is None:
             self._tm = build_token_model(self.w, self.circ, source_aware_denominators=True)
         if self._sigma is None:
             self._sigma = calibration_std(self.w, self.circ).cpu()
+        return self._tm, self._sigma
+
+    def _pieces(self) -> tuple[TokenModel, Tensor, TokenMean]:
+        self._model()
+        assert self._tm is not None and self._sigma is not None
         if self._tmean is None:
             self._tmean = fit_token_mean(self.w, self.circ.settings.min_position, self.circ.T)
         return self._tm, self._sigma, self._tmean
+
+    @torch.no_grad()
+    def scope(self, ids_a: Tensor, ids_b: Tensor, rule: ScopeRule | None = None) -> list[InputCondition]:
+        """The contrast's own conditions (enough positions, not a common shift) from the two texts' token counts
+        and the weights alone (no forward pass), on the whole texts' prediction (what the view shows)."""
+        tm, sigma = self._model()
+        w, n_min = self.w, self.circ.settings.min_position
+        pa, pb = (token_frequencies(ids.cpu()[None], w.d_vocab) for ids in (ids_a, ids_b))
+        pred = (tm.expected(pa) - tm.expected(pb)).cpu().double() / sigma
+        npos = [judged_positions(len(ids), self.circ.T, n_min, w.prepend_bos) for ids in (ids_a, ids_b)]
+        return pair_conditions(npos[0], npos[1], pred, rule or ScopeRule())
 
     @torch.no_grad()
     def verify(self, ids_a: Tensor, ids_b: Tensor) -> ContrastVerification:
