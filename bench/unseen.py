@@ -2,6 +2,7 @@
 
     python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
                            [--source-aware-denominators]   # the predictor contrast uses (saved as *_srcz.json)
+    python bench/unseen.py MODEL --half dev|report --signal [--source-aware-denominators]   # predicted-d candidates
     python bench/unseen.py MODEL[,MODEL...] --half dev --calibrate [--source-aware-denominators]
     python bench/unseen.py summary --half dev                 # one row per saved run
 
