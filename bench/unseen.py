@@ -2,6 +2,7 @@
 
     python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
                            [--source-aware-denominators]   # the predictor contrast uses (saved as *_srcz.json)
+    python bench/unseen.py MODEL --half dev|report --signal [--source-aware-denominators]   # predicted-d candidates
     python bench/unseen.py MODEL[,MODEL...] --half dev --calibrate [--source-aware-denominators]
     python bench/unseen.py summary --half dev                 # one row per saved run
 
@@ -112,6 +113,9 @@ def main() -> None:
     ap.add_argument("--calibrate", action="store_true",
                     help="from the saved dev-half run: each candidate pair condition's AUROC against failure and "
                     "its threshold by the stated rule (contrast_scope.calibrate_threshold)")
+    ap.add_argument("--signal", action="store_true",
+                    help="add the predicted signal's strength (token counts only) to the saved OUT/MODEL_HALF.json: "
+                    "one token-model pass per text of the half, no layer-0 measurement")
     a = ap.parse_args()
     suffix = "_srcz" if a.source_aware_denominators else ""
     if a.model == "summary":  # one row per saved run in OUT
@@ -120,6 +124,9 @@ def main() -> None:
         return
     if a.calibrate:  # MODEL may be a comma-separated list: each model, then all pooled
         calibrate([a.out / f"{m.replace('/', '_')}_dev{suffix}.json" for m in a.model.split(",")])
+        return
+    if a.signal:
+        add_signal(a.model, a.out / f"{a.model.replace('/', '_')}_{a.half}{suffix}.json")
         return
     if a.rescore:
         rescore(a.out / f"{a.model.replace('/', '_')}_{a.half}{suffix}.json")
@@ -159,7 +166,7 @@ def main() -> None:
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
                      "rms_predicted_d": float(lfl.pow(2).mean().sqrt()),
-                     "denominator_robustness": spearman(lfl, other),
+                     "denominator_robustness": spearman(lfl, other), "predicted_signal": signal_features(lfl),
                      "denominator_shift": float((other - lfl).pow(2).mean().sqrt() / lfl.pow(2).mean().sqrt()),
                      "failed": not (v.like_for_like.spearman >= 0.8)})
     trows = []
@@ -184,9 +191,67 @@ def main() -> None:
     print_tables(res)
 
 
+def signal_features(pred_d: torch.Tensor) -> dict:
+    """Candidate measures of the predicted contrast's strength and shape (the predicted ``d [d_mlp]``, token
+    counts only): the common shift (``|mean| / RMS`` over neurons), counts of neurons at predicted ``|d|`` >= 1
+    and 0.5, ``|d|`` at ranks 5-50, quantiles of ``|d|`` and RMS over median ``|d|``."""
+    from attnscope.serve.contrast_scope import common_shift_share
+
+    x = pred_d.double().abs().sort(descending=True).values
+    return {"common_shift": common_shift_share(pred_d), "n_pred_d_ge_1": int((x >= 1).sum()),
+            "n_pred_d_ge_0.5": int((x >= 0.5).sum()),
+            "pred_d_rank_5": float(x[4]), "pred_d_rank_10": float(x[9]), "pred_d_rank_20": float(x[19]),
+            "pred_d_rank_50": float(x[49]), "median_abs_pred_d": float(x.median()),
+            "pred_d_q90": float(x[int(0.1 * len(x))]), "pred_d_q75": float(x[int(0.25 * len(x))]),
+            "rms_over_median": float(x.pow(2).mean().sqrt() / x.median().clamp_min(1e-12))}
+
+
+@torch.no_grad()
+def add_signal(model: str, path: Path) -> None:
+    """``--signal``: the like-for-like predicted ``d`` of every saved pair again (each text's expected
+    pre-activations once: the prediction is a difference of per-text expectations), and its strength."""
+    from attnscope.circuit.build import build_circuit
+    from attnscope.core.texts import open_source, tokenize
+    from attnscope.models import load_model
+    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.verification import spread_windows, token_frequencies
+
+    torch.set_num_threads(2)
+    res = json.loads(path.read_text())
+    n_windows, source_aware = res["windows"], res["source_aware_denominators"]
+    w = load_model(model)
+    circ = build_circuit(w)
+    tm = build_token_model(w, circ, source_aware_denominators=source_aware)
+    sigma = calibration_std(w, circ).cpu()
+    names = sorted({n for r in res["pairs"] for n in (r["a"], r["b"])})
+    E = {}
+    for n in names:
+        ids = torch.as_tensor(tokenize(open_source(str(BENCH / "texts" / f"{n}.txt")), w.tokenizer))
+        wins = spread_windows(w, ids, circ.T, n_windows)
+        p = token_frequencies(torch.cat([x.reshape(-1) for x in wins])[None], w.d_vocab)
+        E[n] = tm.expected(p).cpu().double()
+    vec = {}
+    for r in res["pairs"]:
+        d = (E[r["a"]] - E[r["b"]]) / sigma
+        r["predicted_signal"] = signal_features(d)
+        assert abs(float(d.pow(2).mean().sqrt()) - r["rms_predicted_d"]) < 1e-4 * r["rms_predicted_d"], r["a"]
+        vec[f"{r['a']}|{r['b']}"] = d.float()
+    path.write_text(json.dumps(res, indent=1, default=str))
+    (path.parent / "cache").mkdir(exist_ok=True)
+    torch.save(vec, path.parent / "cache" / f"{path.stem}_predicted_d.pt")
+    print(f"{path}: predicted signal added to {len(res['pairs'])} pairs")
+
+
 def rescore(path: Path) -> None:
     """The saved run's flags recomputed with the current ScopeRule from the saved measured values."""
-    from attnscope.serve.contrast_scope import ScopeRule, denominator_gap, denominator_robustness, in_flag, recheck
+    from attnscope.serve.contrast_scope import (
+        ScopeRule,
+        common_shift,
+        denominator_gap,
+        denominator_robustness,
+        in_flag,
+        recheck,
+    )
 
     res = json.loads(path.read_text())
     rule = ScopeRule()
@@ -194,7 +259,11 @@ def rescore(path: Path) -> None:
          for t in res["texts"]}
     for r in res["pairs"]:
         r["scope"] = [c for c in r["scope"] if c["name"] not in ("contrast strong enough", "robust to the denominators",
-                                                                   "denominators alike on both sides")]
+                                                                   "denominators alike on both sides",
+                                                                   "not a common shift")]
+        if "predicted_signal" in r:
+            c = common_shift(r["predicted_signal"]["common_shift"], rule)
+            r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
         if r.get("denominator_robustness") is not None:
             c = denominator_robustness(r["denominator_robustness"], rule)
             r["scope"].append({**c.to_json(), "in_flag": in_flag(c)})
@@ -215,7 +284,18 @@ def _measured(name: str):
     return lambda r: next((c["measured"] for c in r["scope"] if c["name"] == name), None)
 
 
+def _signal(name: str):
+    return lambda r: r.get("predicted_signal", {}).get(name)
+
+
 PAIR_FEATURES = {
+    "not a common shift": (_signal("common_shift"), -1),
+    "neurons at predicted |d| >= 1": (_signal("n_pred_d_ge_1"), 1),
+    "neurons at predicted |d| >= 0.5": (_signal("n_pred_d_ge_0.5"), 1),
+    "predicted |d| at rank 10": (_signal("pred_d_rank_10"), 1),
+    "predicted |d| at rank 50": (_signal("pred_d_rank_50"), 1),
+    "median predicted |d|": (_signal("median_abs_pred_d"), 1),
+    "RMS over median predicted |d|": (_signal("rms_over_median"), 1),
     "denominators alike on both sides": (_measured("denominators alike on both sides"), -1),
     "robust to the denominators": (lambda r: r.get("denominator_robustness"), 1),
     "denominator shift": (lambda r: r.get("denominator_shift"), -1),

@@ -198,6 +198,17 @@ def test_contrast_verified_like_for_like(served):
     ref = verify_contrast(w, tm.expected, calibration_std(w, circ).cpu(), n_min, wa, wb,
                           *(token_frequencies(x[None], w.d_vocab) for x in ids), fit_token_mean(w, n_min, circ.T))[0]
     assert v["like_for_like"]["spearman"] == pytest.approx(ref.like_for_like.spearman, abs=1e-6)
+    # the contrast's own scope conditions, from the whole texts' token counts (no forward pass)
+    sigma = calibration_std(w, circ).cpu()
+    pred = (tm.expected(token_frequencies(ia[None], w.d_vocab)) - tm.expected(token_frequencies(ib[None], w.d_vocab)))
+    pred = pred.cpu().double() / sigma
+    sc = {x["name"]: x for x in d["scope"]}
+    shift = sc["not a common shift"]
+    assert shift["measured"] == pytest.approx(float(pred.mean().abs() / pred.pow(2).mean().sqrt()), abs=1e-6)
+    assert shift["threshold"] == pytest.approx(0.6947) and shift["in_flag"]
+    assert shift["ok"] == (shift["measured"] <= 0.6947)
+    assert sc["enough positions"]["measured"] >= 600 and sc["enough positions"]["in_flag"]
+    assert d["out_of_scope"] == any(x["in_flag"] and not x["ok"] for x in d["scope"])
     assert "verification" not in c.post("/api/contrast", json={"text_a": a, "text_b": b, "neuron": 0}).json()
 
 

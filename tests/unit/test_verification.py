@@ -12,8 +12,11 @@ from attnscope.neurons.verification import (
     score_predictor,
 )
 from attnscope.serve.contrast_scope import (
+    COMMON_SHIFT_MAX,
     ScopeRule,
+    common_shift_share,
     denominator_gap,
+    in_flag,
     judged_positions,
     out_of_scope,
     pair_conditions,
@@ -65,22 +68,38 @@ def test_denominator_gap_condition_and_the_flag():
     assert c.measured == pytest.approx(abs(math.log(0.7) - math.log(1.25)) / 0.25) and not c.ok
     assert denominator_gap(0.74, 0.72, 0.25, rule).ok
     assert not out_of_scope([c])  # measured and shown only: it predicts nothing with source-aware denominators
-    short = pair_conditions(39, 4000, torch.ones(5), rule)
-    assert out_of_scope(short) and not out_of_scope(pair_conditions(4000, 4000, torch.ones(5), rule))
+    centred = torch.tensor([1.0, -1.0, 2.0, -2.0, 0.0])
+    short = pair_conditions(39, 4000, centred, rule)
+    assert out_of_scope(short) and not out_of_scope(pair_conditions(4000, 4000, centred, rule))
     again = recheck({**c.to_json(), "in_flag": True}, ScopeRule(max_denominator_gap=10.0))
     assert again["ok"] and again["threshold"] == 10.0
 
 
-def test_robustness_to_the_denominators_flags_a_prediction_that_rests_on_them():
+def test_robustness_to_the_denominators_is_measured_and_shown_but_not_in_the_flag():
     rule = ScopeRule(min_denominator_robustness=0.9)
-    pred = torch.arange(10.0)
+    pred = torch.arange(10.0) - 4.5
     same = pair_conditions(4000, 4000, pred, rule, 2 * pred + 1)
     assert same[-1].name == "robust to the denominators" and same[-1].measured == pytest.approx(1.0)
     assert not out_of_scope(same)
     flipped = pair_conditions(4000, 4000, pred, rule, -pred)
-    assert out_of_scope(flipped) and flipped[-1].measured == pytest.approx(-1.0)
+    assert not flipped[-1].ok and flipped[-1].measured == pytest.approx(-1.0)
+    assert not in_flag(flipped[-1]) and not out_of_scope(flipped)  # the common shift took its place in the flag
     again = recheck({**flipped[-1].to_json(), "in_flag": True}, ScopeRule(min_denominator_robustness=-2.0))
-    assert again["ok"] and again["threshold"] == -2.0
+    assert again["ok"] and again["threshold"] == -2.0 and not again["in_flag"]
+
+
+def test_common_shift_flags_a_prediction_that_moves_every_neuron_alike():
+    rule = ScopeRule()
+    assert common_shift_share(torch.tensor([1.0, -1.0, 3.0, -3.0])) == pytest.approx(0.0)
+    assert common_shift_share(torch.full((6,), -0.4)) == pytest.approx(1.0)
+    assert common_shift_share(torch.tensor([2.0, 0.0])) == pytest.approx(1 / math.sqrt(2))  # |1| / sqrt(2)
+    assert common_shift_share(torch.zeros(4)) == 1.0  # no contrast predicted at all: nothing to rank
+    shifted = pair_conditions(4000, 4000, torch.tensor([1.0, 1.2, 0.9, 1.1]), rule)
+    c = next(x for x in shifted if x.name == "not a common shift")
+    assert in_flag(c) and not c.ok and c.threshold == COMMON_SHIFT_MAX and out_of_scope(shifted)
+    assert c.measured == pytest.approx(1.05 / math.sqrt((1 + 1.44 + 0.81 + 1.21) / 4))
+    again = recheck({**c.to_json(), "in_flag": False}, ScopeRule(max_common_shift=1.0))
+    assert again["ok"] and again["threshold"] == 1.0 and again["in_flag"]
 
 
 def test_noise_ceiling_r_precision_is_one_when_the_halves_agree():
@@ -119,3 +138,22 @@ def test_the_robustness_threshold_is_the_rule_on_the_saved_dev_runs():
              for p in json.loads((root / f"{m}_dev_srcz.json").read_text())["pairs"] if p["kind"] == "natural"]
     t = calibrate_threshold([p["denominator_robustness"] for p in pairs], [p["failed"] for p in pairs])
     assert DENOMINATOR_ROBUSTNESS_MIN == pytest.approx(t, abs=1e-4)
+
+
+def test_the_common_shift_threshold_is_the_rule_on_the_saved_dev_runs():
+    """The same rule (larger is worse: pass the negated share), the same pooled dev natural pairs; it flags every
+    failing dev pair and no holding one, and every saved value is the share of the saved like-for-like RMS."""
+    import json
+    from pathlib import Path
+
+    from attnscope.serve.contrast_scope import COMMON_SHIFT_MAX, calibrate_threshold
+
+    root = Path(__file__).resolve().parents[2] / "bench" / "results" / "unseen"
+    runs = [json.loads((root / f"{m}_dev_srcz.json").read_text()) for m in ("demo", "smollm2", "all-MiniLM-L6-v2")]
+    assert all(r["half"] == "dev" for r in runs)
+    pairs = [p for r in runs for p in r["pairs"] if p["kind"] == "natural"]
+    shares = [p["predicted_signal"]["common_shift"] for p in pairs]
+    failed = [p["failed"] for p in pairs]
+    t = -calibrate_threshold([-x for x in shares], failed)
+    assert COMMON_SHIFT_MAX == pytest.approx(t, abs=1e-4)
+    assert sum(failed) == 4 and all((x > COMMON_SHIFT_MAX) == f for x, f in zip(shares, failed))

@@ -37,7 +37,7 @@ from attnscope.core.errors import AttnscopeError
 from attnscope.core.texts import decode_tokens
 from attnscope.neurons.contrast import TOKEN_SCORE_DEFINITION
 from attnscope.serve.analysis import Analyser, Tokens, attention_check, contrast
-from attnscope.serve.contrast_scope import ServedVerifier, verification_json
+from attnscope.serve.contrast_scope import ServedVerifier, in_flag, verification_json
 from attnscope.serve.limits import (
     MAX_ATTENTION_TOKENS,
     MAX_BODY_BYTES,
@@ -157,6 +157,8 @@ def neuron_json(m: ServeModel, k: int, n: int = 20) -> dict:
 def _contrast_json(an: Analyser, verifier: ServedVerifier, ta: Tokens, tb: Tokens, req: ContrastRequest) -> dict:
     """``/api/contrast``: the served contrast, and with ``verify`` every neuron like for like (issue 19)."""
     d = contrast(an, ta, tb, req.neuron, req.top)
+    d["scope"] = [{**c.to_json(), "in_flag": in_flag(c)} for c in verifier.scope(ta.ids, tb.ids)]
+    d["out_of_scope"] = any(x["in_flag"] and not x["ok"] for x in d["scope"])
     if req.verify:
         d["verification"] = verification_json(verifier.verify(ta.ids, tb.ids))
     return d

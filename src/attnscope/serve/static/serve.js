@@ -439,6 +439,10 @@ async function runContrast() {
     `${fmt(v.token_mean.spearman)}; token-shuffled null ${fmt(v.shuffled_null.spearman)}; R-precision ` +
     `${v.like_for_like.r_precision === null ? "–" : fmt(v.like_for_like.r_precision, 2)} (${v.n_true} neurons ` +
     `with true |d| ≥ 1).` : "";
+  $("#contrast-scope").textContent = (c.out_of_scope ? "Contrast OUT OF SCOPE" : "Contrast in scope") +
+    " (token counts and weights only; any failing condition of the flag puts it out): " +
+    (c.scope || []).map((k) => `${k.name} ${fmt(k.measured, 3)} (${k.holds_when} ${fmt(k.threshold, 3)}: ` +
+                              `${k.ok ? "holds" : "fails"}${k.in_flag ? "" : ", measured only"})`).join("; ") + ".";
   const top = $("#contrast-top tbody");
   top.replaceChildren();
   for (const r of c.top) {
