@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any, ClassVar, Self
 
 import torch
 from jaxtyping import Float
@@ -110,25 +111,26 @@ class Moments(Mergeable):
         return Moments(self.n + o.n, self.s1 + o.s1, self.s2 + o.s2)
 
 
-@dataclass
-class Gathered(Mergeable):
-    """Per-window values kept for a median or quantile: chunks keyed by the index of their first window,
-    concatenated along ``dim`` in window order."""
+class ByWindow(Mergeable):
+    """Values keyed by the index of their (first) window, each added once; merging takes the other's keys.
+    Subclasses are dataclasses with a ``chunks`` dict field and name what ``add`` does (``verb``)."""
 
-    dim: int = 0
-    chunks: dict[int, Tensor] = field(default_factory=dict)
+    chunks: dict
+    verb: ClassVar[str] = "added"
 
-    def add(self, first_window: int, values: Tensor) -> Gathered:
-        if first_window in self.chunks:
-            raise ValueError(f"window {first_window} was gathered twice")
-        self.chunks[first_window] = values
+    def add(self, window: int, value: Any) -> Self:
+        if window in self.chunks:
+            raise ValueError(f"window {window} was {self.verb} twice")
+        self.chunks[window] = value
         return self
 
-    def merge(self, other: Mergeable) -> Gathered:
-        if not isinstance(other, Gathered):
-            raise TypeError(f"cannot merge {type(other).__name__} into Gathered")
-        if other.dim != self.dim:
-            raise ValueError(f"gathered along dims {self.dim} and {other.dim}")
+    def check_mergeable(self, other: Self) -> None:
+        """Raise when ``other`` holds values of another kind (subclasses add their own checks)."""
+
+    def merge(self, other: Mergeable) -> Self:
+        if type(other) is not type(self):
+            raise TypeError(f"cannot merge {type(other).__name__} into {type(self).__name__}")
+        self.check_mergeable(other)
         for k, v in other.chunks.items():
             self.add(k, v)
         return self
@@ -136,35 +138,37 @@ class Gathered(Mergeable):
     def __len__(self) -> int:
         return len(self.chunks)
 
-    def finalise(self) -> Tensor:
-        return torch.cat([self.chunks[k] for k in sorted(self.chunks)], self.dim)
+    def ordered(self) -> list:
+        """The values in window order."""
+        return [self.chunks[k] for k in sorted(self.chunks)]
 
 
 @dataclass
-class PerWindow(Mergeable):
+class Gathered(ByWindow):
+    """Per-window values kept for a median or quantile: chunks keyed by the index of their first window,
+    concatenated along ``dim`` in window order."""
+
+    dim: int = 0
+    chunks: dict[int, Tensor] = field(default_factory=dict)
+    verb: ClassVar[str] = "gathered"
+
+    def check_mergeable(self, other: Gathered) -> None:
+        if other.dim != self.dim:
+            raise ValueError(f"gathered along dims {self.dim} and {other.dim}")
+
+    def finalise(self) -> Tensor:
+        return torch.cat(self.ordered(), self.dim)
+
+
+@dataclass
+class PerWindow(ByWindow):
     """Per-window accumulators kept apart (e.g. one :class:`Moments` per window, for a split-half noise ceiling):
     keyed by window index, listed in window order."""
 
-    items: dict[int, Mergeable] = field(default_factory=dict)
-
-    def add(self, window: int, value: Mergeable) -> PerWindow:
-        if window in self.items:
-            raise ValueError(f"window {window} was added twice")
-        self.items[window] = value
-        return self
-
-    def merge(self, other: Mergeable) -> PerWindow:
-        if not isinstance(other, PerWindow):
-            raise TypeError(f"cannot merge {type(other).__name__} into PerWindow")
-        for k, v in other.items.items():
-            self.add(k, v)
-        return self
-
-    def __len__(self) -> int:
-        return len(self.items)
+    chunks: dict[int, Mergeable] = field(default_factory=dict)
 
     def finalise(self) -> list:
-        return [self.items[k] for k in sorted(self.items)]
+        return self.ordered()
 
 
 # --------------------------------------------------------------------------------------------------
