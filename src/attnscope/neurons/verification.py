@@ -119,9 +119,10 @@ def window_stats(w: ModelWeights, windows: list[Tensor], n_min: int, executor: E
     ``executor`` when the windows have one length (default: this process)."""
     if not windows:
         return []
-    if executor is None or executor is LOCAL or len({len(x) for x in windows}) > 1:
+    if len({len(x) for x in windows}) > 1:
         return [pre_stats(w, win[None], n_min) for win in windows]
-    return executor.map_windows(w, per_window_shard, torch.stack(windows), n_min, shard_size=PRE_SHARD).finalise()
+    ex = executor or LOCAL
+    return ex.map_windows(w, per_window_shard, torch.stack(windows), n_min, shard_size=PRE_SHARD).finalise()
 
 
 def _sum(stats: list[PreStats]) -> PreStats:
