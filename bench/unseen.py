@@ -1,7 +1,8 @@
 """The unseen-text benchmark (issue 19): like-for-like contrast verification and the scope flag, any model.
 
     python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
-                           [--source-aware-denominators]   # the predictor contrast uses (saved as *_srcz.json)
+                           [--source-aware-denominators] [--per-source-sd]   # the predictor contrast uses
+                                                                        # (saved as *_srcz_sd.json)
     python bench/unseen.py MODEL --half dev|report --signal [--source-aware-denominators]   # predicted-d candidates
     python bench/unseen.py MODEL[,MODEL...] --half dev --calibrate [--source-aware-denominators]
     python bench/unseen.py summary --half dev                 # one row per saved run
@@ -107,6 +108,9 @@ def main() -> None:
     ap.add_argument("--source-aware-denominators", action="store_true",
                     help="predict with each contextual head's denominator estimated from the source's own token "
                     "counts (TokenModel.bag); saved as OUT/MODEL_HALF_srcz.json")
+    ap.add_argument("--per-source-sd", action="store_true",
+                    help="predicted d over each side's sd predicted from its own token counts (EffectModel, what "
+                    "contrast uses), not one calibration std per neuron; saved as OUT/MODEL_HALF[_srcz]_sd.json")
     ap.add_argument("--rescore", action="store_true",
                     help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
                     "(every condition's measured value is saved) and print the tables, without running the model")
@@ -117,10 +121,10 @@ def main() -> None:
                     help="add the predicted signal's strength (token counts only) to the saved OUT/MODEL_HALF.json: "
                     "one token-model pass per text of the half, no layer-0 measurement")
     a = ap.parse_args()
-    suffix = "_srcz" if a.source_aware_denominators else ""
+    suffix = ("_srcz" if a.source_aware_denominators else "") + ("_sd" if a.per_source_sd else "")
     if a.model == "summary":  # one row per saved run in OUT
         summary_table([x for h in ("dev", "report") for x in sorted(a.out.glob(f"*_{h}*.json"))
-                       if x.stem.endswith((f"_{h}", f"_{h}_srcz"))])
+                       if x.stem.endswith((f"_{h}", f"_{h}_srcz", f"_{h}_srcz_sd"))])
         return
     if a.calibrate:  # MODEL may be a comma-separated list: each model, then all pooled
         calibrate([a.out / f"{m.replace('/', '_')}_dev{suffix}.json" for m in a.model.split(",")])
@@ -134,7 +138,7 @@ def main() -> None:
     torch.set_num_threads(2)
     from attnscope.circuit.build import build_circuit
     from attnscope.models import load_model
-    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.contrast import build_token_model, effect_model
     from attnscope.neurons.groundtruth import spearman
     from attnscope.neurons.verification import fit_token_mean, token_frequencies, verify_contrast
     from attnscope.serve.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
@@ -145,10 +149,11 @@ def main() -> None:
     w = load_model(a.model)
     circ = build_circuit(w)
     n_min = circ.settings.min_position
-    tm = build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators)
+    sd = a.per_source_sd
+    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators), sd)
     # the other denominator form, for the scope's robustness to the denominators (token counts only)
-    tm_other = build_token_model(w, circ, source_aware_denominators=not a.source_aware_denominators)
-    sigma = calibration_std(w, circ).cpu()
+    em_other = effect_model(w, circ, build_token_model(
+        w, circ, source_aware_denominators=not a.source_aware_denominators), sd)
     t0 = time.perf_counter()
     tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
     texts = measure_all(w, circ, natural + list(adv), a.windows, a.out / "cache")
@@ -158,10 +163,11 @@ def main() -> None:
     rows = []
     for x, y, tag, kind in pairs:
         A, B = texts[x], texts[y]
-        v, d, _, lfl = verify_contrast(w, tm.expected, sigma, n_min, A["windows"], B["windows"], A["p"], B["p"], tmean,
+        v, d, _, lfl = verify_contrast(w, em.predict_d, em.sigma, n_min, A["windows"], B["windows"], A["p"], B["p"],
+                                       tmean,
                                        A["m"].stats, B["m"].stats, f"up to {a.windows} windows spread over each source")
         pa, pb = (token_frequencies(torch.cat([x.reshape(-1) for x in T["windows"]])[None], w.d_vocab) for T in (A, B))
-        other = (tm_other.expected(pa) - tm_other.expected(pb)).cpu().double() / sigma
+        other = em_other.predict_d(pa, pb)
         sc = pair_scope(A["m"], B["m"], lfl, rule, other)
         rows.append({"a": x, "b": y, "tags": tag, "kind": kind, "verification": asdict(v),
                      "scope": [{**c.to_json(), "in_flag": in_flag(c)} for c in sc], "out_of_scope": out_of_scope(sc),
@@ -182,7 +188,8 @@ def main() -> None:
     dt = time.perf_counter() - t0
     res = {"model": w.info(), "half": a.half, "windows": a.windows, "circuit_heads": circ.heads,
            "query_conditioned": circ.query_conditioned,
-           "source_aware_denominators": a.source_aware_denominators, "token_mean_fitted_on": tmean.fitted_on,
+           "source_aware_denominators": a.source_aware_denominators, "per_source_sd": sd,
+           "token_mean_fitted_on": tmean.fitted_on,
            "scope_rule": asdict(rule), "pairs": rows, "texts": trows, "seconds": dt}
     res["summary"] = summarise(rows, trows)
     a.out.mkdir(parents=True, exist_ok=True)
@@ -208,12 +215,11 @@ def signal_features(pred_d: torch.Tensor) -> dict:
 
 @torch.no_grad()
 def add_signal(model: str, path: Path) -> None:
-    """``--signal``: the like-for-like predicted ``d`` of every saved pair again (each text's expected
-    pre-activations once: the prediction is a difference of per-text expectations), and its strength."""
+    """``--signal``: the like-for-like predicted ``d`` of every saved pair again, and its strength."""
     from attnscope.circuit.build import build_circuit
     from attnscope.core.texts import open_source, tokenize
     from attnscope.models import load_model
-    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.contrast import build_token_model, effect_model
     from attnscope.neurons.verification import spread_windows, token_frequencies
 
     torch.set_num_threads(2)
@@ -221,18 +227,17 @@ def add_signal(model: str, path: Path) -> None:
     n_windows, source_aware = res["windows"], res["source_aware_denominators"]
     w = load_model(model)
     circ = build_circuit(w)
-    tm = build_token_model(w, circ, source_aware_denominators=source_aware)
-    sigma = calibration_std(w, circ).cpu()
+    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=source_aware),
+                      res.get("per_source_sd", False))
     names = sorted({n for r in res["pairs"] for n in (r["a"], r["b"])})
-    E = {}
+    P = {}
     for n in names:
         ids = torch.as_tensor(tokenize(open_source(str(BENCH / "texts" / f"{n}.txt")), w.tokenizer))
         wins = spread_windows(w, ids, circ.T, n_windows)
-        p = token_frequencies(torch.cat([x.reshape(-1) for x in wins])[None], w.d_vocab)
-        E[n] = tm.expected(p).cpu().double()
+        P[n] = token_frequencies(torch.cat([x.reshape(-1) for x in wins])[None], w.d_vocab)
     vec = {}
     for r in res["pairs"]:
-        d = (E[r["a"]] - E[r["b"]]) / sigma
+        d = em.predict_d(P[r["a"]], P[r["b"]])
         r["predicted_signal"] = signal_features(d)
         assert abs(float(d.pow(2).mean().sqrt()) - r["rms_predicted_d"]) < 1e-4 * r["rms_predicted_d"], r["a"]
         vec[f"{r['a']}|{r['b']}"] = d.float()
@@ -350,7 +355,8 @@ def summary_table(paths: list[Path]) -> None:
         nat = [x for x in r["pairs"] if x["kind"] == "natural"]
         sn, sa = s["scope_natural_pairs"], s["scope_adversarial"]
         print(f"| {r['model']['name']} | {r['half']} | "
-              f"{'source-aware' if r.get('source_aware_denominators') else 'calibrated'} | {r['windows']} | "
+              f"{'source-aware' if r.get('source_aware_denominators') else 'calibrated'}"
+              f"{', per-source sd' if r.get('per_source_sd') else ''} | {r['windows']} | "
               f"{r['seconds']:.0f} | {_fmt(s['median_like_for_like'])} | {_fmt(s['median_whole_source'])} | "
               f"{_fmt(s['median_noise_ceiling'])} | {_fmt(s['median_token_mean'])} | {_fmt(s['median_shuffled'])} | "
               f"{s['beats_token_mean']} of {s['n_pairs']} | {sum(x['failed'] for x in nat)} | "

@@ -179,7 +179,7 @@ def test_contrast_verified_like_for_like(served):
     """Issue 19: ``verify`` adds every neuron's like-for-like verification (the prediction from the verified
     windows' own counts) with the noise ceiling, the token-shuffled null and the token-mean predictor beside it,
     the same numbers as verify_contrast on those windows."""
-    from attnscope.neurons.contrast import build_token_model, calibration_std
+    from attnscope.neurons.contrast import build_token_model, effect_model
     from attnscope.neurons.verification import fit_token_mean, spread_windows, token_frequencies, verify_contrast
 
     m, c = served
@@ -194,19 +194,18 @@ def test_contrast_verified_like_for_like(served):
     w, circ, n_min = m.w, m.circ, m.circ.settings.min_position
     ids = [ia, ib]  # the text's tokens, no BOS
     wa, wb = (spread_windows(w, x, circ.T, 16) for x in ids)
-    tm = build_token_model(w, circ, source_aware_denominators=True)
-    ref = verify_contrast(w, tm.expected, calibration_std(w, circ).cpu(), n_min, wa, wb,
+    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=True))
+    assert em.per_source_sd  # as contrast: each side's sd from its own token counts
+    ref = verify_contrast(w, em.predict_d, em.sigma, n_min, wa, wb,
                           *(token_frequencies(x[None], w.d_vocab) for x in ids), fit_token_mean(w, n_min, circ.T))[0]
     assert v["like_for_like"]["spearman"] == pytest.approx(ref.like_for_like.spearman, abs=1e-6)
     # the contrast's own scope conditions, from the whole texts' token counts (no forward pass)
-    sigma = calibration_std(w, circ).cpu()
-    pred = (tm.expected(token_frequencies(ia[None], w.d_vocab)) - tm.expected(token_frequencies(ib[None], w.d_vocab)))
-    pred = pred.cpu().double() / sigma
+    pred = em.predict_d(token_frequencies(ia[None], w.d_vocab), token_frequencies(ib[None], w.d_vocab))
     sc = {x["name"]: x for x in d["scope"]}
     shift = sc["not a common shift"]
     assert shift["measured"] == pytest.approx(float(pred.mean().abs() / pred.pow(2).mean().sqrt()), abs=1e-6)
-    assert shift["threshold"] == pytest.approx(0.6947) and shift["in_flag"]
-    assert shift["ok"] == (shift["measured"] <= 0.6947)
+    assert shift["threshold"] == pytest.approx(0.7008) and shift["in_flag"]
+    assert shift["ok"] == (shift["measured"] <= 0.7008)
     assert sc["enough positions"]["measured"] >= 600 and sc["enough positions"]["in_flag"]
     assert d["out_of_scope"] == any(x["in_flag"] and not x["ok"] for x in d["scope"])
     assert "verification" not in c.post("/api/contrast", json={"text_a": a, "text_b": b, "neuron": 0}).json()

@@ -127,7 +127,7 @@ def test_calibrate_threshold_keeps_false_alarms_within_the_limit():
 
 def test_the_robustness_threshold_is_the_rule_on_the_saved_dev_runs():
     """The flag's threshold is not set by hand: calibrate_threshold on the dev half's natural pairs of the three
-    models pooled (the saved bench/unseen.py runs, source-aware predictor) gives it."""
+    models pooled (the saved bench/unseen.py runs, the predictor contrast uses) gives it."""
     import json
     from pathlib import Path
 
@@ -135,7 +135,7 @@ def test_the_robustness_threshold_is_the_rule_on_the_saved_dev_runs():
 
     root = Path(__file__).resolve().parents[2] / "bench" / "results" / "unseen"
     pairs = [p for m in ("demo", "smollm2", "all-MiniLM-L6-v2")
-             for p in json.loads((root / f"{m}_dev_srcz.json").read_text())["pairs"] if p["kind"] == "natural"]
+             for p in json.loads((root / f"{m}_dev_srcz_sd.json").read_text())["pairs"] if p["kind"] == "natural"]
     t = calibrate_threshold([p["denominator_robustness"] for p in pairs], [p["failed"] for p in pairs])
     assert DENOMINATOR_ROBUSTNESS_MIN == pytest.approx(t, abs=1e-4)
 
@@ -149,8 +149,8 @@ def test_the_common_shift_threshold_is_the_rule_on_the_saved_dev_runs():
     from attnscope.serve.contrast_scope import COMMON_SHIFT_MAX, calibrate_threshold
 
     root = Path(__file__).resolve().parents[2] / "bench" / "results" / "unseen"
-    runs = [json.loads((root / f"{m}_dev_srcz.json").read_text()) for m in ("demo", "smollm2", "all-MiniLM-L6-v2")]
-    assert all(r["half"] == "dev" for r in runs)
+    runs = [json.loads((root / f"{m}_dev_srcz_sd.json").read_text()) for m in ("demo", "smollm2", "all-MiniLM-L6-v2")]
+    assert all(r["half"] == "dev" and r["per_source_sd"] and r["source_aware_denominators"] for r in runs)
     pairs = [p for r in runs for p in r["pairs"] if p["kind"] == "natural"]
     shares = [p["predicted_signal"]["common_shift"] for p in pairs]
     failed = [p["failed"] for p in pairs]

@@ -9,8 +9,11 @@ explanation (:mod:`attnscope.neurons.explain`) of neuron ``k`` under i.i.d. toke
 (direct path at the reference position; the contextual bag's expectation, calibrated denominators; each
 other head's value of a token, its attention averaging over the tokens it reads).  The predicted
 difference between sources ``A`` and ``B`` is ``Delta_k = mu_k(p_A) - mu_k(p_B)``: no forward pass over
-either source.  ``predicted_d = Delta / sigma_cal``, with ``sigma_cal`` the std of the neuron's true
-pre-activation over the calibration text, puts it on the scale of the effect size.
+either source.  ``predicted_d`` puts it on the scale of the effect size the truth uses, ``Delta /
+sqrt((var_A + var_B) / 2)``, each side's variance predicted from its own token counts (:class:`EffectModel`:
+the variance over the source's tokens of each token's predicted pre-activation, times the calibration text's
+ratio of the true variance to that; on the calibration text it is the measured one).  ``EffectModel(...,
+per_source_sd=False)`` gives the method's ``Delta / sigma_cal`` with one calibration std per neuron.
 
 **True (``--verify``).**  ``d = (mean_A - mean_B) / sqrt((var_A + var_B) / 2)`` over positions
 ``n >= min_position`` of windows spread over each whole source (:func:`effect_sizes`); the headline score
@@ -33,7 +36,7 @@ from attnscope.circuit.result import LAYER
 from attnscope.core.errors import AttnscopeError, TextTooShortError
 from attnscope.core.executor import Executor
 from attnscope.core.serialize import from_dict, read_versioned
-from attnscope.core.stats import tensor_sum
+from attnscope.core.stats import cohens_d, tensor_sum
 from attnscope.core.texts import decode_tokens, open_source, tokenize
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
@@ -224,9 +227,79 @@ class TokenModel:
     def expected(self, p: Tensor) -> Tensor:
         return tensor_sum(self.expected_parts(p).values())
 
+    def token_values(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """Each token present under ``p``: its share ``[n]`` and its predicted pre-activation ``[n, d_mlp]``
+        (its own direct term, the context terms' means under ``p``, its own norm scale); their ``p``-weighted
+        mean is :meth:`expected` (float64)."""
+        p = p.to(self.W_in.device, self.W_in.dtype)
+        idx = (p > 0).nonzero().squeeze(1)
+        cm = self.context_means(p)
+        x = self.parts["direct"][idx] + tensor_sum(cm.values())
+        if self.norm_const is None:
+            a = (x @ self.W_in) / self.scale
+        else:
+            a = ((x + self.norm_const) @ self.W_in) / self.token_scales(p, cm)[idx, None]
+        q = p[idx].double()
+        return q / q.sum().clamp_min(1e-30), a.double()
+
     def token_scores(self, neurons: Tensor) -> Tensor:
         """Every token's total score ``[d_vocab, k]`` for ``neurons`` (how much one more occurrence moves the mean)."""
         return tensor_sum(self.parts.values()) @ self.W_in[:, neurons] / self.scale
+
+
+@dataclass
+class EffectModel:
+    """Every neuron's predicted effect size ``d [d_mlp]`` between two token-frequency vectors (no forward pass).
+
+    ``per_source_sd``: ``d = (mu_A - mu_B) / sqrt((var_A + var_B) / 2)`` (:func:`attnscope.core.stats.cohens_d`,
+    the truth's formula), ``var_p = kappa * Var_{x ~ p}[a_p(x)]`` with ``a_p(x)`` the token model's pre-activation
+    of a position holding ``x`` (:meth:`TokenModel.token_values`) and ``kappa = sigma_cal^2 / Var_{x ~ p_cal}
+    [a(x)]`` per neuron, what the token model leaves out of the variance on the calibration text (context
+    variation, positions, local heads), assumed to scale with it.  On the calibration text ``var = sigma_cal^2``.
+    Otherwise ``d = (mu_A - mu_B) / sigma_cal``.  Issue 19, chosen on the benchmark's development half: the demo's
+    R-precision, with ``sigma_cal`` 12 of 16 pairs >= 0.75, with the per-source sd 15 of 16."""
+
+    tm: TokenModel
+    sigma: Tensor  # [d_mlp] std of each neuron's true pre-activation over the calibration text (float64, cpu)
+    kappa: Tensor | None  # [d_mlp] None: one calibration std per neuron
+    bos: int | None = None  # left out of the variance (its own, often outlying, embedding; one position a window)
+
+    @property
+    def per_source_sd(self) -> bool:
+        return self.kappa is not None
+
+    def variance(self, p: Tensor) -> Tensor:
+        """Predicted variance ``[d_mlp]`` of each neuron's pre-activation over a source with frequencies ``p``."""
+        assert self.kappa is not None, "variance needs the per-source sd (per_source_sd=True)"
+        return self.kappa * _token_variance(self.tm, p, self.bos)
+
+    def predict_d(self, p_a: Tensor, p_b: Tensor) -> Tensor:
+        """Predicted ``d [d_mlp]`` (float64, cpu) of source A against B."""
+        diff = (self.tm.expected(p_a) - self.tm.expected(p_b)).cpu().double()
+        if self.kappa is None:
+            return diff / self.sigma
+        return cohens_d(diff, self.variance(p_a), torch.zeros_like(diff), self.variance(p_b), min_std=1e-9)
+
+
+def _token_variance(tm: TokenModel, p: Tensor, bos: int | None) -> Tensor:
+    if bos is not None and float(p[bos]) > 0:
+        p = p.clone()
+        p[bos] = 0
+    q, a = tm.token_values(p)
+    return (q @ (a - q @ a).pow(2)).cpu()
+
+
+@torch.no_grad()
+def effect_model(w: ModelWeights, circ: Circuit, tm: TokenModel, per_source_sd: bool = True) -> EffectModel:
+    """:class:`EffectModel` of ``tm`` (``kappa`` from the calibration positions ``n >= min_position``, the ones
+    :func:`calibration_std` measures)."""
+    sigma = calibration_std(w, circ).cpu()
+    bos = w.bos_token_id if w.prepend_bos else None
+    if not per_source_sd:
+        return EffectModel(tm, sigma, None, bos)
+    cal = circ.calibration_tokens[circ.settings.min_position:].cpu()
+    v = _token_variance(tm, token_frequencies(cal[None], w.d_vocab), bos)
+    return EffectModel(tm, sigma, sigma.pow(2) / v.clamp_min(1e-12), bos)
 
 
 @torch.no_grad()
@@ -282,7 +355,7 @@ def calibration_std(w: ModelWeights, circ: Circuit) -> Tensor:
 class NeuronContrast:
     index: int
     predicted_diff: float  # mu(p_A) - mu(p_B), pre-activation units
-    predicted_d: float  # predicted_diff / sigma_cal
+    predicted_d: float  # predicted_diff over the predicted pooled sd (EffectModel; settings: per_source_sd)
     parts: dict[str, float]  # term -> its share of predicted_diff
     evidence_a: list[tuple[str, float]]  # tokens pushing towards A: (token, (p_A - p_B) x score)
     evidence_b: list[tuple[str, float]]
@@ -346,13 +419,14 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
 @torch.no_grad()
 def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
                  max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None,
-                 source_aware_denominators: bool = True) -> ContrastResult:
+                 source_aware_denominators: bool = True, per_source_sd: bool = True) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
     ``verify``, measure it on up to ``max_windows`` windows of each).  ``source_aware_denominators``: each
     contextual head's denominator from each source's own token counts (:class:`BagHeads`; issue 19: on the
     benchmark's development half it lifts SmolLM2's median like-for-like Spearman from 0.872 to 0.922).
-    ``executor`` shards the verification's true pre-activations, kept per window for the split-half noise ceiling
-    (default: this process)."""
+    ``per_source_sd``: each side's sd predicted from its own token counts (:class:`EffectModel`), else one
+    calibration std per neuron.  ``executor`` shards the verification's true pre-activations, kept per window for
+    the split-half noise ceiling (default: this process)."""
     if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
         raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
                              "sources")
@@ -366,8 +440,8 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
     e_a, e_b = tm.expected_parts(p_a), tm.expected_parts(p_b)
     parts = {t: (e_a[t] - e_b[t]).cpu() for t in e_a}
     diff = tensor_sum(parts.values())
-    sigma = calibration_std(w, circ).cpu()
-    pd = diff / sigma
+    em = effect_model(w, circ, tm, per_source_sd)
+    pd = em.predict_d(p_a, p_b).to(diff.dtype)
     order = pd.abs().argsort(descending=True).tolist()
     ev = dict(zip(order[:n_evidence], _evidence(w, tm, (p_a - p_b), order[:n_evidence])))
     recs = [NeuronContrast(k, float(diff[k]), float(pd[k]), {t: float(v[k]) for t, v in parts.items()},
@@ -376,7 +450,8 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                          settings={"max_windows": max_windows, "calibration": circ.settings.calibration,
                                    "min_position": circ.settings.min_position, "n_ctx": circ.T,
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos,
-                                   "source_aware_denominators": source_aware_denominators})
+                                   "source_aware_denominators": source_aware_denominators,
+                                   "per_source_sd": per_source_sd})
     if verify:
         n_min = circ.settings.min_position
         wa, wb = (spread_windows(w, ids[s], circ.T, max_windows) for s in (a, b))
@@ -386,7 +461,7 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                                     "verify on; pass a longer text or a smaller --n-ctx")
         tmean = fit_token_mean(w, n_min, circ.T, exclude=(a, b))
         sa, sb = (window_stats(w, x, n_min, executor) for x in (wa, wb))  # per window: the split-half ceiling
-        v, d, diff_true, lfl = verify_contrast(w, tm.expected, sigma, n_min, wa, wb, p_a, p_b, tmean, sa, sb,
+        v, d, diff_true, lfl = verify_contrast(w, em.predict_d, em.sigma, n_min, wa, wb, p_a, p_b, tmean, sa, sb,
                                                windows_note=f"up to {max_windows} windows of {circ.T} tokens per "
                                                             "source, evenly spread over the whole source")
         for r in recs:

@@ -250,26 +250,26 @@ class ContrastVerification:
 
 
 @torch.no_grad()
-def verify_contrast(w: ModelWeights, expected: Callable[[Tensor], Tensor], sigma: Tensor, n_min: int,
+def verify_contrast(w: ModelWeights, predict_d: Callable[[Tensor, Tensor], Tensor], sigma: Tensor, n_min: int,
                     wins_a: list[Tensor], wins_b: list[Tensor], p_whole_a: Tensor | None, p_whole_b: Tensor | None,
                     tmean: TokenMean,
                     stats_a: list[PreStats] | None = None, stats_b: list[PreStats] | None = None,
                     windows_note: str = "") -> tuple[ContrastVerification, Tensor, Tensor, Tensor]:
-    """Score the contrast A vs B on the given windows; ``expected`` maps token frequencies ``[d_vocab]`` to the
-    predicted mean pre-activations ``[d_mlp]`` (:meth:`attnscope.neurons.contrast.TokenModel.expected`).
-    Returns the verification, the true ``d``, the true difference of means and the like-for-like predicted
-    ``d`` (each ``[d_mlp]``)."""
+    """Score the contrast A vs B on the given windows; ``predict_d`` maps two token-frequency vectors ``[d_vocab]``
+    to the predicted ``d [d_mlp]`` (:meth:`attnscope.neurons.contrast.EffectModel.predict_d`); ``sigma [d_mlp]``
+    puts the token-mean baseline's difference on the scale of ``d``.  Returns the verification, the true ``d``,
+    the true difference of means and the like-for-like predicted ``d`` (each ``[d_mlp]``)."""
     sa = stats_a if stats_a is not None else window_stats(w, wins_a, n_min)
     sb = stats_b if stats_b is not None else window_stats(w, wins_b, n_min)
     A, B = _sum(sa), _sum(sb)
     d = effect_sizes(A, B)
     V = w.d_vocab
-    expect = lambda p: expected(p).cpu().double()  # noqa: E731  (the token model is not linear in p)
+    pd = lambda a, b: predict_d(a, b).cpu().double()  # noqa: E731  (the token model is not linear in p)
     p_a, p_b = (token_frequencies(torch.cat([x.reshape(-1) for x in ws])[None], V) for ws in (wins_a, wins_b))
-    lfl = (expect(p_a) - expect(p_b)) / sigma
-    whole = lfl if p_whole_a is None else (expect(p_whole_a) - expect(p_whole_b)) / sigma
+    lfl = pd(p_a, p_b)
+    whole = lfl if p_whole_a is None or p_whole_b is None else pd(p_whole_a, p_whole_b)
     perm = torch.randperm(V, generator=torch.Generator().manual_seed(0))  # the null: token identities permuted
-    null = (expect(p_a[perm]) - expect(p_b[perm])) / sigma
+    null = pd(p_a[perm], p_b[perm])
     q_pos = position_frequencies(wins_a, n_min, V) - position_frequencies(wins_b, n_min, V)
     tmp = tmean.expected(q_pos) / sigma
     v = ContrastVerification(len(wins_a), len(wins_b), A.n, B.n, windows_note,
@@ -308,6 +308,10 @@ def one_vs_rest_verification(w: ModelWeights, expected: Callable[[Tensor], Tenso
     ``other_counts`` (token counts ``[d_vocab]`` per source) give the second prediction scored beside it,
     named ``other_name`` (the neuron stage: the tuning half's counts, which its ranking uses)."""
     stats = stats or [window_stats(w, ws, n_min) for ws in windows]
+
+    def calibrated_d(p_a: Tensor, p_b: Tensor) -> Tensor:  # the neuron stage's d: one calibration std per neuron
+        return (expected(p_a) - expected(p_b)).cpu().double() / sigma
+
     out = {}
     for c, name in enumerate(names):
         rest_w = [x for j, ws in enumerate(windows) if j != c for x in ws]
@@ -318,7 +322,8 @@ def one_vs_rest_verification(w: ModelWeights, expected: Callable[[Tensor], Tenso
             pa = other_counts[c] / other_counts[c].sum()
             rest = tensor_sum(x for j, x in enumerate(other_counts) if j != c)
             pb = rest / rest.sum()
-        v, _, _, _ = verify_contrast(w, expected, sigma, n_min, windows[c], rest_w, pa, pb, tmean, stats[c], rest_s)
+        v, _, _, _ = verify_contrast(w, calibrated_d, sigma, n_min, windows[c], rest_w, pa, pb, tmean, stats[c],
+                                     rest_s)
         if other_counts is None:
             v.whole_source = v.like_for_like
         else:
