@@ -144,7 +144,7 @@ def main() -> None:
     from attnscope.serve.contrast_scope import ScopeRule, in_flag, out_of_scope, pair_scope, text_scope
 
     split = json.loads((BENCH / "split.json").read_text())
-    natural = split["halves"][a.half]
+    natural = split["halves"][a.half] + split.get("extension", {}).get(a.half, [])  # dev: its extension too
     adv = split["adversarial"][a.half]
     w = load_model(a.model)
     circ = build_circuit(w)
@@ -158,7 +158,8 @@ def main() -> None:
     tmean = fit_token_mean(w, n_min, circ.T, windows_per_text=a.token_mean_windows)
     texts = measure_all(w, circ, natural + list(adv), a.windows, a.out / "cache")
     rule = ScopeRule()
-    pairs = [(p["a"], p["b"], ", ".join(p["tags"]), "natural") for p in split["pairs"][a.half]]
+    pairs = [(p["a"], p["b"], ", ".join(p["tags"]), "natural")
+             for p in split["pairs"][a.half] + split["pairs"].get(f"{a.half}_extension", [])]
     pairs += [(x, n, adv[x]["kind"], "adversarial") for x in adv for n in natural]
     rows = []
     for x, y, tag, kind in pairs:

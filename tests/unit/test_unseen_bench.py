@@ -35,9 +35,14 @@ def test_split_is_disjoint_and_pairs_stay_in_their_half():
     man = {s["name"]: s for s in json.loads((BENCH / "manifest.json").read_text())["sources"]}
     sp = json.loads((BENCH / "split.json").read_text())
     dev, rep = set(sp["halves"]["dev"]), set(sp["halves"]["report"])
-    assert not dev & rep and dev | rep == set(man)
+    ext = set(sp["extension"]["dev"])  # added to the development half only (issue 19, step 8)
+    assert not dev & rep and not ext & (dev | rep) and dev | rep | ext == set(man)
+    assert {s for s in man if man[s].get("extension") == "dev"} == ext
+    for p in sp["pairs"]["dev_extension"]:
+        assert {p["a"], p["b"]} & ext and {p["a"], p["b"]} <= dev | ext
+    assert len(sp["pairs"]["dev_extension"]) == len(ext) * len(dev) + len(ext) * (len(ext) - 1) // 2
     assert sum(len(v) for v in sp["pairs"].values()) >= 16
-    for h, names in sp["halves"].items():
+    for h, names in sp["halves"].items():  # the seeded halves: their pairs and adversarial inputs as frozen
         for p in sp["pairs"][h]:
             assert p["a"] in names and p["b"] in names
         tags = {t for p in sp["pairs"][h] for t in p["tags"]}
@@ -50,7 +55,8 @@ def test_split_is_disjoint_and_pairs_stay_in_their_half():
 
 def test_split_is_the_seeded_one():
     b = _load_builder()
-    man = json.loads((BENCH / "manifest.json").read_text())["sources"]
+    man = [m for m in json.loads((BENCH / "manifest.json").read_text())["sources"] if "extension" not in m]
+    assert len(man) == len(b.SOURCES)  # the development half's extension is not part of the seeded split
     assert b.split_sources(man) == json.loads((BENCH / "split.json").read_text())["halves"]
 
 

@@ -78,8 +78,10 @@ def print_contrast(res: ContrastResult, top: int, scope: ContrastScope | None = 
     from rich.table import Table
 
     con = Console()
+    sd = ("the predicted pooled sd, each side's from its own token counts" if res.settings.get("per_source_sd")
+          else "calibration std")
     for sign, name in ((1, res.a), (-1, res.b)):
-        t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / calibration std)")
+        t = Table(title=f"neurons higher on {name} (predicted d = predicted difference / {sd})")
         for col in ("neuron", "predicted d", "true d", "bag / direct / other heads", "token evidence"):
             t.add_column(col)
         for r in res.top(top, sign):
