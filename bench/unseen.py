@@ -1,8 +1,8 @@
 """The unseen-text benchmark (issue 19): like-for-like contrast verification and the scope flag, any model.
 
     python bench/unseen.py MODEL --half dev|report [--windows 16] [--out bench/results/unseen]
-                           [--source-aware-denominators] [--per-source-sd]   # the predictor contrast uses
-                                                                        # (saved as *_srcz_sd.json)
+                           [--source-aware-denominators] [--per-source-sd] [--query-aware-bag]
+                           # all three: the predictor contrast uses (saved as *_srcz_sd_q.json)
     python bench/unseen.py MODEL --half dev|report --signal [--source-aware-denominators]   # predicted-d candidates
     python bench/unseen.py MODEL[,MODEL...] --half dev --calibrate [--source-aware-denominators]
     python bench/unseen.py summary --half dev                 # one row per saved run
@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--per-source-sd", action="store_true",
                     help="predicted d over each side's sd predicted from its own token counts (EffectModel, what "
                     "contrast uses), not one calibration std per neuron; saved as OUT/MODEL_HALF[_srcz]_sd.json")
+    ap.add_argument("--query-aware-bag", action="store_true",
+                    help="with --source-aware-denominators: each query token's own denominator (QueryBag, what "
+                    "contrast uses), not one per head (BagHeads); saved as OUT/MODEL_HALF_srcz[_sd]_q.json")
     ap.add_argument("--rescore", action="store_true",
                     help="apply the current scope rule to the saved OUT/MODEL_HALF.json "
                     "(every condition's measured value is saved) and print the tables, without running the model")
@@ -121,10 +124,11 @@ def main() -> None:
                     help="add the predicted signal's strength (token counts only) to the saved OUT/MODEL_HALF.json: "
                     "one token-model pass per text of the half, no layer-0 measurement")
     a = ap.parse_args()
-    suffix = ("_srcz" if a.source_aware_denominators else "") + ("_sd" if a.per_source_sd else "")
+    suffix = (("_srcz" if a.source_aware_denominators else "") + ("_sd" if a.per_source_sd else "")
+              + ("_q" if a.query_aware_bag else ""))
     if a.model == "summary":  # one row per saved run in OUT
         summary_table([x for h in ("dev", "report") for x in sorted(a.out.glob(f"*_{h}*.json"))
-                       if x.stem.endswith((f"_{h}", f"_{h}_srcz", f"_{h}_srcz_sd"))])
+                       if x.stem.endswith((f"_{h}", f"_{h}_srcz", f"_{h}_srcz_sd", f"_{h}_srcz_sd_q"))])
         return
     if a.calibrate:  # MODEL may be a comma-separated list: each model, then all pooled
         calibrate([a.out / f"{m.replace('/', '_')}_dev{suffix}.json" for m in a.model.split(",")])
@@ -150,7 +154,8 @@ def main() -> None:
     circ = build_circuit(w)
     n_min = circ.settings.min_position
     sd = a.per_source_sd
-    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators), sd)
+    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=a.source_aware_denominators,
+                                                 query_aware=a.query_aware_bag), sd)
     # the other denominator form, for the scope's robustness to the denominators (token counts only)
     em_other = effect_model(w, circ, build_token_model(
         w, circ, source_aware_denominators=not a.source_aware_denominators), sd)
@@ -190,6 +195,7 @@ def main() -> None:
     res = {"model": w.info(), "half": a.half, "windows": a.windows, "circuit_heads": circ.heads,
            "query_conditioned": circ.query_conditioned,
            "source_aware_denominators": a.source_aware_denominators, "per_source_sd": sd,
+           "query_aware_bag": a.query_aware_bag,
            "token_mean_fitted_on": tmean.fitted_on,
            "scope_rule": asdict(rule), "pairs": rows, "texts": trows, "seconds": dt}
     res["summary"] = summarise(rows, trows)
@@ -228,7 +234,8 @@ def add_signal(model: str, path: Path) -> None:
     n_windows, source_aware = res["windows"], res["source_aware_denominators"]
     w = load_model(model)
     circ = build_circuit(w)
-    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=source_aware),
+    em = effect_model(w, circ, build_token_model(w, circ, source_aware_denominators=source_aware,
+                                                 query_aware=res.get("query_aware_bag", False)),
                       res.get("per_source_sd", False))
     names = sorted({n for r in res["pairs"] for n in (r["a"], r["b"])})
     P = {}
@@ -357,6 +364,7 @@ def summary_table(paths: list[Path]) -> None:
         sn, sa = s["scope_natural_pairs"], s["scope_adversarial"]
         print(f"| {r['model']['name']} | {r['half']} | "
               f"{'source-aware' if r.get('source_aware_denominators') else 'calibrated'}"
+              f"{', per query' if r.get('query_aware_bag') else ''}"
               f"{', per-source sd' if r.get('per_source_sd') else ''} | {r['windows']} | "
               f"{r['seconds']:.0f} | {_fmt(s['median_like_for_like'])} | {_fmt(s['median_whole_source'])} | "
               f"{_fmt(s['median_noise_ceiling'])} | {_fmt(s['median_token_mean'])} | {_fmt(s['median_shuffled'])} | "

@@ -227,15 +227,15 @@ def test_source_aware_denominators_split_the_bag_by_head(query_llama, form):
     """Source-aware denominators (issue 19): the per-head bag means sum to the bag the circuit uses; on the
     calibration text's frequencies every head's ratio is 1 (the token model is unchanged there); a source whose
     tokens carry twice the content factor gets each head's bag halved."""
-    from attnscope.neurons.contrast import build_token_model
+    from attnscope.neurons.contrast import BagHeads, build_token_model
     from attnscope.neurons.verification import token_frequencies
 
     w, _ = query_llama
     c = build_circuit(w, _settings(query_conditioned=form))
-    tm = build_token_model(w, c, source_aware_denominators=True)
+    tm = build_token_model(w, c, source_aware_denominators=True, query_aware=False)
     plain = build_token_model(w, c)
     bag = tm.bag
-    assert bag is not None and plain.bag is None
+    assert isinstance(bag, BagHeads) and plain.bag is None
     p = token_frequencies(text_tokens("bundled:es_fortunes", w.tokenizer, max_tokens=64)[None], w.d_vocab)
     torch.testing.assert_close(centre(bag.mean(p, source_aware=False), w).double(),
                                (p.to(c.ext.dtype) @ centre(c.ext, w)).double(), atol=1e-5, rtol=1e-4)
@@ -247,3 +247,41 @@ def test_source_aware_denominators_split_the_bag_by_head(query_llama, form):
     assert r.shape == (len(c.heads),) and bool((r > 0).all())
     torch.testing.assert_close(bag.mean(p), (bag.head_means(p) / r[:, None].to(bag.e_val.dtype)).sum(0))
     assert not torch.allclose(tm.expected(p), plain.expected(p))
+
+
+@pytest.mark.parametrize("form", ["on", "off"])
+def test_query_bag_gives_each_query_token_its_own_denominator(query_llama, form):
+    """The query-aware bag (issue 19, step 10) against a direct count: for i.i.d. tokens with frequencies p, each
+    key token's share is p(x) sum_y p(y) f(y, x) / Z_p(y), with f(y, x) from the token's own query and content
+    key (clipped as the summary clips); the shares of every head sum to 1; and on the calibration text the
+    token model with it predicts what the calibrated one does (the constant absorbs the difference)."""
+    import math
+
+    from attnscope.circuit.query import content_keys, key_shares, token_queries
+    from attnscope.neurons.contrast import QueryBag, build_token_model
+    from attnscope.neurons.verification import token_frequencies
+
+    w, _ = query_llama
+    c = build_circuit(w, _settings(query_conditioned=form))
+    tm = build_token_model(w, c, source_aware_denominators=True)
+    bag = tm.bag
+    assert isinstance(bag, QueryBag)
+    ids = text_tokens("bundled:es_fortunes", w.tokenizer, max_tokens=80)
+    p = token_frequencies(ids[None], w.d_vocab)
+    a = key_shares(w, bag.parts, bag.key_content, p, chunk=7)  # small chunks: the chunking is exercised
+    torch.testing.assert_close(a.sum(-1), torch.ones(len(c.heads), dtype=a.dtype))
+    assert bool((a[:, p == 0] == 0).all())
+    sup = (p > 0).nonzero().squeeze(1)
+    q = token_queries(w, bag.parts, bag.key_content, sup)
+    k = content_keys(bag.parts, bag.key_content, sup)
+    for h in range(len(c.heads)):  # the formula, one query token at a time
+        ref = torch.zeros(len(sup), dtype=torch.float64)
+        for j in range(len(sup)):
+            cap = float((q[h, j] @ bag.parts.k_cal[h, bag.parts.start:].T / bag.parts.scale).median())
+            f = torch.exp(torch.clamp(k[h] @ q[h, j] / bag.parts.scale, max=cap + math.log(bag.parts.f_clip)))
+            ref += p[sup[j]] * p[sup] * f / (p[sup] * f).sum()
+        torch.testing.assert_close(a[h, sup], ref, atol=1e-9, rtol=1e-6)
+    body = c.calibration_tokens[1:] if w.prepend_bos else c.calibration_tokens
+    p_cal = token_frequencies(body[None].cpu(), w.d_vocab)
+    torch.testing.assert_close(tm.expected(p_cal), build_token_model(w, c).expected(p_cal), atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(tm.expected(p), build_token_model(w, c).expected(p))

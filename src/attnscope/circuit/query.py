@@ -271,3 +271,46 @@ def circuit_output(w: ModelWeights, circ: Circuit, tokens: Int[Tensor, "*batch p
             return torch.stack([query_conditioned_summary(w, circ, t, parts) for t in tokens])
         return query_conditioned_summary(w, circ, tokens)
     return circ.summary(tokens.to(circ.ext.device))
+
+
+@torch.no_grad()
+def token_queries(w: ModelWeights, parts: QueryParts, key_content: Float[Tensor, "vocab d_model"],
+                  tokens: Int[Tensor, " n"]) -> Float[Tensor, "chosen n d_head"]:
+    """Each chosen head's layer-0 query of a token on its own (float64): its content input (learned positions:
+    placed at the reference position, as the content keys are) through ``W_Q``; rotary: the pre-rotation query,
+    weighted by the pair weights of the last query row (a position deep in the window)."""
+    q = project(key_content[tokens][None], w.W_Q[LAYER][parts.hs], w.b_Q[LAYER][parts.hs])[0].double()
+    if parts.pair_weights is not None:
+        q = apply_pair_weights(w, q, parts.pair_weights[:, -1])
+    return q
+
+
+@torch.no_grad()
+def key_shares(w: ModelWeights, parts: QueryParts, key_content: Float[Tensor, "vocab d_model"],
+               p: Float[Tensor, " vocab"], chunk: int = 1024) -> Float[Tensor, "chosen vocab"]:
+    """Each key token's expected share of a chosen head's (non-sink) attention when the tokens, the query's
+    included, are i.i.d. with frequencies ``p [vocab]`` (sums to 1) and every query's denominator is its own
+    over ``p`` (issue 19, step 10: source-aware, per query token):
+
+        a_h(x) = p(x) sum_y p(y) f_h(y, x) / sum_x' p(x') f_h(y, x'),    log f_h(y, x) = q_h(y) . k_h(x) / scale
+
+    (:func:`token_queries`, :func:`content_keys`; ``f`` clipped per query at ``f_clip`` times its median over
+    the calibration text's keys, as the summary clips it).  The kernel's mass cancels in the ratio, as in the
+    source-aware denominators.  ``sum_x a_h(x) = 1``; zero off the support of ``p``.  Token counts and weights
+    only, no forward pass."""
+    sup = (p > 0).nonzero().squeeze(1).to(w.device)
+    ps = p[sup.cpu()].double().to(w.device)
+    q = token_queries(w, parts, key_content, sup)
+    k = content_keys(parts, key_content, sup)
+    cal_keys = parts.k_cal[:, parts.start:]
+    out = torch.zeros(len(parts.hs), len(sup), dtype=torch.float64, device=w.device)
+    for h in range(len(parts.hs)):
+        for c0 in range(0, len(sup), chunk):
+            qh = q[h, c0 : c0 + chunk]
+            cap = (qh @ cal_keys[h].T / parts.scale).median(-1, keepdim=True).values + math.log(parts.f_clip)
+            lf = torch.minimum(qh @ k[h].T / parts.scale, cap)
+            fp = torch.exp(lf - lf.max(-1, keepdim=True).values) * ps
+            out[h] += (ps[c0 : c0 + chunk, None] * fp / fp.sum(-1, keepdim=True)).sum(0)
+    full = torch.zeros(len(parts.hs), len(p), dtype=torch.float64, device=w.device)
+    full[:, sup] = out
+    return full

@@ -7,7 +7,9 @@ explanation (:mod:`attnscope.neurons.explain`) of neuron ``k`` under i.i.d. toke
     U(x) = centre(direct(x) + Ext(x) + sum_{h not contextual} e(x) W_V^h W_O^h)      [d_vocab, d_model]
 
 (direct path at the reference position; the contextual bag's expectation, calibrated denominators; each
-other head's value of a token, its attention averaging over the tokens it reads).  The predicted
+other head's value of a token, its attention averaging over the tokens it reads).  That is the method's form;
+``contrast`` by default takes the bag's denominators from the source's own counts, per head and query token
+(:class:`attnscope.neurons.bag.QueryBag`), and the norm's scale per token (:class:`TokenModel`).  The predicted
 difference between sources ``A`` and ``B`` is ``Delta_k = mu_k(p_A) - mu_k(p_B)``: no forward pass over
 either source.  ``predicted_d`` puts it on the scale of the effect size the truth uses, ``Delta /
 sqrt((var_A + var_B) / 2)``, each side's variance predicted from its own token counts (:class:`EffectModel`:
@@ -31,8 +33,6 @@ import torch
 from torch import Tensor
 
 from attnscope.circuit.build import Circuit
-from attnscope.circuit.query import query_averaged_factors
-from attnscope.circuit.result import LAYER
 from attnscope.core.errors import AttnscopeError, TextTooShortError
 from attnscope.core.executor import Executor
 from attnscope.core.serialize import from_dict, read_versioned
@@ -41,6 +41,7 @@ from attnscope.core.texts import decode_tokens, open_source, tokenize
 from attnscope.exact.decomposition import centre
 from attnscope.exact.forward import iter_layers
 from attnscope.models import ModelWeights
+from attnscope.neurons.bag import BagHeads, QueryBag, bag_heads, query_bag  # noqa: F401  (re-exported)
 from attnscope.neurons.explain import Explainer, build_explainer, true_pre
 from attnscope.neurons.verification import (  # noqa: F401  (PreStats, pre_stats, effect_sizes: re-exported)
     ContrastVerification,
@@ -110,66 +111,6 @@ TOKEN_SCORE_DEFINITION = ("token score: how far one more occurrence of the token
 
 
 @dataclass
-class BagHeads:
-    """Each contextual head's share of the contextual bag, for **source-aware denominators** (issue 19).
-
-    The bag divides every head's kernel-weighted content by one calibrated denominator ``Z_cal``.  Under the
-    i.i.d. token model a source with frequencies ``p`` has ``Z_p ~ Z_cal E_p[g] / E_cal[g]`` per head (``g``:
-    the head's token weight in the bag, ``f / Z`` or the query-averaged ``E_q[f(q, x) / Z(q)]``; the kernel's
-    mass cancels in the ratio), so the source-aware bag is ``sum_h E_p[ext_h] / r_h(p)`` with
-    ``r_h(p) = E_p[g_h] / E_cal[g_h]``: still token counts only, no forward pass.  ``E`` over the text tokens
-    (the BOS, the sink the kernel splits off, is left out of the ratio)."""
-
-    weights: Tensor  # [H, d_vocab] each head's token weight in the bag: g x (1 - sink mass) x outlier mask
-    g: Tensor  # [H, d_vocab] the denominator's content factor (unmasked)
-    g_cal: Tensor  # [H] its mean under the calibration text's frequencies
-    e_val: Tensor  # [d_vocab, d_model] the value input's content part
-    W_OV: Tensor  # [H, d_model, d_model]
-    bos: int | None
-
-    def ratios(self, p: Tensor) -> Tensor:
-        """``r_h(p) = E_p[g_h] / E_cal[g_h]`` per head ``[H]`` (the source's denominator over the calibrated one)."""
-        p = p.to(self.g.device, self.g.dtype)
-        if self.bos is not None:
-            p = p.clone()
-            p[self.bos] = 0
-        return (self.g @ p) / (p.sum().clamp_min(1e-30) * self.g_cal)
-
-    def head_means(self, p: Tensor) -> Tensor:
-        """``E_p[ext_h]`` per head ``[H, d_model]`` (uncentred; their sum is ``p @ Circuit.ext``)."""
-        p = p.to(self.e_val.device, self.e_val.dtype)
-        return torch.einsum("hd,hdf->hf", (self.weights * p[None]) @ self.e_val, self.W_OV)
-
-    def mean(self, p: Tensor, source_aware: bool = True) -> Tensor:
-        """The bag's mean ``[d_model]`` under ``p`` with each head's denominator from ``p`` (or calibration)."""
-        m = self.head_means(p)
-        if source_aware:
-            m = m / self.ratios(p).to(m.dtype)[:, None]
-        return m.sum(0)
-
-
-@torch.no_grad()
-def bag_heads(w: ModelWeights, circ: Circuit, e_val: Tensor) -> BagHeads:
-    """:class:`BagHeads` of ``circ`` (``e_val``: :attr:`attnscope.neurons.explain.Explainer.e_val`)."""
-    if circ.query_conditioned:
-        g = query_averaged_factors(w, circ).to(e_val.dtype)
-    else:
-        g = (circ.f / circ.Z[:, None]).to(e_val.dtype)
-    hs = torch.tensor(circ.heads, device=e_val.device)
-    bos = circ.settings.bos
-    keep = torch.ones(len(hs), dtype=e_val.dtype, device=e_val.device)
-    if bos is not None:
-        keep = 1 - torch.tensor([circ.decisions[h].sink_mass for h in circ.heads], dtype=e_val.dtype,
-                                device=e_val.device)
-    weights = g * keep[:, None] * circ.token_mask.to(e_val.device, e_val.dtype)[None]
-    W_OV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs]).to(e_val.dtype)
-    cal = circ.calibration_tokens
-    body = cal[1:] if w.prepend_bos else cal
-    p_cal = token_frequencies(body[None].cpu(), w.d_vocab).to(g.device, g.dtype)
-    return BagHeads(weights, g, g @ p_cal, e_val, W_OV, bos if w.prepend_bos else None)
-
-
-@dataclass
 class TokenModel:
     """Each token's vector in each term of the explanation (``[d_vocab, d_model]`` per term) and the readout.
 
@@ -188,7 +129,7 @@ class TokenModel:
     norm_const: Tensor | None = None  # [d_model] c above; None: one constant scale (the method's, §8.1)
     norm: str = "layernorm"
     eps: float = 1e-5
-    bag: BagHeads | None = None  # set: source-aware denominators (each head's Z from the source's own counts)
+    bag: BagHeads | QueryBag | None = None  # set: source-aware denominators (each head's / query's Z from the counts)
 
     def context_means(self, p: Tensor) -> dict[str, Tensor]:
         """Each context term's mean ``[d_model]`` under ``p`` (the bag with source-aware denominators when set)."""
@@ -304,7 +245,12 @@ def effect_model(w: ModelWeights, circ: Circuit, tm: TokenModel, per_source_sd: 
 
 @torch.no_grad()
 def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = None,
-                      per_token_scale: bool = True, source_aware_denominators: bool = False) -> TokenModel:
+                      per_token_scale: bool = True, source_aware_denominators: bool = False,
+                      query_aware: bool = True) -> TokenModel:
+    """The token model of ``circ``.  ``source_aware_denominators``: the bag's denominators from each source's own
+    counts, per head and query token (:class:`QueryBag`, ``query_aware``) or per head (:class:`BagHeads`); the
+    constant ``c`` absorbs the bag's change on the calibration text, so there the prediction is the calibrated
+    one."""
     ex = ex or build_explainer(w, circ)
     n_star = circ.settings.reference_position
     raw = w.W_E + (w.W_pos[n_star] if w.W_pos is not None else 0) + (w.W_type if w.W_type is not None else 0)
@@ -318,7 +264,14 @@ def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = Non
     if per_token_scale:
         tm.norm_const = _calibration_residual_const(w, circ, parts)
     if source_aware_denominators:  # after the constant: on calibration every ratio is 1 by construction
-        tm.bag = bag_heads(w, circ, ex.e_val)
+        tm.bag = query_bag(w, circ, ex.e_val) if query_aware else bag_heads(w, circ, ex.e_val)
+        if query_aware and tm.norm_const is not None:  # c absorbs the bag's change on the calibration text
+            cal = circ.calibration_tokens
+            p_cal = token_frequencies((cal[1:] if w.prepend_bos else cal)[None].cpu(), w.d_vocab)
+            plain = p_cal.to(parts["contextual bag"].dtype) @ parts["contextual bag"].cpu()
+            tm.norm_const = tm.norm_const + (plain.to(tm.norm_const.device)
+                                             - tm.context_means(p_cal.to(tm.W_in.device, tm.W_in.dtype))[
+                                                 "contextual bag"]).to(tm.norm_const.dtype)
     return tm
 
 
@@ -419,19 +372,21 @@ def _evidence(w: ModelWeights, tm: TokenModel, q: Tensor, idx: list[int], n: int
 @torch.no_grad()
 def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool = False,
                  max_windows: int = 16, n_evidence: int = 40, executor: Executor | None = None,
-                 source_aware_denominators: bool = True, per_source_sd: bool = True) -> ContrastResult:
+                 source_aware_denominators: bool = True, per_source_sd: bool = True,
+                 query_aware: bool = True) -> ContrastResult:
     """Predict every neuron's difference between sources ``a`` and ``b`` from their token counts (and, with
     ``verify``, measure it on up to ``max_windows`` windows of each).  ``source_aware_denominators``: each
     contextual head's denominator from each source's own token counts (:class:`BagHeads`; issue 19: on the
     benchmark's development half it lifts SmolLM2's median like-for-like Spearman from 0.872 to 0.922).
-    ``per_source_sd``: each side's sd predicted from its own token counts (:class:`EffectModel`), else one
+    ``query_aware``: those denominators per head and query token (:class:`QueryBag`; issue 19, step 10), else
+    per head.  ``per_source_sd``: each side's sd predicted from its own token counts (:class:`EffectModel`), else one
     calibration std per neuron.  ``executor`` shards the verification's true pre-activations, kept per window for
     the split-half noise ceiling (default: this process)."""
     if a == b or open_source(a).content_sha256 == open_source(b).content_sha256:
         raise AttnscopeError(f"--a {a} and --b {b} hold the same text (same content hash); pass two different text "
                              "sources")
 
-    tm = build_token_model(w, circ, source_aware_denominators=source_aware_denominators)
+    tm = build_token_model(w, circ, source_aware_denominators=source_aware_denominators, query_aware=query_aware)
     ids = {s: torch.as_tensor(tokenize(open_source(s), w.tokenizer)) for s in (a, b)}
     for s, t in ids.items():
         if len(t) < 1:
@@ -451,6 +406,7 @@ def run_contrast(w: ModelWeights, circ: Circuit, a: str, b: str, *, verify: bool
                                    "min_position": circ.settings.min_position, "n_ctx": circ.T,
                                    "query_conditioned": circ.query_conditioned, "prepend_bos": w.prepend_bos,
                                    "source_aware_denominators": source_aware_denominators,
+                                   "query_aware_bag": source_aware_denominators and query_aware,
                                    "per_source_sd": per_source_sd})
     if verify:
         n_min = circ.settings.min_position
