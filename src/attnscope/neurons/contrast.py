@@ -216,7 +216,7 @@ class EffectModel:
 
     def predict_d(self, p_a: Tensor, p_b: Tensor) -> Tensor:
         """Predicted ``d [d_mlp]`` (float64, cpu) of source A against B."""
-        diff = (self.tm.expected(p_a) - self.tm.expected(p_b)).cpu().double()
+        diff = self.tm.expected(p_a).cpu().double() - self.tm.expected(p_b).cpu().double()
         if self.kappa is None:
             return diff / self.sigma
         return cohens_d(diff, self.variance(p_a), torch.zeros_like(diff), self.variance(p_b), min_std=1e-9)

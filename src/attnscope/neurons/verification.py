@@ -310,7 +310,7 @@ def one_vs_rest_verification(w: ModelWeights, expected: Callable[[Tensor], Tenso
     stats = stats or [window_stats(w, ws, n_min) for ws in windows]
 
     def calibrated_d(p_a: Tensor, p_b: Tensor) -> Tensor:  # the neuron stage's d: one calibration std per neuron
-        return (expected(p_a) - expected(p_b)).cpu().double() / sigma
+        return (expected(p_a).cpu().double() - expected(p_b).cpu().double()) / sigma
 
     out = {}
     for c, name in enumerate(names):
