@@ -119,7 +119,8 @@ def _head_explorer(res: KernelResult, recs: list[HeadRecord], nref: int | None, 
         return ""
     ok_list = plain_json(ok.float())
     ok_list = [[[float(f"{v:.4g}") if v is not None else None for v in h] for h in l] for l in ok_list]
-    layer_list = plain_json(layers) if layers is not None else sorted({r.layer for r in recs})
+    # ints whatever the saved array's dtype (a result reloaded from disk holds them as floats)
+    layer_list = [int(x) for x in plain_json(layers)] if layers is not None else sorted({r.layer for r in recs})
     data = {"layers": layer_list, "n_ref": nref, "causal": causal, "offset_kernel": ok_list,
             "records": {f"{r.layer}-{r.head}": dataclasses.asdict(r) for r in recs}, "colors": CAT_COLORS}
     return f"""
