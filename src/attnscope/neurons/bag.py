@@ -16,7 +16,7 @@ from attnscope.circuit.parts import content_inputs
 from attnscope.circuit.query import QueryParts, key_shares, query_averaged_factors, query_parts
 from attnscope.circuit.result import LAYER
 from attnscope.models import ModelWeights
-from attnscope.neurons.verification import token_frequencies
+from attnscope.neurons.verification import calibration_frequencies
 
 MEMO = 64  # QueryBag means kept per bag (each [d_model])
 
@@ -60,6 +60,18 @@ class BagHeads:
         return m.sum(0)
 
 
+def _head_readout(w: ModelWeights, circ: Circuit, e_val: Tensor) -> tuple[Tensor, Tensor, int | None]:
+    """What both bags read per contextual head: the share it keeps off the sink ``[H]`` (1 - sink mass; 1 without
+    a BOS), its ``W_OV [H, d_model, d_model]``, and the BOS token the bags leave out (``None`` without one)."""
+    hs = torch.tensor(circ.heads, device=e_val.device)
+    keep = torch.ones(len(hs), dtype=e_val.dtype, device=e_val.device)
+    if circ.settings.bos is not None:
+        keep = 1 - torch.tensor([circ.decisions[h].sink_mass for h in circ.heads], dtype=e_val.dtype,
+                                device=e_val.device)
+    W_OV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs]).to(e_val.dtype)
+    return keep, W_OV, circ.settings.bos if w.prepend_bos else None
+
+
 @torch.no_grad()
 def bag_heads(w: ModelWeights, circ: Circuit, e_val: Tensor) -> BagHeads:
     """:class:`BagHeads` of ``circ`` (``e_val``: :attr:`attnscope.neurons.explain.Explainer.e_val`)."""
@@ -67,19 +79,10 @@ def bag_heads(w: ModelWeights, circ: Circuit, e_val: Tensor) -> BagHeads:
         g = query_averaged_factors(w, circ).to(e_val.dtype)
     else:
         g = (circ.f / circ.Z[:, None]).to(e_val.dtype)
-    hs = torch.tensor(circ.heads, device=e_val.device)
-    bos = circ.settings.bos
-    keep = torch.ones(len(hs), dtype=e_val.dtype, device=e_val.device)
-    if bos is not None:
-        keep = 1 - torch.tensor([circ.decisions[h].sink_mass for h in circ.heads], dtype=e_val.dtype,
-                                device=e_val.device)
+    keep, W_OV, bos = _head_readout(w, circ, e_val)
     weights = g * keep[:, None] * circ.token_mask.to(e_val.device, e_val.dtype)[None]
-    W_OV = torch.einsum("hde,hef->hdf", w.W_V[LAYER][hs], w.W_O[LAYER][hs]).to(e_val.dtype)
-    cal = circ.calibration_tokens
-    body = cal[1:] if w.prepend_bos else cal
-    p_cal = token_frequencies(body[None].cpu(), w.d_vocab).to(g.device, g.dtype)
-    return BagHeads(weights, g, g @ p_cal, e_val, W_OV, bos if w.prepend_bos else None)
-
+    p_cal = calibration_frequencies(w, circ).to(g.device, g.dtype)
+    return BagHeads(weights, g, g @ p_cal, e_val, W_OV, bos)
 
 
 @dataclass
@@ -125,11 +128,7 @@ class QueryBag:
 @torch.no_grad()
 def query_bag(w: ModelWeights, circ: Circuit, e_val: Tensor) -> QueryBag:
     """:class:`QueryBag` of ``circ`` (``e_val``: :attr:`attnscope.neurons.explain.Explainer.e_val`)."""
-    b = bag_heads(w, circ, e_val)
-    keep = torch.ones(len(circ.heads), dtype=e_val.dtype, device=e_val.device)
-    if circ.settings.bos is not None:
-        keep = 1 - torch.tensor([circ.decisions[h].sink_mass for h in circ.heads], dtype=e_val.dtype,
-                                device=e_val.device)
+    keep, W_OV, bos = _head_readout(w, circ, e_val)
     key_content = content_inputs(w, circ.T, circ.settings.reference_position, circ.settings.reference_norm)[2]
     return QueryBag(query_parts(w, circ), key_content, keep, circ.token_mask.to(e_val.device, e_val.dtype), e_val,
-                    b.W_OV, b.bos, w)
+                    W_OV, bos, w)

@@ -46,6 +46,7 @@ from attnscope.neurons.explain import Explainer, build_explainer, true_pre
 from attnscope.neurons.verification import (  # noqa: F401  (PreStats, pre_stats, effect_sizes: re-exported)
     ContrastVerification,
     PreStats,
+    calibration_frequencies,
     effect_sizes,
     fit_token_mean,
     pre_stats,
@@ -266,8 +267,7 @@ def build_token_model(w: ModelWeights, circ: Circuit, ex: Explainer | None = Non
     if source_aware_denominators:  # after the constant: on calibration every ratio is 1 by construction
         tm.bag = query_bag(w, circ, ex.e_val) if query_aware else bag_heads(w, circ, ex.e_val)
         if query_aware and tm.norm_const is not None:  # c absorbs the bag's change on the calibration text
-            cal = circ.calibration_tokens
-            p_cal = token_frequencies((cal[1:] if w.prepend_bos else cal)[None].cpu(), w.d_vocab)
+            p_cal = calibration_frequencies(w, circ)
             plain = p_cal.to(parts["contextual bag"].dtype) @ parts["contextual bag"].cpu()
             tm.norm_const = tm.norm_const + (plain.to(tm.norm_const.device)
                                              - tm.context_means(p_cal.to(tm.W_in.device, tm.W_in.dtype))[
@@ -283,8 +283,7 @@ def _calibration_residual_const(w: ModelWeights, circ: Circuit, parts: dict[str,
     acts = next(iter_layers(w, cal[None], stop_layer=0, patterns=False))
     n_min = circ.settings.min_position
     mid = centre((acts.resid_pre + acts.attn_out)[0, n_min:].to(parts["direct"].dtype), w).mean(0)
-    body = cal[1:] if w.prepend_bos else cal
-    p = token_frequencies(body[None].cpu(), w.d_vocab).to(mid.device, mid.dtype)
+    p = calibration_frequencies(w, circ).to(mid.device, mid.dtype)
     return mid - sum(p @ v for v in parts.values())
 
 

@@ -28,6 +28,7 @@ import torch
 from jaxtyping import Float, Int
 from torch import Tensor
 
+from attnscope.circuit.result import Circuit
 from attnscope.core.accumulators import Moments, PerWindow
 from attnscope.core.errors import TextTooShortError
 from attnscope.core.executor import LOCAL, Executor
@@ -51,6 +52,12 @@ def token_frequencies(windows: Tensor, d_vocab: int) -> Tensor:
     """Token frequencies ``[d_vocab]`` of a set of windows ``[n, T]`` (sums to 1)."""
     c = torch.bincount(windows.reshape(-1), minlength=d_vocab)[:d_vocab].double()
     return c / c.sum().clamp_min(1)
+
+
+def calibration_frequencies(w: ModelWeights, circ: Circuit) -> Tensor:
+    """Token frequencies ``[d_vocab]`` (float64, cpu) of the circuit's calibration text, its BOS left out."""
+    cal = circ.calibration_tokens
+    return token_frequencies((cal[1:] if w.prepend_bos else cal)[None].cpu(), w.d_vocab)
 
 
 #: Per-neuron count, sum and sum of squares over positions n >= min_position of a set of windows (mergeable).
