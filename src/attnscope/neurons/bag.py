@@ -108,9 +108,9 @@ class QueryBag:
     w: ModelWeights
     _memo: dict[bytes, Tensor] = field(default_factory=dict, repr=False)  # last means, keyed by p's bytes
 
-    def mean(self, p: Tensor, source_aware: bool = True) -> Tensor:
-        """The bag's mean ``[d_model]`` under ``p`` (``source_aware`` is always on here; kept for one signature).
-        The last :data:`MEMO` results are kept: a contrast asks for the same source's mean several times."""
+    def mean(self, p: Tensor) -> Tensor:
+        """The bag's mean ``[d_model]`` under ``p`` (always source-aware).  The last :data:`MEMO` results are kept:
+        a contrast asks for the same source's mean several times."""
         p = p.double().cpu().clone()
         if self.bos is not None:
             p[self.bos] = 0
